@@ -1,0 +1,1 @@
+//! ott-bootstrap (being written).

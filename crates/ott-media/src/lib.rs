@@ -1,0 +1,1 @@
+//! ott-media (being written).

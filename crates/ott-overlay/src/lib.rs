@@ -1,0 +1,1 @@
+//! ott-overlay (being written).

@@ -1,0 +1,439 @@
+//! Control-plane messages and their MessagePack codec.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DecodeError, EncodeError};
+
+/// Version carried in every [`Envelope`]; a peer with another version is refused.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Largest control datagram accepted by [`decode`] or produced by [`encode`].
+///
+/// Control messages normally fit one 1472-byte datagram; the limit leaves room for long
+/// announcement paths in big overlays while staying under the UDP maximum.
+pub const MAX_CONTROL_LEN: usize = 16 * 1024;
+
+/// Identifier of an overlay node, as written in the topology file (`"n12"`).
+pub type NodeId = String;
+
+/// Identifier of a stream on the data plane, derived from its name by [`stream_id_for`].
+pub type StreamId = u32;
+
+/// Stream identifier of a stream name: 32-bit FNV-1a of its UTF-8 bytes.
+///
+/// Deriving the id from the name means two servers offering the same stream name put
+/// the same id in their media headers without any coordination.
+pub fn stream_id_for(name: &str) -> StreamId {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// How a stream's payload is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MediaKind {
+    /// Motion JPEG: each frame is one whole JPEG image.
+    Mjpeg,
+    /// MPEG transport stream: frames are groups of 188-byte TS packets.
+    Ts,
+}
+
+/// One entry of a server's catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StreamInfo {
+    /// Stream name (the clip's file stem).
+    pub name: String,
+    /// Data-plane id, `stream_id_for(&name)`.
+    pub id: StreamId,
+    /// Payload framing.
+    pub kind: MediaKind,
+    /// Nominal frame rate in frames per 1000 s (25 fps = 25000); 0 if unknown.
+    pub fps_milli: u32,
+}
+
+impl StreamInfo {
+    /// A catalogue entry whose id is derived from its name.
+    pub fn new(name: impl Into<String>, kind: MediaKind, fps_milli: u32) -> Self {
+        let name = name.into();
+        let id = stream_id_for(&name);
+        Self {
+            name,
+            id,
+            kind,
+            fps_milli,
+        }
+    }
+}
+
+/// An inclusive range of missing media sequence numbers, for [`Message::Nack`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NackRange {
+    /// First missing sequence number.
+    pub first: u32,
+    /// Number of missing sequence numbers from `first` on.
+    pub count: u16,
+}
+
+/// Every control message of the overlay.
+///
+/// Timestamps (`*_us`) are microseconds on the *sender's own* monotonic clock, echoed
+/// back unchanged: no two hosts' clocks are ever compared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Neighbour liveness probe, sent periodically to each overlay neighbour.
+    Heartbeat {
+        /// Sender's node id.
+        from: NodeId,
+        /// Sequence number of this heartbeat.
+        seq: u64,
+        /// Sender's clock at sending, µs.
+        sent_us: u64,
+        /// Grows at each restart of the sender, so a restarted node is seen as new.
+        incarnation: u64,
+    },
+    /// Answer to a [`Message::Heartbeat`].
+    HeartbeatAck {
+        /// Sender's node id.
+        from: NodeId,
+        /// The heartbeat's sequence number.
+        seq: u64,
+        /// The heartbeat's `sent_us`, echoed.
+        echo_us: u64,
+        /// Incarnation of the node answering.
+        incarnation: u64,
+    },
+    /// A server's periodic announcement, flooded along the overlay.
+    Announce {
+        /// The announcing server.
+        server: NodeId,
+        /// Grows by one per announcement period of that server.
+        seq: u64,
+        /// Node ids the announcement went through, the server first, the sender last.
+        path: Vec<NodeId>,
+        /// Accumulated one-way latency from the server to the sender, µs.
+        latency_us: u64,
+        /// Streams the server offers.
+        catalogue: Vec<StreamInfo>,
+    },
+    /// "I have no path to this server any more."
+    Withdraw {
+        /// Sender's node id.
+        from: NodeId,
+        /// The server that became unreachable.
+        server: NodeId,
+        /// Last announcement sequence number the sender had.
+        seq: u64,
+    },
+    /// Subscribe the sender to a stream (soft state: repeated every period).
+    Join {
+        /// The stream.
+        stream: StreamId,
+        /// UDP port at the sender's IP address where media must be sent.
+        data_port: u16,
+        /// Sender's node id; `None` for clients.
+        from: Option<NodeId>,
+    },
+    /// Unsubscribe the sender from a stream.
+    Leave {
+        /// The stream.
+        stream: StreamId,
+        /// UDP port given in the matching `Join`.
+        data_port: u16,
+    },
+    /// The sender leaves the overlay (clean shutdown).
+    Bye {
+        /// Sender's node id.
+        from: NodeId,
+    },
+    /// A client measures a PoP.
+    Probe {
+        /// Matches the reply to the probe.
+        nonce: u64,
+        /// Client's clock at sending, µs.
+        sent_us: u64,
+    },
+    /// A PoP's answer to [`Message::Probe`].
+    ProbeReply {
+        /// The probe's nonce.
+        nonce: u64,
+        /// The probe's `sent_us`, echoed.
+        echo_us: u64,
+        /// The PoP's node id.
+        pop: NodeId,
+        /// The PoP's accumulated latency to its (best) server, µs; `None` without a path.
+        path_latency_us: Option<u64>,
+        /// The PoP's hop count to its server.
+        hops: u32,
+        /// Number of viewers attached to the PoP.
+        viewers: u32,
+    },
+    /// Ask a PoP for the stream catalogue.
+    ListStreams,
+    /// The catalogue known to a PoP.
+    Streams {
+        /// Streams reachable through that PoP.
+        streams: Vec<StreamInfo>,
+    },
+    /// Ask the parent to resend missing media datagrams of a stream.
+    Nack {
+        /// The stream.
+        stream: StreamId,
+        /// UDP port the retransmissions go to.
+        data_port: u16,
+        /// Missing sequence numbers.
+        ranges: Vec<NackRange>,
+    },
+    /// A request was refused.
+    Error {
+        /// What was wrong, for a human.
+        reason: String,
+    },
+}
+
+impl Message {
+    /// Short name of the variant, for logs and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Heartbeat { .. } => "heartbeat",
+            Self::HeartbeatAck { .. } => "heartbeat_ack",
+            Self::Announce { .. } => "announce",
+            Self::Withdraw { .. } => "withdraw",
+            Self::Join { .. } => "join",
+            Self::Leave { .. } => "leave",
+            Self::Bye { .. } => "bye",
+            Self::Probe { .. } => "probe",
+            Self::ProbeReply { .. } => "probe_reply",
+            Self::ListStreams => "list_streams",
+            Self::Streams { .. } => "streams",
+            Self::Nack { .. } => "nack",
+            Self::Error { .. } => "error",
+        }
+    }
+}
+
+/// The versioned wrapper every control datagram carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Protocol version, [`PROTOCOL_VERSION`].
+    pub v: u8,
+    /// The message.
+    pub msg: Message,
+}
+
+/// Encode a control message into one datagram.
+pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
+    let env = EnvelopeRef {
+        v: PROTOCOL_VERSION,
+        msg,
+    };
+    let buf = rmp_serde::to_vec(&env).map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    if buf.len() > MAX_CONTROL_LEN {
+        return Err(EncodeError::TooLong {
+            len: buf.len(),
+            max: MAX_CONTROL_LEN,
+        });
+    }
+    Ok(buf)
+}
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    v: u8,
+    msg: &'a Message,
+}
+
+/// Decode one control datagram.
+///
+/// Refuses, with a typed error and without panicking: empty or oversized input, a wrong
+/// protocol version, malformed MessagePack, and trailing bytes.
+pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
+    if buf.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    if buf.len() > MAX_CONTROL_LEN {
+        return Err(DecodeError::TooLong {
+            len: buf.len(),
+            max: MAX_CONTROL_LEN,
+        });
+    }
+    let mut de = rmp_serde::Deserializer::new(buf);
+    let env: EnvelopeAny = serde::Deserialize::deserialize(&mut de)
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if env.v != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(env.v));
+    }
+    let msg = env
+        .msg
+        .ok_or_else(|| DecodeError::Malformed("body is not a known message".into()))?;
+    let rest = de.get_ref().len();
+    if rest != 0 {
+        return Err(DecodeError::Trailing(rest));
+    }
+    Ok(msg)
+}
+
+/// Envelope whose body is only required when the version matches, so that a future
+/// version's unknown body still yields [`DecodeError::Version`].
+#[derive(Deserialize)]
+struct EnvelopeAny {
+    v: u8,
+    #[serde(default, deserialize_with = "lenient")]
+    msg: Option<Message>,
+}
+
+fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Message>, D::Error> {
+    Ok(Message::deserialize(d).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Vec<Message> {
+        vec![
+            Message::Heartbeat {
+                from: "n1".into(),
+                seq: 7,
+                sent_us: 123_456,
+                incarnation: 2,
+            },
+            Message::Announce {
+                server: "s1".into(),
+                seq: 9,
+                path: vec!["s1".into(), "n12".into()],
+                latency_us: 2_000,
+                catalogue: vec![StreamInfo::new("news", MediaKind::Mjpeg, 25_000)],
+            },
+            Message::Join {
+                stream: stream_id_for("news"),
+                data_port: 7001,
+                from: None,
+            },
+            Message::ListStreams,
+            Message::Nack {
+                stream: 1,
+                data_port: 9,
+                ranges: vec![NackRange { first: 4, count: 2 }],
+            },
+        ]
+    }
+
+    #[test]
+    fn test_round_trip_samples() {
+        for m in sample() {
+            let b = encode(&m).expect("encodes");
+            assert_eq!(decode(&b).expect("decodes"), m);
+        }
+    }
+
+    #[test]
+    fn test_stream_id_is_fnv1a() {
+        // Reference values of 32-bit FNV-1a.
+        assert_eq!(stream_id_for(""), 0x811c_9dc5);
+        assert_eq!(stream_id_for("a"), 0xe40c_292c);
+    }
+
+    #[test]
+    fn test_rejects_empty_long_version_trailing() {
+        assert!(matches!(decode(&[]), Err(DecodeError::Empty)));
+        let big = vec![0u8; MAX_CONTROL_LEN + 1];
+        assert!(matches!(decode(&big), Err(DecodeError::TooLong { .. })));
+        let mut b = encode(&Message::ListStreams).expect("encodes");
+        // A future version with an unknown body.
+        let future = rmp_serde::to_vec(&(99u8, "something else")).expect("encodes");
+        assert!(matches!(decode(&future), Err(DecodeError::Version(99))));
+        b.push(0);
+        assert!(matches!(decode(&b), Err(DecodeError::Trailing(1))));
+        assert!(matches!(
+            decode(b"\xff\xff\xff"),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    fn arb_info() -> impl Strategy<Value = StreamInfo> {
+        ("[a-z]{1,12}", any::<bool>(), any::<u32>()).prop_map(|(n, ts, fps)| {
+            StreamInfo::new(n, if ts { MediaKind::Ts } else { MediaKind::Mjpeg }, fps)
+        })
+    }
+
+    fn arb_msg() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            ("[a-z0-9]{1,8}", any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(from, seq, sent_us, incarnation)| Message::Heartbeat {
+                    from,
+                    seq,
+                    sent_us,
+                    incarnation
+                }
+            ),
+            (
+                "[a-z0-9]{1,8}",
+                any::<u64>(),
+                proptest::collection::vec("[a-z0-9]{1,8}", 0..20),
+                any::<u64>(),
+                proptest::collection::vec(arb_info(), 0..8)
+            )
+                .prop_map(|(server, seq, path, latency_us, catalogue)| {
+                    Message::Announce {
+                        server,
+                        seq,
+                        path,
+                        latency_us,
+                        catalogue,
+                    }
+                }),
+            (
+                any::<u32>(),
+                any::<u16>(),
+                proptest::option::of("[a-z]{1,5}")
+            )
+                .prop_map(|(stream, data_port, from)| Message::Join {
+                    stream,
+                    data_port,
+                    from
+                }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                proptest::option::of(any::<u64>()),
+                any::<u32>()
+            )
+                .prop_map(|(nonce, echo_us, path_latency_us, hops)| {
+                    Message::ProbeReply {
+                        nonce,
+                        echo_us,
+                        pop: "p".into(),
+                        path_latency_us,
+                        hops,
+                        viewers: 3,
+                    }
+                }),
+            Just(Message::ListStreams),
+            ".{0,40}".prop_map(|reason| Message::Error { reason }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn prop_round_trip(m in arb_msg()) {
+            let b = encode(&m).expect("encodes");
+            prop_assert_eq!(decode(&b).expect("decodes"), m);
+        }
+
+        #[test]
+        fn prop_garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&b);
+        }
+
+        #[test]
+        fn prop_truncation_is_an_error(m in arb_msg(), cut in 1usize..64) {
+            let b = encode(&m).expect("encodes");
+            let keep = b.len().saturating_sub(cut);
+            prop_assert!(decode(&b[..keep]).is_err());
+        }
+    }
+}

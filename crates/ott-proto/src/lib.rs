@@ -1,0 +1,27 @@
+//! Wire formats of the OTT overlay.
+//!
+//! Two planes, two formats:
+//! - **control** ([`Message`]): small typed messages (heartbeats, announcements, joins,
+//!   probes, NACKs) encoded with MessagePack (`rmp-serde`) inside a versioned
+//!   [`Envelope`]. [`decode`] refuses anything larger than [`MAX_CONTROL_LEN`], a wrong
+//!   version or a malformed body with a typed [`DecodeError`]; it never panics.
+//! - **media** ([`MediaHeader`]): a fixed 24-byte binary header in front of each media
+//!   datagram, so that a relay forwards the bytes after reading only the header.
+//!
+//! This crate performs no I/O and reads no clock: it only turns values into bytes and back.
+//! It is the only crate that knows the wire encoding.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod control;
+mod error;
+mod media;
+
+pub use control::{
+    decode, encode, stream_id_for, Envelope, MediaKind, Message, NackRange, NodeId, StreamId,
+    StreamInfo, MAX_CONTROL_LEN, PROTOCOL_VERSION,
+};
+pub use error::{DecodeError, EncodeError, HeaderError};
+pub use media::{
+    flags, MediaHeader, HEADER_LEN, MAGIC, MAX_DATAGRAM_LEN, MAX_PAYLOAD_LEN, MEDIA_VERSION,
+};

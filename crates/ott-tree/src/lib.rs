@@ -1,0 +1,1 @@
+//! ott-tree (being written).
