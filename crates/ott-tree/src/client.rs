@@ -1,0 +1,1 @@
+//! Client PoP choice (being written).
