@@ -1,0 +1,563 @@
+//! Neighbour liveness and link RTT, by periodic heartbeats (sans-IO).
+//!
+//! [`Neighbours`] keeps the table of a node's overlay neighbours. Every
+//! [`LivenessConfig::heartbeat_interval`] it sends a [`Message::Heartbeat`] to each of them;
+//! each heartbeat is answered with a [`Message::HeartbeatAck`] that echoes the sender's
+//! timestamp, so the round-trip time is `now - echo` on the sender's own clock and no two
+//! clocks are ever compared. A neighbour is alive from the first heartbeat or ack heard
+//! from it, and dead once silent for [`LivenessConfig::dead_after`] or at once when it says
+//! [`Message::Bye`].
+//!
+//! Drain rule: after each call to [`Neighbours::new`], [`Neighbours::handle`],
+//! [`Neighbours::handle_timeout`] or [`Neighbours::shutdown`], drain
+//! [`Neighbours::poll_transmit`] and [`Neighbours::poll_event`], then read
+//! [`Neighbours::poll_timeout`] and call `handle_timeout` when it is reached.
+//!
+//! This module never reads the clock nor touches a socket: `now` is always a parameter.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ott_proto::Message;
+
+/// A control message to send to one address.
+#[must_use]
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transmit {
+    /// Destination (the peer's control address).
+    pub to: SocketAddr,
+    /// The message.
+    pub msg: Message,
+}
+
+/// Timing of heartbeats and death detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LivenessConfig {
+    /// Period of heartbeats to each neighbour (default 250 ms).
+    pub heartbeat_interval: Duration,
+    /// A neighbour silent for this long is declared dead (default 1 s).
+    pub dead_after: Duration,
+}
+
+impl Default for LivenessConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(250),
+            dead_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A change in the state of a neighbour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NeighbourEvent {
+    /// The neighbour was heard from after being unknown or dead.
+    Up(String),
+    /// The neighbour went silent for `dead_after`, or said `Bye`.
+    Down(String),
+    /// The neighbour came back with a higher incarnation: it restarted and lost its state.
+    Restarted(String),
+}
+
+/// A snapshot of one neighbour, from [`Neighbours::iter`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeighbourInfo {
+    /// Node id.
+    pub id: String,
+    /// Control address we were given for it.
+    pub addr: SocketAddr,
+    /// Whether it is currently considered alive.
+    pub alive: bool,
+    /// Smoothed round-trip time, once measured.
+    pub rtt: Option<Duration>,
+    /// Its incarnation, once heard from.
+    pub incarnation: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Peer {
+    id: String,
+    addr: SocketAddr,
+    aliases: Vec<SocketAddr>,
+    alive: bool,
+    srtt: Option<Duration>,
+    incarnation: Option<u64>,
+    last_heard: Option<Instant>,
+}
+
+/// Number of recent heartbeats remembered to validate echoed timestamps.
+const SENT_HISTORY: usize = 16;
+/// Most alias addresses remembered per neighbour.
+const MAX_ALIASES: usize = 4;
+
+/// The neighbour table of one node: liveness and smoothed RTT of each neighbour.
+#[derive(Debug)]
+pub struct Neighbours {
+    own_id: String,
+    incarnation: u64,
+    epoch: Instant,
+    config: LivenessConfig,
+    peers: Vec<Peer>,
+    next_heartbeat: Instant,
+    hb_seq: u64,
+    sent: VecDeque<(u64, u64)>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<NeighbourEvent>,
+    unknown: u64,
+    shut: bool,
+}
+
+impl Neighbours {
+    /// A table of `peers` (id, control address), all initially not alive.
+    ///
+    /// The first round of heartbeats is queued at once. `epoch` is the origin of this
+    /// node's wire timestamps; `incarnation` must grow at each restart of the node.
+    pub fn new(
+        own_id: String,
+        incarnation: u64,
+        epoch: Instant,
+        config: LivenessConfig,
+        peers: Vec<(String, SocketAddr)>,
+        now: Instant,
+    ) -> Self {
+        let peers = peers
+            .into_iter()
+            .map(|(id, addr)| Peer {
+                id,
+                addr,
+                aliases: Vec::new(),
+                alive: false,
+                srtt: None,
+                incarnation: None,
+                last_heard: None,
+            })
+            .collect();
+        let mut me = Self {
+            own_id,
+            incarnation,
+            epoch,
+            config,
+            peers,
+            next_heartbeat: now,
+            hb_seq: 0,
+            sent: VecDeque::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            unknown: 0,
+            shut: false,
+        };
+        me.send_heartbeats(now);
+        me
+    }
+
+    /// This node's id.
+    pub fn own_id(&self) -> &str {
+        &self.own_id
+    }
+
+    /// This node's incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Microseconds since this node's epoch (the wire timestamp of `now`).
+    pub fn micros(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn find(&self, id: &str) -> Option<&Peer> {
+        self.peers.iter().find(|p| p.id == id)
+    }
+
+    fn find_mut(&mut self, id: &str) -> Option<&mut Peer> {
+        self.peers.iter_mut().find(|p| p.id == id)
+    }
+
+    /// The id of the neighbour at `addr` (its given address, or one it sent heartbeats from).
+    pub fn id_of(&self, addr: SocketAddr) -> Option<&str> {
+        self.peers
+            .iter()
+            .find(|p| p.addr == addr)
+            .or_else(|| self.peers.iter().find(|p| p.aliases.contains(&addr)))
+            .map(|p| p.id.as_str())
+    }
+
+    /// The control address we were given for neighbour `id`.
+    pub fn addr_of(&self, id: &str) -> Option<SocketAddr> {
+        self.find(id).map(|p| p.addr)
+    }
+
+    /// Whether `id` is a neighbour currently alive.
+    pub fn is_alive(&self, id: &str) -> bool {
+        self.find(id).is_some_and(|p| p.alive)
+    }
+
+    /// Smoothed RTT to `id` (RFC 6298 SRTT, alpha 1/8; the first sample is taken as is).
+    pub fn rtt(&self, id: &str) -> Option<Duration> {
+        self.find(id).and_then(|p| p.srtt)
+    }
+
+    /// A snapshot of every neighbour, in the order given to [`Neighbours::new`].
+    pub fn iter(&self) -> impl Iterator<Item = NeighbourInfo> + '_ {
+        self.peers.iter().map(|p| NeighbourInfo {
+            id: p.id.clone(),
+            addr: p.addr,
+            alive: p.alive,
+            rtt: p.srtt,
+            incarnation: p.incarnation,
+        })
+    }
+
+    /// Number of liveness messages ignored because their sender is not a neighbour.
+    pub fn unknown_sender_count(&self) -> u64 {
+        self.unknown
+    }
+
+    /// Consume a [`Message::Heartbeat`], [`Message::HeartbeatAck`] or [`Message::Bye`]
+    /// (returns `true`); any other message is left alone (returns `false`).
+    ///
+    /// A liveness message naming a node that is not a neighbour is ignored and counted
+    /// ([`Neighbours::unknown_sender_count`]). A heartbeat is answered with an ack. Any
+    /// heartbeat or ack marks its sender alive ([`NeighbourEvent::Up`] if it was not), a
+    /// higher incarnation than before gives [`NeighbourEvent::Restarted`], and an ack whose
+    /// echoed timestamp matches one of our recent heartbeats gives an RTT sample.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, msg: &Message) -> bool {
+        match msg {
+            Message::Heartbeat {
+                from: id,
+                seq,
+                sent_us,
+                incarnation,
+            } => {
+                if self.heard(now, from, id, *incarnation) {
+                    self.transmits.push_back(Transmit {
+                        to: from,
+                        msg: Message::HeartbeatAck {
+                            from: self.own_id.clone(),
+                            seq: *seq,
+                            echo_us: *sent_us,
+                            incarnation: self.incarnation,
+                        },
+                    });
+                }
+                true
+            }
+            Message::HeartbeatAck {
+                from: id,
+                seq,
+                echo_us,
+                incarnation,
+            } => {
+                if self.heard(now, from, id, *incarnation) {
+                    let now_us = self.micros(now);
+                    let genuine = self.sent.iter().any(|&(s, t)| s == *seq && t == *echo_us);
+                    if genuine && *echo_us <= now_us {
+                        let sample = Duration::from_micros(now_us - *echo_us);
+                        if let Some(p) = self.find_mut(id) {
+                            p.srtt = Some(match p.srtt {
+                                None => sample,
+                                Some(s) => (s * 7 + sample) / 8,
+                            });
+                        }
+                    }
+                }
+                true
+            }
+            Message::Bye { from: id } => {
+                match self.find_mut(id) {
+                    Some(p) => {
+                        p.last_heard = None;
+                        if p.alive {
+                            p.alive = false;
+                            tracing::info!(peer = %id, "neighbour said bye");
+                            self.events.push_back(NeighbourEvent::Down(id.clone()));
+                        }
+                    }
+                    None => self.unknown += 1,
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Record that `id` was heard from `addr`; false when it is not a neighbour or the
+    /// message comes from an older incarnation than one already seen.
+    fn heard(&mut self, now: Instant, addr: SocketAddr, id: &str, incarnation: u64) -> bool {
+        let Some(p) = self.peers.iter_mut().find(|p| p.id == id) else {
+            self.unknown += 1;
+            tracing::debug!(%addr, peer = %id, "liveness message from a non-neighbour");
+            return false;
+        };
+        match p.incarnation {
+            Some(old) if incarnation < old => return false,
+            Some(old) if incarnation > old => {
+                tracing::info!(peer = %id, old, new = incarnation, "neighbour restarted");
+                p.srtt = None;
+                self.events
+                    .push_back(NeighbourEvent::Restarted(p.id.clone()));
+            }
+            _ => {}
+        }
+        p.incarnation = Some(incarnation);
+        if addr != p.addr && !p.aliases.contains(&addr) && p.aliases.len() < MAX_ALIASES {
+            p.aliases.push(addr);
+        }
+        p.last_heard = Some(now);
+        if !p.alive {
+            p.alive = true;
+            tracing::info!(peer = %id, "neighbour up");
+            self.events.push_back(NeighbourEvent::Up(p.id.clone()));
+        }
+        true
+    }
+
+    fn send_heartbeats(&mut self, now: Instant) {
+        self.hb_seq += 1;
+        let sent_us = self.micros(now);
+        self.sent.push_back((self.hb_seq, sent_us));
+        if self.sent.len() > SENT_HISTORY {
+            self.sent.pop_front();
+        }
+        for p in &self.peers {
+            self.transmits.push_back(Transmit {
+                to: p.addr,
+                msg: Message::Heartbeat {
+                    from: self.own_id.clone(),
+                    seq: self.hb_seq,
+                    sent_us,
+                    incarnation: self.incarnation,
+                },
+            });
+        }
+        self.next_heartbeat = now + self.config.heartbeat_interval;
+    }
+
+    /// Send the heartbeats that are due and declare dead the neighbours silent for
+    /// `dead_after`. Call it when [`Neighbours::poll_timeout`] is reached (calling it
+    /// earlier or more often is harmless).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.shut {
+            return;
+        }
+        if now >= self.next_heartbeat {
+            self.send_heartbeats(now);
+        }
+        for p in &mut self.peers {
+            if !p.alive {
+                continue;
+            }
+            if let Some(t) = p.last_heard {
+                if now.saturating_duration_since(t) >= self.config.dead_after {
+                    p.alive = false;
+                    tracing::info!(peer = %p.id, "neighbour silent, declared dead");
+                    self.events.push_back(NeighbourEvent::Down(p.id.clone()));
+                }
+            }
+        }
+    }
+
+    /// Queue a [`Message::Bye`] to every neighbour and stop sending heartbeats.
+    pub fn shutdown(&mut self) {
+        self.shut = true;
+        for p in &self.peers {
+            self.transmits.push_back(Transmit {
+                to: p.addr,
+                msg: Message::Bye {
+                    from: self.own_id.clone(),
+                },
+            });
+        }
+    }
+
+    /// The next message to send. Changed by every `handle*`, `shutdown` and `new`.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next neighbour event. Changed by `handle` and `handle_timeout`.
+    pub fn poll_event(&mut self) -> Option<NeighbourEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Neighbours::handle_timeout`] must next be called: the next heartbeat or the
+    /// earliest moment an alive neighbour becomes overdue. `None` after `shutdown`.
+    /// Changed by every `handle*`.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.shut {
+            return None;
+        }
+        let dead = self
+            .peers
+            .iter()
+            .filter(|p| p.alive)
+            .filter_map(|p| p.last_heard)
+            .map(|t| t + self.config.dead_after)
+            .min();
+        Some(dead.map_or(self.next_heartbeat, |d| d.min(self.next_heartbeat)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, n], 7000))
+    }
+
+    fn setup() -> (Neighbours, Instant) {
+        let t0 = Instant::now();
+        let n = Neighbours::new(
+            "a".into(),
+            1,
+            t0,
+            LivenessConfig::default(),
+            vec![("b".into(), addr(2)), ("c".into(), addr(3))],
+            t0,
+        );
+        (n, t0)
+    }
+
+    fn drain(n: &mut Neighbours) -> (Vec<Transmit>, Vec<NeighbourEvent>) {
+        let t = std::iter::from_fn(|| n.poll_transmit()).collect();
+        let e = std::iter::from_fn(|| n.poll_event()).collect();
+        (t, e)
+    }
+
+    fn hb(from: &str, seq: u64, sent_us: u64, inc: u64) -> Message {
+        Message::Heartbeat {
+            from: from.into(),
+            seq,
+            sent_us,
+            incarnation: inc,
+        }
+    }
+
+    #[test]
+    fn test_initial_heartbeats_and_not_alive() {
+        let (mut n, t0) = setup();
+        let (tx, ev) = drain(&mut n);
+        assert_eq!(tx.len(), 2);
+        assert!(ev.is_empty());
+        assert!(matches!(tx[0].msg, Message::Heartbeat { seq: 1, .. }));
+        assert!(!n.is_alive("b"));
+        assert_eq!(n.poll_timeout(), Some(t0 + Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn test_heartbeat_answered_and_up() {
+        let (mut n, t0) = setup();
+        drain(&mut n);
+        assert!(n.handle(t0, addr(2), &hb("b", 5, 42, 1)));
+        let (tx, ev) = drain(&mut n);
+        assert_eq!(ev, vec![NeighbourEvent::Up("b".into())]);
+        assert_eq!(
+            tx,
+            vec![Transmit {
+                to: addr(2),
+                msg: Message::HeartbeatAck {
+                    from: "a".into(),
+                    seq: 5,
+                    echo_us: 42,
+                    incarnation: 1
+                }
+            }]
+        );
+        assert!(n.is_alive("b"));
+        assert!(!n.handle(t0, addr(2), &Message::ListStreams));
+    }
+
+    #[test]
+    fn test_rtt_from_echo_smoothed() {
+        let (mut n, t0) = setup();
+        drain(&mut n);
+        let ack = |echo_us, seq| Message::HeartbeatAck {
+            from: "b".into(),
+            seq,
+            echo_us,
+            incarnation: 1,
+        };
+        n.handle(t0 + Duration::from_millis(10), addr(2), &ack(0, 1));
+        assert_eq!(n.rtt("b"), Some(Duration::from_millis(10)));
+        n.handle_timeout(t0 + Duration::from_millis(250));
+        n.handle(t0 + Duration::from_millis(268), addr(2), &ack(250_000, 2));
+        // 7/8 * 10 + 1/8 * 18 = 11 ms
+        assert_eq!(n.rtt("b"), Some(Duration::from_millis(11)));
+        // A forged echo that matches no heartbeat of ours gives no sample.
+        n.handle(t0 + Duration::from_millis(300), addr(2), &ack(1, 2));
+        assert_eq!(n.rtt("b"), Some(Duration::from_millis(11)));
+    }
+
+    #[test]
+    fn test_dead_after_silence() {
+        let (mut n, t0) = setup();
+        n.handle(t0, addr(2), &hb("b", 1, 0, 1));
+        drain(&mut n);
+        let mut t = t0;
+        let mut down_at = None;
+        while t < t0 + Duration::from_secs(3) {
+            t = n.poll_timeout().expect("running");
+            n.handle_timeout(t);
+            let (_, ev) = drain(&mut n);
+            if ev.contains(&NeighbourEvent::Down("b".into())) {
+                down_at = Some(t);
+                break;
+            }
+        }
+        assert_eq!(down_at, Some(t0 + Duration::from_secs(1)));
+        assert!(!n.is_alive("b"));
+        // Heard again: up again.
+        n.handle(t, addr(2), &hb("b", 9, 0, 1));
+        assert_eq!(drain(&mut n).1, vec![NeighbourEvent::Up("b".into())]);
+    }
+
+    #[test]
+    fn test_restart_detected_and_old_incarnation_ignored() {
+        let (mut n, t0) = setup();
+        n.handle(t0, addr(2), &hb("b", 1, 0, 1));
+        drain(&mut n);
+        n.handle(t0, addr(2), &hb("b", 1, 0, 2));
+        assert_eq!(drain(&mut n).1, vec![NeighbourEvent::Restarted("b".into())]);
+        n.handle(t0, addr(2), &hb("b", 2, 0, 1));
+        let (tx, ev) = drain(&mut n);
+        assert!(tx.is_empty() && ev.is_empty());
+    }
+
+    #[test]
+    fn test_bye_is_down_at_once() {
+        let (mut n, t0) = setup();
+        n.handle(t0, addr(3), &hb("c", 1, 0, 1));
+        drain(&mut n);
+        assert!(n.handle(t0, addr(3), &Message::Bye { from: "c".into() }));
+        assert_eq!(drain(&mut n).1, vec![NeighbourEvent::Down("c".into())]);
+        assert!(!n.is_alive("c"));
+    }
+
+    #[test]
+    fn test_unknown_sender_counted_and_aliases() {
+        let (mut n, t0) = setup();
+        drain(&mut n);
+        n.handle(t0, addr(9), &hb("zz", 1, 0, 1));
+        assert_eq!(n.unknown_sender_count(), 1);
+        assert!(drain(&mut n).0.is_empty());
+        let other = SocketAddr::from(([192, 168, 1, 2], 7000));
+        n.handle(t0, other, &hb("b", 1, 0, 1));
+        assert_eq!(n.id_of(other), Some("b"));
+        assert_eq!(n.id_of(addr(2)), Some("b"));
+        assert_eq!(n.addr_of("c"), Some(addr(3)));
+        assert_eq!(n.id_of(addr(9)), None);
+    }
+
+    #[test]
+    fn test_shutdown_sends_bye() {
+        let (mut n, _) = setup();
+        drain(&mut n);
+        n.shutdown();
+        let (tx, _) = drain(&mut n);
+        assert_eq!(tx.len(), 2);
+        assert!(tx.iter().all(|t| matches!(t.msg, Message::Bye { .. })));
+        assert_eq!(n.poll_timeout(), None);
+    }
+}
