@@ -1,1 +1,731 @@
-//! Client PoP choice (being written).
+//! The viewer's side of the overlay: which PoP to attach to, and which stream to watch
+//! there (SPEC §6).
+//!
+//! A [`Client`] probes every PoP it was given, measures each one's round-trip time and
+//! loss from the replies it gets, scores it together with the PoP's own latency to the
+//! server, attaches to the best one with hysteresis, asks it for the stream catalogue and
+//! joins the selected stream there. When the PoP degrades or dies it moves to the next
+//! best, joining there before leaving the old one (make-before-break).
+//!
+//! Like the rest of this crate it is **sans-IO**: it never touches a socket, a thread or
+//! the clock. The caller passes `now` in, feeds it decoded control messages with
+//! [`Client::handle`], calls [`Client::handle_timeout`] when [`Client::poll_timeout`] is
+//! due, and sends what [`Client::poll_transmit`] yields.
+//!
+//! **Drain rule:** after [`Client::new`] and after every `handle*`, [`Client::select_stream`]
+//! or [`Client::shutdown`] call, drain [`Client::poll_transmit`] and [`Client::poll_event`],
+//! then read [`Client::poll_timeout`].
+//!
+//! It does not receive media: the application owns the data socket and drops every
+//! datagram whose stream id is not that of the last [`ClientEvent::Watching`].
+//!
+//! Wire timestamps are microseconds since the client's own `epoch`; probe replies echo
+//! them back, so no two hosts' clocks are ever compared.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use ott_proto::Message;
+//! use ott_tree::client::{Client, ClientConfig, ClientEvent};
+//!
+//! let epoch = Instant::now();
+//! let pop: std::net::SocketAddr = "127.0.0.1:7000".parse().unwrap();
+//! let mut client = Client::new(ClientConfig::default(), vec![("n5".into(), pop)], 9000, epoch, epoch);
+//! // The first probe round goes out at once.
+//! let probe = client.poll_transmit().unwrap();
+//! let Message::Probe { nonce, sent_us } = probe.msg else { panic!("a probe") };
+//! // The PoP answers 10 ms later: the client attaches and asks for the catalogue.
+//! let now = epoch + Duration::from_millis(10);
+//! client.handle(now, pop, Message::ProbeReply {
+//!     nonce, echo_us: sent_us, pop: "n5".into(), path_latency_us: Some(2_000), hops: 2, viewers: 0,
+//! });
+//! assert_eq!(client.pop(), Some("n5"));
+//! assert!(matches!(client.poll_event(), Some(ClientEvent::PopChanged { old: None, .. })));
+//! assert_eq!(client.poll_transmit().unwrap().msg, Message::ListStreams);
+//! ```
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ott_proto::{Message, StreamInfo};
+use serde::Serialize;
+
+/// A control message to send: the caller encodes `msg` with [`ott_proto::encode`] and
+/// sends it to `to`.
+#[must_use]
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transmit {
+    /// Destination.
+    pub to: SocketAddr,
+    /// The message.
+    pub msg: Message,
+}
+
+/// Tuning of a [`Client`]. [`Default`] gives the values of SPEC §6.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientConfig {
+    /// Every PoP is probed this often (default 1 s); the first round goes out at once.
+    pub probe_interval: Duration,
+    /// A probe unanswered after this long counts as lost (default 1 s).
+    pub probe_timeout: Duration,
+    /// The `Join` of the watched stream is repeated this often (default 1 s): the PoP
+    /// holds subscriptions as soft state.
+    pub join_refresh: Duration,
+    /// Loss is the fraction of the last `loss_window` probes that were lost (default 5).
+    pub loss_window: usize,
+    /// Another PoP must score at least this fraction better than the current one before
+    /// the client moves (default 0.2, i.e. 20 %).
+    pub switch_margin: f64,
+    /// `ListStreams` is repeated this often until a `Streams` answer arrives (default 300 ms).
+    pub request_retry: Duration,
+    /// The catalogue is asked for again this often once known (default 5 s).
+    pub catalogue_refresh: Duration,
+    /// A PoP whose last this-many probes in a row were lost is unusable (default 2).
+    pub max_lost_in_a_row: u32,
+    /// Seed of the nonce generator, so that a run can be replayed.
+    pub seed: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            probe_interval: Duration::from_secs(1),
+            probe_timeout: Duration::from_secs(1),
+            join_refresh: Duration::from_secs(1),
+            loss_window: 5,
+            switch_margin: 0.2,
+            request_retry: Duration::from_millis(300),
+            catalogue_refresh: Duration::from_secs(5),
+            max_lost_in_a_row: 2,
+            seed: 0x07c1_1e47,
+        }
+    }
+}
+
+/// Something the application should know about, from [`Client::poll_event`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientEvent {
+    /// The client attached to a PoP (`old` is `None` the first time).
+    PopChanged {
+        /// The PoP left, if any.
+        old: Option<String>,
+        /// The PoP now in use.
+        new: String,
+    },
+    /// The catalogue arrived or changed.
+    Catalogue(Vec<StreamInfo>),
+    /// The client now watches this stream: from here on, only datagrams with its id are
+    /// to be played.
+    Watching(StreamInfo),
+    /// The selected stream name is not in the catalogue (reported once per selection).
+    UnknownStream(String),
+    /// No PoP is usable at the moment (reported once until one is usable again).
+    NoPop,
+    /// A PoP refused a request, with its reason.
+    Refused(String),
+}
+
+/// Counters of what the client ignored, for logs and `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ClientStats {
+    /// Probes sent.
+    pub probes_sent: u64,
+    /// Probes that got no reply within the probe timeout.
+    pub probes_lost: u64,
+    /// Messages from an address that is not one of the PoPs.
+    pub unknown_sender: u64,
+    /// Messages a PoP should not send to a client (heartbeats, announcements, joins ...).
+    pub unexpected: u64,
+    /// Probe replies matching no outstanding probe (late, duplicated or forged).
+    pub stale_replies: u64,
+    /// `ListStreams` requests sent, retries included.
+    pub list_requests: u64,
+}
+
+/// The state of one PoP as the client sees it, part of [`ClientStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PopStatus {
+    /// The PoP's node id.
+    pub id: String,
+    /// Smoothed round-trip time, ms; `None` before the first reply.
+    pub rtt_ms: Option<f64>,
+    /// Fraction of the recent probes that were lost, 0..=1.
+    pub loss: f64,
+    /// The PoP's latency to the server from its last reply, ms; `None` without a path.
+    pub path_latency_ms: Option<f64>,
+    /// The score (lower is better), ms; `None` when unusable.
+    pub score: Option<f64>,
+    /// Whether the client would attach to it.
+    pub usable: bool,
+}
+
+/// A snapshot of the client for `/status` (serialises to JSON).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClientStatus {
+    /// The PoP in use.
+    pub pop: Option<String>,
+    /// The stream watched.
+    pub stream: Option<String>,
+    /// Number of PoP changes after the first choice.
+    pub pop_switches: u64,
+    /// Every PoP, in the order given to [`Client::new`].
+    pub pops: Vec<PopStatus>,
+    /// What was ignored.
+    pub stats: ClientStats,
+}
+
+#[derive(Debug)]
+struct Pop {
+    id: String,
+    addr: SocketAddr,
+    srtt: Option<Duration>,
+    path_latency_us: Option<u64>,
+    /// Outcomes of the last `loss_window` resolved probes, `true` = answered.
+    history: VecDeque<bool>,
+    lost_in_a_row: u32,
+}
+
+#[derive(Debug)]
+struct Pending {
+    nonce: u64,
+    pop: usize,
+    sent_at: Instant,
+    sent_us: u64,
+}
+
+/// The viewer's PoP choice and stream selection, as a sans-IO state machine.
+///
+/// See the [module documentation](self) for the calling contract.
+#[derive(Debug)]
+pub struct Client {
+    config: ClientConfig,
+    epoch: Instant,
+    data_port: u16,
+    rng: fastrand::Rng,
+    pops: Vec<Pop>,
+    pending: Vec<Pending>,
+    current: Option<usize>,
+    no_pop_reported: bool,
+    catalogue: Vec<StreamInfo>,
+    catalogue_known: bool,
+    wanted: Option<String>,
+    unknown_reported: bool,
+    watching: Option<StreamInfo>,
+    next_probe: Instant,
+    next_list: Option<Instant>,
+    next_join: Option<Instant>,
+    shut_down: bool,
+    pop_switches: u64,
+    stats: ClientStats,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<ClientEvent>,
+}
+
+impl Client {
+    /// A client that will choose among `pops` (id and control address, as given by the
+    /// bootstrapper) and ask for media at `data_port` of its own address.
+    ///
+    /// `epoch` is the origin of the client's wire timestamps; `now` is the current time.
+    /// The first probe round is queued at once: drain [`Client::poll_transmit`].
+    pub fn new(
+        config: ClientConfig,
+        pops: Vec<(String, SocketAddr)>,
+        data_port: u16,
+        epoch: Instant,
+        now: Instant,
+    ) -> Self {
+        let rng = fastrand::Rng::with_seed(config.seed);
+        let pops = pops
+            .into_iter()
+            .map(|(id, addr)| Pop {
+                id,
+                addr,
+                srtt: None,
+                path_latency_us: None,
+                history: VecDeque::new(),
+                lost_in_a_row: 0,
+            })
+            .collect();
+        let mut client = Self {
+            config,
+            epoch,
+            data_port,
+            rng,
+            pops,
+            pending: Vec::new(),
+            current: None,
+            no_pop_reported: false,
+            catalogue: Vec::new(),
+            catalogue_known: false,
+            wanted: None,
+            unknown_reported: false,
+            watching: None,
+            next_probe: now,
+            next_list: None,
+            next_join: None,
+            shut_down: false,
+            pop_switches: 0,
+            stats: ClientStats::default(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        };
+        client.handle_timeout(now);
+        client
+    }
+
+    /// Select the stream to watch, by name.
+    ///
+    /// The name is remembered: the client joins it at its PoP as soon as the catalogue
+    /// holds it, or reports [`ClientEvent::UnknownStream`] once if the known catalogue
+    /// does not. When another stream is being watched, the client sends `Leave` for the
+    /// old one, then `Join` for the new one, and emits [`ClientEvent::Watching`]: from
+    /// then on the application drops every datagram not of the new stream's id.
+    pub fn select_stream(&mut self, now: Instant, name: &str) {
+        if self.shut_down {
+            return;
+        }
+        if self.watching.as_ref().is_some_and(|s| s.name == name) {
+            self.wanted = Some(name.to_owned());
+            return;
+        }
+        self.wanted = Some(name.to_owned());
+        self.unknown_reported = false;
+        self.resolve_wanted(now);
+    }
+
+    /// Feed one decoded control message received from `from` at `now`.
+    ///
+    /// Never panics. Messages from an address that is not a PoP are ignored and counted
+    /// in [`ClientStats::unknown_sender`]; messages a PoP has no reason to send, and
+    /// replies to no outstanding probe, are ignored and counted too.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, msg: Message) {
+        if self.shut_down {
+            return;
+        }
+        let Some(idx) = self.pops.iter().position(|p| p.addr == from) else {
+            self.stats.unknown_sender += 1;
+            tracing::debug!(%from, kind = msg.kind(), "message from an unknown sender ignored");
+            return;
+        };
+        match msg {
+            Message::ProbeReply {
+                nonce,
+                echo_us,
+                path_latency_us,
+                ..
+            } => self.on_probe_reply(now, idx, nonce, echo_us, path_latency_us),
+            Message::Streams { streams } => self.on_streams(now, idx, streams),
+            Message::Error { reason } => {
+                tracing::info!(pop = %self.pops[idx].id, %reason, "request refused");
+                self.events.push_back(ClientEvent::Refused(reason));
+            }
+            other => {
+                self.stats.unexpected += 1;
+                tracing::debug!(%from, kind = other.kind(), "unexpected message ignored");
+            }
+        }
+    }
+
+    /// Advance the timers to `now`: resolve unanswered probes as lost, send the probe
+    /// round, `ListStreams` retries and `Join` refreshes that are due, and move to another
+    /// PoP if the current one became unusable.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.shut_down {
+            return;
+        }
+        self.expire_probes(now);
+        if now >= self.next_probe {
+            self.probe_round(now);
+            let next = later(self.next_probe, self.config.probe_interval);
+            self.next_probe = if next > now {
+                next
+            } else {
+                later(now, self.config.probe_interval)
+            };
+        }
+        if self.next_list.is_some_and(|t| now >= t) {
+            self.send_list(now);
+        }
+        if self.next_join.is_some_and(|t| now >= t) {
+            if let (Some(cur), Some(stream)) = (self.current, self.watching.as_ref()) {
+                let to = self.pops[cur].addr;
+                let msg = self.join_msg(stream);
+                self.transmits.push_back(Transmit { to, msg });
+                self.next_join = Some(later(now, self.config.join_refresh));
+            } else {
+                self.next_join = None;
+            }
+        }
+        self.evaluate(now);
+    }
+
+    /// Leave the watched stream at the current PoP and stop: afterwards the client sends
+    /// nothing more, ignores its inputs and has no timeout.
+    pub fn shutdown(&mut self, _now: Instant) {
+        if self.shut_down {
+            return;
+        }
+        if let (Some(cur), Some(stream)) = (self.current, self.watching.as_ref()) {
+            let msg = self.leave_msg(stream);
+            self.transmits.push_back(Transmit {
+                to: self.pops[cur].addr,
+                msg,
+            });
+        }
+        self.shut_down = true;
+        self.pending.clear();
+    }
+
+    /// The next message to send, if any. Changes after `new`, every `handle*`,
+    /// `select_stream` and `shutdown`.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event for the application, if any. Changes after every `handle*` and
+    /// `select_stream`.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Client::handle_timeout`] must be called next; `None` after
+    /// [`Client::shutdown`]. Changes after `new`, every `handle*`, `select_stream` and
+    /// `shutdown`.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.shut_down {
+            return None;
+        }
+        let probes = self
+            .pending
+            .iter()
+            .map(|p| later(p.sent_at, self.config.probe_timeout));
+        std::iter::once(self.next_probe)
+            .chain(probes)
+            .chain(self.next_list)
+            .chain(self.next_join)
+            .min()
+    }
+
+    /// The stream catalogue last received from a PoP (empty before the first answer).
+    pub fn catalogue(&self) -> &[StreamInfo] {
+        &self.catalogue
+    }
+
+    /// Id of the PoP in use.
+    pub fn pop(&self) -> Option<&str> {
+        self.current.map(|i| self.pops[i].id.as_str())
+    }
+
+    /// The stream being watched.
+    pub fn stream(&self) -> Option<&StreamInfo> {
+        self.watching.as_ref()
+    }
+
+    /// Number of PoP changes after the first choice.
+    pub fn pop_switches(&self) -> u64 {
+        self.pop_switches
+    }
+
+    /// Counters of what was sent, lost and ignored.
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    /// A snapshot for `/status`.
+    pub fn status(&self) -> ClientStatus {
+        let pops = self
+            .pops
+            .iter()
+            .map(|p| {
+                let score = self.score(p);
+                PopStatus {
+                    id: p.id.clone(),
+                    rtt_ms: p.srtt.map(|d| d.as_secs_f64() * 1e3),
+                    loss: loss(p),
+                    path_latency_ms: p.path_latency_us.map(|us| us as f64 / 1e3),
+                    score: score.map(|s| s / 1e3),
+                    usable: score.is_some(),
+                }
+            })
+            .collect();
+        ClientStatus {
+            pop: self.pop().map(str::to_owned),
+            stream: self.watching.as_ref().map(|s| s.name.clone()),
+            pop_switches: self.pop_switches,
+            pops,
+            stats: self.stats.clone(),
+        }
+    }
+
+    // ----- inputs -----
+
+    fn on_probe_reply(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        nonce: u64,
+        echo_us: u64,
+        path_latency_us: Option<u64>,
+    ) {
+        let Some(pos) = self
+            .pending
+            .iter()
+            .position(|p| p.nonce == nonce && p.pop == idx && p.sent_us == echo_us)
+        else {
+            self.stats.stale_replies += 1;
+            tracing::debug!(pop = %self.pops[idx].id, nonce, "stale probe reply ignored");
+            return;
+        };
+        let probe = self.pending.swap_remove(pos);
+        // RTT from the echoed timestamp, which is our own clock: `sent_at` is exactly
+        // `epoch + echo_us` rounded to the microsecond.
+        let sample = now.saturating_duration_since(probe.sent_at);
+        let window = self.config.loss_window.max(1);
+        let pop = &mut self.pops[idx];
+        pop.srtt = Some(match pop.srtt {
+            None => sample,
+            // EWMA with gain 1/4: a few probes follow a real change of the path.
+            Some(s) => (s * 3 + sample) / 4,
+        });
+        pop.path_latency_us = path_latency_us;
+        pop.lost_in_a_row = 0;
+        push_outcome(&mut pop.history, window, true);
+        tracing::debug!(pop = %pop.id, rtt_us = sample.as_micros() as u64, ?path_latency_us, "probe reply");
+        self.evaluate(now);
+    }
+
+    fn on_streams(&mut self, now: Instant, idx: usize, streams: Vec<StreamInfo>) {
+        if Some(idx) != self.current {
+            // An answer from a PoP we left (or never asked): the current one will answer.
+            self.stats.unexpected += 1;
+            return;
+        }
+        self.next_list = Some(later(now, self.config.catalogue_refresh));
+        let changed = !self.catalogue_known || streams != self.catalogue;
+        self.catalogue_known = true;
+        if changed {
+            self.catalogue = streams;
+            self.events
+                .push_back(ClientEvent::Catalogue(self.catalogue.clone()));
+        }
+        self.resolve_wanted(now);
+    }
+
+    // ----- timers -----
+
+    fn probe_round(&mut self, now: Instant) {
+        let sent_us = u64::try_from(now.saturating_duration_since(self.epoch).as_micros())
+            .unwrap_or(u64::MAX);
+        for idx in 0..self.pops.len() {
+            let nonce = self.rng.u64(..);
+            self.pending.push(Pending {
+                nonce,
+                pop: idx,
+                sent_at: now,
+                sent_us,
+            });
+            self.stats.probes_sent += 1;
+            self.transmits.push_back(Transmit {
+                to: self.pops[idx].addr,
+                msg: Message::Probe { nonce, sent_us },
+            });
+        }
+    }
+
+    fn expire_probes(&mut self, now: Instant) {
+        let timeout = self.config.probe_timeout;
+        let window = self.config.loss_window.max(1);
+        let mut i = 0;
+        while i < self.pending.len() {
+            if later(self.pending[i].sent_at, timeout) <= now {
+                let probe = self.pending.swap_remove(i);
+                self.stats.probes_lost += 1;
+                let pop = &mut self.pops[probe.pop];
+                pop.lost_in_a_row = pop.lost_in_a_row.saturating_add(1);
+                push_outcome(&mut pop.history, window, false);
+                tracing::debug!(pop = %pop.id, lost_in_a_row = pop.lost_in_a_row, "probe lost");
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn send_list(&mut self, now: Instant) {
+        let Some(cur) = self.current else {
+            self.next_list = None;
+            return;
+        };
+        self.stats.list_requests += 1;
+        self.transmits.push_back(Transmit {
+            to: self.pops[cur].addr,
+            msg: Message::ListStreams,
+        });
+        self.next_list = Some(later(now, self.config.request_retry));
+    }
+
+    // ----- decisions -----
+
+    /// Score of a PoP in µs (lower is better), `None` when unusable.
+    fn score(&self, p: &Pop) -> Option<f64> {
+        let rtt = p.srtt?;
+        let path = p.path_latency_us?;
+        if p.lost_in_a_row >= self.config.max_lost_in_a_row.max(1) {
+            return None;
+        }
+        let window = self.config.loss_window.max(1);
+        if p.history.len() >= window && p.history.iter().all(|ok| !ok) {
+            return None;
+        }
+        let base = rtt.as_secs_f64() * 1e6 + path as f64;
+        Some(base * (1.0 + 4.0 * loss(p)))
+    }
+
+    fn evaluate(&mut self, now: Instant) {
+        let best = self
+            .pops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| self.score(p).map(|s| (i, s)))
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        let current_score = self.current.and_then(|c| self.score(&self.pops[c]));
+        match (best, self.current, current_score) {
+            (None, _, _) => {
+                // Before any probe had the time to be answered or lost, there is
+                // nothing to report yet.
+                let measured = self.pops.is_empty()
+                    || self.current.is_some()
+                    || self.pops.iter().any(|p| !p.history.is_empty());
+                if measured && !self.no_pop_reported {
+                    self.no_pop_reported = true;
+                    tracing::warn!("no usable pop");
+                    self.events.push_back(ClientEvent::NoPop);
+                }
+            }
+            (Some((b, _)), None, _) | (Some((b, _)), Some(_), None) => {
+                self.no_pop_reported = false;
+                self.switch_to(now, b);
+            }
+            (Some((b, bs)), Some(c), Some(cs)) => {
+                self.no_pop_reported = false;
+                if b != c && bs < cs * (1.0 - self.config.switch_margin) {
+                    self.switch_to(now, b);
+                }
+            }
+        }
+    }
+
+    fn switch_to(&mut self, now: Instant, new: usize) {
+        let old = self.current;
+        if old == Some(new) {
+            return;
+        }
+        self.current = Some(new);
+        let new_addr = self.pops[new].addr;
+        if let Some(stream) = &self.watching {
+            // Make before break: join at the new PoP, then leave the old one.
+            let join = self.join_msg(stream);
+            self.transmits.push_back(Transmit {
+                to: new_addr,
+                msg: join,
+            });
+            if let Some(o) = old {
+                let leave = self.leave_msg(stream);
+                self.transmits.push_back(Transmit {
+                    to: self.pops[o].addr,
+                    msg: leave,
+                });
+            }
+            self.next_join = Some(later(now, self.config.join_refresh));
+        }
+        if old.is_some() {
+            self.pop_switches += 1;
+        }
+        let old_id = old.map(|o| self.pops[o].id.clone());
+        let new_id = self.pops[new].id.clone();
+        tracing::info!(old = ?old_id, new = %new_id, "pop changed");
+        self.events.push_back(ClientEvent::PopChanged {
+            old: old_id,
+            new: new_id,
+        });
+        if self.catalogue.is_empty() {
+            self.send_list(now);
+        } else {
+            self.next_list = Some(later(now, self.config.catalogue_refresh));
+        }
+        if self.watching.is_none() {
+            self.resolve_wanted(now);
+        }
+    }
+
+    /// Join the wanted stream if the catalogue allows, or report it unknown once.
+    fn resolve_wanted(&mut self, now: Instant) {
+        let Some(name) = self.wanted.clone() else {
+            return;
+        };
+        if self.watching.as_ref().is_some_and(|s| s.name == name) {
+            return;
+        }
+        if !self.catalogue_known {
+            return;
+        }
+        let Some(info) = self.catalogue.iter().find(|s| s.name == name).cloned() else {
+            if !self.unknown_reported {
+                self.unknown_reported = true;
+                tracing::warn!(stream = %name, "stream not in the catalogue");
+                self.events.push_back(ClientEvent::UnknownStream(name));
+            }
+            return;
+        };
+        let Some(cur) = self.current else {
+            return;
+        };
+        let to = self.pops[cur].addr;
+        if let Some(old) = self.watching.take() {
+            let msg = self.leave_msg(&old);
+            self.transmits.push_back(Transmit { to, msg });
+        }
+        let msg = self.join_msg(&info);
+        self.transmits.push_back(Transmit { to, msg });
+        self.next_join = Some(later(now, self.config.join_refresh));
+        tracing::info!(stream = %info.name, id = info.id, "watching");
+        self.events.push_back(ClientEvent::Watching(info.clone()));
+        self.watching = Some(info);
+    }
+
+    fn join_msg(&self, s: &StreamInfo) -> Message {
+        Message::Join {
+            stream: s.id,
+            data_port: self.data_port,
+            from: None,
+        }
+    }
+
+    fn leave_msg(&self, s: &StreamInfo) -> Message {
+        Message::Leave {
+            stream: s.id,
+            data_port: self.data_port,
+        }
+    }
+}
+
+fn push_outcome(history: &mut VecDeque<bool>, window: usize, answered: bool) {
+    history.push_back(answered);
+    while history.len() > window {
+        history.pop_front();
+    }
+}
+
+fn loss(p: &Pop) -> f64 {
+    if p.history.is_empty() {
+        return 0.0;
+    }
+    let lost = p.history.iter().filter(|ok| !**ok).count();
+    lost as f64 / p.history.len() as f64
+}
+
+/// `t + d`, saturating far in the future instead of panicking on absurd durations.
+fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .or_else(|| t.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(t)
+}

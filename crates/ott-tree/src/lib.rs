@@ -3,4 +3,5 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub use client::{Client, ClientConfig, ClientEvent, ClientStatus};
 // Helper C adds: mod node; pub mod sim; and the re-exports.

@@ -1,0 +1,540 @@
+//! Scenario tests of the client's PoP choice, on a virtual clock with fake PoPs.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ott_proto::{stream_id_for, MediaKind, Message, StreamInfo};
+use ott_tree::client::{Client, ClientConfig, ClientEvent};
+
+const DATA_PORT: u16 = 9000;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn addr(i: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 1, i], 7000))
+}
+
+fn catalogue() -> Vec<StreamInfo> {
+    vec![
+        StreamInfo::new("news", MediaKind::Mjpeg, 25_000),
+        StreamInfo::new("sport", MediaKind::Ts, 0),
+    ]
+}
+
+/// A PoP that answers probes after `rtt` (the whole round trip) and lists streams.
+struct FakePop {
+    id: String,
+    addr: SocketAddr,
+    rtt: Duration,
+    path_latency_us: Option<u64>,
+    alive: bool,
+    /// Drop this many `ListStreams` requests before answering.
+    drop_lists: u32,
+    /// Every message received, with the time.
+    got: Vec<(Duration, Message)>,
+}
+
+impl FakePop {
+    fn new(i: u8, rtt_ms: u64, path_latency_us: u64) -> Self {
+        Self {
+            id: format!("p{i}"),
+            addr: addr(i),
+            rtt: ms(rtt_ms),
+            path_latency_us: Some(path_latency_us),
+            alive: true,
+            drop_lists: 0,
+            got: Vec::new(),
+        }
+    }
+}
+
+/// A reply in flight towards the client: (arrival, tie-break seq, pop index, bytes).
+type InFlight = Reverse<(Instant, u64, usize, Vec<u8>)>;
+
+/// The client, its PoPs and the messages in flight, on a virtual clock.
+struct World {
+    epoch: Instant,
+    now: Instant,
+    client: Client,
+    pops: Vec<FakePop>,
+    /// (arrival, seq, pop index, message) towards the client.
+    wire: BinaryHeap<InFlight>,
+    seq: u64,
+    /// Every message the client sent, in order, with its destination PoP id.
+    sent: Vec<(String, Message)>,
+    events: Vec<(Duration, ClientEvent)>,
+}
+
+impl World {
+    fn new(pops: Vec<FakePop>) -> Self {
+        Self::with_config(ClientConfig::default(), pops)
+    }
+
+    fn with_config(config: ClientConfig, pops: Vec<FakePop>) -> Self {
+        // Only an arbitrary origin: every time below is derived from it.
+        let epoch = Instant::now();
+        let list = pops.iter().map(|p| (p.id.clone(), p.addr)).collect();
+        let client = Client::new(config, list, DATA_PORT, epoch, epoch);
+        let mut w = Self {
+            epoch,
+            now: epoch,
+            client,
+            pops,
+            wire: BinaryHeap::new(),
+            seq: 0,
+            sent: Vec::new(),
+            events: Vec::new(),
+        };
+        w.drain();
+        w
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.now - self.epoch
+    }
+
+    /// Deliver the client's transmits to the fake PoPs and collect its events.
+    fn drain(&mut self) {
+        while let Some(t) = self.client.poll_transmit() {
+            // Round-trip through the codec, as on the wire.
+            let bytes = ott_proto::encode(&t.msg).expect("client messages encode");
+            let msg = ott_proto::decode(&bytes).expect("client messages decode");
+            let Some(i) = self.pops.iter().position(|p| p.addr == t.to) else {
+                panic!("client sent to an unknown address {}", t.to);
+            };
+            self.sent.push((self.pops[i].id.clone(), msg.clone()));
+            let elapsed = self.elapsed();
+            let pop = &mut self.pops[i];
+            pop.got.push((elapsed, msg.clone()));
+            if !pop.alive {
+                continue;
+            }
+            let reply = match msg {
+                Message::Probe { nonce, sent_us } => Some(Message::ProbeReply {
+                    nonce,
+                    echo_us: sent_us,
+                    pop: pop.id.clone(),
+                    path_latency_us: pop.path_latency_us,
+                    hops: 2,
+                    viewers: 0,
+                }),
+                Message::ListStreams if pop.drop_lists > 0 => {
+                    pop.drop_lists -= 1;
+                    None
+                }
+                Message::ListStreams => Some(Message::Streams {
+                    streams: catalogue(),
+                }),
+                _ => None,
+            };
+            if let Some(r) = reply {
+                let at = self.now + pop.rtt;
+                let bytes = ott_proto::encode(&r).expect("replies encode");
+                self.seq += 1;
+                self.wire.push(Reverse((at, self.seq, i, bytes)));
+            }
+        }
+        while let Some(e) = self.client.poll_event() {
+            self.events.push((self.elapsed(), e));
+        }
+    }
+
+    /// Run the client until `until` (time since the epoch).
+    fn run_until(&mut self, until: Duration) {
+        let end = self.epoch + until;
+        for _ in 0..100_000 {
+            self.drain();
+            let timer = self.client.poll_timeout();
+            let arrival = self.wire.peek().map(|Reverse((at, ..))| *at);
+            let next = match (timer, arrival) {
+                (Some(t), Some(a)) => t.min(a),
+                (Some(t), None) => t,
+                (None, Some(a)) => a,
+                (None, None) => break,
+            };
+            if next > end {
+                break;
+            }
+            self.now = self.now.max(next);
+            if arrival == Some(next) {
+                let Some(Reverse((_, _, i, bytes))) = self.wire.pop() else {
+                    unreachable!("peeked above");
+                };
+                let from = self.pops[i].addr;
+                let msg = ott_proto::decode(&bytes).expect("replies decode");
+                self.client.handle(self.now, from, msg);
+            } else {
+                self.client.handle_timeout(self.now);
+            }
+        }
+        self.now = end;
+        self.drain();
+    }
+
+    fn pop_mut(&mut self, id: &str) -> &mut FakePop {
+        self.pops
+            .iter_mut()
+            .find(|p| p.id == id)
+            .expect("known fake pop")
+    }
+
+    fn pop_changes(&self) -> Vec<(Duration, Option<String>, String)> {
+        self.events
+            .iter()
+            .filter_map(|(t, e)| match e {
+                ClientEvent::PopChanged { old, new } => Some((*t, old.clone(), new.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The client's `Join`/`Leave` messages, as (pop id, "join"/"leave", stream id).
+    fn subscriptions(&self) -> Vec<(String, &'static str, u32)> {
+        self.sent
+            .iter()
+            .filter_map(|(to, m)| match m {
+                Message::Join { stream, .. } => Some((to.clone(), "join", *stream)),
+                Message::Leave { stream, .. } => Some((to.clone(), "leave", *stream)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn first_round_probes_every_pop_at_once() {
+    let w = World::new(vec![FakePop::new(1, 10, 0), FakePop::new(2, 20, 0)]);
+    for p in &w.pops {
+        assert!(
+            matches!(p.got.first(), Some((t, Message::Probe { .. })) if t.is_zero()),
+            "{} probed at t=0",
+            p.id
+        );
+    }
+}
+
+#[test]
+fn picks_the_lower_score_pop() {
+    // p1 answers first (10 ms) but is far from the server (50 ms); p2 is 20 ms + 5 ms.
+    let mut w = World::new(vec![
+        FakePop::new(1, 10, 50_000),
+        FakePop::new(2, 20, 5_000),
+    ]);
+    w.run_until(Duration::from_secs(3));
+    assert_eq!(w.client.pop(), Some("p2"));
+    // Started fast on the first answer, then moved once.
+    assert_eq!(
+        w.pop_changes(),
+        vec![
+            (ms(10), None, "p1".to_owned()),
+            (ms(20), Some("p1".to_owned()), "p2".to_owned())
+        ]
+    );
+    let status = w.client.status();
+    assert_eq!(status.pop.as_deref(), Some("p2"));
+    let p2 = &status.pops[1];
+    assert!(p2.usable);
+    assert_eq!(p2.rtt_ms, Some(20.0));
+    assert_eq!(p2.path_latency_ms, Some(5.0));
+    assert_eq!(p2.score, Some(25.0));
+    assert_eq!(p2.loss, 0.0);
+}
+
+#[test]
+fn pop_without_server_path_is_never_chosen() {
+    let mut near = FakePop::new(1, 5, 0);
+    near.path_latency_us = None;
+    let mut w = World::new(vec![near, FakePop::new(2, 40, 1_000)]);
+    w.run_until(Duration::from_secs(2));
+    assert_eq!(w.client.pop(), Some("p2"));
+    assert_eq!(w.pop_changes().len(), 1);
+    assert!(!w.client.status().pops[0].usable);
+}
+
+#[test]
+fn switches_within_three_seconds_when_the_pop_dies_join_before_leave() {
+    let mut w = World::new(vec![FakePop::new(1, 10, 1_000), FakePop::new(2, 30, 1_000)]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(Duration::from_millis(2_500));
+    assert_eq!(w.client.pop(), Some("p1"));
+    assert_eq!(w.client.stream().map(|s| s.name.as_str()), Some("news"));
+
+    w.pop_mut("p1").alive = false;
+    let died = w.elapsed();
+    w.run_until(Duration::from_secs(10));
+    assert_eq!(w.client.pop(), Some("p2"));
+    assert_eq!(w.client.pop_switches(), 1);
+    let changes = w.pop_changes();
+    let (at, old, new) = changes.last().expect("a pop change");
+    assert_eq!((old.as_deref(), new.as_str()), (Some("p1"), "p2"));
+    assert!(
+        *at - died <= Duration::from_secs(3),
+        "switched {:?} after the pop died",
+        *at - died
+    );
+
+    // Make before break: the first message about the stream after the switch is the
+    // Join at p2, then the Leave at p1.
+    let news = stream_id_for("news");
+    let subs = w.subscriptions();
+    let first_p2 = subs
+        .iter()
+        .position(|(to, ..)| to == "p2")
+        .expect("joined at p2");
+    assert_eq!(subs[first_p2], ("p2".to_owned(), "join", news));
+    assert_eq!(subs[first_p2 + 1], ("p1".to_owned(), "leave", news));
+    assert!(!subs[..first_p2].iter().any(|(_, kind, _)| *kind == "leave"));
+    // And the Join keeps being refreshed at the new PoP.
+    let p2_joins = subs
+        .iter()
+        .filter(|(to, kind, _)| to == "p2" && *kind == "join")
+        .count();
+    assert!(p2_joins >= 5, "only {p2_joins} joins at p2");
+}
+
+#[test]
+fn no_pop_when_every_pop_dies() {
+    let mut w = World::new(vec![FakePop::new(1, 10, 0)]);
+    w.run_until(Duration::from_secs(2));
+    assert_eq!(w.client.pop(), Some("p1"));
+    w.pop_mut("p1").alive = false;
+    w.run_until(Duration::from_secs(8));
+    let no_pop = w
+        .events
+        .iter()
+        .filter(|(_, e)| *e == ClientEvent::NoPop)
+        .count();
+    assert_eq!(no_pop, 1, "NoPop reported once");
+    // It comes back: usable again after one answer, no new PopChanged (still p1).
+    w.pop_mut("p1").alive = true;
+    w.run_until(Duration::from_secs(10));
+    assert!(w.client.status().pops[0].usable);
+    assert_eq!(w.pop_changes().len(), 1);
+}
+
+#[test]
+fn hysteresis_small_gain_does_not_switch() {
+    let mut w = World::new(vec![FakePop::new(1, 20, 0), FakePop::new(2, 40, 0)]);
+    w.run_until(Duration::from_secs(2));
+    assert_eq!(w.client.pop(), Some("p1"));
+    // p2 becomes 5 % better than p1 (19 ms against 20 ms).
+    w.pop_mut("p2").rtt = ms(19);
+    w.run_until(Duration::from_secs(20));
+    assert_eq!(w.client.pop(), Some("p1"));
+    assert_eq!(w.client.pop_switches(), 0);
+}
+
+#[test]
+fn hysteresis_large_gain_switches() {
+    let mut w = World::new(vec![FakePop::new(1, 20, 0), FakePop::new(2, 40, 0)]);
+    w.run_until(Duration::from_secs(2));
+    assert_eq!(w.client.pop(), Some("p1"));
+    // p2 becomes 50 % better than p1.
+    w.pop_mut("p2").rtt = ms(10);
+    w.run_until(Duration::from_secs(20));
+    assert_eq!(w.client.pop(), Some("p2"));
+    assert_eq!(w.client.pop_switches(), 1);
+}
+
+#[test]
+fn stream_switch_leaves_then_joins_and_reports_watching() {
+    let mut w = World::new(vec![FakePop::new(1, 10, 0)]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(Duration::from_secs(1));
+    let news = stream_id_for("news");
+    let sport = stream_id_for("sport");
+    assert_eq!(w.client.stream().map(|s| s.id), Some(news));
+    let before = w.sent.len();
+
+    w.client.select_stream(w.now, "sport");
+    w.drain();
+    let after: Vec<_> = w.sent[before..]
+        .iter()
+        .map(|(to, m)| (to.as_str(), m.clone()))
+        .collect();
+    assert_eq!(
+        after,
+        vec![
+            (
+                "p1",
+                Message::Leave {
+                    stream: news,
+                    data_port: DATA_PORT
+                }
+            ),
+            (
+                "p1",
+                Message::Join {
+                    stream: sport,
+                    data_port: DATA_PORT,
+                    from: None
+                }
+            ),
+        ]
+    );
+    assert_eq!(
+        w.events.last().map(|(_, e)| e.clone()),
+        Some(ClientEvent::Watching(catalogue()[1].clone()))
+    );
+    assert_eq!(w.client.stream().map(|s| s.id), Some(sport));
+
+    // Selecting the same stream again sends nothing.
+    let n = w.sent.len();
+    w.client.select_stream(w.now, "sport");
+    w.drain();
+    assert_eq!(w.sent.len(), n);
+
+    // Shutdown leaves the watched stream, then the client is silent.
+    w.client.shutdown(w.now);
+    w.drain();
+    assert_eq!(
+        w.sent.last().map(|(to, m)| (to.as_str(), m.clone())),
+        Some((
+            "p1",
+            Message::Leave {
+                stream: sport,
+                data_port: DATA_PORT
+            }
+        ))
+    );
+    assert_eq!(w.client.poll_timeout(), None);
+}
+
+#[test]
+fn unknown_stream_is_reported_once() {
+    let mut w = World::new(vec![FakePop::new(1, 10, 0)]);
+    w.client.select_stream(w.now, "weather");
+    w.run_until(Duration::from_secs(12));
+    let unknown: Vec<_> = w
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, ClientEvent::UnknownStream(_)))
+        .collect();
+    assert_eq!(unknown.len(), 1);
+    assert_eq!(unknown[0].1, ClientEvent::UnknownStream("weather".into()));
+    assert_eq!(w.client.stream(), None);
+    assert!(w.subscriptions().is_empty());
+}
+
+#[test]
+fn list_streams_is_retried_when_lost() {
+    let mut pop = FakePop::new(1, 10, 0);
+    pop.drop_lists = 2;
+    let mut w = World::new(vec![pop]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(Duration::from_secs(2));
+    let lists: Vec<Duration> = w.pops[0]
+        .got
+        .iter()
+        .filter(|(_, m)| *m == Message::ListStreams)
+        .map(|(t, _)| *t)
+        .collect();
+    // Asked at 10 ms (first answer), retried every 300 ms, answered the third time.
+    assert_eq!(lists, vec![ms(10), ms(310), ms(610)]);
+    assert_eq!(w.client.catalogue(), catalogue().as_slice());
+    assert_eq!(
+        w.events
+            .iter()
+            .filter(|(_, e)| matches!(e, ClientEvent::Catalogue(_)))
+            .count(),
+        1
+    );
+    assert_eq!(w.client.stream().map(|s| s.name.as_str()), Some("news"));
+}
+
+#[test]
+fn garbage_and_unknown_senders_are_ignored_and_counted() {
+    let mut w = World::new(vec![FakePop::new(1, 10, 0)]);
+    w.run_until(Duration::from_secs(2));
+    let pop = w.client.pop().map(str::to_owned);
+    let before = w.client.stats().clone();
+    let stranger = SocketAddr::from(([10, 9, 9, 9], 1));
+    let now = w.now;
+    // A stranger offering a perfect PoP, and a catalogue.
+    w.client.handle(
+        now,
+        stranger,
+        Message::ProbeReply {
+            nonce: 0,
+            echo_us: 0,
+            pop: "evil".into(),
+            path_latency_us: Some(0),
+            hops: 0,
+            viewers: 0,
+        },
+    );
+    w.client
+        .handle(now, stranger, Message::Streams { streams: vec![] });
+    // A known PoP sending nonsense: forged probe replies, absurd timestamps, messages
+    // clients never get.
+    let p1 = w.pops[0].addr;
+    for echo_us in [0, u64::MAX] {
+        w.client.handle(
+            now,
+            p1,
+            Message::ProbeReply {
+                nonce: 12345,
+                echo_us,
+                pop: "p1".into(),
+                path_latency_us: Some(0),
+                hops: u32::MAX,
+                viewers: u32::MAX,
+            },
+        );
+    }
+    w.client.handle(now, p1, Message::ListStreams);
+    w.client.handle(
+        now,
+        p1,
+        Message::Join {
+            stream: 1,
+            data_port: 0,
+            from: Some("x".into()),
+        },
+    );
+    w.client.handle(
+        now,
+        p1,
+        Message::Error {
+            reason: "no such stream".into(),
+        },
+    );
+    w.drain();
+    let after = w.client.stats();
+    assert_eq!(after.unknown_sender - before.unknown_sender, 2);
+    assert_eq!(after.stale_replies - before.stale_replies, 2);
+    assert_eq!(after.unexpected - before.unexpected, 2);
+    assert_eq!(w.client.pop().map(str::to_owned), pop);
+    assert_eq!(
+        w.events.last().map(|(_, e)| e.clone()),
+        Some(ClientEvent::Refused("no such stream".into()))
+    );
+    // The client goes on as before.
+    w.run_until(Duration::from_secs(5));
+    assert_eq!(w.client.pop(), Some("p1"));
+    assert_eq!(w.client.catalogue(), catalogue().as_slice());
+}
+
+#[test]
+fn a_lossy_pop_loses_to_a_clean_one() {
+    let config = ClientConfig {
+        seed: 7,
+        ..ClientConfig::default()
+    };
+    let mut w = World::with_config(config, vec![FakePop::new(1, 10, 0), FakePop::new(2, 14, 0)]);
+    w.run_until(Duration::from_millis(1_500));
+    assert_eq!(w.client.pop(), Some("p1"));
+    // p1 drops one probe, then answers again: 20 % loss makes it score 18 ms against 14.
+    w.pop_mut("p1").alive = false;
+    w.run_until(Duration::from_millis(2_500));
+    w.pop_mut("p1").alive = true;
+    w.run_until(Duration::from_secs(4));
+    assert_eq!(w.client.pop(), Some("p2"));
+    let status = w.client.status();
+    assert!(status.pops[0].loss > 0.0);
+    assert!(status.pops[0].usable);
+}
