@@ -1,0 +1,1095 @@
+//! One overlay node's part of the distribution tree (SPEC §5).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ott_overlay::{LivenessConfig, NeighbourEvent, Neighbours, Role, Transmit};
+use ott_proto::{Message, NodeId, StreamId, StreamInfo};
+use serde::Serialize;
+
+/// Configuration of a [`Node`]. Build it with [`NodeConfig::new`] and adjust fields.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id, as in the topology file.
+    pub id: String,
+    /// Server, relay or PoP.
+    pub role: Role,
+    /// Port of this node's media socket (on the same IP as its control socket), sent in `Join`.
+    pub data_port: u16,
+    /// Grows at each restart of the node (e.g. a boot counter or start time).
+    pub incarnation: u64,
+    /// Heartbeat period and death timeout of neighbours.
+    pub liveness: LivenessConfig,
+    /// Servers only: period of announcements (default 1 s).
+    pub announce_interval: Duration,
+    /// Period of `Join` refreshes sent upstream (default 1 s).
+    pub join_refresh: Duration,
+    /// A child whose `Join` is not refreshed for this long is dropped (default 3.5 s).
+    pub join_expiry: Duration,
+    /// An offer not refreshed for this long is forgotten (default 3.5 s).
+    pub route_expiry: Duration,
+    /// Relative hysteresis: a better route must gain more than this fraction of the
+    /// current latency before the parent changes (default 0.10).
+    pub hysteresis_rel: f64,
+    /// Absolute hysteresis: minimum gain for a parent change (default 1 ms).
+    pub hysteresis_abs: Duration,
+    /// Seed of the node's random choices (tie-breaks among equal offers).
+    pub seed: u64,
+}
+
+impl NodeConfig {
+    /// A configuration with the default timers.
+    pub fn new(id: impl Into<String>, role: Role, data_port: u16) -> Self {
+        Self {
+            id: id.into(),
+            role,
+            data_port,
+            incarnation: 0,
+            liveness: LivenessConfig::default(),
+            announce_interval: Duration::from_secs(1),
+            join_refresh: Duration::from_secs(1),
+            join_expiry: Duration::from_millis(3500),
+            route_expiry: Duration::from_millis(3500),
+            hysteresis_rel: 0.10,
+            hysteresis_abs: Duration::from_millis(1),
+            seed: 0,
+        }
+    }
+}
+
+/// What a [`Node`] tells its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The parent towards `server` changed (`new: None`: no route any more).
+    ParentChanged {
+        /// The server whose tree changed.
+        server: String,
+        /// Previous parent.
+        old: Option<String>,
+        /// New parent.
+        new: Option<String>,
+    },
+    /// A neighbour is alive (first heard, or back).
+    NeighbourUp(String),
+    /// A neighbour is dead (silent, or said bye).
+    NeighbourDown(String),
+    /// The full new set of data addresses to send `stream` to (children nodes at their
+    /// data port, clients at theirs). Emitted whenever it changes, also to empty.
+    Forwarding {
+        /// The stream.
+        stream: StreamId,
+        /// Data addresses of the children, sorted.
+        children: Vec<SocketAddr>,
+    },
+}
+
+/// Counters of a [`Node`].
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Messages that made no sense (bad announce path, stream id not matching, ...).
+    pub malformed: u64,
+    /// Messages from an address or id that is not a neighbour (clients excepted).
+    pub unknown_sender: u64,
+    /// Valid messages ignored: stale seq, dead sender, offers through ourselves, ...
+    pub ignored: u64,
+    /// Announcements received.
+    pub announces_in: u64,
+    /// Announcements sent.
+    pub announces_out: u64,
+    /// Withdraws received.
+    pub withdraws_in: u64,
+    /// Withdraws sent.
+    pub withdraws_out: u64,
+    /// Joins received (refreshes included).
+    pub joins_in: u64,
+    /// Joins sent (refreshes included).
+    pub joins_out: u64,
+    /// Leaves received.
+    pub leaves_in: u64,
+    /// Leaves sent.
+    pub leaves_out: u64,
+    /// Probes answered.
+    pub probes_in: u64,
+    /// Errors sent to clients.
+    pub errors_out: u64,
+    /// Parent changes, all servers together.
+    pub parent_changes: u64,
+}
+
+/// A neighbour in [`NodeStatus`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NeighbourStatus {
+    /// Node id.
+    pub id: String,
+    /// Alive now.
+    pub alive: bool,
+    /// Smoothed RTT in ms.
+    pub rtt_ms: Option<f64>,
+}
+
+/// A stream in [`NodeStatus`].
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StreamStatus {
+    /// Data-plane id.
+    pub id: u32,
+    /// Parent node the stream is joined at (`None` at its server, or when not joined).
+    pub upstream: Option<String>,
+    /// Child node ids, or `client@ip:port` for clients.
+    pub children: Vec<String>,
+}
+
+/// The route towards one server in [`NodeStatus`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RouteStatus {
+    /// The server.
+    pub server: String,
+    /// The chosen parent.
+    pub parent: Option<String>,
+    /// Node ids from the server to this node, inclusive (empty without a route).
+    pub path: Vec<String>,
+    /// Accumulated latency from the server, ms.
+    pub latency_ms: Option<f64>,
+    /// Number of hops from the server.
+    pub hops: Option<u32>,
+}
+
+/// A snapshot of a [`Node`], for `/status`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NodeStatus {
+    /// Node id.
+    pub id: String,
+    /// `server`, `relay` or `pop`.
+    pub role: String,
+    /// Parent towards the best server.
+    pub parent: Option<String>,
+    /// Path from the best server to this node, inclusive.
+    pub path: Vec<String>,
+    /// Latency from the best server, ms.
+    pub latency_ms: Option<f64>,
+    /// Hops from the best server.
+    pub hops: Option<u32>,
+    /// Every neighbour.
+    pub neighbours: Vec<NeighbourStatus>,
+    /// Streams with children or joined upstream, by name.
+    pub streams: BTreeMap<String, StreamStatus>,
+    /// The route to every known server.
+    pub servers: Vec<RouteStatus>,
+}
+
+#[derive(Debug, Clone)]
+struct Offer {
+    path: Vec<NodeId>,
+    latency_us: u64,
+    seq: u64,
+    at: Instant,
+    catalogue: Vec<StreamInfo>,
+}
+
+#[derive(Debug, Default)]
+struct Route {
+    /// The latest offer of each neighbour.
+    offers: BTreeMap<String, Offer>,
+    parent: Option<String>,
+    /// Seq of the last announcement we passed on (with the current parent).
+    sent_seq: Option<u64>,
+    /// Whether neighbours were told we have no route.
+    withdrawn: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Child {
+    node: Option<String>,
+    expires: Instant,
+}
+
+#[derive(Debug, Default)]
+struct StreamState {
+    children: BTreeMap<SocketAddr, Child>,
+    upstream: Option<String>,
+    next_refresh: Option<Instant>,
+    last_forwarding: Vec<SocketAddr>,
+}
+
+/// One overlay node's distribution-tree state machine: announcements, parent choice per
+/// server, soft-state subscriptions and answers to clients. See the crate docs.
+#[derive(Debug)]
+pub struct Node {
+    config: NodeConfig,
+    nb: Neighbours,
+    rng: fastrand::Rng,
+    own_catalogue: Vec<StreamInfo>,
+    own_seq: u64,
+    next_announce: Option<Instant>,
+    routes: BTreeMap<String, Route>,
+    streams: BTreeMap<StreamId, StreamState>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    stats: NodeStats,
+    shut: bool,
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+impl Node {
+    /// A node with its overlay `neighbours` (id, control address). `epoch` is the origin
+    /// of its wire timestamps. Servers announce from their first `handle_timeout`.
+    pub fn new(
+        config: NodeConfig,
+        neighbours: Vec<(String, SocketAddr)>,
+        epoch: Instant,
+        now: Instant,
+    ) -> Self {
+        let nb = Neighbours::new(
+            config.id.clone(),
+            config.incarnation,
+            epoch,
+            config.liveness,
+            neighbours,
+            now,
+        );
+        let next_announce = (config.role == Role::Server).then_some(now);
+        let mut me = Self {
+            rng: fastrand::Rng::with_seed(config.seed),
+            config,
+            nb,
+            own_catalogue: Vec::new(),
+            own_seq: 0,
+            next_announce,
+            routes: BTreeMap::new(),
+            streams: BTreeMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: NodeStats::default(),
+            shut: false,
+        };
+        me.pump_neighbours(now);
+        me
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    /// This node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// The neighbour table (liveness, RTT).
+    pub fn neighbours(&self) -> &Neighbours {
+        &self.nb
+    }
+
+    /// Servers only: the streams this node originates, announced from the next
+    /// announcement on (which is made at once).
+    pub fn set_catalogue(&mut self, now: Instant, streams: Vec<StreamInfo>) {
+        self.own_catalogue = streams;
+        if self.config.role == Role::Server && !self.shut {
+            self.next_announce = Some(now);
+            self.handle_timeout(now);
+        }
+    }
+
+    /// Feed one decoded control message received from `from`. Never panics: malformed,
+    /// stale or unknown input is counted in [`Node::stats`] and dropped.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, msg: Message) {
+        if self.shut {
+            return;
+        }
+        if self.nb.handle(now, from, &msg) {
+            self.pump_neighbours(now);
+            self.update(now);
+            return;
+        }
+        match msg {
+            Message::Announce {
+                server,
+                seq,
+                path,
+                latency_us,
+                catalogue,
+            } => self.on_announce(now, from, server, seq, path, latency_us, catalogue),
+            Message::Withdraw {
+                from: _, server, ..
+            } => {
+                self.stats.withdraws_in += 1;
+                match self.nb.id_of(from).map(str::to_owned) {
+                    Some(n) => {
+                        if let Some(r) = self.routes.get_mut(&server) {
+                            r.offers.remove(&n);
+                        }
+                    }
+                    None => self.stats.unknown_sender += 1,
+                }
+            }
+            Message::Join {
+                stream,
+                data_port,
+                from: node,
+            } => self.on_join(now, from, stream, data_port, node),
+            Message::Leave { stream, data_port } => {
+                self.stats.leaves_in += 1;
+                let key = SocketAddr::new(from.ip(), data_port);
+                let removed = self
+                    .streams
+                    .get_mut(&stream)
+                    .and_then(|s| s.children.remove(&key));
+                if removed.is_none() {
+                    self.stats.ignored += 1;
+                }
+            }
+            Message::Probe { nonce, sent_us } => {
+                self.stats.probes_in += 1;
+                let (lat, hops) = self.best_route_metric();
+                let viewers = self.viewers();
+                self.transmits.push_back(Transmit {
+                    to: from,
+                    msg: Message::ProbeReply {
+                        nonce,
+                        echo_us: sent_us,
+                        pop: self.config.id.clone(),
+                        path_latency_us: lat,
+                        hops: hops.unwrap_or(0),
+                        viewers,
+                    },
+                });
+            }
+            Message::ListStreams => self.transmits.push_back(Transmit {
+                to: from,
+                msg: Message::Streams {
+                    streams: self.catalogue(),
+                },
+            }),
+            other => {
+                tracing::debug!(%from, kind = other.kind(), "ignoring message");
+                self.stats.ignored += 1;
+            }
+        }
+        self.update(now);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_announce(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        server: String,
+        seq: u64,
+        path: Vec<NodeId>,
+        latency_us: u64,
+        catalogue: Vec<StreamInfo>,
+    ) {
+        self.stats.announces_in += 1;
+        let Some(n) = self.nb.id_of(from).map(str::to_owned) else {
+            self.stats.unknown_sender += 1;
+            return;
+        };
+        let well_formed = path.first() == Some(&server)
+            && path.last() == Some(&n)
+            && catalogue
+                .iter()
+                .all(|s| s.id == ott_proto::stream_id_for(&s.name));
+        if !well_formed {
+            self.stats.malformed += 1;
+            return;
+        }
+        if server == self.config.id || !self.nb.is_alive(&n) {
+            self.stats.ignored += 1;
+            return;
+        }
+        let route = self.routes.entry(server.clone()).or_default();
+        if path.iter().any(|p| *p == self.config.id) {
+            // The neighbour now reaches the server through us: its old offer is void.
+            route.offers.remove(&n);
+            self.stats.ignored += 1;
+            return;
+        }
+        if route.offers.get(&n).is_some_and(|o| o.seq > seq) {
+            self.stats.ignored += 1;
+            return;
+        }
+        route.offers.insert(
+            n.clone(),
+            Offer {
+                path,
+                latency_us,
+                seq,
+                at: now,
+                catalogue,
+            },
+        );
+        let from_parent = route.parent.as_deref() == Some(n.as_str());
+        if from_parent && route.sent_seq.map_or(true, |s| seq > s) {
+            self.reannounce(&server);
+        }
+    }
+
+    fn on_join(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        stream: StreamId,
+        data_port: u16,
+        node: Option<NodeId>,
+    ) {
+        self.stats.joins_in += 1;
+        let child_node = match node {
+            Some(claimed) => match self.nb.id_of(from) {
+                Some(id) if id == claimed => Some(claimed),
+                _ => {
+                    self.stats.unknown_sender += 1;
+                    return;
+                }
+            },
+            None => None,
+        };
+        let known = self.catalogue().iter().any(|s| s.id == stream);
+        if !known {
+            self.stats.ignored += 1;
+            if child_node.is_none() {
+                self.stats.errors_out += 1;
+                self.transmits.push_back(Transmit {
+                    to: from,
+                    msg: Message::Error {
+                        reason: format!("unknown stream {stream:#010x}"),
+                    },
+                });
+            }
+            return;
+        }
+        let key = SocketAddr::new(from.ip(), data_port);
+        let expires = now + self.config.join_expiry;
+        self.streams.entry(stream).or_default().children.insert(
+            key,
+            Child {
+                node: child_node,
+                expires,
+            },
+        );
+    }
+
+    /// Drive timers: heartbeats, announcements, join refreshes, expiry of children and
+    /// offers. Call it when [`Node::poll_timeout`] is reached (earlier is harmless).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.shut {
+            return;
+        }
+        self.nb.handle_timeout(now);
+        self.pump_neighbours(now);
+        if let Some(t) = self.next_announce {
+            if now >= t {
+                self.own_seq += 1;
+                let msg = Message::Announce {
+                    server: self.config.id.clone(),
+                    seq: self.own_seq,
+                    path: vec![self.config.id.clone()],
+                    latency_us: 0,
+                    catalogue: self.own_catalogue.clone(),
+                };
+                for info in self.nb.iter() {
+                    self.stats.announces_out += 1;
+                    self.transmits.push_back(Transmit {
+                        to: info.addr,
+                        msg: msg.clone(),
+                    });
+                }
+                self.next_announce = Some(now + self.config.announce_interval);
+            }
+        }
+        self.update(now);
+    }
+
+    /// Leave upstream for every stream and say `Bye` to every neighbour. The node is inert
+    /// afterwards.
+    pub fn shutdown(&mut self, _now: Instant) {
+        if self.shut {
+            return;
+        }
+        for (stream, st) in &mut self.streams {
+            if let Some(up) = st.upstream.take() {
+                if let Some(addr) = self.nb.addr_of(&up) {
+                    self.stats.leaves_out += 1;
+                    self.transmits.push_back(Transmit {
+                        to: addr,
+                        msg: Message::Leave {
+                            stream: *stream,
+                            data_port: self.config.data_port,
+                        },
+                    });
+                }
+            }
+        }
+        self.nb.shutdown();
+        self.pump_neighbours(_now);
+        self.shut = true;
+    }
+
+    /// The next control message to send. Changed by every `handle*`, command and `new`.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event. Changed by every `handle*` and command.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Node::handle_timeout`] must next be called. Changed by every `handle*` and
+    /// command; `None` after `shutdown`.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.shut {
+            return None;
+        }
+        let mut t = self.nb.poll_timeout();
+        let mut consider = |x: Instant| t = Some(t.map_or(x, |y: Instant| y.min(x)));
+        if let Some(a) = self.next_announce {
+            consider(a);
+        }
+        for r in self.routes.values() {
+            for o in r.offers.values() {
+                consider(o.at + self.config.route_expiry);
+            }
+        }
+        for s in self.streams.values() {
+            if let Some(r) = s.next_refresh {
+                consider(r);
+            }
+            for c in s.children.values() {
+                consider(c.expires);
+            }
+        }
+        t
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// Every stream reachable: our own, then those announced by the servers we have a
+    /// route to, each name once (first found wins), sorted by name.
+    pub fn catalogue(&self) -> Vec<StreamInfo> {
+        let mut out: BTreeMap<String, StreamInfo> = BTreeMap::new();
+        for s in &self.own_catalogue {
+            out.entry(s.name.clone()).or_insert_with(|| s.clone());
+        }
+        for r in self.routes.values() {
+            if let Some(o) = r.parent.as_ref().and_then(|p| r.offers.get(p)) {
+                for s in &o.catalogue {
+                    out.entry(s.name.clone()).or_insert_with(|| s.clone());
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+
+    /// The current parent towards `server`.
+    pub fn parent(&self, server: &str) -> Option<&str> {
+        self.routes.get(server).and_then(|r| r.parent.as_deref())
+    }
+
+    /// Servers we know of (have or had offers for), sorted.
+    pub fn servers(&self) -> Vec<String> {
+        self.routes.keys().cloned().collect()
+    }
+
+    /// The parent `stream` is joined at, if any.
+    pub fn upstream(&self, stream: StreamId) -> Option<&str> {
+        self.streams
+            .get(&stream)
+            .and_then(|s| s.upstream.as_deref())
+    }
+
+    /// The data addresses `stream` is currently forwarded to.
+    pub fn forwarding(&self, stream: StreamId) -> Vec<SocketAddr> {
+        self.streams
+            .get(&stream)
+            .map(|s| s.children.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Effective latency (µs) and hops of `n`'s offer, if usable as a parent.
+    fn eligible(&self, n: &str, o: &Offer) -> Option<(u64, u32)> {
+        if !self.nb.is_alive(n) || o.path.iter().any(|p| *p == self.config.id) {
+            return None;
+        }
+        let rtt = self.nb.rtt(n)?;
+        let hops = u32::try_from(o.path.len()).unwrap_or(u32::MAX);
+        Some((o.latency_us.saturating_add(micros(rtt) / 2), hops))
+    }
+
+    /// Latency (µs) and hops of our route to `server`.
+    fn route_metric(&self, server: &str) -> Option<(u64, u32)> {
+        let r = self.routes.get(server)?;
+        let p = r.parent.as_ref()?;
+        self.eligible(p, r.offers.get(p)?)
+    }
+
+    /// The best server for a stream: ourselves if we originate it, else the reachable
+    /// server offering it with the lowest (latency, hops, id).
+    fn source_of(&self, stream: StreamId) -> Option<Option<String>> {
+        if self.own_catalogue.iter().any(|s| s.id == stream) {
+            return Some(None);
+        }
+        self.routes
+            .iter()
+            .filter_map(|(server, r)| {
+                let p = r.parent.as_ref()?;
+                let o = r.offers.get(p)?;
+                if !o.catalogue.iter().any(|s| s.id == stream) {
+                    return None;
+                }
+                let (lat, hops) = self.eligible(p, o)?;
+                Some(((lat, hops, server.clone()), p.clone()))
+            })
+            .min()
+            .map(|(_, p)| Some(p))
+    }
+
+    /// (latency µs, hops) of the best route to any server; (0, 0) on a server.
+    fn best_route_metric(&self) -> (Option<u64>, Option<u32>) {
+        if self.config.role == Role::Server {
+            return (Some(0), Some(0));
+        }
+        self.routes
+            .keys()
+            .filter_map(|s| self.route_metric(s))
+            .min()
+            .map_or((None, None), |(l, h)| (Some(l), Some(h)))
+    }
+
+    fn best_server(&self) -> Option<String> {
+        self.routes
+            .keys()
+            .filter_map(|s| self.route_metric(s).map(|m| (m, s.clone())))
+            .min()
+            .map(|(_, s)| s)
+    }
+
+    fn viewers(&self) -> u32 {
+        let clients: BTreeSet<SocketAddr> = self
+            .streams
+            .values()
+            .flat_map(|s| s.children.iter())
+            .filter(|(_, c)| c.node.is_none())
+            .map(|(a, _)| *a)
+            .collect();
+        u32::try_from(clients.len()).unwrap_or(u32::MAX)
+    }
+
+    fn pump_neighbours(&mut self, _now: Instant) {
+        while let Some(t) = self.nb.poll_transmit() {
+            self.transmits.push_back(t);
+        }
+        while let Some(ev) = self.nb.poll_event() {
+            match ev {
+                NeighbourEvent::Up(id) => {
+                    self.greet(&id);
+                    self.events.push_back(Event::NeighbourUp(id));
+                }
+                NeighbourEvent::Down(id) => {
+                    self.forget(&id);
+                    self.events.push_back(Event::NeighbourDown(id));
+                }
+                NeighbourEvent::Restarted(id) => self.forget(&id),
+            }
+        }
+    }
+
+    /// Drop every offer and child of neighbour `id`.
+    fn forget(&mut self, id: &str) {
+        for r in self.routes.values_mut() {
+            r.offers.remove(id);
+        }
+        for s in self.streams.values_mut() {
+            s.children.retain(|_, c| c.node.as_deref() != Some(id));
+        }
+    }
+
+    /// A neighbour came up: tell it our routes at once instead of at the next period.
+    fn greet(&mut self, id: &str) {
+        let Some(addr) = self.nb.addr_of(id) else {
+            return;
+        };
+        let servers: Vec<String> = self
+            .routes
+            .iter()
+            .filter(|(_, r)| r.parent.as_deref().is_some_and(|p| p != id))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for s in servers {
+            if let Some(msg) = self.announce_msg(&s) {
+                self.stats.announces_out += 1;
+                self.transmits.push_back(Transmit { to: addr, msg });
+            }
+        }
+    }
+
+    fn announce_msg(&self, server: &str) -> Option<Message> {
+        let r = self.routes.get(server)?;
+        let p = r.parent.as_ref()?;
+        let o = r.offers.get(p)?;
+        let (lat, _) = self.eligible(p, o)?;
+        let mut path = o.path.clone();
+        path.push(self.config.id.clone());
+        Some(Message::Announce {
+            server: server.to_owned(),
+            seq: o.seq,
+            path,
+            latency_us: lat,
+            catalogue: o.catalogue.clone(),
+        })
+    }
+
+    /// Pass our route to `server` on to every neighbour but the parent, and tell the
+    /// parent we have no route for it (so it never picks us: poison reverse).
+    fn reannounce(&mut self, server: &str) {
+        let Some(msg) = self.announce_msg(server) else {
+            return;
+        };
+        let Some(route) = self.routes.get(server) else {
+            return;
+        };
+        let parent = route.parent.clone();
+        let Message::Announce { seq, .. } = msg else {
+            return;
+        };
+        for info in self.nb.iter() {
+            if Some(&info.id) == parent.as_ref() {
+                self.stats.withdraws_out += 1;
+                self.transmits.push_back(Transmit {
+                    to: info.addr,
+                    msg: Message::Withdraw {
+                        from: self.config.id.clone(),
+                        server: server.to_owned(),
+                        seq,
+                    },
+                });
+            } else {
+                self.stats.announces_out += 1;
+                self.transmits.push_back(Transmit {
+                    to: info.addr,
+                    msg: msg.clone(),
+                });
+            }
+        }
+        if let Some(r) = self.routes.get_mut(server) {
+            r.sent_seq = Some(seq);
+            r.withdrawn = false;
+        }
+    }
+
+    /// Re-evaluate everything after an input: expiry, parents, subscriptions.
+    fn update(&mut self, now: Instant) {
+        let expiry = self.config.route_expiry;
+        for r in self.routes.values_mut() {
+            r.offers
+                .retain(|_, o| now.saturating_duration_since(o.at) < expiry);
+        }
+        let servers: Vec<String> = self.routes.keys().cloned().collect();
+        for s in servers {
+            self.select_parent(&s);
+        }
+        self.reconcile_streams(now);
+    }
+
+    fn select_parent(&mut self, server: &str) {
+        let Some(r) = self.routes.get(server) else {
+            return;
+        };
+        let mut cands: Vec<((u64, u32), String)> = r
+            .offers
+            .iter()
+            .filter_map(|(n, o)| self.eligible(n, o).map(|m| (m, n.clone())))
+            .collect();
+        // Equal metrics are broken at random (seeded), then by id.
+        cands.sort();
+        let best = cands.first().cloned();
+        let current = r
+            .parent
+            .as_ref()
+            .and_then(|p| cands.iter().find(|(_, n)| n == p).cloned());
+        let new = match (current, best) {
+            (Some(cur), Some(best)) => {
+                let cur_lat = cur.0 .0;
+                let margin = micros(self.config.hysteresis_abs)
+                    .max((cur_lat as f64 * self.config.hysteresis_rel) as u64);
+                if best.0 .0.saturating_add(margin) < cur_lat {
+                    Some(best.1)
+                } else {
+                    Some(cur.1)
+                }
+            }
+            (None, Some(best)) => {
+                let ties: Vec<&String> = cands
+                    .iter()
+                    .take_while(|(m, _)| *m == best.0)
+                    .map(|(_, n)| n)
+                    .collect();
+                let pick = if ties.len() > 1 {
+                    ties.get(self.rng.usize(..ties.len()))
+                        .map_or(best.1.clone(), |s| (*s).clone())
+                } else {
+                    best.1
+                };
+                Some(pick)
+            }
+            (_, None) => None,
+        };
+        let old = r.parent.clone();
+        if new == old {
+            return;
+        }
+        tracing::info!(node = %self.config.id, server, ?old, ?new, "parent changed");
+        self.stats.parent_changes += 1;
+        if let Some(r) = self.routes.get_mut(server) {
+            r.parent = new.clone();
+            r.sent_seq = None;
+        }
+        self.events.push_back(Event::ParentChanged {
+            server: server.to_owned(),
+            old,
+            new: new.clone(),
+        });
+        if new.is_some() {
+            self.reannounce(server);
+        } else {
+            self.withdraw_all(server);
+        }
+    }
+
+    fn withdraw_all(&mut self, server: &str) {
+        let Some(r) = self.routes.get_mut(server) else {
+            return;
+        };
+        if r.withdrawn {
+            return;
+        }
+        r.withdrawn = true;
+        let seq = r.offers.values().map(|o| o.seq).max().unwrap_or(0);
+        for info in self.nb.iter() {
+            self.stats.withdraws_out += 1;
+            self.transmits.push_back(Transmit {
+                to: info.addr,
+                msg: Message::Withdraw {
+                    from: self.config.id.clone(),
+                    server: server.to_owned(),
+                    seq,
+                },
+            });
+        }
+    }
+
+    fn reconcile_streams(&mut self, now: Instant) {
+        let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        for id in ids {
+            let desired = self.source_of(id).flatten();
+            let Some(st) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            st.children.retain(|_, c| c.expires > now);
+            // Never forward a stream back to the node we take it from.
+            if let Some(up) = desired.as_deref() {
+                st.children.retain(|_, c| c.node.as_deref() != Some(up));
+            }
+            let desired = if st.children.is_empty() {
+                None
+            } else {
+                desired
+            };
+            let data_port = self.config.data_port;
+            let me = self.config.id.clone();
+            if desired != st.upstream {
+                if let Some(new) = &desired {
+                    if let Some(addr) = self.nb.addr_of(new) {
+                        self.stats.joins_out += 1;
+                        self.transmits.push_back(Transmit {
+                            to: addr,
+                            msg: Message::Join {
+                                stream: id,
+                                data_port,
+                                from: Some(me.clone()),
+                            },
+                        });
+                    }
+                    st.next_refresh = Some(now + self.config.join_refresh);
+                } else {
+                    st.next_refresh = None;
+                }
+                if let Some(old) = st.upstream.take() {
+                    if let Some(addr) = self.nb.addr_of(&old) {
+                        self.stats.leaves_out += 1;
+                        self.transmits.push_back(Transmit {
+                            to: addr,
+                            msg: Message::Leave {
+                                stream: id,
+                                data_port,
+                            },
+                        });
+                    }
+                }
+                st.upstream = desired;
+            } else if let (Some(up), Some(t)) = (&st.upstream, st.next_refresh) {
+                if now >= t {
+                    if let Some(addr) = self.nb.addr_of(up) {
+                        self.stats.joins_out += 1;
+                        self.transmits.push_back(Transmit {
+                            to: addr,
+                            msg: Message::Join {
+                                stream: id,
+                                data_port,
+                                from: Some(me),
+                            },
+                        });
+                    }
+                    st.next_refresh = Some(now + self.config.join_refresh);
+                }
+            }
+            let fwd: Vec<SocketAddr> = st.children.keys().copied().collect();
+            if fwd != st.last_forwarding {
+                st.last_forwarding = fwd.clone();
+                self.events.push_back(Event::Forwarding {
+                    stream: id,
+                    children: fwd,
+                });
+            }
+            if st.children.is_empty() && st.upstream.is_none() {
+                self.streams.remove(&id);
+            }
+        }
+    }
+
+    /// A snapshot for `/status`.
+    pub fn status(&self) -> NodeStatus {
+        let servers: Vec<RouteStatus> = self.routes.keys().map(|s| self.route_status(s)).collect();
+        let best = if self.config.role == Role::Server {
+            RouteStatus {
+                server: self.config.id.clone(),
+                parent: None,
+                path: vec![self.config.id.clone()],
+                latency_ms: Some(0.0),
+                hops: Some(0),
+            }
+        } else {
+            self.best_server()
+                .map(|s| self.route_status(&s))
+                .unwrap_or(RouteStatus {
+                    server: String::new(),
+                    parent: None,
+                    path: Vec::new(),
+                    latency_ms: None,
+                    hops: None,
+                })
+        };
+        let names: BTreeMap<StreamId, String> = self
+            .catalogue()
+            .into_iter()
+            .map(|s| (s.id, s.name))
+            .collect();
+        let streams = self
+            .streams
+            .iter()
+            .map(|(id, st)| {
+                let name = names
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("{id:#010x}"));
+                let children = st
+                    .children
+                    .iter()
+                    .map(|(a, c)| c.node.clone().unwrap_or_else(|| format!("client@{a}")))
+                    .collect();
+                (
+                    name,
+                    StreamStatus {
+                        id: *id,
+                        upstream: st.upstream.clone(),
+                        children,
+                    },
+                )
+            })
+            .collect();
+        NodeStatus {
+            id: self.config.id.clone(),
+            role: self.config.role.to_string(),
+            parent: best.parent,
+            path: best.path,
+            latency_ms: best.latency_ms,
+            hops: best.hops,
+            neighbours: self
+                .nb
+                .iter()
+                .map(|n| NeighbourStatus {
+                    id: n.id,
+                    alive: n.alive,
+                    rtt_ms: n.rtt.map(|r| r.as_secs_f64() * 1000.0),
+                })
+                .collect(),
+            streams,
+            servers,
+        }
+    }
+
+    fn route_status(&self, server: &str) -> RouteStatus {
+        let r = self.routes.get(server);
+        let parent = r.and_then(|r| r.parent.clone());
+        let offer = r.and_then(|r| parent.as_ref().and_then(|p| r.offers.get(p)));
+        let metric = self.route_metric(server);
+        let path = match (offer, metric) {
+            (Some(o), Some(_)) => {
+                let mut p = o.path.clone();
+                p.push(self.config.id.clone());
+                p
+            }
+            _ => Vec::new(),
+        };
+        RouteStatus {
+            server: server.to_owned(),
+            parent,
+            path,
+            latency_ms: metric.map(|(l, _)| ms(l)),
+            hops: metric.map(|(_, h)| h),
+        }
+    }
+
+    /// Check this node's local invariants: no parent whose offered path contains us, every
+    /// parent alive, no stream forwarded to the node it is taken from. For tests and the
+    /// simulator; returns a description of the first violation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let me = &self.config.id;
+        for (server, r) in &self.routes {
+            if let Some(p) = &r.parent {
+                let o = r
+                    .offers
+                    .get(p)
+                    .ok_or_else(|| format!("{me}: parent {p} for {server} has no offer"))?;
+                if o.path.iter().any(|x| x == me) {
+                    return Err(format!(
+                        "{me}: parent {p} for {server} has a path through us"
+                    ));
+                }
+                if !self.nb.is_alive(p) {
+                    return Err(format!("{me}: parent {p} for {server} is dead"));
+                }
+            }
+        }
+        for (id, st) in &self.streams {
+            if let Some(up) = &st.upstream {
+                if st.children.values().any(|c| c.node.as_ref() == Some(up)) {
+                    return Err(format!(
+                        "{me}: stream {id:#x} upstream {up} is also a child"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
