@@ -1,1 +1,31 @@
-//! ott-media (being written).
+//! Media framing of the OTT overlay.
+//!
+//! What the server and client need between a clip file and media datagrams:
+//! - [`mjpeg`]: split concatenated JPEG frames by walking the JPEG structure;
+//! - [`Clip`], [`load_dir`]: load `.mjpeg` clips (with an optional `.fps` sidecar) from
+//!   files; [`ClipSource`] loops over a clip, flagging keyframes and discontinuities;
+//! - [`Packetizer`]: cut frames into datagrams of at most
+//!   [`ott_proto::MAX_DATAGRAM_LEN`] bytes with an [`ott_proto::MediaHeader`];
+//! - [`Reassembler`]: rebuild frames from the datagrams of one stream, in order, with
+//!   bounded memory, counting what it drops;
+//! - [`Pacer`]: when each frame is due and its 90 kHz timestamp, without drift.
+//!
+//! Except [`Clip::load`] and [`load_dir`], which read files, this crate is sans-IO: it
+//! opens no socket, spawns no thread and never reads the clock (time is a parameter).
+//! It does not decode images, relay datagrams, recover losses (NACK) or buffer playout;
+//! MPEG-TS clips are recognised but not supported yet ([`ClipError::Unsupported`]).
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod clip;
+mod error;
+pub mod mjpeg;
+mod pacer;
+mod packet;
+mod reassembly;
+
+pub use clip::{load_dir, Clip, ClipSource, DEFAULT_FPS, MAX_FPS};
+pub use error::{ClipError, FramingError};
+pub use pacer::{Pacer, CLOCK_RATE, MIN_FPS};
+pub use packet::{Packetizer, MAX_FRAME_LEN};
+pub use reassembly::{Frame, Reassembler, ReassemblerConfig, ReassemblyStats};

@@ -1,0 +1,268 @@
+//! Splitting Motion JPEG byte streams into their JPEG frames.
+//!
+//! An `.mjpeg` file (or an `ffmpeg -f mjpeg` pipe) is plain concatenated JPEG images.
+//! Scanning for `ff d9` is not enough to find where a frame ends: that pair may appear
+//! inside an APPn or COM segment, or inside a quantisation or Huffman table. This module
+//! therefore walks the JPEG structure:
+//!
+//! - SOI (`ff d8`);
+//! - marker segments, each with a 2-byte big-endian length that counts itself
+//!   (APPn, DQT, DHT, SOF, DRI, COM...), skipped whole;
+//! - after SOS, the entropy-coded data, where `ff 00` is a stuffed `ff` byte and
+//!   `ff d0`..`ff d7` are restart markers; any other marker ends the scan (a progressive
+//!   image has several scans);
+//! - EOI (`ff d9`) ends the frame.
+//!
+//! Fill bytes (`ff` repeated before a marker code) are skipped. Bytes between frames that
+//! are not a SOI are an error naming their offset: nothing is skipped silently.
+
+use std::ops::Range;
+
+use crate::error::FramingError;
+
+const SOI: u8 = 0xd8;
+const EOI: u8 = 0xd9;
+const SOS: u8 = 0xda;
+const TEM: u8 = 0x01;
+
+fn is_rst(m: u8) -> bool {
+    (0xd0..=0xd7).contains(&m)
+}
+
+/// Split concatenated JPEG frames into the byte range of each frame.
+///
+/// Empty input gives no frame. Any byte outside a frame is an error
+/// ([`FramingError::Garbage`] with its offset), and so is a final frame cut before its EOI
+/// ([`FramingError::Truncated`]).
+pub fn split_frames(data: &[u8]) -> Result<Vec<Range<usize>>, FramingError> {
+    let mut frames = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let end = parse_frame(data, pos)?;
+        frames.push(pos..end);
+        pos = end;
+    }
+    Ok(frames)
+}
+
+/// Whether `frame` is exactly one complete JPEG image: it starts with SOI and its
+/// structure parses to an EOI that is its last byte.
+pub fn is_complete_jpeg(frame: &[u8]) -> bool {
+    matches!(parse_frame(frame, 0), Ok(end) if end == frame.len())
+}
+
+/// Parse the frame starting at `start`; returns the offset just past its EOI.
+fn parse_frame(data: &[u8], start: usize) -> Result<usize, FramingError> {
+    let truncated = || FramingError::Truncated {
+        start,
+        end: data.len(),
+    };
+    match (data.get(start), data.get(start + 1)) {
+        (Some(0xff), Some(&SOI)) => {}
+        (Some(0xff), None) => return Err(truncated()),
+        (Some(&byte), _) => {
+            return Err(FramingError::Garbage {
+                offset: start,
+                byte,
+            })
+        }
+        (None, _) => return Err(truncated()),
+    }
+    let mut pos = start + 2;
+    loop {
+        // A marker: one `ff`, any number of fill `ff`s, then the marker code.
+        let marker_at = pos;
+        match data.get(pos) {
+            Some(0xff) => {}
+            Some(&byte) => return Err(FramingError::ExpectedMarker { offset: pos, byte }),
+            None => return Err(truncated()),
+        }
+        while data.get(pos) == Some(&0xff) {
+            pos += 1;
+        }
+        let marker = *data.get(pos).ok_or_else(truncated)?;
+        pos += 1;
+        match marker {
+            EOI => return Ok(pos),
+            m if is_rst(m) || m == TEM => continue,
+            0x00 | SOI => {
+                return Err(FramingError::BadMarker {
+                    offset: marker_at,
+                    marker,
+                })
+            }
+            _ => {}
+        }
+        let len = match (data.get(pos), data.get(pos + 1)) {
+            (Some(&hi), Some(&lo)) => u16::from_be_bytes([hi, lo]),
+            _ => return Err(truncated()),
+        };
+        if len < 2 {
+            return Err(FramingError::BadSegmentLength { offset: pos, len });
+        }
+        pos += usize::from(len);
+        if pos > data.len() {
+            return Err(truncated());
+        }
+        if marker == SOS {
+            pos = skip_entropy_coded(data, pos).ok_or_else(truncated)?;
+        }
+    }
+}
+
+/// Skip entropy-coded data from `pos`; returns the offset of the `ff` of the marker that
+/// ends it, or `None` if the data ends first.
+fn skip_entropy_coded(data: &[u8], mut pos: usize) -> Option<usize> {
+    loop {
+        let rel = data.get(pos..)?.iter().position(|&b| b == 0xff)?;
+        pos += rel;
+        // Skip fill bytes: the last `ff` of a run is the one that pairs with what follows.
+        while data.get(pos + 1) == Some(&0xff) {
+            pos += 1;
+        }
+        let next = *data.get(pos + 1)?;
+        if next == 0x00 || is_rst(next) {
+            pos += 2;
+        } else {
+            return Some(pos);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny structurally valid JPEG: the APP0 and COM payloads and a DQT table hold
+    /// `ff d9`, and the scan holds stuffed `ff 00`, a restart marker and fill bytes.
+    pub(crate) fn tricky_jpeg(tag: u8) -> Vec<u8> {
+        let mut j = vec![0xff, SOI];
+        // APP0 with ff d9 inside.
+        j.extend_from_slice(&[0xff, 0xe0, 0x00, 0x08, b'J', b'F', 0xff, 0xd9, 0x00, tag]);
+        // COM with ff d9 and ff d8 inside.
+        j.extend_from_slice(&[0xff, 0xfe, 0x00, 0x08, 0xff, 0xd9, 0xff, 0xd8, b'!', tag]);
+        // DQT whose table bytes hold ff d9.
+        j.extend_from_slice(&[0xff, 0xdb, 0x00, 0x06, 0x00, 0xff, 0xd9, 0x01]);
+        // Fill bytes before SOF0.
+        j.extend_from_slice(&[0xff, 0xff, 0xff, 0xc0, 0x00, 0x05, 0x08, 0x00, 0x10]);
+        // SOS, then a scan with stuffing, a restart marker and fill bytes.
+        j.extend_from_slice(&[0xff, SOS, 0x00, 0x04, 0x01, 0x00]);
+        j.extend_from_slice(&[0x12, 0xff, 0x00, 0xd9, 0x34, 0xff, 0xd0, 0xff, 0x00]);
+        j.extend_from_slice(&[0x56, tag, 0xff, 0xff, 0xff, 0x00, 0x78]);
+        j.extend_from_slice(&[0xff, EOI]);
+        j
+    }
+
+    #[test]
+    fn test_tricky_frames_split_right() {
+        let a = tricky_jpeg(1);
+        let b = tricky_jpeg(2);
+        let mut data = a.clone();
+        data.extend_from_slice(&b);
+        let frames = split_frames(&data).expect("valid stream");
+        assert_eq!(frames, vec![0..a.len(), a.len()..a.len() + b.len()]);
+        assert!(is_complete_jpeg(&a));
+        assert!(is_complete_jpeg(&data[frames[1].clone()]));
+    }
+
+    #[test]
+    fn test_empty_input_has_no_frame() {
+        assert_eq!(split_frames(&[]), Ok(vec![]));
+        assert!(!is_complete_jpeg(&[]));
+    }
+
+    #[test]
+    fn test_truncated_final_frame() {
+        let a = tricky_jpeg(1);
+        let mut data = a.clone();
+        data.extend_from_slice(&a[..a.len() - 1]);
+        assert_eq!(
+            split_frames(&data),
+            Err(FramingError::Truncated {
+                start: a.len(),
+                end: data.len()
+            })
+        );
+        // Every cut of a single frame is truncated, never a panic or a bogus frame.
+        for cut in 1..a.len() {
+            assert!(
+                matches!(
+                    split_frames(&a[..cut]),
+                    Err(FramingError::Truncated { start: 0, .. })
+                ),
+                "cut at {cut}"
+            );
+            assert!(!is_complete_jpeg(&a[..cut]));
+        }
+    }
+
+    #[test]
+    fn test_garbage_between_frames_names_offset() {
+        let a = tricky_jpeg(1);
+        let mut data = a.clone();
+        data.push(0x0a);
+        data.extend_from_slice(&a);
+        assert_eq!(
+            split_frames(&data),
+            Err(FramingError::Garbage {
+                offset: a.len(),
+                byte: 0x0a
+            })
+        );
+        let msg = split_frames(&data).unwrap_err().to_string();
+        assert!(msg.contains(&a.len().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn test_trailing_bytes_after_eoi_are_not_complete() {
+        let mut a = tricky_jpeg(1);
+        a.push(0);
+        assert!(!is_complete_jpeg(&a));
+    }
+
+    #[test]
+    fn test_bad_structure() {
+        // Data where a marker is expected.
+        let j = [0xff, SOI, 0x12];
+        assert_eq!(
+            split_frames(&j),
+            Err(FramingError::ExpectedMarker {
+                offset: 2,
+                byte: 0x12
+            })
+        );
+        // Segment length below 2.
+        let j = [0xff, SOI, 0xff, 0xfe, 0x00, 0x01, 0xff, EOI];
+        assert_eq!(
+            split_frames(&j),
+            Err(FramingError::BadSegmentLength { offset: 4, len: 1 })
+        );
+        // Nested SOI.
+        let j = [0xff, SOI, 0xff, SOI, 0xff, EOI];
+        assert_eq!(
+            split_frames(&j),
+            Err(FramingError::BadMarker {
+                offset: 2,
+                marker: SOI
+            })
+        );
+        // A segment running past the end.
+        let j = [0xff, SOI, 0xff, 0xfe, 0x10, 0x00, 0xff, EOI];
+        assert!(matches!(
+            split_frames(&j),
+            Err(FramingError::Truncated { .. })
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn prop_garbage_never_panics(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let r = split_frames(&b);
+            if let Ok(frames) = r {
+                for f in frames {
+                    proptest::prop_assert!(is_complete_jpeg(&b[f]));
+                }
+            }
+        }
+    }
+}
