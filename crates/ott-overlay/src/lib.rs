@@ -1,1 +1,16 @@
-//! ott-overlay (being written).
+//! Topology files and their validation, the address plan, and neighbour tables with
+//! liveness and RTT.
+//!
+//! This crate is sans-IO: it opens no sockets, spawns no threads and never reads the
+//! clock (the one exception is [`Topology::load`], which reads a file). Callers pass the
+//! current time in and own every socket.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+pub mod addr;
+mod error;
+pub mod neighbours;
+pub mod topology;
+pub use addr::{AddressPlan, Endpoint, CONTROL_PORT, DATA_PORT};
+pub use error::{TopologyError, TopologyProblem};
+pub use neighbours::{LivenessConfig, NeighbourEvent, NeighbourInfo, Neighbours, Transmit};
+pub use topology::{Link, Node, Role, Topology};
