@@ -50,6 +50,9 @@ use std::time::{Duration, Instant};
 use ott_proto::{Message, StreamInfo};
 use serde::Serialize;
 
+/// Shortest period accepted in a [`ClientConfig`].
+const MIN_PERIOD: Duration = Duration::from_millis(1);
+
 /// A control message to send: the caller encodes `msg` with [`ott_proto::encode`] and
 /// sends it to `to`.
 #[must_use]
@@ -227,13 +230,25 @@ impl Client {
     ///
     /// `epoch` is the origin of the client's wire timestamps; `now` is the current time.
     /// The first probe round is queued at once: drain [`Client::poll_transmit`].
+    /// Periods shorter than 1 ms in `config` are raised to 1 ms, so that no setting can
+    /// make the client spin.
     pub fn new(
-        config: ClientConfig,
+        mut config: ClientConfig,
         pops: Vec<(String, SocketAddr)>,
         data_port: u16,
         epoch: Instant,
         now: Instant,
     ) -> Self {
+        for d in [
+            &mut config.probe_interval,
+            &mut config.probe_timeout,
+            &mut config.join_refresh,
+            &mut config.request_retry,
+            &mut config.catalogue_refresh,
+        ] {
+            *d = (*d).max(MIN_PERIOD);
+        }
+        config.loss_window = config.loss_window.max(1);
         let rng = fastrand::Rng::with_seed(config.seed);
         let pops = pops
             .into_iter()
@@ -480,7 +495,7 @@ impl Client {
         // RTT from the echoed timestamp, which is our own clock: `sent_at` is exactly
         // `epoch + echo_us` rounded to the microsecond.
         let sample = now.saturating_duration_since(probe.sent_at);
-        let window = self.config.loss_window.max(1);
+        let window = self.config.loss_window;
         let pop = &mut self.pops[idx];
         pop.srtt = Some(match pop.srtt {
             None => sample,
@@ -534,7 +549,7 @@ impl Client {
 
     fn expire_probes(&mut self, now: Instant) {
         let timeout = self.config.probe_timeout;
-        let window = self.config.loss_window.max(1);
+        let window = self.config.loss_window;
         let mut i = 0;
         while i < self.pending.len() {
             if later(self.pending[i].sent_at, timeout) <= now {
@@ -572,7 +587,7 @@ impl Client {
         if p.lost_in_a_row >= self.config.max_lost_in_a_row.max(1) {
             return None;
         }
-        let window = self.config.loss_window.max(1);
+        let window = self.config.loss_window;
         if p.history.len() >= window && p.history.iter().all(|ok| !ok) {
             return None;
         }
