@@ -53,16 +53,9 @@ use serde::Serialize;
 /// Shortest period accepted in a [`ClientConfig`].
 const MIN_PERIOD: Duration = Duration::from_millis(1);
 
-/// A control message to send: the caller encodes `msg` with [`ott_proto::encode`] and
-/// sends it to `to`.
-#[must_use]
-#[derive(Debug, Clone, PartialEq)]
-pub struct Transmit {
-    /// Destination.
-    pub to: SocketAddr,
-    /// The message.
-    pub msg: Message,
-}
+/// A control message to send, the same type as the overlay's: the caller encodes `msg`
+/// with [`ott_proto::encode`] and sends it to `to`.
+pub use ott_overlay::Transmit;
 
 /// Tuning of a [`Client`]. [`Default`] gives the values of SPEC §6.
 #[derive(Debug, Clone, PartialEq)]
