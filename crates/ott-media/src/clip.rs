@@ -59,11 +59,11 @@ impl Clip {
             }
         }
         let name = stream_name(path)?;
-        let fps = read_sidecar(&path.with_extension("fps"))?;
         let data = fs::read(path).map_err(|source| ClipError::Read {
             path: path.to_owned(),
             source,
         })?;
+        let fps = read_sidecar(&path.with_extension("fps"))?;
         if data.is_empty() {
             return Err(ClipError::Empty {
                 path: path.to_owned(),

@@ -14,6 +14,28 @@
 //! opens no socket, spawns no thread and never reads the clock (time is a parameter).
 //! It does not decode images, relay datagrams, recover losses (NACK) or buffer playout;
 //! MPEG-TS clips are recognised but not supported yet ([`ClipError::Unsupported`]).
+//!
+//! # Example
+//!
+//! ```
+//! use ott_media::{Packetizer, Reassembler, ReassemblerConfig};
+//! use ott_proto::{flags, MediaHeader, HEADER_LEN};
+//!
+//! let frame = vec![0x5a; 4000];
+//! let mut packetizer = Packetizer::new(ott_proto::stream_id_for("news"));
+//! let datagrams = packetizer.packetize(&frame, 3600, flags::KEYFRAME)?;
+//! assert_eq!(datagrams.len(), 3);
+//!
+//! let mut reassembler = Reassembler::new(ReassemblerConfig::default());
+//! let mut out = None;
+//! for d in datagrams.iter().rev() {
+//!     let header = MediaHeader::parse(d)?;
+//!     out = out.or(reassembler.push(&header, &d[HEADER_LEN..]));
+//! }
+//! let got = out.expect("all fragments arrived");
+//! assert_eq!((got.number, got.timestamp, &got.data[..]), (0, 3600, &frame[..]));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

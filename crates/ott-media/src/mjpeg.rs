@@ -254,14 +254,54 @@ mod tests {
         ));
     }
 
-    proptest::proptest! {
+    #[test]
+    fn test_sample_clips_split_to_ffprobe_counts() {
+        // Counts measured with:
+        // ffprobe -v error -count_frames -select_streams v:0 \
+        //   -show_entries stream=nb_read_frames -of csv=p=0 videos/X.mjpeg
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../videos");
+        for (file, count) in [("countdown.mjpeg", 200), ("bars.mjpeg", 200)] {
+            let data = std::fs::read(dir.join(file)).expect("sample clip is readable");
+            let frames = split_frames(&data).expect("sample clip splits");
+            assert_eq!(frames.len(), count, "{file}");
+            assert_eq!(frames.last().map(|r| r.end), Some(data.len()));
+            // Every frame is distinct: the content moves.
+            let mut seen: Vec<&[u8]> = frames.iter().map(|r| &data[r.clone()]).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen.len(), count, "{file}");
+        }
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
         #[test]
-        fn prop_garbage_never_panics(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
-            let r = split_frames(&b);
-            if let Ok(frames) = r {
-                for f in frames {
-                    proptest::prop_assert!(is_complete_jpeg(&b[f]));
+        fn prop_garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut data = vec![0xff, SOI];
+            data.extend_from_slice(&b);
+            for input in [&b[..], &data[..]] {
+                if let Ok(frames) = split_frames(input) {
+                    let mut pos = 0;
+                    for f in frames {
+                        prop_assert_eq!(f.start, pos);
+                        prop_assert!(is_complete_jpeg(&input[f.clone()]));
+                        pos = f.end;
+                    }
+                    prop_assert_eq!(pos, input.len());
                 }
+            }
+        }
+
+        #[test]
+        fn prop_mutated_frames_never_panic(at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+            let mut data = tricky_jpeg(1);
+            data.extend(tricky_jpeg(2));
+            let i = at.index(data.len());
+            data[i] = byte;
+            let cut = cut.index(data.len() + 1);
+            if let Ok(frames) = split_frames(&data[..cut]) {
+                prop_assert_eq!(frames.last().map_or(0, |r| r.end), cut);
             }
         }
     }
