@@ -1,1 +1,33 @@
-//! ott-bootstrap (being written).
+//! The bootstrapper (SPEC §4): tells each node who it is and who its neighbours are.
+//!
+//! A node (or client) opens a TCP connection to the bootstrapper, sends a [`Request`]
+//! with its id and gets back a [`Response`]: either an [`Assignment`] (its role, where to
+//! bind its sockets, its overlay neighbours and every PoP, with addresses as seen from
+//! it) or a refusal with a readable reason. Addresses come from the topology file and
+//! an [`AddressPlan`](ott_overlay::AddressPlan).
+//!
+//! # Layout
+//! - [`Service::answer`] is the pure part: a request in, a response out.
+//! - [`Service::serve`] runs it on a bound [`std::net::TcpListener`]: a thread per
+//!   connection, read/write timeouts, a bound on concurrent connections.
+//! - [`request`] / [`request_until`] are the client side.
+//! - [`write_frame`] / [`read_frame`] are the framing both sides use: a `u32` big-endian
+//!   length, then a MessagePack (`rmp-serde`) body of at most [`MAX_FRAME_LEN`] bytes.
+//!
+//! Unlike the protocol crates this crate does I/O (TCP, threads, sleeps in the accept
+//! loop and between retries). It holds no overlay state: once a node has its
+//! assignment it never needs the bootstrapper again, until it restarts.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod client;
+mod error;
+mod messages;
+mod service;
+mod wire;
+
+pub use client::{request, request_until, RETRY_INTERVAL};
+pub use error::BootstrapError;
+pub use messages::{Assignment, Peer, Request, Response, ANONYMOUS_CLIENT_ID};
+pub use service::{Service, DEFAULT_IO_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
+pub use wire::{read_frame, write_frame, MAX_FRAME_LEN};
