@@ -406,7 +406,7 @@ impl Node {
             return;
         }
         let route = self.routes.entry(server.clone()).or_default();
-        if path.iter().any(|p| *p == self.config.id) {
+        if path.contains(&self.config.id) {
             // The neighbour now reaches the server through us: its old offer is void.
             route.offers.remove(&n);
             self.stats.ignored += 1;
@@ -427,7 +427,7 @@ impl Node {
             },
         );
         let from_parent = route.parent.as_deref() == Some(n.as_str());
-        if from_parent && route.sent_seq.map_or(true, |s| seq > s) {
+        if from_parent && route.sent_seq.is_none_or(|s| seq > s) {
             self.reannounce(&server);
         }
     }
@@ -618,7 +618,7 @@ impl Node {
 
     /// Effective latency (µs) and hops of `n`'s offer, if usable as a parent.
     fn eligible(&self, n: &str, o: &Offer) -> Option<(u64, u32)> {
-        if !self.nb.is_alive(n) || o.path.iter().any(|p| *p == self.config.id) {
+        if !self.nb.is_alive(n) || o.path.contains(&self.config.id) {
             return None;
         }
         let rtt = self.nb.rtt(n)?;
@@ -1091,5 +1091,151 @@ impl Node {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ott_proto::MediaKind;
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, n], 7000))
+    }
+
+    fn drain(n: &mut Node) -> Vec<Transmit> {
+        while n.poll_event().is_some() {}
+        std::iter::from_fn(|| n.poll_transmit()).collect()
+    }
+
+    fn pop() -> (Node, Instant) {
+        let t0 = Instant::now();
+        let cfg = NodeConfig::new("p", Role::Pop, 7001);
+        let mut n = Node::new(cfg, vec![("s".into(), addr(1))], t0, t0);
+        drain(&mut n);
+        (n, t0)
+    }
+
+    #[test]
+    fn test_probe_and_unknown_stream() {
+        let (mut n, t0) = pop();
+        let client = SocketAddr::from(([10, 9, 9, 9], 5555));
+        n.handle(
+            t0,
+            client,
+            Message::Probe {
+                nonce: 3,
+                sent_us: 77,
+            },
+        );
+        let tx = drain(&mut n);
+        assert!(matches!(
+            &tx[..],
+            [Transmit {
+                msg: Message::ProbeReply {
+                    nonce: 3,
+                    echo_us: 77,
+                    path_latency_us: None,
+                    ..
+                },
+                ..
+            }]
+        ));
+        let join = Message::Join {
+            stream: 1,
+            data_port: 9000,
+            from: None,
+        };
+        n.handle(t0, client, join);
+        let tx = drain(&mut n);
+        assert!(matches!(
+            &tx[..],
+            [Transmit {
+                msg: Message::Error { .. },
+                ..
+            }]
+        ));
+        assert_eq!(n.stats().errors_out, 1);
+    }
+
+    #[test]
+    fn test_announce_join_forwarding_and_garbage() {
+        let (mut n, t0) = pop();
+        let hb = Message::Heartbeat {
+            from: "s".into(),
+            seq: 1,
+            sent_us: 0,
+            incarnation: 1,
+        };
+        n.handle(t0, addr(1), hb);
+        let ack = Message::HeartbeatAck {
+            from: "s".into(),
+            seq: 1,
+            echo_us: 0,
+            incarnation: 1,
+        };
+        n.handle(t0 + Duration::from_millis(4), addr(1), ack);
+        let news = StreamInfo::new("news", MediaKind::Mjpeg, 25_000);
+        let ann = Message::Announce {
+            server: "s".into(),
+            seq: 1,
+            path: vec!["s".into()],
+            latency_us: 0,
+            catalogue: vec![news.clone()],
+        };
+        n.handle(t0 + Duration::from_millis(5), addr(1), ann);
+        assert_eq!(n.parent("s"), Some("s"));
+        assert_eq!(n.status().latency_ms, Some(2.0));
+        drain(&mut n);
+        // Garbage: announce from a stranger, bad path, looping path.
+        let bad = Message::Announce {
+            server: "s".into(),
+            seq: 2,
+            path: vec![],
+            latency_us: 0,
+            catalogue: vec![],
+        };
+        n.handle(t0, addr(1), bad.clone());
+        n.handle(t0, addr(200), bad);
+        assert_eq!(n.stats().malformed, 1);
+        assert_eq!(n.stats().unknown_sender, 1);
+        let client = SocketAddr::from(([10, 9, 9, 9], 5555));
+        let now = t0 + Duration::from_millis(10);
+        n.handle(
+            now,
+            client,
+            Message::Join {
+                stream: news.id,
+                data_port: 9000,
+                from: None,
+            },
+        );
+        let ev: Vec<Event> = std::iter::from_fn(|| n.poll_event()).collect();
+        assert!(ev.contains(&Event::Forwarding {
+            stream: news.id,
+            children: vec![SocketAddr::from(([10, 9, 9, 9], 9000))]
+        }));
+        let tx: Vec<Transmit> = std::iter::from_fn(|| n.poll_transmit()).collect();
+        assert!(tx.iter().any(|t| t.to == addr(1)
+            && t.msg
+                == Message::Join {
+                    stream: news.id,
+                    data_port: 7001,
+                    from: Some("p".into())
+                }));
+        assert_eq!(n.upstream(news.id), Some("s"));
+        n.check_invariants().unwrap();
+        // Leave prunes at once.
+        n.handle(
+            now,
+            client,
+            Message::Leave {
+                stream: news.id,
+                data_port: 9000,
+            },
+        );
+        let tx = drain(&mut n);
+        assert!(tx.iter().any(|t| matches!(t.msg, Message::Leave { .. })));
+        assert_eq!(n.upstream(news.id), None);
     }
 }

@@ -699,12 +699,9 @@ impl Sim {
         };
         match f.payload {
             Payload::Control(bytes) => {
-                let msg = match ott_proto::decode(&bytes) {
-                    Ok(m) => m,
-                    Err(_) => {
-                        self.stats.codec_errors += 1;
-                        return;
-                    }
+                let Ok(msg) = ott_proto::decode(&bytes) else {
+                    self.stats.codec_errors += 1;
+                    return;
                 };
                 let Some(h) = self.hosts.get_mut(&id) else {
                     return;
@@ -796,12 +793,9 @@ impl Sim {
         h.control_sent += out.len() as u64;
         let from_addr = SocketAddr::new(IpAddr::V4(ip), CONTROL_PORT);
         for (to, msg) in out {
-            let bytes = match ott_proto::encode(&msg) {
-                Ok(b) => b,
-                Err(_) => {
-                    self.stats.codec_errors += 1;
-                    continue;
-                }
+            let Ok(bytes) = ott_proto::encode(&msg) else {
+                self.stats.codec_errors += 1;
+                continue;
             };
             self.stats.control_sent += 1;
             self.put_on_wire(id, from_addr, to, Payload::Control(bytes));
