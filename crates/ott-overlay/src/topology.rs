@@ -22,7 +22,7 @@
 //! ends = ["n12", "n5"]
 //! ```
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -259,17 +259,18 @@ fn link_param(
     ctx: &Ctx<'_>,
     value: Option<Spanned<f64>>,
     name: &'static str,
-    max: Option<f64>,
+    max: Option<(f64, &'static str)>,
 ) -> Result<Option<f64>, TopologyError> {
     let Some(value) = value else {
         return Ok(None);
     };
     let v = *value.get_ref();
-    let expected = match max {
-        _ if !v.is_finite() => Some("must be a finite number"),
-        _ if v < 0.0 => Some("must not be negative"),
-        Some(max) if v > max => Some("must be at most 100"),
-        _ => None,
+    let expected = if !v.is_finite() {
+        Some("must be a finite number")
+    } else if v < 0.0 {
+        Some("must not be negative")
+    } else {
+        max.and_then(|(max, expected)| (v > max).then_some(expected))
     };
     match expected {
         Some(expected) => Err(ctx.at(
@@ -410,7 +411,13 @@ impl Topology {
                 }
                 other => other,
             };
-            let loss_pct = link_param(&ctx, l.loss_pct, "loss_pct", Some(100.0))?.unwrap_or(0.0);
+            let loss_pct = link_param(
+                &ctx,
+                l.loss_pct,
+                "loss_pct",
+                Some((100.0, "must be at most 100")),
+            )?
+            .unwrap_or(0.0);
             links.push(Link {
                 ends,
                 delay_ms,
@@ -583,22 +590,25 @@ impl Topology {
                 .iter()
                 .map(|[a, b]| (a.as_str(), b.as_str()))
                 .collect(),
-            None => self
-                .links
-                .iter()
-                .filter(|l| self.is_overlay_node(&l.ends[0]) && self.is_overlay_node(&l.ends[1]))
-                .map(|l| (l.ends[0].as_str(), l.ends[1].as_str()))
-                .collect(),
+            None => {
+                let overlay_nodes: HashSet<&str> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.role.is_overlay())
+                    .map(|n| n.id.as_str())
+                    .collect();
+                self.links
+                    .iter()
+                    .map(|l| (l.ends[0].as_str(), l.ends[1].as_str()))
+                    .filter(|(a, b)| overlay_nodes.contains(a) && overlay_nodes.contains(b))
+                    .collect()
+            }
         };
         for (a, b) in pairs {
             adj.entry(a).or_default().push(b);
             adj.entry(b).or_default().push(a);
         }
         adj
-    }
-
-    fn is_overlay_node(&self, id: &str) -> bool {
-        self.node(id).is_some_and(|n| n.role.is_overlay())
     }
 
     /// The node with this id.
