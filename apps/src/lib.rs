@@ -1,1 +1,30 @@
-//! ott-apps
+//! Shared plumbing of the four OTT overlay programs.
+//!
+//! The protocol lives in the sans-IO crates (`ott-tree`, `ott-overlay`, `ott-media`,
+//! `ott-proto`); this crate owns what they deliberately leave out: sockets, threads,
+//! the clock, signals, the `--status` HTTP endpoint, and the launcher that runs a whole
+//! topology on loopback for the demo and the integration tests.
+#![warn(missing_docs)]
+
+pub mod counters;
+pub mod dataplane;
+pub mod dedup;
+pub mod driver;
+pub mod launcher;
+pub mod net;
+pub mod overlay;
+pub mod signals;
+pub mod source;
+pub mod status;
+pub mod viewer;
+
+/// Install the `tracing` subscriber: `RUST_LOG` if set, else `info`, to standard error.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

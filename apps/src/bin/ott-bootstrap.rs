@@ -1,0 +1,57 @@
+//! `ott-bootstrap`: tells each overlay node its role, address and neighbours.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use ott_overlay::{AddressPlan, Topology};
+
+/// The OTT overlay bootstrapper: answers each node with its role, listen address,
+/// overlay neighbours and the list of PoPs, from a topology file.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Topology file (TOML).
+    #[arg(long)]
+    topology: PathBuf,
+    /// TCP address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Address plan: `loopback` (127.x.y.z per node) or `links` (10.0.<link>.1/.2).
+    #[arg(long, default_value = "loopback")]
+    addresses: AddressPlan,
+}
+
+fn main() -> std::process::ExitCode {
+    ott_apps::init_logging();
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ott-bootstrap: error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let topology = Topology::load(&args.topology)?;
+    let listener = TcpListener::bind(args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, topology = %topology.name, nodes = topology.nodes.len(),
+        plan = %args.addresses, "bootstrapper ready");
+    let stop = Arc::new(AtomicBool::new(false));
+    let signals = ott_apps::signals::shutdown_channel();
+    let stop2 = stop.clone();
+    std::thread::spawn(move || {
+        if signals.recv().is_ok() {
+            stop2.store(true, Ordering::SeqCst);
+        }
+    });
+    let service = Arc::new(ott_bootstrap::Service::new(topology, args.addresses));
+    service.serve(listener, stop)?;
+    tracing::info!("bootstrapper stopped");
+    Ok(())
+}

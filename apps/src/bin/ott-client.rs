@@ -1,0 +1,65 @@
+//! `ott-client`: picks the best PoP, joins a stream and writes or plays what it receives.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The OTT viewer: gets the PoP list from the bootstrapper, probes every PoP, picks the
+/// best, joins a stream and writes it (--output), plays it (--play) or lists the streams.
+/// Type a stream name and Enter on standard input to switch stream while it runs.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Bootstrapper address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    bootstrap: SocketAddr,
+    /// This client's id in the topology (gives it its own address); optional.
+    #[arg(long)]
+    id: Option<String>,
+    /// Stream to watch. Without it, on a terminal, the streams are listed and you are asked.
+    #[arg(long)]
+    stream: Option<String>,
+    /// Print the stream names, one a line, and exit.
+    #[arg(long)]
+    list: bool,
+    /// Write the received elementary stream (JPEG frames, or TS bytes) to FILE, or - for stdout.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Pipe the stream into ffplay (when installed).
+    #[arg(long)]
+    play: bool,
+    /// Exit cleanly after this many seconds and print a one-line summary.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Serve GET /status (JSON) and /metrics (Prometheus) on this address.
+    #[arg(long)]
+    status: Option<SocketAddr>,
+    /// How long to wait for the bootstrapper to answer, in seconds.
+    #[arg(long, default_value_t = 30)]
+    bootstrap_wait: u64,
+}
+
+fn main() -> std::process::ExitCode {
+    ott_apps::init_logging();
+    let args = Args::parse();
+    let opts = ott_apps::viewer::Options {
+        bootstrap: args.bootstrap,
+        id: args.id,
+        stream: args.stream,
+        list: args.list,
+        output: args.output,
+        play: args.play,
+        duration: args.duration.map(Duration::from_secs_f64),
+        status: args.status,
+        bootstrap_wait: Duration::from_secs(args.bootstrap_wait),
+    };
+    match ott_apps::viewer::run(opts) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ott-client: error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! `ott-node`: an overlay relay or PoP.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use ott_bootstrap::Request;
+use ott_overlay::Role;
+
+/// An OTT overlay relay or Point of Presence. Its role, address and neighbours come from
+/// the bootstrapper.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// This node's id in the topology.
+    #[arg(long)]
+    id: String,
+    /// Bootstrapper address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    bootstrap: SocketAddr,
+    /// Serve GET /status (JSON) and /metrics (Prometheus) on this address.
+    #[arg(long)]
+    status: Option<SocketAddr>,
+    /// How long to wait for the bootstrapper to answer, in seconds.
+    #[arg(long, default_value_t = 30)]
+    bootstrap_wait: u64,
+}
+
+fn main() -> std::process::ExitCode {
+    ott_apps::init_logging();
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ott-node: error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let req = Request::Node {
+        id: args.id.clone(),
+    };
+    let a = ott_apps::overlay::bootstrap(
+        args.bootstrap,
+        req,
+        Duration::from_secs(args.bootstrap_wait),
+    )?;
+    if a.role == Role::Server {
+        anyhow::bail!(
+            "node {:?} is a server in the topology: run ott-server for it",
+            a.id
+        );
+    }
+    ott_apps::overlay::run(
+        a,
+        args.status,
+        Vec::new(),
+        Box::new(ott_apps::dataplane::spawn_forwarder),
+    )
+}

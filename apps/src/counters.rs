@@ -1,0 +1,139 @@
+//! Traffic counters shared between a program's threads, and their Prometheus rendering.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// Counters of one program, updated lock-free by any thread.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Datagrams received (control and media).
+    pub packets_in: AtomicU64,
+    /// Bytes received.
+    pub bytes_in: AtomicU64,
+    /// Datagrams sent.
+    pub packets_out: AtomicU64,
+    /// Bytes sent.
+    pub bytes_out: AtomicU64,
+    /// Datagrams dropped on purpose (no route, duplicate, late, stale stream).
+    pub dropped: AtomicU64,
+    /// Datagrams that failed to decode.
+    pub malformed: AtomicU64,
+    /// Datagrams retransmitted.
+    pub retransmitted: AtomicU64,
+    /// Sends that failed (unreachable, no buffer space, refused); forwarding goes on.
+    pub send_errors: AtomicU64,
+    /// Media datagrams dropped as duplicates (same stream and sequence number).
+    pub duplicates: AtomicU64,
+}
+
+/// A point-in-time copy of [`Counters`].
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// See [`Counters::packets_in`].
+    pub packets_in: u64,
+    /// See [`Counters::bytes_in`].
+    pub bytes_in: u64,
+    /// See [`Counters::packets_out`].
+    pub packets_out: u64,
+    /// See [`Counters::bytes_out`].
+    pub bytes_out: u64,
+    /// See [`Counters::dropped`].
+    pub dropped: u64,
+    /// See [`Counters::malformed`].
+    pub malformed: u64,
+    /// See [`Counters::retransmitted`].
+    pub retransmitted: u64,
+    /// See [`Counters::send_errors`].
+    pub send_errors: u64,
+    /// See [`Counters::duplicates`].
+    pub duplicates: u64,
+}
+
+/// Add `n` to a counter.
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    /// Count one received datagram of `len` bytes.
+    pub fn rx(&self, len: usize) {
+        add(&self.packets_in, 1);
+        add(&self.bytes_in, len as u64);
+    }
+
+    /// Count one sent datagram of `len` bytes.
+    pub fn tx(&self, len: usize) {
+        add(&self.packets_out, 1);
+        add(&self.bytes_out, len as u64);
+    }
+
+    /// Copy every counter.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            packets_in: g(&self.packets_in),
+            bytes_in: g(&self.bytes_in),
+            packets_out: g(&self.packets_out),
+            bytes_out: g(&self.bytes_out),
+            dropped: g(&self.dropped),
+            malformed: g(&self.malformed),
+            retransmitted: g(&self.retransmitted),
+            send_errors: g(&self.send_errors),
+            duplicates: g(&self.duplicates),
+        }
+    }
+}
+
+impl CounterSnapshot {
+    /// Render as Prometheus text exposition format, labelled with the node id.
+    pub fn to_prometheus(&self, id: &str) -> String {
+        let rows: [(&str, &str, u64); 9] = [
+            ("packets_in", "Datagrams received", self.packets_in),
+            ("bytes_in", "Bytes received", self.bytes_in),
+            ("packets_out", "Datagrams sent", self.packets_out),
+            ("bytes_out", "Bytes sent", self.bytes_out),
+            ("dropped", "Datagrams dropped on purpose", self.dropped),
+            (
+                "malformed",
+                "Datagrams that failed to decode",
+                self.malformed,
+            ),
+            (
+                "retransmitted",
+                "Datagrams retransmitted",
+                self.retransmitted,
+            ),
+            ("send_errors", "Failed sends", self.send_errors),
+            (
+                "duplicates",
+                "Duplicate media datagrams dropped",
+                self.duplicates,
+            ),
+        ];
+        let id = id.replace('\\', "\\\\").replace('"', "\\\"");
+        let mut out = String::new();
+        for (name, help, v) in rows {
+            out.push_str(&format!(
+                "# HELP ott_{name}_total {help}.\n# TYPE ott_{name}_total counter\nott_{name}_total{{node=\"{id}\"}} {v}\n"
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_prometheus_format() {
+        let c = Counters::default();
+        c.rx(100);
+        c.tx(40);
+        let text = c.snapshot().to_prometheus("n\"1");
+        assert!(text.contains("ott_packets_in_total{node=\"n\\\"1\"} 1\n"));
+        assert!(text.contains("ott_bytes_out_total{node=\"n\\\"1\"} 40\n"));
+        assert!(text.contains("# TYPE ott_malformed_total counter"));
+    }
+}

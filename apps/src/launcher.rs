@@ -1,0 +1,425 @@
+//! Runs a whole topology on loopback: the bootstrapper, every server, relay and PoP as
+//! real processes, each on its own 127.x.y.z address. Used by `cargo xtask demo` and
+//! by the integration tests. Every process it starts is stopped when the [`Cluster`]
+//! is dropped, also when a test fails.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ott_overlay::{AddressPlan, Role, Topology};
+
+/// TCP port of each node's `--status` endpoint in a launched cluster.
+pub const STATUS_PORT: u16 = 7080;
+/// TCP port of the bootstrapper in a launched cluster.
+pub const BOOTSTRAP_PORT: u16 = 7070;
+
+/// How to launch a cluster.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// Directory holding the four binaries.
+    pub bin_dir: PathBuf,
+    /// Topology file.
+    pub topology: PathBuf,
+    /// Clips for the servers.
+    pub videos: PathBuf,
+    /// Second octet of every address of this run: nodes get 127.`net`.x.y. Two runs with
+    /// different values never collide.
+    pub net: u8,
+    /// Directory for the per-process logs and the rewritten topology.
+    pub work_dir: PathBuf,
+    /// `RUST_LOG` for the processes.
+    pub log_filter: String,
+}
+
+struct Proc {
+    id: String,
+    child: Child,
+}
+
+/// A running topology.
+pub struct Cluster {
+    procs: Vec<Proc>,
+    clients: Vec<Proc>,
+    /// The topology, with the loopback addresses of this run written in.
+    pub topology: Topology,
+    /// The bootstrapper's address.
+    pub bootstrap: SocketAddr,
+    opts: LaunchOptions,
+}
+
+/// The binary `name` in `dir`.
+pub fn bin(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+impl Cluster {
+    /// Start the bootstrapper and every overlay node of the topology.
+    pub fn start(opts: LaunchOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&opts.work_dir)
+            .with_context(|| format!("cannot create {}", opts.work_dir.display()))?;
+        // Validate first, so that errors name the user's file.
+        Topology::load(&opts.topology)?;
+        let text = std::fs::read_to_string(&opts.topology)
+            .with_context(|| format!("cannot read {}", opts.topology.display()))?;
+        let rewritten = with_loopback_addresses(&text, opts.net)?;
+        let topo_path = opts.work_dir.join("topology.toml");
+        std::fs::write(&topo_path, &rewritten)
+            .with_context(|| format!("cannot write {}", topo_path.display()))?;
+        let topology = Topology::load(&topo_path)?;
+        let bootstrap = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(127, opts.net, 255, 254)),
+            BOOTSTRAP_PORT,
+        );
+        let mut cluster = Self {
+            procs: Vec::new(),
+            clients: Vec::new(),
+            topology,
+            bootstrap,
+            opts,
+        };
+        let boot = cluster
+            .command("ott-bootstrap", "bootstrap")?
+            .arg("--topology")
+            .arg(&topo_path)
+            .arg("--listen")
+            .arg(bootstrap.to_string())
+            .arg("--addresses")
+            .arg("loopback")
+            .spawn()
+            .context("cannot start ott-bootstrap")?;
+        cluster.procs.push(Proc {
+            id: "bootstrap".into(),
+            child: boot,
+        });
+        let ids: Vec<(String, Role)> = cluster
+            .topology
+            .nodes
+            .iter()
+            .filter(|n| n.role.is_overlay())
+            .map(|n| (n.id.clone(), n.role))
+            .collect();
+        for (id, role) in ids {
+            cluster.start_node(&id, role)?;
+        }
+        Ok(cluster)
+    }
+
+    fn command(&self, bin_name: &str, log_name: &str) -> anyhow::Result<Command> {
+        let log = self.opts.work_dir.join(format!("{log_name}.log"));
+        let f = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let mut c = Command::new(bin(&self.opts.bin_dir, bin_name));
+        c.env("RUST_LOG", &self.opts.log_filter)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f);
+        Ok(c)
+    }
+
+    /// Start (or restart) the overlay node `id`.
+    pub fn start_node(&mut self, id: &str, role: Role) -> anyhow::Result<()> {
+        let status = self
+            .status_addr(id)
+            .with_context(|| format!("node {id} has no address"))?;
+        let mut c = match role {
+            Role::Server => {
+                let mut c = self.command("ott-server", id)?;
+                c.arg("--videos").arg(&self.opts.videos);
+                c
+            }
+            _ => self.command("ott-node", id)?,
+        };
+        let child = c
+            .arg("--id")
+            .arg(id)
+            .arg("--bootstrap")
+            .arg(self.bootstrap.to_string())
+            .arg("--status")
+            .arg(status.to_string())
+            .spawn()
+            .with_context(|| format!("cannot start node {id}"))?;
+        self.procs.push(Proc {
+            id: id.to_string(),
+            child,
+        });
+        Ok(())
+    }
+
+    /// The `--status` address of node `id`.
+    pub fn status_addr(&self, id: &str) -> Option<SocketAddr> {
+        let ip = self.topology.node_ip(id, AddressPlan::Loopback)?;
+        Some(SocketAddr::new(IpAddr::V4(ip), STATUS_PORT))
+    }
+
+    /// `GET /status` of node `id`, parsed.
+    pub fn status(&self, id: &str) -> anyhow::Result<serde_json::Value> {
+        let addr = self.status_addr(id).context("unknown node")?;
+        let body = http_get(addr, "/status")?;
+        serde_json::from_str(&body).with_context(|| format!("status of {id} is not JSON"))
+    }
+
+    /// Wait until every PoP reports a path to a server, or fail at the deadline.
+    pub fn wait_converged(&self, wait: Duration) -> anyhow::Result<()> {
+        let pops: Vec<String> = self.topology.pops().iter().map(|n| n.id.clone()).collect();
+        wait_for(wait, "every PoP has a parent", || {
+            pops.iter().all(|p| {
+                self.status(p)
+                    .map(|s| !s["parent"].is_null())
+                    .unwrap_or(false)
+            })
+        })
+    }
+
+    /// Start a client. `args` are extra flags (e.g. `--stream x --duration 5 --output f`).
+    /// Its standard input is piped: write stream names to it to switch.
+    pub fn spawn_client(
+        &mut self,
+        name: &str,
+        id: Option<&str>,
+        args: &[&str],
+    ) -> anyhow::Result<&mut Child> {
+        let mut c = Command::new(bin(&self.opts.bin_dir, "ott-client"));
+        let log = self.opts.work_dir.join(format!("{name}.log"));
+        let out = self.opts.work_dir.join(format!("{name}.stdout"));
+        c.env("RUST_LOG", &self.opts.log_filter)
+            .arg("--bootstrap")
+            .arg(self.bootstrap.to_string())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(File::create(&out)?)
+            .stderr(File::create(&log)?);
+        if let Some(id) = id {
+            c.arg("--id").arg(id);
+        }
+        let child = c.spawn().context("cannot start ott-client")?;
+        self.clients.push(Proc {
+            id: name.to_string(),
+            child,
+        });
+        let last = self.clients.len() - 1;
+        Ok(&mut self.clients[last].child)
+    }
+
+    /// Write a line to client `name`'s standard input (a stream switch).
+    pub fn client_say(&mut self, name: &str, line: &str) -> anyhow::Result<()> {
+        let p = self
+            .clients
+            .iter_mut()
+            .find(|p| p.id == name)
+            .context("no such client")?;
+        let stdin = p.child.stdin.as_mut().context("client has no stdin")?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    /// Wait for client `name` to exit; returns its summary line (standard output).
+    pub fn wait_client(&mut self, name: &str, wait: Duration) -> anyhow::Result<String> {
+        let i = self
+            .clients
+            .iter()
+            .position(|p| p.id == name)
+            .context("no such client")?;
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(status) = self.clients[i].child.try_wait()? {
+                let out =
+                    std::fs::read_to_string(self.opts.work_dir.join(format!("{name}.stdout")))?;
+                let err = std::fs::read_to_string(self.opts.work_dir.join(format!("{name}.log")))?;
+                if !status.success() {
+                    anyhow::bail!("client {name} failed ({status}): {}", tail(&err, 20));
+                }
+                return Ok(out);
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!("client {name} did not exit within {} s", wait.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kill node `id` with SIGKILL (a crash).
+    pub fn kill_node(&mut self, id: &str) -> anyhow::Result<()> {
+        let i = self
+            .procs
+            .iter()
+            .position(|p| p.id == id)
+            .with_context(|| format!("node {id} is not running"))?;
+        let mut p = self.procs.remove(i);
+        p.child.kill()?;
+        p.child.wait()?;
+        Ok(())
+    }
+
+    /// The log of process `name`.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.opts.work_dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Whether process `name` has exited.
+    pub fn exited(&mut self, name: &str) -> bool {
+        self.procs
+            .iter_mut()
+            .chain(self.clients.iter_mut())
+            .find(|p| p.id == name)
+            .is_none_or(|p| !matches!(p.child.try_wait(), Ok(None)))
+    }
+
+    /// Stop every process: SIGTERM, then SIGKILL after a grace period.
+    pub fn stop(&mut self) {
+        let all: Vec<Proc> = self.clients.drain(..).chain(self.procs.drain(..)).collect();
+        for p in &all {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(p.child.id().to_string())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for mut p in all {
+            loop {
+                match p.child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        let _ = p.child.kill();
+                        let _ = p.child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The last `n` lines of `s`.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Poll `cond` every 50 ms until it holds, or fail naming `what` at the deadline.
+pub fn wait_for(wait: Duration, what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + wait;
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "timed out after {} s waiting until {what}",
+                wait.as_secs_f64()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A minimal HTTP/1.0 GET, for status endpoints on loopback.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, body) = buf.split_once("\r\n\r\n").context("no HTTP header end")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        anyhow::bail!(
+            "GET {path} at {addr}: {}",
+            head.lines().next().unwrap_or("")
+        );
+    }
+    Ok(body.to_string())
+}
+
+/// Rewrite a topology so that every node has an explicit 127.`net`.x.y address.
+fn with_loopback_addresses(text: &str, net: u8) -> anyhow::Result<String> {
+    let mut doc: toml::Table = text.parse().context("topology is not TOML")?;
+    let nodes = doc
+        .get_mut("node")
+        .and_then(|n| n.as_array_mut())
+        .context("topology has no [[node]]")?;
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let table = node.as_table_mut().context("a [[node]] is not a table")?;
+        let hi = u8::try_from(i / 250).context("too many nodes for one loopback /16")?;
+        let lo = (i % 250 + 1) as u8;
+        table.insert(
+            "address".into(),
+            toml::Value::String(Ipv4Addr::new(127, net, hi, lo).to_string()),
+        );
+    }
+    Ok(toml::to_string(&doc)?)
+}
+
+/// How a received MJPEG file compares with the clip it came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verification {
+    /// Frames in the received file.
+    pub frames: usize,
+    /// Frames byte-identical to a frame of the source clip.
+    pub intact: usize,
+    /// Whether the intact frames follow the clip's order (allowing the loop and gaps).
+    pub in_order: bool,
+}
+
+/// Compare a received MJPEG file with the source clip's frames.
+///
+/// A frame is intact when it equals some frame of the clip byte for byte; the order
+/// check allows the clip to loop and frames to be missing, but never to go backwards
+/// by less than a whole loop.
+pub fn verify_mjpeg(received: &[u8], clip: &ott_media::Clip) -> anyhow::Result<Verification> {
+    use std::collections::HashMap;
+    let mut index: HashMap<&[u8], usize> = HashMap::new();
+    for (i, f) in clip.frames.iter().enumerate() {
+        index.entry(f.as_ref()).or_insert(i);
+    }
+    let ranges = ott_media::mjpeg::split_frames(received)
+        .context("received file is not whole JPEG frames")?;
+    let n = clip.frames.len().max(1);
+    let mut v = Verification {
+        frames: ranges.len(),
+        intact: 0,
+        in_order: true,
+    };
+    let mut last: Option<usize> = None;
+    for r in ranges {
+        let Some(&i) = index.get(&received[r]) else {
+            continue;
+        };
+        v.intact += 1;
+        if let Some(prev) = last {
+            // Forward distance on the loop; going backwards shows as a long way round.
+            let ahead = (i + n - prev) % n;
+            if ahead == 0 || ahead > n / 2 {
+                v.in_order = false;
+            }
+        }
+        last = Some(i);
+    }
+    Ok(v)
+}
+
+/// Parse the `key=value` summary line a client prints.
+pub fn parse_summary(out: &str) -> std::collections::HashMap<String, String> {
+    out.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("summary: "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,93 @@
+//! Start-up shared by `ott-node` and `ott-server`: bootstrap, sockets, threads.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use crossbeam_channel::Receiver;
+use ott_bootstrap::{Assignment, Request};
+use ott_proto::StreamInfo;
+use ott_tree::{Node, NodeConfig};
+
+use crate::counters::Counters;
+use crate::dataplane::DataCmd;
+use crate::driver::{spawn_receiver, LoopStatus, NodeLoop};
+use crate::net::bind_udp;
+
+/// Ask the bootstrapper who `id` is, retrying while it is not up yet.
+pub fn bootstrap(addr: SocketAddr, req: Request, wait: Duration) -> anyhow::Result<Assignment> {
+    let deadline = Instant::now() + wait;
+    ott_bootstrap::request_until(addr, &req, deadline)
+        .with_context(|| format!("bootstrapper at {addr}"))
+}
+
+/// A number that grows at each restart of a node: microseconds of the wall clock.
+///
+/// Only ever compared with earlier values from the same node, never across hosts.
+pub fn incarnation() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
+}
+
+/// What runs the data socket: the relay forwarder, or the server's media source.
+pub type DataPlane =
+    Box<dyn FnOnce(UdpSocket, Arc<Counters>, Receiver<DataCmd>) -> std::io::Result<JoinHandle<()>>>;
+
+/// Bind the node's sockets, start its threads and run its control loop until a signal.
+pub fn run(
+    a: Assignment,
+    status: Option<SocketAddr>,
+    catalogue: Vec<StreamInfo>,
+    data_plane: DataPlane,
+) -> anyhow::Result<()> {
+    let shutdown = crate::signals::shutdown_channel();
+    let counters = Arc::new(Counters::default());
+    let ctrl = bind_udp(a.bind_ctrl).context("control socket")?;
+    let data = bind_udp(a.bind_data).context("data socket")?;
+    let data_port = data.local_addr()?.port();
+    tracing::info!(id = %a.id, role = %a.role, ctrl = %a.bind_ctrl, data = %a.bind_data,
+        neighbours = a.neighbours.len(), "node starting");
+    let (data_tx, data_rx) = crossbeam_channel::unbounded();
+    let data_thread = data_plane(data, counters.clone(), data_rx).context("data plane thread")?;
+    let rx = spawn_receiver(ctrl.try_clone()?, "ctrl-rx", counters.clone())?;
+    let (status_tx, status_rx) = crossbeam_channel::bounded(16);
+    if let Some(addr) = status {
+        crate::status::serve(
+            addr,
+            Arc::new(LoopStatus {
+                id: a.id.clone(),
+                queries: status_tx.clone(),
+                counters: counters.clone(),
+            }),
+        )?;
+    }
+    let now = Instant::now();
+    let mut config = NodeConfig::new(a.id.clone(), a.role, data_port);
+    config.incarnation = incarnation();
+    config.seed = config.incarnation;
+    let neighbours = a
+        .neighbours
+        .iter()
+        .map(|p| (p.id.clone(), p.ctrl))
+        .collect();
+    let mut node = Node::new(config, neighbours, now, now);
+    if !catalogue.is_empty() {
+        node.set_catalogue(now, catalogue);
+    }
+    let result = NodeLoop {
+        node,
+        ctrl,
+        rx,
+        data: data_tx,
+        counters,
+        status: status_rx,
+        shutdown,
+    }
+    .run();
+    let _ = data_thread.join();
+    result
+}

@@ -1,0 +1,479 @@
+//! The client program's runtime: bootstrap, PoP choice, reception, output.
+
+use std::fs::File;
+use std::io::{BufRead, IsTerminal, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use crossbeam_channel::{select, Receiver};
+use ott_bootstrap::Request;
+use ott_media::{Reassembler, ReassemblerConfig};
+use ott_proto::{MediaHeader, MediaKind, StreamInfo, HEADER_LEN, MAGIC};
+use ott_tree::client::{Client, ClientConfig, ClientEvent};
+use serde::Serialize;
+
+use crate::counters::{add, Counters};
+use crate::dedup::SeqWindow;
+use crate::driver::{send_msg, spawn_receiver, Datagram, StatusQuery};
+
+/// A gap between two frames longer than this counts as a stall.
+pub const STALL: Duration = Duration::from_millis(200);
+
+/// What the command line asked for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Bootstrapper address.
+    pub bootstrap: SocketAddr,
+    /// Client id in the topology, if any.
+    pub id: Option<String>,
+    /// Stream to watch.
+    pub stream: Option<String>,
+    /// Only list the streams.
+    pub list: bool,
+    /// Output file, `-` for stdout.
+    pub output: Option<PathBuf>,
+    /// Pipe into ffplay.
+    pub play: bool,
+    /// Run for this long, then print a summary.
+    pub duration: Option<Duration>,
+    /// `--status` address.
+    pub status: Option<SocketAddr>,
+    /// How long to wait for the bootstrapper.
+    pub bootstrap_wait: Duration,
+}
+
+/// Reception statistics of a run, printed as the summary line.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Reception {
+    /// Stream being watched.
+    pub stream: Option<String>,
+    /// PoP in use.
+    pub pop: Option<String>,
+    /// Whole frames written.
+    pub frames: u64,
+    /// Bytes of whole frames written.
+    pub bytes: u64,
+    /// Gaps between frames longer than [`STALL`].
+    pub stalls: u64,
+    /// Longest gap between two frames, ms.
+    pub longest_gap_ms: u64,
+    /// PoP changes after the first choice.
+    pub pop_switches: u64,
+    /// Stream switches.
+    pub stream_switches: u64,
+    /// Incomplete frames dropped.
+    pub incomplete: u64,
+    /// Media datagrams of another stream dropped.
+    pub stale: u64,
+}
+
+impl Reception {
+    /// The one-line summary: `key=value` pairs.
+    pub fn summary(&self, elapsed: Duration) -> String {
+        let secs = elapsed.as_secs_f64().max(1e-3);
+        format!(
+            "summary: stream={} pop={} frames={} bytes={} fps={:.1} stalls={} longest_gap_ms={} pop_switches={} stream_switches={} incomplete={}",
+            self.stream.as_deref().unwrap_or("-"),
+            self.pop.as_deref().unwrap_or("-"),
+            self.frames,
+            self.bytes,
+            self.frames as f64 / secs,
+            self.stalls,
+            self.longest_gap_ms,
+            self.pop_switches,
+            self.stream_switches,
+            self.incomplete,
+        )
+    }
+}
+
+struct Sinks {
+    writers: Vec<(String, Box<dyn Write + Send>)>,
+    player: Option<Child>,
+}
+
+impl Sinks {
+    fn write_frame(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        for (name, w) in &mut self.writers {
+            // Flush each frame at once, so a reader tailing the file sees it.
+            w.write_all(data)
+                .and_then(|()| w.flush())
+                .with_context(|| format!("cannot write to {name}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn open_sinks(opts: &Options, kind: MediaKind) -> anyhow::Result<Sinks> {
+    let mut sinks = Sinks {
+        writers: Vec::new(),
+        player: None,
+    };
+    if let Some(path) = &opts.output {
+        if path.as_os_str() == "-" {
+            sinks
+                .writers
+                .push(("standard output".into(), Box::new(std::io::stdout())));
+        } else {
+            let f = File::create(path)
+                .with_context(|| format!("cannot create output file {}", path.display()))?;
+            sinks
+                .writers
+                .push((path.display().to_string(), Box::new(f)));
+        }
+    }
+    if opts.play {
+        let format = match kind {
+            MediaKind::Mjpeg => "mjpeg",
+            MediaKind::Ts => "mpegts",
+        };
+        let mut child = Command::new("ffplay")
+            .args(["-loglevel", "error", "-autoexit", "-f", format, "-i", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--play needs ffplay (Debian package ffmpeg), which could not be started: {e}"
+                )
+            })?;
+        let stdin = child.stdin.take().context("ffplay has no standard input")?;
+        sinks.writers.push(("ffplay".into(), Box::new(stdin)));
+        sinks.player = Some(child);
+    }
+    Ok(sinks)
+}
+
+struct Viewer {
+    client: Client,
+    sock: UdpSocket,
+    counters: Arc<Counters>,
+    reassembler: Reassembler,
+    seen: SeqWindow,
+    watching: Option<StreamInfo>,
+    sinks: Option<Sinks>,
+    rec: Reception,
+    last_frame: Option<Instant>,
+    opts: Options,
+    first_pop: bool,
+}
+
+/// Run the client until its duration ends, a signal arrives, or an error.
+pub fn run(opts: Options) -> anyhow::Result<()> {
+    let req = Request::Client {
+        id: opts.id.clone(),
+    };
+    let a = crate::overlay::bootstrap(opts.bootstrap, req, opts.bootstrap_wait)?;
+    if a.pops.is_empty() {
+        anyhow::bail!("the bootstrapper knows no PoP in topology {}", a.topology);
+    }
+    let sock = crate::net::bind_udp(a.bind_ctrl).context("client socket")?;
+    let local = sock.local_addr()?;
+    tracing::info!(%local, pops = a.pops.len(), "client starting");
+    let counters = Arc::new(Counters::default());
+    let rx = spawn_receiver(sock.try_clone()?, "client-rx", counters.clone())?;
+    let shutdown = crate::signals::shutdown_channel();
+    let epoch = Instant::now();
+    let config = ClientConfig {
+        seed: crate::overlay::incarnation(),
+        ..ClientConfig::default()
+    };
+    let pops = a.pops.iter().map(|p| (p.id.clone(), p.ctrl)).collect();
+    let client = Client::new(config, pops, local.port(), epoch, epoch);
+    let mut v = Viewer {
+        client,
+        sock,
+        counters,
+        reassembler: Reassembler::new(ReassemblerConfig::default()),
+        seen: SeqWindow::new(),
+        watching: None,
+        sinks: None,
+        rec: Reception::default(),
+        last_frame: None,
+        opts: opts.clone(),
+        first_pop: true,
+    };
+    if opts.list {
+        let streams = v.wait_catalogue(&rx, Duration::from_secs(10))?;
+        for s in streams {
+            println!("{}", s.name);
+        }
+        return Ok(());
+    }
+    let stream = match &opts.stream {
+        Some(s) => s.clone(),
+        None if std::io::stdin().is_terminal() => {
+            let streams = v.wait_catalogue(&rx, Duration::from_secs(10))?;
+            ask_stream(&streams)?
+        }
+        None => anyhow::bail!("no --stream given and standard input is not a terminal (use --list to see the streams)"),
+    };
+    v.client.select_stream(Instant::now(), &stream);
+    let lines = spawn_stdin_lines();
+    let (status_tx, status_rx) = crossbeam_channel::bounded::<StatusQuery>(16);
+    if let Some(addr) = opts.status {
+        crate::status::serve(
+            addr,
+            Arc::new(crate::driver::LoopStatus {
+                id: opts.id.clone().unwrap_or_else(|| "client".into()),
+                queries: status_tx,
+                counters: v.counters.clone(),
+            }),
+        )?;
+    }
+    let started = Instant::now();
+    let end = opts.duration.map(|d| started + d);
+    let result = v.main_loop(&rx, &lines, &shutdown, &status_rx, end);
+    v.client.shutdown(Instant::now());
+    v.drain_transmits();
+    if let Some(mut sinks) = v.sinks.take() {
+        sinks.writers.clear();
+        if let Some(mut p) = sinks.player.take() {
+            let _ = p.wait();
+        }
+    }
+    let line = v.rec.summary(started.elapsed());
+    if opts.output.as_deref().is_some_and(|p| p.as_os_str() == "-") {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+    result
+}
+
+fn ask_stream(streams: &[StreamInfo]) -> anyhow::Result<String> {
+    eprintln!("Streams:");
+    for (i, s) in streams.iter().enumerate() {
+        eprintln!("  {}) {}", i + 1, s.name);
+    }
+    eprint!("Which one (name or number)? ");
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the stream choice")?;
+    let answer = line.trim();
+    if let Ok(n) = answer.parse::<usize>() {
+        if let Some(s) = n.checked_sub(1).and_then(|i| streams.get(i)) {
+            return Ok(s.name.clone());
+        }
+    }
+    if answer.is_empty() {
+        anyhow::bail!("no stream chosen");
+    }
+    Ok(answer.to_string())
+}
+
+/// Each line of standard input, trimmed, as a stream-switch request.
+fn spawn_stdin_lines() -> Receiver<String> {
+    let (tx, rx) = crossbeam_channel::bounded(16);
+    let _ = thread::Builder::new().name("stdin".into()).spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { return };
+            let name = line.trim().to_string();
+            if !name.is_empty() && tx.send(name).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+impl Viewer {
+    fn drain_transmits(&mut self) {
+        while let Some(t) = self.client.poll_transmit() {
+            send_msg(&self.sock, &self.counters, t.to, &t.msg);
+        }
+    }
+
+    fn wait_catalogue(
+        &mut self,
+        rx: &Receiver<Datagram>,
+        wait: Duration,
+    ) -> anyhow::Result<Vec<StreamInfo>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            self.drain_transmits();
+            while let Some(ev) = self.client.poll_event() {
+                if let ClientEvent::Catalogue(streams) = ev {
+                    if !streams.is_empty() {
+                        return Ok(streams);
+                    }
+                }
+            }
+            let timer = self.client.poll_timeout().unwrap_or(deadline).min(deadline);
+            select! {
+                recv(rx) -> d => {
+                    let d = d.map_err(|_| anyhow::anyhow!("receiver stopped"))?;
+                    self.on_datagram(d)?;
+                }
+                recv(crossbeam_channel::at(timer)) -> _ => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        anyhow::bail!("no PoP answered with a stream list within {} s", wait.as_secs());
+                    }
+                    self.client.handle_timeout(now);
+                }
+            }
+        }
+    }
+
+    fn main_loop(
+        &mut self,
+        rx: &Receiver<Datagram>,
+        lines: &Receiver<String>,
+        shutdown: &Receiver<()>,
+        status: &Receiver<StatusQuery>,
+        end: Option<Instant>,
+    ) -> anyhow::Result<()> {
+        let end_rx = end
+            .map(crossbeam_channel::at)
+            .unwrap_or_else(crossbeam_channel::never);
+        loop {
+            self.drain_transmits();
+            while let Some(ev) = self.client.poll_event() {
+                self.on_event(ev)?;
+            }
+            let timer = self
+                .client
+                .poll_timeout()
+                .map(crossbeam_channel::at)
+                .unwrap_or_else(crossbeam_channel::never);
+            select! {
+                recv(rx) -> d => {
+                    let d = d.map_err(|_| anyhow::anyhow!("receiver stopped"))?;
+                    self.on_datagram(d)?;
+                }
+                recv(timer) -> _ => self.client.handle_timeout(Instant::now()),
+                recv(lines) -> l => {
+                    if let Ok(name) = l {
+                        tracing::info!(stream = %name, "switching stream");
+                        self.client.select_stream(Instant::now(), &name);
+                    }
+                }
+                recv(status) -> q => {
+                    if let Ok(reply) = q {
+                        let mut v = serde_json::to_value(self.client.status()).unwrap_or_default();
+                        if let Some(o) = v.as_object_mut() {
+                            o.insert("role".into(), "client".into());
+                            o.insert("reception".into(), serde_json::to_value(&self.rec).unwrap_or_default());
+                            o.insert("counters".into(), serde_json::to_value(self.counters.snapshot()).unwrap_or_default());
+                        }
+                        let _ = reply.send(v);
+                    }
+                }
+                recv(shutdown) -> _ => { tracing::info!("interrupted"); return Ok(()); }
+                recv(end_rx) -> _ => return Ok(()),
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: ClientEvent) -> anyhow::Result<()> {
+        match ev {
+            ClientEvent::PopChanged { old, new } => {
+                tracing::info!(?old, %new, "PoP chosen");
+                if !self.first_pop {
+                    self.rec.pop_switches += 1;
+                }
+                self.first_pop = false;
+                self.rec.pop = Some(new);
+            }
+            ClientEvent::Catalogue(streams) => {
+                tracing::debug!(streams = streams.len(), "catalogue");
+            }
+            ClientEvent::Watching(info) => {
+                tracing::info!(stream = %info.name, "watching");
+                if self.watching.is_some() {
+                    self.rec.stream_switches += 1;
+                }
+                if self.sinks.is_none() {
+                    self.sinks = Some(open_sinks(&self.opts, info.kind)?);
+                }
+                // Nothing of the old stream may be written after this point.
+                self.reassembler.reset();
+                self.seen = SeqWindow::new();
+                self.rec.stream = Some(info.name.clone());
+                self.watching = Some(info);
+            }
+            ClientEvent::UnknownStream(name) => {
+                if self.watching.is_none() {
+                    let names: Vec<String> = self
+                        .client
+                        .catalogue()
+                        .iter()
+                        .map(|s| s.name.clone())
+                        .collect();
+                    anyhow::bail!("no stream named {name:?} (streams: {})", names.join(", "));
+                }
+                eprintln!("ott-client: no stream named {name:?}; still watching the current one");
+            }
+            ClientEvent::NoPop => tracing::warn!("no usable PoP at the moment"),
+            ClientEvent::Refused(reason) => tracing::warn!(%reason, "PoP refused a request"),
+        }
+        Ok(())
+    }
+
+    fn on_datagram(&mut self, d: Datagram) -> anyhow::Result<()> {
+        if d.bytes.len() >= HEADER_LEN && d.bytes[0..2] == MAGIC {
+            return self.on_media(&d);
+        }
+        match ott_proto::decode(&d.bytes) {
+            Ok(msg) => self.client.handle(d.at, d.from, msg),
+            Err(e) => {
+                add(&self.counters.malformed, 1);
+                tracing::debug!(from = %d.from, error = %e, "dropping undecodable datagram");
+            }
+        }
+        Ok(())
+    }
+
+    fn on_media(&mut self, d: &Datagram) -> anyhow::Result<()> {
+        let header = match MediaHeader::parse(&d.bytes) {
+            Ok(h) => h,
+            Err(e) => {
+                add(&self.counters.malformed, 1);
+                tracing::debug!(from = %d.from, error = %e, "malformed media datagram");
+                return Ok(());
+            }
+        };
+        let Some(watching) = &self.watching else {
+            add(&self.counters.dropped, 1);
+            return Ok(());
+        };
+        if header.stream != watching.id {
+            self.rec.stale += 1;
+            add(&self.counters.dropped, 1);
+            return Ok(());
+        }
+        if !self.seen.insert(header.seq) {
+            add(&self.counters.duplicates, 1);
+            return Ok(());
+        }
+        let before = self.reassembler.stats().incomplete_dropped;
+        let frame = self.reassembler.push(&header, &d.bytes[HEADER_LEN..]);
+        self.rec.incomplete += self.reassembler.stats().incomplete_dropped - before;
+        let Some(frame) = frame else { return Ok(()) };
+        if frame.stream != watching.id {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if let Some(last) = self.last_frame {
+            let gap = now.duration_since(last);
+            if gap > STALL {
+                self.rec.stalls += 1;
+            }
+            self.rec.longest_gap_ms = self.rec.longest_gap_ms.max(gap.as_millis() as u64);
+        }
+        self.last_frame = Some(now);
+        self.rec.frames += 1;
+        self.rec.bytes += frame.data.len() as u64;
+        if let Some(sinks) = &mut self.sinks {
+            sinks.write_frame(&frame.data)?;
+        }
+        Ok(())
+    }
+}
