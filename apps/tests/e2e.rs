@@ -50,8 +50,11 @@ fn clips() -> Vec<ott_media::Clip> {
     clips
 }
 
+/// A fresh output path: an earlier run's file is removed.
 fn out_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.mjpeg"))
+    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.mjpeg"));
+    let _ = std::fs::remove_file(&p);
+    p
 }
 
 #[test]
