@@ -3,6 +3,7 @@
 //! - `demo`: the seed topology on loopback with two clients, and a table of what they got.
 
 mod demo;
+mod tidy;
 
 use std::path::{Path, PathBuf};
 
