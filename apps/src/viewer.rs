@@ -236,6 +236,9 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             let _ = p.wait();
         }
     }
+    if result.is_err() {
+        return result;
+    }
     let line = v.rec.summary(started.elapsed());
     if opts.output.as_deref().is_some_and(|p| p.as_os_str() == "-") {
         eprintln!("{line}");
@@ -375,7 +378,7 @@ impl Viewer {
     fn on_event(&mut self, ev: ClientEvent) -> anyhow::Result<()> {
         match ev {
             ClientEvent::PopChanged { old, new } => {
-                tracing::info!(?old, %new, "PoP chosen");
+                tracing::debug!(?old, %new, "PoP chosen");
                 if !self.first_pop {
                     self.rec.pop_switches += 1;
                 }
@@ -386,7 +389,7 @@ impl Viewer {
                 tracing::debug!(streams = streams.len(), "catalogue");
             }
             ClientEvent::Watching(info) => {
-                tracing::info!(stream = %info.name, "watching");
+                tracing::debug!(stream = %info.name, "watching");
                 if self.watching.is_some() {
                     self.rec.stream_switches += 1;
                 }

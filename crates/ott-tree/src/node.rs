@@ -171,7 +171,7 @@ pub struct NodeStatus {
     pub hops: Option<u32>,
     /// Every neighbour.
     pub neighbours: Vec<NeighbourStatus>,
-    /// Streams with children or joined upstream, by name.
+    /// Every reachable stream by name, with its children and upstream.
     pub streams: BTreeMap<String, StreamStatus>,
     /// The route to every known server.
     pub servers: Vec<RouteStatus>,
@@ -994,7 +994,7 @@ impl Node {
             .into_iter()
             .map(|s| (s.id, s.name))
             .collect();
-        let streams = self
+        let mut streams: BTreeMap<String, StreamStatus> = self
             .streams
             .iter()
             .map(|(id, st)| {
@@ -1017,6 +1017,14 @@ impl Node {
                 )
             })
             .collect();
+        // Every reachable stream is listed, watched or not.
+        for (id, name) in names {
+            streams.entry(name).or_insert(StreamStatus {
+                id,
+                upstream: None,
+                children: Vec::new(),
+            });
+        }
         NodeStatus {
             id: self.config.id.clone(),
             role: self.config.role.to_string(),
