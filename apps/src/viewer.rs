@@ -236,16 +236,14 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             let _ = p.wait();
         }
     }
-    if result.is_err() {
-        return result;
-    }
+    result?;
     let line = v.rec.summary(started.elapsed());
     if opts.output.as_deref().is_some_and(|p| p.as_os_str() == "-") {
         eprintln!("{line}");
     } else {
         println!("{line}");
     }
-    result
+    Ok(())
 }
 
 fn ask_stream(streams: &[StreamInfo]) -> anyhow::Result<String> {
