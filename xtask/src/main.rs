@@ -5,6 +5,7 @@
 
 mod core;
 mod demo;
+mod emulate;
 mod tidy;
 
 use std::path::{Path, PathBuf};
