@@ -2,6 +2,7 @@
 //!
 //! - `demo`: the seed topology on loopback with two clients, and a table of what they got.
 //! - `core-launch`: a topology as a CORE scenario (`.imn`, or XML for CORE 8+).
+//! - `emulate`: a topology in network namespaces with emulated links and timed faults.
 
 mod core;
 mod demo;
@@ -27,6 +28,9 @@ enum Cmd {
     /// Write a topology as a CORE scenario (.imn for CORE up to 7.5, --format xml for
     /// CORE 8 and later) that starts every program when the session starts.
     CoreLaunch(core::CoreArgs),
+    /// Run a topology in Linux network namespaces (root) with emulated links, play a
+    /// scenario's timed faults, and report what each client received.
+    Emulate(emulate::EmulateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +38,7 @@ fn main() -> std::process::ExitCode {
     let r = match cli.cmd {
         Cmd::Demo(a) => demo::run(a),
         Cmd::CoreLaunch(a) => core::run(a),
+        Cmd::Emulate(a) => emulate::run(a),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

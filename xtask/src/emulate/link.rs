@@ -357,6 +357,12 @@ mod tests {
         })
     }
 
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        crate::emulate::ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     fn link(params: Params) -> (File, File, LinkHandle) {
         let (a_outer, a_inner) = pair();
         let (b_outer, b_inner) = pair();
@@ -366,6 +372,7 @@ mod tests {
 
     #[test]
     fn delay_matches_in_both_directions() {
+        let _serial = serial();
         let (a, b, l) = link(Params::default());
         l.set(0, |p| p.delay = Duration::from_millis(30));
         l.set(1, |p| p.delay = Duration::from_millis(10));
@@ -401,6 +408,7 @@ mod tests {
 
     #[test]
     fn loss_matches_in_both_directions() {
+        let _serial = serial();
         let (a, b, l) = link(Params {
             loss_pct: 20.0,
             ..Params::default()
@@ -423,6 +431,7 @@ mod tests {
 
     #[test]
     fn rate_matches_in_both_directions() {
+        let _serial = serial();
         // 200 frames of 1250 bytes at 10 Mbit/s: 1 ms each on the wire.
         let (a, b, _l) = link(Params {
             rate_bps: Some(10e6),
@@ -445,6 +454,7 @@ mod tests {
 
     #[test]
     fn a_link_taken_down_drops_everything_and_comes_back() {
+        let _serial = serial();
         let (a, b, l) = link(Params::default());
         l.set_both(|p| p.up = false);
         let m = measure(&a, &b, 50, 100, Duration::ZERO, Duration::from_millis(200));
