@@ -466,6 +466,7 @@ impl Viewer {
             let gap = now.duration_since(last);
             if gap > STALL {
                 self.rec.stalls += 1;
+                tracing::info!(gap_ms = gap.as_millis() as u64, "stall");
             }
             self.rec.longest_gap_ms = self.rec.longest_gap_ms.max(gap.as_millis() as u64);
         }

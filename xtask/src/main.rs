@@ -1,8 +1,12 @@
 //! `cargo xtask`: project tasks that need more than cargo.
 //!
 //! - `demo`: the seed topology on loopback with two clients, and a table of what they got.
+//! - `core-launch`: a topology as a CORE scenario (`.imn`, or XML for CORE 8+).
+//! - `emulate`: a topology in network namespaces with emulated links and timed faults.
 
+mod core;
 mod demo;
+mod emulate;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -21,12 +25,20 @@ enum Cmd {
     /// Run a topology on loopback (no root needed) with a server, every relay and PoP,
     /// and two clients on two streams; print what each client received.
     Demo(demo::DemoArgs),
+    /// Write a topology as a CORE scenario (.imn for CORE up to 7.5, --format xml for
+    /// CORE 8 and later) that starts every program when the session starts.
+    CoreLaunch(core::CoreArgs),
+    /// Run a topology in Linux network namespaces (root) with emulated links, play a
+    /// scenario's timed faults, and report what each client received.
+    Emulate(emulate::EmulateArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Demo(a) => demo::run(a),
+        Cmd::CoreLaunch(a) => core::run(a),
+        Cmd::Emulate(a) => emulate::run(a),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,832 @@
+//! `cargo xtask emulate`: a topology in Linux network namespaces.
+//!
+//! One namespace per node; one emulated link per topology link: a TAP device in each
+//! end's namespace, joined by a user-space forwarder ([`link`]) that applies delay,
+//! jitter, loss and rate per direction (these kernels have no `netem`). IP forwarding and
+//! static routes shortest by delay ([`routes`]) let clients reach PoPs through routers
+//! and overlay neighbours reach each other across routers. The namespaces are joined
+//! only to each other: no device, route or socket reaches the host's network.
+//!
+//! The programs run inside their namespaces (the bootstrapper on its host); a status
+//! poller per overlay node records the tree; the scenario's events run on a timeline;
+//! at the end a [`report::Report`] says what each client received.
+//!
+//! Everything the run creates is owned by an [`Emulation`], whose `Drop` stops every
+//! process, stops the links (closing the TAP devices) and deletes the namespaces, also
+//! on an error, a panic or Ctrl-C. Namespaces of a crashed run are removed by the next
+//! run ([`netns::cleanup_stale`]).
+
+pub(crate) mod link;
+pub(crate) mod netns;
+pub(crate) mod report;
+pub(crate) mod routes;
+pub(crate) mod scenario;
+#[cfg(test)]
+mod tests;
+
+/// Timing-sensitive tests (emulations, link measurements) run one at a time: they share
+/// two cores with everything else.
+#[cfg(test)]
+pub(crate) static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ott_overlay::{AddressPlan, Role, Topology};
+
+use self::link::{LinkHandle, Params};
+use self::report::{ClientReport, LinkReport, ParentChange, Report};
+use self::scenario::{Action, Scenario};
+
+/// Bootstrapper port inside the emulation.
+const BOOTSTRAP_PORT: u16 = 7070;
+/// `--status` port of every program inside the emulation.
+const STATUS_PORT: u16 = 7080;
+/// How often the tree is sampled.
+const POLL_EVERY: Duration = Duration::from_millis(100);
+/// How long the tree must stay unchanged before the scenario starts.
+const SETTLE: Duration = Duration::from_secs(2);
+
+#[derive(clap::Args)]
+pub(crate) struct EmulateArgs {
+    /// Topology to run.
+    #[arg(long, default_value = "topologies/seed.toml")]
+    topology: PathBuf,
+    /// Scenario (clients and timed events); without it, two clients watch for --duration.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// How long the clients watch, in seconds (overrides the scenario's duration_s).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Directory of clips.
+    #[arg(long, default_value = "videos")]
+    videos: PathBuf,
+    /// Build and run the release programs.
+    #[arg(long)]
+    release: bool,
+}
+
+/// What one run needs.
+#[derive(Debug, Clone)]
+pub(crate) struct RunOptions {
+    pub(crate) topology: PathBuf,
+    pub(crate) scenario: Option<PathBuf>,
+    pub(crate) duration: Option<f64>,
+    pub(crate) videos: PathBuf,
+    pub(crate) bin_dir: PathBuf,
+    /// Logs, client outputs and the report go here.
+    pub(crate) work_dir: PathBuf,
+    /// Set to stop the run early (Ctrl-C).
+    pub(crate) stop: Arc<AtomicBool>,
+}
+
+pub(crate) fn run(args: EmulateArgs) -> anyhow::Result<()> {
+    check_root()?;
+    let root = crate::project_root();
+    eprintln!("building the programs…");
+    let bin_dir = crate::build_binaries(args.release)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let signals = ott_apps::signals::shutdown_channel();
+    let stop2 = stop.clone();
+    std::thread::spawn(move || {
+        if signals.recv().is_ok() {
+            eprintln!("interrupted: cleaning up…");
+            stop2.store(true, Ordering::SeqCst);
+        }
+    });
+    let opts = RunOptions {
+        topology: root.join(&args.topology),
+        scenario: args.scenario.map(|s| root.join(s)),
+        duration: args.duration,
+        videos: root.join(&args.videos),
+        bin_dir,
+        work_dir: root.join("target").join("emulate"),
+        stop,
+    };
+    let report = run_scenario(&opts)?;
+    println!("{}", report.text());
+    if let Some(path) = args.report {
+        std::fs::write(&path, report.json()?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Fails unless we can create namespaces.
+pub(crate) fn check_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("emulation creates network namespaces and TAP devices: run it as root (sudo -E cargo xtask emulate ...)");
+    }
+    Ok(())
+}
+
+/// Runs one scenario from start to report; everything is cleaned up when it returns.
+pub(crate) fn run_scenario(opts: &RunOptions) -> anyhow::Result<Report> {
+    let removed = netns::cleanup_stale();
+    if !removed.is_empty() {
+        eprintln!("removed {} namespaces left by a crashed run", removed.len());
+    }
+    let topology = Topology::load(&opts.topology)?;
+    let clips = ott_media::load_dir(&opts.videos)?;
+    let streams: Vec<String> = clips.iter().map(|c| c.name.clone()).collect();
+    let mut scenario = match &opts.scenario {
+        Some(p) => Scenario::load(p, &topology)?,
+        None => Scenario::default_for(&topology, &streams),
+    };
+    if let Some(d) = opts.duration {
+        scenario.duration_s = d;
+    }
+    let mut emu = Emulation::new(topology, opts)?;
+    eprintln!(
+        "run {}: {} namespaces, {} links",
+        emu.run,
+        emu.ns.len(),
+        emu.links.len()
+    );
+    emu.start_programs()?;
+    emu.wait_converged(Duration::from_secs(60))?;
+    let t0 = Instant::now();
+    eprintln!(
+        "tree formed; scenario {} for {} s",
+        scenario.name, scenario.duration_s
+    );
+    emu.play(&scenario, t0)?;
+    let changes = emu.parent_changes(t0);
+    let initial = emu.parents_at(t0);
+    let clients = emu.finish_clients(&clips)?;
+    let report = Report {
+        topology: emu.topology.name.clone(),
+        scenario: scenario.name.clone(),
+        description: scenario.description.clone(),
+        duration_s: scenario.duration_s,
+        run: emu.run.clone(),
+        work_dir: emu.work_dir.display().to_string(),
+        initial_parents: initial,
+        clients,
+        parent_changes: changes,
+        links: emu.link_reports(),
+        pids: emu.started.clone(),
+    };
+    std::fs::write(emu.work_dir.join("report.json"), report.json()?)?;
+    drop(emu);
+    Ok(report)
+}
+
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn terminate(&mut self, grace: Duration) {
+        // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+/// One client process of the run.
+struct ClientProc {
+    node: String,
+    stream: String,
+    proc: Option<Proc>,
+    output: PathBuf,
+    log: PathBuf,
+    stdout: PathBuf,
+    /// Streams switched to, in order.
+    switches: Vec<String>,
+}
+
+/// Parent samples of one node: `(when, parent)` at each change.
+type Samples = Arc<Mutex<Vec<(Instant, Option<String>)>>>;
+
+/// A running emulation; dropping it removes everything it made.
+pub(crate) struct Emulation {
+    pub(crate) run: String,
+    pub(crate) topology: Topology,
+    /// Node id → namespace name, for every namespace created so far.
+    ns: BTreeMap<String, String>,
+    links: Vec<LinkHandle>,
+    /// Which links are up (routes avoid the others).
+    up: Vec<bool>,
+    procs: BTreeMap<String, Proc>,
+    clients: Vec<ClientProc>,
+    pollers: Vec<std::thread::JoinHandle<()>>,
+    samples: BTreeMap<String, Samples>,
+    stop_pollers: Arc<AtomicBool>,
+    work_dir: PathBuf,
+    bin_dir: PathBuf,
+    videos: PathBuf,
+    topo_file: PathBuf,
+    bootstrap: SocketAddr,
+    stop: Arc<AtomicBool>,
+    /// Every process started, for the report's leftover check.
+    started: Vec<u32>,
+}
+
+impl Emulation {
+    /// Creates the namespaces, links, addresses and routes.
+    fn new(topology: Topology, opts: &RunOptions) -> anyhow::Result<Self> {
+        let run = netns::new_run_id();
+        let work_dir = opts.work_dir.join(&run);
+        std::fs::create_dir_all(&work_dir)
+            .with_context(|| format!("cannot create {}", work_dir.display()))?;
+        let topo_file = work_dir.join("topology.toml");
+        std::fs::copy(&opts.topology, &topo_file)
+            .with_context(|| format!("cannot copy {}", opts.topology.display()))?;
+        let boot_ip = topology
+            .node_ip(&topology.bootstrapper, AddressPlan::Links)
+            .with_context(|| format!("bootstrapper {} has no link", topology.bootstrapper))?;
+        let up = vec![true; topology.links.len()];
+        let mut emu = Self {
+            run,
+            topology,
+            ns: BTreeMap::new(),
+            links: Vec::new(),
+            up,
+            procs: BTreeMap::new(),
+            clients: Vec::new(),
+            pollers: Vec::new(),
+            samples: BTreeMap::new(),
+            stop_pollers: Arc::new(AtomicBool::new(false)),
+            work_dir,
+            bin_dir: opts.bin_dir.clone(),
+            videos: opts.videos.clone(),
+            topo_file,
+            bootstrap: SocketAddr::new(boot_ip.into(), BOOTSTRAP_PORT),
+            stop: opts.stop.clone(),
+            started: Vec::new(),
+        };
+        emu.build_network()?;
+        Ok(emu)
+    }
+
+    fn build_network(&mut self) -> anyhow::Result<()> {
+        let t = &self.topology;
+        // Namespaces, with loopback up and forwarding on.
+        for n in &t.nodes {
+            let ns = netns::ns_name(&self.run, &n.id);
+            netns::ip(&["netns", "add", &ns])?;
+            self.ns.insert(n.id.clone(), ns.clone());
+            netns::in_ns(&ns, || {
+                for (file, value) in [
+                    ("/proc/sys/net/ipv4/ip_forward", "1"),
+                    ("/proc/sys/net/ipv4/conf/all/rp_filter", "0"),
+                    ("/proc/sys/net/ipv4/conf/default/rp_filter", "0"),
+                ] {
+                    std::fs::write(file, value).with_context(|| format!("cannot set {file}"))?;
+                }
+                Ok(())
+            })?;
+        }
+        // Interfaces eth0, eth1, ... in each node's link order (as in the CORE export).
+        let mut if_name: HashMap<(usize, usize), String> = HashMap::new();
+        let mut config: BTreeMap<String, String> = BTreeMap::new();
+        for n in &t.nodes {
+            let cmds = config.entry(n.id.clone()).or_default();
+            cmds.push_str("link set lo up\n");
+            for (k, (li, ip)) in t.link_addresses(&n.id).into_iter().enumerate() {
+                let end = usize::from(t.links[li].ends[0] != n.id);
+                let name = format!("eth{k}");
+                cmds.push_str(&format!(
+                    "addr add {ip}/24 dev {name}\nlink set {name} up\n"
+                ));
+                if_name.insert((li, end), name);
+            }
+        }
+        for (li, l) in t.links.iter().enumerate() {
+            let mut files = Vec::new();
+            for end in 0..2 {
+                let ns = self.ns[&l.ends[end]].clone();
+                let name = if_name
+                    .get(&(li, end))
+                    .cloned()
+                    .with_context(|| format!("link {li} has no interface"))?;
+                files.push(netns::in_ns(&ns, move || netns::open_tap(&name))?);
+            }
+            let (b, a) = (files.pop(), files.pop());
+            let (Some(a), Some(b)) = (a, b) else {
+                bail!("link {li}: TAP devices missing");
+            };
+            self.links.push(LinkHandle::start(
+                &format!("l{li}"),
+                a,
+                b,
+                Params::of(l),
+                li as u64 + 1,
+            )?);
+        }
+        let routes = routes::compute(t, |_| true);
+        for n in &t.nodes {
+            let mut cmds = config.remove(&n.id).unwrap_or_default();
+            for r in routes.get(&n.id).into_iter().flatten() {
+                cmds.push_str(&format!("route add {}/24 via {}\n", r.subnet, r.via));
+            }
+            netns::ip_batch(&self.ns[&n.id], &cmds)?;
+        }
+        Ok(())
+    }
+
+    /// Recompute the routes around links that are down and install them.
+    fn reroute(&self) -> anyhow::Result<()> {
+        let routes = routes::compute(&self.topology, |k| self.up.get(k).copied().unwrap_or(false));
+        for n in &self.topology.nodes {
+            let mut cmds = String::from("route flush proto boot\nroute flush proto static\n");
+            for r in routes.get(&n.id).into_iter().flatten() {
+                cmds.push_str(&format!(
+                    "route add {}/24 via {} proto static\n",
+                    r.subnet, r.via
+                ));
+            }
+            netns::ip_batch(&self.ns[&n.id], &cmds)?;
+        }
+        Ok(())
+    }
+
+    fn command(&self, node: &str, bin: &str, log: &Path) -> anyhow::Result<Command> {
+        let ns = self
+            .ns
+            .get(node)
+            .with_context(|| format!("no namespace for {node}"))?;
+        let f = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns])
+            .arg(self.bin_dir.join(bin))
+            .env(
+                "RUST_LOG",
+                std::env::var("OTT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f);
+        Ok(c)
+    }
+
+    /// Starts the bootstrapper and every overlay program, and a status poller per node.
+    fn start_programs(&mut self) -> anyhow::Result<()> {
+        let boot_log = self.work_dir.join("bootstrap.log");
+        let mut c = self.command(
+            &self.topology.bootstrapper.clone(),
+            "ott-bootstrap",
+            &boot_log,
+        )?;
+        c.arg("--topology").arg(&self.topo_file).args([
+            "--listen",
+            &format!("0.0.0.0:{BOOTSTRAP_PORT}"),
+            "--addresses",
+            "links",
+        ]);
+        let child = c.spawn().context("cannot start ott-bootstrap")?;
+        self.started.push(child.id());
+        self.procs.insert("bootstrap".into(), Proc { child });
+        let overlay: Vec<String> = self
+            .topology
+            .nodes
+            .iter()
+            .filter(|n| n.role.is_overlay())
+            .map(|n| n.id.clone())
+            .collect();
+        for id in &overlay {
+            self.start_node(id)?;
+        }
+        for id in overlay {
+            self.spawn_poller(&id)?;
+        }
+        Ok(())
+    }
+
+    fn start_node(&mut self, id: &str) -> anyhow::Result<()> {
+        let role = self
+            .topology
+            .node(id)
+            .map(|n| n.role)
+            .context("unknown node")?;
+        let log = self.work_dir.join(format!("{id}.log"));
+        // Append, so a restarted node's log follows the first one.
+        let mut c = if role == Role::Server {
+            let mut c = self.command(id, "ott-server", &log)?;
+            c.arg("--videos").arg(&self.videos);
+            c
+        } else {
+            self.command(id, "ott-node", &log)?
+        };
+        if let Ok(f) = std::fs::OpenOptions::new().append(true).open(&log) {
+            c.stdout(f.try_clone()?).stderr(f);
+        }
+        c.args(["--id", id, "--bootstrap", &self.bootstrap.to_string()])
+            .args(["--status", &format!("0.0.0.0:{STATUS_PORT}")]);
+        let child = c.spawn().with_context(|| format!("cannot start {id}"))?;
+        self.started.push(child.id());
+        self.procs.insert(id.to_string(), Proc { child });
+        Ok(())
+    }
+
+    fn spawn_poller(&mut self, id: &str) -> anyhow::Result<()> {
+        let samples: Samples = Arc::new(Mutex::new(Vec::new()));
+        self.samples.insert(id.to_string(), samples.clone());
+        let stop = self.stop_pollers.clone();
+        let path = format!("/run/netns/{}", self.ns[id]);
+        let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), STATUS_PORT);
+        let handle = std::thread::Builder::new()
+            .name(format!("poll-{id}"))
+            .spawn(move || {
+                if netns::enter(&path).is_err() {
+                    return;
+                }
+                let mut last: Option<Option<String>> = None;
+                while !stop.load(Ordering::SeqCst) {
+                    let at = Instant::now();
+                    if let Ok(parent) = poll_parent(addr) {
+                        if last.as_ref() != Some(&parent) {
+                            if let Ok(mut s) = samples.lock() {
+                                s.push((at, parent.clone()));
+                            }
+                            last = Some(parent);
+                        }
+                    }
+                    std::thread::sleep(POLL_EVERY.saturating_sub(at.elapsed()));
+                }
+            })?;
+        self.pollers.push(handle);
+        Ok(())
+    }
+
+    /// The latest known parent of every overlay node.
+    fn parents(&self) -> BTreeMap<String, Option<String>> {
+        self.samples
+            .iter()
+            .map(|(id, s)| {
+                let p = s
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.last().and_then(|x| x.1.clone()));
+                (id.clone(), p)
+            })
+            .collect()
+    }
+
+    /// Waits until every relay and PoP has a parent and the tree has not changed for
+    /// [`SETTLE`].
+    fn wait_converged(&self, wait: Duration) -> anyhow::Result<()> {
+        let servers: Vec<String> = self
+            .topology
+            .servers()
+            .iter()
+            .map(|n| n.id.clone())
+            .collect();
+        let deadline = Instant::now() + wait;
+        let mut stable_since: Option<(Instant, BTreeMap<String, Option<String>>)> = None;
+        loop {
+            let parents = self.parents();
+            let missing: Vec<&String> = parents
+                .iter()
+                .filter(|(id, p)| p.is_none() && !servers.contains(id))
+                .map(|(id, _)| id)
+                .collect();
+            if missing.is_empty() {
+                match &stable_since {
+                    Some((since, tree)) if *tree == parents => {
+                        if since.elapsed() >= SETTLE {
+                            return Ok(());
+                        }
+                    }
+                    _ => stable_since = Some((Instant::now(), parents.clone())),
+                }
+            } else {
+                stable_since = None;
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                bail!("interrupted");
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the tree did not settle within {} s (no parent at {:?}; logs in {})",
+                    wait.as_secs(),
+                    missing,
+                    self.work_dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Each node's parent at `t0`.
+    fn parents_at(&self, t0: Instant) -> BTreeMap<String, Option<String>> {
+        self.samples
+            .iter()
+            .map(|(id, s)| {
+                let p = s.lock().ok().and_then(|s| {
+                    s.iter()
+                        .rev()
+                        .find(|(at, _)| *at <= t0)
+                        .and_then(|x| x.1.clone())
+                });
+                (id.clone(), p)
+            })
+            .collect()
+    }
+
+    /// Parent changes since `t0` (ms from `t0`), in time order.
+    fn parent_changes(&self, t0: Instant) -> Vec<ParentChange> {
+        let mut out = Vec::new();
+        for (id, s) in &self.samples {
+            let Ok(s) = s.lock() else { continue };
+            let mut prev: Option<String> = None;
+            for (at, parent) in s.iter() {
+                if *at >= t0 {
+                    out.push(ParentChange {
+                        t_ms: at.duration_since(t0).as_millis() as u64,
+                        node: id.clone(),
+                        from: prev.clone(),
+                        to: parent.clone(),
+                    });
+                }
+                prev = parent.clone();
+            }
+        }
+        out.sort_by(|a, b| a.t_ms.cmp(&b.t_ms).then(a.node.cmp(&b.node)));
+        out
+    }
+
+    fn start_client(&mut self, node: &str, stream: &str) -> anyhow::Result<()> {
+        if self
+            .clients
+            .iter()
+            .any(|c| c.node == node && c.proc.is_some())
+        {
+            bail!("client {node} is already running");
+        }
+        let n = self.clients.iter().filter(|c| c.node == node).count();
+        let name = if n == 0 {
+            node.to_string()
+        } else {
+            format!("{node}.{n}")
+        };
+        let output = self.work_dir.join(format!("{name}.mjpeg"));
+        let log = self.work_dir.join(format!("{name}.log"));
+        let stdout = self.work_dir.join(format!("{name}.stdout"));
+        let mut c = self.command(node, "ott-client", &log)?;
+        c.args([
+            "--bootstrap",
+            &self.bootstrap.to_string(),
+            "--id",
+            node,
+            "--stream",
+            stream,
+        ])
+        .arg("--output")
+        .arg(&output)
+        .stdin(Stdio::piped())
+        .stdout(File::create(&stdout)?);
+        let child = c
+            .spawn()
+            .with_context(|| format!("cannot start client {node}"))?;
+        self.started.push(child.id());
+        self.clients.push(ClientProc {
+            node: node.to_string(),
+            stream: stream.to_string(),
+            proc: Some(Proc { child }),
+            output,
+            log,
+            stdout,
+            switches: Vec::new(),
+        });
+        Ok(())
+    }
+
+    fn running_client(&mut self, node: &str) -> anyhow::Result<&mut ClientProc> {
+        self.clients
+            .iter_mut()
+            .find(|c| c.node == node && c.proc.is_some())
+            .with_context(|| format!("client {node} is not running"))
+    }
+
+    fn apply(&mut self, action: &Action) -> anyhow::Result<()> {
+        match action {
+            Action::Kill { node } => {
+                let mut p = self
+                    .procs
+                    .remove(node)
+                    .with_context(|| format!("{node} is not running"))?;
+                p.child.kill()?;
+                p.child.wait()?;
+            }
+            Action::Restart { node } => {
+                if self.procs.contains_key(node) {
+                    bail!("{node} is still running");
+                }
+                self.start_node(node)?;
+            }
+            Action::Link {
+                ends,
+                delay_ms,
+                jitter_ms,
+                loss_pct,
+                rate_mbit,
+            } => {
+                let l = self.link(ends)?;
+                l.set_both(|p| {
+                    if let Some(d) = delay_ms {
+                        p.delay = Duration::from_secs_f64(d.max(0.0) / 1000.0);
+                    }
+                    if let Some(j) = jitter_ms {
+                        p.jitter = Duration::from_secs_f64(j.max(0.0) / 1000.0);
+                    }
+                    if let Some(x) = loss_pct {
+                        p.loss_pct = *x;
+                    }
+                    if let Some(r) = rate_mbit {
+                        p.rate_bps = (*r > 0.0).then_some(r * 1e6);
+                    }
+                });
+            }
+            Action::LinkDown { ends } | Action::LinkUp { ends } => {
+                let up = matches!(action, Action::LinkUp { .. });
+                let (k, _) = self
+                    .topology
+                    .link_between(&ends[0], &ends[1])
+                    .context("no such link")?;
+                self.link(ends)?.set_both(|p| p.up = up);
+                if let Some(u) = self.up.get_mut(k) {
+                    *u = up;
+                }
+                self.reroute()?;
+            }
+            Action::ClientStart { client, stream } => self.start_client(client, stream)?,
+            Action::ClientStop { client } => {
+                if let Some(mut p) = self.running_client(client)?.proc.take() {
+                    p.terminate(Duration::from_secs(5));
+                }
+            }
+            Action::Switch { client, stream } => {
+                use std::io::Write;
+                let c = self.running_client(client)?;
+                c.switches.push(stream.clone());
+                let stdin = c
+                    .proc
+                    .as_mut()
+                    .and_then(|p| p.child.stdin.as_mut())
+                    .context("client has no standard input")?;
+                writeln!(stdin, "{stream}")?;
+                stdin.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn link_reports(&self) -> Vec<LinkReport> {
+        use std::sync::atomic::AtomicU64;
+        let get = |l: &LinkHandle, f: fn(&link::DirStats) -> &AtomicU64| {
+            [0, 1].map(|d| l.stats(d).map_or(0, |s| f(s).load(Ordering::Relaxed)))
+        };
+        self.topology
+            .links
+            .iter()
+            .zip(&self.links)
+            .map(|(t, l)| LinkReport {
+                ends: t.ends.clone(),
+                delivered: get(l, |s| &s.delivered),
+                lost: get(l, |s| &s.lost),
+                down: get(l, |s| &s.down),
+                overflow: get(l, |s| &s.overflow),
+            })
+            .collect()
+    }
+
+    fn link(&self, ends: &[String; 2]) -> anyhow::Result<&LinkHandle> {
+        let (k, _) = self
+            .topology
+            .link_between(&ends[0], &ends[1])
+            .with_context(|| format!("no link between {} and {}", ends[0], ends[1]))?;
+        self.links.get(k).context("link not running")
+    }
+
+    /// Plays the scenario's clients and events on a timeline from `t0`.
+    fn play(&mut self, s: &Scenario, t0: Instant) -> anyhow::Result<()> {
+        let mut timeline: Vec<(f64, Action)> = s
+            .clients
+            .iter()
+            .map(|c| {
+                (
+                    c.start_s,
+                    Action::ClientStart {
+                        client: c.id.clone(),
+                        stream: c.stream.clone(),
+                    },
+                )
+            })
+            .chain(s.events.iter().map(|e| (e.at_s, e.action.clone())))
+            .collect();
+        timeline.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let end = t0 + Duration::from_secs_f64(s.duration_s);
+        let mut next = timeline.into_iter().peekable();
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                bail!("interrupted");
+            }
+            let now = Instant::now();
+            if now >= end {
+                return Ok(());
+            }
+            match next.peek() {
+                Some((at, _)) if t0 + Duration::from_secs_f64(*at) <= now => {
+                    if let Some((at, action)) = next.next() {
+                        eprintln!("t={at:.1} s: {}", describe(&action));
+                        self.apply(&action)
+                            .with_context(|| format!("event at {at} s"))?;
+                    }
+                }
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    /// Stops the clients that still run and reads what each received.
+    fn finish_clients(&mut self, clips: &[ott_media::Clip]) -> anyhow::Result<Vec<ClientReport>> {
+        for c in &mut self.clients {
+            if let Some(mut p) = c.proc.take() {
+                p.terminate(Duration::from_secs(5));
+            }
+        }
+        let mut out = Vec::new();
+        for c in &self.clients {
+            out.push(report::client_report(
+                &c.node,
+                &c.stream,
+                &c.switches,
+                &c.output,
+                &c.stdout,
+                &c.log,
+                clips,
+            ));
+        }
+        Ok(out)
+    }
+}
+
+fn describe(a: &Action) -> String {
+    match a {
+        Action::Kill { node } => format!("kill {node}"),
+        Action::Restart { node } => format!("restart {node}"),
+        Action::Link { ends, .. } => format!("set link {}-{}", ends[0], ends[1]),
+        Action::LinkDown { ends } => format!("link {}-{} down", ends[0], ends[1]),
+        Action::LinkUp { ends } => format!("link {}-{} up", ends[0], ends[1]),
+        Action::ClientStart { client, stream } => format!("start client {client} on {stream}"),
+        Action::ClientStop { client } => format!("stop client {client}"),
+        Action::Switch { client, stream } => format!("client {client} switches to {stream}"),
+    }
+}
+
+/// `GET /status` at `addr` and its `parent`.
+fn poll_parent(addr: SocketAddr) -> anyhow::Result<Option<String>> {
+    let body = ott_apps::launcher::http_get(addr, "/status")?;
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(v.get("parent").and_then(|p| p.as_str()).map(String::from))
+}
+
+impl Drop for Emulation {
+    fn drop(&mut self) {
+        for c in &mut self.clients {
+            if let Some(mut p) = c.proc.take() {
+                p.terminate(Duration::from_secs(2));
+            }
+        }
+        for (_, mut p) in std::mem::take(&mut self.procs) {
+            p.terminate(Duration::from_secs(2));
+        }
+        self.stop_pollers.store(true, Ordering::SeqCst);
+        for h in self.pollers.drain(..) {
+            let _ = h.join();
+        }
+        // Stopping the forwarders closes the TAP devices.
+        self.links.clear();
+        for ns in self.ns.values() {
+            netns::destroy(ns);
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! The report of an emulation run: what each client saw, and how the tree moved.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+/// What one client received.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct ClientReport {
+    /// The client node it ran on.
+    pub(crate) id: String,
+    /// The stream it asked for first.
+    pub(crate) stream: String,
+    /// Streams it was switched to, in order.
+    pub(crate) switched_to: Vec<String>,
+    /// The PoP in use at the end.
+    pub(crate) pop: Option<String>,
+    /// Whole frames written to its output.
+    pub(crate) frames_received: u64,
+    /// Frames byte-identical to a frame of a source clip.
+    pub(crate) frames_intact: u64,
+    /// Every gap between frames over 200 ms, in ms, in order.
+    pub(crate) stalls_ms: Vec<u64>,
+    /// Longest gap between two frames, ms (0 with fewer than two frames).
+    pub(crate) longest_stall_ms: u64,
+    /// PoP changes after its first choice.
+    pub(crate) pop_switches: u64,
+    /// The client's own summary line, or why there is none.
+    pub(crate) summary: String,
+}
+
+/// A node's parent changed.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct ParentChange {
+    /// Milliseconds after the scenario started (when the tree had formed).
+    pub(crate) t_ms: u64,
+    pub(crate) node: String,
+    pub(crate) from: Option<String>,
+    pub(crate) to: Option<String>,
+}
+
+/// Frame counters of one emulated link: index 0 is `ends[0]` → `ends[1]`, 1 the reverse.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct LinkReport {
+    pub(crate) ends: [String; 2],
+    pub(crate) delivered: [u64; 2],
+    /// Dropped by the random loss.
+    pub(crate) lost: [u64; 2],
+    /// Dropped while the link was down.
+    pub(crate) down: [u64; 2],
+    /// Dropped because the queue was full (rate).
+    pub(crate) overflow: [u64; 2],
+}
+
+/// The whole report (`--report FILE` writes it as JSON).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Report {
+    pub(crate) topology: String,
+    pub(crate) scenario: String,
+    pub(crate) description: String,
+    pub(crate) duration_s: f64,
+    pub(crate) run: String,
+    /// Logs and client outputs of the run.
+    pub(crate) work_dir: String,
+    /// Each overlay node's parent when the scenario started.
+    pub(crate) initial_parents: BTreeMap<String, Option<String>>,
+    pub(crate) clients: Vec<ClientReport>,
+    pub(crate) parent_changes: Vec<ParentChange>,
+    /// Frames each emulated link carried and dropped.
+    pub(crate) links: Vec<LinkReport>,
+    /// Every process the run started (all gone once the run returns).
+    #[serde(skip)]
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) pids: Vec<u32>,
+}
+
+impl Report {
+    /// Pretty JSON.
+    pub(crate) fn json(&self) -> anyhow::Result<String> {
+        Ok(serde_json::to_string_pretty(self)?)
+    }
+
+    /// The human-readable report.
+    pub(crate) fn text(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "\nscenario {} on {} ({} s){}",
+            self.scenario,
+            self.topology,
+            self.duration_s,
+            if self.description.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", self.description)
+            }
+        );
+        let _ = writeln!(
+            o,
+            "\n{:<8} {:<10} {:<5} {:>7} {:>7} {:>7} {:>12} {:>5}  stalls (ms)",
+            "client", "stream", "pop", "frames", "intact", "stalls", "longest_ms", "pop↔"
+        );
+        for c in &self.clients {
+            let stalls: Vec<String> = c.stalls_ms.iter().map(u64::to_string).collect();
+            let _ = writeln!(
+                o,
+                "{:<8} {:<10} {:<5} {:>7} {:>7} {:>7} {:>12} {:>5}  {}",
+                c.id,
+                c.stream,
+                c.pop.as_deref().unwrap_or("-"),
+                c.frames_received,
+                c.frames_intact,
+                c.stalls_ms.len(),
+                c.longest_stall_ms,
+                c.pop_switches,
+                if stalls.is_empty() {
+                    "-".into()
+                } else {
+                    stalls.join(" ")
+                }
+            );
+        }
+        let tree: Vec<String> = self
+            .initial_parents
+            .iter()
+            .map(|(n, p)| format!("{n}←{}", p.as_deref().unwrap_or("-")))
+            .collect();
+        let _ = writeln!(o, "\ntree at start: {}", tree.join(" "));
+        if self.parent_changes.is_empty() {
+            let _ = writeln!(o, "parent changes: none");
+        } else {
+            let _ = writeln!(o, "parent changes:");
+            for c in &self.parent_changes {
+                let _ = writeln!(
+                    o,
+                    "  t={:>6} ms  {:<5} {} → {}",
+                    c.t_ms,
+                    c.node,
+                    c.from.as_deref().unwrap_or("none"),
+                    c.to.as_deref().unwrap_or("none")
+                );
+            }
+        }
+        let dropped: Vec<String> = self
+            .links
+            .iter()
+            .filter(|l| {
+                l.lost
+                    .iter()
+                    .chain(&l.down)
+                    .chain(&l.overflow)
+                    .any(|&x| x > 0)
+            })
+            .map(|l| {
+                format!(
+                    "{}-{} lost {}/{} down {}/{} overflow {}/{}",
+                    l.ends[0],
+                    l.ends[1],
+                    l.lost[0],
+                    l.lost[1],
+                    l.down[0],
+                    l.down[1],
+                    l.overflow[0],
+                    l.overflow[1]
+                )
+            })
+            .collect();
+        if !dropped.is_empty() {
+            let _ = writeln!(o, "links that dropped frames (each direction):");
+            for d in dropped {
+                let _ = writeln!(o, "  {d}");
+            }
+        }
+        let _ = writeln!(o, "\nlogs and outputs: {}", self.work_dir);
+        o
+    }
+}
+
+/// The `key=value` pairs of a client's summary line.
+fn summary_value<'a>(summary: &'a str, key: &str) -> Option<&'a str> {
+    summary
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+/// Gap lengths of the `stall` lines in a client log (`... stall gap_ms=523`).
+pub(crate) fn stalls_from_log(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains(" stall"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("gap_ms="))
+                .and_then(|v| v.parse().ok())
+        })
+        .collect()
+}
+
+/// Reads one client's files into its report line.
+pub(crate) fn client_report(
+    id: &str,
+    stream: &str,
+    switches: &[String],
+    output: &Path,
+    stdout: &Path,
+    log: &Path,
+    clips: &[ott_media::Clip],
+) -> ClientReport {
+    let out = std::fs::read_to_string(stdout).unwrap_or_default();
+    let summary = out
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("summary: "))
+        .map(String::from);
+    let log_text = std::fs::read_to_string(log).unwrap_or_default();
+    let data = std::fs::read(output).unwrap_or_default();
+    let frames: HashSet<&[u8]> = clips
+        .iter()
+        .flat_map(|c| c.frames.iter().map(|f| f.as_ref()))
+        .collect();
+    let (received, intact) = match ott_media::mjpeg::split_frames(&data) {
+        Ok(ranges) => {
+            let intact = ranges
+                .iter()
+                .filter(|r| data.get((*r).clone()).is_some_and(|f| frames.contains(f)))
+                .count();
+            (ranges.len() as u64, intact as u64)
+        }
+        Err(_) => (0, 0),
+    };
+    let s = summary.as_deref().unwrap_or("");
+    let num = |k: &str| {
+        summary_value(s, k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    ClientReport {
+        id: id.to_string(),
+        stream: stream.to_string(),
+        switched_to: switches.to_vec(),
+        pop: summary_value(s, "pop")
+            .filter(|p| *p != "-")
+            .map(String::from),
+        frames_received: received,
+        frames_intact: intact,
+        stalls_ms: stalls_from_log(&log_text),
+        longest_stall_ms: num("longest_gap_ms"),
+        pop_switches: num("pop_switches"),
+        summary: summary.unwrap_or_else(|| {
+            let tail: Vec<&str> = log_text.lines().rev().take(3).collect();
+            format!("no summary; log ends: {}", tail.join(" | "))
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stalls_are_read_from_the_client_log() {
+        let log = "2025-01-01T00:00:00Z  INFO stall gap_ms=523\n\
+                   2025-01-01T00:00:01Z  INFO joined stream\n\
+                   2025-01-01T00:00:02Z  INFO stall gap_ms=210\n";
+        assert_eq!(stalls_from_log(log), vec![523, 210]);
+    }
+
+    #[test]
+    fn the_json_has_the_fields_the_issue_names() {
+        let r = Report {
+            topology: "seed".into(),
+            scenario: "x".into(),
+            description: String::new(),
+            duration_s: 1.0,
+            run: "1x0".into(),
+            work_dir: "/tmp".into(),
+            initial_parents: BTreeMap::new(),
+            clients: vec![ClientReport {
+                id: "n16".into(),
+                stream: "bars".into(),
+                switched_to: vec![],
+                pop: Some("n5".into()),
+                frames_received: 10,
+                frames_intact: 10,
+                stalls_ms: vec![],
+                longest_stall_ms: 40,
+                pop_switches: 0,
+                summary: String::new(),
+            }],
+            parent_changes: vec![ParentChange {
+                t_ms: 5,
+                node: "n7".into(),
+                from: Some("n8".into()),
+                to: Some("n9".into()),
+            }],
+            links: vec![],
+            pids: vec![],
+        };
+        let v: serde_json::Value = serde_json::from_str(&r.json().expect("json")).expect("parses");
+        let c = &v["clients"][0];
+        for k in [
+            "id",
+            "stream",
+            "frames_received",
+            "frames_intact",
+            "longest_stall_ms",
+            "pop_switches",
+        ] {
+            assert!(!c[k].is_null(), "clients[].{k}");
+        }
+        let p = &v["parent_changes"][0];
+        for k in ["t_ms", "node", "from", "to"] {
+            assert!(!p[k].is_null(), "parent_changes[].{k}");
+        }
+        assert!(r.text().contains("n7    n8 → n9"));
+    }
+}
