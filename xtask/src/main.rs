@@ -2,6 +2,7 @@
 //!
 //! - `demo`: the seed topology on loopback with two clients, and a table of what they got.
 
+mod bench;
 mod demo;
 mod tidy;
 
@@ -21,12 +22,16 @@ enum Cmd {
     /// Run a topology on loopback (no root needed) with a server, every relay and PoP,
     /// and two clients on two streams; print what each client received.
     Demo(demo::DemoArgs),
+    /// Measure the relay's forwarding (packets/s, Mbit/s, latency per hop, CPU per GB)
+    /// against a minimal recvmmsg/sendmmsg relay, on loopback.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Bench(a) => bench::run(a),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
