@@ -103,8 +103,32 @@ enum Out {
     Owned(Bytes),
 }
 
-/// Start the forwarding thread on `sock`.
+/// Options of the forwarding thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwarderConfig {
+    /// NACK the upstream for missing datagrams (per-hop loss recovery). Answering
+    /// children's NACKs is always on.
+    pub nack: bool,
+}
+
+impl Default for ForwarderConfig {
+    fn default() -> Self {
+        Self { nack: true }
+    }
+}
+
+/// Start the forwarding thread on `sock` with the default configuration.
 pub fn spawn_forwarder(
+    sock: UdpSocket,
+    counters: Arc<Counters>,
+    cmds: Receiver<DataCmd>,
+) -> std::io::Result<JoinHandle<()>> {
+    spawn_forwarder_with(ForwarderConfig::default(), sock, counters, cmds)
+}
+
+/// Start the forwarding thread on `sock`.
+pub fn spawn_forwarder_with(
+    config: ForwarderConfig,
     sock: UdpSocket,
     counters: Arc<Counters>,
     cmds: Receiver<DataCmd>,
@@ -112,10 +136,11 @@ pub fn spawn_forwarder(
     sock.set_read_timeout(Some(Duration::from_millis(5)))?;
     thread::Builder::new()
         .name("data-fwd".into())
-        .spawn(move || Forwarder::new(sock, counters).run(&cmds))
+        .spawn(move || Forwarder::new(config, sock, counters).run(&cmds))
 }
 
 struct Forwarder {
+    config: ForwarderConfig,
     sock: UdpSocket,
     counters: Arc<Counters>,
     streams: HashMap<u32, StreamState>,
@@ -125,9 +150,10 @@ struct Forwarder {
 }
 
 impl Forwarder {
-    fn new(sock: UdpSocket, counters: Arc<Counters>) -> Self {
+    fn new(config: ForwarderConfig, sock: UdpSocket, counters: Arc<Counters>) -> Self {
         let data_port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
         Self {
+            config,
             sock,
             counters,
             streams: HashMap::new(),
@@ -179,7 +205,9 @@ impl Forwarder {
             for i in 0..self.batch.len() {
                 self.on_datagram(now, i);
             }
-            self.poll_nacks(now);
+            if self.config.nack {
+                self.poll_nacks(now);
+            }
             self.flush();
         }
     }
