@@ -1,23 +1,39 @@
 //! The media forwarding thread of a relay or PoP.
 //!
-//! It reads media datagrams from the node's data socket, parses only the fixed header,
-//! drops duplicates (a make-before-break switch briefly receives a stream twice), and
-//! sends the same bytes to every child of the stream. The forwarding table is a private
-//! copy updated through [`DataCmd`]s from the control loop, so the hot path takes no lock.
-//! A failed send to one child is counted and never stops forwarding to the others.
+//! It reads media datagrams from the node's data socket in batches (`recvmmsg`), parses
+//! only the fixed header, drops duplicates (a make-before-break switch briefly receives
+//! a stream twice), and sends the same bytes to every child of the stream in batches
+//! (`sendmmsg`), without a copy per child. The forwarding table is a private copy updated
+//! through [`DataCmd`]s from the control loop, so the hot path takes no lock.
+//!
+//! Loss recovery is per hop and lives here too, so it never waits behind control
+//! traffic: each stream keeps a bounded retransmission buffer to answer its children's
+//! NACKs (which arrive on this socket), and a gap tracker that NACKs the upstream for
+//! datagrams that did not arrive. A failed send to one child is counted and never stops
+//! forwarding to the others.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use ott_proto::MediaHeader;
+use ott_media::arq::{nacked_seqs, GapTracker, NackConfig, RetransmitBuffer};
+use ott_proto::{flags, MediaHeader, Message, HEADER_LEN, MAGIC};
 use serde::Serialize;
 
+use crate::batch::{send_batch, RecvBatch};
 use crate::counters::{add, Counters};
 use crate::dedup::SeqWindow;
+
+/// Datagrams read per system call.
+pub const BATCH: usize = 64;
+/// Datagrams of each stream kept for retransmission (about 3 MB at full size).
+pub const RETRANSMIT_DEPTH: usize = 2048;
+/// Most datagrams resent for one NACK.
+pub const MAX_RESEND_PER_NACK: usize = 256;
 
 /// Commands from the control loop to the forwarding thread.
 #[derive(Debug)]
@@ -46,6 +62,12 @@ pub struct StreamTraffic {
     pub duplicates: u64,
     /// Current number of children.
     pub children: usize,
+    /// NACK messages sent upstream.
+    pub nacks_sent: u64,
+    /// Datagrams resent to children answering their NACKs.
+    pub retransmitted: u64,
+    /// Missing datagrams given up (not recovered within the budget).
+    pub given_up: u64,
 }
 
 /// Per-stream traffic, keyed by stream id.
@@ -55,6 +77,10 @@ struct StreamState {
     children: Vec<SocketAddr>,
     seen: SeqWindow,
     traffic: StreamTraffic,
+    buffer: RetransmitBuffer,
+    gaps: GapTracker,
+    /// Where the stream comes from (the parent's data socket), for NACKs.
+    upstream: Option<SocketAddr>,
 }
 
 impl StreamState {
@@ -63,96 +89,247 @@ impl StreamState {
             children: Vec::new(),
             seen: SeqWindow::new(),
             traffic: StreamTraffic::default(),
+            buffer: RetransmitBuffer::new(RETRANSMIT_DEPTH),
+            gaps: GapTracker::new(NackConfig::default()),
+            upstream: None,
         }
     }
 }
 
-/// Start the forwarding thread on `sock`.
+/// One datagram to send: from the receive batch, or an owned copy (a retransmission
+/// or a NACK).
+enum Out {
+    Batch(usize),
+    Owned(Bytes),
+}
+
+/// Options of the forwarding thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwarderConfig {
+    /// NACK the upstream for missing datagrams (per-hop loss recovery). Answering
+    /// children's NACKs is always on.
+    pub nack: bool,
+}
+
+impl Default for ForwarderConfig {
+    fn default() -> Self {
+        Self { nack: true }
+    }
+}
+
+/// Start the forwarding thread on `sock` with the default configuration.
 pub fn spawn_forwarder(
     sock: UdpSocket,
     counters: Arc<Counters>,
     cmds: Receiver<DataCmd>,
 ) -> std::io::Result<JoinHandle<()>> {
-    sock.set_read_timeout(Some(Duration::from_millis(50)))?;
-    thread::Builder::new()
-        .name("data-fwd".into())
-        .spawn(move || forward_loop(&sock, &counters, &cmds))
+    spawn_forwarder_with(ForwarderConfig::default(), sock, counters, cmds)
 }
 
-fn forward_loop(sock: &UdpSocket, counters: &Counters, cmds: &Receiver<DataCmd>) {
-    let mut streams: HashMap<u32, StreamState> = HashMap::new();
-    let mut buf = vec![0u8; 65536];
-    loop {
-        loop {
-            match cmds.try_recv() {
-                Ok(DataCmd::Route { stream, children }) => {
-                    let st = streams.entry(stream).or_insert_with(StreamState::new);
-                    st.traffic.children = children.len();
-                    st.children = children;
-                }
-                Ok(DataCmd::Snapshot(reply)) => {
-                    let snap = streams
-                        .iter()
-                        .map(|(k, v)| (*k, v.traffic.clone()))
-                        .collect();
-                    let _ = reply.send(snap);
-                }
-                Ok(DataCmd::Stop) | Err(TryRecvError::Disconnected) => return,
-                Err(TryRecvError::Empty) => break,
-            }
+/// Start the forwarding thread on `sock`.
+pub fn spawn_forwarder_with(
+    config: ForwarderConfig,
+    sock: UdpSocket,
+    counters: Arc<Counters>,
+    cmds: Receiver<DataCmd>,
+) -> std::io::Result<JoinHandle<()>> {
+    sock.set_read_timeout(Some(Duration::from_millis(5)))?;
+    thread::Builder::new()
+        .name("data-fwd".into())
+        .spawn(move || Forwarder::new(config, sock, counters).run(&cmds))
+}
+
+struct Forwarder {
+    config: ForwarderConfig,
+    sock: UdpSocket,
+    counters: Arc<Counters>,
+    streams: HashMap<u32, StreamState>,
+    batch: RecvBatch,
+    plan: Vec<(Out, SocketAddr)>,
+    data_port: u16,
+}
+
+impl Forwarder {
+    fn new(config: ForwarderConfig, sock: UdpSocket, counters: Arc<Counters>) -> Self {
+        let data_port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
+        Self {
+            config,
+            sock,
+            counters,
+            streams: HashMap::new(),
+            batch: RecvBatch::new(BATCH),
+            plan: Vec::with_capacity(BATCH * 4),
+            data_port,
         }
-        let (len, _from) = match sock.recv_from(&mut buf) {
-            Ok(x) => x,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue
+    }
+
+    fn run(mut self, cmds: &Receiver<DataCmd>) {
+        loop {
+            loop {
+                match cmds.try_recv() {
+                    Ok(DataCmd::Route { stream, children }) => {
+                        let st = self.streams.entry(stream).or_insert_with(StreamState::new);
+                        st.traffic.children = children.len();
+                        st.children = children;
+                    }
+                    Ok(DataCmd::Snapshot(reply)) => {
+                        let snap = self
+                            .streams
+                            .iter()
+                            .map(|(k, v)| {
+                                let mut t = v.traffic.clone();
+                                t.given_up = v.gaps.stats().given_up;
+                                (*k, t)
+                            })
+                            .collect();
+                        let _ = reply.send(snap);
+                    }
+                    Ok(DataCmd::Stop) | Err(TryRecvError::Disconnected) => return,
+                    Err(TryRecvError::Empty) => break,
+                }
             }
-            Err(e) => {
-                // ICMP errors from an earlier send surface here on Linux: count and go on.
-                tracing::debug!(error = %e, "data socket receive error");
-                add(&counters.send_errors, 1);
-                continue;
+            match self.batch.recv(&self.sock) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => {
+                    // ICMP errors of an earlier send surface here on Linux: count, go on.
+                    tracing::debug!(error = %e, "data socket receive error");
+                    add(&self.counters.send_errors, 1);
+                }
             }
+            let now = Instant::now();
+            for i in 0..self.batch.len() {
+                self.on_datagram(now, i);
+            }
+            if self.config.nack {
+                self.poll_nacks(now);
+            }
+            self.flush();
+        }
+    }
+
+    fn on_datagram(&mut self, now: Instant, i: usize) {
+        let Some((datagram, from)) = self.batch.get(i) else {
+            return;
         };
-        counters.rx(len);
-        let datagram = &buf[..len];
+        self.counters.rx(datagram.len());
+        if datagram.len() < HEADER_LEN || datagram[..2] != MAGIC {
+            // Not media: a NACK from a child, or garbage.
+            match (ott_proto::decode(datagram), from) {
+                (Ok(Message::Nack { stream, ranges, .. }), Some(from)) => {
+                    self.on_nack(stream, &ranges, from)
+                }
+                (Ok(other), _) => {
+                    tracing::debug!(kind = other.kind(), "unexpected message on the data socket");
+                    add(&self.counters.dropped, 1);
+                }
+                (Err(e), _) => {
+                    tracing::debug!(error = %e, "malformed datagram on the data socket");
+                    add(&self.counters.malformed, 1);
+                }
+            }
+            return;
+        }
         let header = match MediaHeader::parse(datagram) {
             Ok(h) => h,
             Err(e) => {
                 tracing::debug!(error = %e, "malformed media datagram");
-                add(&counters.malformed, 1);
-                continue;
+                add(&self.counters.malformed, 1);
+                return;
             }
         };
-        let st = streams
+        let st = self
+            .streams
             .entry(header.stream)
             .or_insert_with(StreamState::new);
         st.traffic.packets_in += 1;
+        if !header.has(flags::RETRANSMIT) && from.is_some() {
+            st.upstream = from;
+        }
+        st.gaps.on_datagram(now, header.seq);
         if !st.seen.insert(header.seq) {
             st.traffic.duplicates += 1;
-            add(&counters.duplicates, 1);
-            continue;
+            add(&self.counters.duplicates, 1);
+            return;
         }
+        // One copy per datagram (not per child), flagged for when it is resent.
+        let mut copy = datagram.to_vec();
+        MediaHeader::mark_retransmit(&mut copy);
+        st.buffer.insert(header.seq, Bytes::from(copy));
         if st.children.is_empty() {
-            add(&counters.dropped, 1);
-            continue;
+            add(&self.counters.dropped, 1);
+            return;
         }
         for child in &st.children {
-            match sock.send_to(datagram, child) {
-                Ok(n) => {
-                    counters.tx(n);
-                    st.traffic.packets_out += 1;
-                }
-                Err(e) => {
-                    tracing::debug!(%child, error = %e, "media send failed");
-                    add(&counters.send_errors, 1);
+            self.plan.push((Out::Batch(i), *child));
+        }
+        st.traffic.packets_out += st.children.len() as u64;
+    }
+
+    fn on_nack(&mut self, stream: u32, ranges: &[ott_proto::NackRange], from: SocketAddr) {
+        let Some(st) = self.streams.get_mut(&stream) else {
+            add(&self.counters.dropped, 1);
+            return;
+        };
+        // Only children may ask: no one can use us to reflect traffic elsewhere.
+        if !st.children.contains(&from) {
+            add(&self.counters.dropped, 1);
+            return;
+        }
+        for seq in nacked_seqs(ranges, MAX_RESEND_PER_NACK) {
+            if let Some(d) = st.buffer.get(seq) {
+                self.plan.push((Out::Owned(d.clone()), from));
+                st.traffic.retransmitted += 1;
+                add(&self.counters.retransmitted, 1);
+            }
+        }
+    }
+
+    fn poll_nacks(&mut self, now: Instant) {
+        for (id, st) in &mut self.streams {
+            let Some(up) = st.upstream else { continue };
+            while let Some(ranges) = st.gaps.poll_nack(now) {
+                let msg = Message::Nack {
+                    stream: *id,
+                    data_port: self.data_port,
+                    ranges,
+                };
+                match ott_proto::encode(&msg) {
+                    Ok(buf) => {
+                        self.plan.push((Out::Owned(Bytes::from(buf)), up));
+                        st.traffic.nacks_sent += 1;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot encode a NACK"),
                 }
             }
         }
+    }
+
+    fn flush(&mut self) {
+        if self.plan.is_empty() {
+            return;
+        }
+        let batch = &self.batch;
+        let items: Vec<(&[u8], SocketAddr)> = self
+            .plan
+            .iter()
+            .filter_map(|(out, to)| match out {
+                Out::Batch(i) => batch.get(*i).map(|(d, _)| (d, *to)),
+                Out::Owned(b) => Some((b.as_ref(), *to)),
+            })
+            .collect();
+        let out = send_batch(&self.sock, &items);
+        add(&self.counters.packets_out, out.sent as u64);
+        add(&self.counters.bytes_out, out.bytes as u64);
+        if out.failed > 0 {
+            tracing::debug!(failed = out.failed, "media sends failed");
+            add(&self.counters.send_errors, out.failed as u64);
+        }
+        self.plan.clear();
     }
 }
 

@@ -6,6 +6,7 @@
 //! topology on loopback for the demo and the integration tests.
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod counters;
 pub mod dataplane;
 pub mod dedup;

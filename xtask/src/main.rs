@@ -3,7 +3,9 @@
 //! - `demo`: the seed topology on loopback with two clients, and a table of what they got.
 //! - `core-launch`: a topology as a CORE scenario (`.imn`, or XML for CORE 8+).
 //! - `emulate`: a topology in network namespaces with emulated links and timed faults.
+//! - `bench`: the relay data path against a minimal batched relay.
 
+mod bench;
 mod core;
 mod demo;
 mod emulate;
@@ -31,6 +33,9 @@ enum Cmd {
     /// Run a topology in Linux network namespaces (root) with emulated links, play a
     /// scenario's timed faults, and report what each client received.
     Emulate(emulate::EmulateArgs),
+    /// Measure the relay's forwarding (packets/s, Mbit/s, latency per hop, CPU per GB)
+    /// against a minimal recvmmsg/sendmmsg relay, on loopback.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +44,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Demo(a) => demo::run(a),
         Cmd::CoreLaunch(a) => core::run(a),
         Cmd::Emulate(a) => emulate::run(a),
+        Cmd::Bench(a) => bench::run(a),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -21,6 +21,10 @@ struct Args {
     /// Serve GET /status (JSON) and /metrics (Prometheus) on this address.
     #[arg(long)]
     status: Option<SocketAddr>,
+    /// Do not ask the parent to resend lost media datagrams (per-hop loss recovery off;
+    /// for comparisons). Children's requests are still answered.
+    #[arg(long)]
+    no_nack: bool,
     /// How long to wait for the bootstrapper to answer, in seconds.
     #[arg(long, default_value_t = 30)]
     bootstrap_wait: u64,
@@ -56,6 +60,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         a,
         args.status,
         Vec::new(),
-        Box::new(ott_apps::dataplane::spawn_forwarder),
+        Box::new(move |sock, counters, cmds| {
+            let config = ott_apps::dataplane::ForwarderConfig {
+                nack: !args.no_nack,
+            };
+            ott_apps::dataplane::spawn_forwarder_with(config, sock, counters, cmds)
+        }),
     )
 }

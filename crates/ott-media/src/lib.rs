@@ -8,11 +8,13 @@
 //!   [`ott_proto::MAX_DATAGRAM_LEN`] bytes with an [`ott_proto::MediaHeader`];
 //! - [`Reassembler`]: rebuild frames from the datagrams of one stream, in order, with
 //!   bounded memory, counting what it drops;
-//! - [`Pacer`]: when each frame is due and its 90 kHz timestamp, without drift.
+//! - [`Pacer`]: when each frame is due and its 90 kHz timestamp, without drift;
+//! - [`arq`]: per-hop loss recovery (a bounded retransmission buffer, a NACK scheduler);
+//! - [`PlayoutBuffer`]: frames released in order within a latency budget.
 //!
 //! Except [`Clip::load`] and [`load_dir`], which read files, this crate is sans-IO: it
 //! opens no socket, spawns no thread and never reads the clock (time is a parameter).
-//! It does not decode images, relay datagrams, recover losses (NACK) or buffer playout;
+//! It does not decode images or relay datagrams;
 //! MPEG-TS clips are recognised but not supported yet ([`ClipError::Unsupported`]).
 //!
 //! # Example
@@ -39,15 +41,18 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod arq;
 mod clip;
 mod error;
 pub mod mjpeg;
 mod pacer;
 mod packet;
+mod playout;
 mod reassembly;
 
 pub use clip::{load_dir, Clip, ClipSource, DEFAULT_FPS, MAX_FPS};
 pub use error::{ClipError, FramingError};
 pub use pacer::{Pacer, CLOCK_RATE, MIN_FPS};
 pub use packet::{Packetizer, MAX_FRAME_LEN};
+pub use playout::{PlayoutBuffer, PlayoutConfig, PlayoutStats};
 pub use reassembly::{Frame, Reassembler, ReassemblerConfig, ReassemblyStats};

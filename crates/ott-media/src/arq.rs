@@ -1,0 +1,276 @@
+//! Per-hop loss recovery: a bounded retransmission buffer for the sender side and a gap
+//! tracker that schedules NACKs on the receiver side. Sans-IO: time is a parameter.
+//!
+//! Sequence numbers are the media header's per-stream `seq` (u32, wrapping). Both sides
+//! work on a 64-bit "unwrapped" sequence relative to the newest seen, so wrap-around is
+//! invisible to them.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ott_proto::NackRange;
+
+/// How far below the oldest datagram seen a start-up reordering may reach.
+const START_REORDER: u64 = 64;
+
+/// The newest datagrams of one stream, by sequence number, to answer NACKs.
+///
+/// Holds at most `capacity` datagrams; inserting beyond that forgets the oldest. Memory
+/// is bounded by `capacity` × the largest datagram.
+#[derive(Debug)]
+pub struct RetransmitBuffer {
+    slots: Vec<Option<(u32, Bytes)>>,
+}
+
+impl RetransmitBuffer {
+    /// A buffer of `capacity` datagrams (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            slots: vec![None; capacity.max(1)],
+        }
+    }
+
+    /// Remember datagram `seq`.
+    pub fn insert(&mut self, seq: u32, datagram: Bytes) {
+        let n = self.slots.len();
+        if let Some(slot) = self.slots.get_mut(seq as usize % n) {
+            *slot = Some((seq, datagram));
+        }
+    }
+
+    /// Datagram `seq`, if still held.
+    pub fn get(&self, seq: u32) -> Option<&Bytes> {
+        let n = self.slots.len();
+        match self.slots.get(seq as usize % n) {
+            Some(Some((s, d))) if *s == seq => Some(d),
+            _ => None,
+        }
+    }
+
+    /// How many datagrams it can hold.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+/// When and how often a receiver asks for missing datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NackConfig {
+    /// Wait this long after a gap appears before the first NACK, so that mere
+    /// reordering does not cause one.
+    pub reorder_delay: Duration,
+    /// Time between NACKs for the same datagram (about one RTT of the hop).
+    pub retry_interval: Duration,
+    /// Most NACKs for one datagram.
+    pub max_retries: u32,
+    /// A datagram missing for longer than this is given up (the latency budget).
+    pub give_up_after: Duration,
+    /// Most missing datagrams tracked at once; beyond that the oldest are given up.
+    pub max_missing: usize,
+    /// Most ranges in one NACK message.
+    pub max_ranges: usize,
+}
+
+impl Default for NackConfig {
+    fn default() -> Self {
+        Self {
+            reorder_delay: Duration::from_millis(5),
+            retry_interval: Duration::from_millis(30),
+            max_retries: 8,
+            give_up_after: Duration::from_millis(300),
+            max_missing: 1024,
+            max_ranges: 64,
+        }
+    }
+}
+
+/// Counters of a [`GapTracker`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NackStats {
+    /// NACK messages produced.
+    pub nacks: u64,
+    /// Sequence numbers asked for (a number asked twice counts twice).
+    pub requested: u64,
+    /// Missing datagrams that arrived later (recovered or reordered).
+    pub recovered: u64,
+    /// Missing datagrams given up (retries exhausted, too old, or too many missing).
+    pub given_up: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Missing {
+    since: Instant,
+    next: Instant,
+    tries: u32,
+}
+
+/// Receiver side of one stream from one upstream: finds gaps in the sequence numbers
+/// and says when to NACK which of them.
+///
+/// Drive it with [`GapTracker::on_datagram`] for each datagram received, then
+/// [`GapTracker::poll_nack`] until it returns `None`, and call again at
+/// [`GapTracker::poll_timeout`].
+#[derive(Debug)]
+pub struct GapTracker {
+    config: NackConfig,
+    /// Newest sequence number seen, unwrapped.
+    newest: Option<u64>,
+    /// Oldest sequence number seen, unwrapped: datagrams reordered at start-up may arrive
+    /// below it, revealing gaps there too.
+    oldest: Option<u64>,
+    missing: BTreeMap<u64, Missing>,
+    stats: NackStats,
+}
+
+impl GapTracker {
+    /// A tracker that has seen nothing yet.
+    pub fn new(config: NackConfig) -> Self {
+        Self {
+            config,
+            newest: None,
+            oldest: None,
+            missing: BTreeMap::new(),
+            stats: NackStats::default(),
+        }
+    }
+
+    /// Forget everything (a new upstream or a new stream).
+    pub fn reset(&mut self) {
+        self.newest = None;
+        self.oldest = None;
+        self.missing.clear();
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> NackStats {
+        self.stats
+    }
+
+    /// Number of datagrams currently missing.
+    pub fn missing(&self) -> usize {
+        self.missing.len()
+    }
+
+    fn unwrap_seq(&self, seq: u32) -> u64 {
+        let Some(newest) = self.newest else {
+            return u64::from(seq) + (1 << 32);
+        };
+        let delta = seq.wrapping_sub(newest as u32) as i32;
+        newest.saturating_add_signed(i64::from(delta))
+    }
+
+    /// Note datagram `seq` (a retransmission too). Returns whether it filled a gap.
+    pub fn on_datagram(&mut self, now: Instant, seq: u32) -> bool {
+        let s = self.unwrap_seq(seq);
+        let (Some(newest), Some(oldest)) = (self.newest, self.oldest) else {
+            self.newest = Some(s);
+            self.oldest = Some(s);
+            return false;
+        };
+        if s > newest {
+            self.add_missing(now, newest + 1, s);
+            self.newest = Some(s);
+            return false;
+        }
+        if s < oldest {
+            // Reordered at start-up: what lies between it and the oldest seen is missing.
+            if oldest - s <= START_REORDER {
+                self.add_missing(now, s + 1, oldest);
+            }
+            self.oldest = Some(s);
+            return false;
+        }
+        let filled = self.missing.remove(&s).is_some();
+        if filled {
+            self.stats.recovered += 1;
+        }
+        filled
+    }
+
+    /// Mark `from..to` missing, within the bounds of the configuration.
+    fn add_missing(&mut self, now: Instant, from: u64, to: u64) {
+        if to.saturating_sub(from) > self.config.max_missing as u64 {
+            // A burst longer than we can track, or a source that jumped: give up what was missing.
+            self.stats.given_up += self.missing.len() as u64;
+            self.missing.clear();
+            return;
+        }
+        let next = now + self.config.reorder_delay;
+        for m in from..to {
+            self.missing.entry(m).or_insert(Missing {
+                since: now,
+                next,
+                tries: 0,
+            });
+        }
+        while self.missing.len() > self.config.max_missing {
+            self.missing.pop_first();
+            self.stats.given_up += 1;
+        }
+    }
+
+    /// The sequence numbers to NACK now, as ranges, or `None` if none is due.
+    pub fn poll_nack(&mut self, now: Instant) -> Option<Vec<NackRange>> {
+        self.expire(now);
+        let mut ranges: Vec<NackRange> = Vec::new();
+        for (&s, m) in self.missing.iter_mut() {
+            if m.next > now {
+                continue;
+            }
+            if ranges.len() >= self.config.max_ranges {
+                break;
+            }
+            m.tries += 1;
+            m.next = now + self.config.retry_interval;
+            self.stats.requested += 1;
+            let seq = s as u32;
+            match ranges.last_mut() {
+                Some(r)
+                    if r.first.wrapping_add(u32::from(r.count)) == seq && r.count < u16::MAX =>
+                {
+                    r.count += 1
+                }
+                _ => ranges.push(NackRange {
+                    first: seq,
+                    count: 1,
+                }),
+            }
+        }
+        if ranges.is_empty() {
+            return None;
+        }
+        self.stats.nacks += 1;
+        Some(ranges)
+    }
+
+    /// Give up datagrams older than the budget, and those whose last NACK went
+    /// unanswered for a whole retry interval.
+    fn expire(&mut self, now: Instant) {
+        let (give_up, max) = (self.config.give_up_after, self.config.max_retries);
+        let before = self.missing.len();
+        self.missing.retain(|_, m| {
+            let young = now.saturating_duration_since(m.since) < give_up;
+            let may_retry = m.tries < max || m.next > now;
+            young && may_retry
+        });
+        self.stats.given_up += (before - self.missing.len()) as u64;
+    }
+
+    /// When [`GapTracker::poll_nack`] next has something to say (or a datagram expires).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.missing
+            .values()
+            .map(|m| m.next.min(m.since + self.config.give_up_after))
+            .min()
+    }
+}
+
+/// Expand NACK ranges into sequence numbers, at most `limit` of them (a bound on the
+/// work one NACK can cause).
+pub fn nacked_seqs(ranges: &[NackRange], limit: usize) -> impl Iterator<Item = u32> + '_ {
+    ranges
+        .iter()
+        .flat_map(|r| (0..u32::from(r.count)).map(move |i| r.first.wrapping_add(i)))
+        .take(limit)
+}

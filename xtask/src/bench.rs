@@ -1,0 +1,595 @@
+//! `cargo xtask bench`: the relay's data path against a minimal batched relay written
+//! here, on loopback, in one run (ratios, not absolute figures, are what to compare:
+//! these machines are noisy).
+//!
+//! Setup: a bootstrapper and one real `ott-node` (release build) as the relay; this
+//! process plays the server (its control plane is a real `ott_tree::Node`, so the relay
+//! sees a normal overlay neighbour) and the subscribers (client joins). The baseline is
+//! a thread here: `recvmmsg`, then `sendmmsg` to every subscriber, nothing else.
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ott_apps::batch::{send_batch, RecvBatch};
+use ott_apps::launcher::{http_get, wait_for};
+use ott_proto::{flags, MediaHeader, MediaKind, Message, StreamInfo};
+use ott_tree::{Event, Node, NodeConfig, Role};
+
+#[derive(clap::Args)]
+pub(crate) struct BenchArgs {
+    /// Seconds of each throughput measurement.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Use the debug build of the programs (faster to build, slower to run).
+    #[arg(long)]
+    debug: bool,
+}
+
+const NET: u8 = 99;
+const PAYLOAD: usize = 1316;
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, NET, 0, last)
+}
+
+struct Procs(Vec<Child>);
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The relay under test and the way to read its counters and CPU time.
+struct Relay {
+    data: SocketAddr,
+    status: SocketAddr,
+    pid: u32,
+}
+
+impl Relay {
+    fn packets_out(&self) -> anyhow::Result<u64> {
+        let body = http_get(self.status, "/status")?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        v["counters"]["packets_out"]
+            .as_u64()
+            .context("no packets_out counter")
+    }
+    fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        proc_cpu(&format!("/proc/{}/stat", self.pid))
+    }
+}
+
+/// utime + stime of a /proc stat file, seconds.
+fn proc_cpu(path: &str) -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+    let after = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("bad stat file")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks / hz)
+}
+
+fn thread_cpu_path() -> String {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    format!("/proc/self/task/{tid}/stat")
+}
+
+pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let root = crate::project_root();
+    eprintln!(
+        "building the programs ({})…",
+        if args.debug { "debug" } else { "release" }
+    );
+    let bin_dir = crate::build_binaries(!args.debug)?;
+    let work = root.join("target").join("bench");
+    std::fs::create_dir_all(&work)?;
+    let topo = work.join("bench.toml");
+    std::fs::write(
+        &topo,
+        format!(
+            "name = \"bench\"\nbootstrapper = \"s1\"\n\n[[node]]\nid = \"s1\"\nrole = \"server\"\naddress = \"{}\"\n\n[[node]]\nid = \"r1\"\nrole = \"pop\"\naddress = \"{}\"\n\n[[link]]\nends = [\"s1\", \"r1\"]\n",
+            ip(1),
+            ip(2)
+        ),
+    )?;
+    let boot = SocketAddr::new(IpAddr::V4(ip(254)), 7070);
+    let status = SocketAddr::new(IpAddr::V4(ip(2)), 7080);
+    let log = |name: &str| -> anyhow::Result<Stdio> {
+        Ok(Stdio::from(std::fs::File::create(work.join(name))?))
+    };
+    let mut procs = Procs(Vec::new());
+    procs.0.push(
+        Command::new(bin_dir.join("ott-bootstrap"))
+            .args([
+                "--topology",
+                &topo.display().to_string(),
+                "--listen",
+                &boot.to_string(),
+            ])
+            .stdout(log("bootstrap.log")?)
+            .stderr(log("bootstrap.err")?)
+            .spawn()
+            .context("cannot start ott-bootstrap")?,
+    );
+    let relay_proc = Command::new(bin_dir.join("ott-node"))
+        .args([
+            "--id",
+            "r1",
+            "--bootstrap",
+            &boot.to_string(),
+            "--status",
+            &status.to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(log("r1.log")?)
+        .stderr(log("r1.err")?)
+        .spawn()
+        .context("cannot start ott-node")?;
+    let relay = Relay {
+        data: SocketAddr::new(IpAddr::V4(ip(2)), ott_overlay::DATA_PORT),
+        status,
+        pid: relay_proc.id(),
+    };
+    procs.0.push(relay_proc);
+
+    // The server's control plane: a real tree node, driven here.
+    let stream = StreamInfo::new("bench", MediaKind::Ts, 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let forwarding: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+    let server_ctrl = ott_apps::net::bind_udp(SocketAddr::new(
+        IpAddr::V4(ip(1)),
+        ott_overlay::CONTROL_PORT,
+    ))?;
+    let server_data =
+        ott_apps::net::bind_udp(SocketAddr::new(IpAddr::V4(ip(1)), ott_overlay::DATA_PORT))?;
+    let ctrl_thread = spawn_server_control(
+        server_ctrl,
+        stream.clone(),
+        forwarding.clone(),
+        stop.clone(),
+    )?;
+
+    // Subscribers: client joins at the relay, refreshed.
+    let subs: Vec<UdpSocket> = (0..10u8)
+        .map(|i| {
+            ott_apps::net::bind_udp(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(127, NET, 1, i + 1)),
+                0,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let sub_addrs: Vec<SocketAddr> = subs
+        .iter()
+        .map(|s| s.local_addr())
+        .collect::<Result<_, _>>()?;
+    let joined = Arc::new(AtomicU64::new(0));
+    let join_thread = spawn_joiner(
+        subs.iter()
+            .map(|s| s.try_clone())
+            .collect::<Result<_, _>>()?,
+        SocketAddr::new(IpAddr::V4(ip(2)), ott_overlay::CONTROL_PORT),
+        stream.id,
+        joined.clone(),
+        stop.clone(),
+    )?;
+
+    let mut rows: Vec<Row> = Vec::new();
+    for n in [1usize, 10] {
+        joined.store(n as u64, Ordering::SeqCst);
+        wait_for(
+            Duration::from_secs(20),
+            "the relay forwards to every subscriber",
+            || {
+                relay_children(&relay, &stream.name) == Some(n)
+                    && forwarding.lock().map(|f| !f.is_empty()).unwrap_or(false)
+            },
+        )?;
+        let ours = measure_ours(&relay, &server_data, args.seconds)?;
+        let base = measure_baseline(&sub_addrs[..n], args.seconds)?;
+        rows.push(Row {
+            subscribers: n,
+            ours,
+            base,
+        });
+    }
+    joined.store(1, Ordering::SeqCst);
+    wait_for(Duration::from_secs(20), "one subscriber left", || {
+        relay_children(&relay, &stream.name) == Some(1)
+    })?;
+    let lat = measure_latency(&relay, &server_data, &subs[0])?;
+
+    stop.store(true, Ordering::SeqCst);
+    let _ = join_thread.join();
+    let _ = ctrl_thread.join();
+    drop(procs);
+    print_table(&rows, &lat);
+    Ok(())
+}
+
+fn relay_children(relay: &Relay, stream: &str) -> Option<usize> {
+    let body = http_get(relay.status, "/status").ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["streams"][stream]["children"].as_array().map(Vec::len)
+}
+
+fn spawn_server_control(
+    sock: UdpSocket,
+    stream: StreamInfo,
+    forwarding: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<thread::JoinHandle<()>> {
+    sock.set_read_timeout(Some(Duration::from_millis(10)))?;
+    let relay_ctrl = SocketAddr::new(IpAddr::V4(ip(2)), ott_overlay::CONTROL_PORT);
+    Ok(thread::spawn(move || {
+        let now = Instant::now();
+        let mut node = Node::new(
+            NodeConfig::new("s1", Role::Server, ott_overlay::DATA_PORT),
+            vec![("r1".to_string(), relay_ctrl)],
+            now,
+            now,
+        );
+        node.set_catalogue(now, vec![stream]);
+        let mut buf = [0u8; 65536];
+        while !stop.load(Ordering::SeqCst) {
+            while let Some(t) = node.poll_transmit() {
+                if let Ok(b) = ott_proto::encode(&t.msg) {
+                    let _ = sock.send_to(&b, t.to);
+                }
+            }
+            while let Some(ev) = node.poll_event() {
+                if let Event::Forwarding { children, .. } = ev {
+                    if let Ok(mut f) = forwarding.lock() {
+                        *f = children;
+                    }
+                }
+            }
+            if let Ok((len, from)) = sock.recv_from(&mut buf) {
+                if let Ok(msg) = ott_proto::decode(&buf[..len]) {
+                    node.handle(Instant::now(), from, msg);
+                }
+            }
+            if node.poll_timeout().is_some_and(|t| t <= Instant::now()) {
+                node.handle_timeout(Instant::now());
+            }
+        }
+    }))
+}
+
+fn spawn_joiner(
+    subs: Vec<UdpSocket>,
+    relay_ctrl: SocketAddr,
+    stream: u32,
+    active: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<thread::JoinHandle<()>> {
+    Ok(thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            let n = active.load(Ordering::SeqCst) as usize;
+            for (i, s) in subs.iter().enumerate() {
+                let port = s.local_addr().map(|a| a.port()).unwrap_or(0);
+                let msg = if i < n {
+                    Message::Join {
+                        stream,
+                        data_port: port,
+                        from: None,
+                    }
+                } else {
+                    Message::Leave {
+                        stream,
+                        data_port: port,
+                    }
+                };
+                if let Ok(b) = ott_proto::encode(&msg) {
+                    let _ = s.send_to(&b, relay_ctrl);
+                }
+            }
+            thread::sleep(Duration::from_millis(300));
+        }
+    }))
+}
+
+fn datagram(seq: u32, stamp_ns: u64) -> Vec<u8> {
+    let h = MediaHeader {
+        flags: flags::KEYFRAME,
+        stream: ott_proto::stream_id_for("bench"),
+        seq,
+        frame: seq,
+        frag_index: 0,
+        frag_count: 1,
+        timestamp: seq,
+    };
+    let mut d = h.to_bytes().to_vec();
+    d.extend_from_slice(&stamp_ns.to_be_bytes());
+    d.resize(ott_proto::HEADER_LEN + PAYLOAD, 0x47);
+    d
+}
+
+/// Blast datagrams at `to` from `sock` for `secs`, 64 per system call; returns datagrams offered.
+fn blast(sock: &UdpSocket, to: SocketAddr, secs: f64) -> u64 {
+    let start = Instant::now();
+    let mut seq = 0u32;
+    let mut offered = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        let batch: Vec<Vec<u8>> = (0..64).map(|i| datagram(seq.wrapping_add(i), 0)).collect();
+        seq = seq.wrapping_add(64);
+        let items: Vec<(&[u8], SocketAddr)> = batch.iter().map(|d| (d.as_slice(), to)).collect();
+        offered += send_batch(sock, &items).sent as u64;
+    }
+    offered
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Throughput {
+    pps: f64,
+    mbit: f64,
+    cpu_s_per_gb: f64,
+}
+
+fn measure_ours(relay: &Relay, gen: &UdpSocket, secs: f64) -> anyhow::Result<Throughput> {
+    let (p0, c0, t0) = (relay.packets_out()?, relay.cpu_seconds()?, Instant::now());
+    blast(gen, relay.data, secs);
+    // Let the relay drain its socket buffer before reading its counters.
+    thread::sleep(Duration::from_millis(200));
+    let (p1, c1, dt) = (
+        relay.packets_out()?,
+        relay.cpu_seconds()?,
+        t0.elapsed().as_secs_f64(),
+    );
+    Ok(throughput(p1 - p0, c1 - c0, dt))
+}
+
+fn throughput(packets: u64, cpu: f64, secs: f64) -> Throughput {
+    let bytes = packets as f64 * (ott_proto::HEADER_LEN + PAYLOAD) as f64;
+    Throughput {
+        pps: packets as f64 / secs,
+        mbit: bytes * 8.0 / secs / 1e6,
+        cpu_s_per_gb: if bytes > 0.0 {
+            cpu / (bytes / 1e9)
+        } else {
+            0.0
+        },
+    }
+}
+
+/// The minimal relay: one thread, recvmmsg then sendmmsg to every subscriber.
+fn spawn_baseline(
+    subs: Vec<SocketAddr>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(SocketAddr, thread::JoinHandle<(u64, f64)>)> {
+    let sock = ott_apps::net::bind_udp(SocketAddr::new(IpAddr::V4(ip(3)), 0))?;
+    sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+    let addr = sock.local_addr()?;
+    let h = thread::spawn(move || {
+        let cpu_path = thread_cpu_path();
+        let mut batch = RecvBatch::new(64);
+        let mut sent = 0u64;
+        let cpu0 = proc_cpu(&cpu_path).unwrap_or(0.0);
+        while !stop.load(Ordering::SeqCst) {
+            if batch.recv(&sock).is_err() {
+                continue;
+            }
+            let mut items: Vec<(&[u8], SocketAddr)> = Vec::with_capacity(batch.len() * subs.len());
+            for i in 0..batch.len() {
+                if let Some((d, _)) = batch.get(i) {
+                    for s in &subs {
+                        items.push((d, *s));
+                    }
+                }
+            }
+            sent += send_batch(&sock, &items).sent as u64;
+        }
+        (sent, proc_cpu(&cpu_path).unwrap_or(0.0) - cpu0)
+    });
+    Ok((addr, h))
+}
+
+fn measure_baseline(subs: &[SocketAddr], secs: f64) -> anyhow::Result<Throughput> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (addr, h) = spawn_baseline(subs.to_vec(), stop.clone())?;
+    let gen = ott_apps::net::bind_udp(SocketAddr::new(IpAddr::V4(ip(4)), 0))?;
+    let t0 = Instant::now();
+    blast(&gen, addr, secs);
+    thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let dt = t0.elapsed().as_secs_f64();
+    let (sent, cpu) = h
+        .join()
+        .map_err(|_| anyhow::anyhow!("baseline relay panicked"))?;
+    Ok(throughput(sent, cpu, dt))
+}
+
+#[derive(Debug, Default)]
+struct Latency {
+    direct: (f64, f64),
+    ours: (f64, f64),
+    base: (f64, f64),
+}
+
+/// Send at 20 Mbit/s for 2 s, stamping each datagram; the subscriber measures one-way delay.
+fn paced_latency(
+    gen: &UdpSocket,
+    to: SocketAddr,
+    sub: &UdpSocket,
+    epoch: Instant,
+) -> anyhow::Result<(f64, f64)> {
+    let rate_pps = 20e6 / 8.0 / (ott_proto::HEADER_LEN + PAYLOAD) as f64;
+    let count = (rate_pps * 2.0) as u32;
+    let sub = sub.try_clone()?;
+    sub.set_read_timeout(Some(Duration::from_millis(300)))?;
+    // Drain anything queued from earlier runs.
+    let mut buf = [0u8; 2048];
+    while sub.recv_from(&mut buf).is_ok() {}
+    let rx = thread::spawn(move || {
+        let mut lat = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok((len, _)) = sub.recv_from(&mut buf) {
+            let now = epoch.elapsed().as_nanos() as u64;
+            let at = ott_proto::HEADER_LEN;
+            if len >= at + 8 {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&buf[at..at + 8]);
+                lat.push(now.saturating_sub(u64::from_be_bytes(b)) as f64 / 1e6);
+            }
+        }
+        lat
+    });
+    let start = Instant::now();
+    for i in 0..count {
+        let due = start + Duration::from_secs_f64(f64::from(i) / rate_pps);
+        while Instant::now() < due {
+            std::hint::spin_loop();
+        }
+        let d = datagram(i, epoch.elapsed().as_nanos() as u64);
+        let _ = gen.send_to(&d, to);
+    }
+    let mut lat = rx
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+    if lat.len() < count as usize / 2 {
+        anyhow::bail!(
+            "only {} of {count} datagrams arrived in the latency run",
+            lat.len()
+        );
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
+    Ok((pct(0.5), pct(0.99)))
+}
+
+/// Three rounds of (direct, ours, baseline), so that warm-up and passing noise hit every
+/// path alike; each path reports the median of its rounds.
+fn measure_latency(relay: &Relay, gen: &UdpSocket, sub: &UdpSocket) -> anyhow::Result<Latency> {
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (base_addr, h) = spawn_baseline(vec![sub.local_addr()?], stop.clone())?;
+    let mut runs: [Vec<(f64, f64)>; 3] = Default::default();
+    let mut result = Ok(());
+    for _ in 0..3 {
+        for (i, to) in [sub.local_addr()?, relay.data, base_addr]
+            .into_iter()
+            .enumerate()
+        {
+            match paced_latency(gen, to, sub, epoch) {
+                Ok(r) => runs[i].push(r),
+                Err(e) => result = Err(e),
+            }
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let _ = h.join();
+    result?;
+    let median = |v: &mut Vec<(f64, f64)>| {
+        let mut p50: Vec<f64> = v.iter().map(|x| x.0).collect();
+        let mut p99: Vec<f64> = v.iter().map(|x| x.1).collect();
+        p50.sort_by(f64::total_cmp);
+        p99.sort_by(f64::total_cmp);
+        (p50[p50.len() / 2], p99[p99.len() / 2])
+    };
+    let [mut d, mut o, mut b] = runs;
+    Ok(Latency {
+        direct: median(&mut d),
+        ours: median(&mut o),
+        base: median(&mut b),
+    })
+}
+
+struct Row {
+    subscribers: usize,
+    ours: Throughput,
+    base: Throughput,
+}
+
+fn print_table(rows: &[Row], lat: &Latency) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\nrelay forwarding on loopback, {PAYLOAD}-byte payloads (ours = ott-node, baseline = recvmmsg/sendmmsg loop)\n");
+    let _ = writeln!(
+        out,
+        "{:<12} {:>12} {:>12} {:>10} {:>10} {:>12} {:>12} {:>8}",
+        "subscribers",
+        "ours pkt/s",
+        "base pkt/s",
+        "ours Mb/s",
+        "base Mb/s",
+        "ours cpu/GB",
+        "base cpu/GB",
+        "ratio"
+    );
+    for r in rows {
+        let ratio = if r.base.pps > 0.0 {
+            r.ours.pps / r.base.pps
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            out,
+            "{:<12} {:>12.0} {:>12.0} {:>10.0} {:>10.0} {:>11.2}s {:>11.2}s {:>8.2}",
+            r.subscribers,
+            r.ours.pps,
+            r.base.pps,
+            r.ours.mbit,
+            r.base.mbit,
+            r.ours.cpu_s_per_gb,
+            r.base.cpu_s_per_gb,
+            ratio
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\none-way latency at 20 Mbit/s, ms (p50 / p99); added per hop = via relay − direct"
+    );
+    let _ = writeln!(
+        out,
+        "{:<10} {:>8.3} / {:.3}",
+        "direct", lat.direct.0, lat.direct.1
+    );
+    let _ = writeln!(
+        out,
+        "{:<10} {:>8.3} / {:.3}   added {:.3} / {:.3}",
+        "ours",
+        lat.ours.0,
+        lat.ours.1,
+        lat.ours.0 - lat.direct.0,
+        lat.ours.1 - lat.direct.1
+    );
+    let _ = writeln!(
+        out,
+        "{:<10} {:>8.3} / {:.3}   added {:.3} / {:.3}",
+        "baseline",
+        lat.base.0,
+        lat.base.1,
+        lat.base.0 - lat.direct.0,
+        lat.base.1 - lat.direct.1
+    );
+    let one = rows.iter().find(|r| r.subscribers == 1);
+    let ratio = one
+        .map(|r| {
+            if r.base.pps > 0.0 {
+                r.ours.pps / r.base.pps
+            } else {
+                0.0
+            }
+        })
+        .unwrap_or(0.0);
+    let _ = writeln!(out, "\nrelay throughput ratio: {ratio:.2}");
+}
