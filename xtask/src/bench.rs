@@ -213,6 +213,13 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             base,
         });
     }
+    let prototype = match measure_prototype(sub_addrs[0], args.seconds) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("prototype-style relay not measured: {e:#}");
+            None
+        }
+    };
     joined.store(1, Ordering::SeqCst);
     wait_for(Duration::from_secs(20), "one subscriber left", || {
         relay_children(&relay, &stream.name) == Some(1)
@@ -223,7 +230,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     let _ = join_thread.join();
     let _ = ctrl_thread.join();
     drop(procs);
-    print_table(&rows, &lat);
+    print_table(&rows, &lat, prototype);
     Ok(())
 }
 
@@ -419,6 +426,79 @@ fn measure_baseline(subs: &[SocketAddr], secs: f64) -> anyhow::Result<Throughput
     Ok(throughput(sent, cpu, dt))
 }
 
+/// A relay written the way the reference prototype was: Python, one datagram per call,
+/// `pickle.loads` of every packet and `pickle.dumps` for every subscriber.
+const PROTOTYPE_RELAY: &str = r#"
+import pickle, socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((sys.argv[1], 0))
+print(sock.getsockname()[1], flush=True)
+subs = [(h, int(p)) for h, p in (a.rsplit(':', 1) for a in sys.argv[2:])]
+n = 0
+while True:
+    data, addr = sock.recvfrom(65535)
+    if data == b'STOP':
+        print(n, flush=True)
+        break
+    packet = pickle.loads(data)
+    for s in subs:
+        sock.sendto(pickle.dumps(packet), s)
+        n += 1
+"#;
+
+fn measure_prototype(sub: SocketAddr, secs: f64) -> anyhow::Result<Throughput> {
+    use std::io::BufRead;
+    let packet = Command::new("python3")
+        .args([
+            "-c",
+            "import pickle,sys; sys.stdout.buffer.write(pickle.dumps({'stream': 'bench', 'seq': 1, 'frame': 1, 'data': b'G' * 1316}))",
+        ])
+        .output()
+        .context("python3 is needed for the prototype-style relay")?
+        .stdout;
+    let mut child = Command::new("python3")
+        .args(["-c", PROTOTYPE_RELAY, &ip(5).to_string(), &sub.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start python3")?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().context("no stdout")?).lines();
+    let stat = format!("/proc/{}/stat", child.id());
+    // Killed on every way out of this function.
+    let _guard = Procs(vec![child]);
+    let port: u16 = lines
+        .next()
+        .context("the prototype relay printed nothing")??
+        .trim()
+        .parse()?;
+    let relay = SocketAddr::new(IpAddr::V4(ip(5)), port);
+    let gen = ott_apps::net::bind_udp(SocketAddr::new(IpAddr::V4(ip(6)), 0))?;
+    let (c0, t0) = (proc_cpu(&stat)?, Instant::now());
+    while t0.elapsed().as_secs_f64() < secs {
+        let items: Vec<(&[u8], SocketAddr)> = (0..64).map(|_| (packet.as_slice(), relay)).collect();
+        send_batch(&gen, &items);
+    }
+    thread::sleep(Duration::from_millis(200));
+    let (c1, dt) = (proc_cpu(&stat)?, t0.elapsed().as_secs_f64());
+    let reader = thread::spawn(move || lines.next().and_then(Result::ok));
+    // The STOP may wait behind a full socket buffer: repeat it until the relay answers.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !reader.is_finished() && Instant::now() < deadline {
+        gen.send_to(b"STOP", relay)?;
+        thread::sleep(Duration::from_millis(100));
+    }
+    if !reader.is_finished() {
+        anyhow::bail!("the prototype relay did not report its count");
+    }
+    let forwarded: u64 = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?
+        .context("the prototype relay did not report its count")?
+        .trim()
+        .parse()?;
+    Ok(throughput(forwarded, c1 - c0, dt))
+}
+
 #[derive(Debug, Default)]
 struct Latency {
     direct: (f64, f64),
@@ -520,7 +600,7 @@ struct Row {
     base: Throughput,
 }
 
-fn print_table(rows: &[Row], lat: &Latency) {
+fn print_table(rows: &[Row], lat: &Latency, prototype: Option<Throughput>) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "\nrelay forwarding on loopback, {PAYLOAD}-byte payloads (ours = ott-node, baseline = recvmmsg/sendmmsg loop)\n");
     let _ = writeln!(
@@ -582,6 +662,14 @@ fn print_table(rows: &[Row], lat: &Latency) {
         lat.base.1 - lat.direct.1
     );
     let one = rows.iter().find(|r| r.subscribers == 1);
+    if let (Some(p), Some(r)) = (prototype, one) {
+        let _ = writeln!(
+            out,
+            "\nprototype-style relay (Python, pickle.loads/dumps per packet), 1 subscriber: {:.0} pkt/s; ours is {:.0}x that",
+            p.pps,
+            if p.pps > 0.0 { r.ours.pps / p.pps } else { 0.0 }
+        );
+    }
     let ratio = one
         .map(|r| {
             if r.base.pps > 0.0 {
