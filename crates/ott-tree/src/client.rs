@@ -345,6 +345,13 @@ impl Client {
                 ..
             } => self.on_probe_reply(now, idx, nonce, echo_us, path_latency_us),
             Message::Streams { streams } => self.on_streams(now, idx, streams),
+            Message::Withdraw { .. } => {
+                // The PoP lost every path to the stream: it is unusable until a probe
+                // reply says otherwise.
+                tracing::info!(pop = %self.pops[idx].id, "pop lost its path");
+                self.pops[idx].path_latency_us = None;
+                self.evaluate(now);
+            }
             Message::Error { reason } => {
                 tracing::info!(pop = %self.pops[idx].id, %reason, "request refused");
                 self.events.push_back(ClientEvent::Refused(reason));

@@ -208,6 +208,8 @@ struct Route {
 struct Child {
     node: Option<String>,
     expires: Instant,
+    /// Port its control messages come from (a client's `Withdraw` goes there).
+    ctrl_port: u16,
 }
 
 #[derive(Debug, Default)]
@@ -479,6 +481,7 @@ impl Node {
             Child {
                 node: child_node,
                 expires,
+                ctrl_port: from.port(),
             },
         );
     }
@@ -953,6 +956,24 @@ impl Node {
             };
             let data_port = self.config.data_port;
             let me = self.config.id.clone();
+            if desired.is_none() && st.upstream.is_some() {
+                // Every path to the stream is lost: tell the viewers at once, so they
+                // move to another PoP instead of waiting for the silence to show.
+                for (addr, c) in &st.children {
+                    if c.node.is_none() {
+                        let to = SocketAddr::new(addr.ip(), c.ctrl_port);
+                        self.stats.withdraws_out += 1;
+                        self.transmits.push_back(Transmit {
+                            to,
+                            msg: Message::Withdraw {
+                                from: me.clone(),
+                                server: String::new(),
+                                seq: 0,
+                            },
+                        });
+                    }
+                }
+            }
             if desired != st.upstream {
                 if let Some(new) = &desired {
                     if let Some(addr) = self.nb.addr_of(new) {
