@@ -72,6 +72,9 @@ pub struct ClientConfig {
     /// Another PoP must score at least this fraction better than the current one before
     /// the client moves (default 0.2, i.e. 20 %).
     pub switch_margin: f64,
+    /// ... and by at least this much (default 1 ms), so that microsecond noise on a
+    /// fast network (loopback, a LAN) does not make the client hop between PoPs.
+    pub switch_margin_abs: Duration,
     /// `ListStreams` is repeated this often until a `Streams` answer arrives (default 300 ms).
     pub request_retry: Duration,
     /// The catalogue is asked for again this often once known (default 5 s).
@@ -98,6 +101,7 @@ impl Default for ClientConfig {
             join_refresh: Duration::from_secs(1),
             loss_window: 5,
             switch_margin: 0.2,
+            switch_margin_abs: Duration::from_millis(1),
             request_retry: Duration::from_millis(300),
             catalogue_refresh: Duration::from_secs(5),
             max_lost_in_a_row: 2,
@@ -681,7 +685,8 @@ impl Client {
             }
             (Some((b, bs)), Some(c), Some(cs)) => {
                 self.no_pop_reported = false;
-                if b != c && bs < cs * (1.0 - self.config.switch_margin) {
+                let abs = self.config.switch_margin_abs.as_secs_f64() * 1e6;
+                if b != c && bs < cs * (1.0 - self.config.switch_margin) && cs - bs >= abs {
                     self.switch_to(now, b);
                 }
             }
