@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::batch::{send_batch, RecvBatch};
 use crate::counters::{add, Counters};
-use crate::dedup::SeqWindow;
+use crate::dedup::{StreamDedup, Verdict};
 
 /// Datagrams read per system call.
 pub const BATCH: usize = 64;
@@ -75,7 +75,7 @@ pub type DataSnapshot = HashMap<u32, StreamTraffic>;
 
 struct StreamState {
     children: Vec<SocketAddr>,
-    seen: SeqWindow,
+    seen: StreamDedup,
     traffic: StreamTraffic,
     buffer: RetransmitBuffer,
     gaps: GapTracker,
@@ -87,7 +87,7 @@ impl StreamState {
     fn new() -> Self {
         Self {
             children: Vec::new(),
-            seen: SeqWindow::new(),
+            seen: StreamDedup::default(),
             traffic: StreamTraffic::default(),
             buffer: RetransmitBuffer::new(RETRANSMIT_DEPTH),
             gaps: GapTracker::new(NackConfig::default()),
@@ -247,15 +247,29 @@ impl Forwarder {
             .entry(header.stream)
             .or_insert_with(StreamState::new);
         st.traffic.packets_in += 1;
+        match st.seen.accept(header.seq, now) {
+            Verdict::New => {}
+            Verdict::Switched => {
+                // Another server's copy: its sequence numbers are unrelated to the old.
+                tracing::info!(stream = header.stream, "stream source changed");
+                st.gaps = GapTracker::new(NackConfig::default());
+                st.buffer = RetransmitBuffer::new(RETRANSMIT_DEPTH);
+            }
+            Verdict::Duplicate => {
+                st.traffic.duplicates += 1;
+                add(&self.counters.duplicates, 1);
+                return;
+            }
+            Verdict::OtherSource => {
+                // A second server's copy during a brief overlap: one source at a time.
+                add(&self.counters.dropped, 1);
+                return;
+            }
+        }
         if !header.has(flags::RETRANSMIT) && from.is_some() {
             st.upstream = from;
         }
         st.gaps.on_datagram(now, header.seq);
-        if !st.seen.insert(header.seq) {
-            st.traffic.duplicates += 1;
-            add(&self.counters.duplicates, 1);
-            return;
-        }
         // One copy per datagram (not per child), flagged for when it is resent.
         let mut copy = datagram.to_vec();
         MediaHeader::mark_retransmit(&mut copy);

@@ -1,4 +1,15 @@
-//! Duplicate suppression by sequence number, for make-before-break switches.
+//! Duplicate suppression by sequence number, for make-before-break switches, and
+//! locking onto one source per stream.
+//!
+//! Two servers offering the same stream number their datagrams independently (each
+//! starts its sequence and frame numbers at random), so when a receiver's copy of a
+//! stream moves from one server to the other the numbers jump. [`StreamDedup`] keeps
+//! to the sequence space it receives; a datagram far outside it is another source's,
+//! dropped while the current source still flows, and adopted (a fresh window, and the
+//! caller resets its reassembly) once the current source has been silent for
+//! [`StreamDedup::SWITCH_AFTER`].
+
+use std::time::{Duration, Instant};
 
 /// Remembers which of the last [`SeqWindow::SIZE`] sequence numbers were seen.
 ///
@@ -73,6 +84,16 @@ impl SeqWindow {
         true
     }
 
+    /// Whether `seq` falls within the window around the newest number seen (so it
+    /// belongs to the same sequence space); true when nothing was seen yet.
+    pub fn near(&self, seq: u32) -> bool {
+        let Some(newest) = self.newest else {
+            return true;
+        };
+        let d = seq.wrapping_sub(newest);
+        d < Self::SIZE || d.wrapping_neg() < Self::SIZE
+    }
+
     fn reset_at(&mut self, seq: u32) {
         self.bits = [0; Self::WORDS];
         let (w, m) = self.bit(seq);
@@ -81,9 +102,76 @@ impl SeqWindow {
     }
 }
 
+/// What [`StreamDedup::accept`] decided about one datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// First copy from the current source: forward or play it.
+    New,
+    /// Already seen: drop it.
+    Duplicate,
+    /// Another source's datagram while the current one still flows: drop it.
+    OtherSource,
+    /// The current source went silent and this datagram's source takes over: a fresh
+    /// window; the caller resets any per-source state (reassembly) and plays it.
+    Switched,
+}
+
+/// Per-stream receive state: duplicate suppression within one source's sequence space,
+/// and a switch to another source only once the current one is silent.
+#[derive(Debug, Clone, Default)]
+pub struct StreamDedup {
+    window: SeqWindow,
+    last: Option<Instant>,
+}
+
+impl StreamDedup {
+    /// Silence of the current source after which another source is adopted.
+    pub const SWITCH_AFTER: Duration = Duration::from_millis(150);
+
+    /// Classify datagram `seq` received at `now`.
+    pub fn accept(&mut self, seq: u32, now: Instant) -> Verdict {
+        if self.window.near(seq) {
+            if self.window.insert(seq) {
+                self.last = Some(now);
+                return Verdict::New;
+            }
+            return Verdict::Duplicate;
+        }
+        let silent = self
+            .last
+            .is_none_or(|t| now.saturating_duration_since(t) >= Self::SWITCH_AFTER);
+        if !silent {
+            return Verdict::OtherSource;
+        }
+        self.window = SeqWindow::new();
+        self.window.insert(seq);
+        self.last = Some(now);
+        Verdict::Switched
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_locks_to_one_source_and_switches_after_silence() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut d = StreamDedup::default();
+        assert_eq!(d.accept(100, ms(0)), Verdict::New);
+        assert_eq!(d.accept(100, ms(1)), Verdict::Duplicate);
+        assert_eq!(d.accept(101, ms(40)), Verdict::New);
+        // Another server's copy, far away in sequence space, while the first flows.
+        assert_eq!(d.accept(3_000_000_000, ms(50)), Verdict::OtherSource);
+        assert_eq!(d.accept(102, ms(80)), Verdict::New);
+        // The first goes silent: the other takes over, then the old one is the stranger.
+        assert_eq!(d.accept(3_000_000_001, ms(80 + 149)), Verdict::OtherSource);
+        assert_eq!(d.accept(3_000_000_002, ms(80 + 150)), Verdict::Switched);
+        assert_eq!(d.accept(3_000_000_003, ms(240)), Verdict::New);
+        assert_eq!(d.accept(103, ms(250)), Verdict::OtherSource);
+        assert_eq!(d.accept(3_000_000_002, ms(260)), Verdict::Duplicate);
+    }
 
     #[test]
     fn test_duplicates_and_reordering() {

@@ -113,15 +113,18 @@ impl NodeLoop {
             select! {
                 recv(self.rx) -> d => {
                     let d = d.map_err(|_| anyhow::anyhow!("control receiver stopped"))?;
-                    match ott_proto::decode(&d.bytes) {
-                        Ok(msg) => self.node.handle(d.at, d.from, msg),
-                        Err(e) => {
-                            add(&self.counters.malformed, 1);
-                            tracing::debug!(from = %d.from, error = %e, "dropping undecodable control datagram");
-                        }
-                    }
+                    self.on_datagram(d);
                 }
-                recv(timer) -> _ => self.node.handle_timeout(Instant::now()),
+                recv(timer) -> _ => {
+                    // Datagrams already received count first: a loop that fell behind
+                    // must not declare a neighbour dead whose heartbeat is in the queue.
+                    for _ in 0..1024 {
+                        let Ok(d) = self.rx.try_recv() else { break };
+                        self.on_datagram(d);
+                        self.drain();
+                    }
+                    self.node.handle_timeout(Instant::now());
+                }
                 recv(self.status) -> q => {
                     if let Ok(reply) = q {
                         let _ = reply.send(self.status_json());
@@ -134,6 +137,16 @@ impl NodeLoop {
                     let _ = self.data.send(DataCmd::Stop);
                     return Ok(());
                 }
+            }
+        }
+    }
+
+    fn on_datagram(&mut self, d: Datagram) {
+        match ott_proto::decode(&d.bytes) {
+            Ok(msg) => self.node.handle(d.at, d.from, msg),
+            Err(e) => {
+                add(&self.counters.malformed, 1);
+                tracing::debug!(from = %d.from, error = %e, "dropping undecodable control datagram");
             }
         }
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use crossbeam_channel::Receiver;
 use ott_bootstrap::{Assignment, Request};
+use ott_overlay::LivenessConfig;
 use ott_proto::StreamInfo;
 use ott_tree::{Node, NodeConfig};
 
@@ -37,12 +38,55 @@ pub fn incarnation() -> u64 {
 pub type DataPlane =
     Box<dyn FnOnce(UdpSocket, Arc<Counters>, Receiver<DataCmd>) -> std::io::Result<JoinHandle<()>>>;
 
+/// Timing flags shared by `ott-node` and `ott-server`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct Tuning {
+    /// Heartbeat period to each neighbour, ms.
+    #[arg(long, default_value_t = 100, value_name = "MS")]
+    pub heartbeat_ms: u64,
+    /// A neighbour silent for this long is declared dead and routed around, ms.
+    /// Failover takes about this long; raise it on lossy or slow links.
+    #[arg(long, default_value_t = 400, value_name = "MS")]
+    pub dead_after_ms: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        let l = LivenessConfig::default();
+        Self {
+            heartbeat_ms: l.heartbeat_interval.as_millis() as u64,
+            dead_after_ms: l.dead_after.as_millis() as u64,
+        }
+    }
+}
+
+impl Tuning {
+    /// The liveness configuration these flags give (clamped to sane values).
+    pub fn liveness(&self) -> LivenessConfig {
+        LivenessConfig::new(
+            Duration::from_millis(self.heartbeat_ms),
+            Duration::from_millis(self.dead_after_ms),
+        )
+    }
+}
+
 /// Bind the node's sockets, start its threads and run its control loop until a signal.
 pub fn run(
     a: Assignment,
     status: Option<SocketAddr>,
     catalogue: Vec<StreamInfo>,
     data_plane: DataPlane,
+) -> anyhow::Result<()> {
+    run_with(a, status, catalogue, data_plane, Tuning::default())
+}
+
+/// [`run`] with explicit timings.
+pub fn run_with(
+    a: Assignment,
+    status: Option<SocketAddr>,
+    catalogue: Vec<StreamInfo>,
+    data_plane: DataPlane,
+    tuning: Tuning,
 ) -> anyhow::Result<()> {
     let shutdown = crate::signals::shutdown_channel();
     let counters = Arc::new(Counters::default());
@@ -69,6 +113,7 @@ pub fn run(
     let mut config = NodeConfig::new(a.id.clone(), a.role, data_port);
     config.incarnation = incarnation();
     config.seed = config.incarnation;
+    config.liveness = tuning.liveness();
     let neighbours = a
         .neighbours
         .iter()

@@ -45,7 +45,13 @@ pub fn spawn_source(
                         name: info.name,
                         pacer: Pacer::new(clip.fps, start),
                         source: ClipSource::new(clip),
-                        packetizer: Packetizer::new(info.id),
+                        packetizer: {
+                            // Random first sequence and frame numbers: another server's
+                            // copy of the same stream lives in another number space, so
+                            // receivers tell the two apart (see `dedup::StreamDedup`).
+                            let r = splitmix64(crate::overlay::incarnation() ^ u64::from(info.id));
+                            Packetizer::starting_at(info.id, r as u32, (r >> 32) as u32)
+                        },
                         children: Vec::new(),
                         traffic: StreamTraffic::default(),
                     }
@@ -53,6 +59,14 @@ pub fn spawn_source(
                 .collect();
             source_loop(&mut feeds, &sock, &counters, &cmds);
         })
+}
+
+/// SplitMix64: a well-mixed 64-bit value from a seed.
+fn splitmix64(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn source_loop(

@@ -18,7 +18,7 @@ use ott_tree::client::{Client, ClientConfig, ClientEvent};
 use serde::Serialize;
 
 use crate::counters::{add, Counters};
-use crate::dedup::SeqWindow;
+use crate::dedup::{StreamDedup, Verdict};
 use crate::driver::{send_msg, spawn_receiver, Datagram, StatusQuery};
 
 /// A gap between two frames longer than this counts as a stall.
@@ -70,6 +70,11 @@ pub struct Reception {
     pub incomplete: u64,
     /// Media datagrams of another stream dropped.
     pub stale: u64,
+    /// Longest gap between two media datagrams of the watched stream, by their arrival
+    /// timestamps, ms (the outage a failover caused, at the packet level).
+    pub longest_packet_gap_ms: u64,
+    /// Times the stream's copy moved to another server (sequence space).
+    pub source_switches: u64,
 }
 
 impl Reception {
@@ -77,7 +82,7 @@ impl Reception {
     pub fn summary(&self, elapsed: Duration) -> String {
         let secs = elapsed.as_secs_f64().max(1e-3);
         format!(
-            "summary: stream={} pop={} frames={} bytes={} fps={:.1} stalls={} longest_gap_ms={} pop_switches={} stream_switches={} incomplete={}",
+            "summary: stream={} pop={} frames={} bytes={} fps={:.1} stalls={} longest_gap_ms={} pop_switches={} stream_switches={} incomplete={} longest_packet_gap_ms={} source_switches={}",
             self.stream.as_deref().unwrap_or("-"),
             self.pop.as_deref().unwrap_or("-"),
             self.frames,
@@ -88,6 +93,8 @@ impl Reception {
             self.pop_switches,
             self.stream_switches,
             self.incomplete,
+            self.longest_packet_gap_ms,
+            self.source_switches,
         )
     }
 }
@@ -153,7 +160,8 @@ struct Viewer {
     sock: UdpSocket,
     counters: Arc<Counters>,
     reassembler: Reassembler,
-    seen: SeqWindow,
+    seen: StreamDedup,
+    last_packet: Option<Instant>,
     watching: Option<StreamInfo>,
     sinks: Option<Sinks>,
     rec: Reception,
@@ -189,7 +197,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         sock,
         counters,
         reassembler: Reassembler::new(ReassemblerConfig::default()),
-        seen: SeqWindow::new(),
+        seen: StreamDedup::default(),
+        last_packet: None,
         watching: None,
         sinks: None,
         rec: Reception::default(),
@@ -396,7 +405,8 @@ impl Viewer {
                 }
                 // Nothing of the old stream may be written after this point.
                 self.reassembler.reset();
-                self.seen = SeqWindow::new();
+                self.seen = StreamDedup::default();
+                self.last_packet = None;
                 self.rec.stream = Some(info.name.clone());
                 self.watching = Some(info);
             }
@@ -450,10 +460,29 @@ impl Viewer {
             add(&self.counters.dropped, 1);
             return Ok(());
         }
-        if !self.seen.insert(header.seq) {
-            add(&self.counters.duplicates, 1);
-            return Ok(());
+        match self.seen.accept(header.seq, d.at) {
+            Verdict::New => {}
+            Verdict::Switched => {
+                // Another server's copy: its frame numbers are unrelated to the old ones.
+                tracing::info!(stream = %watching.name, "stream source changed");
+                self.reassembler.reset();
+                self.rec.source_switches += 1;
+            }
+            Verdict::Duplicate => {
+                add(&self.counters.duplicates, 1);
+                return Ok(());
+            }
+            Verdict::OtherSource => {
+                add(&self.counters.dropped, 1);
+                return Ok(());
+            }
         }
+        self.client.media_received(d.at);
+        if let Some(last) = self.last_packet {
+            let gap = d.at.saturating_duration_since(last).as_millis() as u64;
+            self.rec.longest_packet_gap_ms = self.rec.longest_packet_gap_ms.max(gap);
+        }
+        self.last_packet = Some(d.at);
         let before = self.reassembler.stats().incomplete_dropped;
         let frame = self.reassembler.push(&header, &d.bytes[HEADER_LEN..]);
         self.rec.incomplete += self.reassembler.stats().incomplete_dropped - before;

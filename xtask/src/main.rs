@@ -4,11 +4,13 @@
 //! - `core-launch`: a topology as a CORE scenario (`.imn`, or XML for CORE 8+).
 //! - `emulate`: a topology in network namespaces with emulated links and timed faults.
 //! - `bench`: the relay data path against a minimal batched relay.
+//! - `sim`: a random overlay of N nodes in the simulator: convergence, loops, failover.
 
 mod bench;
 mod core;
 mod demo;
 mod emulate;
+mod sim;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -36,6 +38,9 @@ enum Cmd {
     /// Measure the relay's forwarding (packets/s, Mbit/s, latency per hop, CPU per GB)
     /// against a minimal recvmmsg/sendmmsg relay, on loopback.
     Bench(bench::BenchArgs),
+    /// Simulate a random overlay of N nodes, kill relays, print convergence time, loop
+    /// checks, failover times and control traffic.
+    Sim(sim::SimArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,6 +50,7 @@ fn main() -> std::process::ExitCode {
         Cmd::CoreLaunch(a) => core::run(a),
         Cmd::Emulate(a) => emulate::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Sim(a) => sim::run(a),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

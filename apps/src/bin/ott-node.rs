@@ -28,6 +28,8 @@ struct Args {
     /// How long to wait for the bootstrapper to answer, in seconds.
     #[arg(long, default_value_t = 30)]
     bootstrap_wait: u64,
+    #[command(flatten)]
+    tuning: ott_apps::overlay::Tuning,
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,7 +58,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             a.id
         );
     }
-    ott_apps::overlay::run(
+    ott_apps::overlay::run_with(
         a,
         args.status,
         Vec::new(),
@@ -66,5 +68,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             };
             ott_apps::dataplane::spawn_forwarder_with(config, sock, counters, cmds)
         }),
+        args.tuning,
     )
 }

@@ -28,6 +28,8 @@ struct Args {
     /// How long to wait for the bootstrapper to answer, in seconds.
     #[arg(long, default_value_t = 30)]
     bootstrap_wait: u64,
+    #[command(flatten)]
+    tuning: ott_apps::overlay::Tuning,
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,12 +65,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             a.role
         );
     }
-    ott_apps::overlay::run(
+    ott_apps::overlay::run_with(
         a,
         args.status,
         catalogue,
         Box::new(move |sock, counters, cmds| {
             ott_apps::source::spawn_source(clips, sock, counters, cmds)
         }),
+        args.tuning,
     )
 }

@@ -72,12 +72,23 @@ pub struct ClientConfig {
     /// Another PoP must score at least this fraction better than the current one before
     /// the client moves (default 0.2, i.e. 20 %).
     pub switch_margin: f64,
+    /// ... and by at least this much (default 1 ms), so that microsecond noise on a
+    /// fast network (loopback, a LAN) does not make the client hop between PoPs.
+    pub switch_margin_abs: Duration,
     /// `ListStreams` is repeated this often until a `Streams` answer arrives (default 300 ms).
     pub request_retry: Duration,
     /// The catalogue is asked for again this often once known (default 5 s).
     pub catalogue_refresh: Duration,
     /// A PoP whose last this-many probes in a row were lost is unusable (default 2).
     pub max_lost_in_a_row: u32,
+    /// While watching, when no media arrived for this long (see
+    /// [`Client::media_received`]), every PoP is probed at once (default 200 ms), and
+    /// again after each further such period of silence.
+    pub media_silence: Duration,
+    /// A probe sent because of media silence is lost after this long (default 150 ms);
+    /// if the current PoP does not answer it in time, that PoP is unusable at once and
+    /// the client moves to the next best.
+    pub urgent_probe_timeout: Duration,
     /// Seed of the nonce generator, so that a run can be replayed.
     pub seed: u64,
 }
@@ -90,9 +101,12 @@ impl Default for ClientConfig {
             join_refresh: Duration::from_secs(1),
             loss_window: 5,
             switch_margin: 0.2,
+            switch_margin_abs: Duration::from_millis(1),
             request_retry: Duration::from_millis(300),
             catalogue_refresh: Duration::from_secs(5),
             max_lost_in_a_row: 2,
+            media_silence: Duration::from_millis(200),
+            urgent_probe_timeout: Duration::from_millis(150),
             seed: 0x07c1_1e47,
         }
     }
@@ -187,6 +201,10 @@ struct Pending {
     pop: usize,
     sent_at: Instant,
     sent_us: u64,
+    /// When it counts as lost.
+    deadline: Instant,
+    /// Sent because media went silent.
+    urgent: bool,
 }
 
 /// The viewer's PoP choice and stream selection, as a sans-IO state machine.
@@ -210,6 +228,10 @@ pub struct Client {
     next_probe: Instant,
     next_list: Option<Instant>,
     next_join: Option<Instant>,
+    /// When the last media datagram of the watched stream arrived.
+    last_media: Option<Instant>,
+    /// No urgent probe round before this.
+    urgent_not_before: Instant,
     shut_down: bool,
     pop_switches: u64,
     stats: ClientStats,
@@ -238,6 +260,8 @@ impl Client {
             &mut config.join_refresh,
             &mut config.request_retry,
             &mut config.catalogue_refresh,
+            &mut config.media_silence,
+            &mut config.urgent_probe_timeout,
         ] {
             *d = (*d).max(MIN_PERIOD);
         }
@@ -271,6 +295,8 @@ impl Client {
             next_probe: now,
             next_list: None,
             next_join: None,
+            last_media: None,
+            urgent_not_before: now,
             shut_down: false,
             pop_switches: 0,
             stats: ClientStats::default(),
@@ -323,6 +349,13 @@ impl Client {
                 ..
             } => self.on_probe_reply(now, idx, nonce, echo_us, path_latency_us),
             Message::Streams { streams } => self.on_streams(now, idx, streams),
+            Message::Withdraw { .. } => {
+                // The PoP lost every path to the stream: it is unusable until a probe
+                // reply says otherwise.
+                tracing::info!(pop = %self.pops[idx].id, "pop lost its path");
+                self.pops[idx].path_latency_us = None;
+                self.evaluate(now);
+            }
             Message::Error { reason } => {
                 tracing::info!(pop = %self.pops[idx].id, %reason, "request refused");
                 self.events.push_back(ClientEvent::Refused(reason));
@@ -334,16 +367,42 @@ impl Client {
         }
     }
 
+    /// Tell the client that a media datagram of the watched stream arrived at `now`.
+    ///
+    /// The application calls it for every datagram it plays (it is cheap). When media
+    /// stops for [`ClientConfig::media_silence`] while watching, the client probes every
+    /// PoP at once instead of waiting for the next round, and leaves a PoP that does not
+    /// answer within [`ClientConfig::urgent_probe_timeout`] or has lost its path. Changes
+    /// [`Client::poll_timeout`].
+    pub fn media_received(&mut self, now: Instant) {
+        if self.watching.is_some() {
+            self.last_media = Some(now);
+        }
+    }
+
+    /// When media silence is to be acted on, if watching and media was flowing.
+    fn silence_deadline(&self) -> Option<Instant> {
+        self.current?;
+        self.watching.as_ref()?;
+        let t = later(self.last_media?, self.config.media_silence);
+        Some(t.max(self.urgent_not_before))
+    }
+
     /// Advance the timers to `now`: resolve unanswered probes as lost, send the probe
-    /// round, `ListStreams` retries and `Join` refreshes that are due, and move to another
-    /// PoP if the current one became unusable.
+    /// round, `ListStreams` retries and `Join` refreshes that are due, probe at once on
+    /// media silence, and move to another PoP if the current one became unusable.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.shut_down {
             return;
         }
         self.expire_probes(now);
+        if self.silence_deadline().is_some_and(|t| now >= t) {
+            tracing::info!(pop = ?self.pop(), "media silent: probing every PoP at once");
+            self.probe_all(now, true);
+            self.urgent_not_before = later(now, self.config.media_silence);
+        }
         if now >= self.next_probe {
-            self.probe_round(now);
+            self.probe_all(now, false);
             let next = later(self.next_probe, self.config.probe_interval);
             self.next_probe = if next > now {
                 next
@@ -403,14 +462,12 @@ impl Client {
         if self.shut_down {
             return None;
         }
-        let probes = self
-            .pending
-            .iter()
-            .map(|p| later(p.sent_at, self.config.probe_timeout));
+        let probes = self.pending.iter().map(|p| p.deadline);
         std::iter::once(self.next_probe)
             .chain(probes)
             .chain(self.next_list)
             .chain(self.next_join)
+            .chain(self.silence_deadline())
             .min()
     }
 
@@ -521,9 +578,15 @@ impl Client {
 
     // ----- timers -----
 
-    fn probe_round(&mut self, now: Instant) {
+    /// Probe every PoP; `urgent` probes (on media silence) have the short timeout.
+    fn probe_all(&mut self, now: Instant, urgent: bool) {
         let sent_us = u64::try_from(now.saturating_duration_since(self.epoch).as_micros())
             .unwrap_or(u64::MAX);
+        let timeout = if urgent {
+            self.config.urgent_probe_timeout
+        } else {
+            self.config.probe_timeout
+        };
         for idx in 0..self.pops.len() {
             let nonce = self.rng.u64(..);
             self.pending.push(Pending {
@@ -531,6 +594,8 @@ impl Client {
                 pop: idx,
                 sent_at: now,
                 sent_us,
+                deadline: later(now, timeout),
+                urgent,
             });
             self.stats.probes_sent += 1;
             self.transmits.push_back(Transmit {
@@ -541,15 +606,20 @@ impl Client {
     }
 
     fn expire_probes(&mut self, now: Instant) {
-        let timeout = self.config.probe_timeout;
         let window = self.config.loss_window;
+        let max_lost = self.config.max_lost_in_a_row.max(1);
         let mut i = 0;
         while i < self.pending.len() {
-            if later(self.pending[i].sent_at, timeout) <= now {
+            if self.pending[i].deadline <= now {
                 let probe = self.pending.swap_remove(i);
                 self.stats.probes_lost += 1;
+                let current = self.current == Some(probe.pop);
                 let pop = &mut self.pops[probe.pop];
                 pop.lost_in_a_row = pop.lost_in_a_row.saturating_add(1);
+                if probe.urgent && current {
+                    // Media stopped and the PoP is silent too: leave it now.
+                    pop.lost_in_a_row = pop.lost_in_a_row.max(max_lost);
+                }
                 push_outcome(&mut pop.history, window, false);
                 tracing::debug!(pop = %pop.id, lost_in_a_row = pop.lost_in_a_row, "probe lost");
             } else {
@@ -615,7 +685,8 @@ impl Client {
             }
             (Some((b, bs)), Some(c), Some(cs)) => {
                 self.no_pop_reported = false;
-                if b != c && bs < cs * (1.0 - self.config.switch_margin) {
+                let abs = self.config.switch_margin_abs.as_secs_f64() * 1e6;
+                if b != c && bs < cs * (1.0 - self.config.switch_margin) && cs - bs >= abs {
                     self.switch_to(now, b);
                 }
             }
@@ -648,6 +719,8 @@ impl Client {
         if old.is_some() {
             self.pop_switches += 1;
         }
+        // Give the new PoP a period of silence to deliver before acting on it.
+        self.urgent_not_before = later(now, self.config.media_silence);
         let old_id = old.map(|o| self.pops[o].id.clone());
         let new_id = self.pops[new].id.clone();
         tracing::info!(old = ?old_id, new = %new_id, "pop changed");
@@ -695,6 +768,7 @@ impl Client {
         let msg = self.join_msg(&info);
         self.transmits.push_back(Transmit { to, msg });
         self.next_join = Some(later(now, self.config.join_refresh));
+        self.last_media = None;
         tracing::info!(stream = %info.name, id = info.id, "watching");
         self.events.push_back(ClientEvent::Watching(info.clone()));
         self.watching = Some(info);

@@ -17,7 +17,10 @@ pub struct NodeConfig {
     pub role: Role,
     /// Port of this node's media socket (on the same IP as its control socket), sent in `Join`.
     pub data_port: u16,
-    /// Grows at each restart of the node (e.g. a boot counter or start time).
+    /// Grows at each restart of the node by more than the number of announcements it
+    /// made before (e.g. microseconds of a clock at start): a server's announcements are
+    /// numbered from it, and nodes take routes only from announcements at least as new
+    /// as those they already used.
     pub incarnation: u64,
     /// Heartbeat period and death timeout of neighbours.
     pub liveness: LivenessConfig,
@@ -195,12 +198,18 @@ struct Route {
     sent_seq: Option<u64>,
     /// Whether neighbours were told we have no route.
     withdrawn: bool,
+    /// Feasibility distance: the newest announcement seq we took a route from, and the
+    /// fewest hops we had (and may have told anyone) with that seq. See
+    /// [`Node::feasible`].
+    fd: Option<(u64, u32)>,
 }
 
 #[derive(Debug, Clone)]
 struct Child {
     node: Option<String>,
     expires: Instant,
+    /// Port its control messages come from (a client's `Withdraw` goes there).
+    ctrl_port: u16,
 }
 
 #[derive(Debug, Default)]
@@ -472,6 +481,7 @@ impl Node {
             Child {
                 node: child_node,
                 expires,
+                ctrl_port: from.port(),
             },
         );
     }
@@ -489,7 +499,9 @@ impl Node {
                 self.own_seq += 1;
                 let msg = Message::Announce {
                     server: self.config.id.clone(),
-                    seq: self.own_seq,
+                    // Grows across restarts too: the incarnation grows faster than the
+                    // count of announcements (see `NodeConfig::incarnation`).
+                    seq: self.config.incarnation.saturating_add(self.own_seq),
                     path: vec![self.config.id.clone()],
                     latency_us: 0,
                     catalogue: self.own_catalogue.clone(),
@@ -608,6 +620,11 @@ impl Node {
             .and_then(|s| s.upstream.as_deref())
     }
 
+    /// Ids of the streams this node holds state for (joined upstream or with children).
+    pub fn stream_ids(&self) -> Vec<StreamId> {
+        self.streams.keys().copied().collect()
+    }
+
     /// The data addresses `stream` is currently forwarded to.
     pub fn forwarding(&self, stream: StreamId) -> Vec<SocketAddr> {
         self.streams
@@ -624,6 +641,21 @@ impl Node {
         let rtt = self.nb.rtt(n)?;
         let hops = u32::try_from(o.path.len()).unwrap_or(u32::MAX);
         Some((o.latency_us.saturating_add(micros(rtt) / 2), hops))
+    }
+
+    /// Whether `o` may become (or stay) our parent's offer without any risk of a loop:
+    /// Babel's feasibility condition (RFC 8966 §3.5.1) with hop count as the metric. An
+    /// offer is feasible when its seq is newer than our feasibility distance's, or the
+    /// same and the neighbour is strictly closer to the server (in hops) than we ever
+    /// were at that seq. Along any chain of parents the (seq, hops) pairs then strictly
+    /// decrease, so no chain can close on itself, even while some nodes still act on
+    /// stale announcements. Latency still chooses among the feasible offers.
+    fn feasible(fd: Option<(u64, u32)>, o: &Offer) -> bool {
+        let Some((seq, hops)) = fd else {
+            return true;
+        };
+        let theirs = u32::try_from(o.path.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        o.seq > seq || (o.seq == seq && theirs < hops)
     }
 
     /// Latency (µs) and hops of our route to `server`.
@@ -704,10 +736,14 @@ impl Node {
         }
     }
 
-    /// Drop every offer and child of neighbour `id`.
+    /// Drop every offer and child of neighbour `id`, and every other neighbour's offer
+    /// whose path runs through `id`: those neighbours will lose that path too, and until
+    /// they say so their offers are stale. Taking one of them could close a loop with a
+    /// node of the dead neighbour's subtree doing the same at the same moment.
     fn forget(&mut self, id: &str) {
         for r in self.routes.values_mut() {
             r.offers.remove(id);
+            r.offers.retain(|_, o| !o.path.iter().any(|x| x == id));
         }
         for s in self.streams.values_mut() {
             s.children.retain(|_, c| c.node.as_deref() != Some(id));
@@ -805,9 +841,11 @@ impl Node {
         let Some(r) = self.routes.get(server) else {
             return;
         };
+        let fd = r.fd;
         let mut cands: Vec<((u64, u32), String)> = r
             .offers
             .iter()
+            .filter(|(_, o)| Self::feasible(fd, o))
             .filter_map(|(n, o)| self.eligible(n, o).map(|m| (m, n.clone())))
             .collect();
         // Equal metrics are broken at random (seeded), then by id.
@@ -845,6 +883,17 @@ impl Node {
             (_, None) => None,
         };
         let old = r.parent.clone();
+        // Record the feasibility distance of the route taken (kept or new).
+        let taken = new
+            .as_ref()
+            .and_then(|p| r.offers.get(p))
+            .map(|o| (o.seq, u32::try_from(o.path.len()).unwrap_or(u32::MAX)));
+        if let (Some((seq, hops)), Some(r)) = (taken, self.routes.get_mut(server)) {
+            r.fd = Some(match r.fd {
+                Some((s, h)) if s == seq => (s, h.min(hops)),
+                _ => (seq, hops),
+            });
+        }
         if new == old {
             return;
         }
@@ -907,6 +956,24 @@ impl Node {
             };
             let data_port = self.config.data_port;
             let me = self.config.id.clone();
+            if desired.is_none() && st.upstream.is_some() {
+                // Every path to the stream is lost: tell the viewers at once, so they
+                // move to another PoP instead of waiting for the silence to show.
+                for (addr, c) in &st.children {
+                    if c.node.is_none() {
+                        let to = SocketAddr::new(addr.ip(), c.ctrl_port);
+                        self.stats.withdraws_out += 1;
+                        self.transmits.push_back(Transmit {
+                            to,
+                            msg: Message::Withdraw {
+                                from: me.clone(),
+                                server: String::new(),
+                                seq: 0,
+                            },
+                        });
+                    }
+                }
+            }
             if desired != st.upstream {
                 if let Some(new) = &desired {
                     if let Some(addr) = self.nb.addr_of(new) {
@@ -1086,6 +1153,16 @@ impl Node {
                 }
                 if !self.nb.is_alive(p) {
                     return Err(format!("{me}: parent {p} for {server} is dead"));
+                }
+                let theirs = o.path.len().saturating_sub(1);
+                match r.fd {
+                    Some((seq, hops)) if seq == o.seq && (theirs as u64) < u64::from(hops) => {}
+                    fd => {
+                        return Err(format!(
+                            "{me}: parent {p} for {server} is not feasible (offer seq {} hops {theirs}, fd {fd:?})",
+                            o.seq
+                        ))
+                    }
                 }
             }
         }

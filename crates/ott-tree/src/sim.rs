@@ -8,7 +8,14 @@
 //! message is encoded with `ott_proto::encode` and decoded again on arrival (failures
 //! are dropped and counted). A minimal data plane moves one "media token" per stream
 //! and [`Sim::media_period`] from each server along the [`Event::Forwarding`] sets, so
-//! tests can check who receives what and how many copies each link carries.
+//! tests can check who receives what, when, and how many copies each link carries.
+//!
+//! The simulation is event-driven: a step delivers the earliest datagram, or fires the
+//! earliest timer of one host (timers sit in a heap too), or the media tick, so a step
+//! costs the same with ten hosts or ten thousand and only the hosts with something to do
+//! run. Each step changes the state of at most one host, so [`Sim::check_loops_each_step`]
+//! checks loop freedom after every step by walking the parent and subscription chains
+//! from that host only (a new loop must go through the host that changed).
 //!
 //! The clock is virtual: [`Sim::now`] only moves when [`Sim::run_until`] or
 //! [`Sim::run_for`] steps the simulation; the wall clock is read once, in [`Sim::new`], to
@@ -29,11 +36,12 @@
 //! ```
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use ott_overlay::Topology;
 use ott_proto::{Message, StreamId, StreamInfo};
 
 use crate::{Client, ClientConfig, ClientEvent, Event, Node, NodeConfig, Role};
@@ -79,8 +87,17 @@ enum Machine {
     Client(Box<Client>),
 }
 
+/// Media reception of one stream at one host.
+#[derive(Debug, Clone, Default)]
+struct Reception {
+    count: u64,
+    /// Arrival times (since the start) of every token, clients only.
+    arrivals: Vec<Duration>,
+}
+
 #[derive(Debug)]
 struct Host {
+    id: String,
     ip: Ipv4Addr,
     role: Option<Role>,
     pops: Vec<String>,
@@ -89,7 +106,7 @@ struct Host {
     incarnation: u64,
     catalogue: Vec<StreamInfo>,
     forwarding: BTreeMap<StreamId, Vec<SocketAddr>>,
-    received: BTreeMap<StreamId, u64>,
+    received: BTreeMap<StreamId, Reception>,
     control_sent: u64,
     log: Vec<String>,
     selected: Option<String>,
@@ -107,6 +124,8 @@ struct InFlight {
     seq: u64,
     from: SocketAddr,
     to: SocketAddr,
+    /// Index of the sending host.
+    src: usize,
     payload: Payload,
 }
 
@@ -148,6 +167,10 @@ pub struct SimStats {
     pub codec_errors: u64,
     /// Steps run.
     pub steps: u64,
+    /// Loop-freedom checks made by [`Sim::check_loops_each_step`].
+    pub loop_checks: u64,
+    /// Checks that found a loop or a broken node invariant.
+    pub loop_violations: u64,
 }
 
 type Hook = Box<dyn FnMut(&Sim)>;
@@ -158,18 +181,22 @@ pub struct Sim {
     now: Instant,
     rng: fastrand::Rng,
     seed: u64,
-    hosts: BTreeMap<String, Host>,
-    by_ip: BTreeMap<Ipv4Addr, String>,
-    links: BTreeMap<(String, String), SimLink>,
+    hosts: Vec<Host>,
+    index: BTreeMap<String, usize>,
+    by_ip: HashMap<Ipv4Addr, usize>,
+    links: HashMap<(usize, usize), SimLink>,
     wire: BinaryHeap<Reverse<InFlight>>,
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
     seq: u64,
     started: bool,
     media_period: Duration,
     next_media: Option<Instant>,
     tick: u64,
-    copies: BTreeMap<(String, String, StreamId), Copies>,
+    copies: HashMap<(usize, usize, StreamId), Copies>,
     stats: SimStats,
     hook: Option<Hook>,
+    check_loops: bool,
+    first_violation: Option<String>,
     /// Most steps a single `run_until` may take before it panics.
     pub max_steps: u64,
     /// Template for node configurations (id, role, data port and seed are overwritten).
@@ -191,13 +218,51 @@ impl std::fmt::Debug for Sim {
     }
 }
 
-fn key(a: &str, b: &str) -> (String, String) {
+fn key(a: usize, b: usize) -> (usize, usize) {
     if a <= b {
-        (a.to_owned(), b.to_owned())
+        (a, b)
     } else {
-        (b.to_owned(), a.to_owned())
+        (b, a)
     }
 }
+
+/// Parameters of [`Sim::random`]: a random connected overlay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RandomOverlay {
+    /// Overlay nodes, the server included (at least 2).
+    pub nodes: usize,
+    /// Average number of neighbours per node (at least 2).
+    pub degree: usize,
+    /// Fraction of the relays that are PoPs (default 0.1).
+    pub pop_fraction: f64,
+    /// Clients, each attached to three random PoPs (default 20).
+    pub clients: usize,
+    /// Link latencies are drawn uniformly from this range, ms (default 1..20).
+    pub latency_ms: (u64, u64),
+    /// Jitter of every link (default 0.5 ms).
+    pub jitter: Duration,
+    /// Seed of the graph, the link draws and every node.
+    pub seed: u64,
+}
+
+impl RandomOverlay {
+    /// `nodes` nodes of average degree `degree`, the other parameters at their defaults.
+    pub fn new(nodes: usize, degree: usize, seed: u64) -> Self {
+        Self {
+            nodes,
+            degree,
+            pop_fraction: 0.1,
+            clients: 20,
+            latency_ms: (1, 20),
+            jitter: Duration::from_micros(500),
+            seed,
+        }
+    }
+}
+
+/// The name of the stream every server of [`Sim::random`] and [`Sim::from_topology`]
+/// offers.
+pub const SIM_STREAM: &str = "live";
 
 impl Sim {
     /// An empty network whose randomness all derives from `seed`.
@@ -210,23 +275,136 @@ impl Sim {
             now: epoch,
             rng: fastrand::Rng::with_seed(seed),
             seed,
-            hosts: BTreeMap::new(),
-            by_ip: BTreeMap::new(),
-            links: BTreeMap::new(),
+            hosts: Vec::new(),
+            index: BTreeMap::new(),
+            by_ip: HashMap::new(),
+            links: HashMap::new(),
             wire: BinaryHeap::new(),
+            timers: BinaryHeap::new(),
             seq: 0,
             started: false,
             media_period: Duration::from_millis(100),
             next_media: None,
             tick: 0,
-            copies: BTreeMap::new(),
+            copies: HashMap::new(),
             stats: SimStats::default(),
             hook: None,
-            max_steps: 20_000_000,
+            check_loops: false,
+            first_violation: None,
+            max_steps: 50_000_000,
             node_config: NodeConfig::new("", Role::Relay, DATA_PORT),
             client_config: ClientConfig::default(),
             access_link: LinkParams::new(Duration::from_millis(1)),
         }
+    }
+
+    /// A network built from a topology file: one node per server, relay and PoP, one
+    /// link per overlay neighbour pair (with the file's delay, jitter and loss when the
+    /// pair is a direct link, else 2 ms). Every server offers the stream [`SIM_STREAM`].
+    /// Clients are not created: add them with [`Sim::add_client`] (the bootstrapper
+    /// gives every client every PoP, see [`Sim::pop_ids`]).
+    pub fn from_topology(t: &Topology, seed: u64) -> Self {
+        let mut sim = Self::new(seed);
+        for n in t.nodes.iter().filter(|n| n.role.is_overlay()) {
+            sim.add_node(&n.id, n.role);
+        }
+        for n in t.nodes.iter().filter(|n| n.role.is_overlay()) {
+            for m in t.overlay_neighbours(&n.id) {
+                if n.id < m && sim.index.contains_key(&m) {
+                    let params = match t.link_between(&n.id, &m) {
+                        Some((_, l)) => LinkParams {
+                            latency: Duration::from_secs_f64(l.delay_ms.max(0.0) / 1e3),
+                            jitter: Duration::from_secs_f64(l.jitter_ms.max(0.0) / 1e3),
+                            loss: (l.loss_pct / 100.0).clamp(0.0, 1.0),
+                        },
+                        None => LinkParams::new(Duration::from_millis(2)),
+                    };
+                    sim.add_link(&n.id, &m, params);
+                }
+            }
+        }
+        let stream = StreamInfo::new(SIM_STREAM, ott_proto::MediaKind::Mjpeg, 25_000);
+        for s in t.servers() {
+            sim.set_catalogue(&s.id, vec![stream.clone()]);
+        }
+        sim
+    }
+
+    /// A random connected overlay: one server `s0`, relays `r<i>` and PoPs `p<i>`, a
+    /// random spanning tree plus random extra links up to the average degree, and
+    /// clients `c<i>` each given three random PoPs and watching [`SIM_STREAM`]. The
+    /// same parameters always give the same network.
+    pub fn random(p: &RandomOverlay) -> Self {
+        let n = p.nodes.max(2);
+        let mut rng = fastrand::Rng::with_seed(p.seed ^ 0x5eed_0f0e_71a7);
+        let mut sim = Self::new(p.seed);
+        let width = n.to_string().len();
+        let mut ids = vec!["s0".to_owned()];
+        let mut pops = Vec::new();
+        for i in 1..n {
+            let id = if rng.f64() < p.pop_fraction {
+                let id = format!("p{i:0width$}");
+                pops.push(id.clone());
+                sim.add_node(&id, Role::Pop);
+                id
+            } else {
+                let id = format!("r{i:0width$}");
+                sim.add_node(&id, Role::Relay);
+                id
+            };
+            ids.push(id);
+        }
+        sim.add_node("s0", Role::Server);
+        if pops.is_empty() {
+            // At least one PoP, so that clients have somewhere to go.
+            let last = ids.len() - 1;
+            let id = ids[last].clone();
+            sim.hosts[sim.index[&id]].role = Some(Role::Pop);
+            pops.push(id);
+        }
+        let (lo, hi) = p.latency_ms;
+        let draw_link = |rng: &mut fastrand::Rng| LinkParams {
+            latency: Duration::from_millis(rng.u64(lo.max(1)..hi.max(lo.max(1) + 1))),
+            jitter: p.jitter,
+            loss: 0.0,
+        };
+        let mut edges = 0usize;
+        for i in 1..ids.len() {
+            let j = rng.usize(..i);
+            let params = draw_link(&mut rng);
+            sim.add_link(&ids[i], &ids[j], params);
+            edges += 1;
+        }
+        let target = n * p.degree.max(2) / 2;
+        let mut attempts = 0;
+        while edges < target && attempts < 20 * target {
+            attempts += 1;
+            let a = rng.usize(..ids.len());
+            let b = rng.usize(..ids.len());
+            let (ia, ib) = (sim.index[&ids[a]], sim.index[&ids[b]]);
+            if a == b || sim.links.contains_key(&key(ia, ib)) {
+                continue;
+            }
+            let params = draw_link(&mut rng);
+            sim.add_link(&ids[a], &ids[b], params);
+            edges += 1;
+        }
+        let stream = StreamInfo::new(SIM_STREAM, ott_proto::MediaKind::Mjpeg, 25_000);
+        sim.set_catalogue("s0", vec![stream]);
+        let cw = p.clients.to_string().len();
+        for c in 0..p.clients {
+            let mut mine: Vec<&str> = Vec::new();
+            for _ in 0..3 {
+                let pick = pops[rng.usize(..pops.len())].as_str();
+                if !mine.contains(&pick) {
+                    mine.push(pick);
+                }
+            }
+            let id = format!("c{c:0cw$}");
+            sim.add_client(&id, &mine);
+            sim.select_stream(&id, SIM_STREAM);
+        }
+        sim
     }
 
     /// Virtual time elapsed since the start.
@@ -254,28 +432,49 @@ impl Sim {
         self.stats
     }
 
+    /// After every step, check loop freedom from the host that step changed (its own
+    /// invariants, its parent chain towards every server and its subscription chain of
+    /// every stream). Violations are counted in [`SimStats::loop_violations`] and the
+    /// first one is kept ([`Sim::first_loop_violation`]).
+    pub fn check_loops_each_step(&mut self, on: bool) {
+        self.check_loops = on;
+    }
+
+    /// The first violation found by [`Sim::check_loops_each_step`], with its time.
+    pub fn first_loop_violation(&self) -> Option<&str> {
+        self.first_violation.as_deref()
+    }
+
+    fn idx(&self, id: &str) -> Option<usize> {
+        self.index.get(id).copied()
+    }
+
+    fn host(&self, id: &str) -> Option<&Host> {
+        self.idx(id).and_then(|i| self.hosts.get(i))
+    }
+
     fn add_host(&mut self, id: &str, role: Option<Role>, pops: Vec<String>) {
-        assert!(!self.hosts.contains_key(id), "duplicate host {id}");
+        assert!(!self.index.contains_key(id), "duplicate host {id}");
         let i = u32::try_from(self.hosts.len() + 1).unwrap_or(u32::MAX);
         let ip = Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8);
-        self.by_ip.insert(ip, id.to_owned());
-        self.hosts.insert(
-            id.to_owned(),
-            Host {
-                ip,
-                role,
-                pops,
-                machine: None,
-                next_timeout: None,
-                incarnation: 1,
-                catalogue: Vec::new(),
-                forwarding: BTreeMap::new(),
-                received: BTreeMap::new(),
-                control_sent: 0,
-                log: Vec::new(),
-                selected: None,
-            },
-        );
+        let idx = self.hosts.len();
+        self.by_ip.insert(ip, idx);
+        self.index.insert(id.to_owned(), idx);
+        self.hosts.push(Host {
+            id: id.to_owned(),
+            ip,
+            role,
+            pops,
+            machine: None,
+            next_timeout: None,
+            incarnation: 1,
+            catalogue: Vec::new(),
+            forwarding: BTreeMap::new(),
+            received: BTreeMap::new(),
+            control_sent: 0,
+            log: Vec::new(),
+            selected: None,
+        });
     }
 
     /// Add an overlay node (before [`Sim::start`]).
@@ -287,120 +486,166 @@ impl Sim {
     /// once if the simulation is running.
     pub fn add_client(&mut self, id: &str, pops: &[&str]) {
         self.add_host(id, None, pops.iter().map(|p| (*p).to_owned()).collect());
+        let me = self.hosts.len() - 1;
         for p in pops {
-            self.links.insert(
-                key(id, p),
-                SimLink {
-                    params: self.access_link,
-                    up: true,
-                },
-            );
+            if let Some(pi) = self.idx(p) {
+                self.links.insert(
+                    key(me, pi),
+                    SimLink {
+                        params: self.access_link,
+                        up: true,
+                    },
+                );
+            }
         }
         if self.started {
-            self.boot(id);
+            self.boot(me);
         }
     }
 
     /// Add a link between two hosts (before [`Sim::start`] for nodes).
     pub fn add_link(&mut self, a: &str, b: &str, params: LinkParams) {
-        assert!(self.hosts.contains_key(a) && self.hosts.contains_key(b));
-        self.links.insert(key(a, b), SimLink { params, up: true });
+        let (Some(ia), Some(ib)) = (self.idx(a), self.idx(b)) else {
+            panic!("add_link: unknown host {a} or {b}");
+        };
+        self.links.insert(key(ia, ib), SimLink { params, up: true });
+    }
+
+    fn link_mut(&mut self, a: &str, b: &str) -> Option<&mut SimLink> {
+        let k = key(self.idx(a)?, self.idx(b)?);
+        self.links.get_mut(&k)
     }
 
     /// Change a link's parameters.
     pub fn set_link(&mut self, a: &str, b: &str, params: LinkParams) {
-        if let Some(l) = self.links.get_mut(&key(a, b)) {
+        if let Some(l) = self.link_mut(a, b) {
             l.params = params;
         }
     }
 
     /// Take a link down: everything sent over it is dropped.
     pub fn link_down(&mut self, a: &str, b: &str) {
-        if let Some(l) = self.links.get_mut(&key(a, b)) {
+        if let Some(l) = self.link_mut(a, b) {
             l.up = false;
         }
     }
 
     /// Bring a link back up.
     pub fn link_up(&mut self, a: &str, b: &str) {
-        if let Some(l) = self.links.get_mut(&key(a, b)) {
+        if let Some(l) = self.link_mut(a, b) {
             l.up = true;
+        }
+    }
+
+    /// Whether the link between `a` and `b` exists and is up.
+    pub fn link_is_up(&self, a: &str, b: &str) -> bool {
+        match (self.idx(a), self.idx(b)) {
+            (Some(ia), Some(ib)) => self.links.get(&key(ia, ib)).is_some_and(|l| l.up),
+            _ => false,
         }
     }
 
     /// Ids of every link `(a, b)` with `a < b`, sorted.
     pub fn links(&self) -> Vec<(String, String)> {
-        self.links.keys().cloned().collect()
+        let mut v: Vec<(String, String)> = self
+            .links
+            .keys()
+            .map(|&(a, b)| {
+                let (x, y) = (&self.hosts[a].id, &self.hosts[b].id);
+                if x <= y {
+                    (x.clone(), y.clone())
+                } else {
+                    (y.clone(), x.clone())
+                }
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Overlay neighbours of node `id` (links to other nodes, up or down), sorted.
+    pub fn neighbours_of(&self, id: &str) -> Vec<String> {
+        self.overlay_neighbours(id)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
     }
 
     /// Control address of a host.
     pub fn addr(&self, id: &str) -> Option<SocketAddr> {
-        self.hosts
-            .get(id)
+        self.host(id)
             .map(|h| SocketAddr::new(IpAddr::V4(h.ip), CONTROL_PORT))
     }
 
     /// Set a server's catalogue (now, or at start).
     pub fn set_catalogue(&mut self, server: &str, streams: Vec<StreamInfo>) {
         let now = self.now;
-        if let Some(h) = self.hosts.get_mut(server) {
-            h.catalogue = streams.clone();
-            if let Some(Machine::Node(n)) = &mut h.machine {
-                n.set_catalogue(now, streams);
-            }
+        let Some(i) = self.idx(server) else {
+            return;
+        };
+        let h = &mut self.hosts[i];
+        h.catalogue = streams.clone();
+        if let Some(Machine::Node(n)) = &mut h.machine {
+            n.set_catalogue(now, streams);
         }
-        self.drain(server);
+        self.drain(i);
     }
 
     /// Create every state machine at the current time.
     pub fn start(&mut self) {
         self.started = true;
         self.next_media = Some(self.now + self.media_period);
-        let ids: Vec<String> = self.hosts.keys().cloned().collect();
-        for id in ids {
-            self.boot(&id);
+        let order: Vec<usize> = self.index.values().copied().collect();
+        for i in order {
+            self.boot(i);
         }
     }
 
     fn overlay_neighbours(&self, id: &str) -> Vec<(String, SocketAddr)> {
-        self.links
+        let Some(me) = self.idx(id) else {
+            return Vec::new();
+        };
+        let mut v: Vec<(String, SocketAddr)> = self
+            .links
             .keys()
-            .filter_map(|(a, b)| {
-                let other = if a == id {
+            .filter_map(|&(a, b)| {
+                let other = if a == me {
                     b
-                } else if b == id {
+                } else if b == me {
                     a
                 } else {
                     return None;
                 };
-                let h = self.hosts.get(other)?;
+                let h = &self.hosts[other];
                 h.role?;
-                Some((other.clone(), self.addr(other)?))
+                Some((
+                    h.id.clone(),
+                    SocketAddr::new(IpAddr::V4(h.ip), CONTROL_PORT),
+                ))
             })
-            .collect()
+            .collect();
+        v.sort();
+        v
     }
 
-    fn boot(&mut self, id: &str) {
+    fn boot(&mut self, i: usize) {
         let now = self.now;
         let epoch = self.epoch;
-        let seed = self.seed ^ (self.hosts.keys().position(|k| k == id).unwrap_or(0) as u64);
-        let neighbours = self.overlay_neighbours(id);
-        let pops: Vec<(String, SocketAddr)> = match self.hosts.get(id) {
-            Some(h) => h
-                .pops
-                .iter()
-                .filter_map(|p| Some((p.clone(), self.addr(p)?)))
-                .collect(),
-            None => return,
-        };
+        let id = self.hosts[i].id.clone();
+        let rank = self.index.keys().position(|k| *k == id).unwrap_or(0) as u64;
+        let seed = self.seed ^ rank;
+        let neighbours = self.overlay_neighbours(&id);
+        let pops: Vec<(String, SocketAddr)> = self.hosts[i]
+            .pops
+            .iter()
+            .filter_map(|p| Some((p.clone(), self.addr(p)?)))
+            .collect();
         let mut node_cfg = self.node_config.clone();
         let mut client_cfg = self.client_config.clone();
-        let Some(h) = self.hosts.get_mut(id) else {
-            return;
-        };
+        let h = &mut self.hosts[i];
         let machine = match h.role {
             Some(role) => {
-                node_cfg.id = id.to_owned();
+                node_cfg.id = id;
                 node_cfg.role = role;
                 node_cfg.data_port = DATA_PORT;
                 node_cfg.seed = seed;
@@ -422,12 +667,13 @@ impl Sim {
         };
         h.machine = Some(machine);
         h.forwarding.clear();
-        self.drain(id);
+        self.drain(i);
     }
 
     /// Crash a host: it stops at once, without a word to anyone.
     pub fn kill(&mut self, id: &str) {
-        if let Some(h) = self.hosts.get_mut(id) {
+        if let Some(i) = self.idx(id) {
+            let h = &mut self.hosts[i];
             h.machine = None;
             h.next_timeout = None;
             h.forwarding.clear();
@@ -436,49 +682,64 @@ impl Sim {
 
     /// Restart a killed host with a higher incarnation and a fresh state.
     pub fn restart(&mut self, id: &str) {
-        if let Some(h) = self.hosts.get_mut(id) {
-            h.incarnation += 1;
+        let us = u64::try_from(self.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if let Some(i) = self.idx(id) {
+            // Like a real node's start time in microseconds: grows faster than the
+            // number of announcements a server makes.
+            let h = &mut self.hosts[i];
+            h.incarnation = (h.incarnation + 1).max(us);
+            self.boot(i);
         }
-        self.boot(id);
     }
 
     /// Shut a host down cleanly (`Bye`, `Leave`), then stop it.
     pub fn shutdown(&mut self, id: &str) {
         let now = self.now;
-        if let Some(h) = self.hosts.get_mut(id) {
-            match &mut h.machine {
-                Some(Machine::Node(n)) => n.shutdown(now),
-                Some(Machine::Client(c)) => c.shutdown(now),
-                None => {}
-            }
+        let Some(i) = self.idx(id) else {
+            return;
+        };
+        match &mut self.hosts[i].machine {
+            Some(Machine::Node(n)) => n.shutdown(now),
+            Some(Machine::Client(c)) => c.shutdown(now),
+            None => {}
         }
-        self.drain(id);
+        self.drain(i);
         self.kill(id);
     }
 
     /// Make a client watch `name`.
     pub fn select_stream(&mut self, client: &str, name: &str) {
         let now = self.now;
-        if let Some(h) = self.hosts.get_mut(client) {
-            h.selected = Some(name.to_owned());
-            if let Some(Machine::Client(c)) = &mut h.machine {
-                c.select_stream(now, name);
-            }
+        let Some(i) = self.idx(client) else {
+            return;
+        };
+        let h = &mut self.hosts[i];
+        h.selected = Some(name.to_owned());
+        if let Some(Machine::Client(c)) = &mut h.machine {
+            c.select_stream(now, name);
         }
-        self.drain(client);
+        self.drain(i);
     }
 
     /// A running node. Panics if `id` is not a running node (a test bug).
     pub fn node(&self, id: &str) -> &Node {
-        match self.hosts.get(id).and_then(|h| h.machine.as_ref()) {
+        match self.host(id).and_then(|h| h.machine.as_ref()) {
             Some(Machine::Node(n)) => n,
             _ => panic!("{id} is not a running node"),
         }
     }
 
+    /// A running node, or `None`.
+    pub fn try_node(&self, id: &str) -> Option<&Node> {
+        match self.host(id).and_then(|h| h.machine.as_ref()) {
+            Some(Machine::Node(n)) => Some(n),
+            _ => None,
+        }
+    }
+
     /// A running client. Panics if `id` is not a running client (a test bug).
     pub fn client(&self, id: &str) -> &Client {
-        match self.hosts.get(id).and_then(|h| h.machine.as_ref()) {
+        match self.host(id).and_then(|h| h.machine.as_ref()) {
             Some(Machine::Client(c)) => c,
             _ => panic!("{id} is not a running client"),
         }
@@ -486,36 +747,98 @@ impl Sim {
 
     /// Whether `id` is running.
     pub fn is_running(&self, id: &str) -> bool {
-        self.hosts.get(id).is_some_and(|h| h.machine.is_some())
+        self.host(id).is_some_and(|h| h.machine.is_some())
+    }
+
+    /// Role of node `id` (`None` for a client or an unknown id).
+    pub fn role(&self, id: &str) -> Option<Role> {
+        self.host(id).and_then(|h| h.role)
     }
 
     /// Ids of all nodes (not clients), sorted.
     pub fn node_ids(&self) -> Vec<String> {
-        self.hosts
+        self.index
             .iter()
-            .filter(|(_, h)| h.role.is_some())
+            .filter(|(_, &i)| self.hosts[i].role.is_some())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Ids of all clients, sorted.
+    pub fn client_ids(&self) -> Vec<String> {
+        self.index
+            .iter()
+            .filter(|(_, &i)| self.hosts[i].role.is_none())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Ids of all PoPs, sorted.
+    pub fn pop_ids(&self) -> Vec<String> {
+        self.index
+            .iter()
+            .filter(|(_, &i)| self.hosts[i].role == Some(Role::Pop))
             .map(|(id, _)| id.clone())
             .collect()
     }
 
     /// Control datagrams sent by `id` so far.
     pub fn control_messages_sent(&self, id: &str) -> u64 {
-        self.hosts.get(id).map_or(0, |h| h.control_sent)
+        self.host(id).map_or(0, |h| h.control_sent)
     }
 
     /// Media tokens of `stream` received by host `id` (client or node).
     pub fn received(&self, id: &str, stream: StreamId) -> u64 {
-        self.hosts
-            .get(id)
-            .and_then(|h| h.received.get(&stream).copied())
-            .unwrap_or(0)
+        self.host(id)
+            .and_then(|h| h.received.get(&stream))
+            .map_or(0, |r| r.count)
+    }
+
+    /// When client `id` received each token of `stream`, as times since the start.
+    pub fn arrivals(&self, id: &str, stream: StreamId) -> &[Duration] {
+        self.host(id)
+            .and_then(|h| h.received.get(&stream))
+            .map_or(&[], |r| r.arrivals.as_slice())
+    }
+
+    /// The first time client `id` received a token of `stream` at or after `t` (since
+    /// the start).
+    pub fn first_arrival_after(&self, id: &str, stream: StreamId, t: Duration) -> Option<Duration> {
+        let a = self.arrivals(id, stream);
+        let i = a.partition_point(|x| *x < t);
+        a.get(i).copied()
+    }
+
+    /// The longest time client `id` went without a token of `stream` between `from` and
+    /// `to` (since the start); `to - from` if it got none.
+    pub fn longest_gap(
+        &self,
+        id: &str,
+        stream: StreamId,
+        from: Duration,
+        to: Duration,
+    ) -> Duration {
+        let mut last = from;
+        let mut worst = Duration::ZERO;
+        for &t in self.arrivals(id, stream) {
+            if t < from {
+                continue;
+            }
+            if t > to {
+                break;
+            }
+            worst = worst.max(t - last);
+            last = t;
+        }
+        worst.max(to.saturating_sub(last))
     }
 
     /// Media tokens of `stream` sent from `from` to `to` so far.
     pub fn media_sent(&self, from: &str, to: &str, stream: StreamId) -> u64 {
-        self.copies
-            .get(&(from.to_owned(), to.to_owned(), stream))
-            .map_or(0, |c| c.total)
+        match (self.idx(from), self.idx(to)) {
+            (Some(a), Some(b)) => self.copies.get(&(a, b, stream)).map_or(0, |c| c.total),
+            _ => 0,
+        }
     }
 
     /// The largest number of copies of one media token any directed link carried.
@@ -529,7 +852,7 @@ impl Sim {
 
     /// Control messages a client sent, as `"<kind> <to>"` lines (e.g. `"join n5"`).
     pub fn client_log(&self, id: &str) -> &[String] {
-        self.hosts.get(id).map_or(&[], |h| &h.log)
+        self.host(id).map_or(&[], |h| &h.log)
     }
 
     /// Call `f` after every step of the simulation.
@@ -560,18 +883,24 @@ impl Sim {
         self.run_until(t);
     }
 
-    /// One step: deliver the earliest datagram, or fire the earliest timer(s), or the media
+    /// The earliest live timer, dropping stale heap entries.
+    fn next_timer(&mut self) -> Option<(Instant, usize)> {
+        while let Some(&Reverse((t, i))) = self.timers.peek() {
+            if self.hosts.get(i).and_then(|h| h.next_timeout) == Some(t) {
+                return Some((t, i));
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// One step: deliver the earliest datagram, or fire the earliest timer, or the media
     /// tick, if it is not after `end`. Returns false when nothing is left before `end`.
     fn step(&mut self, end: Instant) -> bool {
         let wire = self.wire.peek().map(|Reverse(f)| f.at);
-        let timer = self
-            .hosts
-            .iter()
-            .filter_map(|(id, h)| h.next_timeout.map(|t| (t, id)))
-            .min()
-            .map(|(t, id)| (t, id.clone()));
+        let timer = self.next_timer();
         let media = self.next_media;
-        let next = [wire, timer.as_ref().map(|(t, _)| *t), media]
+        let next = [wire, timer.map(|(t, _)| t), media]
             .into_iter()
             .flatten()
             .min();
@@ -583,22 +912,34 @@ impl Sim {
         }
         self.now = self.now.max(next);
         self.stats.steps += 1;
+        let mut touched = None;
         if wire == Some(next) {
             if let Some(Reverse(f)) = self.wire.pop() {
-                self.deliver(f);
+                touched = self.deliver(f);
             }
-        } else if let Some((t, id)) = timer.filter(|(t, _)| *t == next) {
+        } else if let Some((t, i)) = timer.filter(|(t, _)| *t == next) {
+            self.timers.pop();
             let now = self.now.max(t);
-            if let Some(h) = self.hosts.get_mut(&id) {
-                match &mut h.machine {
-                    Some(Machine::Node(n)) => n.handle_timeout(now),
-                    Some(Machine::Client(c)) => c.handle_timeout(now),
-                    None => {}
-                }
+            match &mut self.hosts[i].machine {
+                Some(Machine::Node(n)) => n.handle_timeout(now),
+                Some(Machine::Client(c)) => c.handle_timeout(now),
+                None => {}
             }
-            self.drain(&id);
+            self.drain(i);
+            touched = Some(i);
         } else {
             self.media_tick();
+        }
+        if self.check_loops {
+            if let Some(i) = touched.filter(|&i| self.hosts[i].role.is_some()) {
+                self.stats.loop_checks += 1;
+                if let Err(e) = self.check_from(i) {
+                    self.stats.loop_violations += 1;
+                    if self.first_violation.is_none() {
+                        self.first_violation = Some(format!("at {:?}: {e}", self.elapsed()));
+                    }
+                }
+            }
         }
         if let Some(mut hook) = self.hook.take() {
             hook(self);
@@ -611,34 +952,28 @@ impl Sim {
         self.tick += 1;
         self.next_media = Some(self.now + self.media_period);
         let mut sends = Vec::new();
-        for (id, h) in &self.hosts {
+        for (i, h) in self.hosts.iter().enumerate() {
             if h.machine.is_none() || h.role != Some(Role::Server) {
                 continue;
             }
             for s in &h.catalogue {
                 for to in h.forwarding.get(&s.id).into_iter().flatten() {
-                    sends.push((id.clone(), *to, s.id));
+                    sends.push((i, *to, s.id));
                 }
             }
         }
         let tick = self.tick;
         for (from, to, stream) in sends {
-            self.send_media(&from, to, stream, tick);
+            self.send_media(from, to, stream, tick);
         }
     }
 
-    fn send_media(&mut self, from: &str, to: SocketAddr, stream: StreamId, tick: u64) {
-        let Some(src) = self.hosts.get(from).map(|h| h.ip) else {
-            return;
-        };
-        let Some(dst) = self.dest_id(to) else {
+    fn send_media(&mut self, from: usize, to: SocketAddr, stream: StreamId, tick: u64) {
+        let Some(dst) = self.dest(to) else {
             self.stats.dead_dest += 1;
             return;
         };
-        let c = self
-            .copies
-            .entry((from.to_owned(), dst, stream))
-            .or_default();
+        let c = self.copies.entry((from, dst, stream)).or_default();
         c.total += 1;
         if c.last_tick == tick {
             c.in_last_tick += 1;
@@ -648,23 +983,23 @@ impl Sim {
         }
         c.max_per_tick = c.max_per_tick.max(c.in_last_tick);
         self.stats.media_sent += 1;
-        let from_addr = SocketAddr::new(IpAddr::V4(src), DATA_PORT);
+        let from_addr = SocketAddr::new(IpAddr::V4(self.hosts[from].ip), DATA_PORT);
         self.put_on_wire(from, from_addr, to, Payload::Media { stream, tick });
     }
 
-    fn dest_id(&self, to: SocketAddr) -> Option<String> {
+    fn dest(&self, to: SocketAddr) -> Option<usize> {
         match to.ip() {
-            IpAddr::V4(ip) => self.by_ip.get(&ip).cloned(),
+            IpAddr::V4(ip) => self.by_ip.get(&ip).copied(),
             IpAddr::V6(_) => None,
         }
     }
 
-    fn put_on_wire(&mut self, from: &str, from_addr: SocketAddr, to: SocketAddr, p: Payload) {
-        let Some(dst) = self.dest_id(to) else {
+    fn put_on_wire(&mut self, from: usize, from_addr: SocketAddr, to: SocketAddr, p: Payload) {
+        let Some(dst) = self.dest(to) else {
             self.stats.dead_dest += 1;
             return;
         };
-        let Some(link) = self.links.get(&key(from, &dst)) else {
+        let Some(link) = self.links.get(&key(from, dst)) else {
             self.stats.no_route += 1;
             return;
         };
@@ -688,64 +1023,79 @@ impl Sim {
             seq: self.seq,
             from: from_addr,
             to,
+            src: from,
             payload: p,
         }));
     }
 
-    fn deliver(&mut self, f: InFlight) {
+    /// Deliver one datagram; returns the host whose state machine it changed.
+    fn deliver(&mut self, f: InFlight) -> Option<usize> {
         let now = self.now;
-        let Some(id) = self.dest_id(f.to) else {
+        let elapsed = self.elapsed();
+        let Some(i) = self.dest(f.to) else {
             self.stats.dead_dest += 1;
-            return;
+            return None;
         };
+        // A datagram in flight when its link went down is lost too.
+        if !self.links.get(&key(f.src, i)).is_some_and(|l| l.up) {
+            self.stats.no_route += 1;
+            return None;
+        }
         match f.payload {
             Payload::Control(bytes) => {
                 let Ok(msg) = ott_proto::decode(&bytes) else {
                     self.stats.codec_errors += 1;
-                    return;
+                    return None;
                 };
-                let Some(h) = self.hosts.get_mut(&id) else {
-                    return;
-                };
-                match &mut h.machine {
+                match &mut self.hosts[i].machine {
                     Some(Machine::Node(n)) => n.handle(now, f.from, msg),
                     Some(Machine::Client(c)) => c.handle(now, f.from, msg),
                     None => {
                         self.stats.dead_dest += 1;
-                        return;
+                        return None;
                     }
                 }
-                self.drain(&id);
+                self.drain(i);
+                Some(i)
             }
             Payload::Media { stream, tick } => {
-                let Some(h) = self.hosts.get_mut(&id) else {
-                    return;
-                };
-                if h.machine.is_none() {
-                    self.stats.dead_dest += 1;
-                    return;
+                let h = &mut self.hosts[i];
+                let r = h.received.entry(stream).or_default();
+                match &mut h.machine {
+                    None => {
+                        self.stats.dead_dest += 1;
+                        return None;
+                    }
+                    Some(Machine::Client(c)) => {
+                        r.count += 1;
+                        r.arrivals.push(elapsed);
+                        if c.stream().is_some_and(|s| s.id == stream) {
+                            c.media_received(now);
+                        }
+                        self.drain(i);
+                        return Some(i);
+                    }
+                    Some(Machine::Node(_)) => r.count += 1,
                 }
-                *h.received.entry(stream).or_default() += 1;
                 let fwd = h.forwarding.get(&stream).cloned().unwrap_or_default();
                 for to in fwd {
-                    self.send_media(&id, to, stream, tick);
+                    self.send_media(i, to, stream, tick);
                 }
+                None
             }
         }
     }
 
-    /// Drain a host's outputs onto the wire (drain rule), then cache its next timeout.
-    fn drain(&mut self, id: &str) {
+    /// Drain a host's outputs onto the wire (drain rule), then re-arm its timer.
+    fn drain(&mut self, i: usize) {
         let mut out: Vec<(SocketAddr, Message)> = Vec::new();
         let mut fwd: Vec<(StreamId, Vec<SocketAddr>)> = Vec::new();
         let mut log: Vec<String> = Vec::new();
-        let Some(h) = self.hosts.get_mut(id) else {
+        let Some(h) = self.hosts.get_mut(i) else {
             return;
         };
-        let pop_name = |a: SocketAddr, by_ip: &BTreeMap<Ipv4Addr, String>| match a.ip() {
-            IpAddr::V4(ip) => by_ip.get(&ip).cloned().unwrap_or_else(|| a.to_string()),
-            IpAddr::V6(_) => a.to_string(),
-        };
+        let mut pop_targets: Vec<(usize, SocketAddr)> = Vec::new();
+        let before = h.next_timeout;
         match &mut h.machine {
             Some(Machine::Node(n)) => {
                 while let Some(t) = n.poll_transmit() {
@@ -760,11 +1110,9 @@ impl Sim {
             }
             Some(Machine::Client(c)) => {
                 while let Some(t) = c.poll_transmit() {
-                    match &t.msg {
-                        Message::Join { .. } | Message::Leave { .. } => {
-                            log.push(format!("{} {}", t.msg.kind(), pop_name(t.to, &self.by_ip)))
-                        }
-                        _ => {}
+                    if matches!(t.msg, Message::Join { .. } | Message::Leave { .. }) {
+                        pop_targets.push((log.len(), t.to));
+                        log.push(t.msg.kind().to_owned());
                     }
                     out.push((t.to, t.msg));
                 }
@@ -789,9 +1137,28 @@ impl Sim {
                 h.forwarding.insert(stream, children);
             }
         }
-        h.log.extend(log);
+        let after = h.next_timeout;
         let ip = h.ip;
         h.control_sent += out.len() as u64;
+        // Name the PoP of each logged join/leave.
+        for (k, to) in pop_targets {
+            let name = match to.ip() {
+                IpAddr::V4(v4) => self
+                    .by_ip
+                    .get(&v4)
+                    .map_or_else(|| to.to_string(), |&j| self.hosts[j].id.clone()),
+                IpAddr::V6(_) => to.to_string(),
+            };
+            if let Some(l) = log.get_mut(k) {
+                *l = format!("{l} {name}");
+            }
+        }
+        self.hosts[i].log.extend(log);
+        if let Some(t) = after {
+            if before != after {
+                self.timers.push(Reverse((t, i)));
+            }
+        }
         let from_addr = SocketAddr::new(IpAddr::V4(ip), CONTROL_PORT);
         for (to, msg) in out {
             let Ok(bytes) = ott_proto::encode(&msg) else {
@@ -799,73 +1166,108 @@ impl Sim {
                 continue;
             };
             self.stats.control_sent += 1;
-            self.put_on_wire(id, from_addr, to, Payload::Control(bytes));
+            self.put_on_wire(i, from_addr, to, Payload::Control(bytes));
         }
+    }
+
+    fn running_node(&self, id: &str) -> Option<&Node> {
+        match self.host(id)?.machine.as_ref()? {
+            Machine::Node(n) => Some(n),
+            Machine::Client(_) => None,
+        }
+    }
+
+    /// Walk `next` from `start`; an error naming the cycle if one is found.
+    fn walk<'a>(
+        &'a self,
+        start: &'a str,
+        what: &str,
+        next: impl Fn(&'a Node) -> Option<&'a str>,
+    ) -> Result<(), String> {
+        let mut seen = vec![start];
+        let mut cur = start;
+        while let Some(p) = self.running_node(cur).and_then(&next) {
+            if seen.contains(&p) {
+                seen.push(p);
+                return Err(format!("{what}: {}", seen.join(" -> ")));
+            }
+            seen.push(p);
+            cur = p;
+            if seen.len() > self.hosts.len() + 1 {
+                return Err(format!("{what}: chain longer than the network"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loop freedom as seen from host `i` (see [`Sim::check_loops_each_step`]).
+    fn check_from(&self, i: usize) -> Result<(), String> {
+        let h = &self.hosts[i];
+        let Some(Machine::Node(n)) = &h.machine else {
+            return Ok(());
+        };
+        n.check_invariants()?;
+        for s in n.servers() {
+            self.walk(&h.id, &format!("loop towards {s}"), |m| m.parent(&s))?;
+        }
+        for st in n.stream_ids() {
+            self.walk(&h.id, &format!("subscription loop for {st:#x}"), |m| {
+                m.upstream(st)
+            })?;
+        }
+        Ok(())
     }
 
     /// Check that no server's tree and no stream's subscription chain has a cycle among
     /// the running nodes, and every node's own invariants.
     pub fn check_loop_free(&self) -> Result<(), String> {
-        let nodes: BTreeMap<&str, &Node> = self
-            .hosts
-            .iter()
-            .filter_map(|(id, h)| match &h.machine {
-                Some(Machine::Node(n)) => Some((id.as_str(), n.as_ref())),
-                _ => None,
-            })
-            .collect();
-        let mut servers: Vec<String> = nodes.values().flat_map(|n| n.servers()).collect();
-        servers.sort();
-        servers.dedup();
-        for n in nodes.values() {
-            n.check_invariants()?;
-        }
-        for s in &servers {
-            for start in nodes.keys() {
-                let mut seen = vec![*start];
-                let mut cur = *start;
-                while let Some(p) = nodes.get(cur).and_then(|n| n.parent(s)) {
-                    if seen.contains(&p) {
-                        seen.push(p);
-                        return Err(format!("loop towards {s}: {}", seen.join(" -> ")));
-                    }
-                    seen.push(p);
-                    cur = p;
-                }
-            }
-        }
-        let mut streams: Vec<StreamId> = self
-            .hosts
-            .values()
-            .flat_map(|h| h.catalogue.iter().map(|s| s.id))
-            .collect();
-        streams.sort_unstable();
-        streams.dedup();
-        for st in streams {
-            for start in nodes.keys() {
-                let mut seen = vec![*start];
-                let mut cur = *start;
-                while let Some(p) = nodes.get(cur).and_then(|n| n.upstream(st)) {
-                    if seen.contains(&p) {
-                        seen.push(p);
-                        return Err(format!(
-                            "subscription loop for {st:#x}: {}",
-                            seen.join(" -> ")
-                        ));
-                    }
-                    seen.push(p);
-                    cur = p;
-                }
-            }
+        for i in 0..self.hosts.len() {
+            self.check_from(i)?;
         }
         Ok(())
+    }
+
+    /// Whether running node `id` is connected to running node `to` by up links through
+    /// running nodes (clients are not used as transit).
+    pub fn connected(&self, id: &str, to: &str) -> bool {
+        let (Some(a), Some(b)) = (self.idx(id), self.idx(to)) else {
+            return false;
+        };
+        let alive = |i: usize| self.hosts[i].role.is_some() && self.hosts[i].machine.is_some();
+        if !alive(a) || !alive(b) {
+            return false;
+        }
+        let mut adj: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (&(x, y), l) in &self.links {
+            if l.up && alive(x) && alive(y) {
+                adj.entry(x).or_default().push(y);
+                adj.entry(y).or_default().push(x);
+            }
+        }
+        let mut seen = vec![false; self.hosts.len()];
+        let mut stack = vec![a];
+        seen[a] = true;
+        while let Some(x) = stack.pop() {
+            if x == b {
+                return true;
+            }
+            for &y in adj.get(&x).into_iter().flatten() {
+                if !seen[y] {
+                    seen[y] = true;
+                    stack.push(y);
+                }
+            }
+        }
+        false
     }
 
     /// The tree as stable, sorted text: one line per running host, e.g.
     /// `n5 parent=n9 hops=3 latency=7.0ms` or `c1 pop=n5`.
     pub fn dump_tree(&self) -> String {
         let mut out = String::new();
-        for (id, h) in &self.hosts {
+        for &i in self.index.values() {
+            let h = &self.hosts[i];
+            let id = &h.id;
             match &h.machine {
                 Some(Machine::Node(n)) => {
                     let st = n.status();
