@@ -49,8 +49,9 @@ mod pacer;
 mod packet;
 mod playout;
 mod reassembly;
+pub mod ts;
 
-pub use clip::{load_dir, Clip, ClipSource, DEFAULT_FPS, MAX_FPS};
+pub use clip::{load_dir, Clip, ClipSource, TimedFrame, TsTiming, DEFAULT_FPS, MAX_FPS};
 pub use error::{ClipError, FramingError};
 pub use pacer::{Pacer, CLOCK_RATE, MIN_FPS};
 pub use packet::{Packetizer, MAX_FRAME_LEN};
