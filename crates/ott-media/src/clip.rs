@@ -159,8 +159,7 @@ impl Clip {
         units.drain(..first_key);
         let positions: Vec<u64> = units.iter().map(|u| u.input_pos).collect();
         let pts: Vec<Option<u64>> = units.iter().map(|u| u.pts).collect();
-        let (offsets, pcr_span) =
-            unit_offsets(&positions, &pts, framer.pcr_samples());
+        let (offsets, pcr_span) = unit_offsets(&positions, &pts, framer.pcr_samples());
         let n = offsets.len() as u64;
         // One play lasts as long as its timestamps span, and longer than its PCR span
         // (so the PCR never goes back at the loop).
@@ -169,8 +168,14 @@ impl Clip {
         let cc_shift = cc_shifts(&units);
         let fps = n as f64 * CLOCK_RATE as f64 / loop_90k as f64;
         let st = framer.stats();
-        tracing::debug!(units = n, keyframes = st.keyframes, psi_inserted = st.psi_inserted,
-            resync_bytes = st.resync_bytes, loop_90k, "framed transport stream");
+        tracing::debug!(
+            units = n,
+            keyframes = st.keyframes,
+            psi_inserted = st.psi_inserted,
+            resync_bytes = st.resync_bytes,
+            loop_90k,
+            "framed transport stream"
+        );
         Ok(Self {
             name: name.into(),
             kind: MediaKind::Ts,
@@ -209,11 +214,7 @@ fn kind_name(kind: MediaKind) -> &'static str {
 /// play (just past the last PCR and the last unit): the PCR interpolated (and extrapolated at the ends) over byte
 /// positions; without two PCRs, the PTS; without PTS, 25 units per second. Never
 /// decreasing.
-fn unit_offsets(
-    positions: &[u64],
-    pts: &[Option<u64>],
-    pcrs: &[(u64, u64)],
-) -> (Vec<u64>, u64) {
+fn unit_offsets(positions: &[u64], pts: &[Option<u64>], pcrs: &[(u64, u64)]) -> (Vec<u64>, u64) {
     const PCR_WRAP: u64 = PTS_WRAP * 300;
     const MAX_STEP: u64 = 10 * 27_000_000;
     // Unwrap the PCR; a jump back or of more than 10 s is a discontinuity: skip it.
@@ -285,7 +286,9 @@ fn cc_shifts(units: &[ts::Unit]) -> Vec<(u16, u8)> {
     let mut last: Vec<(u16, u8)> = Vec::new();
     for u in units {
         for pkt in u.data.chunks_exact(ts::PACKET_LEN) {
-            let Some(p) = ts::Packet::new(pkt) else { continue };
+            let Some(p) = ts::Packet::new(pkt) else {
+                continue;
+            };
             let pid = p.pid();
             if !first.iter().any(|(q, _)| *q == pid) {
                 first.push((pid, p.cc()));
@@ -599,11 +602,29 @@ mod tests {
         let ts = d.join("live.ts");
         fs::write(&ts, [0x47u8; 188]).expect("write");
         let e = Clip::load(&ts).unwrap_err();
-        assert!(matches!(e, ClipError::Framing { source: FramingError::NoPsi, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ClipError::Framing {
+                    source: FramingError::NoPsi,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains("live.ts"), "{e}");
         fs::write(&ts, b"hello").expect("write");
         let e = Clip::load(&ts).unwrap_err();
-        assert!(matches!(e, ClipError::Framing { source: FramingError::NotTs, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ClipError::Framing {
+                    source: FramingError::NotTs,
+                    ..
+                }
+            ),
+            "{e}"
+        );
 
         let other = d.join("x.avi");
         fs::write(&other, b"RIFF").expect("write");
@@ -707,7 +728,11 @@ mod tests {
         assert_eq!(clip.frames.len(), 250);
         let t = clip.ts.as_ref().expect("ts timing");
         let keys: Vec<usize> = (0..250).filter(|&i| t.keyframes[i]).collect();
-        assert_eq!(keys, [0, 50, 100, 150, 200], "one keyframe every 50 frames (-g 50)");
+        assert_eq!(
+            keys,
+            [0, 50, 100, 150, 200],
+            "one keyframe every 50 frames (-g 50)"
+        );
         assert_eq!(t.loop_90k, 10 * 90_000, "10 s per play");
         assert!((clip.fps - 25.0).abs() < 1e-9, "{}", clip.fps);
         assert_eq!(clip.info().fps_milli, 25_000);
@@ -766,7 +791,12 @@ mod tests {
         data.extend(ts::tests::pat(0));
         data.extend(ts::tests::pmt(0));
         let mut cc = 0;
-        data.extend(ts::tests::video_au(&mut cc, 122_400, false, Some((122_400 - 9000) * 300)));
+        data.extend(ts::tests::video_au(
+            &mut cc,
+            122_400,
+            false,
+            Some((122_400 - 9000) * 300),
+        ));
         let mut rest = ts::tests::stream(2, 5, true);
         // Renumber the video continuity counters after the leading frame.
         for pkt in rest.chunks_mut(ts::PACKET_LEN) {
@@ -780,6 +810,9 @@ mod tests {
         let t = clip.ts.as_ref().expect("timing");
         assert!(t.keyframes[0] && t.keyframes[5]);
         assert_eq!(t.offsets[2] - t.offsets[1], 3600 * 300);
-        assert!(matches!(Clip::from_ts("x", &ts::tests::stream(1, 1, true)[188..]), Err(FramingError::NoPsi) | Err(FramingError::NotTs)));
+        assert!(matches!(
+            Clip::from_ts("x", &ts::tests::stream(1, 1, true)[188..]),
+            Err(FramingError::NoPsi) | Err(FramingError::NotTs)
+        ));
     }
 }

@@ -170,7 +170,10 @@ pub fn parse_pes(payload: &[u8]) -> Option<PesHeader> {
     let stream_id = *payload.get(3)?;
     // Streams without the optional header: program stream map, padding, private 2,
     // ECM, EMM, directory, DSMCC, H.222.1 type E.
-    if matches!(stream_id, 0xbc | 0xbe | 0xbf | 0xf0 | 0xf1 | 0xf2 | 0xf8 | 0xff) {
+    if matches!(
+        stream_id,
+        0xbc | 0xbe | 0xbf | 0xf0 | 0xf1 | 0xf2 | 0xf8 | 0xff
+    ) {
         return Some(PesHeader {
             data_offset: 6,
             ..PesHeader::default()
@@ -440,7 +443,7 @@ impl TsFramer {
         let mut i = 0;
         loop {
             let has_next = i + 2 * PACKET_LEN <= len;
-            if !has_next && !(at_end && i + PACKET_LEN <= len) {
+            if !(has_next || at_end && i + PACKET_LEN <= len) {
                 break;
             }
             let aligned = self.pending.get(i) == Some(&SYNC_BYTE)
@@ -673,28 +676,21 @@ impl TsFramer {
             return;
         }
         let mut data = std::mem::take(&mut self.cur);
-        let scan_key = self
-            .scan
-            .take()
-            .and_then(|s| s.verdict)
-            .unwrap_or(false);
+        let scan_key = self.scan.take().and_then(|s| s.verdict).unwrap_or(false);
         let has_primary = std::mem::take(&mut self.cur_has_primary);
         let key_es = has_primary && (scan_key || self.cur_rai);
         let mut keyframe = false;
         if key_es {
-            match (self.pat, self.pmt) {
-                (Some(pat), Some(pmt)) => {
-                    keyframe = true;
-                    if !(self.cur_has_pat && self.cur_has_pmt) {
-                        let mut front = Vec::with_capacity(2 * PACKET_LEN + data.len());
-                        front.extend_from_slice(&pat);
-                        front.extend_from_slice(&pmt);
-                        front.extend_from_slice(&data);
-                        data = front;
-                        self.stats.psi_inserted += 1;
-                    }
+            if let (Some(pat), Some(pmt)) = (self.pat, self.pmt) {
+                keyframe = true;
+                if !(self.cur_has_pat && self.cur_has_pmt) {
+                    let mut front = Vec::with_capacity(2 * PACKET_LEN + data.len());
+                    front.extend_from_slice(&pat);
+                    front.extend_from_slice(&pmt);
+                    front.extend_from_slice(&data);
+                    data = front;
+                    self.stats.psi_inserted += 1;
                 }
-                _ => {}
             }
         }
         // Our own continuity counters on PAT and PMT, so inserted copies stay continuous.
@@ -750,7 +746,7 @@ impl Restamp {
             if let Some((_, s)) = self.cc_shift.iter().find(|(p, _)| *p == pid) {
                 pkt[3] = (pkt[3] & 0xf0) | (pkt[3].wrapping_add(*s) & 0x0f);
             }
-            if self.ticks_90k % PTS_WRAP == 0 {
+            if self.ticks_90k.is_multiple_of(PTS_WRAP) {
                 continue;
             }
             let afc = (pkt[3] >> 4) & 3;
@@ -811,8 +807,20 @@ pub(crate) mod tests {
 
     /// A packet of `pid` with the given flags and payload (padded with an adaptation
     /// field of stuffing, as muxers do).
-    pub(crate) fn packet(pid: u16, pusi: bool, cc: u8, pcr: Option<u64>, rai: bool, payload: &[u8]) -> Vec<u8> {
-        let mut p = vec![SYNC_BYTE, ((pid >> 8) as u8 & 0x1f) | if pusi { 0x40 } else { 0 }, pid as u8, 0];
+    pub(crate) fn packet(
+        pid: u16,
+        pusi: bool,
+        cc: u8,
+        pcr: Option<u64>,
+        rai: bool,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut p = vec![
+            SYNC_BYTE,
+            ((pid >> 8) as u8 & 0x1f) | if pusi { 0x40 } else { 0 },
+            pid as u8,
+            0,
+        ];
         let mut af = Vec::new();
         if pcr.is_some() || rai || payload.len() < 184 {
             let mut flags = 0u8;
@@ -860,19 +868,38 @@ pub(crate) mod tests {
 
     fn section(table_id: u8, body: &[u8]) -> Vec<u8> {
         let len = 5 + body.len() + 4;
-        let mut s = vec![0u8, table_id, 0xb0 | ((len >> 8) as u8), len as u8, 0, 1, 0xc1, 0, 0];
+        let mut s = vec![
+            0u8,
+            table_id,
+            0xb0 | ((len >> 8) as u8),
+            len as u8,
+            0,
+            1,
+            0xc1,
+            0,
+            0,
+        ];
         s.extend_from_slice(body);
         s.extend_from_slice(&[0, 0, 0, 0]); // CRC, not checked
         s
     }
 
     pub(crate) fn pat(cc: u8) -> Vec<u8> {
-        packet(0, true, cc, None, false, &section(0x00, &[0, 1, 0xf0, 0x00]))
+        packet(
+            0,
+            true,
+            cc,
+            None,
+            false,
+            &section(0x00, &[0, 1, 0xf0, 0x00]),
+        )
     }
 
     pub(crate) fn pmt(cc: u8) -> Vec<u8> {
         // PCR PID 0x100; one H.264 stream on 0x100, one AAC stream on 0x101.
-        let body = [0xe1, 0x00, 0xf0, 0x00, 0x1b, 0xe1, 0x00, 0xf0, 0x00, 0x0f, 0xe1, 0x01, 0xf0, 0x00];
+        let body = [
+            0xe1, 0x00, 0xf0, 0x00, 0x1b, 0xe1, 0x00, 0xf0, 0x00, 0x0f, 0xe1, 0x01, 0xf0, 0x00,
+        ];
         packet(0x1000, true, cc, None, false, &section(0x02, &body))
     }
 
@@ -901,11 +928,20 @@ pub(crate) mod tests {
     /// A video access unit: IDR (`key`) or non-IDR slice, in two packets.
     pub(crate) fn video_au(cc: &mut u8, pts: u64, key: bool, pcr: Option<u64>) -> Vec<u8> {
         let nal: &[u8] = if key {
-            &[0, 0, 0, 1, 0x09, 0xf0, 0, 0, 1, 0x67, 0x42, 0, 0, 1, 0x65, 0x88]
+            &[
+                0, 0, 0, 1, 0x09, 0xf0, 0, 0, 1, 0x67, 0x42, 0, 0, 1, 0x65, 0x88,
+            ]
         } else {
             &[0, 0, 0, 1, 0x09, 0xf0, 0, 0, 1, 0x41, 0x9a]
         };
-        let mut out = packet(0x100, true, *cc, pcr, key, &pes(0xe0, pts, Some(pts - 3600), nal));
+        let mut out = packet(
+            0x100,
+            true,
+            *cc,
+            pcr,
+            key,
+            &pes(0xe0, pts, Some(pts - 3600), nal),
+        );
         *cc = (*cc + 1) & 15;
         out.extend(packet(0x100, false, *cc, None, false, &[0xaa; 184]));
         *cc = (*cc + 1) & 15;
@@ -928,7 +964,14 @@ pub(crate) mod tests {
                 }
                 let pts = 126_000 + n * 3600;
                 out.extend(video_au(&mut vcc, pts, key, Some((pts - 9000) * 300)));
-                out.extend(packet(0x101, true, acc, None, false, &pes(0xc0, pts, None, &[0x55; 20])));
+                out.extend(packet(
+                    0x101,
+                    true,
+                    acc,
+                    None,
+                    false,
+                    &pes(0xc0, pts, None, &[0x55; 20]),
+                ));
                 acc = (acc + 1) & 15;
             }
         }
@@ -955,7 +998,10 @@ pub(crate) mod tests {
     fn test_parse_packet_fields() {
         let p = packet(0x100, true, 5, Some(27_000_123), true, &[1, 2, 3]);
         let v = Packet::new(&p).expect("valid packet");
-        assert_eq!((v.pid(), v.pusi(), v.cc(), v.has_payload()), (0x100, true, 5, true));
+        assert_eq!(
+            (v.pid(), v.pusi(), v.cc(), v.has_payload()),
+            (0x100, true, 5, true)
+        );
         assert!(v.random_access());
         assert_eq!(v.pcr(), Some(27_000_123));
         assert_eq!(&v.payload()[..3], &[1, 2, 3]);
@@ -1042,7 +1088,10 @@ pub(crate) mod tests {
         let mut shifted = data.clone();
         r.apply(&mut shifted);
         for (a, b) in data.chunks(188).zip(shifted.chunks(188)) {
-            let (pa, pb) = (Packet::new(a).expect("packet"), Packet::new(b).expect("packet"));
+            let (pa, pb) = (
+                Packet::new(a).expect("packet"),
+                Packet::new(b).expect("packet"),
+            );
             assert_eq!(pa.pid(), pb.pid());
             let want_cc = match pa.pid() {
                 0x100 => (pa.cc() + 8) & 15,

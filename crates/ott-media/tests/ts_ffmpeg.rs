@@ -48,7 +48,10 @@ fn looped_ts_clip_decodes_without_errors_and_keeps_every_frame() {
         .output()
         .expect("ffmpeg runs");
     let errors = String::from_utf8_lossy(&decode.stderr);
-    assert!(decode.status.success() && errors.trim().is_empty(), "ffmpeg: {errors}");
+    assert!(
+        decode.status.success() && errors.trim().is_empty(),
+        "ffmpeg: {errors}"
+    );
     let probe = Command::new("ffprobe")
         .args(["-v", "error", "-count_frames", "-select_streams", "v:0"])
         .args(["-show_entries", "stream=nb_read_frames", "-of", "csv=p=0"])
