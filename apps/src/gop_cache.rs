@@ -69,7 +69,8 @@ impl StartCache {
             e.datagrams.clear();
             e.bytes = 0;
             e.overflow = false;
-        } else if e.key.is_none() || e.overflow {
+        } else if e.overflow || e.key.is_none_or(|k| newer(k, header.frame)) {
+            // Nothing before the first keyframe, nor late datagrams of older frames.
             return;
         }
         if e.datagrams.len() >= MAX_DATAGRAMS || e.bytes + datagram.len() > MAX_BYTES {
