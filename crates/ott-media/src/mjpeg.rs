@@ -118,6 +118,11 @@ impl MjpegFramer {
     }
 }
 
+/// Length of the JPEG frame at the start of `data` (which may hold more after it).
+pub fn first_frame_len(data: &[u8]) -> Result<usize, FramingError> {
+    parse_frame(data, 0)
+}
+
 /// Parse the frame starting at `start`; returns the offset just past its EOI.
 fn parse_frame(data: &[u8], start: usize) -> Result<usize, FramingError> {
     let truncated = || FramingError::Truncated {
