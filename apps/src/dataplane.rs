@@ -10,7 +10,8 @@
 //! traffic: each stream keeps a bounded retransmission buffer to answer its children's
 //! NACKs (which arrive on this socket), and a gap tracker that NACKs the upstream for
 //! datagrams that did not arrive. A failed send to one child is counted and never stops
-//! forwarding to the others.
+//! forwarding to the others. Each new child of a stream first gets the latest decodable
+//! start ([`crate::gop_cache`]).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -27,6 +28,7 @@ use serde::Serialize;
 use crate::batch::{send_batch, RecvBatch};
 use crate::counters::{add, Counters};
 use crate::dedup::{StreamDedup, Verdict};
+use crate::gop_cache::{self, StartCache};
 
 /// Datagrams read per system call.
 pub const BATCH: usize = 64;
@@ -147,6 +149,7 @@ struct Forwarder {
     batch: RecvBatch,
     plan: Vec<(Out, SocketAddr)>,
     data_port: u16,
+    cache: StartCache,
 }
 
 impl Forwarder {
@@ -160,6 +163,7 @@ impl Forwarder {
             batch: RecvBatch::new(BATCH),
             plan: Vec::with_capacity(BATCH * 4),
             data_port,
+            cache: StartCache::new(),
         }
     }
 
@@ -169,8 +173,16 @@ impl Forwarder {
                 match cmds.try_recv() {
                     Ok(DataCmd::Route { stream, children }) => {
                         let st = self.streams.entry(stream).or_insert_with(StreamState::new);
+                        let new = gop_cache::added(&st.children, &children);
                         st.traffic.children = children.len();
                         st.children = children;
+                        if !new.is_empty() {
+                            let replay = self.cache.replay(Instant::now(), stream);
+                            for child in new {
+                                self.plan
+                                    .extend(replay.iter().map(|d| (Out::Owned(d.clone()), child)));
+                            }
+                        }
                     }
                     Ok(DataCmd::Snapshot(reply)) => {
                         let snap = self
@@ -252,6 +264,7 @@ impl Forwarder {
             Verdict::Switched => {
                 // Another server's copy: its sequence numbers are unrelated to the old.
                 tracing::info!(stream = header.stream, "stream source changed");
+                self.cache.forget(header.stream);
                 st.gaps = GapTracker::new(NackConfig::default());
                 st.buffer = RetransmitBuffer::new(RETRANSMIT_DEPTH);
             }
@@ -270,6 +283,7 @@ impl Forwarder {
             st.upstream = from;
         }
         st.gaps.on_datagram(now, header.seq);
+        self.cache.observe(now, &header, datagram);
         // One copy per datagram (not per child), flagged for when it is resent.
         let mut copy = datagram.to_vec();
         MediaHeader::mark_retransmit(&mut copy);

@@ -50,6 +50,7 @@ pub struct Cluster {
     /// The bootstrapper's address.
     pub bootstrap: SocketAddr,
     opts: LaunchOptions,
+    server_args: Vec<String>,
 }
 
 /// The binary `name` in `dir`.
@@ -60,6 +61,15 @@ pub fn bin(dir: &Path, name: &str) -> PathBuf {
 impl Cluster {
     /// Start the bootstrapper and every overlay node of the topology.
     pub fn start(opts: LaunchOptions) -> anyhow::Result<Self> {
+        Self::start_with_server_args(opts, Vec::new())
+    }
+
+    /// [`Cluster::start`], passing `server_args` to every `ott-server` (for example
+    /// `--live cam=udp://ADDR:PORT`).
+    pub fn start_with_server_args(
+        opts: LaunchOptions,
+        server_args: Vec<String>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&opts.work_dir)
             .with_context(|| format!("cannot create {}", opts.work_dir.display()))?;
         // Validate first, so that errors name the user's file.
@@ -81,6 +91,7 @@ impl Cluster {
             topology,
             bootstrap,
             opts,
+            server_args,
         };
         let boot = cluster
             .command("ott-bootstrap", "bootstrap")?
@@ -128,7 +139,9 @@ impl Cluster {
         let mut c = match role {
             Role::Server => {
                 let mut c = self.command("ott-server", id)?;
-                c.arg("--videos").arg(&self.opts.videos);
+                c.arg("--videos")
+                    .arg(&self.opts.videos)
+                    .args(&self.server_args);
                 c
             }
             _ => self.command("ott-node", id)?,

@@ -1,33 +1,69 @@
-//! The server's media thread: paces every clip at its own rate and sends each frame's
-//! datagrams to the stream's current children.
+//! The server's media thread: plays every clip at its own pace (MJPEG at its frame
+//! rate, MPEG-TS at its PCR), forwards live inputs as their frames arrive, and sends
+//! each frame's datagrams to the stream's current children.
 //!
 //! Clips play live: a stream advances whether or not anyone watches, so a viewer who
-//! joins sees the current frame, as with a broadcast.
+//! joins sees the current frame, as with a broadcast. The thread keeps the latest
+//! decodable start of every stream ([`crate::gop_cache`]) and sends it first to each new
+//! child, so even the first viewer of a stream starts without waiting for a keyframe.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
-use ott_media::{Clip, ClipSource, Pacer, Packetizer};
+use crossbeam_channel::{select, Receiver};
+use ott_media::{Clip, ClipSource, Packetizer, TimedFrame};
+use ott_proto::{MediaHeader, MediaKind};
 
 use crate::counters::{add, Counters};
 use crate::dataplane::{DataCmd, DataSnapshot, StreamTraffic};
+use crate::gop_cache::{self, StartCache};
+use crate::live::LiveFrame;
+
+/// A stall longer than this restarts a clip's schedule instead of sending a burst.
+const MAX_LAG: Duration = Duration::from_millis(500);
+
+struct Playing {
+    source: ClipSource,
+    /// When the clip's time 0 is (moved forward after a stall).
+    start: Instant,
+    next: TimedFrame,
+}
 
 struct Feed {
     id: u32,
     name: String,
-    source: ClipSource,
-    pacer: Pacer,
+    playing: Option<Playing>,
     packetizer: Packetizer,
     children: Vec<SocketAddr>,
     traffic: StreamTraffic,
 }
 
-/// Start the media thread for `clips`, sending from `sock`.
+impl Feed {
+    fn due(&self) -> Option<Instant> {
+        self.playing.as_ref().map(|p| p.start + p.next.due)
+    }
+}
+
+/// A stream the server offers: a clip it plays, or a live input it forwards.
+pub enum Input {
+    /// A clip, looped and paced.
+    Clip(Clip),
+    /// A live input: frames arrive on the live channel with this stream's id.
+    Live {
+        /// Stream name.
+        name: String,
+        /// Payload framing.
+        kind: MediaKind,
+    },
+}
+
+/// Start the media thread for `inputs`, sending from `sock`. Frames of live inputs
+/// arrive on `live`.
 pub fn spawn_source(
-    clips: Vec<Clip>,
+    inputs: Vec<Input>,
+    live: Receiver<LiveFrame>,
     sock: UdpSocket,
     counters: Arc<Counters>,
     cmds: Receiver<DataCmd>,
@@ -36,29 +72,49 @@ pub fn spawn_source(
         .name("media-src".into())
         .spawn(move || {
             let start = Instant::now();
-            let mut feeds: Vec<Feed> = clips
+            let mut feeds: Vec<Feed> = inputs
                 .into_iter()
-                .map(|clip| {
-                    let info = clip.info();
-                    Feed {
-                        id: info.id,
-                        name: info.name,
-                        pacer: Pacer::new(clip.fps, start),
-                        source: ClipSource::new(clip),
-                        packetizer: {
-                            // Random first sequence and frame numbers: another server's
-                            // copy of the same stream lives in another number space, so
-                            // receivers tell the two apart (see `dedup::StreamDedup`).
-                            let r = splitmix64(crate::overlay::incarnation() ^ u64::from(info.id));
-                            Packetizer::starting_at(info.id, r as u32, (r >> 32) as u32)
-                        },
-                        children: Vec::new(),
-                        traffic: StreamTraffic::default(),
+                .map(|input| match input {
+                    Input::Clip(clip) => {
+                        let info = clip.info();
+                        let mut source = ClipSource::new(clip);
+                        let next = source.next_timed();
+                        Feed {
+                            id: info.id,
+                            name: info.name,
+                            playing: Some(Playing {
+                                source,
+                                start,
+                                next,
+                            }),
+                            packetizer: packetizer(info.id, info.kind),
+                            children: Vec::new(),
+                            traffic: StreamTraffic::default(),
+                        }
+                    }
+                    Input::Live { name, kind } => {
+                        let id = ott_proto::stream_id_for(&name);
+                        Feed {
+                            id,
+                            name,
+                            playing: None,
+                            packetizer: packetizer(id, kind),
+                            children: Vec::new(),
+                            traffic: StreamTraffic::default(),
+                        }
                     }
                 })
                 .collect();
-            source_loop(&mut feeds, &sock, &counters, &cmds);
+            source_loop(&mut feeds, live, &sock, &counters, &cmds);
         })
+}
+
+/// A packetizer for a stream, with random first sequence and frame numbers: another
+/// server's copy of the same stream lives in another number space, so receivers tell
+/// the two apart (see `dedup::StreamDedup`).
+fn packetizer(id: u32, kind: MediaKind) -> Packetizer {
+    let r = splitmix64(crate::overlay::incarnation() ^ u64::from(id));
+    Packetizer::for_kind_at(id, kind, r as u32, (r >> 32) as u32)
 }
 
 /// SplitMix64: a well-mixed 64-bit value from a seed.
@@ -71,65 +127,97 @@ fn splitmix64(seed: u64) -> u64 {
 
 fn source_loop(
     feeds: &mut [Feed],
+    mut live: Receiver<LiveFrame>,
     sock: &UdpSocket,
     counters: &Counters,
     cmds: &Receiver<DataCmd>,
 ) {
+    let mut cache = StartCache::new();
     loop {
         let due = feeds
             .iter()
-            .map(|f| f.pacer.next_due())
+            .filter_map(Feed::due)
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-        match cmds.recv_deadline(due) {
-            Ok(DataCmd::Route { stream, children }) => {
-                if let Some(f) = feeds.iter_mut().find(|f| f.id == stream) {
-                    tracing::info!(stream = %f.name, children = children.len(), "stream route changed");
-                    f.traffic.children = children.len();
-                    f.children = children;
-                }
-                continue;
-            }
-            Ok(DataCmd::Snapshot(reply)) => {
-                let snap: DataSnapshot = feeds.iter().map(|f| (f.id, f.traffic.clone())).collect();
-                let _ = reply.send(snap);
-                continue;
-            }
-            Ok(DataCmd::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => {}
-        }
-        let now = Instant::now();
-        for f in feeds.iter_mut() {
-            if f.pacer.next_due() > now {
-                continue;
-            }
-            f.pacer.catch_up(now, Duration::from_millis(500));
-            let (frame, flags) = f.source.next_frame();
-            let ts = f.pacer.timestamp_90k();
-            f.pacer.advance();
-            if f.children.is_empty() {
-                continue;
-            }
-            let datagrams = match f.packetizer.packetize(&frame, ts, flags) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(stream = %f.name, error = %e, "frame cannot be sent");
-                    add(&counters.dropped, 1);
-                    continue;
-                }
-            };
-            for d in &datagrams {
-                for child in &f.children {
-                    match sock.send_to(d, child) {
-                        Ok(n) => {
-                            counters.tx(n);
-                            f.traffic.packets_out += 1;
-                        }
-                        Err(e) => {
-                            tracing::debug!(%child, error = %e, "media send failed");
-                            add(&counters.send_errors, 1);
-                        }
+        select! {
+            recv(cmds) -> cmd => match cmd {
+                Ok(DataCmd::Route { stream, children }) => {
+                    if let Some(f) = feeds.iter_mut().find(|f| f.id == stream) {
+                        tracing::info!(stream = %f.name, children = children.len(), "stream route changed");
+                        let new = gop_cache::added(&f.children, &children);
+                        f.traffic.children = children.len();
+                        f.children = children;
+                        gop_cache::send_replay(sock, counters, &cache.replay(Instant::now(), stream), &new);
                     }
+                }
+                Ok(DataCmd::Snapshot(reply)) => {
+                    let snap: DataSnapshot = feeds.iter().map(|f| (f.id, f.traffic.clone())).collect();
+                    let _ = reply.send(snap);
+                }
+                Ok(DataCmd::Stop) | Err(_) => return,
+            },
+            recv(live) -> frame => {
+                let Ok(frame) = frame else {
+                    // Every live reader ended (or there is none); clips go on.
+                    live = crossbeam_channel::never();
+                    continue;
+                };
+                if let Some(f) = feeds.iter_mut().find(|f| f.id == frame.stream) {
+                    send_frame(f, &mut cache, sock, counters, &frame.data, frame.timestamp_90k, frame.flags);
+                }
+            },
+            recv(crossbeam_channel::at(due)) -> _ => {
+                let now = Instant::now();
+                for f in feeds.iter_mut() {
+                    let Some(p) = f.playing.as_mut() else { continue };
+                    let at = p.start + p.next.due;
+                    if at > now {
+                        continue;
+                    }
+                    let lag = now - at;
+                    if lag > MAX_LAG {
+                        tracing::debug!(stream = %f.name, lag_ms = lag.as_millis() as u64, "clip schedule restarts after a stall");
+                        p.start += lag;
+                    }
+                    let frame = std::mem::replace(&mut p.next, p.source.next_timed());
+                    send_frame(f, &mut cache, sock, counters, &frame.data, frame.timestamp_90k, frame.flags);
+                }
+            },
+        }
+    }
+}
+
+fn send_frame(
+    f: &mut Feed,
+    cache: &mut StartCache,
+    sock: &UdpSocket,
+    counters: &Counters,
+    data: &[u8],
+    timestamp_90k: u32,
+    flags: u8,
+) {
+    let datagrams = match f.packetizer.packetize(data, timestamp_90k, flags) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(stream = %f.name, error = %e, "frame cannot be sent");
+            add(&counters.dropped, 1);
+            return;
+        }
+    };
+    let now = Instant::now();
+    for d in &datagrams {
+        if let Ok(h) = MediaHeader::parse(d) {
+            cache.observe(now, &h, d);
+        }
+        for child in &f.children {
+            match sock.send_to(d, child) {
+                Ok(n) => {
+                    counters.tx(n);
+                    f.traffic.packets_out += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(%child, error = %e, "media send failed");
+                    add(&counters.send_errors, 1);
                 }
             }
         }

@@ -13,13 +13,14 @@ use anyhow::Context;
 use crossbeam_channel::{select, Receiver};
 use ott_bootstrap::Request;
 use ott_media::{Reassembler, ReassemblerConfig};
-use ott_proto::{MediaHeader, MediaKind, StreamInfo, HEADER_LEN, MAGIC};
+use ott_proto::{flags, MediaHeader, MediaKind, StreamInfo, HEADER_LEN, MAGIC};
 use ott_tree::client::{Client, ClientConfig, ClientEvent};
 use serde::Serialize;
 
 use crate::counters::{add, Counters};
 use crate::dedup::{StreamDedup, Verdict};
 use crate::driver::{send_msg, spawn_receiver, Datagram, StatusQuery};
+use crate::http::Hub;
 
 /// A gap between two frames longer than this counts as a stall.
 pub const STALL: Duration = Duration::from_millis(200);
@@ -39,6 +40,8 @@ pub struct Options {
     pub output: Option<PathBuf>,
     /// Pipe into ffplay.
     pub play: bool,
+    /// Serve the page and the stream over HTTP on this address.
+    pub http: Option<SocketAddr>,
     /// Run for this long, then print a summary.
     pub duration: Option<Duration>,
     /// `--status` address.
@@ -75,6 +78,13 @@ pub struct Reception {
     pub longest_packet_gap_ms: u64,
     /// Times the stream's copy moved to another server (sequence space).
     pub source_switches: u64,
+    /// Frames dropped while waiting for a keyframe (after a start or a switch).
+    pub skipped_to_key: u64,
+    /// From the last stream selection to the first frame written, ms.
+    pub first_frame_ms: Option<u64>,
+    /// From the last stream selection to the first keyframe that arrived live (not
+    /// replayed from the PoP's cache), ms: the start time without instant start.
+    pub first_live_key_ms: Option<u64>,
 }
 
 impl Reception {
@@ -82,7 +92,7 @@ impl Reception {
     pub fn summary(&self, elapsed: Duration) -> String {
         let secs = elapsed.as_secs_f64().max(1e-3);
         format!(
-            "summary: stream={} pop={} frames={} bytes={} fps={:.1} stalls={} longest_gap_ms={} pop_switches={} stream_switches={} incomplete={} longest_packet_gap_ms={} source_switches={}",
+            "summary: stream={} pop={} frames={} bytes={} fps={:.1} stalls={} longest_gap_ms={} pop_switches={} stream_switches={} incomplete={} longest_packet_gap_ms={} source_switches={} first_frame_ms={} first_live_key_ms={}",
             self.stream.as_deref().unwrap_or("-"),
             self.pop.as_deref().unwrap_or("-"),
             self.frames,
@@ -95,13 +105,20 @@ impl Reception {
             self.incomplete,
             self.longest_packet_gap_ms,
             self.source_switches,
+            opt_ms(self.first_frame_ms),
+            opt_ms(self.first_live_key_ms),
         )
     }
+}
+
+fn opt_ms(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
 struct Sinks {
     writers: Vec<(String, Box<dyn Write + Send>)>,
     player: Option<Child>,
+    kind: MediaKind,
 }
 
 impl Sinks {
@@ -120,6 +137,7 @@ fn open_sinks(opts: &Options, kind: MediaKind) -> anyhow::Result<Sinks> {
     let mut sinks = Sinks {
         writers: Vec::new(),
         player: None,
+        kind,
     };
     if let Some(path) = &opts.output {
         if path.as_os_str() == "-" {
@@ -143,16 +161,24 @@ fn open_sinks(opts: &Options, kind: MediaKind) -> anyhow::Result<Sinks> {
             .args(["-loglevel", "error", "-autoexit", "-f", format, "-i", "-"])
             .stdin(Stdio::piped())
             .spawn()
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "--play needs ffplay (Debian package ffmpeg), which could not be started: {e}"
-                )
-            })?;
+            .map_err(|e| anyhow::anyhow!("{FFPLAY_MISSING} ({e})"))?;
         let stdin = child.stdin.take().context("ffplay has no standard input")?;
         sinks.writers.push(("ffplay".into(), Box::new(stdin)));
         sinks.player = Some(child);
     }
     Ok(sinks)
+}
+
+const FFPLAY_MISSING: &str = "--play needs ffplay, which could not be started: install it (Debian: apt-get install ffmpeg), or use --output - | your-player, or --http ADDR";
+
+/// Whether ffplay can be run.
+fn ffplay_available() -> bool {
+    Command::new("ffplay")
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 struct Viewer {
@@ -168,10 +194,17 @@ struct Viewer {
     last_frame: Option<Instant>,
     opts: Options,
     first_pop: bool,
+    hub: Option<Arc<Hub>>,
+    /// Drop frames until a keyframe (start or switch): a TS stream starts decodable.
+    waiting_key: bool,
+    selected_at: Option<Instant>,
 }
 
 /// Run the client until its duration ends, a signal arrives, or an error.
 pub fn run(opts: Options) -> anyhow::Result<()> {
+    if opts.play && !ffplay_available() {
+        anyhow::bail!("{FFPLAY_MISSING}");
+    }
     let req = Request::Client {
         id: opts.id.clone(),
     };
@@ -205,6 +238,9 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         last_frame: None,
         opts: opts.clone(),
         first_pop: true,
+        hub: None,
+        waiting_key: true,
+        selected_at: None,
     };
     if opts.list {
         let streams = v.wait_catalogue(&rx, Duration::from_secs(10))?;
@@ -222,7 +258,14 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         None => anyhow::bail!("no --stream given and standard input is not a terminal (use --list to see the streams)"),
     };
     v.client.select_stream(Instant::now(), &stream);
-    let lines = spawn_stdin_lines();
+    let (switch_tx, lines) = crossbeam_channel::bounded(16);
+    spawn_stdin_lines(switch_tx.clone());
+    if let Some(addr) = opts.http {
+        let hub = Arc::new(Hub::new());
+        hub.set_catalogue(v.client.catalogue());
+        crate::http::serve(addr, hub.clone(), switch_tx)?;
+        v.hub = Some(hub);
+    }
     let (status_tx, status_rx) = crossbeam_channel::bounded::<StatusQuery>(16);
     if let Some(addr) = opts.status {
         crate::status::serve(
@@ -278,9 +321,8 @@ fn ask_stream(streams: &[StreamInfo]) -> anyhow::Result<String> {
     Ok(answer.to_string())
 }
 
-/// Each line of standard input, trimmed, as a stream-switch request.
-fn spawn_stdin_lines() -> Receiver<String> {
-    let (tx, rx) = crossbeam_channel::bounded(16);
+/// Each line of standard input, trimmed, as a stream-switch request on `tx`.
+fn spawn_stdin_lines(tx: crossbeam_channel::Sender<String>) {
     let _ = thread::Builder::new().name("stdin".into()).spawn(move || {
         for line in std::io::stdin().lock().lines() {
             let Ok(line) = line else { return };
@@ -290,7 +332,6 @@ fn spawn_stdin_lines() -> Receiver<String> {
             }
         }
     });
-    rx
 }
 
 impl Viewer {
@@ -394,19 +435,44 @@ impl Viewer {
             }
             ClientEvent::Catalogue(streams) => {
                 tracing::debug!(streams = streams.len(), "catalogue");
+                if let Some(hub) = &self.hub {
+                    hub.set_catalogue(&streams);
+                }
             }
             ClientEvent::Watching(info) => {
                 tracing::debug!(stream = %info.name, "watching");
                 if self.watching.is_some() {
                     self.rec.stream_switches += 1;
                 }
+                if self
+                    .sinks
+                    .as_ref()
+                    .is_some_and(|s| s.kind != info.kind && s.player.is_some())
+                {
+                    // ffplay was started for the other format: restart it.
+                    if let Some(mut old) = self.sinks.take() {
+                        old.writers.clear();
+                        if let Some(mut p) = old.player.take() {
+                            let _ = p.kill();
+                            let _ = p.wait();
+                        }
+                    }
+                }
                 if self.sinks.is_none() {
                     self.sinks = Some(open_sinks(&self.opts, info.kind)?);
                 }
-                // Nothing of the old stream may be written after this point.
+                // Nothing of the old stream may be written after this point, and the
+                // new one is written from a keyframe on.
                 self.reassembler.reset();
                 self.seen = StreamDedup::default();
                 self.last_packet = None;
+                self.waiting_key = true;
+                self.selected_at = Some(Instant::now());
+                self.rec.first_frame_ms = None;
+                self.rec.first_live_key_ms = None;
+                if let Some(hub) = &self.hub {
+                    hub.set_watching(&info);
+                }
                 self.rec.stream = Some(info.name.clone());
                 self.watching = Some(info);
             }
@@ -467,6 +533,8 @@ impl Viewer {
                 tracing::info!(stream = %watching.name, "stream source changed");
                 self.reassembler.reset();
                 self.rec.source_switches += 1;
+                // A TS copy from another server continues from its next keyframe.
+                self.waiting_key = true;
             }
             Verdict::Duplicate => {
                 add(&self.counters.duplicates, 1);
@@ -491,6 +559,22 @@ impl Viewer {
             return Ok(());
         }
         let now = Instant::now();
+        let since =
+            |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t).as_millis() as u64);
+        let key = frame.flags & flags::KEYFRAME != 0;
+        if key && frame.flags & flags::CACHED == 0 && self.rec.first_live_key_ms.is_none() {
+            self.rec.first_live_key_ms = since(self.selected_at);
+        }
+        if self.waiting_key && !key {
+            self.rec.skipped_to_key += 1;
+            return Ok(());
+        }
+        if self.waiting_key {
+            self.waiting_key = false;
+            self.rec.first_frame_ms = since(self.selected_at);
+            tracing::info!(stream = %watching.name, first_frame_ms = ?self.rec.first_frame_ms,
+                cached = frame.flags & flags::CACHED != 0, "first frame");
+        }
         if let Some(last) = self.last_frame {
             let gap = now.duration_since(last);
             if gap > STALL {
@@ -504,6 +588,9 @@ impl Viewer {
         self.rec.bytes += frame.data.len() as u64;
         if let Some(sinks) = &mut self.sinks {
             sinks.write_frame(&frame.data)?;
+        }
+        if let Some(hub) = &self.hub {
+            hub.frame(&frame.data, key);
         }
         Ok(())
     }

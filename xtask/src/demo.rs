@@ -26,9 +26,13 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     let root = crate::project_root();
     let topology = root.join(&args.topology);
     let videos = root.join(&args.videos);
-    let clips = ott_media::load_dir(&videos)?;
+    // The demo checks frames byte for byte as JPEG: it plays the MJPEG clips.
+    let clips: Vec<_> = ott_media::load_dir(&videos)?
+        .into_iter()
+        .filter(|c| c.ts.is_none())
+        .collect();
     if clips.len() < 2 {
-        anyhow::bail!("the demo needs two clips in {}", videos.display());
+        anyhow::bail!("the demo needs two MJPEG clips in {}", videos.display());
     }
     eprintln!("building the programs…");
     let bin_dir = crate::build_binaries(false)?;

@@ -7,8 +7,10 @@ use std::time::Duration;
 use clap::Parser;
 
 /// The OTT viewer: gets the PoP list from the bootstrapper, probes every PoP, picks the
-/// best, joins a stream and writes it (--output), plays it (--play) or lists the streams.
-/// Type a stream name and Enter on standard input to switch stream while it runs.
+/// best, joins a stream and writes it (--output), plays it (--play), serves it to a
+/// browser or player (--http) or lists the streams. Type a stream name and Enter on
+/// standard input (or use the --http page) to switch stream while it runs; the new
+/// stream starts at a keyframe and nothing of the old one follows.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -27,9 +29,14 @@ struct Args {
     /// Write the received elementary stream (JPEG frames, or TS bytes) to FILE, or - for stdout.
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Pipe the stream into ffplay (when installed).
+    /// Pipe the stream into ffplay (when installed; a clear error otherwise).
     #[arg(long)]
     play: bool,
+    /// Serve a page listing the streams with a player, and the stream itself
+    /// (GET /stream: MJPEG as multipart/x-mixed-replace, MPEG-TS as video/mp2t, for
+    /// ffplay, mpv or VLC), on this address, e.g. 127.0.0.1:8000.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
     /// Exit cleanly after this many seconds and print a one-line summary.
     #[arg(long)]
     duration: Option<f64>,
@@ -51,6 +58,7 @@ fn main() -> std::process::ExitCode {
         list: args.list,
         output: args.output,
         play: args.play,
+        http: args.http,
         duration: args.duration.map(Duration::from_secs_f64),
         status: args.status,
         bootstrap_wait: Duration::from_secs(args.bootstrap_wait),

@@ -1,4 +1,4 @@
-//! `ott-server`: the root of the overlay; streams every clip of a directory.
+//! `ott-server`: the root of the overlay; streams every clip of a directory and live inputs.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,9 +9,10 @@ use ott_bootstrap::Request;
 use ott_overlay::Role;
 
 /// The OTT streaming server: streams every clip in --videos as a stream named after the
-/// file's stem (news.mjpeg → news), looped and paced at the clip's own rate.
+/// file's stem (news.mjpeg → news, match.ts → match), looped and paced at the clip's own
+/// rate (MJPEG: its .fps sidecar; MPEG-TS: its PCR), and every --live input.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, after_help = LIVE_HELP)]
 struct Args {
     /// This server's id in the topology.
     #[arg(long)]
@@ -19,9 +20,13 @@ struct Args {
     /// Bootstrapper address.
     #[arg(long, default_value = "127.0.0.1:7070")]
     bootstrap: SocketAddr,
-    /// Directory of clips (.mjpeg, with an optional NAME.fps sidecar).
-    #[arg(long)]
-    videos: PathBuf,
+    /// Directory of clips (.mjpeg with an optional NAME.fps sidecar, .ts).
+    #[arg(long, required_unless_present = "live")]
+    videos: Option<PathBuf>,
+    /// A live input: NAME[:ts|:mjpeg]=udp://ADDR:PORT or NAME[:ts|:mjpeg]=stdin
+    /// (MPEG-TS unless :mjpeg is given). Repeat for several.
+    #[arg(long, value_name = "NAME[:KIND]=SOURCE")]
+    live: Vec<ott_apps::live::LiveSpec>,
     /// Serve GET /status (JSON) and /metrics (Prometheus) on this address.
     #[arg(long)]
     status: Option<SocketAddr>,
@@ -43,13 +48,36 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+const LIVE_HELP: &str = "Live input examples:
+  ott-server --id s1 --videos videos --live cam=udp://127.0.0.1:5000
+  ffmpeg -re -i in.mp4 -c:v libx264 -g 50 -f mpegts udp://127.0.0.1:5000
+  ffmpeg -re -i in.mp4 -c:v mjpeg -f mjpeg - | ott-server --id s1 --live desk:mjpeg=stdin";
+
 fn run(args: Args) -> anyhow::Result<()> {
+    use ott_apps::source::Input;
     // Check the clips before anything else: a bad directory is the user's first mistake.
-    let clips = ott_media::load_dir(&args.videos)?;
-    let catalogue: Vec<_> = clips.iter().map(|c| c.info()).collect();
+    let clips = match &args.videos {
+        Some(dir) => ott_media::load_dir(dir)?,
+        None => Vec::new(),
+    };
+    let mut catalogue: Vec<_> = clips.iter().map(|c| c.info()).collect();
     for c in &clips {
-        tracing::info!(stream = %c.name, fps = c.fps, frames = c.frames.len(), "clip loaded");
+        tracing::info!(stream = %c.name, kind = ?c.kind, fps = c.fps, frames = c.frames.len(), "clip loaded");
     }
+    for l in &args.live {
+        if catalogue.iter().any(|c| c.name == l.name) {
+            anyhow::bail!("live input {:?} has the name of another stream", l.name);
+        }
+        catalogue.push(l.info());
+    }
+    let (live_tx, live_rx) = crossbeam_channel::bounded(256);
+    ott_apps::live::spawn_readers(&args.live, &live_tx)?;
+    drop(live_tx);
+    let mut inputs: Vec<Input> = clips.into_iter().map(Input::Clip).collect();
+    inputs.extend(args.live.iter().map(|l| Input::Live {
+        name: l.name.clone(),
+        kind: l.kind,
+    }));
     let req = Request::Node {
         id: args.id.clone(),
     };
@@ -70,7 +98,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.status,
         catalogue,
         Box::new(move |sock, counters, cmds| {
-            ott_apps::source::spawn_source(clips, sock, counters, cmds)
+            ott_apps::source::spawn_source(inputs, live_rx, sock, counters, cmds)
         }),
         args.tuning,
     )

@@ -47,6 +47,15 @@ pub enum FramingError {
         /// The length read.
         len: u16,
     },
+    /// Not an MPEG transport stream.
+    #[error("not an mpeg transport stream: no sync byte 0x47 at 188-byte intervals")]
+    NotTs,
+    /// A transport stream without a readable PAT and PMT.
+    #[error("mpeg transport stream has no readable pat and pmt")]
+    NoPsi,
+    /// A transport stream without a decodable start.
+    #[error("mpeg transport stream has no keyframe (idr picture after pat and pmt)")]
+    NoKeyframe,
     /// A frame too large to be carried in `u16::MAX` fragments.
     #[error("frame of {len} bytes exceeds the largest packetizable frame of {max} bytes")]
     FrameTooLarge {
@@ -80,11 +89,13 @@ pub enum ClipError {
         /// The file.
         path: PathBuf,
     },
-    /// A clip file is not a valid sequence of JPEG frames.
-    #[error("clip {} is not valid mjpeg: {source}", path.display())]
+    /// A clip file is not valid MJPEG or MPEG-TS.
+    #[error("clip {} is not valid {kind}: {source}", path.display())]
     Framing {
         /// The file.
         path: PathBuf,
+        /// The format expected from its extension (`mjpeg`, `mpeg-ts`).
+        kind: &'static str,
         /// What is wrong in it.
         source: FramingError,
     },
@@ -117,7 +128,7 @@ pub enum ClipError {
         path: PathBuf,
     },
     /// A clip directory holds no supported clip.
-    #[error("no clip (.mjpeg) in directory {}{}", path.display(), skipped_note(*.skipped))]
+    #[error("no clip (.mjpeg, .ts) in directory {}{}", path.display(), skipped_note(*.skipped))]
     NoClips {
         /// The directory.
         path: PathBuf,

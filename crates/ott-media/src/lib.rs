@@ -1,9 +1,13 @@
 //! Media framing of the OTT overlay.
 //!
 //! What the server and client need between a clip file and media datagrams:
-//! - [`mjpeg`]: split concatenated JPEG frames by walking the JPEG structure;
-//! - [`Clip`], [`load_dir`]: load `.mjpeg` clips (with an optional `.fps` sidecar) from
-//!   files; [`ClipSource`] loops over a clip, flagging keyframes and discontinuities;
+//! - [`mjpeg`]: split concatenated JPEG frames by walking the JPEG structure (whole
+//!   files, or a live byte stream with [`mjpeg::MjpegFramer`]);
+//! - [`ts`]: cut an MPEG transport stream into units (one access unit each, keyframes
+//!   marked and led by PAT/PMT), read PCR/PTS/DTS and shift them for loops;
+//! - [`Clip`], [`load_dir`]: load `.mjpeg` clips (with an optional `.fps` sidecar) and
+//!   `.ts` clips from files; [`ClipSource`] loops over a clip, giving each frame its
+//!   flags, due time (frame rate or PCR) and timestamp;
 //! - [`Packetizer`]: cut frames into datagrams of at most
 //!   [`ott_proto::MAX_DATAGRAM_LEN`] bytes with an [`ott_proto::MediaHeader`];
 //! - [`Reassembler`]: rebuild frames from the datagrams of one stream, in order, with
@@ -14,8 +18,7 @@
 //!
 //! Except [`Clip::load`] and [`load_dir`], which read files, this crate is sans-IO: it
 //! opens no socket, spawns no thread and never reads the clock (time is a parameter).
-//! It does not decode images or relay datagrams;
-//! MPEG-TS clips are recognised but not supported yet ([`ClipError::Unsupported`]).
+//! It does not decode images or video, or relay datagrams.
 //!
 //! # Example
 //!
@@ -49,8 +52,9 @@ mod pacer;
 mod packet;
 mod playout;
 mod reassembly;
+pub mod ts;
 
-pub use clip::{load_dir, Clip, ClipSource, DEFAULT_FPS, MAX_FPS};
+pub use clip::{load_dir, Clip, ClipSource, TimedFrame, TsTiming, DEFAULT_FPS, MAX_FPS};
 pub use error::{ClipError, FramingError};
 pub use pacer::{Pacer, CLOCK_RATE, MIN_FPS};
 pub use packet::{Packetizer, MAX_FRAME_LEN};

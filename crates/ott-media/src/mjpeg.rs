@@ -16,7 +16,10 @@
 //! Fill bytes (`ff` repeated before a marker code) are skipped. Bytes between frames that
 //! are not a SOI are an error naming their offset: nothing is skipped silently.
 
+use std::collections::VecDeque;
 use std::ops::Range;
+
+use bytes::Bytes;
 
 use crate::error::FramingError;
 
@@ -49,6 +52,75 @@ pub fn split_frames(data: &[u8]) -> Result<Vec<Range<usize>>, FramingError> {
 /// structure parses to an EOI that is its last byte.
 pub fn is_complete_jpeg(frame: &[u8]) -> bool {
     matches!(parse_frame(frame, 0), Ok(end) if end == frame.len())
+}
+
+/// Largest frame a [`MjpegFramer`] waits for before giving up on it and resynchronising.
+pub const MAX_LIVE_FRAME: usize = 8 * 1024 * 1024;
+
+/// Splits a live MJPEG byte stream (any chunking) into whole JPEG frames.
+///
+/// Unlike [`split_frames`], bad bytes are not an error: they are skipped up to the next
+/// start of image and counted, so a live feed recovers from loss or garbage.
+#[derive(Debug, Default)]
+pub struct MjpegFramer {
+    buf: Vec<u8>,
+    frames: VecDeque<Bytes>,
+    skipped: u64,
+}
+
+impl MjpegFramer {
+    /// An empty framer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Take more bytes; complete frames become available from [`MjpegFramer::poll_frame`].
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+        loop {
+            match parse_frame(&self.buf, 0) {
+                Ok(end) => {
+                    self.frames
+                        .push_back(Bytes::copy_from_slice(self.buf.get(..end).unwrap_or(&[])));
+                    self.buf.drain(..end);
+                }
+                Err(FramingError::Truncated { .. }) if self.buf.len() <= MAX_LIVE_FRAME => return,
+                Err(_) => {
+                    // Skip to the next start of image after the first byte.
+                    let next = self
+                        .buf
+                        .windows(2)
+                        .skip(1)
+                        .position(|w| w == [0xff, SOI])
+                        .map(|i| i + 1);
+                    let cut = next.unwrap_or_else(|| {
+                        // Keep a trailing ff: it may start the next SOI.
+                        self.buf.len() - usize::from(self.buf.last() == Some(&0xff))
+                    });
+                    self.skipped += cut as u64;
+                    self.buf.drain(..cut);
+                    if next.is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next complete frame.
+    pub fn poll_frame(&mut self) -> Option<Bytes> {
+        self.frames.pop_front()
+    }
+
+    /// Bytes skipped so far because they were not part of a valid frame.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+}
+
+/// Length of the JPEG frame at the start of `data` (which may hold more after it).
+pub fn first_frame_len(data: &[u8]) -> Result<usize, FramingError> {
+    parse_frame(data, 0)
 }
 
 /// Parse the frame starting at `start`; returns the offset just past its EOI.
@@ -303,6 +375,29 @@ mod tests {
             if let Ok(frames) = split_frames(&data[..cut]) {
                 prop_assert_eq!(frames.last().map_or(0, |r| r.end), cut);
             }
+        }
+    }
+
+    #[test]
+    fn test_live_framer_any_chunking_and_garbage() {
+        let mut data = b"junk".to_vec();
+        let frames: Vec<Vec<u8>> = (0..4).map(tricky_jpeg).collect();
+        for f in &frames {
+            data.extend_from_slice(f);
+        }
+        data.extend_from_slice(&[0x00, 0xff]);
+        data.extend_from_slice(&frames[0][..10]);
+        for chunk in [1, 3, 7, 64, 4096] {
+            let mut m = MjpegFramer::new();
+            let mut got = Vec::new();
+            for c in data.chunks(chunk) {
+                m.push(c);
+                while let Some(f) = m.poll_frame() {
+                    got.push(f.to_vec());
+                }
+            }
+            assert_eq!(got, frames, "chunk {chunk}");
+            assert_eq!(m.skipped(), 4 + 2, "chunk {chunk}");
         }
     }
 }

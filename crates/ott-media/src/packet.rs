@@ -1,7 +1,7 @@
 //! Fragmentation of frames into media datagrams.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use ott_proto::{MediaHeader, HEADER_LEN, MAX_PAYLOAD_LEN};
+use ott_proto::{MediaHeader, MediaKind, HEADER_LEN, MAX_PAYLOAD_LEN};
 
 use crate::error::FramingError;
 
@@ -10,11 +10,16 @@ pub const MAX_FRAME_LEN: usize = u16::MAX as usize * MAX_PAYLOAD_LEN;
 
 /// Splits the frames of one stream into media datagrams (header + payload, each at most
 /// [`ott_proto::MAX_DATAGRAM_LEN`] bytes), numbering datagrams and frames.
+///
+/// For MPEG-TS ([`Packetizer::for_kind`]) every payload but the last is
+/// [`crate::ts::DATAGRAM_PAYLOAD`] bytes (7 whole TS packets), so a datagram always
+/// carries whole 188-byte packets.
 #[derive(Debug, Clone)]
 pub struct Packetizer {
     stream: u32,
     seq: u32,
     frame: u32,
+    chunk: usize,
 }
 
 impl Packetizer {
@@ -26,38 +31,60 @@ impl Packetizer {
     /// A packetizer whose next sequence and frame numbers are `seq` and `frame` (to resume
     /// a numbering, or to test wraparound).
     pub fn starting_at(stream: u32, seq: u32, frame: u32) -> Self {
-        Self { stream, seq, frame }
+        Self {
+            stream,
+            seq,
+            frame,
+            chunk: MAX_PAYLOAD_LEN,
+        }
+    }
+
+    /// A packetizer for `stream` cutting payloads for `kind`: as large as possible for
+    /// MJPEG, 7 whole TS packets for MPEG-TS.
+    pub fn for_kind(stream: u32, kind: MediaKind) -> Self {
+        Self::for_kind_at(stream, kind, 0, 0)
+    }
+
+    /// [`Packetizer::for_kind`] whose next sequence and frame numbers are `seq` and `frame`.
+    pub fn for_kind_at(stream: u32, kind: MediaKind, seq: u32, frame: u32) -> Self {
+        let mut p = Self::starting_at(stream, seq, frame);
+        if kind == MediaKind::Ts {
+            p.chunk = crate::ts::DATAGRAM_PAYLOAD;
+        }
+        p
     }
 
     /// Split one frame into datagrams.
     ///
     /// The datagrams have consecutive sequence numbers, `frag_index` `0..count`, the same
     /// frame number and `timestamp_90k`, and `flags` on every fragment. Every payload but
-    /// the last is [`MAX_PAYLOAD_LEN`] bytes; an empty frame gives one datagram with an empty
-    /// payload. Sequence and frame numbers wrap. A frame longer than [`MAX_FRAME_LEN`] is
-    /// refused and consumes no number.
+    /// the last is [`MAX_PAYLOAD_LEN`] bytes (1316 for MPEG-TS); an empty frame gives one
+    /// datagram with an empty payload. Sequence and frame numbers wrap. A frame longer
+    /// than [`MAX_FRAME_LEN`] (or than `u16::MAX` TS payloads) is refused and consumes no
+    /// number.
     pub fn packetize(
         &mut self,
         frame: &[u8],
         timestamp_90k: u32,
         flags: u8,
     ) -> Result<Vec<Bytes>, FramingError> {
-        if frame.len() > MAX_FRAME_LEN {
+        let max = MAX_FRAME_LEN.min(u16::MAX as usize * self.chunk);
+        if frame.len() > max {
             return Err(FramingError::FrameTooLarge {
                 len: frame.len(),
-                max: MAX_FRAME_LEN,
+                max,
             });
         }
-        let count = frame.len().div_ceil(MAX_PAYLOAD_LEN).max(1);
-        // count <= u16::MAX because frame.len() <= MAX_FRAME_LEN, checked above.
+        let count = frame.len().div_ceil(self.chunk).max(1);
+        // count <= u16::MAX because frame.len() <= max, checked above.
         let frag_count = u16::try_from(count).map_err(|_| FramingError::FrameTooLarge {
             len: frame.len(),
-            max: MAX_FRAME_LEN,
+            max,
         })?;
         let mut out = Vec::with_capacity(count);
         for frag_index in 0..frag_count {
-            let start = usize::from(frag_index) * MAX_PAYLOAD_LEN;
-            let end = (start + MAX_PAYLOAD_LEN).min(frame.len());
+            let start = usize::from(frag_index) * self.chunk;
+            let end = (start + self.chunk).min(frame.len());
             let chunk = frame.get(start..end).unwrap_or_default();
             let h = MediaHeader {
                 flags,
@@ -134,6 +161,15 @@ mod tests {
         assert_eq!(dgs.len(), 1);
         assert_eq!(dgs[0].len(), HEADER_LEN);
         assert_eq!((p.next_seq(), p.next_frame()), (5, 3));
+    }
+
+    #[test]
+    fn test_ts_whole_packets() {
+        let mut p = Packetizer::for_kind(3, MediaKind::Ts);
+        let frame = vec![0x47u8; 188 * 20];
+        let dgs = p.packetize(&frame, 0, flags::KEYFRAME).expect("fits");
+        let lens: Vec<usize> = dgs.iter().map(|d| d.len() - HEADER_LEN).collect();
+        assert_eq!(lens, [1316, 1316, 188 * 6]);
     }
 
     #[test]

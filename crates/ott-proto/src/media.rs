@@ -36,6 +36,10 @@ pub mod flags {
     pub const RETRANSMIT: u8 = 0x02;
     /// The source restarted or looped: timestamps and frame numbers jump.
     pub const DISCONTINUITY: u8 = 0x04;
+    /// A replay of a relay's or PoP's cache of the latest decodable start, sent to a new
+    /// child before live data. The sequence number is the original one, so a receiver
+    /// that already has the datagram drops it as a duplicate.
+    pub const CACHED: u8 = 0x08;
 }
 
 /// The parsed fixed header of a media datagram.
