@@ -12,9 +12,11 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver};
+use bytes::Bytes;
+use crossbeam_channel::{select, Receiver, Sender};
+use ott_media::arq::{nacked_seqs, RetransmitBuffer};
 use ott_media::{Clip, ClipSource, Packetizer, TimedFrame};
-use ott_proto::{MediaHeader, MediaKind};
+use ott_proto::{MediaHeader, MediaKind, Message, NackRange};
 
 use crate::counters::{add, Counters};
 use crate::dataplane::{DataCmd, DataSnapshot, StreamTraffic};
@@ -38,6 +40,15 @@ struct Feed {
     packetizer: Packetizer,
     children: Vec<SocketAddr>,
     traffic: StreamTraffic,
+    /// The latest datagrams sent, to answer the children's NACKs.
+    sent: RetransmitBuffer,
+}
+
+/// A NACK from a child: who asked, for which stream, for what.
+struct Nack {
+    from: SocketAddr,
+    stream: u32,
+    ranges: Vec<NackRange>,
 }
 
 impl Feed {
@@ -68,6 +79,12 @@ pub fn spawn_source(
     counters: Arc<Counters>,
     cmds: Receiver<DataCmd>,
 ) -> std::io::Result<JoinHandle<()>> {
+    let (nack_tx, nacks) = crossbeam_channel::bounded(1024);
+    let nack_sock = sock.try_clone()?;
+    let nack_counters = counters.clone();
+    thread::Builder::new()
+        .name("media-nack".into())
+        .spawn(move || read_nacks(&nack_sock, &nack_counters, &nack_tx))?;
     thread::Builder::new()
         .name("media-src".into())
         .spawn(move || {
@@ -90,6 +107,7 @@ pub fn spawn_source(
                             packetizer: packetizer(info.id, info.kind),
                             children: Vec::new(),
                             traffic: StreamTraffic::default(),
+                            sent: RetransmitBuffer::new(crate::dataplane::RETRANSMIT_DEPTH),
                         }
                     }
                     Input::Live { name, kind } => {
@@ -101,11 +119,12 @@ pub fn spawn_source(
                             packetizer: packetizer(id, kind),
                             children: Vec::new(),
                             traffic: StreamTraffic::default(),
+                            sent: RetransmitBuffer::new(crate::dataplane::RETRANSMIT_DEPTH),
                         }
                     }
                 })
                 .collect();
-            source_loop(&mut feeds, live, &sock, &counters, &cmds);
+            source_loop(&mut feeds, live, &nacks, &sock, &counters, &cmds);
         })
 }
 
@@ -125,9 +144,67 @@ fn splitmix64(seed: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Read the NACKs children send to the server's data socket.
+fn read_nacks(sock: &UdpSocket, counters: &Counters, out: &Sender<Nack>) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (len, from) = match sock.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e) => {
+                // ICMP errors of earlier sends surface here on Linux: count, go on.
+                tracing::debug!(error = %e, "data socket receive error");
+                add(&counters.send_errors, 1);
+                thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+        };
+        counters.rx(len);
+        match ott_proto::decode(&buf[..len]) {
+            Ok(Message::Nack { stream, ranges, .. }) => {
+                if out
+                    .send(Nack {
+                        from,
+                        stream,
+                        ranges,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(_) => add(&counters.dropped, 1),
+            Err(_) => add(&counters.malformed, 1),
+        }
+    }
+}
+
+/// Resend what a child asks for, only to a child of that stream.
+fn answer_nack(feeds: &mut [Feed], nack: &Nack, sock: &UdpSocket, counters: &Counters) {
+    let Some(f) = feeds.iter_mut().find(|f| f.id == nack.stream) else {
+        add(&counters.dropped, 1);
+        return;
+    };
+    if !f.children.contains(&nack.from) {
+        add(&counters.dropped, 1);
+        return;
+    }
+    for seq in nacked_seqs(&nack.ranges, crate::dataplane::MAX_RESEND_PER_NACK) {
+        let Some(d) = f.sent.get(seq) else { continue };
+        match sock.send_to(d, nack.from) {
+            Ok(n) => {
+                counters.tx(n);
+                add(&counters.retransmitted, 1);
+                f.traffic.retransmitted += 1;
+            }
+            Err(_) => add(&counters.send_errors, 1),
+        }
+    }
+}
+
 fn source_loop(
     feeds: &mut [Feed],
     mut live: Receiver<LiveFrame>,
+    nacks: &Receiver<Nack>,
     sock: &UdpSocket,
     counters: &Counters,
     cmds: &Receiver<DataCmd>,
@@ -155,6 +232,11 @@ fn source_loop(
                     let _ = reply.send(snap);
                 }
                 Ok(DataCmd::Stop) | Err(_) => return,
+            },
+            recv(nacks) -> nack => {
+                if let Ok(nack) = nack {
+                    answer_nack(feeds, &nack, sock, counters);
+                }
             },
             recv(live) -> frame => {
                 let Ok(frame) = frame else {
@@ -208,6 +290,9 @@ fn send_frame(
     for d in &datagrams {
         if let Ok(h) = MediaHeader::parse(d) {
             cache.observe(now, &h, d);
+            let mut copy = d.to_vec();
+            MediaHeader::mark_retransmit(&mut copy);
+            f.sent.insert(h.seq, Bytes::from(copy));
         }
         for child in &f.children {
             match sock.send_to(d, child) {

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use crossbeam_channel::{select, Receiver};
 use ott_bootstrap::Request;
-use ott_media::{Reassembler, ReassemblerConfig};
-use ott_proto::{flags, MediaHeader, MediaKind, StreamInfo, HEADER_LEN, MAGIC};
+use ott_media::arq::{GapTracker, NackConfig};
+use ott_media::{Frame, PlayoutBuffer, PlayoutConfig};
+use ott_proto::{flags, MediaHeader, MediaKind, Message, StreamInfo, HEADER_LEN, MAGIC};
 use ott_tree::client::{Client, ClientConfig, ClientEvent};
 use serde::Serialize;
 
@@ -48,6 +49,10 @@ pub struct Options {
     pub status: Option<SocketAddr>,
     /// How long to wait for the bootstrapper.
     pub bootstrap_wait: Duration,
+    /// Playout latency budget: how long a frame may wait for lost datagrams.
+    pub latency: Duration,
+    /// Ask the PoP to resend lost datagrams.
+    pub nack: bool,
 }
 
 /// Reception statistics of a run, printed as the summary line.
@@ -85,6 +90,8 @@ pub struct Reception {
     /// From the last stream selection to the first keyframe that arrived live (not
     /// replayed from the PoP's cache), ms: the start time without instant start.
     pub first_live_key_ms: Option<u64>,
+    /// NACK messages sent to the PoP.
+    pub nacks: u64,
 }
 
 impl Reception {
@@ -92,7 +99,7 @@ impl Reception {
     pub fn summary(&self, elapsed: Duration) -> String {
         let secs = elapsed.as_secs_f64().max(1e-3);
         format!(
-            "summary: stream={} pop={} frames={} bytes={} fps={:.1} stalls={} longest_gap_ms={} pop_switches={} stream_switches={} incomplete={} longest_packet_gap_ms={} source_switches={} first_frame_ms={} first_live_key_ms={}",
+            "summary: stream={} pop={} frames={} bytes={} fps={:.1} stalls={} longest_gap_ms={} pop_switches={} stream_switches={} incomplete={} longest_packet_gap_ms={} source_switches={} first_frame_ms={} first_live_key_ms={} nacks={}",
             self.stream.as_deref().unwrap_or("-"),
             self.pop.as_deref().unwrap_or("-"),
             self.frames,
@@ -107,6 +114,7 @@ impl Reception {
             self.source_switches,
             opt_ms(self.first_frame_ms),
             opt_ms(self.first_live_key_ms),
+            self.nacks,
         )
     }
 }
@@ -185,7 +193,10 @@ struct Viewer {
     client: Client,
     sock: UdpSocket,
     counters: Arc<Counters>,
-    reassembler: Reassembler,
+    playout: PlayoutBuffer,
+    gaps: GapTracker,
+    /// Where the stream comes from (the PoP's data socket), for NACKs.
+    media_from: Option<SocketAddr>,
     seen: StreamDedup,
     last_packet: Option<Instant>,
     watching: Option<StreamInfo>,
@@ -229,7 +240,15 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         client,
         sock,
         counters,
-        reassembler: Reassembler::new(ReassemblerConfig::default()),
+        playout: PlayoutBuffer::new(PlayoutConfig {
+            budget: opts.latency,
+            ..PlayoutConfig::default()
+        }),
+        gaps: GapTracker::new(NackConfig {
+            give_up_after: opts.latency,
+            ..NackConfig::default()
+        }),
+        media_from: None,
         seen: StreamDedup::default(),
         last_packet: None,
         watching: None,
@@ -389,17 +408,28 @@ impl Viewer {
             while let Some(ev) = self.client.poll_event() {
                 self.on_event(ev)?;
             }
-            let timer = self
-                .client
-                .poll_timeout()
-                .map(crossbeam_channel::at)
-                .unwrap_or_else(crossbeam_channel::never);
+            let timer = [
+                self.client.poll_timeout(),
+                self.playout.poll_timeout(),
+                self.gaps.poll_timeout().filter(|_| self.opts.nack),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(crossbeam_channel::at)
+            .unwrap_or_else(crossbeam_channel::never);
             select! {
                 recv(rx) -> d => {
                     let d = d.map_err(|_| anyhow::anyhow!("receiver stopped"))?;
                     self.on_datagram(d)?;
                 }
-                recv(timer) -> _ => self.client.handle_timeout(Instant::now()),
+                recv(timer) -> _ => {
+                    let now = Instant::now();
+                    if self.client.poll_timeout().is_some_and(|t| t <= now) {
+                        self.client.handle_timeout(now);
+                    }
+                    self.recover(now)?;
+                }
                 recv(lines) -> l => {
                     if let Ok(name) = l {
                         tracing::info!(stream = %name, "switching stream");
@@ -463,7 +493,8 @@ impl Viewer {
                 }
                 // Nothing of the old stream may be written after this point, and the
                 // new one is written from a keyframe on.
-                self.reassembler.reset();
+                self.playout.reset();
+                self.gaps.reset();
                 self.seen = StreamDedup::default();
                 self.last_packet = None;
                 self.waiting_key = true;
@@ -531,7 +562,8 @@ impl Viewer {
             Verdict::Switched => {
                 // Another server's copy: its frame numbers are unrelated to the old ones.
                 tracing::info!(stream = %watching.name, "stream source changed");
-                self.reassembler.reset();
+                self.playout.reset();
+                self.gaps.reset();
                 self.rec.source_switches += 1;
                 // A TS copy from another server continues from its next keyframe.
                 self.waiting_key = true;
@@ -551,13 +583,49 @@ impl Viewer {
             self.rec.longest_packet_gap_ms = self.rec.longest_packet_gap_ms.max(gap);
         }
         self.last_packet = Some(d.at);
-        let before = self.reassembler.stats().incomplete_dropped;
-        let frame = self.reassembler.push(&header, &d.bytes[HEADER_LEN..]);
-        self.rec.incomplete += self.reassembler.stats().incomplete_dropped - before;
-        let Some(frame) = frame else { return Ok(()) };
-        if frame.stream != watching.id {
+        if !header.has(flags::RETRANSMIT) && !header.has(flags::CACHED) {
+            self.media_from = Some(d.from);
+        }
+        self.gaps.on_datagram(d.at, header.seq);
+        self.playout.push(d.at, &header, &d.bytes[HEADER_LEN..]);
+        self.recover(d.at.max(Instant::now()))
+    }
+
+    /// Play what the playout buffer releases, and NACK what is missing.
+    fn recover(&mut self, now: Instant) -> anyhow::Result<()> {
+        let before = self.playout.stats().incomplete_dropped;
+        while let Some(frame) = self.playout.poll_frame(now) {
+            self.on_frame(frame)?;
+        }
+        self.rec.incomplete += self.playout.stats().incomplete_dropped - before;
+        if !self.opts.nack {
             return Ok(());
         }
+        let (Some(to), Some(stream)) = (self.media_from, self.watching.as_ref().map(|w| w.id))
+        else {
+            return Ok(());
+        };
+        let data_port = self.sock.local_addr().map(|a| a.port()).unwrap_or(0);
+        while let Some(ranges) = self.gaps.poll_nack(now) {
+            self.rec.nacks += 1;
+            send_msg(
+                &self.sock,
+                &self.counters,
+                to,
+                &Message::Nack {
+                    stream,
+                    data_port,
+                    ranges,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn on_frame(&mut self, frame: Frame) -> anyhow::Result<()> {
+        let Some(watching) = &self.watching else {
+            return Ok(());
+        };
         let now = Instant::now();
         let since =
             |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t).as_millis() as u64);

@@ -46,6 +46,13 @@ struct Args {
     /// How long to wait for the bootstrapper to answer, in seconds.
     #[arg(long, default_value_t = 30)]
     bootstrap_wait: u64,
+    /// Playout latency budget in milliseconds: how long a frame may wait for lost
+    /// datagrams to be resent before it is given up.
+    #[arg(long, default_value_t = 300)]
+    latency: u64,
+    /// Do not ask the PoP to resend lost datagrams (loss recovery off; for comparisons).
+    #[arg(long)]
+    no_nack: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,6 +69,8 @@ fn main() -> std::process::ExitCode {
         duration: args.duration.map(Duration::from_secs_f64),
         status: args.status,
         bootstrap_wait: Duration::from_secs(args.bootstrap_wait),
+        latency: Duration::from_millis(args.latency),
+        nack: !args.no_nack,
     };
     match ott_apps::viewer::run(opts) {
         Ok(()) => std::process::ExitCode::SUCCESS,
