@@ -38,6 +38,7 @@ fn run(topology: &str, scenario: &str) -> Report {
         bin_dir,
         work_dir: root.join("target").join("emulate-tests"),
         stop: Arc::new(AtomicBool::new(false)),
+        recovery: true,
     };
     let report = run_scenario(&opts).expect("the emulation runs");
     eprintln!("{}", report.text());
