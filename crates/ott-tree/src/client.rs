@@ -5,7 +5,9 @@
 //! loss from the replies it gets, scores it together with the PoP's own latency to the
 //! server, attaches to the best one with hysteresis, asks it for the stream catalogue and
 //! joins the selected stream there. When the PoP degrades or dies it moves to the next
-//! best, joining there before leaving the old one (make-before-break).
+//! best, joining there at once and leaving the old one [`ClientConfig::leave_after`]
+//! later (make-before-break: a lost `Join` or a PoP that must first subscribe upstream
+//! costs no outage while the old PoP still delivers).
 //!
 //! Like the rest of this crate it is **sans-IO**: it never touches a socket, a thread or
 //! the clock. The caller passes `now` in, feeds it decoded control messages with
@@ -89,6 +91,12 @@ pub struct ClientConfig {
     /// if the current PoP does not answer it in time, that PoP is unusable at once and
     /// the client moves to the next best.
     pub urgent_probe_timeout: Duration,
+    /// After moving to another PoP, the old one is left this much later (default 2 s,
+    /// two `Join` refreshes): make before break. The stream keeps coming from the old PoP
+    /// (the application drops the duplicates) until the new one delivers, also when the
+    /// first `Join` there was lost or the new PoP first has to subscribe upstream. Zero
+    /// leaves the old PoP at once.
+    pub leave_after: Duration,
     /// Seed of the nonce generator, so that a run can be replayed.
     pub seed: u64,
 }
@@ -107,6 +115,7 @@ impl Default for ClientConfig {
             max_lost_in_a_row: 2,
             media_silence: Duration::from_millis(200),
             urgent_probe_timeout: Duration::from_millis(150),
+            leave_after: Duration::from_secs(2),
             seed: 0x07c1_1e47,
         }
     }
@@ -232,6 +241,8 @@ pub struct Client {
     last_media: Option<Instant>,
     /// No urgent probe round before this.
     urgent_not_before: Instant,
+    /// PoPs moved away from, to leave (PoP, stream) at the given time.
+    leaving: Vec<(Instant, usize, StreamInfo)>,
     shut_down: bool,
     pop_switches: u64,
     stats: ClientStats,
@@ -297,6 +308,7 @@ impl Client {
             next_join: None,
             last_media: None,
             urgent_not_before: now,
+            leaving: Vec::new(),
             shut_down: false,
             pop_switches: 0,
             stats: ClientStats::default(),
@@ -389,7 +401,8 @@ impl Client {
     }
 
     /// Advance the timers to `now`: resolve unanswered probes as lost, send the probe
-    /// round, `ListStreams` retries and `Join` refreshes that are due, probe at once on
+    /// round, `ListStreams` retries, `Join` refreshes and `Leave`s of PoPs moved away
+    /// from that are due, probe at once on
     /// media silence, and move to another PoP if the current one became unusable.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.shut_down {
@@ -413,6 +426,7 @@ impl Client {
         if self.next_list.is_some_and(|t| now >= t) {
             self.send_list(now);
         }
+        self.send_leaves(|t| t <= now);
         if self.next_join.is_some_and(|t| now >= t) {
             if let (Some(cur), Some(stream)) = (self.current, self.watching.as_ref()) {
                 let to = self.pops[cur].addr;
@@ -426,12 +440,14 @@ impl Client {
         self.evaluate(now);
     }
 
-    /// Leave the watched stream at the current PoP and stop: afterwards the client sends
+    /// Leave the watched stream at the current PoP (and at PoPs it moved away from and
+    /// has not left yet) and stop: afterwards the client sends
     /// nothing more, ignores its inputs and has no timeout.
     pub fn shutdown(&mut self, _now: Instant) {
         if self.shut_down {
             return;
         }
+        self.send_leaves(|_| true);
         if let (Some(cur), Some(stream)) = (self.current, self.watching.as_ref()) {
             let msg = self.leave_msg(stream);
             self.transmits.push_back(Transmit {
@@ -467,6 +483,7 @@ impl Client {
             .chain(probes)
             .chain(self.next_list)
             .chain(self.next_join)
+            .chain(self.leaving.iter().map(|l| l.0))
             .chain(self.silence_deadline())
             .min()
     }
@@ -701,18 +718,21 @@ impl Client {
         self.current = Some(new);
         let new_addr = self.pops[new].addr;
         if let Some(stream) = &self.watching {
-            // Make before break: join at the new PoP, then leave the old one.
+            // Make before break: join at the new PoP, leave the old one `leave_after`
+            // later (unless we come back to it before).
             let join = self.join_msg(stream);
             self.transmits.push_back(Transmit {
                 to: new_addr,
                 msg: join,
             });
+            let stream = stream.clone();
+            self.leaving.retain(|l| l.1 != new);
             if let Some(o) = old {
-                let leave = self.leave_msg(stream);
-                self.transmits.push_back(Transmit {
-                    to: self.pops[o].addr,
-                    msg: leave,
-                });
+                self.leaving
+                    .push((later(now, self.config.leave_after), o, stream));
+                if self.config.leave_after.is_zero() {
+                    self.send_leaves(|_| true);
+                }
             }
             self.next_join = Some(later(now, self.config.join_refresh));
         }
@@ -761,6 +781,8 @@ impl Client {
             return;
         };
         let to = self.pops[cur].addr;
+        // The old stream is of no use anywhere now.
+        self.send_leaves(|_| true);
         if let Some(old) = self.watching.take() {
             let msg = self.leave_msg(&old);
             self.transmits.push_back(Transmit { to, msg });
@@ -772,6 +794,23 @@ impl Client {
         tracing::info!(stream = %info.name, id = info.id, "watching");
         self.events.push_back(ClientEvent::Watching(info.clone()));
         self.watching = Some(info);
+    }
+
+    /// Send the pending `Leave`s whose time `due` accepts.
+    fn send_leaves(&mut self, due: impl Fn(Instant) -> bool) {
+        let mut i = 0;
+        while i < self.leaving.len() {
+            if due(self.leaving[i].0) {
+                let (_, pop, stream) = self.leaving.swap_remove(i);
+                let msg = self.leave_msg(&stream);
+                self.transmits.push_back(Transmit {
+                    to: self.pops[pop].addr,
+                    msg,
+                });
+            } else {
+                i += 1;
+            }
+        }
     }
 
     fn join_msg(&self, s: &StreamInfo) -> Message {

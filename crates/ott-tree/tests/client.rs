@@ -278,7 +278,7 @@ fn switches_within_three_seconds_when_the_pop_dies_join_before_leave() {
     );
 
     // Make before break: the first message about the stream after the switch is the
-    // Join at p2, then the Leave at p1.
+    // Join at p2; the Leave at p1 follows, once, `leave_after` later.
     let news = stream_id_for("news");
     let subs = w.subscriptions();
     let first_p2 = subs
@@ -286,8 +286,27 @@ fn switches_within_three_seconds_when_the_pop_dies_join_before_leave() {
         .position(|(to, ..)| to == "p2")
         .expect("joined at p2");
     assert_eq!(subs[first_p2], ("p2".to_owned(), "join", news));
-    assert_eq!(subs[first_p2 + 1], ("p1".to_owned(), "leave", news));
     assert!(!subs[..first_p2].iter().any(|(_, kind, _)| *kind == "leave"));
+    let leaves: Vec<usize> = subs
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| **s == ("p1".to_owned(), "leave", news))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(leaves.len(), 1, "{subs:?}");
+    assert!(leaves[0] > first_p2);
+    let left_at = w
+        .pops
+        .iter()
+        .find(|p| p.id == "p1")
+        .and_then(|p| {
+            p.got
+                .iter()
+                .find(|(_, m)| matches!(m, Message::Leave { .. }))
+        })
+        .map(|(t, _)| *t)
+        .expect("left p1");
+    assert_eq!(left_at - *at, ClientConfig::default().leave_after);
     // And the Join keeps being refreshed at the new PoP.
     let p2_joins = subs
         .iter()
@@ -537,4 +556,40 @@ fn a_lossy_pop_loses_to_a_clean_one() {
     let status = w.client.status();
     assert!(status.pops[0].loss > 0.0);
     assert!(status.pops[0].usable);
+}
+
+#[test]
+fn moving_back_before_the_old_pop_is_left_keeps_it_joined() {
+    let config = ClientConfig {
+        leave_after: Duration::from_secs(10),
+        ..ClientConfig::default()
+    };
+    let mut w = World::with_config(
+        config,
+        vec![FakePop::new(1, 10, 1_000), FakePop::new(2, 30, 1_000)],
+    );
+    w.client.select_stream(w.now, "news");
+    w.run_until(Duration::from_millis(2_500));
+    assert_eq!(w.client.pop(), Some("p1"));
+    // p1 goes silent long enough for the client to move to p2, then answers again.
+    w.pop_mut("p1").alive = false;
+    w.run_until(Duration::from_millis(5_500));
+    assert_eq!(w.client.pop(), Some("p2"));
+    w.pop_mut("p1").alive = true;
+    w.run_until(Duration::from_secs(12));
+    assert_eq!(w.client.pop(), Some("p1"), "{:?}", w.pop_changes());
+    let back = w.pop_changes().last().map(|c| c.0).expect("moved back");
+    w.run_until(back + Duration::from_secs(11));
+    let news = stream_id_for("news");
+    let subs = w.subscriptions();
+    // p1 was never left (the client came back within leave_after), p2 was, once.
+    assert!(
+        !subs.contains(&("p1".to_owned(), "leave", news)),
+        "{subs:?}"
+    );
+    let p2_leaves = subs
+        .iter()
+        .filter(|s| **s == ("p2".to_owned(), "leave", news))
+        .count();
+    assert_eq!(p2_leaves, 1, "{subs:?}");
 }

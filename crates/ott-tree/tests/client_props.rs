@@ -78,6 +78,8 @@ proptest! {
         let mut last_probe: HashMap<SocketAddr, (u64, u64)> = HashMap::new();
         // Streams joined at each address and not left since.
         let mut joined: HashMap<SocketAddr, Vec<u32>> = HashMap::new();
+        // Streams joined where the client no longer watches them, since when.
+        let mut stale: HashMap<(SocketAddr, u32), Instant> = HashMap::new();
         let mut switches = 0u64;
         for op in ops {
             match op {
@@ -88,7 +90,7 @@ proptest! {
                         client.handle_timeout(now);
                         let next = client.poll_timeout();
                         prop_assert!(!matches!(next, Some(n) if n <= now), "timer due again at once");
-                        drain(&mut client, &mut last_probe, &mut joined, &mut switches)?;
+                        drain(&mut client, now, &mut last_probe, &mut joined, &mut stale, &mut switches)?;
                     }
                     now = until;
                 }
@@ -107,7 +109,7 @@ proptest! {
                 Op::Send { pop, msg } => client.handle(now, addr(pop), msg),
                 Op::Select(i) => client.select_stream(now, NAMES[i]),
             }
-            drain(&mut client, &mut last_probe, &mut joined, &mut switches)?;
+            drain(&mut client, now, &mut last_probe, &mut joined, &mut stale, &mut switches)?;
             prop_assert_eq!(client.pop_switches(), switches);
             if let Some(p) = client.pop() {
                 prop_assert!(pops.iter().any(|(id, _)| id == p));
@@ -120,7 +122,7 @@ proptest! {
             }
         }
         client.shutdown(now);
-        drain(&mut client, &mut last_probe, &mut joined, &mut switches)?;
+        drain(&mut client, now, &mut last_probe, &mut joined, &mut stale, &mut switches)?;
         prop_assert_eq!(client.poll_timeout(), None);
         // After shutdown the client is subscribed nowhere it knows of except stale PoPs it
         // already left: every stream it joined at its last PoP was left.
@@ -135,8 +137,10 @@ proptest! {
 
 fn drain(
     client: &mut Client,
+    now: Instant,
     last_probe: &mut HashMap<SocketAddr, (u64, u64)>,
     joined: &mut HashMap<SocketAddr, Vec<u32>>,
+    stale: &mut HashMap<(SocketAddr, u32), Instant>,
     switches: &mut u64,
 ) -> Result<(), TestCaseError> {
     while let Some(t) = client.poll_transmit() {
@@ -165,10 +169,31 @@ fn drain(
             *switches += 1;
         }
     }
-    // A client watches at most one stream: at most one stream joined across all PoPs
-    // that it has not left, except during make-before-break, where the old PoP is left
-    // in the same drain.
-    let live: usize = joined.values().map(Vec::len).sum();
+    // A client watches at most one stream at one PoP; every other stream it joined
+    // somewhere (the old PoP of a make-before-break move) is left at most `leave_after`
+    // after the client stopped watching it there.
+    let current = client
+        .pop()
+        .map(|p| addr(p[1..].parse().unwrap_or(usize::MAX)));
+    let watching = client.stream().map(|s| s.id);
+    let mut live = 0;
+    for (a, streams) in joined.iter() {
+        for s in streams {
+            if Some(*a) == current && Some(*s) == watching {
+                live += 1;
+                stale.remove(&(*a, *s));
+            } else {
+                let since = *stale.entry((*a, *s)).or_insert(now);
+                let grace = ClientConfig::default().leave_after;
+                prop_assert!(
+                    now.saturating_duration_since(since) <= grace,
+                    "{s} still joined at {a} after {:?}",
+                    now - since
+                );
+            }
+        }
+    }
+    stale.retain(|(a, s), _| joined.get(a).is_some_and(|v| v.contains(s)));
     prop_assert!(live <= 1, "joined {live} streams at once: {joined:?}");
     Ok(())
 }

@@ -74,6 +74,14 @@ pub(crate) struct EmulateArgs {
     /// Build and run the release programs.
     #[arg(long)]
     release: bool,
+    /// Turn loss recovery off: every ott-node and ott-client gets `--no-nack` (the
+    /// server always answers NACKs, but no one sends any).
+    #[arg(long, conflicts_with = "compare")]
+    no_recovery: bool,
+    /// Run the scenario twice, with and without loss recovery, and print both reports
+    /// and a comparison (`--report` then names the first; the second gets `.no-recovery`).
+    #[arg(long)]
+    compare: bool,
 }
 
 /// What one run needs.
@@ -88,6 +96,8 @@ pub(crate) struct RunOptions {
     pub(crate) work_dir: PathBuf,
     /// Set to stop the run early (Ctrl-C).
     pub(crate) stop: Arc<AtomicBool>,
+    /// Loss recovery on (NACKs); off passes `--no-nack` to every node and client.
+    pub(crate) recovery: bool,
 }
 
 pub(crate) fn run(args: EmulateArgs) -> anyhow::Result<()> {
@@ -112,14 +122,31 @@ pub(crate) fn run(args: EmulateArgs) -> anyhow::Result<()> {
         bin_dir,
         work_dir: root.join("target").join("emulate"),
         stop,
+        recovery: !args.no_recovery,
     };
     let report = run_scenario(&opts)?;
     println!("{}", report.text());
-    if let Some(path) = args.report {
-        std::fs::write(&path, report.json()?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!("report written to {}", path.display());
+    if let Some(path) = &args.report {
+        write_report(&report, path)?;
     }
+    if args.compare {
+        let without = run_scenario(&RunOptions {
+            recovery: false,
+            ..opts
+        })?;
+        println!("{}", without.text());
+        if let Some(path) = &args.report {
+            write_report(&without, &path.with_extension("no-recovery.json"))?;
+        }
+        println!("{}", report::compare(&report, &without));
+    }
+    Ok(())
+}
+
+fn write_report(report: &Report, path: &Path) -> anyhow::Result<()> {
+    std::fs::write(path, report.json()?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("report written to {}", path.display());
     Ok(())
 }
 
@@ -159,8 +186,10 @@ pub(crate) fn run_scenario(opts: &RunOptions) -> anyhow::Result<Report> {
     emu.wait_converged(Duration::from_secs(60))?;
     let t0 = Instant::now();
     eprintln!(
-        "tree formed; scenario {} for {} s",
-        scenario.name, scenario.duration_s
+        "tree formed; scenario {} for {} s, loss recovery {}",
+        scenario.name,
+        scenario.duration_s,
+        if opts.recovery { "on" } else { "off" }
     );
     emu.play(&scenario, t0)?;
     let changes = emu.parent_changes(t0);
@@ -171,6 +200,7 @@ pub(crate) fn run_scenario(opts: &RunOptions) -> anyhow::Result<Report> {
         scenario: scenario.name.clone(),
         description: scenario.description.clone(),
         duration_s: scenario.duration_s,
+        recovery: opts.recovery,
         run: emu.run.clone(),
         work_dir: emu.work_dir.display().to_string(),
         initial_parents: initial,
@@ -246,6 +276,8 @@ pub(crate) struct Emulation {
     stop: Arc<AtomicBool>,
     /// Every process started, for the report's leftover check.
     started: Vec<u32>,
+    /// Loss recovery on; off passes `--no-nack` to nodes and clients.
+    recovery: bool,
 }
 
 impl Emulation {
@@ -280,6 +312,7 @@ impl Emulation {
             bootstrap: SocketAddr::new(boot_ip.into(), BOOTSTRAP_PORT),
             stop: opts.stop.clone(),
             started: Vec::new(),
+            recovery: opts.recovery,
         };
         emu.build_network()?;
         Ok(emu)
@@ -440,6 +473,9 @@ impl Emulation {
         }
         c.args(["--id", id, "--bootstrap", &self.bootstrap.to_string()])
             .args(["--status", &format!("0.0.0.0:{STATUS_PORT}")]);
+        if !self.recovery && role != Role::Server {
+            c.arg("--no-nack");
+        }
         let child = c.spawn().with_context(|| format!("cannot start {id}"))?;
         self.started.push(child.id());
         self.procs.insert(id.to_string(), Proc { child });
@@ -601,6 +637,7 @@ impl Emulation {
         ])
         .arg("--output")
         .arg(&output)
+        .args((!self.recovery).then_some("--no-nack"))
         .stdin(Stdio::piped())
         .stdout(File::create(&stdout)?);
         let child = c
@@ -642,28 +679,17 @@ impl Emulation {
                 }
                 self.start_node(node)?;
             }
-            Action::Link {
-                ends,
-                delay_ms,
-                jitter_ms,
-                loss_pct,
-                rate_mbit,
-            } => {
-                let l = self.link(ends)?;
-                l.set_both(|p| {
-                    if let Some(d) = delay_ms {
-                        p.delay = Duration::from_secs_f64(d.max(0.0) / 1000.0);
+            Action::Link { ends, .. } => {
+                if let Some(change) = action.link_change() {
+                    self.link(ends)?.set_both(|p| apply_change(&change, p));
+                }
+            }
+            Action::AllLinks { .. } => {
+                if let Some(change) = action.link_change() {
+                    for l in &self.links {
+                        l.set_both(|p| apply_change(&change, p));
                     }
-                    if let Some(j) = jitter_ms {
-                        p.jitter = Duration::from_secs_f64(j.max(0.0) / 1000.0);
-                    }
-                    if let Some(x) = loss_pct {
-                        p.loss_pct = *x;
-                    }
-                    if let Some(r) = rate_mbit {
-                        p.rate_bps = (*r > 0.0).then_some(r * 1e6);
-                    }
-                });
+                }
             }
             Action::LinkDown { ends } | Action::LinkUp { ends } => {
                 let up = matches!(action, Action::LinkUp { .. });
@@ -789,11 +815,28 @@ impl Emulation {
     }
 }
 
+/// Set what `change` sets, keep the rest.
+fn apply_change(change: &scenario::LinkChange, p: &mut Params) {
+    if let Some(d) = change.delay_ms {
+        p.delay = Duration::from_secs_f64(d.max(0.0) / 1000.0);
+    }
+    if let Some(j) = change.jitter_ms {
+        p.jitter = Duration::from_secs_f64(j.max(0.0) / 1000.0);
+    }
+    if let Some(x) = change.loss_pct {
+        p.loss_pct = x;
+    }
+    if let Some(r) = change.rate_mbit {
+        p.rate_bps = (r > 0.0).then_some(r * 1e6);
+    }
+}
+
 fn describe(a: &Action) -> String {
     match a {
         Action::Kill { node } => format!("kill {node}"),
         Action::Restart { node } => format!("restart {node}"),
         Action::Link { ends, .. } => format!("set link {}-{}", ends[0], ends[1]),
+        Action::AllLinks { .. } => "set every link".to_string(),
         Action::LinkDown { ends } => format!("link {}-{} down", ends[0], ends[1]),
         Action::LinkUp { ends } => format!("link {}-{} up", ends[0], ends[1]),
         Action::ClientStart { client, stream } => format!("start client {client} on {stream}"),

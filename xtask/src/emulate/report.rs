@@ -1,6 +1,6 @@
 //! The report of an emulation run: what each client saw, and how the tree moved.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -21,6 +21,15 @@ pub(crate) struct ClientReport {
     pub(crate) frames_received: u64,
     /// Frames byte-identical to a frame of a source clip.
     pub(crate) frames_intact: u64,
+    /// Frames the source sent from the first to the last frame written (from the
+    /// written frames' positions in their clip; every clip frame is distinct).
+    pub(crate) frames_expected: u64,
+    /// `frames_intact` / `frames_expected`, percent (100 with nothing expected).
+    pub(crate) intact_pct: f64,
+    /// Frames the client's playout buffer gave up incomplete (its `incomplete=`).
+    pub(crate) incomplete: u64,
+    /// NACK messages the client sent its PoP (its `nacks=`).
+    pub(crate) nacks: u64,
     /// Every gap between frames over 200 ms, in ms, in order.
     pub(crate) stalls_ms: Vec<u64>,
     /// Longest gap between two frames, ms (0 with fewer than two frames).
@@ -61,6 +70,8 @@ pub(crate) struct Report {
     pub(crate) scenario: String,
     pub(crate) description: String,
     pub(crate) duration_s: f64,
+    /// Loss recovery (NACKs) was on; off, every node and client ran with `--no-nack`.
+    pub(crate) recovery: bool,
     pub(crate) run: String,
     /// Logs and client outputs of the run.
     pub(crate) work_dir: String,
@@ -99,19 +110,41 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "\n{:<8} {:<10} {:<5} {:>7} {:>7} {:>7} {:>12} {:>5}  stalls (ms)",
-            "client", "stream", "pop", "frames", "intact", "stalls", "longest_ms", "pop↔"
+            "loss recovery: {}",
+            if self.recovery {
+                "on"
+            } else {
+                "off (--no-nack)"
+            }
+        );
+        let _ = writeln!(
+            o,
+            "\n{:<8} {:<10} {:<5} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6} {:>12} {:>5}  stalls (ms)",
+            "client",
+            "stream",
+            "pop",
+            "frames",
+            "intact",
+            "expected",
+            "intact%",
+            "nacks",
+            "stalls",
+            "longest_ms",
+            "pop↔"
         );
         for c in &self.clients {
             let stalls: Vec<String> = c.stalls_ms.iter().map(u64::to_string).collect();
             let _ = writeln!(
                 o,
-                "{:<8} {:<10} {:<5} {:>7} {:>7} {:>7} {:>12} {:>5}  {}",
+                "{:<8} {:<10} {:<5} {:>7} {:>7} {:>8} {:>8.2} {:>6} {:>6} {:>12} {:>5}  {}",
                 c.id,
                 c.stream,
                 c.pop.as_deref().unwrap_or("-"),
                 c.frames_received,
                 c.frames_intact,
+                c.frames_expected,
+                c.intact_pct,
+                c.nacks,
                 c.stalls_ms.len(),
                 c.longest_stall_ms,
                 c.pop_switches,
@@ -178,6 +211,110 @@ impl Report {
     }
 }
 
+/// `part` of `whole` in percent; 100 when nothing was expected.
+pub(crate) fn share_pct(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        100.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+/// Where each frame of the source clips sits: clip and position.
+pub(crate) struct ClipIndex<'a> {
+    at: HashMap<&'a [u8], (usize, usize)>,
+    lens: Vec<usize>,
+}
+
+impl<'a> ClipIndex<'a> {
+    pub(crate) fn new(clips: &'a [ott_media::Clip]) -> Self {
+        let mut at = HashMap::new();
+        for (c, clip) in clips.iter().enumerate() {
+            for (i, f) in clip.frames.iter().enumerate() {
+                at.entry(f.as_ref()).or_insert((c, i));
+            }
+        }
+        Self {
+            at,
+            lens: clips.iter().map(|c| c.frames.len()).collect(),
+        }
+    }
+
+    /// Clip and position of an intact frame.
+    pub(crate) fn position(&self, frame: &[u8]) -> Option<(usize, usize)> {
+        self.at.get(frame).copied()
+    }
+
+    /// Frames the sources sent from the first to the last of `written`: within a run of
+    /// frames of one clip, each frame counts the positions it advanced from the previous
+    /// one (clips loop); a frame of another clip (a switch) starts a new run. Frames that
+    /// match no clip add nothing: the next intact frame's advance covers their place.
+    pub(crate) fn frames_expected(&self, written: &[&[u8]]) -> u64 {
+        let mut prev: Option<(usize, usize)> = None;
+        let mut expected = 0u64;
+        for f in written {
+            let Some((c, i)) = self.position(f) else {
+                continue;
+            };
+            let len = self.lens.get(c).copied().unwrap_or(1).max(1);
+            expected += match prev {
+                // Never 0: a frame is not written twice, so the same position again
+                // is at most one frame (a duplicate) rather than a whole loop missed.
+                Some((pc, pi)) if pc == c => ((i + len - pi) % len).max(1) as u64,
+                _ => 1,
+            };
+            prev = Some((c, i));
+        }
+        expected
+    }
+}
+
+/// Two runs of one scenario side by side: with loss recovery (`on`) and without (`off`).
+pub(crate) fn compare(on: &Report, off: &Report) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "scenario {} on {}: loss recovery on vs off",
+        on.scenario, on.topology
+    );
+    let _ = writeln!(
+        o,
+        "{:<8} {:<10} | {:>16} {:>8} {:>6} {:>10} | {:>16} {:>8} {:>6} {:>10}",
+        "client",
+        "stream",
+        "on intact/exp",
+        "intact%",
+        "stalls",
+        "longest_ms",
+        "off intact/exp",
+        "intact%",
+        "stalls",
+        "longest_ms"
+    );
+    for a in &on.clients {
+        let cell = |c: Option<&ClientReport>| match c {
+            Some(c) => format!(
+                "{:>16} {:>8.2} {:>6} {:>10}",
+                format!("{}/{}", c.frames_intact, c.frames_expected),
+                c.intact_pct,
+                c.stalls_ms.len(),
+                c.longest_stall_ms
+            ),
+            None => format!("{:>16} {:>8} {:>6} {:>10}", "-", "-", "-", "-"),
+        };
+        let b = off.clients.iter().find(|b| b.id == a.id);
+        let _ = writeln!(
+            o,
+            "{:<8} {:<10} | {} | {}",
+            a.id,
+            a.stream,
+            cell(Some(a)),
+            cell(b)
+        );
+    }
+    o
+}
+
 /// The `key=value` pairs of a client's summary line.
 fn summary_value<'a>(summary: &'a str, key: &str) -> Option<&'a str> {
     summary
@@ -217,20 +354,17 @@ pub(crate) fn client_report(
         .map(String::from);
     let log_text = std::fs::read_to_string(log).unwrap_or_default();
     let data = std::fs::read(output).unwrap_or_default();
-    let frames: HashSet<&[u8]> = clips
-        .iter()
-        .flat_map(|c| c.frames.iter().map(|f| f.as_ref()))
-        .collect();
-    let (received, intact) = match ott_media::mjpeg::split_frames(&data) {
-        Ok(ranges) => {
-            let intact = ranges
-                .iter()
-                .filter(|r| data.get((*r).clone()).is_some_and(|f| frames.contains(f)))
-                .count();
-            (ranges.len() as u64, intact as u64)
-        }
-        Err(_) => (0, 0),
+    let index = ClipIndex::new(clips);
+    let written: Vec<&[u8]> = match ott_media::mjpeg::split_frames(&data) {
+        Ok(ranges) => ranges.into_iter().filter_map(|r| data.get(r)).collect(),
+        Err(_) => Vec::new(),
     };
+    let received = written.len() as u64;
+    let intact = written
+        .iter()
+        .filter(|f| index.position(f).is_some())
+        .count() as u64;
+    let expected = index.frames_expected(&written);
     let s = summary.as_deref().unwrap_or("");
     let num = |k: &str| {
         summary_value(s, k)
@@ -246,6 +380,10 @@ pub(crate) fn client_report(
             .map(String::from),
         frames_received: received,
         frames_intact: intact,
+        frames_expected: expected,
+        intact_pct: share_pct(intact, expected),
+        incomplete: num("incomplete"),
+        nacks: num("nacks"),
         stalls_ms: stalls_from_log(&log_text),
         longest_stall_ms: num("longest_gap_ms"),
         pop_switches: num("pop_switches"),
@@ -259,6 +397,44 @@ pub(crate) fn client_report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn clip(name: &str, n: usize) -> ott_media::Clip {
+        ott_media::Clip {
+            name: name.into(),
+            kind: ott_proto::MediaKind::Mjpeg,
+            fps: 25.0,
+            frames: (0..n)
+                .map(|i| format!("{name}-{i}").into_bytes().into())
+                .collect(),
+            ts: None,
+        }
+    }
+
+    #[test]
+    fn expected_frames_count_the_positions_the_source_advanced() {
+        let clips = [clip("a", 10), clip("b", 4)];
+        let index = ClipIndex::new(&clips);
+        let f = |c: usize, i: usize| clips[c].frames[i].as_ref();
+        // a: 2, 3, (4 and 5 lost), 6, a corrupt frame, 8, then the loop wraps: 9, 1;
+        // then a switch to b: 0, 1.
+        let written = [
+            f(0, 2),
+            f(0, 3),
+            f(0, 6),
+            b"garbage".as_ref(),
+            f(0, 8),
+            f(0, 9),
+            f(0, 1),
+            f(1, 0),
+            f(1, 1),
+        ];
+        // a: 2..=9 is 8 frames, 0 and 1 after the wrap are 2 more; b: 2.
+        assert_eq!(index.frames_expected(&written), 12);
+        assert_eq!(index.position(b"garbage"), None);
+        assert_eq!(index.frames_expected(&[]), 0);
+        assert!((share_pct(6, 12) - 50.0).abs() < 1e-9);
+        assert!((share_pct(0, 0) - 100.0).abs() < 1e-9);
+    }
 
     #[test]
     fn stalls_are_read_from_the_client_log() {
@@ -275,6 +451,7 @@ mod tests {
             scenario: "x".into(),
             description: String::new(),
             duration_s: 1.0,
+            recovery: true,
             run: "1x0".into(),
             work_dir: "/tmp".into(),
             initial_parents: BTreeMap::new(),
@@ -285,6 +462,10 @@ mod tests {
                 pop: Some("n5".into()),
                 frames_received: 10,
                 frames_intact: 10,
+                frames_expected: 10,
+                intact_pct: 100.0,
+                incomplete: 0,
+                nacks: 0,
                 stalls_ms: vec![],
                 longest_stall_ms: 40,
                 pop_switches: 0,

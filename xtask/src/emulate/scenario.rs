@@ -18,6 +18,11 @@
 //! action = "link"            # set some of delay_ms, jitter_ms, loss_pct, rate_mbit
 //! ends = ["n8", "n7"]        # (both directions)
 //! delay_ms = 40.0
+//!
+//! [[event]]
+//! at_s = 0.0
+//! action = "all_links"       # the same fields, on every link of the topology
+//! loss_pct = 5.0
 //! ```
 //!
 //! Times are seconds from the moment the tree has formed.
@@ -55,6 +60,13 @@ pub(crate) enum Action {
         loss_pct: Option<f64>,
         rate_mbit: Option<f64>,
     },
+    /// Change every link's parameters, both directions; unset fields stay as they are.
+    AllLinks {
+        delay_ms: Option<f64>,
+        jitter_ms: Option<f64>,
+        loss_pct: Option<f64>,
+        rate_mbit: Option<f64>,
+    },
     /// Take a link down (it drops everything; routes move around it).
     LinkDown { ends: [String; 2] },
     /// Bring a link back up.
@@ -65,6 +77,62 @@ pub(crate) enum Action {
     ClientStop { client: String },
     /// Make a running client switch stream.
     Switch { client: String, stream: String },
+}
+
+/// The link parameters an event sets (unset ones stay as they are).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct LinkChange {
+    pub(crate) delay_ms: Option<f64>,
+    pub(crate) jitter_ms: Option<f64>,
+    pub(crate) loss_pct: Option<f64>,
+    pub(crate) rate_mbit: Option<f64>,
+}
+
+impl LinkChange {
+    /// Every value set is a finite, non-negative number, and a loss at most 100 %.
+    fn check(&self) -> anyhow::Result<()> {
+        let values = [
+            ("delay_ms", self.delay_ms, f64::INFINITY),
+            ("jitter_ms", self.jitter_ms, f64::INFINITY),
+            ("loss_pct", self.loss_pct, 100.0),
+            ("rate_mbit", self.rate_mbit, f64::INFINITY),
+        ];
+        for (name, v, max) in values {
+            if let Some(v) = v {
+                if !(v.is_finite() && (0.0..=max).contains(&v)) {
+                    bail!("{name} = {v} is out of range (0 to {max})");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Action {
+    /// The parameters a `link` or `all_links` event sets.
+    pub(crate) fn link_change(&self) -> Option<LinkChange> {
+        match *self {
+            Self::Link {
+                delay_ms,
+                jitter_ms,
+                loss_pct,
+                rate_mbit,
+                ..
+            }
+            | Self::AllLinks {
+                delay_ms,
+                jitter_ms,
+                loss_pct,
+                rate_mbit,
+            } => Some(LinkChange {
+                delay_ms,
+                jitter_ms,
+                loss_pct,
+                rate_mbit,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// One timed event.
@@ -173,12 +241,17 @@ impl Scenario {
                 Action::ClientStart { client, .. }
                 | Action::ClientStop { client }
                 | Action::Switch { client, .. } => client_node(client)?,
+                Action::AllLinks { .. } => {}
+            }
+            if let Some(change) = e.action.link_change() {
+                change
+                    .check()
+                    .with_context(|| format!("event at {} s", e.at_s))?;
             }
         }
         Ok(s)
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,8 +282,8 @@ mod tests {
             n += 1;
         }
         assert!(
-            n >= 4,
-            "baseline, kill and delay scenarios of the seed, and the sparse one"
+            n >= 6,
+            "baseline, kill, delay and the two loss scenarios of the seed, and the sparse one"
         );
     }
 
@@ -238,6 +311,11 @@ action = "link"
 ends = ["n8", "n7"]
 delay_ms = 30
 [[event]]
+at_s = 2
+action = "all_links"
+loss_pct = 5
+jitter_ms = 20
+[[event]]
 at_s = 3
 action = "link_down"
 ends = ["n7", "n8"]
@@ -263,7 +341,7 @@ client = "n18"
             &t,
         )
         .expect("valid");
-        assert_eq!(s.events.len(), 8);
+        assert_eq!(s.events.len(), 9);
         assert_eq!(
             s.events[2].action,
             Action::Link {
@@ -271,6 +349,15 @@ client = "n18"
                 delay_ms: Some(30.0),
                 jitter_ms: None,
                 loss_pct: None,
+                rate_mbit: None
+            }
+        );
+        assert_eq!(
+            s.events[3].action,
+            Action::AllLinks {
+                delay_ms: None,
+                jitter_ms: Some(20.0),
+                loss_pct: Some(5.0),
                 rate_mbit: None
             }
         );
@@ -299,5 +386,9 @@ client = "n18"
             err("name = \"x\"\n[[event]]\nat_s = 1\naction = \"explode\"\n").contains("explode")
         );
         assert!(err("name = \"x\"\nduration_s = -1\n").contains("positive"));
+        assert!(
+            err("name = \"x\"\n[[event]]\nat_s = 1\naction = \"all_links\"\nloss_pct = 150\n")
+                .contains("loss_pct = 150 is out of range")
+        );
     }
 }

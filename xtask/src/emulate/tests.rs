@@ -7,11 +7,10 @@ use std::sync::Arc;
 use super::report::Report;
 use super::*;
 
-/// Longest stall allowed when a relay on the active path is killed. The issue asks for
-/// under 1 s; with the current neighbour liveness (dead after 1 s of silence) the
-/// measured outage is 1.04-1.08 s, so this bound waits for issue 3's sub-second failover
-/// to be lowered to 1000.
-const KILL_STALL_BOUND_MS: u64 = 1500;
+/// Longest stall allowed when a relay on the active path is killed (SPEC §9: under 1 s).
+/// With 100 ms heartbeats and dead after 400 ms, three runs measured 744-753 ms for the
+/// clients whose path crossed the killed relay (docs/performance.md).
+const KILL_STALL_BOUND_MS: u64 = 1000;
 
 fn can_run() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -27,17 +26,23 @@ fn can_run() -> bool {
 }
 
 fn run(topology: &str, scenario: &str) -> Report {
+    run_with(topology, scenario, None, true)
+}
+
+/// Runs a scenario, maybe shortened to `duration` seconds, with or without loss recovery.
+fn run_with(topology: &str, scenario: &str, duration: Option<f64>, recovery: bool) -> Report {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let root = crate::project_root();
     let bin_dir = crate::build_binaries(false).expect("programs build");
     let opts = RunOptions {
         topology: root.join(topology),
         scenario: Some(root.join(scenario)),
-        duration: None,
+        duration,
         videos: root.join("videos"),
         bin_dir,
         work_dir: root.join("target").join("emulate-tests"),
         stop: Arc::new(AtomicBool::new(false)),
+        recovery,
     };
     let report = run_scenario(&opts).expect("the emulation runs");
     eprintln!("{}", report.text());
@@ -202,5 +207,49 @@ fn a_crashed_runs_namespaces_are_removed_by_the_next_run() {
     assert!(
         still.contains(&other),
         "a name that is not ours was removed"
+    );
+}
+
+/// Frames intact against frames the sources sent, over all clients, percent (0 when
+/// nothing arrived).
+fn intact_share(r: &Report) -> f64 {
+    let intact: u64 = r.clients.iter().map(|c| c.frames_intact).sum();
+    let expected: u64 = r.clients.iter().map(|c| c.frames_expected).sum();
+    if expected == 0 {
+        0.0
+    } else {
+        intact as f64 * 100.0 / expected as f64
+    }
+}
+
+#[test]
+fn seed_loss5_recovery_delivers_what_the_lossy_links_destroy_without_it() {
+    if !can_run() {
+        return;
+    }
+    // 5 % loss on every link: 7 lossy links between the server and each client. The
+    // same 10 s with and without NACKs; the bounds are far from both measured sides
+    // (about 100 % and 15-35 %, see docs/performance.md) so that a loaded machine does
+    // not flip them.
+    let scenario = "topologies/scenarios/seed-loss5.toml";
+    let on = run_with("topologies/seed.toml", scenario, Some(10.0), true);
+    let off = run_with("topologies/seed.toml", scenario, Some(10.0), false);
+    assert!(on.recovery && !off.recovery);
+    for c in &on.clients {
+        assert!(c.frames_received >= 100, "{}: {c:?}", c.id);
+        // Never a damaged frame: incomplete frames are dropped, not written.
+        assert_eq!(c.frames_intact, c.frames_received, "{}: {c:?}", c.id);
+        assert!(c.nacks > 0, "{}: {c:?}", c.id);
+    }
+    for c in &off.clients {
+        assert_eq!(c.frames_intact, c.frames_received, "{}: {c:?}", c.id);
+        assert_eq!(c.nacks, 0, "{}: {c:?}", c.id);
+    }
+    let (on_pct, off_pct) = (intact_share(&on), intact_share(&off));
+    eprintln!("intact with recovery {on_pct:.2} %, without {off_pct:.2} %");
+    assert!(on_pct >= 97.0, "with recovery only {on_pct:.2} % intact");
+    assert!(
+        off_pct <= 80.0,
+        "without recovery {off_pct:.2} % intact: is the loss applied?"
     );
 }
