@@ -220,6 +220,16 @@ struct StreamState {
     last_forwarding: Vec<SocketAddr>,
 }
 
+/// The feasibility distance after taking or advertising a route of (`seq`, `hops`): it
+/// only ever moves to a newer seq, or to fewer hops at the same seq.
+fn advance_fd(fd: Option<(u64, u32)>, seq: u64, hops: u32) -> (u64, u32) {
+    match fd {
+        Some((s, h)) if s == seq => (s, h.min(hops)),
+        Some((s, h)) if s > seq => (s, h),
+        _ => (seq, hops),
+    }
+}
+
 /// One overlay node's distribution-tree state machine: announcements, parent choice per
 /// server, soft-state subscriptions and answers to clients. See the crate docs.
 #[derive(Debug)]
@@ -795,9 +805,16 @@ impl Node {
             return;
         };
         let parent = route.parent.clone();
-        let Message::Announce { seq, .. } = msg else {
+        let Message::Announce { seq, ref path, .. } = msg else {
             return;
         };
+        // What we advertise bounds what we may take later: record it in the feasibility
+        // distance, or a node could advertise a newer seq and then fall back to an older
+        // one through a child that took the newer advertisement (a loop).
+        let hops = u32::try_from(path.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        if let Some(r) = self.routes.get_mut(server) {
+            r.fd = Some(advance_fd(r.fd, seq, hops));
+        }
         for info in self.nb.iter() {
             if Some(&info.id) == parent.as_ref() {
                 self.stats.withdraws_out += 1;
@@ -889,10 +906,7 @@ impl Node {
             .and_then(|p| r.offers.get(p))
             .map(|o| (o.seq, u32::try_from(o.path.len()).unwrap_or(u32::MAX)));
         if let (Some((seq, hops)), Some(r)) = (taken, self.routes.get_mut(server)) {
-            r.fd = Some(match r.fd {
-                Some((s, h)) if s == seq => (s, h.min(hops)),
-                _ => (seq, hops),
-            });
+            r.fd = Some(advance_fd(r.fd, seq, hops));
         }
         if new == old {
             return;

@@ -69,3 +69,32 @@ proptest! {
         }
     }
 }
+
+/// Found by the property test above: a node advertised a newer announcement, then fell
+/// back to an older one offered through a neighbour that had taken the newer one (a
+/// two-node loop), because what it advertised did not raise its feasibility distance.
+#[test]
+fn a_node_never_falls_back_to_an_older_announcement_than_it_advertised() {
+    let mut p = RandomOverlay::new(16, 3, 283);
+    p.clients = 2;
+    let mut sim = Sim::random(&p);
+    sim.check_loops_each_step(true);
+    sim.start();
+    sim.run_for(Duration::from_secs(2));
+    let links = sim.links();
+    for i in [
+        4893760068228282319usize,
+        192634150012765176,
+        1422435854047024891,
+    ] {
+        let (a, b) = &links[i % links.len()];
+        sim.link_down(a, b);
+    }
+    sim.run_for(Duration::from_secs(6));
+    assert_eq!(
+        sim.stats().loop_violations,
+        0,
+        "{:?}",
+        sim.first_loop_violation()
+    );
+}
