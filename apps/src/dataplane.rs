@@ -283,11 +283,11 @@ impl Forwarder {
             st.upstream = from;
         }
         st.gaps.on_datagram(now, header.seq);
-        self.cache.observe(now, &header, datagram);
-        // One copy per datagram (not per child), flagged for when it is resent.
-        let mut copy = datagram.to_vec();
-        MediaHeader::mark_retransmit(&mut copy);
-        st.buffer.insert(header.seq, Bytes::from(copy));
+        // One copy per datagram (not per child), shared by the retransmission buffer and
+        // the instant-start cache; a resend is flagged when it is made.
+        let copy = Bytes::copy_from_slice(datagram);
+        self.cache.observe(now, &header, &copy);
+        st.buffer.insert(header.seq, copy);
         if st.children.is_empty() {
             add(&self.counters.dropped, 1);
             return;
@@ -310,7 +310,7 @@ impl Forwarder {
         }
         for seq in nacked_seqs(ranges, MAX_RESEND_PER_NACK) {
             if let Some(d) = st.buffer.get(seq) {
-                self.plan.push((Out::Owned(d.clone()), from));
+                self.plan.push((Out::Owned(retransmission(d)), from));
                 st.traffic.retransmitted += 1;
                 add(&self.counters.retransmitted, 1);
             }
@@ -359,6 +359,13 @@ impl Forwarder {
         }
         self.plan.clear();
     }
+}
+
+/// A copy of `datagram` flagged as a retransmission.
+pub fn retransmission(datagram: &[u8]) -> Bytes {
+    let mut d = datagram.to_vec();
+    MediaHeader::mark_retransmit(&mut d);
+    Bytes::from(d)
 }
 
 /// Ask the forwarding thread for its per-stream traffic (empty if it does not answer in time).

@@ -60,7 +60,8 @@ impl StartCache {
     }
 
     /// Record a datagram (already deduplicated) of a stream, received or sent at `now`.
-    pub fn observe(&mut self, now: Instant, header: &MediaHeader, datagram: &[u8]) {
+    /// The bytes are shared, not copied: pass the same `Bytes` the caller keeps elsewhere.
+    pub fn observe(&mut self, now: Instant, header: &MediaHeader, datagram: &Bytes) {
         let e = self.streams.entry(header.stream).or_default();
         e.last = Some(now);
         let starts = header.has(flags::KEYFRAME) && e.key.is_none_or(|k| newer(header.frame, k));
@@ -84,7 +85,7 @@ impl StartCache {
             return;
         }
         e.bytes += datagram.len();
-        e.datagrams.push(Bytes::copy_from_slice(datagram));
+        e.datagrams.push(datagram.clone());
     }
 
     /// The datagrams to send a new child of `stream` at `now`, marked [`flags::CACHED`];
@@ -162,7 +163,7 @@ mod tests {
     use super::*;
     use ott_proto::HEADER_LEN;
 
-    fn dg(frame: u32, seq: u32, key: bool, len: usize) -> (MediaHeader, Vec<u8>) {
+    fn dg(frame: u32, seq: u32, key: bool, len: usize) -> (MediaHeader, Bytes) {
         let h = MediaHeader {
             flags: if key { flags::KEYFRAME } else { 0 },
             stream: 7,
@@ -174,7 +175,7 @@ mod tests {
         };
         let mut d = h.to_bytes().to_vec();
         d.resize(HEADER_LEN + len, 0xaa);
-        (h, d)
+        (h, Bytes::from(d))
     }
 
     #[test]

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use crossbeam_channel::{select, Receiver, Sender};
 use ott_media::arq::{nacked_seqs, RetransmitBuffer};
 use ott_media::{Clip, ClipSource, Packetizer, TimedFrame};
@@ -190,7 +189,7 @@ fn answer_nack(feeds: &mut [Feed], nack: &Nack, sock: &UdpSocket, counters: &Cou
     }
     for seq in nacked_seqs(&nack.ranges, crate::dataplane::MAX_RESEND_PER_NACK) {
         let Some(d) = f.sent.get(seq) else { continue };
-        match sock.send_to(d, nack.from) {
+        match sock.send_to(&crate::dataplane::retransmission(d), nack.from) {
             Ok(n) => {
                 counters.tx(n);
                 add(&counters.retransmitted, 1);
@@ -290,9 +289,7 @@ fn send_frame(
     for d in &datagrams {
         if let Ok(h) = MediaHeader::parse(d) {
             cache.observe(now, &h, d);
-            let mut copy = d.to_vec();
-            MediaHeader::mark_retransmit(&mut copy);
-            f.sent.insert(h.seq, Bytes::from(copy));
+            f.sent.insert(h.seq, d.clone());
         }
         for child in &f.children {
             match sock.send_to(d, child) {

@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -333,13 +333,20 @@ fn datagram(seq: u32, stamp_ns: u64) -> Vec<u8> {
 }
 
 /// Blast datagrams at `to` from `sock` for `secs`, 64 per system call; returns datagrams offered.
+/// Sequence numbers go on across every run of the benchmark, as a live stream's do: a
+/// relay drops a datagram whose number it has seen as a duplicate.
+static NEXT_SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn next_seqs(n: u32) -> u32 {
+    NEXT_SEQ.fetch_add(n, Ordering::Relaxed)
+}
+
 fn blast(sock: &UdpSocket, to: SocketAddr, secs: f64) -> u64 {
     let start = Instant::now();
-    let mut seq = 0u32;
     let mut offered = 0u64;
     while start.elapsed().as_secs_f64() < secs {
+        let seq = next_seqs(64);
         let batch: Vec<Vec<u8>> = (0..64).map(|i| datagram(seq.wrapping_add(i), 0)).collect();
-        seq = seq.wrapping_add(64);
         let items: Vec<(&[u8], SocketAddr)> = batch.iter().map(|d| (d.as_slice(), to)).collect();
         offered += send_batch(sock, &items).sent as u64;
     }
@@ -540,7 +547,7 @@ fn paced_latency(
         while Instant::now() < due {
             std::hint::spin_loop();
         }
-        let d = datagram(i, epoch.elapsed().as_nanos() as u64);
+        let d = datagram(next_seqs(1), epoch.elapsed().as_nanos() as u64);
         let _ = gen.send_to(&d, to);
     }
     let mut lat = rx

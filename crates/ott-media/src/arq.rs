@@ -120,6 +120,8 @@ pub struct GapTracker {
     /// below it, revealing gaps there too.
     oldest: Option<u64>,
     missing: BTreeMap<u64, Missing>,
+    /// No entry needs attention before this instant: polls before it cost nothing.
+    wake: Option<Instant>,
     stats: NackStats,
 }
 
@@ -131,6 +133,7 @@ impl GapTracker {
             newest: None,
             oldest: None,
             missing: BTreeMap::new(),
+            wake: None,
             stats: NackStats::default(),
         }
     }
@@ -140,6 +143,7 @@ impl GapTracker {
         self.newest = None;
         self.oldest = None;
         self.missing.clear();
+        self.wake = None;
     }
 
     /// The counters.
@@ -197,6 +201,9 @@ impl GapTracker {
             return;
         }
         let next = now + self.config.reorder_delay;
+        if from < to {
+            self.wake = Some(self.wake.map_or(next, |w| w.min(next)));
+        }
         for m in from..to {
             self.missing.entry(m).or_insert(Missing {
                 since: now,
@@ -212,6 +219,9 @@ impl GapTracker {
 
     /// The sequence numbers to NACK now, as ranges, or `None` if none is due.
     pub fn poll_nack(&mut self, now: Instant) -> Option<Vec<NackRange>> {
+        if self.wake.is_none_or(|w| w > now) {
+            return None;
+        }
         self.expire(now);
         let mut ranges: Vec<NackRange> = Vec::new();
         for (&s, m) in self.missing.iter_mut() {
@@ -237,6 +247,7 @@ impl GapTracker {
                 }),
             }
         }
+        self.wake = self.earliest();
         if ranges.is_empty() {
             return None;
         }
@@ -259,6 +270,10 @@ impl GapTracker {
 
     /// When [`GapTracker::poll_nack`] next has something to say (or a datagram expires).
     pub fn poll_timeout(&self) -> Option<Instant> {
+        self.wake
+    }
+
+    fn earliest(&self) -> Option<Instant> {
         self.missing
             .values()
             .map(|m| m.next.min(m.since + self.config.give_up_after))
