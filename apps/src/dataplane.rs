@@ -282,7 +282,9 @@ impl Forwarder {
         if !header.has(flags::RETRANSMIT) && from.is_some() {
             st.upstream = from;
         }
-        st.gaps.on_datagram(now, header.seq);
+        if self.config.nack {
+            st.gaps.on_datagram(now, header.seq);
+        }
         // One copy per datagram (not per child), shared by the retransmission buffer and
         // the instant-start cache; a resend is flagged when it is made.
         let copy = Bytes::copy_from_slice(datagram);

@@ -98,8 +98,10 @@ pub struct NackStats {
     pub given_up: u64,
 }
 
+/// A run of consecutive missing sequence numbers, all noticed at once.
 #[derive(Debug, Clone, Copy)]
-struct Missing {
+struct Gap {
+    len: u64,
     since: Instant,
     next: Instant,
     tries: u32,
@@ -107,6 +109,9 @@ struct Missing {
 
 /// Receiver side of one stream from one upstream: finds gaps in the sequence numbers
 /// and says when to NACK which of them.
+///
+/// Missing datagrams are kept as runs, so a burst costs one entry, not one per datagram:
+/// an overloaded receiver that loses much does not spend more on bookkeeping.
 ///
 /// Drive it with [`GapTracker::on_datagram`] for each datagram received, then
 /// [`GapTracker::poll_nack`] until it returns `None`, and call again at
@@ -119,7 +124,10 @@ pub struct GapTracker {
     /// Oldest sequence number seen, unwrapped: datagrams reordered at start-up may arrive
     /// below it, revealing gaps there too.
     oldest: Option<u64>,
-    missing: BTreeMap<u64, Missing>,
+    /// Runs of missing numbers by their first number; they never overlap.
+    gaps: BTreeMap<u64, Gap>,
+    /// Missing numbers in all runs.
+    count: u64,
     /// No entry needs attention before this instant: polls before it cost nothing.
     wake: Option<Instant>,
     stats: NackStats,
@@ -132,7 +140,8 @@ impl GapTracker {
             config,
             newest: None,
             oldest: None,
-            missing: BTreeMap::new(),
+            gaps: BTreeMap::new(),
+            count: 0,
             wake: None,
             stats: NackStats::default(),
         }
@@ -142,7 +151,8 @@ impl GapTracker {
     pub fn reset(&mut self) {
         self.newest = None;
         self.oldest = None;
-        self.missing.clear();
+        self.gaps.clear();
+        self.count = 0;
         self.wake = None;
     }
 
@@ -153,7 +163,7 @@ impl GapTracker {
 
     /// Number of datagrams currently missing.
     pub fn missing(&self) -> usize {
-        self.missing.len()
+        usize::try_from(self.count).unwrap_or(usize::MAX)
     }
 
     fn unwrap_seq(&self, seq: u32) -> u64 {
@@ -185,35 +195,90 @@ impl GapTracker {
             self.oldest = Some(s);
             return false;
         }
-        let filled = self.missing.remove(&s).is_some();
+        let filled = self.fill(s);
         if filled {
             self.stats.recovered += 1;
         }
         filled
     }
 
+    /// Remove `s` from the run holding it, if any, splitting the run.
+    fn fill(&mut self, s: u64) -> bool {
+        let Some((&start, &gap)) = self.gaps.range(..=s).next_back() else {
+            return false;
+        };
+        if s >= start + gap.len {
+            return false;
+        }
+        self.gaps.remove(&start);
+        if s > start {
+            self.gaps.insert(
+                start,
+                Gap {
+                    len: s - start,
+                    ..gap
+                },
+            );
+        }
+        if s + 1 < start + gap.len {
+            self.gaps.insert(
+                s + 1,
+                Gap {
+                    len: start + gap.len - s - 1,
+                    ..gap
+                },
+            );
+        }
+        self.count -= 1;
+        true
+    }
+
     /// Mark `from..to` missing, within the bounds of the configuration.
     fn add_missing(&mut self, now: Instant, from: u64, to: u64) {
-        if to.saturating_sub(from) > self.config.max_missing as u64 {
+        if to <= from {
+            return;
+        }
+        let len = to - from;
+        if len > self.config.max_missing as u64 {
             // A burst longer than we can track, or a source that jumped: give up what was missing.
-            self.stats.given_up += self.missing.len() as u64;
-            self.missing.clear();
+            self.stats.given_up += self.count;
+            self.gaps.clear();
+            self.count = 0;
             return;
         }
         let next = now + self.config.reorder_delay;
-        if from < to {
-            self.wake = Some(self.wake.map_or(next, |w| w.min(next)));
-        }
-        for m in from..to {
-            self.missing.entry(m).or_insert(Missing {
+        self.wake = Some(self.wake.map_or(next, |w| w.min(next)));
+        self.gaps.insert(
+            from,
+            Gap {
+                len,
                 since: now,
                 next,
                 tries: 0,
-            });
-        }
-        while self.missing.len() > self.config.max_missing {
-            self.missing.pop_first();
-            self.stats.given_up += 1;
+            },
+        );
+        self.count += len;
+        // Keep at most max_missing numbers: give up the oldest.
+        let max = self.config.max_missing as u64;
+        while self.count > max {
+            let excess = self.count - max;
+            let Some((start, gap)) = self.gaps.pop_first() else {
+                break;
+            };
+            if gap.len > excess {
+                self.gaps.insert(
+                    start + excess,
+                    Gap {
+                        len: gap.len - excess,
+                        ..gap
+                    },
+                );
+                self.count -= excess;
+                self.stats.given_up += excess;
+            } else {
+                self.count -= gap.len;
+                self.stats.given_up += gap.len;
+            }
         }
     }
 
@@ -224,27 +289,27 @@ impl GapTracker {
         }
         self.expire(now);
         let mut ranges: Vec<NackRange> = Vec::new();
-        for (&s, m) in self.missing.iter_mut() {
-            if m.next > now {
+        let retry = self.config.retry_interval;
+        for (&start, gap) in self.gaps.iter_mut() {
+            if gap.next > now {
                 continue;
             }
             if ranges.len() >= self.config.max_ranges {
                 break;
             }
-            m.tries += 1;
-            m.next = now + self.config.retry_interval;
-            self.stats.requested += 1;
-            let seq = s as u32;
-            match ranges.last_mut() {
-                Some(r)
-                    if r.first.wrapping_add(u32::from(r.count)) == seq && r.count < u16::MAX =>
-                {
-                    r.count += 1
-                }
-                _ => ranges.push(NackRange {
-                    first: seq,
-                    count: 1,
-                }),
+            gap.tries += 1;
+            gap.next = now + retry;
+            self.stats.requested += gap.len;
+            let mut first = start;
+            let mut left = gap.len;
+            while left > 0 {
+                let n = left.min(u64::from(u16::MAX));
+                ranges.push(NackRange {
+                    first: first as u32,
+                    count: n as u16,
+                });
+                first += n;
+                left -= n;
             }
         }
         self.wake = self.earliest();
@@ -255,28 +320,33 @@ impl GapTracker {
         Some(ranges)
     }
 
-    /// Give up datagrams older than the budget, and those whose last NACK went
-    /// unanswered for a whole retry interval.
+    /// Give up runs older than the budget, and those whose last NACK went unanswered for
+    /// a whole retry interval.
     fn expire(&mut self, now: Instant) {
         let (give_up, max) = (self.config.give_up_after, self.config.max_retries);
-        let before = self.missing.len();
-        self.missing.retain(|_, m| {
-            let young = now.saturating_duration_since(m.since) < give_up;
-            let may_retry = m.tries < max || m.next > now;
-            young && may_retry
+        let mut dropped = 0;
+        self.gaps.retain(|_, g| {
+            let young = now.saturating_duration_since(g.since) < give_up;
+            let may_retry = g.tries < max || g.next > now;
+            let keep = young && may_retry;
+            if !keep {
+                dropped += g.len;
+            }
+            keep
         });
-        self.stats.given_up += (before - self.missing.len()) as u64;
+        self.count -= dropped;
+        self.stats.given_up += dropped;
     }
 
-    /// When [`GapTracker::poll_nack`] next has something to say (or a datagram expires).
+    /// When [`GapTracker::poll_nack`] next has something to say (or a run expires).
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.wake
     }
 
     fn earliest(&self) -> Option<Instant> {
-        self.missing
+        self.gaps
             .values()
-            .map(|m| m.next.min(m.since + self.config.give_up_after))
+            .map(|g| g.next.min(g.since + self.config.give_up_after))
             .min()
     }
 }

@@ -343,3 +343,37 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_run_of_missing_datagrams_is_one_entry_split_when_one_arrives() {
+    let t0 = Instant::now();
+    let config = NackConfig::default();
+    let mut g = GapTracker::new(config);
+    g.on_datagram(t0, 10);
+    g.on_datagram(t0, 20); // 11..=19 missing
+    assert_eq!(g.missing(), 9);
+    assert!(g.on_datagram(t0, 15), "15 fills the run");
+    assert_eq!(g.missing(), 8);
+    let due = t0 + config.reorder_delay;
+    assert_eq!(g.poll_timeout(), Some(due));
+    assert_eq!(g.poll_nack(t0), None, "nothing before the reorder delay");
+    let ranges = g.poll_nack(due).expect("a NACK is due");
+    assert_eq!(
+        ranges,
+        vec![
+            NackRange {
+                first: 11,
+                count: 4
+            },
+            NackRange {
+                first: 16,
+                count: 4
+            }
+        ]
+    );
+    assert_eq!(
+        g.poll_nack(due),
+        None,
+        "not again before the retry interval"
+    );
+}
