@@ -84,14 +84,21 @@ impl SeqWindow {
         true
     }
 
-    /// Whether `seq` falls within the window around the newest number seen (so it
-    /// belongs to the same sequence space); true when nothing was seen yet.
+    /// How far ahead of the newest number a datagram may be and still belong to the same
+    /// sequence space: a burst of loss (or an overloaded receiver dropping in its socket)
+    /// skips many numbers, while another server's space starts at a random place, so it
+    /// lands this close by chance once in about 2,000 switches.
+    pub const AHEAD: u32 = 1 << 20;
+
+    /// Whether `seq` belongs to the same sequence space as the newest number seen: up to
+    /// [`SeqWindow::AHEAD`] ahead of it, or within the window behind it; true when nothing
+    /// was seen yet.
     pub fn near(&self, seq: u32) -> bool {
         let Some(newest) = self.newest else {
             return true;
         };
         let d = seq.wrapping_sub(newest);
-        d < Self::SIZE || d.wrapping_neg() < Self::SIZE
+        d < Self::AHEAD || d.wrapping_neg() < Self::SIZE
     }
 
     fn reset_at(&mut self, seq: u32) {
@@ -171,6 +178,16 @@ mod tests {
         assert_eq!(d.accept(3_000_000_003, ms(240)), Verdict::New);
         assert_eq!(d.accept(103, ms(250)), Verdict::OtherSource);
         assert_eq!(d.accept(3_000_000_002, ms(260)), Verdict::Duplicate);
+    }
+
+    #[test]
+    fn test_a_long_burst_of_loss_is_not_another_source() {
+        let t0 = Instant::now();
+        let mut d = StreamDedup::default();
+        assert_eq!(d.accept(100, t0), Verdict::New);
+        // 50,000 datagrams lost (a receiver overloaded, a link down briefly): same source.
+        assert_eq!(d.accept(50_100, t0), Verdict::New);
+        assert_eq!(d.accept(50_101, t0), Verdict::New);
     }
 
     #[test]
