@@ -3,59 +3,13 @@
 //! Each test uses its own second octet (127.N.x.y), so tests never collide; a lock keeps
 //! at most one cluster running at a time so timing stays realistic on small machines.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use ott_apps::launcher::{parse_summary, verify_mjpeg, wait_for, Cluster, LaunchOptions};
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_ott-node"))
-        .parent()
-        .expect("binaries live in a directory")
-        .to_path_buf()
-}
-
-fn work_dir(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn launch(name: &str, topology: &str, net: u8) -> Cluster {
-    let c = Cluster::start(LaunchOptions {
-        bin_dir: bin_dir(),
-        topology: root().join("topologies").join(topology),
-        videos: root().join("videos"),
-        net,
-        work_dir: work_dir(name),
-        log_filter: "info".into(),
-    })
-    .expect("cluster starts");
-    c.wait_converged(Duration::from_secs(30))
-        .expect("tree forms");
-    c
-}
-
-fn clips() -> Vec<ott_media::Clip> {
-    let clips = ott_media::load_dir(&root().join("videos")).expect("sample clips load");
-    assert!(clips.len() >= 2, "need two sample clips");
-    clips
-}
-
-/// A fresh output path: an earlier run's file is removed.
-fn out_file(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.mjpeg"));
-    let _ = std::fs::remove_file(&p);
-    p
-}
+use common::*;
+use ott_apps::launcher::{parse_summary, verify_mjpeg, wait_for};
 
 #[test]
 fn two_clients_two_streams_receive_intact_frames_at_the_clip_rate() {

@@ -3,55 +3,15 @@
 //! viewer killed while a second server offers the same clip. Each test uses its own
 //! 127.4N.x.y range; a lock keeps one cluster at a time so timings stay realistic.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use ott_apps::launcher::{parse_summary, verify_mjpeg, wait_for, Cluster, LaunchOptions};
+use common::*;
+use ott_apps::launcher::{parse_summary, verify_mjpeg, wait_for, Cluster};
 use ott_overlay::Role;
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_ott-node"))
-        .parent()
-        .expect("binaries live in a directory")
-        .to_path_buf()
-}
-
-fn launch(name: &str, topology: &str, net: u8) -> Cluster {
-    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&work);
-    let c = Cluster::start(LaunchOptions {
-        bin_dir: bin_dir(),
-        topology: root().join("topologies").join(topology),
-        videos: root().join("videos"),
-        net,
-        work_dir: work,
-        log_filter: "info".into(),
-    })
-    .expect("cluster starts");
-    c.wait_converged(Duration::from_secs(30))
-        .expect("tree forms");
-    c
-}
-
-fn clips() -> Vec<ott_media::Clip> {
-    let clips = ott_media::load_dir(&root().join("videos")).expect("sample clips load");
-    assert!(clips.len() >= 2, "need two sample clips");
-    clips
-}
-
-fn out_file(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.mjpeg"));
-    let _ = std::fs::remove_file(&p);
-    p
-}
 
 /// The PoP serving a viewer of `stream` (a `client@` child in its status), if any.
 fn pop_of(c: &Cluster, stream: &str) -> Option<String> {

@@ -5,31 +5,20 @@
 //! The checks that need ffmpeg/ffprobe or Chromium print `SKIPPED: …` and pass when the
 //! tool is missing, unless the `CI` environment variable is set: in CI they must run.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::{bin_dir, root, ONE_AT_A_TIME};
 use ott_apps::launcher::{http_get, parse_summary, verify_mjpeg, wait_for, Cluster, LaunchOptions};
 use ott_media::{mjpeg, ts};
 
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 /// Keyframe interval of videos/testcard.ts: `-g 50` at 25 fps.
 const TESTCARD_GOP: Duration = Duration::from_secs(2);
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_ott-node"))
-        .parent()
-        .expect("binaries live in a directory")
-        .to_path_buf()
-}
 
 fn scratch(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
