@@ -220,6 +220,15 @@ struct StreamState {
     last_forwarding: Vec<SocketAddr>,
 }
 
+/// "`from` has no path to `server` any more (as of announcement `seq`)."
+fn withdraw(from: &str, server: &str, seq: u64) -> Message {
+    Message::Withdraw {
+        from: from.to_owned(),
+        server: server.to_owned(),
+        seq,
+    }
+}
+
 /// The feasibility distance after taking or advertising a route of (`seq`, `hops`): it
 /// only ever moves to a newer seq, or to fewer hops at the same seq.
 fn advance_fd(fd: Option<(u64, u32)>, seq: u64, hops: u32) -> (u64, u32) {
@@ -820,11 +829,7 @@ impl Node {
                 self.stats.withdraws_out += 1;
                 self.transmits.push_back(Transmit {
                     to: info.addr,
-                    msg: Message::Withdraw {
-                        from: self.config.id.clone(),
-                        server: server.to_owned(),
-                        seq,
-                    },
+                    msg: withdraw(&self.config.id, server, seq),
                 });
             } else {
                 self.stats.announces_out += 1;
@@ -942,11 +947,7 @@ impl Node {
             self.stats.withdraws_out += 1;
             self.transmits.push_back(Transmit {
                 to: info.addr,
-                msg: Message::Withdraw {
-                    from: self.config.id.clone(),
-                    server: server.to_owned(),
-                    seq,
-                },
+                msg: withdraw(&self.config.id, server, seq),
             });
         }
     }
@@ -979,11 +980,8 @@ impl Node {
                         self.stats.withdraws_out += 1;
                         self.transmits.push_back(Transmit {
                             to,
-                            msg: Message::Withdraw {
-                                from: me.clone(),
-                                server: String::new(),
-                                seq: 0,
-                            },
+                            // To a viewer: no server in particular, every path is gone.
+                            msg: withdraw(&me, "", 0),
                         });
                     }
                 }
