@@ -1,9 +1,10 @@
 //! A user-space netem: one emulated link between two packet file descriptors (TAP
 //! devices in the emulator, socket pairs in the tests).
 //!
-//! Each direction has its own reader thread, which drops a frame when the link is down,
-//! at random with the loss percentage (seeded, so a run is reproducible), or when the
-//! queue is full, and otherwise schedules it: serialisation at the rate (frames queue
+//! Each direction has its own reader thread, which asks its [`Shaper`] (the pure,
+//! clock-free part, tested on virtual time) what to do with each frame: drop it when the
+//! link is down, at random with the loss percentage (seeded, so a run is reproducible),
+//! or when the queue is full, and otherwise schedule it: serialisation at the rate (frames queue
 //! behind each other like on a wire), then the delay plus a uniform jitter in
 //! `[-jitter, +jitter]`; frames never overtake each other. A writer thread per direction
 //! delivers each frame at its time. Parameters change at run time through
@@ -60,13 +61,96 @@ impl Params {
     }
 }
 
-/// Counters of one direction.
+/// Counters of one direction. Every frame read is counted exactly once: delivered, lost
+/// (random loss), down (link down), overflow (queue full) or write_failed (the far device
+/// refused it).
 #[derive(Debug, Default)]
 pub(crate) struct DirStats {
     pub(crate) delivered: AtomicU64,
     pub(crate) lost: AtomicU64,
     pub(crate) down: AtomicU64,
     pub(crate) overflow: AtomicU64,
+    pub(crate) write_failed: AtomicU64,
+}
+
+impl DirStats {
+    /// Frames this direction has finished with, whatever became of them.
+    pub(crate) fn accounted(&self) -> u64 {
+        [
+            &self.delivered,
+            &self.lost,
+            &self.down,
+            &self.overflow,
+            &self.write_failed,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::SeqCst))
+        .sum()
+    }
+}
+
+/// What a direction does with one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The link is down.
+    Down,
+    /// Dropped by the random loss draw.
+    Lost,
+    /// The queue already holds [`QUEUE_LIMIT`] frames.
+    Overflow,
+    /// Deliver at this time.
+    Deliver(Instant),
+}
+
+/// The pure part of one direction: given the time a frame arrives, its size, the queue
+/// length and the parameters, decide its fate. No clock, no thread: the tests run it on
+/// virtual time, and the reader thread feeds it the real one.
+pub(crate) struct Shaper {
+    rng: fastrand::Rng,
+    /// When the wire is free again (rate limiting).
+    wire_free: Option<Instant>,
+    /// The last frame's delivery time: frames never overtake each other.
+    last_due: Option<Instant>,
+}
+
+impl Shaper {
+    /// A shaper whose loss and jitter draws come from `seed`.
+    pub(crate) fn new(seed: u64) -> Self {
+        Self {
+            rng: fastrand::Rng::with_seed(seed),
+            wire_free: None,
+            last_due: None,
+        }
+    }
+
+    /// The fate of a frame of `len` bytes read at `now` while `queued` frames wait.
+    pub(crate) fn admit(&mut self, now: Instant, len: usize, queued: usize, p: &Params) -> Verdict {
+        if !p.up {
+            return Verdict::Down;
+        }
+        if p.loss_pct > 0.0 && self.rng.f64() * 100.0 < p.loss_pct {
+            return Verdict::Lost;
+        }
+        if queued >= QUEUE_LIMIT {
+            return Verdict::Overflow;
+        }
+        let mut sent = now;
+        if let Some(rate) = p.rate_bps.filter(|r| *r > 0.0) {
+            let start = self.wire_free.map_or(now, |w| w.max(now));
+            sent = start + Duration::from_secs_f64(len as f64 * 8.0 / rate);
+            self.wire_free = Some(sent);
+        }
+        let mut delay = p.delay.as_secs_f64();
+        if !p.jitter.is_zero() {
+            delay += (self.rng.f64() * 2.0 - 1.0) * p.jitter.as_secs_f64();
+        }
+        let mut due = sent + Duration::from_secs_f64(delay.max(0.0));
+        if let Some(last) = self.last_due {
+            due = due.max(last);
+        }
+        self.last_due = Some(due);
+        Verdict::Deliver(due)
+    }
 }
 
 struct Queue {
@@ -116,11 +200,11 @@ impl LinkHandle {
         for (d, (from, to)) in [(a.clone(), b.clone()), (b, a)].into_iter().enumerate() {
             let dir = dirs[d].clone();
             let stop_r = stop.clone();
-            let rng = fastrand::Rng::with_seed(seed.wrapping_mul(2).wrapping_add(d as u64));
+            let shaper = Shaper::new(seed.wrapping_mul(2).wrapping_add(d as u64));
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("{name}-rx{d}"))
-                    .spawn(move || reader(&from, &dir, &stop_r, rng))?,
+                    .spawn(move || reader(&from, &dir, &stop_r, shaper))?,
             );
             let dir = dirs[d].clone();
             let stop_w = stop.clone();
@@ -182,11 +266,8 @@ fn readable(f: &File, ms: i32) -> bool {
     n > 0 && pfd.revents & libc::POLLIN != 0
 }
 
-fn reader(from: &File, dir: &Direction, stop: &AtomicBool, mut rng: fastrand::Rng) {
+fn reader(from: &File, dir: &Direction, stop: &AtomicBool, mut shaper: Shaper) {
     let mut buf = vec![0u8; 65_536];
-    // When the wire is free again (rate), and the last frame's delivery time (no reordering).
-    let mut wire_free = Instant::now();
-    let mut last_due = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         if !readable(from, 100) {
             continue;
@@ -198,32 +279,23 @@ fn reader(from: &File, dir: &Direction, stop: &AtomicBool, mut rng: fastrand::Rn
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => return,
         };
-        let now = Instant::now();
         let p = dir.params.lock().map(|p| *p).unwrap_or_default();
-        if !p.up {
-            dir.stats.down.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        if p.loss_pct > 0.0 && rng.f64() * 100.0 < p.loss_pct {
-            dir.stats.lost.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        if dir.queue.len.load(Ordering::SeqCst) >= QUEUE_LIMIT {
-            dir.stats.overflow.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        let mut sent = now;
-        if let Some(rate) = p.rate_bps.filter(|r| *r > 0.0) {
-            let start = wire_free.max(now);
-            sent = start + Duration::from_secs_f64(n as f64 * 8.0 / rate);
-            wire_free = sent;
-        }
-        let mut delay = p.delay.as_secs_f64();
-        if !p.jitter.is_zero() {
-            delay += (rng.f64() * 2.0 - 1.0) * p.jitter.as_secs_f64();
-        }
-        let due = (sent + Duration::from_secs_f64(delay.max(0.0))).max(last_due);
-        last_due = due;
+        let queued = dir.queue.len.load(Ordering::SeqCst);
+        let due = match shaper.admit(Instant::now(), n, queued, &p) {
+            Verdict::Down => {
+                dir.stats.down.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            Verdict::Lost => {
+                dir.stats.lost.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            Verdict::Overflow => {
+                dir.stats.overflow.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            Verdict::Deliver(due) => due,
+        };
         if let Ok(mut q) = dir.queue.frames.lock() {
             q.push_back((due, buf[..n].to_vec()));
             dir.queue.len.fetch_add(1, Ordering::SeqCst);
@@ -262,7 +334,9 @@ fn writer(to: &File, dir: &Direction, stop: &AtomicBool) {
         drop(q);
         // A full device queue or a device going away drops the frame, like a wire.
         if (&*to).write(&frame).is_ok() {
-            dir.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            dir.stats.delivered.fetch_add(1, Ordering::SeqCst);
+        } else {
+            dir.stats.write_failed.fetch_add(1, Ordering::SeqCst);
         }
         q = match dir.queue.frames.lock() {
             Ok(q) => q,
@@ -275,6 +349,114 @@ fn writer(to: &File, dir: &Direction, stop: &AtomicBool) {
 mod tests {
     use super::*;
     use std::os::fd::FromRawFd;
+
+    // ---- The shaper on virtual time: exact, no threads, no clock. ----
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn shaper_delays_by_exactly_the_delay() {
+        let t0 = Instant::now();
+        let mut s = Shaper::new(1);
+        let p = Params {
+            delay: ms(30),
+            ..Params::default()
+        };
+        for i in 0..100 {
+            let now = t0 + ms(2 * i);
+            assert_eq!(s.admit(now, 200, 0, &p), Verdict::Deliver(now + ms(30)));
+        }
+    }
+
+    #[test]
+    fn shaper_loses_the_seeded_share_and_the_same_frames_every_run() {
+        let t0 = Instant::now();
+        let p = Params {
+            loss_pct: 20.0,
+            ..Params::default()
+        };
+        let run = |seed| {
+            let mut s = Shaper::new(seed);
+            (0..10_000)
+                .map(|_| s.admit(t0, 100, 0, &p) == Verdict::Lost)
+                .collect::<Vec<_>>()
+        };
+        let a = run(7);
+        assert_eq!(a, run(7), "same seed, same losses");
+        let lost = a.iter().filter(|l| **l).count();
+        // 20 % of 10,000: σ = 40 frames.
+        assert!((1800..2200).contains(&lost), "{lost} of 10000 lost");
+    }
+
+    #[test]
+    fn shaper_serialises_at_the_rate_and_never_reorders() {
+        let t0 = Instant::now();
+        let mut s = Shaper::new(3);
+        // 1250 bytes at 10 Mbit/s: 1 ms on the wire each; all arrive at once.
+        let p = Params {
+            rate_bps: Some(10e6),
+            delay: ms(5),
+            ..Params::default()
+        };
+        let mut last = t0;
+        for i in 1..=200u64 {
+            let Verdict::Deliver(due) = s.admit(t0, 1250, 0, &p) else {
+                panic!("frame {i} dropped");
+            };
+            let expect = t0 + ms(i) + ms(5);
+            let err = due.max(expect) - due.min(expect);
+            assert!(
+                err < Duration::from_micros(1),
+                "frame {i}: {due:?} vs {expect:?}"
+            );
+            assert!(due >= last);
+            last = due;
+        }
+    }
+
+    #[test]
+    fn shaper_jitter_stays_within_bounds_in_order() {
+        let t0 = Instant::now();
+        let mut s = Shaper::new(9);
+        let p = Params {
+            delay: ms(20),
+            jitter: ms(10),
+            ..Params::default()
+        };
+        let mut last = t0;
+        let mut spread = (Duration::MAX, Duration::ZERO);
+        for i in 0..1000u64 {
+            let now = t0 + ms(50 * i);
+            let Verdict::Deliver(due) = s.admit(now, 100, 0, &p) else {
+                panic!("dropped");
+            };
+            assert!(due >= last, "no overtaking");
+            last = due;
+            let d = due - now;
+            assert!(d >= ms(10) && d <= ms(30), "{d:?}");
+            spread = (spread.0.min(d), spread.1.max(d));
+        }
+        // The draws cover the range rather than sitting at the mean.
+        assert!(spread.0 < ms(12) && spread.1 > ms(28), "{spread:?}");
+    }
+
+    #[test]
+    fn shaper_drops_when_down_or_full() {
+        let t0 = Instant::now();
+        let mut s = Shaper::new(1);
+        let down = Params {
+            up: false,
+            ..Params::default()
+        };
+        assert_eq!(s.admit(t0, 100, 0, &down), Verdict::Down);
+        let p = Params::default();
+        assert_eq!(s.admit(t0, 100, QUEUE_LIMIT, &p), Verdict::Overflow);
+        assert_eq!(s.admit(t0, 100, QUEUE_LIMIT - 1, &p), Verdict::Deliver(t0));
+    }
+
+    // ---- The threaded link: frames really cross, and every frame is accounted for. ----
 
     /// A connected pair of packet sockets: each write is one frame at the other end.
     fn pair() -> (File, File) {
@@ -293,36 +475,62 @@ mod tests {
         unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
     }
 
-    /// What one side measured of the frames the other sent through the link.
+    /// What one side measured of the frames the other sent through one direction.
     struct Measured {
-        received: usize,
-        mean_delay_ms: f64,
+        /// Frame indices received, in arrival order.
+        received: Vec<usize>,
+        /// Smallest send-to-arrival delay.
+        min_delay: Duration,
         /// Time from the first to the last arrival.
-        span_ms: f64,
+        span: Duration,
+        /// The direction's counters' increase over the run: delivered, lost, down,
+        /// overflow, write_failed.
+        counted: [u64; 5],
+    }
+
+    fn counters(s: &DirStats) -> [u64; 5] {
+        [&s.delivered, &s.lost, &s.down, &s.overflow, &s.write_failed]
+            .map(|c| c.load(Ordering::SeqCst))
     }
 
     /// Sends `count` frames of `size` bytes (each carrying its index) into `tx`, spaced by
-    /// `gap`, and reads them at `rx` until none has come for `quiet`.
+    /// `gap`, and reads at `rx` until direction `dir` of `link` has accounted for every
+    /// frame and every delivered one has been read (deadline 30 s: a hang fails, load
+    /// only slows it down).
     fn measure(
-        tx: &File,
-        rx: &File,
+        link: &LinkHandle,
+        dir: usize,
+        (tx, rx): (&File, &File),
         count: usize,
         size: usize,
         gap: Duration,
-        quiet: Duration,
     ) -> Measured {
-        let start = Instant::now();
+        let stats = link.stats(dir).expect("direction");
+        let before = counters(stats);
+        let base = stats.accounted();
         let mut sent_at = Vec::with_capacity(count);
+        let deadline = Instant::now() + Duration::from_secs(30);
         std::thread::scope(|s| {
             let reader = s.spawn(|| {
                 let mut got = Vec::new();
                 let mut buf = vec![0u8; 65_536];
                 loop {
-                    if !readable(rx, quiet.as_millis() as i32) {
+                    let done = stats.accounted() - base == count as u64;
+                    let delivered = stats.delivered.load(Ordering::SeqCst) - before[0];
+                    if done && got.len() as u64 >= delivered {
                         return got;
                     }
+                    assert!(
+                        Instant::now() < deadline,
+                        "link accounted for {} of {count} frames, {} read",
+                        stats.accounted() - base,
+                        got.len()
+                    );
+                    if !readable(rx, 20) {
+                        continue;
+                    }
                     let Ok(n) = (&*rx).read(&mut buf) else {
-                        return got;
+                        continue;
                     };
                     if n >= 8 {
                         let idx = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
@@ -340,19 +548,21 @@ mod tests {
                 }
             }
             let got = reader.join().expect("reader");
-            let delays: Vec<f64> = got
+            let after = counters(stats);
+            let min_delay = got
                 .iter()
-                .map(|(i, t)| t.duration_since(sent_at[*i]).as_secs_f64() * 1000.0)
-                .collect();
+                .map(|(i, t)| t.duration_since(sent_at[*i]))
+                .min()
+                .unwrap_or_default();
             let span = match (got.first(), got.last()) {
-                (Some(a), Some(b)) => b.1.duration_since(a.1).as_secs_f64() * 1000.0,
-                _ => 0.0,
+                (Some(a), Some(b)) => b.1.duration_since(a.1),
+                _ => Duration::ZERO,
             };
-            let _ = start;
             Measured {
-                received: got.len(),
-                mean_delay_ms: delays.iter().sum::<f64>() / delays.len().max(1) as f64,
-                span_ms: span,
+                received: got.into_iter().map(|(i, _)| i).collect(),
+                min_delay,
+                span,
+                counted: [0, 1, 2, 3, 4].map(|k| after[k] - before[k]),
             }
         })
     }
@@ -370,40 +580,34 @@ mod tests {
         (a_outer, b_outer, l)
     }
 
+    /// Frames arrive in the order sent, and the ones read are exactly the ones counted
+    /// as delivered.
+    fn assert_in_order_and_counted(what: &str, m: &Measured) {
+        assert!(
+            m.received.windows(2).all(|w| w[0] < w[1]),
+            "{what}: frames arrived out of order"
+        );
+        assert_eq!(
+            m.received.len() as u64,
+            m.counted[0],
+            "{what}: frames read vs counted delivered"
+        );
+    }
+
     #[test]
-    fn delay_matches_in_both_directions() {
+    fn delay_holds_in_both_directions() {
         let _serial = serial();
         let (a, b, l) = link(Params::default());
-        l.set(0, |p| p.delay = Duration::from_millis(30));
-        l.set(1, |p| p.delay = Duration::from_millis(10));
-        let ab = measure(
-            &a,
-            &b,
-            100,
-            200,
-            Duration::from_millis(2),
-            Duration::from_millis(300),
-        );
-        let ba = measure(
-            &b,
-            &a,
-            100,
-            200,
-            Duration::from_millis(2),
-            Duration::from_millis(300),
-        );
-        assert_eq!((ab.received, ba.received), (100, 100));
-        // Never early; late by at most a scheduling hiccup.
-        assert!(
-            (30.0..40.0).contains(&ab.mean_delay_ms),
-            "a→b {} ms",
-            ab.mean_delay_ms
-        );
-        assert!(
-            (10.0..20.0).contains(&ba.mean_delay_ms),
-            "b→a {} ms",
-            ba.mean_delay_ms
-        );
+        l.set(0, |p| p.delay = ms(30));
+        l.set(1, |p| p.delay = ms(10));
+        let ab = measure(&l, 0, (&a, &b), 100, 200, ms(2));
+        let ba = measure(&l, 1, (&b, &a), 100, 200, ms(2));
+        for (what, m, d) in [("a→b", &ab, ms(30)), ("b→a", &ba, ms(10))] {
+            assert_eq!(m.received.len(), 100, "{what}: {:?}", m.counted);
+            assert_in_order_and_counted(what, m);
+            // Never early (how late depends on the machine's load, not on the link).
+            assert!(m.min_delay >= d, "{what}: {:?} < {d:?}", m.min_delay);
+        }
     }
 
     #[test]
@@ -414,41 +618,39 @@ mod tests {
             ..Params::default()
         });
         let n = 2000;
-        let ab = measure(&a, &b, n, 100, Duration::ZERO, Duration::from_millis(300));
-        let ba = measure(&b, &a, n, 100, Duration::ZERO, Duration::from_millis(300));
-        for (what, m, d) in [("a→b", &ab, 0), ("b→a", &ba, 1)] {
-            let lost = n - m.received;
-            let counted = l.stats(d).expect("dir").lost.load(Ordering::Relaxed) as usize;
+        let ab = measure(&l, 0, (&a, &b), n, 100, Duration::ZERO);
+        let ba = measure(&l, 1, (&b, &a), n, 100, Duration::ZERO);
+        for (what, m) in [("a→b", &ab), ("b→a", &ba)] {
+            assert_in_order_and_counted(what, m);
+            let [delivered, lost, down, overflow, write_failed] = m.counted;
+            assert_eq!(down, 0, "{what}");
             assert_eq!(
-                lost, counted,
-                "{what}: every missing frame is a counted loss"
+                delivered + lost + overflow + write_failed,
+                n as u64,
+                "{what}: every frame is accounted for"
             );
+            // The loss draw comes before the queue check, so the share lost is the
+            // seeded draw's whatever the machine's speed: 20 % of 2000, σ ≈ 0.9 %.
             let pct = lost as f64 * 100.0 / n as f64;
-            // 20 % of 2000: σ ≈ 0.9 %; the seeded draw is reproducible anyway.
             assert!((17.0..23.0).contains(&pct), "{what}: {pct} % lost");
         }
     }
 
     #[test]
-    fn rate_matches_in_both_directions() {
+    fn rate_is_never_exceeded_in_both_directions() {
         let _serial = serial();
         // 200 frames of 1250 bytes at 10 Mbit/s: 1 ms each on the wire.
-        let (a, b, _l) = link(Params {
+        let (a, b, l) = link(Params {
             rate_bps: Some(10e6),
             ..Params::default()
         });
-        for (what, tx, rx) in [("a→b", &a, &b), ("b→a", &b, &a)] {
-            let m = measure(
-                tx,
-                rx,
-                200,
-                1250,
-                Duration::ZERO,
-                Duration::from_millis(300),
-            );
-            assert_eq!(m.received, 200, "{what}");
-            let mbit = 199.0 * 1250.0 * 8.0 / (m.span_ms / 1000.0) / 1e6;
-            assert!((8.5..10.5).contains(&mbit), "{what}: {mbit:.2} Mbit/s");
+        for (what, d, tx, rx) in [("a→b", 0, &a, &b), ("b→a", 1, &b, &a)] {
+            let m = measure(&l, d, (tx, rx), 200, 1250, Duration::ZERO);
+            assert_eq!(m.received.len(), 200, "{what}: {:?}", m.counted);
+            assert_in_order_and_counted(what, &m);
+            let mbit = 199.0 * 1250.0 * 8.0 / m.span.as_secs_f64() / 1e6;
+            // Scheduling can only slow frames down; 1 % for timer granularity.
+            assert!(mbit <= 10.1, "{what}: {mbit:.2} Mbit/s");
         }
     }
 
@@ -457,11 +659,12 @@ mod tests {
         let _serial = serial();
         let (a, b, l) = link(Params::default());
         l.set_both(|p| p.up = false);
-        let m = measure(&a, &b, 50, 100, Duration::ZERO, Duration::from_millis(200));
-        assert_eq!(m.received, 0);
-        assert_eq!(l.stats(0).expect("dir").down.load(Ordering::Relaxed), 50);
+        let m = measure(&l, 0, (&a, &b), 50, 100, Duration::ZERO);
+        assert!(m.received.is_empty());
+        assert_eq!(m.counted[2], 50, "counted down");
         l.set_both(|p| p.up = true);
-        let m = measure(&a, &b, 50, 100, Duration::ZERO, Duration::from_millis(200));
-        assert_eq!(m.received, 50);
+        let m = measure(&l, 0, (&a, &b), 50, 100, Duration::ZERO);
+        assert_eq!(m.received.len(), 50, "{:?}", m.counted);
+        assert_in_order_and_counted("after up", &m);
     }
 }
