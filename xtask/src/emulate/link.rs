@@ -73,22 +73,6 @@ pub(crate) struct DirStats {
     pub(crate) write_failed: AtomicU64,
 }
 
-impl DirStats {
-    /// Frames this direction has finished with, whatever became of them.
-    pub(crate) fn accounted(&self) -> u64 {
-        [
-            &self.delivered,
-            &self.lost,
-            &self.down,
-            &self.overflow,
-            &self.write_failed,
-        ]
-        .iter()
-        .map(|c| c.load(Ordering::SeqCst))
-        .sum()
-    }
-}
-
 /// What a direction does with one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -507,7 +491,8 @@ mod tests {
     ) -> Measured {
         let stats = link.stats(dir).expect("direction");
         let before = counters(stats);
-        let base = stats.accounted();
+        let accounted = || counters(stats).iter().sum::<u64>();
+        let base = accounted();
         let mut sent_at = Vec::with_capacity(count);
         let deadline = Instant::now() + Duration::from_secs(30);
         std::thread::scope(|s| {
@@ -515,7 +500,7 @@ mod tests {
                 let mut got = Vec::new();
                 let mut buf = vec![0u8; 65_536];
                 loop {
-                    let done = stats.accounted() - base == count as u64;
+                    let done = accounted() - base == count as u64;
                     let delivered = stats.delivered.load(Ordering::SeqCst) - before[0];
                     if done && got.len() as u64 >= delivered {
                         return got;
@@ -523,7 +508,7 @@ mod tests {
                     assert!(
                         Instant::now() < deadline,
                         "link accounted for {} of {count} frames, {} read",
-                        stats.accounted() - base,
+                        accounted() - base,
                         got.len()
                     );
                     if !readable(rx, 20) {
