@@ -39,6 +39,10 @@ pub const NULL_PID: u16 = 0x1fff;
 pub const PTS_WRAP: u64 = 1 << 33;
 /// Largest unit a [`TsFramer`] builds; a longer run of packets is cut there (not a keyframe).
 pub const MAX_UNIT_LEN: usize = 11_000 * PACKET_LEN;
+/// Most PCR samples a [`TsFramer`] keeps (16 bytes each). When full, every other one is
+/// dropped and later PCRs are kept at twice the stride, so the samples still span the
+/// whole input (a live feed runs for ever; a clip of 40 ms PCRs fills it after 5 min).
+pub const MAX_PCR_SAMPLES: usize = 8192;
 
 /// A view of one 188-byte transport stream packet.
 #[derive(Debug, Clone, Copy)]
@@ -379,6 +383,10 @@ pub struct TsFramer {
     scan: Option<StartScan>,
     out: VecDeque<Unit>,
     pcr_samples: Vec<(u64, u64)>,
+    /// Keep one PCR in this many (a power of two, doubled each time the samples fill).
+    pcr_stride: u64,
+    /// PCRs of the PCR PID seen so far.
+    pcr_seen: u64,
     ts_ref: Option<u64>,
     extents: HashMap<u16, Extent>,
     min_ts: i64,
@@ -413,6 +421,8 @@ impl TsFramer {
             scan: None,
             out: VecDeque::new(),
             pcr_samples: Vec::new(),
+            pcr_stride: 1,
+            pcr_seen: 0,
             ts_ref: None,
             extents: HashMap::new(),
             min_ts: 0,
@@ -475,7 +485,9 @@ impl TsFramer {
         self.stats
     }
 
-    /// Every PCR of the PCR PID seen so far: (input offset of its packet, PCR at 27 MHz).
+    /// PCRs of the PCR PID seen so far: (input offset of its packet, PCR at 27 MHz).
+    /// Every one up to [`MAX_PCR_SAMPLES`]; past that, every 2nd, then 4th, ... (evenly
+    /// spaced over the whole input, never more than [`MAX_PCR_SAMPLES`]).
     pub fn pcr_samples(&self) -> &[(u64, u64)] {
         &self.pcr_samples
     }
@@ -491,6 +503,25 @@ impl TsFramer {
     /// The primary PID and its codec, once the PMT was read.
     pub fn primary(&self) -> Option<(u16, Codec)> {
         self.primary
+    }
+
+    /// Keep PCR number `pcr_seen` if it falls on the stride; halve the samples when full.
+    fn note_pcr(&mut self, pos: u64, pcr: u64) {
+        if self.pcr_seen.is_multiple_of(self.pcr_stride) {
+            if self.pcr_samples.len() >= MAX_PCR_SAMPLES {
+                // Keep samples 0, 2, 4, ...: PCRs number 0, 2s, 4s, ... of the new stride.
+                let mut i = 0;
+                self.pcr_samples.retain(|_| {
+                    i += 1;
+                    i % 2 == 1
+                });
+                self.pcr_stride *= 2;
+            }
+            if self.pcr_seen.is_multiple_of(self.pcr_stride) {
+                self.pcr_samples.push((pos, pcr));
+            }
+        }
+        self.pcr_seen += 1;
     }
 
     fn packet(&mut self, pkt: &[u8; PACKET_LEN], pos: u64) {
@@ -530,7 +561,7 @@ impl TsFramer {
         };
         if Some(pid) == self.pcr_pid {
             if let Some(pcr) = p.pcr() {
-                self.pcr_samples.push((pos, pcr));
+                self.note_pcr(pos, pcr);
             }
         }
         let pes = if p.pusi() {
@@ -1016,6 +1047,46 @@ pub(crate) mod tests {
         assert_eq!(&p[h.data_offset..], &[0, 0, 1, 0x65]);
         assert!(parse_pes(&[0, 0, 2]).is_none());
         assert!(parse_pes(&[0, 0, 1, 0xe0, 0, 0, 0x80, 0xc0, 200]).is_none());
+    }
+
+    #[test]
+    fn test_pcr_samples_stay_bounded_and_span_a_live_feed() {
+        // A live feed of 3.5 × MAX_PCR_SAMPLES PCR-only packets on the PCR PID, 40 ms apart.
+        let n = MAX_PCR_SAMPLES * 7 / 2;
+        let mut f = TsFramer::new();
+        f.push(&pat(0));
+        f.push(&pmt(0));
+        let start = 2 * PACKET_LEN as u64;
+        let mut most = 0;
+        for i in 0..n {
+            f.push(&packet(
+                0x100,
+                false,
+                0,
+                Some(i as u64 * 1_080_000),
+                false,
+                &[],
+            ));
+            while f.poll_unit().is_some() {}
+            most = most.max(f.pcr_samples().len());
+        }
+        f.finish();
+        assert!(most <= MAX_PCR_SAMPLES, "{most} samples kept");
+        let s = f.pcr_samples();
+        // Two halvings (at 1× and 2× the cap): every 4th PCR, from the first one on.
+        assert_eq!(s.len(), n.div_ceil(4));
+        assert_eq!(s[0], (start, 0));
+        for (k, &(pos, pcr)) in s.iter().enumerate() {
+            let i = 4 * k as u64;
+            assert_eq!(
+                (pos, pcr),
+                (start + i * PACKET_LEN as u64, i * 1_080_000),
+                "sample {k}"
+            );
+        }
+        // The last sample is within one stride of the end of the input.
+        let last = s.last().map(|&(_, pcr)| pcr / 1_080_000).unwrap_or(0);
+        assert!(n as u64 - 1 - last < 4, "last sample is PCR {last} of {n}");
     }
 
     #[test]
