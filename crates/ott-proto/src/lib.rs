@@ -16,6 +16,7 @@
 mod control;
 mod error;
 mod media;
+mod untrusted;
 
 pub use control::{
     decode, encode, stream_id_for, Envelope, MediaKind, Message, NackRange, NodeId, StreamId,
@@ -25,3 +26,4 @@ pub use error::{DecodeError, EncodeError, HeaderError};
 pub use media::{
     flags, MediaHeader, HEADER_LEN, MAGIC, MAX_DATAGRAM_LEN, MAX_PAYLOAD_LEN, MEDIA_VERSION,
 };
+pub use untrusted::{untrusted, Untrusted, MAX_LOGGED_CHARS};
