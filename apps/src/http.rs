@@ -7,38 +7,47 @@
 //! | `GET /stream` | the stream watched: MJPEG as `multipart/x-mixed-replace` (one `image/jpeg` part per frame), MPEG-TS as `video/mp2t` |
 //! | `GET /stream.mjpeg`, `GET /stream.ts` | the same, only while the stream watched is of that kind (else 409) |
 //! | `GET /streams` | JSON: the stream watched and the catalogue |
-//! | `POST /switch` (form `stream=NAME`), `GET /switch?stream=NAME` | switch stream, then redirect to `/` |
+//! | `POST /switch` (form `stream=NAME`) | switch to a stream of the catalogue, then redirect to `/` |
+//!
+//! `/switch` changes what the client does, so it is `POST` only (`GET` gets 405) and
+//! same-origin only ([`httpd::check_same_origin`]: a request with an `Origin` or
+//! `Referer` must come from this page; one with neither, from curl or a script, is
+//! taken), else 403. Everything the page shows that came from the network (stream
+//! names) is escaped for where it goes: HTML text and attributes, and the JSON in its
+//! `<script>`; the page may not be framed.
 //!
 //! A stream response starts at the latest decodable start the client has (the last JPEG;
 //! for TS the units since the last keyframe), then follows live. It ends when the
 //! client switches to a stream of the other kind (the page reloads itself), and a
 //! TS-to-TS or MJPEG-to-MJPEG switch continues on the same response from the new
-//! stream's first keyframe. A slow reader loses frames (counted), never stalls the client.
+//! stream's first keyframe. A slow reader loses frames (counted), never stalls the
+//! client; one that keeps losing them for [`SLOW_READER`], or does not take a frame
+//! within the server's write timeout, is dropped.
 //!
-//! A small server on `std::net` (one thread per connection, at most [`MAX_CONNECTIONS`]),
-//! because streaming responses need to own their socket: malformed requests get a 400.
+//! Served by [`crate::httpd`] within its default limits.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-use ott_proto::{MediaKind, StreamInfo};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use ott_proto::{untrusted, MediaKind, StreamInfo};
 
-/// Most simultaneous HTTP connections.
-pub const MAX_CONNECTIONS: usize = 32;
+use crate::httpd::{self, HttpStats, Limits, Reply, Request, Response, Router, StreamConn};
+use crate::status::StatusSource;
+
 /// Frames queued per streaming response before frames are dropped for it.
 const QUEUE: usize = 64;
-/// Largest request head accepted.
-const MAX_HEAD: usize = 8 * 1024;
 /// Most bytes of the latest decodable start kept for new HTTP viewers.
 const MAX_START: usize = 8 << 20;
+/// A streaming response whose queue stays full this long is dropped.
+pub const SLOW_READER: Duration = Duration::from_secs(10);
+/// A streaming response ends after this long without a frame.
+const IDLE_END: Duration = Duration::from_secs(30);
 const BOUNDARY: &str = "ottframe";
 
 enum Msg {
@@ -49,6 +58,8 @@ enum Msg {
 struct Sub {
     kind: MediaKind,
     tx: Sender<Msg>,
+    /// Since when its queue has been full (frames dropped), if it is.
+    lagging_since: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -59,20 +70,30 @@ struct State {
     /// Frames since the last keyframe of the stream watched.
     start: VecDeque<Bytes>,
     start_bytes: usize,
-    dropped: u64,
-    bad_requests: u64,
 }
 
 /// What the HTTP output serves; the viewer feeds it.
-#[derive(Default)]
 pub struct Hub {
     state: Mutex<State>,
+    stats: Arc<HttpStats>,
+    /// Frames not queued for a slow reader.
+    dropped: AtomicU64,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Hub {
     /// An empty hub.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            state: Mutex::new(State::default()),
+            stats: Arc::new(HttpStats::new("http")),
+            dropped: AtomicU64::new(0),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -104,6 +125,7 @@ impl Hub {
     /// A frame of the stream watched, written in order; `keyframe` when it is a
     /// decodable start. The viewer only passes frames from a keyframe on.
     pub fn frame(&self, data: &Bytes, keyframe: bool) {
+        let now = Instant::now();
         let mut s = self.lock();
         if keyframe {
             s.start.clear();
@@ -115,15 +137,21 @@ impl Hub {
         }
         let mut dropped = 0;
         s.subs
-            .retain(|sub| match sub.tx.try_send(Msg::Frame(data.clone())) {
-                Ok(()) => true,
+            .retain_mut(|sub| match sub.tx.try_send(Msg::Frame(data.clone())) {
+                Ok(()) => {
+                    sub.lagging_since = None;
+                    true
+                }
                 Err(TrySendError::Full(_)) => {
                     dropped += 1;
-                    true
+                    let since = *sub.lagging_since.get_or_insert(now);
+                    // Dropping the sender ends the response once its queue is written.
+                    now.duration_since(since) < SLOW_READER
                 }
                 Err(TrySendError::Disconnected(_)) => false,
             });
-        s.dropped += dropped;
+        drop(s);
+        self.dropped.fetch_add(dropped, Ordering::Relaxed);
     }
 
     /// Subscribe to the stream watched if it is of `want` (any kind if `None`): its kind
@@ -144,14 +172,32 @@ impl Hub {
         for f in &s.start {
             let _ = tx.try_send(Msg::Frame(f.clone()));
         }
-        s.subs.push(Sub { kind: w.kind, tx });
+        s.subs.push(Sub {
+            kind: w.kind,
+            tx,
+            lagging_since: None,
+        });
         Ok((w.kind, rx))
     }
 
-    /// Frames dropped for slow HTTP readers, and malformed requests, so far.
-    pub fn counters(&self) -> (u64, u64) {
-        let s = self.lock();
-        (s.dropped, s.bad_requests)
+    /// Frames dropped for slow HTTP readers so far.
+    pub fn dropped_frames(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The counters of the HTTP server of this output.
+    pub fn http_stats(&self) -> &Arc<HttpStats> {
+        &self.stats
+    }
+
+    /// Prometheus text of the output's own counters (the server's are in
+    /// [`Hub::http_stats`]).
+    pub fn metrics(&self) -> String {
+        format!(
+            "# HELP ott_http_frames_dropped_total Frames not sent to slow HTTP readers.\n# TYPE ott_http_frames_dropped_total counter\nott_http_frames_dropped_total{{server=\"{}\"}} {}\n",
+            self.stats.name(),
+            self.dropped_frames()
+        )
     }
 }
 
@@ -162,6 +208,45 @@ fn kind_name(k: MediaKind) -> &'static str {
     }
 }
 
+/// The client's `--status` source with the `--http` output's counters added (when the
+/// client has one): `/metrics` shows the HTTP server's counters and the frames dropped
+/// for slow readers, `/status` the same under `"http"`.
+pub fn with_hub(source: Arc<dyn StatusSource>, hub: Option<Arc<Hub>>) -> Arc<dyn StatusSource> {
+    match hub {
+        Some(hub) => Arc::new(WithHub { inner: source, hub }),
+        None => source,
+    }
+}
+
+struct WithHub {
+    inner: Arc<dyn StatusSource>,
+    hub: Arc<Hub>,
+}
+
+impl StatusSource for WithHub {
+    fn status(&self) -> serde_json::Value {
+        let mut v = self.inner.status();
+        if let Some(o) = v.as_object_mut() {
+            let mut http = serde_json::to_value(self.hub.stats.snapshot()).unwrap_or_default();
+            if let Some(h) = http.as_object_mut() {
+                h.insert("frames_dropped".into(), self.hub.dropped_frames().into());
+            }
+            o.insert("http".into(), http);
+        }
+        v
+    }
+
+    fn metrics(&self) -> String {
+        self.inner.metrics() + &self.hub.metrics()
+    }
+
+    fn http_stats(&self) -> Vec<Arc<HttpStats>> {
+        let mut v = self.inner.http_stats();
+        v.push(self.hub.stats.clone());
+        v
+    }
+}
+
 /// Serve the HTTP output on `addr` in background threads; switch requests are sent on
 /// `switch`. Returns the bound address.
 pub fn serve(
@@ -169,276 +254,116 @@ pub fn serve(
     hub: Arc<Hub>,
     switch: Sender<String>,
 ) -> anyhow::Result<SocketAddr> {
-    let listener =
-        TcpListener::bind(addr).with_context(|| format!("cannot serve --http on {addr}"))?;
-    let bound = listener.local_addr()?;
-    let active = Arc::new(AtomicUsize::new(0));
-    thread::Builder::new()
-        .name("http".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                    let _ = respond(
-                        &conn,
-                        "503 Service Unavailable",
-                        "text/plain",
-                        b"too many connections\n",
-                    );
-                    continue;
-                }
-                active.fetch_add(1, Ordering::Relaxed);
-                let (hub, switch, active) = (hub.clone(), switch.clone(), active.clone());
-                let spawned = thread::Builder::new()
-                    .name("http-conn".into())
-                    .spawn(move || {
-                        if let Err(e) = handle(conn, &hub, &switch, bound) {
-                            tracing::debug!(error = %e, "http connection ended");
-                        }
-                        active.fetch_sub(1, Ordering::Relaxed);
-                    });
-                if spawned.is_err() {
-                    tracing::warn!("cannot start an http connection thread");
-                }
-            }
-        })
-        .context("cannot start the http thread")?;
+    let server = serve_with(addr, hub, switch, Limits::default())?;
+    let bound = server.local_addr();
     tracing::info!(%bound, "http output: open http://{bound}/ in a browser");
     Ok(bound)
 }
 
-struct Request {
-    method: String,
-    path: String,
-    query: String,
-    body: String,
+/// [`serve`] within `limits`, returning the server (its counters, and a way to stop it).
+pub fn serve_with(
+    addr: SocketAddr,
+    hub: Arc<Hub>,
+    switch: Sender<String>,
+    limits: Limits,
+) -> anyhow::Result<httpd::Server> {
+    let stats = hub.stats.clone();
+    httpd::serve(addr, router(hub, switch), limits, stats)
 }
 
-fn read_request(conn: &TcpStream) -> Result<Request, String> {
-    let mut r = BufReader::new(conn.take(MAX_HEAD as u64 + 4096));
-    let mut line = String::new();
-    r.read_line(&mut line).map_err(|e| e.to_string())?;
-    let mut parts = line.split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Err(format!("bad request line {:?}", line.trim()));
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("unsupported version {version:?}"));
-    }
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let mut head = line.len();
-    let mut content_length = 0usize;
-    loop {
-        let mut h = String::new();
-        let n = r.read_line(&mut h).map_err(|e| e.to_string())?;
-        head += n;
-        if n == 0 || head > MAX_HEAD {
-            return Err("request head too long or cut".into());
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
-                content_length = v
-                    .trim()
-                    .parse()
-                    .map_err(|_| "bad content-length".to_string())?;
-            }
-        }
-    }
-    if content_length > 4096 {
-        return Err("request body too large".into());
-    }
-    let mut body = vec![0u8; content_length];
-    r.read_exact(&mut body).map_err(|e| e.to_string())?;
-    Ok(Request {
-        method: method.to_string(),
-        path: path.to_string(),
-        query: query.to_string(),
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+fn router(hub: Arc<Hub>, switch: Sender<String>) -> Router {
+    let (h1, h2, h3, h4, h5, h6) = (
+        hub.clone(),
+        hub.clone(),
+        hub.clone(),
+        hub.clone(),
+        hub.clone(),
+        hub,
+    );
+    Router::new()
+        .get("/", move |req| page(&h1, req))
+        .get("/streams", move |_| streams_json(&h2))
+        .get("/stream", move |_| stream(&h3, None))
+        .get("/stream.mjpeg", move |_| {
+            stream(&h4, Some(MediaKind::Mjpeg))
+        })
+        .get("/stream.ts", move |_| stream(&h5, Some(MediaKind::Ts)))
+        .post("/switch", move |req| switch_to(&h6, &switch, req))
 }
 
-fn respond(mut conn: &TcpStream, status: &str, ctype: &str, body: &[u8]) -> std::io::Result<()> {
-    write!(
-        conn,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
-        body.len()
-    )?;
-    conn.write_all(body)?;
-    conn.flush()
+fn streams_json(hub: &Hub) -> Reply {
+    let s = hub.lock();
+    let v = serde_json::json!({
+        "watching": s.watching.as_ref().map(|w| &w.name),
+        "kind": s.watching.as_ref().map(|w| kind_name(w.kind)),
+        "streams": s.catalogue.iter().map(|c| serde_json::json!({"name": c.name, "kind": kind_name(c.kind)})).collect::<Vec<_>>(),
+        "dropped_frames": hub.dropped_frames(),
+    });
+    drop(s);
+    Response::new(200, "application/json", v.to_string()).into()
 }
 
-fn handle(
-    conn: TcpStream,
-    hub: &Hub,
-    switch: &Sender<String>,
-    bound: SocketAddr,
-) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let req = match read_request(&conn) {
-        Ok(r) => r,
-        Err(e) => {
-            hub.lock().bad_requests += 1;
-            return respond(
-                &conn,
-                "400 Bad Request",
-                "text/plain",
-                format!("bad request: {e}\n").as_bytes(),
-            );
-        }
-    };
-    match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/") => respond(
-            &conn,
-            "200 OK",
-            "text/html; charset=utf-8",
-            page(hub, bound).as_bytes(),
-        ),
-        ("GET", "/streams") => {
-            let s = hub.lock();
-            let v = serde_json::json!({
-                "watching": s.watching.as_ref().map(|w| &w.name),
-                "kind": s.watching.as_ref().map(|w| kind_name(w.kind)),
-                "streams": s.catalogue.iter().map(|c| serde_json::json!({"name": c.name, "kind": kind_name(c.kind)})).collect::<Vec<_>>(),
-                "dropped_frames": s.dropped,
-                "bad_requests": s.bad_requests,
-            });
-            drop(s);
-            respond(
-                &conn,
-                "200 OK",
-                "application/json",
-                v.to_string().as_bytes(),
-            )
-        }
-        ("GET", "/stream") => stream(conn, hub, None),
-        ("GET", "/stream.mjpeg") => stream(conn, hub, Some(MediaKind::Mjpeg)),
-        ("GET", "/stream.ts") => stream(conn, hub, Some(MediaKind::Ts)),
-        ("GET" | "POST", "/switch") => {
-            let form = if req.method == "POST" {
-                req.body.as_str()
-            } else {
-                req.query.as_str()
-            };
-            let name = form
-                .split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .find(|(k, _)| *k == "stream")
-                .map(|(_, v)| url_decode(v))
-                .unwrap_or_default();
-            let name = name.trim();
-            if name.is_empty() {
-                return respond(
-                    &conn,
-                    "400 Bad Request",
-                    "text/plain",
-                    b"missing stream=NAME\n",
-                );
-            }
-            tracing::info!(stream = %name, "switch requested over http");
-            let _ = switch.send(name.to_string());
-            let mut c = &conn;
-            write!(c, "HTTP/1.1 303 See Other\r\nLocation: /\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
-            c.flush()
-        }
-        ("GET", _) => respond(
-            &conn,
-            "404 Not Found",
-            "text/plain",
-            b"not found: try /, /stream, /streams\n",
-        ),
-        _ => respond(
-            &conn,
-            "405 Method Not Allowed",
-            "text/plain",
-            b"method not allowed\n",
-        ),
+fn switch_to(hub: &Hub, switch: &Sender<String>, req: &Request) -> Reply {
+    if let Err(why) = httpd::check_same_origin(req) {
+        tracing::info!(peer = %req.peer, %why, "switch refused");
+        return Response::text(403, format!("switch refused: {why}\n")).into();
+    }
+    let form = String::from_utf8_lossy(&req.body);
+    let name = Request::form_value(&form, "stream").unwrap_or_default();
+    let name = name.trim();
+    if name.is_empty() {
+        return Response::text(400, "missing stream=NAME\n").into();
+    }
+    if !hub.lock().catalogue.iter().any(|c| c.name == name) {
+        return Response::text(404, format!("no stream called {}\n", untrusted(name))).into();
+    }
+    tracing::info!(stream = %untrusted(name), "switch requested over http");
+    match switch.try_send(name.to_string()) {
+        Ok(()) => Response::text(303, "").with_header("Location", "/").into(),
+        Err(_) => Response::text(503, "the client is busy switching, retry\n").into(),
     }
 }
 
-fn stream(conn: TcpStream, hub: &Hub, want: Option<MediaKind>) -> std::io::Result<()> {
-    let (kind, rx) = match hub.subscribe(want) {
-        Ok(x) => x,
-        Err(e) => {
-            return respond(
-                &conn,
-                "409 Conflict",
-                "text/plain",
-                format!("{e}\n").as_bytes(),
-            )
-        }
-    };
-    let mut w = std::io::BufWriter::new(&conn);
+fn stream(hub: &Hub, want: Option<MediaKind>) -> Reply {
+    match hub.subscribe(want) {
+        Ok((kind, rx)) => Reply::Stream(Box::new(move |conn| stream_to(conn, kind, &rx))),
+        Err(e) => Response::text(409, format!("{e}\n")).into(),
+    }
+}
+
+fn stream_to(mut conn: StreamConn, kind: MediaKind, rx: &Receiver<Msg>) -> io::Result<()> {
     let ctype = match kind {
         MediaKind::Mjpeg => format!("multipart/x-mixed-replace; boundary={BOUNDARY}"),
         MediaKind::Ts => "video/mp2t".to_string(),
     };
-    write!(w, "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n")?;
-    w.flush()?;
-    // A long write timeout: a paused player may read slowly; frames queue then drop.
-    conn.set_write_timeout(Some(Duration::from_secs(30)))?;
-    // Ends at a switch to the other kind (End), or after 30 s without a frame.
-    while let Ok(Msg::Frame(f)) = rx.recv_timeout(Duration::from_secs(30)) {
-        if kind == MediaKind::Mjpeg {
-            write!(
-                w,
-                "--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n",
-                f.len()
-            )?;
-            w.write_all(&f)?;
-            w.write_all(b"\r\n")?;
-        } else {
-            w.write_all(&f)?;
-        }
-        w.flush()?;
-    }
-    w.flush()?;
-    conn.shutdown(std::net::Shutdown::Both)
-}
-
-fn url_decode(s: &str) -> String {
-    let mut out = Vec::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        match c {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = b
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok());
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(c),
-                }
+    conn.send_head(200, &ctype)?;
+    loop {
+        match rx.recv_timeout(IDLE_END) {
+            Ok(Msg::Frame(f)) if kind == MediaKind::Mjpeg => {
+                let head = format!(
+                    "--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n",
+                    f.len()
+                );
+                conn.send(&[head.as_bytes(), &f, b"\r\n"])?;
             }
-            _ => out.push(c),
+            Ok(Msg::Frame(f)) => conn.send(&[&f])?,
+            // A switch to the other kind, or no frame for a long time.
+            Ok(Msg::End) | Err(RecvTimeoutError::Timeout) => return Ok(()),
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "reader too slow: frames dropped for too long",
+                ))
+            }
         }
-        i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-fn page(hub: &Hub, bound: SocketAddr) -> String {
+fn page(hub: &Hub, req: &Request) -> Reply {
     let s = hub.lock();
     let mut list = String::new();
     for c in &s.catalogue {
-        let name = html_escape(&c.name);
+        let name = httpd::escape_html(&c.name);
         let current = s.watching.as_ref().is_some_and(|w| w.name == c.name);
         list.push_str(&format!(
             "<li><form method=\"post\" action=\"/switch\"><input type=\"hidden\" name=\"stream\" value=\"{name}\"><button{}>{name}</button> <small>{}</small>{}</form></li>\n",
@@ -447,24 +372,33 @@ fn page(hub: &Hub, bound: SocketAddr) -> String {
             if current { " &larr; watching" } else { "" },
         ));
     }
+    // The address the browser used, if it is one (else the socket's).
+    let host = req
+        .header("host")
+        .filter(|h| h.parse::<SocketAddr>().is_ok() || h.starts_with("localhost:"))
+        .map(str::to_string)
+        .unwrap_or_else(|| "ADDRESS".into());
     let player = match &s.watching {
         Some(w) if w.kind == MediaKind::Mjpeg => format!(
             "<img id=\"player\" src=\"/stream.mjpeg\" alt=\"{}\">",
-            html_escape(&w.name)
+            httpd::escape_html(&w.name)
         ),
         Some(w) => format!(
-            "<p id=\"player\">{} is MPEG-TS, which browsers do not play: open <a href=\"/stream.ts\">http://{bound}/stream.ts</a> with <code>ffplay</code>, <code>mpv</code> or VLC.</p>",
-            html_escape(&w.name)
+            "<p id=\"player\">{} is MPEG-TS, which browsers do not play: open <a href=\"/stream.ts\">http://{host}/stream.ts</a> with <code>ffplay</code>, <code>mpv</code> or VLC.</p>",
+            httpd::escape_html(&w.name),
+            host = httpd::escape_html(&host),
         ),
         None => "<p id=\"player\">Waiting for the stream…</p>".to_string(),
     };
     let title = s
         .watching
         .as_ref()
-        .map(|w| html_escape(&w.name))
+        .map(|w| httpd::escape_html(&w.name))
         .unwrap_or_else(|| "ott".into());
     let kind = s.watching.as_ref().map(|w| kind_name(w.kind)).unwrap_or("");
-    format!(
+    let shown = httpd::json_for_script(&s.watching.as_ref().map(|w| &w.name));
+    drop(s);
+    let body = format!(
         r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>ott: {title}</title>
 <style>body{{font-family:sans-serif;margin:1em}} #player{{max-width:100%;background:#000}} li{{margin:.2em 0}} form{{display:inline}}</style>
@@ -480,21 +414,17 @@ const shown = {shown};
 setInterval(() => fetch('/streams').then(r => r.json()).then(s => {{ if (s.watching !== shown) location.reload(); }}).catch(() => {{}}), 2000);
 </script>
 </body></html>
-"#,
-        shown = serde_json::to_string(&s.watching.as_ref().map(|w| &w.name))
-            .unwrap_or_else(|_| "null".into()),
-    )
+"#
+    );
+    Response::new(200, "text/html; charset=utf-8", body)
+        .with_header("Content-Security-Policy", "frame-ancestors 'none'")
+        .with_header("X-Frame-Options", "DENY")
+        .into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn test_url_decode() {
-        assert_eq!(url_decode("a+b%20c%2Fd%zz"), "a b c/d%zz");
-        assert_eq!(url_decode("%"), "%");
-    }
 
     #[test]
     fn test_hub_starts_new_subscribers_at_the_last_keyframe() {
@@ -519,5 +449,32 @@ mod tests {
         // A switch to the other kind ends the response.
         hub.set_watching(&StreamInfo::new("m", MediaKind::Mjpeg, 0));
         assert!(matches!(rx.try_recv(), Ok(Msg::End)));
+    }
+
+    #[test]
+    fn test_a_reader_that_never_reads_is_dropped_and_its_queue_is_bounded() {
+        let hub = Hub::new();
+        hub.set_watching(&StreamInfo::new("t", MediaKind::Ts, 0));
+        hub.frame(&Bytes::from_static(b"k"), true);
+        let (_, rx) = hub.subscribe(None).expect("watching");
+        for _ in 0..QUEUE * 3 {
+            hub.frame(&Bytes::from_static(b"f"), false);
+        }
+        // One start frame, then QUEUE live ones; the rest dropped, not queued.
+        assert_eq!(rx.len(), 1 + QUEUE);
+        assert_eq!(hub.dropped_frames(), 2 * QUEUE as u64);
+        assert_eq!(hub.lock().subs.len(), 1, "lagging, not yet for SLOW_READER");
+        // Lagging for longer than SLOW_READER: the subscription goes.
+        if let Some(sub) = hub.lock().subs.first_mut() {
+            sub.lagging_since = Instant::now().checked_sub(SLOW_READER);
+        }
+        hub.frame(&Bytes::from_static(b"f"), false);
+        assert!(hub.lock().subs.is_empty());
+        // The queue is written out, then the response ends as a slow reader's.
+        assert_eq!(rx.try_iter().count(), 1 + QUEUE);
+        assert!(matches!(
+            rx.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        ));
     }
 }

@@ -289,11 +289,14 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(addr) = opts.status {
         crate::status::serve(
             addr,
-            Arc::new(crate::driver::LoopStatus {
-                id: opts.id.clone().unwrap_or_else(|| "client".into()),
-                queries: status_tx,
-                counters: v.counters.clone(),
-            }),
+            crate::http::with_hub(
+                Arc::new(crate::driver::LoopStatus {
+                    id: opts.id.clone().unwrap_or_else(|| "client".into()),
+                    queries: status_tx,
+                    counters: v.counters.clone(),
+                }),
+                v.hub.clone(),
+            ),
         )?;
     }
     let started = Instant::now();
