@@ -595,12 +595,33 @@ fn http_output_plays_in_headless_chromium_and_ffprobe_reads_the_ts_url() {
         "the screenshot's image area is blank ({colours} colours)"
     );
 
-    // Switch to the TS stream from the page's form, and read it as a player would.
+    // Another site's form cannot switch the client, nor can a GET.
     let mut s = TcpStream::connect(http).expect("connect");
-    write!(s, "POST /switch HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 15\r\n\r\nstream=testcard").expect("post");
+    write!(s, "POST /switch HTTP/1.1\r\nHost: {http}\r\nOrigin: http://evil.example\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 15\r\n\r\nstream=testcard").expect("post");
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
-    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let mut s = TcpStream::connect(http).expect("connect");
+    write!(
+        s,
+        "GET /switch?stream=testcard HTTP/1.1\r\nHost: {http}\r\n\r\n"
+    )
+    .expect("get");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(http_get(http, "/streams")
+        .expect("streams")
+        .contains("\"watching\":\"countdown\""));
+
+    // Switch to the TS stream with the page's own button (the browser posts the form
+    // with its Origin), and read it as a player would.
+    let clicked = ws.eval("(() => { const i = document.querySelector('input[name=stream][value=testcard]'); if (!i) return false; i.form.querySelector('button').click(); return true; })()");
+    assert_eq!(
+        clicked.as_bool(),
+        Some(true),
+        "the page has a testcard button"
+    );
     wait_for(
         Duration::from_secs(10),
         "the client watches testcard",
