@@ -9,7 +9,8 @@
 //! # Layout
 //! - [`Service::answer`] is the pure part: a request in, a response out.
 //! - [`Service::serve`] runs it on a bound [`std::net::TcpListener`]: a thread per
-//!   connection, read/write timeouts, a bound on concurrent connections.
+//!   connection, a deadline for each whole request, caps on connections in all and per
+//!   source address (the oldest is closed to make room), counters ([`Service::stats`]).
 //! - [`request`] / [`request_until`] are the client side.
 //! - [`write_frame`] / [`read_frame`] are the framing both sides use: a `u32` big-endian
 //!   length, then a MessagePack (`rmp-serde`) body of at most [`MAX_FRAME_LEN`] bytes.
@@ -29,5 +30,8 @@ mod wire;
 pub use client::{request, request_until, RETRY_INTERVAL};
 pub use error::BootstrapError;
 pub use messages::{Assignment, Peer, Request, Response, ANONYMOUS_CLIENT_ID};
-pub use service::{Service, DEFAULT_IO_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
+pub use service::{
+    Service, ServiceStats, DEFAULT_IO_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_ADDR,
+    MAX_REQUESTS_PER_CONNECTION,
+};
 pub use wire::{read_frame, write_frame, MAX_FRAME_LEN};

@@ -1,13 +1,31 @@
 //! The bootstrapper service: answers requests from a topology.
+//!
+//! # Bounds on what a connection can hold
+//! - Each request must arrive whole within the I/O timeout (5 s), counted from the
+//!   accept or the previous answer, however it is sliced (a deadline, not a timeout per
+//!   read); each answer must be written within it too. At most
+//!   [`MAX_REQUESTS_PER_CONNECTION`] requests per connection.
+//! - At most `max_connections` (256) connections open, `max_per_addr` (64) from one
+//!   source IP address. A new connection past a cap closes the oldest open one (of its
+//!   address; for the global cap, of the address holding the most), which the real
+//!   client of it (if it was one) sees as an I/O error and retries: slow or idle
+//!   connections cannot lock real nodes out, since a real node's exchange takes a
+//!   millisecond. Only when the evicted connections' threads have not finished yet
+//!   (twice the cap open) is a new connection refused ("busy").
+//! - Every cap that bites is counted ([`Service::stats`]) and logged once per burst;
+//!   ids from the network are logged truncated and escaped ([`ott_proto::untrusted`]);
+//!   a refusal of an unknown id lists no ids.
 
-use std::io::{self, ErrorKind};
+use std::collections::HashMap;
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ott_overlay::{AddressPlan, Role, Topology, CONTROL_PORT, DATA_PORT};
+use ott_proto::untrusted;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -15,14 +33,18 @@ use crate::{
     ANONYMOUS_CLIENT_ID,
 };
 
-/// Default read and write timeout of one connection.
+/// Default deadline for each request to arrive whole, and for each answer to be written.
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default bound on connections served at once; more are refused politely.
+/// Default bound on connections open at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default bound on connections open at once from one source IP address.
+pub const DEFAULT_MAX_PER_ADDR: usize = 64;
+/// Requests one connection may send; then it is closed.
+pub const MAX_REQUESTS_PER_CONNECTION: usize = 16;
 /// How long the accept loop sleeps when no connection is waiting.
-const ACCEPT_POLL: Duration = Duration::from_millis(50);
-/// How many ids a refusal lists before it elides the rest.
-const LISTED_IDS: usize = 20;
+const ACCEPT_POLL: Duration = Duration::from_millis(10);
+/// Caps that bite are logged at most once per this interval, with how often they bit.
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The bootstrapper: a topology, an address plan and connection limits.
 #[derive(Debug)]
@@ -31,43 +53,297 @@ pub struct Service {
     plan: AddressPlan,
     io_timeout: Duration,
     max_connections: usize,
-    active: AtomicUsize,
+    max_per_addr: usize,
+    conns: Mutex<Conns>,
+    counters: Counters,
+    bursts: Mutex<Bursts>,
 }
 
-/// Decrements the active-connection count when a connection ends, however it ends.
-struct ActiveGuard<'a>(&'a AtomicUsize);
+/// Counters of a running bootstrapper ([`Service::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Requests answered with an assignment.
+    pub assigned: u64,
+    /// Requests answered with a refusal (unknown id, wrong role, malformed, too long).
+    pub refused: u64,
+    /// Requests that were not a well-formed frame of a request (counted in `refused` too).
+    pub malformed: u64,
+    /// Connections closed because a request did not arrive whole, or an answer could
+    /// not be written, by the deadline.
+    pub timed_out: u64,
+    /// Connections closed to make room for a new one (a cap was full).
+    pub evicted: u64,
+    /// Connections refused at once: twice the cap still open, evicted ones finishing.
+    pub busy: u64,
+}
 
-impl Drop for ActiveGuard<'_> {
+#[derive(Debug, Default)]
+struct Counters {
+    accepted: AtomicU64,
+    assigned: AtomicU64,
+    refused: AtomicU64,
+    malformed: AtomicU64,
+    timed_out: AtomicU64,
+    evicted: AtomicU64,
+    busy: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts how often something happened since it was last logged.
+#[derive(Debug, Default)]
+struct Burst {
+    last: Option<Instant>,
+    count: u64,
+}
+
+impl Burst {
+    /// Note one more; `Some(n)` when it is time to log `n` of them.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        self.count += 1;
+        if self.last.is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Bursts {
+    evicted: Burst,
+    timed_out: Burst,
+    busy: Burst,
+    refused: Burst,
+}
+
+/// An open connection: a handle on its socket, to close it when it is evicted.
+#[derive(Debug)]
+struct Open {
+    ip: IpAddr,
+    since: Instant,
+    handle: TcpStream,
+    evicted: bool,
+}
+
+/// The open connections, by source address.
+#[derive(Debug, Default)]
+struct Conns {
+    next_id: u64,
+    open: HashMap<u64, Open>,
+    /// Connections holding a slot (not evicted), per address and in all.
+    per_ip: HashMap<IpAddr, usize>,
+    held: usize,
+}
+
+impl Conns {
+    /// Make room for a connection from `ip` and register it: its id and how many were
+    /// evicted, or `None` when it must be refused.
+    fn admit(
+        &mut self,
+        ip: IpAddr,
+        handle: TcpStream,
+        now: Instant,
+        max: usize,
+        per_addr: usize,
+    ) -> (Option<u64>, usize) {
+        // Threads of evicted connections end at once; never more than this open.
+        if self.open.len() >= 2 * max {
+            return (None, 0);
+        }
+        let mut evicted = 0;
+        if self.per_ip.get(&ip).copied().unwrap_or(0) >= per_addr && self.evict(Some(ip)) {
+            evicted += 1;
+        }
+        if self.held >= max && self.evict(None) {
+            evicted += 1;
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        self.open.insert(
+            id,
+            Open {
+                ip,
+                since: now,
+                handle,
+                evicted: false,
+            },
+        );
+        self.held += 1;
+        *self.per_ip.entry(ip).or_default() += 1;
+        (Some(id), evicted)
+    }
+
+    /// Close the oldest connection of `ip`, or (`None`) of the address holding the most.
+    fn evict(&mut self, ip: Option<IpAddr>) -> bool {
+        let per_ip = &self.per_ip;
+        let weight = |o: &Open| per_ip.get(&o.ip).copied().unwrap_or(0);
+        let heaviest = self
+            .open
+            .values()
+            .filter(|o| !o.evicted)
+            .map(weight)
+            .max()
+            .unwrap_or(0);
+        let victim = self
+            .open
+            .iter()
+            .filter(|(_, o)| !o.evicted)
+            .filter(|(_, o)| match ip {
+                Some(ip) => o.ip == ip,
+                None => weight(o) == heaviest,
+            })
+            .min_by_key(|(id, o)| (o.since, **id))
+            .map(|(id, _)| *id);
+        let Some(o) = victim.and_then(|id| self.open.get_mut(&id)) else {
+            return false;
+        };
+        // Its thread's read or write fails at once, and the thread ends.
+        let _ = o.handle.shutdown(Shutdown::Both);
+        o.evicted = true;
+        let ip = o.ip;
+        self.release(ip);
+        true
+    }
+
+    fn release(&mut self, ip: IpAddr) {
+        self.held = self.held.saturating_sub(1);
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+
+    fn finish(&mut self, id: u64) {
+        if let Some(o) = self.open.remove(&id) {
+            if !o.evicted {
+                self.release(o.ip);
+            }
+        }
+    }
+}
+
+/// Unregisters a connection when its thread ends, however it ends.
+struct OpenGuard<'a> {
+    service: &'a Service,
+    id: u64,
+}
+
+impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.service.conns().finish(self.id);
+    }
+}
+
+/// Reads and writes a socket until a deadline for all the calls together.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    at: Instant,
+}
+
+impl Deadline<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(ErrorKind::TimedOut, "deadline passed"));
+        }
+        Ok(left)
+    }
+}
+
+fn timed_out(e: io::Error) -> io::Error {
+    if e.kind() == ErrorKind::WouldBlock {
+        io::Error::new(ErrorKind::TimedOut, "deadline passed")
+    } else {
+        e
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        (&mut &*self.stream).read(buf).map_err(timed_out)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        (&mut &*self.stream).write(buf).map_err(timed_out)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (&mut &*self.stream).flush()
     }
 }
 
 impl Service {
     /// A service answering from `topology` with addresses from `plan`, with the default
-    /// limits ([`DEFAULT_IO_TIMEOUT`], [`DEFAULT_MAX_CONNECTIONS`]).
+    /// limits ([`DEFAULT_IO_TIMEOUT`], [`DEFAULT_MAX_CONNECTIONS`],
+    /// [`DEFAULT_MAX_PER_ADDR`]).
     pub fn new(topology: Topology, plan: AddressPlan) -> Self {
         Self {
             topology,
             plan,
             io_timeout: DEFAULT_IO_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            active: AtomicUsize::new(0),
+            max_per_addr: DEFAULT_MAX_PER_ADDR,
+            conns: Mutex::new(Conns::default()),
+            counters: Counters::default(),
+            bursts: Mutex::new(Bursts::default()),
         }
     }
 
-    /// Sets the read and write timeout of each connection (a zero duration is taken as
-    /// one millisecond).
+    /// Sets the deadline for each request to arrive whole and each answer to be written
+    /// (a zero duration is taken as one millisecond).
     pub fn with_io_timeout(mut self, timeout: Duration) -> Self {
         self.io_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
-    /// Sets how many connections are served at once (at least one); further ones get a
-    /// [`Response::Refused`] and are closed.
+    /// Sets how many connections may be open at once (at least one); a new one past it
+    /// closes the oldest of the address holding the most.
     pub fn with_max_connections(mut self, max: usize) -> Self {
         self.max_connections = max.max(1);
         self
+    }
+
+    /// Sets how many connections may be open at once from one source IP address (at
+    /// least one); a new one past it closes that address's oldest.
+    pub fn with_max_per_addr(mut self, max: usize) -> Self {
+        self.max_per_addr = max.max(1);
+        self
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> ServiceStats {
+        let c = &self.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ServiceStats {
+            accepted: g(&c.accepted),
+            assigned: g(&c.assigned),
+            refused: g(&c.refused),
+            malformed: g(&c.malformed),
+            timed_out: g(&c.timed_out),
+            evicted: g(&c.evicted),
+            busy: g(&c.busy),
+        }
+    }
+
+    fn conns(&self) -> MutexGuard<'_, Conns> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Note one more of a burst; `Some(n)` when it is time to log `n`.
+    fn burst(&self, pick: impl FnOnce(&mut Bursts) -> &mut Burst) -> Option<u64> {
+        let mut b = self.bursts.lock().unwrap_or_else(|e| e.into_inner());
+        pick(&mut b).note(Instant::now())
     }
 
     /// The topology served.
@@ -96,9 +372,7 @@ impl Service {
         let t = &self.topology;
         match req {
             Request::Node { id } => {
-                let node = t
-                    .node(id)
-                    .ok_or_else(|| self.unknown_id(id, Role::is_overlay))?;
+                let node = t.node(id).ok_or_else(|| self.unknown_id(id))?;
                 match node.role {
                     Role::Router => {
                         return Err(format!(
@@ -134,9 +408,7 @@ impl Service {
                 })
             }
             Request::Client { id: Some(id) } => {
-                let node = t
-                    .node(id)
-                    .ok_or_else(|| self.unknown_id(id, |r| r == Role::Client))?;
+                let node = t.node(id).ok_or_else(|| self.unknown_id(id))?;
                 if node.role != Role::Client {
                     return Err(format!(
                         "\"{id}\" is a {}, not a client: start it with the program for its role",
@@ -194,45 +466,32 @@ impl Service {
         })
     }
 
-    fn unknown_id(&self, id: &str, eligible: impl Fn(Role) -> bool) -> String {
-        let ids: Vec<&str> = self
-            .topology
-            .nodes
-            .iter()
-            .filter(|n| eligible(n.role))
-            .map(|n| n.id.as_str())
-            .collect();
-        let mut list = ids
-            .iter()
-            .take(LISTED_IDS)
-            .copied()
-            .collect::<Vec<_>>()
-            .join(", ");
-        if ids.len() > LISTED_IDS {
-            list.push_str(&format!(", ... ({} more)", ids.len() - LISTED_IDS));
-        }
-        if ids.is_empty() {
-            list.push_str("no such node");
-        }
+    /// The refusal of an id the topology does not have. It lists no ids: whoever asks
+    /// with an unknown id learns nothing about the overlay.
+    fn unknown_id(&self, id: &str) -> String {
         format!(
-            "unknown node id \"{id}\" (topology {} has: {list})",
+            "unknown node id \"{}\" in topology {}",
+            untrusted(id),
             self.topology.name
         )
     }
 
     /// Serves requests on `listener` until `stop` is set.
     ///
-    /// Each connection gets its own thread, read/write timeouts, and may send several
-    /// requests; malformed or oversized frames get a [`Response::Refused`] and the
-    /// connection is closed. Connections past the limit are answered with a refusal and
-    /// closed. Checks `stop` at least every 50 ms; connection threads still running
-    /// when it returns end by themselves within the I/O timeout.
+    /// Each connection gets its own thread, and may send up to
+    /// [`MAX_REQUESTS_PER_CONNECTION`] requests, each within the I/O timeout; malformed
+    /// or oversized frames get a [`Response::Refused`] and the connection is closed.
+    /// The connection caps are in the module documentation. Checks `stop` at least every
+    /// 10 ms; connection threads still running when it returns end by themselves within
+    /// the I/O timeout.
     pub fn serve(self: Arc<Self>, listener: TcpListener, stop: Arc<AtomicBool>) -> io::Result<()> {
         listener.set_nonblocking(true)?;
         info!(
             addr = ?listener.local_addr().ok(),
             topology = %self.topology.name,
             plan = %self.plan,
+            max_connections = self.max_connections,
+            max_per_addr = self.max_per_addr,
             "bootstrapper listening"
         );
         while !stop.load(Ordering::Acquire) {
@@ -252,16 +511,38 @@ impl Service {
         Ok(())
     }
 
-    /// Hands an accepted connection to a thread, or refuses it when at the limit.
+    /// Registers an accepted connection (making room under the caps) and hands it to a
+    /// thread, or refuses it when even evicting cannot make room.
     fn admit(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let previous = self.active.fetch_add(1, Ordering::AcqRel);
-        if previous >= self.max_connections {
-            self.active.fetch_sub(1, Ordering::AcqRel);
-            warn!(%peer, limit = self.max_connections, "too many connections, refusing");
-            let reason = format!(
-                "bootstrapper busy: {} connections already open, retry later",
-                self.max_connections
-            );
+        bump(&self.counters.accepted);
+        let handle = match stream.try_clone() {
+            Ok(h) => h,
+            Err(e) => {
+                debug!(%peer, error = %e, "cannot register a connection");
+                return;
+            }
+        };
+        let (id, evicted) = self.conns().admit(
+            peer.ip(),
+            handle,
+            Instant::now(),
+            self.max_connections,
+            self.max_per_addr,
+        );
+        for _ in 0..evicted {
+            bump(&self.counters.evicted);
+            if let Some(n) = self.burst(|b| &mut b.evicted) {
+                warn!(%peer, evicted = n, max_connections = self.max_connections,
+                    max_per_addr = self.max_per_addr,
+                    "connection cap reached: oldest connections closed to make room");
+            }
+        }
+        let Some(id) = id else {
+            bump(&self.counters.busy);
+            if let Some(n) = self.burst(|b| &mut b.busy) {
+                warn!(%peer, refused = n, "too many connections still closing, refusing");
+            }
+            let reason = "bootstrapper busy: too many connections, retry later".to_string();
             // Best effort, with a short timeout: the accept loop must not stall.
             let _ = stream.set_nonblocking(false);
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
@@ -269,63 +550,89 @@ impl Service {
             let _ = write_frame(&mut stream, &Response::Refused { reason });
             let _ = stream.shutdown(Shutdown::Both);
             return;
-        }
+        };
         let service = Arc::clone(self);
         let spawned = thread::Builder::new()
             .name("bootstrap-conn".into())
             .spawn(move || {
-                let _guard = ActiveGuard(&service.active);
+                let _guard = OpenGuard {
+                    service: &service,
+                    id,
+                };
                 service.handle_connection(stream, peer);
             });
         if let Err(e) = spawned {
-            // The closure (and its guard) never ran: undo the count ourselves.
-            self.active.fetch_sub(1, Ordering::AcqRel);
+            // The closure (and its guard) never ran: unregister ourselves.
+            self.conns().finish(id);
             warn!(%peer, error = %e, "cannot spawn a connection thread");
         }
     }
 
-    /// Serves one connection until the peer closes it, goes silent or misbehaves.
-    fn handle_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
-        let setup = stream
-            .set_nonblocking(false)
-            .and_then(|()| stream.set_read_timeout(Some(self.io_timeout)))
-            .and_then(|()| stream.set_write_timeout(Some(self.io_timeout)));
-        if let Err(e) = setup {
+    /// Serves one connection until the peer closes it, misses a deadline, misbehaves or
+    /// has sent [`MAX_REQUESTS_PER_CONNECTION`] requests.
+    fn handle_connection(&self, stream: TcpStream, peer: SocketAddr) {
+        if let Err(e) = stream.set_nonblocking(false) {
             debug!(%peer, error = %e, "cannot set up connection");
             return;
         }
         let _ = stream.set_nodelay(true);
-        loop {
-            let req: Request = match read_frame(&mut stream) {
+        for _ in 0..MAX_REQUESTS_PER_CONNECTION {
+            let mut io = Deadline {
+                stream: &stream,
+                at: Instant::now() + self.io_timeout,
+            };
+            let req: Request = match read_frame(&mut io) {
                 Ok(req) => req,
                 Err(BootstrapError::Io(e)) => {
-                    if e.kind() != ErrorKind::UnexpectedEof {
-                        debug!(%peer, error = %e, "connection ended");
-                    }
+                    self.io_ended(peer, &e, "request");
                     return;
                 }
                 Err(e) => {
-                    info!(%peer, error = %e, "bad request, closing");
-                    let reason = e.to_string();
-                    let _ = write_frame(&mut stream, &Response::Refused { reason });
+                    bump(&self.counters.malformed);
+                    bump(&self.counters.refused);
+                    // The decoder's message may quote what was sent.
+                    let reason = untrusted(&e.to_string()).to_string();
+                    if let Some(n) = self.burst(|b| &mut b.refused) {
+                        info!(%peer, error = %reason, since_last_logged = n, "bad request, closing");
+                    }
+                    let _ = write_frame(&mut io, &Response::Refused { reason });
                     let _ = stream.shutdown(Shutdown::Both);
                     return;
                 }
             };
             let resp = self.answer(&req);
+            let (kind, id) = match &req {
+                Request::Node { id } => ("node", Some(id.as_str())),
+                Request::Client { id } => ("client", id.as_deref()),
+            };
+            let id = untrusted(id.unwrap_or(ANONYMOUS_CLIENT_ID));
             match &resp {
-                Response::Assigned(a) => info!(
-                    %peer, id = %a.id, role = %a.role,
-                    neighbours = a.neighbours.len(), "assigned"
-                ),
-                Response::Refused { reason } => info!(%peer, ?req, %reason, "refused"),
+                Response::Assigned(a) => {
+                    bump(&self.counters.assigned);
+                    info!(%peer, id = %a.id, role = %a.role,
+                        neighbours = a.neighbours.len(), "assigned");
+                }
+                Response::Refused { reason } => {
+                    bump(&self.counters.refused);
+                    if let Some(n) = self.burst(|b| &mut b.refused) {
+                        info!(%peer, kind, %id, %reason, since_last_logged = n, "refused");
+                    }
+                }
             }
-            match write_frame(&mut stream, &resp) {
+            let mut io = Deadline {
+                stream: &stream,
+                at: Instant::now() + self.io_timeout,
+            };
+            match write_frame(&mut io, &resp) {
                 Ok(()) => {}
                 Err(BootstrapError::TooLong(n)) => {
                     warn!(%peer, bytes = n, "assignment too large to send");
                     let reason = format!("assignment too large to send ({n} bytes)");
-                    let _ = write_frame(&mut stream, &Response::Refused { reason });
+                    let _ = write_frame(&mut io, &Response::Refused { reason });
+                    return;
+                }
+                Err(BootstrapError::Io(e)) => {
+                    self.io_ended(peer, &e, "answer");
                     return;
                 }
                 Err(e) => {
@@ -333,6 +640,22 @@ impl Service {
                     return;
                 }
             }
+        }
+        debug!(%peer, max = MAX_REQUESTS_PER_CONNECTION, "request limit reached, closing");
+    }
+
+    /// A connection ended on an I/O error: count and log a missed deadline.
+    fn io_ended(&self, peer: SocketAddr, e: &io::Error, what: &str) {
+        match e.kind() {
+            ErrorKind::TimedOut => {
+                bump(&self.counters.timed_out);
+                if let Some(n) = self.burst(|b| &mut b.timed_out) {
+                    info!(%peer, timed_out = n, deadline_ms = self.io_timeout.as_millis() as u64,
+                        "{what} not complete by the deadline, closing");
+                }
+            }
+            ErrorKind::UnexpectedEof => {}
+            _ => debug!(%peer, error = %e, "connection ended"),
         }
     }
 }
@@ -450,13 +773,13 @@ ends = ["g1", "c1"]
         let s = service(AddressPlan::Loopback);
         assert_eq!(
             refused(s.answer(&Request::Node { id: "x9".into() })),
-            "unknown node id \"x9\" (topology tiny has: s1, r1, p1, p2)"
+            "unknown node id \"x9\" in topology tiny"
         );
         assert_eq!(
             refused(s.answer(&Request::Client {
                 id: Some("x9".into())
             })),
-            "unknown node id \"x9\" (topology tiny has: c1)"
+            "unknown node id \"x9\" in topology tiny"
         );
         assert!(refused(s.answer(&Request::Node { id: "g1".into() })).contains("router"));
         assert!(refused(s.answer(&Request::Node { id: "c1".into() })).contains("client"));
@@ -469,19 +792,64 @@ ends = ["g1", "c1"]
     }
 
     #[test]
-    fn long_id_lists_are_elided() {
-        let mut text = String::from("name = \"big\"\nbootstrapper = \"s0\"\n");
-        for i in 0..30 {
-            let role = if i == 0 { "server" } else { "client" };
-            text.push_str(&format!("[[node]]\nid = \"s{i}\"\nrole = \"{role}\"\n"));
+    fn an_unknown_id_learns_no_ids_and_is_cut_short() {
+        let s = service(AddressPlan::Loopback);
+        let long = format!("{}\n\u{1b}[2J", "z".repeat(64 * 1024));
+        let reason = refused(s.answer(&Request::Node { id: long }));
+        for known in ["s1", "r1", "p1", "p2", "c1"] {
+            assert!(!reason.contains(known), "{reason}");
         }
-        let s = Service::new(
-            Topology::parse(&text, "big.toml").expect("valid"),
-            AddressPlan::Loopback,
+        assert!(reason.len() < 200, "{} bytes", reason.len());
+        assert!(
+            !reason.contains('\n') && !reason.contains('\u{1b}'),
+            "{reason}"
         );
-        let reason = refused(s.answer(&Request::Client {
-            id: Some("zz".into()),
-        }));
-        assert!(reason.ends_with(", s20, ... (9 more))"), "{reason}");
+        assert!(reason.contains("...(+"), "{reason}");
+    }
+
+    #[test]
+    fn the_oldest_connection_of_the_heaviest_address_makes_room() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let to = listener.local_addr().expect("addr");
+        let handle = || TcpStream::connect(to).expect("connect");
+        let (a, b, c) = (
+            IpAddr::from([127, 0, 0, 2]),
+            IpAddr::from([127, 0, 0, 3]),
+            IpAddr::from([127, 0, 0, 4]),
+        );
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut conns = Conns::default();
+        let (max, per_addr) = (3, 2);
+        let admit = |conns: &mut Conns, ip, ms| conns.admit(ip, handle(), at(ms), max, per_addr);
+        let (Some(b1), 0) = admit(&mut conns, b, 0) else {
+            panic!("room")
+        };
+        let (Some(a1), 0) = admit(&mut conns, a, 1) else {
+            panic!("room")
+        };
+        let (Some(a2), 0) = admit(&mut conns, a, 2) else {
+            panic!("room")
+        };
+        // a's third: a's oldest goes, not b's older one.
+        let (Some(_a3), 1) = admit(&mut conns, a, 3) else {
+            panic!("evicts")
+        };
+        assert!(conns.open[&a1].evicted && !conns.open[&b1].evicted);
+        // c's first, at the global cap: the oldest of a (holding the most) goes.
+        let (Some(_c1), 1) = admit(&mut conns, c, 4) else {
+            panic!("evicts")
+        };
+        assert!(conns.open[&a2].evicted && !conns.open[&b1].evicted);
+        assert_eq!((conns.held, conns.per_ip[&a]), (3, 1));
+        // Twice the cap open (evicted threads not finished): refused.
+        let _ = admit(&mut conns, b, 5);
+        assert_eq!(conns.open.len(), 6);
+        assert!(admit(&mut conns, b, 6).0.is_none());
+        let ids: Vec<u64> = conns.open.keys().copied().collect();
+        for id in ids {
+            conns.finish(id);
+        }
+        assert_eq!((conns.held, conns.per_ip.len()), (0, 0));
     }
 }
