@@ -372,12 +372,13 @@ fn page(hub: &Hub, req: &Request) -> Reply {
             if current { " &larr; watching" } else { "" },
         ));
     }
-    // The address the browser used, if it is one (else the socket's).
+    // The address the browser used, if it is an address (a name could be anyone's).
     let host = req
         .header("host")
-        .filter(|h| h.parse::<SocketAddr>().is_ok() || h.starts_with("localhost:"))
-        .map(str::to_string)
-        .unwrap_or_else(|| "ADDRESS".into());
+        .map(str::trim)
+        .filter(|h| httpd::host_is_address(h))
+        .unwrap_or("ADDRESS:PORT")
+        .to_string();
     let player = match &s.watching {
         Some(w) if w.kind == MediaKind::Mjpeg => format!(
             "<img id=\"player\" src=\"/stream.mjpeg\" alt=\"{}\">",

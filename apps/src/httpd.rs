@@ -1255,7 +1255,7 @@ fn origin_of(url: &str) -> Option<String> {
 }
 
 /// Whether a `Host` header names an IP address or localhost (port optional).
-fn host_is_address(host: &str) -> bool {
+pub fn host_is_address(host: &str) -> bool {
     let name = if let Some(rest) = host.strip_prefix('[') {
         match rest.split_once(']') {
             Some((v6, port)) if port.is_empty() || is_port(port.strip_prefix(':')) => v6,
