@@ -95,7 +95,11 @@ fn missing_programs_warning(bin_dir: &Path, needed: &[&str]) -> Option<String> {
         return None;
     }
     let place = if bin_dir.is_dir() {
-        format!("{} has no executable {}", bin_dir.display(), missing.join(", "))
+        format!(
+            "{} has no executable {}",
+            bin_dir.display(),
+            missing.join(", ")
+        )
     } else {
         format!(
             "{} does not exist here, so the scenario's programs ({}) are not there",
@@ -572,7 +576,10 @@ mod tests {
             "test",
         )
         .expect("parses");
-        assert_eq!(programs_needed(&t), ["ott-bootstrap", "ott-server", "ott-node"]);
+        assert_eq!(
+            programs_needed(&t),
+            ["ott-bootstrap", "ott-server", "ott-node"]
+        );
     }
 
     #[test]
