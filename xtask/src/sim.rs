@@ -11,7 +11,7 @@
 //! server are counted apart. When no relay is on a viewer's path (a tiny overlay, a
 //! topology without relays or viewers) it says so and kills nothing.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -172,15 +172,19 @@ fn build(args: &SimArgs) -> anyhow::Result<(Sim, String)> {
 }
 
 /// For every node, the servers it reaches over the overlay links (all up).
-fn reachable_servers(sim: &Sim, nodes: &[String]) -> BTreeMap<String, Vec<String>> {
+fn reachable_servers(
+    sim: &Sim,
+    adj: &Adjacency,
+    nodes: &[String],
+) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for s in sim.ids_with_role(Role::Server) {
         let mut seen = BTreeSet::from([s.clone()]);
         let mut queue = VecDeque::from([s.clone()]);
         while let Some(x) = queue.pop_front() {
-            for y in sim.neighbours_of(&x) {
+            for y in adj.get(&x).into_iter().flatten() {
                 if seen.insert(y.clone()) {
-                    queue.push_back(y);
+                    queue.push_back(y.clone());
                 }
             }
         }
@@ -210,9 +214,24 @@ fn relays_on_viewer_paths(sim: &Sim) -> BTreeSet<String> {
     active
 }
 
+/// Overlay adjacency of the nodes (clients left out), built once: `Sim::neighbours_of`
+/// scans every link.
+type Adjacency = HashMap<String, Vec<String>>;
+
+fn adjacency(sim: &Sim) -> Adjacency {
+    let mut adj = Adjacency::new();
+    for (a, b) in sim.links() {
+        if sim.role(&a).is_some() && sim.role(&b).is_some() {
+            adj.entry(a.clone()).or_default().push(b.clone());
+            adj.entry(b).or_default().push(a);
+        }
+    }
+    adj
+}
+
 /// Whether killing `victim` would leave some running PoP that now reaches a server
-/// with no path to any server (through running nodes).
-fn would_cut_off_a_pop(sim: &Sim, victim: &str, servers: &[String]) -> bool {
+/// with no path to any server (through running nodes and up links).
+fn would_cut_off_a_pop(sim: &Sim, adj: &Adjacency, victim: &str, servers: &[String]) -> bool {
     let reach = |without: Option<&str>| {
         let mut seen: BTreeSet<String> = servers
             .iter()
@@ -221,13 +240,13 @@ fn would_cut_off_a_pop(sim: &Sim, victim: &str, servers: &[String]) -> bool {
             .collect();
         let mut queue: VecDeque<String> = seen.iter().cloned().collect();
         while let Some(x) = queue.pop_front() {
-            for y in sim.neighbours_of(&x) {
+            for y in adj.get(&x).into_iter().flatten() {
                 if Some(y.as_str()) != without
-                    && sim.is_running(&y)
-                    && sim.link_is_up(&x, &y)
+                    && sim.is_running(y)
+                    && sim.link_is_up(&x, y)
                     && seen.insert(y.clone())
                 {
-                    queue.push_back(y);
+                    queue.push_back(y.clone());
                 }
             }
         }
@@ -275,7 +294,7 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
         args.seed
     )?;
     let stream = stream_id_for(SIM_STREAM);
-    let reach = reachable_servers(&sim, &nodes);
+    let reach = reachable_servers(&sim, &adjacency(&sim), &nodes);
     let no_servers = Vec::new();
     let server_of = |n: &String| reach.get(n).unwrap_or(&no_servers);
     sim.start();
@@ -368,6 +387,7 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
         )?,
     }
     let servers_ids = sim.ids_with_role(Role::Server);
+    let adj = adjacency(&sim);
     for k in 0..args.failures {
         if nothing_to_kill.is_some() {
             break;
@@ -390,7 +410,7 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
         // measure, not a partition.
         let safe: Vec<String> = active
             .iter()
-            .filter(|r| !would_cut_off_a_pop(&sim, r, &servers_ids))
+            .filter(|r| !would_cut_off_a_pop(&sim, &adj, r, &servers_ids))
             .cloned()
             .collect();
         let pool = if safe.is_empty() { &active } else { &safe };
@@ -694,13 +714,15 @@ mod tests {
         };
         let s1 = ["s1".to_owned()];
         let line = load("line.toml");
-        assert!(would_cut_off_a_pop(&line, "r1", &s1));
-        assert!(would_cut_off_a_pop(&line, "r2", &s1));
+        let adj = adjacency(&line);
+        assert!(would_cut_off_a_pop(&line, &adj, "r1", &s1));
+        assert!(would_cut_off_a_pop(&line, &adj, "r2", &s1));
         let mut diamond = load("diamond.toml");
-        assert!(!would_cut_off_a_pop(&diamond, "ra", &s1));
-        assert!(!would_cut_off_a_pop(&diamond, "rb", &s1));
+        let adj = adjacency(&diamond);
+        assert!(!would_cut_off_a_pop(&diamond, &adj, "ra", &s1));
+        assert!(!would_cut_off_a_pop(&diamond, &adj, "rb", &s1));
         diamond.kill("ra");
-        assert!(would_cut_off_a_pop(&diamond, "rb", &s1));
+        assert!(would_cut_off_a_pop(&diamond, &adj, "rb", &s1));
     }
 
     #[test]
