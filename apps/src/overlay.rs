@@ -17,7 +17,7 @@ use crate::dataplane::DataCmd;
 use crate::driver::{spawn_receiver, LoopStatus, NodeLoop};
 use crate::net::bind_udp;
 
-/// Ask the bootstrapper who `id` is, retrying while it is not up yet.
+/// Ask the bootstrapper who `id` is, retrying while it is not up yet or busy.
 pub fn bootstrap(addr: SocketAddr, req: Request, wait: Duration) -> anyhow::Result<Assignment> {
     let deadline = Instant::now() + wait;
     ott_bootstrap::request_until(addr, &req, deadline)

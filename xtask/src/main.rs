@@ -4,7 +4,8 @@
 //! - `core-launch`: a topology as a CORE scenario (`.imn`, or XML for CORE 8+).
 //! - `emulate`: a topology in network namespaces with emulated links and timed faults.
 //! - `bench`: the relay data path against a minimal batched relay.
-//! - `sim`: a random overlay of N nodes in the simulator: convergence, loops, failover.
+//! - `sim`: a random overlay of N nodes, or a topology file's overlay, in the simulator:
+//!   convergence, loops, failover.
 
 mod bench;
 mod core;
@@ -38,8 +39,9 @@ enum Cmd {
     /// Measure the relay's forwarding (packets/s, Mbit/s, latency per hop, CPU per GB)
     /// against a minimal recvmmsg/sendmmsg relay, on loopback.
     Bench(bench::BenchArgs),
-    /// Simulate a random overlay of N nodes, kill relays, print convergence time, loop
-    /// checks, failover times and control traffic.
+    /// Simulate a random overlay of N nodes (or a topology file's overlay with
+    /// --topology), kill relays on viewers' stream paths (never servers or PoPs), print
+    /// convergence time, loop checks, failover times and control traffic.
     Sim(sim::SimArgs),
 }
 

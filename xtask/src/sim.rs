@@ -1,34 +1,93 @@
-//! `cargo xtask sim`: a random overlay of N nodes in the deterministic simulator.
+//! `cargo xtask sim`: an overlay in the deterministic simulator.
 //!
-//! Builds a random connected overlay (one server, relays, PoPs, clients watching one
-//! stream), lets the tree form, then kills random relays on active paths one after the
-//! other, checking loop freedom after every step, and prints convergence time, loop
-//! checks, failover times (median, p99, max) and control messages per node per second.
+//! Builds either a random connected overlay of N nodes (one server `s0`, relays, PoPs,
+//! viewers watching one stream) or the overlay of a topology file (its servers, relays,
+//! PoPs and overlay pairs, as `Sim::from_topology` builds it, with one viewer per client
+//! of the file given every PoP), lets the tree form, then kills relays on viewers'
+//! stream paths one after the other (never a server or a PoP; preferably a relay whose
+//! loss leaves every PoP a path to a server), checking loop freedom after every step,
+//! and prints convergence time, loop checks, failover times (median, p99, max) and
+//! control messages per node per second. Nodes and viewers a kill cuts off from every
+//! server are counted apart. When no relay is on a viewer's path (a tiny overlay, a
+//! topology without relays or viewers) it says so and kills nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::io::Write;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use ott_overlay::Topology;
 use ott_proto::stream_id_for;
 use ott_tree::sim::{RandomOverlay, Sim, SIM_STREAM};
 use ott_tree::Role;
 
-#[derive(clap::Args)]
+/// Viewers of the random overlay when `--clients` is not given.
+const DEFAULT_CLIENTS: usize = 50;
+
+#[derive(clap::Args, Debug, Clone)]
 pub(crate) struct SimArgs {
-    /// Overlay nodes, the server included.
-    #[arg(long, default_value_t = 1000)]
+    /// Simulate this topology file's overlay (servers, relays, PoPs, overlay pairs; one
+    /// viewer per client of the file, given every PoP) instead of a random one.
+    #[arg(long, value_name = "FILE")]
+    topology: Option<PathBuf>,
+    /// Nodes of the random overlay, the server included (at least 2).
+    #[arg(long, default_value_t = 1000, conflicts_with = "topology")]
     nodes: usize,
     /// Seed of the graph, the links and every node: the same seed gives the same run.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Average number of overlay neighbours per node.
-    #[arg(long, default_value_t = 4)]
+    /// Average number of overlay neighbours per node of the random overlay.
+    #[arg(long, default_value_t = 4, conflicts_with = "topology")]
     degree: usize,
-    /// Relays on active paths to kill, one after the other.
+    /// Relays on viewers' stream paths to kill, one after the other (servers and PoPs
+    /// are never killed). Fewer are killed when fewer such relays are left.
     #[arg(long, default_value_t = 10)]
     failures: usize,
-    /// Viewers, each given three random PoPs.
-    #[arg(long, default_value_t = 50)]
-    clients: usize,
+    /// Viewers. Random overlay: each given three random PoPs (default 50). Topology:
+    /// this many viewers given every PoP, instead of one per client of the file.
+    #[arg(long)]
+    clients: Option<usize>,
+}
+
+impl Default for SimArgs {
+    fn default() -> Self {
+        Self {
+            topology: None,
+            nodes: 1000,
+            seed: 1,
+            degree: 4,
+            failures: 10,
+            clients: None,
+        }
+    }
+}
+
+/// What a run found, for the exit status and the tests.
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    /// Overlay nodes by role.
+    pub(crate) roles: BTreeMap<String, Role>,
+    /// Viewers watching the stream.
+    pub(crate) viewers: usize,
+    /// When every node had a route to every server it can reach, if it happened.
+    pub(crate) converged: Option<Duration>,
+    /// The killed nodes, in order.
+    pub(crate) killed: Vec<String>,
+    /// Nodes on the dead relay's side that reached no server any more after a kill.
+    pub(crate) nodes_cut_off: BTreeSet<String>,
+    /// Viewers none of whose PoPs reached a server after a kill.
+    pub(crate) cut_off: BTreeSet<String>,
+    /// Why fewer than `--failures` were killed, if so.
+    pub(crate) fewer_kills: Option<String>,
+    pub(crate) loop_violations: u64,
+    /// What the final whole-network check found, if anything.
+    pub(crate) final_violation: Option<String>,
+}
+
+/// `1 relay`, `3 relays`.
+fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -45,67 +104,223 @@ fn dist(v: &mut [Duration]) -> Option<(Duration, Duration, Duration)> {
     Some((at(0.5), at(0.99), v[v.len() - 1]))
 }
 
-fn print_dist(what: &str, v: &mut [Duration]) {
+fn print_dist(out: &mut dyn Write, what: &str, v: &mut [Duration]) -> std::io::Result<()> {
     match dist(v) {
-        Some((m, p, x)) => println!(
+        Some((m, p, x)) => writeln!(
+            out,
             "{what:<34} n={:<5} median={:>6.0} ms  p99={:>6.0} ms  max={:>6.0} ms",
             v.len(),
             ms(m),
             ms(p),
             ms(x)
         ),
-        None => println!("{what:<34} none affected"),
+        None => writeln!(out, "{what:<34} none affected"),
     }
 }
 
 pub(crate) fn run(args: SimArgs) -> anyhow::Result<()> {
-    if args.nodes < 3 {
-        anyhow::bail!("--nodes must be at least 3 (a server and two others)");
+    let mut out = std::io::stdout().lock();
+    let report = simulate(&args, &mut out)?;
+    if report.loop_violations > 0 || report.final_violation.is_some() {
+        anyhow::bail!("the loop-freedom invariant was broken");
     }
+    Ok(())
+}
+
+/// The network to simulate and the line that describes it.
+fn build(args: &SimArgs) -> anyhow::Result<(Sim, String)> {
+    let Some(file) = &args.topology else {
+        if args.nodes < 2 {
+            anyhow::bail!(
+                "--nodes must be at least 2 (a server and a PoP), got {}",
+                args.nodes
+            );
+        }
+        let mut p = RandomOverlay::new(args.nodes, args.degree, args.seed);
+        p.clients = args.clients.unwrap_or(DEFAULT_CLIENTS);
+        return Ok((Sim::random(&p), "random overlay".to_owned()));
+    };
+    // As given, else relative to the workspace root (where `cargo xtask` is usually run).
+    let path = if file.exists() {
+        file.clone()
+    } else {
+        crate::project_root().join(file)
+    };
+    let t = Topology::load(&path)
+        .with_context(|| format!("cannot simulate the topology {}", file.display()))?;
+    let mut sim = Sim::from_topology(&t, args.seed);
+    let pops = sim.pop_ids();
+    let pops: Vec<&str> = pops.iter().map(String::as_str).collect();
+    if !pops.is_empty() {
+        let viewers: Vec<String> = match args.clients {
+            Some(k) => {
+                let taken = |id: &str| t.node(id).is_some();
+                (0..)
+                    .map(|i| format!("v{i}"))
+                    .filter(|id| !taken(id))
+                    .take(k)
+                    .collect()
+            }
+            None => t.clients().iter().map(|c| c.id.clone()).collect(),
+        };
+        for v in viewers {
+            sim.add_client(&v, &pops);
+            sim.select_stream(&v, SIM_STREAM);
+        }
+    }
+    Ok((sim, format!("topology {} ({})", t.name, file.display())))
+}
+
+/// For every node, the servers it reaches over the overlay links (all up).
+fn reachable_servers(
+    sim: &Sim,
+    adj: &Adjacency,
+    nodes: &[String],
+) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for s in sim.ids_with_role(Role::Server) {
+        let mut seen = BTreeSet::from([s.clone()]);
+        let mut queue = VecDeque::from([s.clone()]);
+        while let Some(x) = queue.pop_front() {
+            for y in adj.get(&x).into_iter().flatten() {
+                if seen.insert(y.clone()) {
+                    queue.push_back(y.clone());
+                }
+            }
+        }
+        for n in nodes.iter().filter(|n| seen.contains(*n)) {
+            out.entry(n.clone()).or_default().push(s.clone());
+        }
+    }
+    out
+}
+
+/// Running relays on the stream path of a viewer's PoP.
+fn relays_on_viewer_paths(sim: &Sim) -> BTreeSet<String> {
+    let stream = stream_id_for(SIM_STREAM);
+    let mut active = BTreeSet::new();
+    for c in sim.client_ids() {
+        if !sim.is_running(&c) {
+            continue;
+        }
+        if let Some(pop) = sim.client(&c).pop() {
+            for n in sim.stream_path(pop, stream) {
+                if sim.role(&n) == Some(Role::Relay) {
+                    active.insert(n);
+                }
+            }
+        }
+    }
+    active
+}
+
+/// Overlay adjacency of the nodes (clients left out), built once: `Sim::neighbours_of`
+/// scans every link.
+type Adjacency = HashMap<String, Vec<String>>;
+
+fn adjacency(sim: &Sim) -> Adjacency {
+    let mut adj = Adjacency::new();
+    for (a, b) in sim.links() {
+        if sim.role(&a).is_some() && sim.role(&b).is_some() {
+            adj.entry(a.clone()).or_default().push(b.clone());
+            adj.entry(b).or_default().push(a);
+        }
+    }
+    adj
+}
+
+/// Whether killing `victim` would leave some running PoP that now reaches a server
+/// with no path to any server (through running nodes and up links).
+fn would_cut_off_a_pop(sim: &Sim, adj: &Adjacency, victim: &str, servers: &[String]) -> bool {
+    let reach = |without: Option<&str>| {
+        let mut seen: BTreeSet<String> = servers
+            .iter()
+            .filter(|s| sim.is_running(s) && Some(s.as_str()) != without)
+            .cloned()
+            .collect();
+        let mut queue: VecDeque<String> = seen.iter().cloned().collect();
+        while let Some(x) = queue.pop_front() {
+            for y in adj.get(&x).into_iter().flatten() {
+                if Some(y.as_str()) != without
+                    && sim.is_running(y)
+                    && sim.link_is_up(&x, y)
+                    && seen.insert(y.clone())
+                {
+                    queue.push_back(y.clone());
+                }
+            }
+        }
+        seen
+    };
+    let (now, after) = (reach(None), reach(Some(victim)));
+    sim.pop_ids()
+        .iter()
+        .any(|p| now.contains(p) && !after.contains(p))
+}
+
+/// Run the experiment, writing the report to `out`.
+pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Report> {
     let wall = Instant::now();
-    let mut p = RandomOverlay::new(args.nodes, args.degree, args.seed);
-    p.clients = args.clients;
-    let mut sim = Sim::random(&p);
+    let (mut sim, what) = build(args)?;
     // Fine-grained media, so that outages are measured to 20 ms.
     sim.set_media_period(Duration::from_millis(20));
     sim.check_loops_each_step(true);
     let nodes: Vec<String> = sim.node_ids();
+    let mut report = Report {
+        roles: nodes
+            .iter()
+            .filter_map(|n| Some((n.clone(), sim.role(n)?)))
+            .collect(),
+        viewers: sim.client_ids().len(),
+        ..Report::default()
+    };
+    let count = |r: Role| report.roles.values().filter(|&&x| x == r).count();
+    let (servers, relays, pops) = (count(Role::Server), count(Role::Relay), count(Role::Pop));
     let node_links = sim
         .links()
         .iter()
         .filter(|(a, b)| sim.role(a).is_some() && sim.role(b).is_some())
         .count();
-    let pops = sim.pop_ids().len();
-    println!(
-        "overlay: {} nodes ({} PoPs), {} links (average degree {:.1}), {} clients, seed {}",
+    writeln!(
+        out,
+        "{what}: {} nodes ({}, {}, {}), {} links (average degree {:.1}), {}, seed {}",
         nodes.len(),
-        pops,
+        plural(servers, "server"),
+        plural(relays, "relay"),
+        plural(pops, "PoP"),
         node_links,
-        2.0 * node_links as f64 / nodes.len() as f64,
-        args.clients,
+        2.0 * node_links as f64 / nodes.len().max(1) as f64,
+        plural(report.viewers, "viewer"),
         args.seed
-    );
+    )?;
     let stream = stream_id_for(SIM_STREAM);
+    let reach = reachable_servers(&sim, &adjacency(&sim), &nodes);
+    let no_servers = Vec::new();
+    let server_of = |n: &String| reach.get(n).unwrap_or(&no_servers);
     sim.start();
-    let relays: Vec<String> = nodes
+    let below: Vec<String> = nodes
         .iter()
         .filter(|n| sim.role(n) != Some(Role::Server))
         .cloned()
         .collect();
-    let mut converged = None;
     while sim.elapsed() < Duration::from_secs(20) {
         sim.run_for(Duration::from_millis(50));
-        if relays.iter().all(|n| sim.node(n).parent("s0").is_some()) {
-            converged = Some(sim.elapsed());
+        let routed = |n: &String| {
+            sim.try_node(n)
+                .is_some_and(|x| server_of(n).iter().all(|s| x.parent(s).is_some()))
+        };
+        if below.iter().all(routed) {
+            report.converged = Some(sim.elapsed());
             break;
         }
     }
-    match converged {
-        Some(t) => println!(
-            "convergence: every node has a parent after {:.0} ms (announcements every 1 s)",
+    match report.converged {
+        Some(t) => writeln!(
+            out,
+            "convergence: every node has a route to every server after {:.0} ms (announcements every 1 s)",
             ms(t)
-        ),
-        None => println!("convergence: NOT converged within 20 s"),
+        )?,
+        None => writeln!(out, "convergence: NOT converged within 20 s")?,
     }
     sim.run_until(Duration::from_secs(5));
     // Control traffic in a quiet window.
@@ -125,35 +340,81 @@ pub(crate) fn run(args: SimArgs) -> anyhow::Result<()> {
             worst = (rate, deg, n.clone());
         }
     }
-    println!(
+    writeln!(
+        out,
         "control traffic: {:.1} messages/s per node on average; at most {:.1} per neighbour per second; busiest {} sends {:.0}/s with {} neighbours",
-        total / nodes.len() as f64,
+        total / nodes.len().max(1) as f64,
         worst_per_degree,
         worst.2,
         worst.0,
         worst.1
-    );
-    // Failures.
+    )?;
+    // Failures: only relays on a viewer's stream path.
     let mut rng = fastrand_like(args.seed);
     let mut tree_repair = Vec::new();
     let mut outages = Vec::new();
-    let mut killed = Vec::new();
-    for _ in 0..args.failures {
-        let mut active = BTreeSet::new();
-        for c in sim.client_ids() {
-            if let Some(pop) = sim.client(&c).pop() {
-                for n in sim.node(pop).status().path {
-                    if sim.role(&n) == Some(Role::Relay) || sim.role(&n) == Some(Role::Pop) {
-                        active.insert(n);
-                    }
-                }
+    let nothing_to_kill = if args.failures == 0 {
+        Some("--failures 0".to_owned())
+    } else if relays == 0 {
+        Some(format!(
+            "the overlay has no relay ({} nodes: {}, {}); it is too small for kills{}",
+            nodes.len(),
+            plural(servers, "server"),
+            plural(pops, "PoP"),
+            if args.topology.is_none() {
+                ", try --nodes 5 or more"
+            } else {
+                ""
             }
-        }
-        let active: Vec<String> = active.into_iter().collect();
-        if active.is_empty() {
+        ))
+    } else if report.viewers == 0 {
+        Some(if pops == 0 {
+            "the overlay has no PoP, so no viewer and no relay on a viewer's path".to_owned()
+        } else {
+            "there are no viewers, so no relay is on a viewer's path (give some with --clients)"
+                .to_owned()
+        })
+    } else {
+        None
+    };
+    report.fewer_kills.clone_from(&nothing_to_kill);
+    match &nothing_to_kill {
+        Some(why) => writeln!(out, "kills: none: {why}")?,
+        None => writeln!(
+            out,
+            "kills: up to {} relays on viewers' stream paths (never a server or a PoP; preferably one whose loss cuts no PoP off), one every 3 s",
+            args.failures
+        )?,
+    }
+    let servers_ids = sim.ids_with_role(Role::Server);
+    let adj = adjacency(&sim);
+    for k in 0..args.failures {
+        if nothing_to_kill.is_some() {
             break;
         }
-        let victim = active[(rng() % active.len() as u64) as usize].clone();
+        let active: Vec<String> = relays_on_viewer_paths(&sim).into_iter().collect();
+        if active.is_empty() {
+            let why = if k == 0 {
+                "none: no relay is on a viewer's stream path (the viewers' PoPs take the stream straight from a server)".to_owned()
+            } else {
+                format!(
+                    "stopped after {k} of {}: no running relay is left on a viewer's stream path",
+                    args.failures
+                )
+            };
+            writeln!(out, "kills: {why}")?;
+            report.fewer_kills = Some(why);
+            break;
+        }
+        // Prefer a relay whose loss leaves every PoP a path to a server: a failover to
+        // measure, not a partition.
+        let safe: Vec<String> = active
+            .iter()
+            .filter(|r| !would_cut_off_a_pop(&sim, &adj, r, &servers_ids))
+            .cloned()
+            .collect();
+        let pool = if safe.is_empty() { &active } else { &safe };
+        let victim = pool[(rng() % pool.len() as u64) as usize].clone();
         let affected_nodes: Vec<String> = nodes
             .iter()
             .filter(|n| {
@@ -166,68 +427,98 @@ pub(crate) fn run(args: SimArgs) -> anyhow::Result<()> {
             .client_ids()
             .into_iter()
             .filter(|c| {
-                sim.client(c)
-                    .pop()
-                    .and_then(|p| sim.try_node(p))
-                    .is_some_and(|x| x.status().path.contains(&victim))
+                sim.is_running(c)
+                    && sim
+                        .client(c)
+                        .pop()
+                        .is_some_and(|p| sim.stream_path(p, stream).contains(&victim))
             })
             .collect();
         let at = sim.elapsed();
         sim.kill(&victim);
-        killed.push(victim.clone());
-        let mut pending: Vec<String> = affected_nodes;
-        while sim.elapsed() < at + Duration::from_secs(3) {
+        report.killed.push(victim.clone());
+        // Nodes the kill cut off from every server cannot repair: counted apart.
+        let (mut pending, cut): (Vec<String>, Vec<String>) = affected_nodes
+            .into_iter()
+            .partition(|n| servers_ids.iter().any(|s| sim.connected(n, s)));
+        report.nodes_cut_off.extend(cut);
+        while sim.elapsed() < at + Duration::from_secs(3) && !pending.is_empty() {
             sim.run_for(Duration::from_millis(10));
             pending.retain(|n| {
-                let ok = sim.try_node(n).is_none_or(|x| {
+                let repaired = sim.try_node(n).is_some_and(|x| {
                     let st = x.status();
                     st.parent.is_some() && !st.path.contains(&victim)
-                }) || !sim.connected(n, "s0");
-                if ok {
+                });
+                if repaired {
                     tree_repair.push(sim.elapsed() - at);
                 }
-                !ok
+                !repaired
             });
         }
+        sim.run_until(at + Duration::from_secs(3));
         for n in &pending {
-            println!("  {n} still has no route 3 s after {victim} died");
+            writeln!(out, "  {n} still has no route 3 s after {victim} died")?;
         }
         for c in affected_clients {
-            let gap = sim.longest_gap(&c, stream, at, at + Duration::from_secs(3));
-            outages.push(gap);
+            // A viewer none of whose PoPs reaches a server any more cannot recover: it
+            // is counted apart, not as a 3 s outage.
+            let reachable = sim
+                .pops_of(&c)
+                .iter()
+                .any(|p| servers_ids.iter().any(|s| sim.connected(p, s)));
+            if reachable {
+                outages.push(sim.longest_gap(&c, stream, at, at + Duration::from_secs(3)));
+            } else {
+                report.cut_off.insert(c);
+            }
         }
     }
-    println!("killed: {}", killed.join(" "));
-    print_dist("tree repair (nodes below the dead)", &mut tree_repair);
-    print_dist("viewer outage (affected clients)", &mut outages);
+    if report.killed.is_empty() {
+        writeln!(out, "killed: none")?;
+    } else {
+        writeln!(
+            out,
+            "killed ({}): {}",
+            plural(report.killed.len(), "relay"),
+            report.killed.join(" ")
+        )?;
+    }
+    print_dist(out, "tree repair (nodes below the dead)", &mut tree_repair)?;
+    print_dist(out, "viewer outage (affected viewers)", &mut outages)?;
+    if !report.nodes_cut_off.is_empty() || !report.cut_off.is_empty() {
+        writeln!(
+            out,
+            "cut off by the kills (no path left to any server, not counted above): {}, {}",
+            plural(report.nodes_cut_off.len(), "node"),
+            plural(report.cut_off.len(), "viewer")
+        )?;
+    }
     let st = sim.stats();
-    println!(
+    report.loop_violations = st.loop_violations;
+    writeln!(
+        out,
         "loop checks: {} (after every step, from the host that changed), violations: {}{}",
         st.loop_checks,
         st.loop_violations,
         sim.first_loop_violation()
             .map(|v| format!(" (first: {v})"))
             .unwrap_or_default()
-    );
-    let final_check = sim.check_loop_free();
-    println!(
+    )?;
+    report.final_violation = sim.check_loop_free().err();
+    writeln!(
+        out,
         "final whole-network check: {}",
-        match &final_check {
-            Ok(()) => "loop free".to_owned(),
-            Err(e) => e.clone(),
-        }
-    );
-    println!(
+        report.final_violation.as_deref().unwrap_or("loop free")
+    )?;
+    writeln!(
+        out,
         "simulated {:.1} s in {:.1} s ({} steps, {} control datagrams)",
         sim.elapsed().as_secs_f64(),
         wall.elapsed().as_secs_f64(),
         st.steps,
         st.control_sent
-    );
-    if st.loop_violations > 0 || final_check.is_err() {
-        anyhow::bail!("the loop-freedom invariant was broken");
-    }
-    Ok(())
+    )?;
+    Ok(report)
 }
 
 /// A tiny deterministic generator (SplitMix64), to pick victims from the seed.
@@ -239,5 +530,209 @@ fn fastrand_like(seed: u64) -> impl FnMut() -> u64 {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_to_text(args: &SimArgs) -> (anyhow::Result<Report>, String) {
+        let mut out = Vec::new();
+        let r = simulate(args, &mut out);
+        (r, String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// Every kill is a relay, the tree stayed loop free, the report is complete.
+    fn check(what: &str, r: &Report, text: &str) {
+        for k in &r.killed {
+            assert_eq!(
+                r.roles.get(k),
+                Some(&Role::Relay),
+                "{what}: killed {k}\n{text}"
+            );
+        }
+        assert_eq!(r.loop_violations, 0, "{what}\n{text}");
+        assert_eq!(r.final_violation, None, "{what}\n{text}");
+        assert!(r.converged.is_some(), "{what}: did not converge\n{text}");
+        assert!(text.contains("final whole-network check"), "{what}\n{text}");
+    }
+
+    // `--nodes 20 --seed 1` killed a PoP, then looked its path up and panicked.
+    #[test]
+    fn small_random_overlays_run_and_kill_only_relays() {
+        for nodes in [2, 3, 5, 20] {
+            for seed in 1..=3 {
+                let args = SimArgs {
+                    nodes,
+                    seed,
+                    ..SimArgs::default()
+                };
+                let (r, text) = run_to_text(&args);
+                let what = format!("--nodes {nodes} --seed {seed}");
+                let r = r.unwrap_or_else(|e| panic!("{what}: {e:#}\n{text}"));
+                check(&what, &r, &text);
+                let relays = r.roles.values().filter(|&&x| x == Role::Relay).count();
+                if relays == 0 {
+                    assert!(text.contains("too small for kills"), "{what}\n{text}");
+                }
+                if r.killed.len() < args.failures {
+                    assert!(r.fewer_kills.is_some(), "{what}\n{text}");
+                    assert!(
+                        text.contains("kills: none: ") || text.contains("kills: stopped after"),
+                        "{what}: fewer kills without a word\n{text}"
+                    );
+                }
+                if (nodes, seed) == (20, 1) {
+                    assert!(!r.killed.is_empty(), "{what}\n{text}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn two_nodes_say_plainly_that_there_is_nothing_to_kill() {
+        let args = SimArgs {
+            nodes: 2,
+            ..SimArgs::default()
+        };
+        let (r, text) = run_to_text(&args);
+        let r = r.expect("two nodes run");
+        assert!(r.killed.is_empty());
+        assert!(
+            text.contains("kills: none: the overlay has no relay (2 nodes: 1 server, 1 PoP); it is too small for kills"),
+            "{text}"
+        );
+        assert!(text.contains("killed: none"), "{text}");
+    }
+
+    #[test]
+    fn one_node_is_refused_with_a_clear_message() {
+        let args = SimArgs {
+            nodes: 1,
+            ..SimArgs::default()
+        };
+        let (r, _) = run_to_text(&args);
+        let e = r.expect_err("one node is refused");
+        assert!(
+            e.to_string().contains("--nodes must be at least 2"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn every_topology_file_runs_and_kills_its_relays_only() {
+        let dir = crate::project_root().join("topologies");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("topologies/")
+            .filter_map(|e| Some(e.ok()?.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        files.sort();
+        assert!(files.len() >= 3, "{files:?}");
+        for file in files {
+            let args = SimArgs {
+                topology: Some(file.clone()),
+                failures: 3,
+                ..SimArgs::default()
+            };
+            let (r, text) = run_to_text(&args);
+            let what = file.display().to_string();
+            let r = r.unwrap_or_else(|e| panic!("{what}: {e:#}\n{text}"));
+            check(&what, &r, &text);
+            let t = Topology::load(&file).expect("loads");
+            assert_eq!(r.viewers, t.clients().len(), "{what}");
+            assert_eq!(
+                r.roles.len(),
+                t.nodes.iter().filter(|n| n.role.is_overlay()).count(),
+                "{what}"
+            );
+            assert!(
+                text.starts_with(&format!("topology {} (", t.name)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_topology_with_two_servers_and_extra_viewers_loses_relays_not_servers() {
+        let args = SimArgs {
+            topology: Some(crate::project_root().join("topologies/two-servers.toml")),
+            clients: Some(4),
+            failures: 2,
+            seed: 2,
+            ..SimArgs::default()
+        };
+        let (r, text) = run_to_text(&args);
+        let r = r.unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+        check("two-servers", &r, &text);
+        assert_eq!(r.viewers, 4);
+        assert!(text.contains("(2 servers, 3 relays, 2 PoPs)"), "{text}");
+        assert!(!r.killed.is_empty(), "{text}");
+    }
+
+    #[test]
+    fn a_viewer_whose_pop_is_cut_off_is_counted_apart_not_as_an_outage() {
+        // s1 - r1 - r2 - p1: killing either relay leaves p1 no path to the server.
+        let args = SimArgs {
+            topology: Some(crate::project_root().join("topologies/line.toml")),
+            failures: 5,
+            ..SimArgs::default()
+        };
+        let (r, text) = run_to_text(&args);
+        let r = r.unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+        check("line", &r, &text);
+        assert_eq!(
+            r.killed.len(),
+            1,
+            "the second relay is off every path\n{text}"
+        );
+        assert_eq!(r.cut_off.len(), r.viewers, "{text}");
+        assert!(
+            text.contains("viewer outage (affected viewers)   none affected"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cut off by the kills (no path left to any server, not counted above): 2 nodes, 1 viewer"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tree repair (nodes below the dead) none affected"),
+            "{text}"
+        );
+        assert!(text.contains("kills: stopped after 1 of 5"), "{text}");
+    }
+
+    #[test]
+    fn a_relay_whose_loss_cuts_a_pop_off_is_recognised() {
+        let load = |name: &str| {
+            let t = Topology::load(&crate::project_root().join("topologies").join(name))
+                .expect("loads");
+            let mut sim = Sim::from_topology(&t, 1);
+            sim.start();
+            sim
+        };
+        let s1 = ["s1".to_owned()];
+        let line = load("line.toml");
+        let adj = adjacency(&line);
+        assert!(would_cut_off_a_pop(&line, &adj, "r1", &s1));
+        assert!(would_cut_off_a_pop(&line, &adj, "r2", &s1));
+        let mut diamond = load("diamond.toml");
+        let adj = adjacency(&diamond);
+        assert!(!would_cut_off_a_pop(&diamond, &adj, "ra", &s1));
+        assert!(!would_cut_off_a_pop(&diamond, &adj, "rb", &s1));
+        diamond.kill("ra");
+        assert!(would_cut_off_a_pop(&diamond, &adj, "rb", &s1));
+    }
+
+    #[test]
+    fn a_missing_topology_file_is_named() {
+        let args = SimArgs {
+            topology: Some(PathBuf::from("topologies/no-such-file.toml")),
+            ..SimArgs::default()
+        };
+        let (r, _) = run_to_text(&args);
+        let e = format!("{:#}", r.expect_err("missing file"));
+        assert!(e.contains("no-such-file.toml"), "{e}");
     }
 }

@@ -30,7 +30,8 @@ struct Args {
     /// Serve GET /status (JSON) and /metrics (Prometheus) on this address.
     #[arg(long)]
     status: Option<SocketAddr>,
-    /// How long to wait for the bootstrapper to answer, in seconds.
+    /// How long to keep asking the bootstrapper while it is not up yet or busy, in
+    /// seconds (an unknown id fails at once).
     #[arg(long, default_value_t = 30)]
     bootstrap_wait: u64,
     #[command(flatten)]

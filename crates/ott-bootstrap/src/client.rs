@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::{read_frame, write_frame, Assignment, BootstrapError, Request, Response};
 
@@ -13,6 +13,20 @@ use crate::{read_frame, write_frame, Assignment, BootstrapError, Request, Respon
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(200);
 /// Longest single attempt of [`request_until`].
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait between attempts while the bootstrapper says it is busy: the wait
+/// doubles from [`RETRY_INTERVAL`] up to this, so that a crowd of programs started at
+/// once does not keep it busy.
+const BUSY_RETRY_MAX: Duration = Duration::from_millis(1600);
+
+/// How a refusal's reason starts when the bootstrapper has too many connections open
+/// (`Service::serve`): the only refusal worth asking again, later.
+pub(crate) const BUSY_REASON: &str = "bootstrapper busy";
+
+/// Whether a refusal's `reason` says the bootstrapper is busy (asking again later may
+/// succeed), as opposed to a refusal of the request itself (an unknown id).
+fn is_busy(reason: &str) -> bool {
+    reason.starts_with(BUSY_REASON)
+}
 
 /// Asks the bootstrapper at `addr` once; `timeout` bounds the connection and each read
 /// and write.
@@ -36,31 +50,214 @@ pub fn request(
     }
 }
 
-/// Like [`request`], but retries I/O failures (nobody listening yet, connection reset,
-/// timeout) every [`RETRY_INTERVAL`] until `deadline`, because the bootstrapper may
-/// start after the node. Refusals and malformed answers are returned at once. When the
-/// deadline passes, the last I/O error is returned.
+/// Like [`request`], but retries until `deadline` while asking again may succeed: I/O
+/// failures (nobody listening yet, connection reset, timeout) every [`RETRY_INTERVAL`],
+/// because the bootstrapper may start after the node, and refusals because it is busy
+/// (too many connections open) with a wait that doubles up to 1.6 s. Other refusals
+/// (an unknown id) and malformed answers are returned at once. When the deadline
+/// passes, the last error is returned (the busy refusal, or the I/O error).
 pub fn request_until(
     addr: SocketAddr,
     req: &Request,
     deadline: Instant,
 ) -> Result<Assignment, BootstrapError> {
-    let mut last: Option<io::Error> = None;
+    request_until_with(addr, req, deadline, |_| {})
+}
+
+/// [`request_until`], calling `on_retry` with each error it is about to retry.
+fn request_until_with(
+    addr: SocketAddr,
+    req: &Request,
+    deadline: Instant,
+    mut on_retry: impl FnMut(&BootstrapError),
+) -> Result<Assignment, BootstrapError> {
+    let mut last: Option<BootstrapError> = None;
+    let mut busy_wait = RETRY_INTERVAL;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            return Err(BootstrapError::Io(last.unwrap_or_else(|| {
-                io::Error::new(ErrorKind::TimedOut, "deadline passed before any attempt")
-            })));
+            return Err(last.unwrap_or_else(|| {
+                BootstrapError::Io(io::Error::new(
+                    ErrorKind::TimedOut,
+                    "deadline passed before any attempt",
+                ))
+            }));
         }
-        match request(addr, req, remaining.min(ATTEMPT_TIMEOUT)) {
+        let wait = match request(addr, req, remaining.min(ATTEMPT_TIMEOUT)) {
             Err(BootstrapError::Io(e)) => {
                 debug!(%addr, error = %e, "bootstrapper not reachable yet, retrying");
-                last = Some(e);
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                thread::sleep(RETRY_INTERVAL.min(remaining));
+                last = Some(BootstrapError::Io(e));
+                RETRY_INTERVAL
+            }
+            Err(BootstrapError::Refused(reason)) if is_busy(&reason) => {
+                info!(%addr, %reason, retry_in = ?busy_wait, "bootstrapper busy, retrying");
+                last = Some(BootstrapError::Refused(reason));
+                let w = busy_wait;
+                busy_wait = (busy_wait * 2).min(BUSY_RETRY_MAX);
+                w
             }
             other => return other,
+        };
+        if let Some(e) = &last {
+            on_retry(e);
         }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        thread::sleep(wait.min(remaining));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
+
+    use ott_overlay::{AddressPlan, Role, Topology};
+
+    use super::*;
+    use crate::Service;
+
+    const TOPO: &str = r#"
+name = "tiny"
+bootstrapper = "s1"
+[[node]]
+id = "s1"
+role = "server"
+[[node]]
+id = "p1"
+role = "pop"
+[[node]]
+id = "c1"
+role = "client"
+[[link]]
+ends = ["s1", "p1"]
+[[link]]
+ends = ["p1", "c1"]
+"#;
+
+    /// Generous bound for a wait in a test; never reached when things work.
+    const TEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// A bootstrapper serving one connection at a time on 127.0.0.1, and a connection
+    /// holding that one slot, so that every other request is refused as busy. Stopped
+    /// on drop.
+    struct Busy {
+        addr: SocketAddr,
+        holder: Option<TcpStream>,
+        stop: Arc<AtomicBool>,
+        thread: Option<thread::JoinHandle<io::Result<()>>>,
+    }
+
+    impl Busy {
+        fn start() -> Self {
+            let t = Topology::parse(TOPO, "tiny.toml").expect("valid");
+            let service = Arc::new(Service::new(t, AddressPlan::Loopback).with_max_connections(1));
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("bound");
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = Arc::clone(&stop);
+            let thread = Some(thread::spawn(move || service.serve(listener, flag)));
+            // Accepted first (accept order is connection order): it takes the one slot.
+            let holder = Some(TcpStream::connect(addr).expect("connect"));
+            Self {
+                addr,
+                holder,
+                stop,
+                thread,
+            }
+        }
+    }
+
+    impl Drop for Busy {
+        fn drop(&mut self) {
+            self.holder = None;
+            self.stop.store(true, Ordering::Release);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    #[test]
+    fn a_busy_refusal_is_recognised() {
+        assert!(is_busy(
+            "bootstrapper busy: 256 connections already open, retry later"
+        ));
+        assert!(!is_busy(
+            "unknown node id \"busy\" (topology t has: s1, p1)"
+        ));
+    }
+
+    // The client exited at once (status 2) when the bootstrapper said it was busy.
+    #[test]
+    fn request_until_retries_while_the_bootstrapper_is_busy() {
+        let mut busy = Busy::start();
+        let addr = busy.addr;
+        let (tx, rx) = mpsc::channel::<String>();
+        let asker = thread::spawn(move || {
+            request_until_with(
+                addr,
+                &Request::Client {
+                    id: Some("c1".into()),
+                },
+                Instant::now() + TEST_TIMEOUT,
+                |e| {
+                    let _ = tx.send(e.to_string());
+                },
+            )
+        });
+        // Wait until it has been told "busy" once and is waiting to ask again...
+        let first = rx.recv_timeout(TEST_TIMEOUT).expect("a retry");
+        assert!(first.contains(BUSY_REASON), "{first}");
+        // ...then free the slot: the next attempt gets through.
+        busy.holder = None;
+        let a = asker
+            .join()
+            .expect("no panic")
+            .expect("assigned once the bootstrapper has room");
+        assert_eq!(a.role, Role::Client);
+        assert_eq!(a.pops.len(), 1);
+    }
+
+    #[test]
+    fn a_bootstrapper_busy_until_the_deadline_gives_its_busy_refusal() {
+        let busy = Busy::start();
+        let mut retries = 0;
+        let err = request_until_with(
+            busy.addr,
+            &Request::Node { id: "p1".into() },
+            Instant::now() + Duration::from_millis(700),
+            |_| retries += 1,
+        )
+        .expect_err("busy all along");
+        assert!(
+            matches!(&err, BootstrapError::Refused(r) if r.starts_with(BUSY_REASON)),
+            "{err}"
+        );
+        assert!(retries >= 2, "retried {retries} times");
+    }
+
+    #[test]
+    fn an_unknown_id_fails_at_once_without_a_retry() {
+        let t = Topology::parse(TOPO, "tiny.toml").expect("valid");
+        let service = Arc::new(Service::new(t, AddressPlan::Loopback));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("bound");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let server = thread::spawn(move || service.serve(listener, flag));
+        let mut retries = 0;
+        let err = request_until_with(
+            addr,
+            &Request::Node { id: "zz".into() },
+            Instant::now() + TEST_TIMEOUT,
+            |_| retries += 1,
+        )
+        .expect_err("unknown id");
+        stop.store(true, Ordering::Release);
+        let _ = server.join();
+        assert_eq!(retries, 0);
+        let msg = err.to_string();
+        assert!(msg.contains("unknown node id \"zz\""), "{msg}");
     }
 }

@@ -226,6 +226,53 @@ fn key(a: usize, b: usize) -> (usize, usize) {
     }
 }
 
+/// The underlay path from `a` to `b` that is shortest by delay (as OSPF with delay
+/// costs would route it), as the parameters of one link: delays and jitters add up,
+/// losses combine. `None` if `b` cannot be reached.
+fn underlay_path(t: &Topology, a: &str, b: &str) -> Option<LinkParams> {
+    // Dijkstra over node indices; the graphs are small, a linear scan for the minimum
+    // is enough.
+    let n = t.nodes.len();
+    let (src, dst) = (t.index_of(a)?, t.index_of(b)?);
+    let mut dist = vec![f64::INFINITY; n];
+    let mut via: Vec<Option<usize>> = vec![None; n];
+    let mut done = vec![false; n];
+    dist[src] = 0.0;
+    loop {
+        let u = (0..n)
+            .filter(|&i| !done[i] && dist[i].is_finite())
+            .min_by(|&x, &y| dist[x].total_cmp(&dist[y]).then(x.cmp(&y)))?;
+        if u == dst {
+            break;
+        }
+        done[u] = true;
+        for (li, l) in t.links_of(&t.nodes[u].id) {
+            let Some(v) = l.other_end(&t.nodes[u].id).and_then(|o| t.index_of(o)) else {
+                continue;
+            };
+            let d = dist[u] + l.delay_ms.max(0.0);
+            if d < dist[v] {
+                dist[v] = d;
+                via[v] = Some(li);
+            }
+        }
+    }
+    let (mut delay, mut jitter, mut keep) = (0.0, 0.0, 1.0);
+    let mut at = dst;
+    while at != src {
+        let l = &t.links[via[at]?];
+        delay += l.delay_ms.max(0.0);
+        jitter += l.jitter_ms.max(0.0);
+        keep *= 1.0 - (l.loss_pct / 100.0).clamp(0.0, 1.0);
+        at = t.index_of(l.other_end(&t.nodes[at].id)?)?;
+    }
+    Some(LinkParams {
+        latency: Duration::from_secs_f64(delay / 1e3),
+        jitter: Duration::from_secs_f64(jitter / 1e3),
+        loss: (1.0 - keep).clamp(0.0, 1.0),
+    })
+}
+
 /// Parameters of [`Sim::random`]: a random connected overlay.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RandomOverlay {
@@ -299,8 +346,11 @@ impl Sim {
     }
 
     /// A network built from a topology file: one node per server, relay and PoP, one
-    /// link per overlay neighbour pair (with the file's delay, jitter and loss when the
-    /// pair is a direct link, else 2 ms). Every server offers the stream [`SIM_STREAM`].
+    /// link per overlay neighbour pair. A pair joined by a direct link gets that link's
+    /// delay, jitter and loss; a pair of an explicit `[[overlay]]` section that is
+    /// several underlay hops apart gets the underlay path IP routing would use (shortest
+    /// by delay): the sum of its delays and jitters and the combined loss of its links,
+    /// or 2 ms if no path is found. Every server offers the stream [`SIM_STREAM`].
     /// Clients are not created: add them with [`Sim::add_client`] (the bootstrapper
     /// gives every client every PoP, see [`Sim::pop_ids`]).
     pub fn from_topology(t: &Topology, seed: u64) -> Self {
@@ -317,7 +367,8 @@ impl Sim {
                             jitter: Duration::from_secs_f64(l.jitter_ms.max(0.0) / 1e3),
                             loss: (l.loss_pct / 100.0).clamp(0.0, 1.0),
                         },
-                        None => LinkParams::new(Duration::from_millis(2)),
+                        None => underlay_path(t, &n.id, &m)
+                            .unwrap_or_else(|| LinkParams::new(Duration::from_millis(2))),
                     };
                     sim.add_link(&n.id, &m, params);
                 }
@@ -773,13 +824,43 @@ impl Sim {
             .collect()
     }
 
+    /// The PoPs client `id` was given (empty for a node or an unknown id).
+    pub fn pops_of(&self, id: &str) -> &[String] {
+        self.host(id).map_or(&[], |h| &h.pops)
+    }
+
     /// Ids of all PoPs, sorted.
     pub fn pop_ids(&self) -> Vec<String> {
+        self.ids_with_role(Role::Pop)
+    }
+
+    /// Ids of all nodes with this role, sorted.
+    pub fn ids_with_role(&self, role: Role) -> Vec<String> {
         self.index
             .iter()
-            .filter(|(_, &i)| self.hosts[i].role == Some(Role::Pop))
+            .filter(|(_, &i)| self.hosts[i].role == Some(role))
             .map(|(id, _)| id.clone())
             .collect()
+    }
+
+    /// The subscription chain of `stream` from node `from` upwards: `from`, its upstream,
+    /// that node's upstream, ... as far as running nodes go (normally to a server).
+    /// Empty if `from` is not a running node; stops before a node already in the chain.
+    pub fn stream_path(&self, from: &str, stream: StreamId) -> Vec<String> {
+        let mut path: Vec<String> = Vec::new();
+        let mut cur = self.try_node(from).map(|_| from.to_owned());
+        while let Some(id) = cur.take() {
+            if path.contains(&id) {
+                break;
+            }
+            cur = self
+                .try_node(&id)
+                .and_then(|n| n.upstream(stream))
+                .filter(|up| self.try_node(up).is_some())
+                .map(str::to_owned);
+            path.push(id);
+        }
+        path
     }
 
     /// Control datagrams sent by `id` so far.
@@ -1294,5 +1375,120 @@ impl Sim {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ott_proto::stream_id_for;
+
+    /// s1 and p1 are overlay neighbours three router hops apart by the short way
+    /// (1 + 2 + 3 ms, 10 % loss on one hop) and two hops by a slow way (20 + 20 ms).
+    const SPARSE: &str = r#"
+name = "t"
+bootstrapper = "s1"
+[[node]]
+id = "s1"
+role = "server"
+[[node]]
+id = "r1"
+role = "relay"
+[[node]]
+id = "p1"
+role = "pop"
+[[node]]
+id = "g1"
+role = "router"
+[[node]]
+id = "g2"
+role = "router"
+[[node]]
+id = "g3"
+role = "router"
+[[link]]
+ends = ["s1", "g1"]
+delay_ms = 1.0
+[[link]]
+ends = ["g1", "g2"]
+delay_ms = 2.0
+jitter_ms = 0.5
+loss_pct = 10.0
+[[link]]
+ends = ["g2", "p1"]
+delay_ms = 3.0
+[[link]]
+ends = ["s1", "g3"]
+delay_ms = 20.0
+[[link]]
+ends = ["g3", "p1"]
+delay_ms = 20.0
+[[link]]
+ends = ["s1", "r1"]
+delay_ms = 4.0
+[[overlay]]
+ends = ["s1", "p1"]
+[[overlay]]
+ends = ["s1", "r1"]
+"#;
+
+    #[test]
+    fn an_overlay_pair_several_hops_apart_gets_the_shortest_underlay_path() {
+        let t = Topology::parse(SPARSE, "sparse test").expect("topology parses");
+        let sim = Sim::from_topology(&t, 1);
+        let l = &sim.links[&key(sim.index["s1"], sim.index["p1"])].params;
+        assert_eq!(
+            l.latency,
+            Duration::from_millis(6),
+            "1 + 2 + 3 ms, not 20 + 20"
+        );
+        assert_eq!(l.jitter, Duration::from_micros(500));
+        assert!((l.loss - 0.1).abs() < 1e-9, "loss {}", l.loss);
+        // A direct link keeps its own parameters.
+        let d = &sim.links[&key(sim.index["s1"], sim.index["r1"])].params;
+        assert_eq!(d.latency, Duration::from_millis(4));
+        assert_eq!(sim.links().len(), 2, "only the overlay pairs are links");
+    }
+
+    #[test]
+    fn stream_path_follows_the_subscription_chain_of_running_nodes() {
+        let mut sim = Sim::new(3);
+        sim.add_node("s1", Role::Server);
+        sim.add_node("r1", Role::Relay);
+        sim.add_node("p1", Role::Pop);
+        sim.add_link("s1", "r1", LinkParams::new(Duration::from_millis(2)));
+        sim.add_link("r1", "p1", LinkParams::new(Duration::from_millis(2)));
+        sim.set_catalogue(
+            "s1",
+            vec![StreamInfo::new(
+                SIM_STREAM,
+                ott_proto::MediaKind::Mjpeg,
+                25_000,
+            )],
+        );
+        sim.add_client("c1", &["p1"]);
+        sim.select_stream("c1", SIM_STREAM);
+        sim.start();
+        sim.run_for(Duration::from_secs(3));
+        let id = stream_id_for(SIM_STREAM);
+        assert_eq!(sim.stream_path("p1", id), ["p1", "r1", "s1"]);
+        assert!(
+            sim.stream_path("c1", id).is_empty(),
+            "a client is not a node"
+        );
+        assert!(sim.stream_path("nobody", id).is_empty());
+        sim.kill("r1");
+        assert_eq!(
+            sim.stream_path("p1", id),
+            ["p1"],
+            "stops at a dead upstream"
+        );
+        assert!(
+            sim.stream_path("r1", id).is_empty(),
+            "a dead node has no path"
+        );
+        assert_eq!(sim.ids_with_role(Role::Relay), ["r1"]);
+        assert_eq!(sim.pops_of("c1"), ["p1"]);
+        assert!(sim.pops_of("p1").is_empty());
     }
 }

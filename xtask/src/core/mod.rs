@@ -55,6 +55,68 @@ pub(crate) enum Format {
 }
 
 pub(crate) fn run(args: CoreArgs) -> anyhow::Result<()> {
+    for w in export(args)? {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
+}
+
+/// The programs a scenario of `t` starts.
+fn programs_needed(t: &Topology) -> Vec<&'static str> {
+    let has = |r: Role| t.nodes.iter().any(|n| n.role == r);
+    let mut v = vec!["ott-bootstrap"];
+    if has(Role::Server) {
+        v.push("ott-server");
+    }
+    if has(Role::Relay) || has(Role::Pop) {
+        v.push("ott-node");
+    }
+    if has(Role::Client) {
+        v.push("ott-client");
+    }
+    v
+}
+
+/// Whether `p` is a file someone may execute.
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// A warning naming the programs of `needed` that are not executable files in `bin_dir`
+/// on this machine, or `None` if all are there.
+fn missing_programs_warning(bin_dir: &Path, needed: &[&str]) -> Option<String> {
+    let missing: Vec<&str> = needed
+        .iter()
+        .copied()
+        .filter(|name| !is_executable(&bin_dir.join(name)))
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let place = if bin_dir.is_dir() {
+        format!(
+            "{} has no executable {}",
+            bin_dir.display(),
+            missing.join(", ")
+        )
+    } else {
+        format!(
+            "{} does not exist here, so the scenario's programs ({}) are not there",
+            bin_dir.display(),
+            missing.join(", ")
+        )
+    };
+    Some(format!(
+        "{place}. The scenario is written anyway, since --bin-dir is the directory as seen \
+         from inside CORE's nodes (it may be a path on CORE's machine); if CORE runs here, \
+         build them first (`cargo build --release -p ott-apps`) or pass the right --bin-dir, \
+         else the nodes start nothing."
+    ))
+}
+
+/// Write the scenario; returns the warnings to show.
+fn export(args: CoreArgs) -> anyhow::Result<Vec<String>> {
     let root = crate::project_root();
     let topology = Topology::load(&root.join(&args.topology))?;
     let bin_dir = args
@@ -110,10 +172,19 @@ pub(crate) fn run(args: CoreArgs) -> anyhow::Result<()> {
         scenario.nodes.len(),
         scenario.links.len()
     );
-    if args.format == Format::Imn {
-        eprintln!("programs are started from {}", opts.bin_dir.display());
+    eprintln!("programs are started from {}", opts.bin_dir.display());
+    let mut warnings = Vec::new();
+    warnings.extend(missing_programs_warning(
+        &opts.bin_dir,
+        &programs_needed(&topology),
+    ));
+    if opts.streams.is_empty() && programs_needed(&topology).contains(&"ott-client") {
+        warnings.push(format!(
+            "no clips found in {} on this machine, so the stream names are unknown: the clients are started without --stream and will exit at once (no terminal to ask on); pass --videos with the clips",
+            opts.videos.display()
+        ));
     }
-    Ok(())
+    Ok(warnings)
 }
 
 /// Where the programs and clips are, as seen from inside CORE's nodes.
@@ -432,6 +503,83 @@ mod tests {
         };
         let s = Scenario::build(&t, &opts).expect("builds");
         (t, s)
+    }
+
+    /// A fresh directory under the system's temporary directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("ott-core-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).expect("temp dir");
+            Self(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn touch(p: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(p, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn a_missing_bin_dir_is_named_with_its_programs_and_the_scenario_is_still_written() {
+        let tmp = TempDir::new("missing-bin");
+        let out = tmp.0.join("seed.imn");
+        let warnings = export(CoreArgs {
+            topology: PathBuf::from("topologies/seed.toml"),
+            out: Some(out.clone()),
+            format: Format::Imn,
+            bin_dir: Some(PathBuf::from("/nonexistent")),
+            videos: None,
+        })
+        .expect("exports");
+        assert!(out.is_file(), "the scenario is written anyway");
+        let w = warnings
+            .iter()
+            .find(|w| w.contains("/nonexistent"))
+            .unwrap_or_else(|| panic!("no warning about the bin dir: {warnings:?}"));
+        assert!(w.contains("/nonexistent does not exist here"), "{w}");
+        for p in ["ott-bootstrap", "ott-server", "ott-node", "ott-client"] {
+            assert!(w.contains(p), "{p} not named: {w}");
+        }
+    }
+
+    #[test]
+    fn only_the_programs_missing_from_the_bin_dir_are_named() {
+        let tmp = TempDir::new("some-bin");
+        let all = ["ott-bootstrap", "ott-server", "ott-node", "ott-client"];
+        touch(&tmp.0.join("ott-bootstrap"), 0o755);
+        touch(&tmp.0.join("ott-server"), 0o644);
+        let w = missing_programs_warning(&tmp.0, &all).expect("some are missing");
+        assert!(
+            w.contains(&format!(
+                "{} has no executable ott-server, ott-node, ott-client.",
+                tmp.0.display()
+            )),
+            "{w}"
+        );
+        for p in &all[1..] {
+            touch(&tmp.0.join(p), 0o755);
+        }
+        assert_eq!(missing_programs_warning(&tmp.0, &all), None);
+        // A topology without clients needs no ott-client.
+        let t = Topology::parse(
+            "name = \"t\"\nbootstrapper = \"s1\"\n[[node]]\nid = \"s1\"\nrole = \"server\"\n[[node]]\nid = \"p1\"\nrole = \"pop\"\n[[link]]\nends = [\"s1\", \"p1\"]\n",
+            "test",
+        )
+        .expect("parses");
+        assert_eq!(
+            programs_needed(&t),
+            ["ott-bootstrap", "ott-server", "ott-node"]
+        );
     }
 
     #[test]
