@@ -138,30 +138,50 @@ ends = ["p1", "c1"]
     /// Generous bound for a wait in a test; never reached when things work.
     const TEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-    /// A bootstrapper serving one connection at a time on 127.0.0.1, and a connection
-    /// holding that one slot, so that every other request is refused as busy. Stopped
-    /// on drop.
+    /// A bootstrapper on 127.0.0.1 that refuses every request as busy while `busy` is
+    /// set (as the real service does when connections pile up faster than they close)
+    /// and answers with the real [`Service::answer`] otherwise. Stopped on drop.
     struct Busy {
         addr: SocketAddr,
-        holder: Option<TcpStream>,
+        busy: Arc<AtomicBool>,
         stop: Arc<AtomicBool>,
-        thread: Option<thread::JoinHandle<io::Result<()>>>,
+        thread: Option<thread::JoinHandle<()>>,
     }
 
     impl Busy {
         fn start() -> Self {
             let t = Topology::parse(TOPO, "tiny.toml").expect("valid");
-            let service = Arc::new(Service::new(t, AddressPlan::Loopback).with_max_connections(1));
+            let service = Service::new(t, AddressPlan::Loopback);
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.set_nonblocking(true).expect("nonblocking");
             let addr = listener.local_addr().expect("bound");
             let stop = Arc::new(AtomicBool::new(false));
-            let flag = Arc::clone(&stop);
-            let thread = Some(thread::spawn(move || service.serve(listener, flag)));
-            // Accepted first (accept order is connection order): it takes the one slot.
-            let holder = Some(TcpStream::connect(addr).expect("connect"));
+            let busy = Arc::new(AtomicBool::new(true));
+            let (stop_t, busy_t) = (Arc::clone(&stop), Arc::clone(&busy));
+            let thread = Some(thread::spawn(move || {
+                while !stop_t.load(Ordering::Acquire) {
+                    let Ok((mut conn, _)) = listener.accept() else {
+                        thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    let _ = conn.set_nonblocking(false);
+                    let _ = conn.set_read_timeout(Some(TEST_TIMEOUT));
+                    let Ok(req) = crate::wire::read_frame::<_, Request>(&mut conn) else {
+                        continue;
+                    };
+                    let answer = if busy_t.load(Ordering::Acquire) {
+                        Response::Refused {
+                            reason: format!("{BUSY_REASON}: test, retry later"),
+                        }
+                    } else {
+                        service.answer(&req)
+                    };
+                    let _ = crate::wire::write_frame(&mut conn, &answer);
+                }
+            }));
             Self {
                 addr,
-                holder,
+                busy,
                 stop,
                 thread,
             }
@@ -170,7 +190,6 @@ ends = ["p1", "c1"]
 
     impl Drop for Busy {
         fn drop(&mut self) {
-            self.holder = None;
             self.stop.store(true, Ordering::Release);
             if let Some(t) = self.thread.take() {
                 let _ = t.join();
@@ -191,7 +210,7 @@ ends = ["p1", "c1"]
     // The client exited at once (status 2) when the bootstrapper said it was busy.
     #[test]
     fn request_until_retries_while_the_bootstrapper_is_busy() {
-        let mut busy = Busy::start();
+        let busy = Busy::start();
         let addr = busy.addr;
         let (tx, rx) = mpsc::channel::<String>();
         let asker = thread::spawn(move || {
@@ -209,8 +228,8 @@ ends = ["p1", "c1"]
         // Wait until it has been told "busy" once and is waiting to ask again...
         let first = rx.recv_timeout(TEST_TIMEOUT).expect("a retry");
         assert!(first.contains(BUSY_REASON), "{first}");
-        // ...then free the slot: the next attempt gets through.
-        busy.holder = None;
+        // ...then make room: the next attempt gets through.
+        busy.busy.store(false, Ordering::Release);
         let a = asker
             .join()
             .expect("no panic")

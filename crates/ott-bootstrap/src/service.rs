@@ -542,7 +542,10 @@ impl Service {
             if let Some(n) = self.burst(|b| &mut b.busy) {
                 warn!(%peer, refused = n, "too many connections still closing, refusing");
             }
-            let reason = format!("{}: too many connections, retry later", crate::client::BUSY_REASON);
+            let reason = format!(
+                "{}: too many connections, retry later",
+                crate::client::BUSY_REASON
+            );
             // Best effort, with a short timeout: the accept loop must not stall.
             let _ = stream.set_nonblocking(false);
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
