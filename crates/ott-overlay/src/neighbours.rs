@@ -151,24 +151,38 @@ pub struct Neighbours {
 }
 
 impl Neighbours {
-    /// A table of `peers`, all initially not alive: each one's id, the control address
-    /// to send to and every control address it may send from ([`PeerAddrs`]; a plain
-    /// `(id, address)` pair is a peer with a single address).
+    /// A table of `peers` (id, control address), all initially not alive: each
+    /// neighbour with a single address. See [`Neighbours::with_peers`].
     ///
     /// The first round of heartbeats is queued at once. `epoch` is the origin of this
     /// node's wire timestamps; `incarnation` must grow at each restart of the node.
-    pub fn new<P: Into<PeerAddrs>>(
+    pub fn new(
         own_id: String,
         incarnation: u64,
         epoch: Instant,
         config: LivenessConfig,
-        peers: impl IntoIterator<Item = P>,
+        peers: Vec<(String, SocketAddr)>,
+        now: Instant,
+    ) -> Self {
+        let peers = peers.into_iter().map(PeerAddrs::from).collect();
+        Self::with_peers(own_id, incarnation, epoch, config, peers, now)
+    }
+
+    /// A table of `peers` as the bootstrapper gave them, all initially not alive: each
+    /// one's id, the control address to send to and every control address it may send
+    /// from ([`PeerAddrs`]). Otherwise as [`Neighbours::new`].
+    pub fn with_peers(
+        own_id: String,
+        incarnation: u64,
+        epoch: Instant,
+        config: LivenessConfig,
+        peers: Vec<PeerAddrs>,
         now: Instant,
     ) -> Self {
         let peers = peers
             .into_iter()
-            .map(|p| Peer {
-                addrs: p.into(),
+            .map(|addrs| Peer {
+                addrs,
                 alive: false,
                 srtt: None,
                 incarnation: None,
@@ -608,7 +622,8 @@ mod tests {
         let t0 = Instant::now();
         let b = PeerAddrs::new("b", addr(2), vec![addr(2), addr(12)]);
         let c = PeerAddrs::from(("c".to_owned(), addr(3)));
-        let n = Neighbours::new("a".into(), 1, t0, LivenessConfig::default(), [b, c], t0);
+        let config = LivenessConfig::default();
+        let n = Neighbours::with_peers("a".into(), 1, t0, config, vec![b, c], t0);
         (n, t0)
     }
 
@@ -669,7 +684,7 @@ mod tests {
             keyed: true,
             ..LivenessConfig::default()
         };
-        let peers = [("b".to_owned(), addr(2))];
+        let peers = vec![("b".to_owned(), addr(2))];
         let mut n = Neighbours::new("a".into(), 1, t0, config, peers, t0);
         n.handle(t0, addr(2), &hb("b", 1, 0, 1));
         drain(&mut n);
