@@ -266,6 +266,20 @@ impl NodeLoop {
                 "counters".into(),
                 serde_json::to_value(self.counters.snapshot()).unwrap_or_default(),
             );
+            // What the tree and the neighbour table refused (unknown senders, forged
+            // incarnations, announcements too far ahead, ...).
+            let nb = self.node.neighbours();
+            obj.insert(
+                "tree_stats".into(),
+                serde_json::to_value(self.node.stats()).unwrap_or_default(),
+            );
+            obj.insert(
+                "liveness".into(),
+                serde_json::json!({
+                    "unknown_sender": nb.unknown_sender_count(),
+                    "refused_incarnation": nb.refused_incarnation_count(),
+                }),
+            );
             // Attach per-stream media traffic to each stream entry.
             if let Some(streams) = obj.get_mut("streams").and_then(|s| s.as_object_mut()) {
                 for entry in streams.values_mut() {
