@@ -1,11 +1,15 @@
 //! The control loop of an overlay node (relay, PoP or server).
 //!
-//! One thread receives control datagrams and stamps them with their arrival time; the
-//! loop feeds them to the sans-IO [`ott_tree::Node`], sends what it asks, hands
-//! forwarding-table changes to the data plane, and answers status queries. Nothing
-//! blocks the loop but its `select!`.
+//! One thread per control socket receives control datagrams and stamps them with their
+//! arrival time and the local address they were sent to; the loop feeds them to the
+//! sans-IO [`ott_tree::Node`], sends what it asks, hands forwarding-table changes to the
+//! data plane, and answers status queries. Nothing blocks the loop but its `select!`.
+//!
+//! An answer to a request (a heartbeat's ack, a probe's reply, a catalogue, an error)
+//! leaves from the address the request was sent to, so that an asker who knows the node
+//! by that address sees the answer come from it ([`ControlSockets`]).
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -15,6 +19,7 @@ use ott_tree::{Event, Node};
 
 use crate::counters::{add, Counters};
 use crate::dataplane::{self, DataCmd};
+use crate::net::ControlSockets;
 
 /// A received datagram, stamped when it arrived.
 #[derive(Debug)]
@@ -23,6 +28,8 @@ pub struct Datagram {
     pub at: Instant,
     /// Sender.
     pub from: SocketAddr,
+    /// The local address it was sent to, when known (`IP_PKTINFO`).
+    pub local: Option<IpAddr>,
     /// Bytes.
     pub bytes: Vec<u8>,
 }
@@ -33,16 +40,46 @@ pub fn spawn_receiver(
     name: &str,
     counters: Arc<Counters>,
 ) -> std::io::Result<Receiver<Datagram>> {
+    spawn_receivers(vec![sock], name, counters)
+}
+
+/// Start one thread per socket, each sending every datagram it reads, stamped with its
+/// arrival time and the local address it was sent to, on the one returned channel.
+pub fn spawn_receivers(
+    socks: Vec<UdpSocket>,
+    name: &str,
+    counters: Arc<Counters>,
+) -> std::io::Result<Receiver<Datagram>> {
     let (tx, rx) = crossbeam_channel::bounded(4096);
+    for sock in socks {
+        spawn_reader(sock, name, counters.clone(), tx.clone())?;
+    }
+    Ok(rx)
+}
+
+fn spawn_reader(
+    sock: UdpSocket,
+    name: &str,
+    counters: Arc<Counters>,
+    tx: Sender<Datagram>,
+) -> std::io::Result<()> {
+    // Best effort: without it (IPv6) the bound address stands for the destination.
+    let _ = crate::pktinfo::enable(&sock);
+    let bound = sock
+        .local_addr()
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified());
     thread::Builder::new().name(name.into()).spawn(move || {
         let mut buf = vec![0u8; 65536];
         loop {
-            match sock.recv_from(&mut buf) {
-                Ok((len, from)) => {
+            match crate::pktinfo::recv(&sock, &mut buf) {
+                Ok((len, from, local)) => {
                     counters.rx(len);
                     let d = Datagram {
                         at: Instant::now(),
                         from,
+                        local: local.or(bound),
                         bytes: buf[..len].to_vec(),
                     };
                     if tx.send(d).is_err() {
@@ -59,22 +96,59 @@ pub fn spawn_receiver(
             }
         }
     })?;
-    Ok(rx)
+    Ok(())
 }
 
 /// Send one control message, counting the outcome; never fails the caller.
 pub fn send_msg(sock: &UdpSocket, counters: &Counters, to: SocketAddr, msg: &ott_proto::Message) {
     match ott_proto::encode(msg) {
-        Ok(buf) => match sock.send_to(&buf, to) {
-            Ok(n) => counters.tx(n),
-            Err(e) => {
-                tracing::debug!(%to, error = %e, kind = msg.kind(), "control send failed");
-                add(&counters.send_errors, 1);
-            }
-        },
+        Ok(buf) => count_send(counters, to, msg, sock.send_to(&buf, to)),
         Err(e) => {
             tracing::warn!(error = %e, kind = msg.kind(), "cannot encode control message");
             add(&counters.dropped, 1);
+        }
+    }
+}
+
+/// [`send_msg`] on a node's control sockets, from the local address `from` when given.
+pub fn send_msg_from(
+    socks: &ControlSockets,
+    counters: &Counters,
+    to: SocketAddr,
+    from: Option<IpAddr>,
+    msg: &ott_proto::Message,
+) {
+    match ott_proto::encode(msg) {
+        Ok(buf) => count_send(counters, to, msg, socks.send(&buf, to, from)),
+        Err(e) => {
+            tracing::warn!(error = %e, kind = msg.kind(), "cannot encode control message");
+            add(&counters.dropped, 1);
+        }
+    }
+}
+
+/// Whether `msg` answers the request it was made for (and so leaves from the address
+/// the request was sent to). Subscriptions (`Join`, `Leave`) never do: media comes back
+/// to the address they leave from.
+fn is_answer(msg: &ott_proto::Message) -> bool {
+    use ott_proto::Message as M;
+    matches!(
+        msg,
+        M::HeartbeatAck { .. } | M::ProbeReply { .. } | M::Streams { .. } | M::Error { .. }
+    )
+}
+
+fn count_send(
+    counters: &Counters,
+    to: SocketAddr,
+    msg: &ott_proto::Message,
+    sent: std::io::Result<usize>,
+) {
+    match sent {
+        Ok(n) => counters.tx(n),
+        Err(e) => {
+            tracing::debug!(%to, error = %e, kind = msg.kind(), "control send failed");
+            add(&counters.send_errors, 1);
         }
     }
 }
@@ -86,8 +160,8 @@ pub type StatusQuery = Sender<serde_json::Value>;
 pub struct NodeLoop {
     /// The state machine.
     pub node: Node,
-    /// Control socket (sending side; a clone is read by the receiver thread).
-    pub ctrl: UdpSocket,
+    /// Control sockets (sending side; clones are read by the receiver threads).
+    pub ctrl: ControlSockets,
     /// Datagrams from the control socket.
     pub rx: Receiver<Datagram>,
     /// Forwarding-table changes go here (the forwarder, or the server's media thread).
@@ -143,7 +217,11 @@ impl NodeLoop {
 
     fn on_datagram(&mut self, d: Datagram) {
         match ott_proto::decode(&d.bytes) {
-            Ok(msg) => self.node.handle(d.at, d.from, msg),
+            Ok(msg) => {
+                self.node.handle(d.at, d.from, msg);
+                // Answers to it leave from the address it was sent to.
+                self.drain_answering(Some((d.from, d.local)));
+            }
             Err(e) => {
                 add(&self.counters.malformed, 1);
                 tracing::debug!(from = %d.from, error = %e, "dropping undecodable control datagram");
@@ -152,8 +230,18 @@ impl NodeLoop {
     }
 
     fn drain(&mut self) {
+        self.drain_answering(None);
+    }
+
+    /// Send what the node asks and pass its events on. `asked`: the sender of the
+    /// datagram just handled and the local address it came in on.
+    fn drain_answering(&mut self, asked: Option<(SocketAddr, Option<IpAddr>)>) {
         while let Some(t) = self.node.poll_transmit() {
-            send_msg(&self.ctrl, &self.counters, t.to, &t.msg);
+            let from = match asked {
+                Some((asker, local)) if asker == t.to && is_answer(&t.msg) => local,
+                _ => None,
+            };
+            send_msg_from(&self.ctrl, &self.counters, t.to, from, &t.msg);
         }
         while let Some(ev) = self.node.poll_event() {
             match ev {
@@ -177,6 +265,20 @@ impl NodeLoop {
             obj.insert(
                 "counters".into(),
                 serde_json::to_value(self.counters.snapshot()).unwrap_or_default(),
+            );
+            // What the tree and the neighbour table refused (unknown senders, forged
+            // incarnations, announcements too far ahead, ...).
+            let nb = self.node.neighbours();
+            obj.insert(
+                "tree_stats".into(),
+                serde_json::to_value(self.node.stats()).unwrap_or_default(),
+            );
+            obj.insert(
+                "liveness".into(),
+                serde_json::json!({
+                    "unknown_sender": nb.unknown_sender_count(),
+                    "refused_incarnation": nb.refused_incarnation_count(),
+                }),
             );
             // Attach per-stream media traffic to each stream entry.
             if let Some(streams) = obj.get_mut("streams").and_then(|s| s.as_object_mut()) {

@@ -18,6 +18,7 @@ pub mod launcher;
 pub mod live;
 pub mod net;
 pub mod overlay;
+pub mod pktinfo;
 pub mod signals;
 pub mod source;
 pub mod status;

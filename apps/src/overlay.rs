@@ -14,8 +14,8 @@ use ott_tree::{Node, NodeConfig};
 
 use crate::counters::Counters;
 use crate::dataplane::DataCmd;
-use crate::driver::{spawn_receiver, LoopStatus, NodeLoop};
-use crate::net::bind_udp;
+use crate::driver::{spawn_receivers, LoopStatus, NodeLoop};
+use crate::net::{bind_udp, ControlSockets};
 
 /// Ask the bootstrapper who `id` is, retrying while it is not up yet or busy.
 pub fn bootstrap(addr: SocketAddr, req: Request, wait: Duration) -> anyhow::Result<Assignment> {
@@ -90,14 +90,16 @@ pub fn run_with(
 ) -> anyhow::Result<()> {
     let shutdown = crate::signals::shutdown_channel();
     let counters = Arc::new(Counters::default());
-    let ctrl = bind_udp(a.bind_ctrl).context("control socket")?;
+    // Bound to one address, the node answers on each of its addresses; bound to the
+    // wildcard, on every address of the host (see `ControlSockets`).
+    let ctrl = ControlSockets::bind(a.bind_ctrl, &a.addresses).context("control socket")?;
     let data = bind_udp(a.bind_data).context("data socket")?;
     let data_port = data.local_addr()?.port();
-    tracing::info!(id = %a.id, role = %a.role, ctrl = %a.bind_ctrl, data = %a.bind_data,
-        neighbours = a.neighbours.len(), "node starting");
+    tracing::info!(id = %a.id, role = %a.role, ctrl = ?ctrl.local_addrs(), data = %a.bind_data,
+        addresses = ?a.addresses, neighbours = a.neighbours.len(), "node starting");
     let (data_tx, data_rx) = crossbeam_channel::unbounded();
     let data_thread = data_plane(data, counters.clone(), data_rx).context("data plane thread")?;
-    let rx = spawn_receiver(ctrl.try_clone()?, "ctrl-rx", counters.clone())?;
+    let rx = spawn_receivers(ctrl.try_clone_all()?, "ctrl-rx", counters.clone())?;
     let (status_tx, status_rx) = crossbeam_channel::bounded(16);
     if let Some(addr) = status {
         crate::status::serve(
@@ -114,12 +116,9 @@ pub fn run_with(
     config.incarnation = incarnation();
     config.seed = config.incarnation;
     config.liveness = tuning.liveness();
-    let neighbours = a
-        .neighbours
-        .iter()
-        .map(|p| (p.id.clone(), p.ctrl))
-        .collect();
-    let mut node = Node::new(config, neighbours, now, now);
+    // Each neighbour is known by every address the bootstrapper gave for it.
+    let neighbours = a.neighbours.iter().map(|p| p.control_addrs()).collect();
+    let mut node = Node::with_peers(config, neighbours, now, now);
     if !catalogue.is_empty() {
         node.set_catalogue(now, catalogue);
     }

@@ -234,8 +234,10 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         seed: crate::overlay::incarnation(),
         ..ClientConfig::default()
     };
-    let pops = a.pops.iter().map(|p| (p.id.clone(), p.ctrl)).collect();
-    let client = Client::new(config, pops, local.port(), epoch, epoch);
+    // A PoP is known by every address the bootstrapper gave for it: it may answer from
+    // another than the one the client sends to.
+    let pops = a.pops.iter().map(|p| p.control_addrs()).collect();
+    let client = Client::with_pops(config, pops, local.port(), epoch, epoch);
     let mut v = Viewer {
         client,
         sock,

@@ -402,6 +402,7 @@ impl Service {
                     role: node.role,
                     bind_ctrl: SocketAddr::new(IpAddr::V4(ip), CONTROL_PORT),
                     bind_data: SocketAddr::new(IpAddr::V4(ip), DATA_PORT),
+                    addresses: self.own_addresses(id),
                     neighbours,
                     pops: self.pops_seen_from(id),
                     topology: t.name.clone(),
@@ -440,6 +441,7 @@ impl Service {
             role: Role::Client,
             bind_ctrl: bind,
             bind_data: bind,
+            addresses: self.own_addresses(id),
             neighbours: Vec::new(),
             pops: self.pops_seen_from(id),
             topology: self.topology.name.clone(),
@@ -454,6 +456,17 @@ impl Service {
             .collect()
     }
 
+    /// Every address of `id` in the served plan (empty for an unknown id).
+    fn own_addresses(&self, id: &str) -> Vec<IpAddr> {
+        self.topology
+            .addresses(id, self.plan)
+            .into_iter()
+            .map(IpAddr::V4)
+            .collect()
+    }
+
+    /// `target` as `viewer` should address it: its address on the way from `viewer`
+    /// (see [`Topology::ip_seen_from`]) and every address it has.
     fn peer(&self, target: &str, viewer: &str) -> Option<Peer> {
         let e = self.topology.endpoint_seen_from(target, viewer, self.plan);
         if e.is_none() {
@@ -463,6 +476,7 @@ impl Service {
             id: e.id,
             ctrl: e.ctrl,
             data: e.data,
+            addrs: e.addresses.into_iter().map(IpAddr::V4).collect(),
         })
     }
 
@@ -747,6 +761,41 @@ ends = ["g1", "c1"]
         assert_eq!(a.neighbours.len(), 1);
         // r1 is .1 on link 1 (r1 - p1).
         assert_eq!(a.neighbours[0].ctrl, addr("10.0.1.1:7000"));
+        // ... and has three addresses, one per link.
+        let ips: Vec<IpAddr> = ["10.0.0.2", "10.0.1.1", "10.0.2.1"]
+            .iter()
+            .map(|s| s.parse().expect("literal"))
+            .collect();
+        assert_eq!(a.neighbours[0].addrs, ips);
+        let table = a.neighbours[0].control_addrs();
+        assert_eq!(table.preferred, addr("10.0.1.1:7000"));
+        assert!(table.owns(addr("10.0.2.1:7000")));
+        // p1's own addresses: its link to r1, then its link to g1.
+        let own: Vec<IpAddr> = ["10.0.1.2", "10.0.3.1"]
+            .iter()
+            .map(|s| s.parse().expect("literal"))
+            .collect();
+        assert_eq!(a.addresses, own);
+    }
+
+    #[test]
+    fn a_client_is_given_each_pops_address_on_its_way() {
+        let links = service(AddressPlan::Links);
+        let a = assigned(links.answer(&Request::Client {
+            id: Some("c1".into()),
+        }));
+        // c1 - g1 - p1: p1's address on its link to g1 (link 3), not the one it is known
+        // by (its first link, to r1); with every address of p1.
+        assert_eq!(a.pops[0].ctrl, addr("10.0.3.1:7000"));
+        assert_eq!(a.pops[0].data, addr("10.0.3.1:7001"));
+        let ips: Vec<IpAddr> = ["10.0.1.2", "10.0.3.1"]
+            .iter()
+            .map(|s| s.parse().expect("literal"))
+            .collect();
+        assert_eq!(a.pops[0].addrs, ips);
+        // p2 is reached through p1 and r1: its address facing r1.
+        assert_eq!(a.pops[1].ctrl, addr("10.0.2.2:7000"));
+        assert_eq!(a.addresses, vec![IpAddr::from([10, 0, 4, 2])]);
     }
 
     #[test]
@@ -763,12 +812,37 @@ ends = ["g1", "c1"]
         let a = assigned(s.answer(&Request::Client { id: None }));
         assert_eq!(a.id, ANONYMOUS_CLIENT_ID);
         assert_eq!(a.bind_ctrl, addr("127.0.0.1:0"));
+        assert!(a.addresses.is_empty());
         assert_eq!(a.pops[0].ctrl, addr("127.1.0.3:7000"));
         let links = service(AddressPlan::Links);
         let a = assigned(links.answer(&Request::Client { id: None }));
         assert_eq!(a.bind_ctrl, addr("0.0.0.0:0"));
-        // p1's first link is r1 - p1 (index 1): 10.0.1.2.
-        assert_eq!(a.pops[0].ctrl, addr("10.0.1.2:7000"));
+        // An anonymous client gets p1's access side, its link to router g1 (index 3),
+        // and p2's first address (it has no access link).
+        assert_eq!(a.pops[0].ctrl, addr("10.0.3.1:7000"));
+        assert_eq!(a.pops[1].ctrl, addr("10.0.2.2:7000"));
+    }
+
+    #[test]
+    fn sparse_overlay_neighbours_are_given_the_address_on_the_path() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topologies/sparse.toml");
+        let t = Topology::load(&path).expect("sparse loads");
+        let s = Service::new(t.clone(), AddressPlan::Links);
+        for n in t.nodes.iter().filter(|n| n.role.is_overlay()) {
+            let a = assigned(s.answer(&Request::Node { id: n.id.clone() }));
+            assert!(!a.neighbours.is_empty(), "{}", n.id);
+            for p in &a.neighbours {
+                // Overlay nodes of sparse.toml hang off one router each: their only
+                // address is the one on every path.
+                assert_eq!(p.addrs, vec![p.ctrl.ip()], "{} -> {}", n.id, p.id);
+                assert_eq!(
+                    Some(p.ctrl.ip()),
+                    t.ip_seen_from(&p.id, &n.id, AddressPlan::Links)
+                        .map(IpAddr::V4)
+                );
+            }
+        }
     }
 
     #[test]

@@ -86,15 +86,31 @@ pub enum TopologyProblem {
         /// Line of the first definition.
         first_line: usize,
     },
-    /// A node's `address` is not an IPv4 address.
-    #[error("node \"{id}\" has an invalid address \"{address}\" (expected an IPv4 address)")]
+    /// A node's `address` (or one of its `addresses`) is not a unicast IPv4 address.
+    #[error(
+        "node \"{id}\" has an invalid address \"{address}\" (expected a unicast IPv4 address)"
+    )]
     BadAddress {
         /// The node.
         id: String,
         /// The text given.
         address: String,
     },
-    /// Two nodes override their address with the same value.
+    /// A node gives both `address` and `addresses`.
+    #[error("node \"{0}\" has both address and addresses: give one of them")]
+    AddressAndAddresses(String),
+    /// A node's `addresses` list is empty.
+    #[error("node \"{0}\" has an empty addresses list (leave it out to derive the address)")]
+    EmptyAddresses(String),
+    /// A node lists the same address twice.
+    #[error("node \"{id}\" lists address {address} twice")]
+    RepeatedAddress {
+        /// The node.
+        id: String,
+        /// The repeated address.
+        address: std::net::Ipv4Addr,
+    },
+    /// Two nodes give the same address.
     #[error("node \"{id}\" has the same address {address} as node \"{other}\"")]
     DuplicateAddress {
         /// The second node.

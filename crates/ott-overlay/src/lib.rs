@@ -10,7 +10,7 @@ pub mod addr;
 mod error;
 pub mod neighbours;
 pub mod topology;
-pub use addr::{AddressPlan, Endpoint, CONTROL_PORT, DATA_PORT};
+pub use addr::{peer_addrs, AddressPlan, Endpoint, PeerAddrs, CONTROL_PORT, DATA_PORT};
 pub use error::{TopologyError, TopologyProblem};
 pub use neighbours::{LivenessConfig, NeighbourEvent, NeighbourInfo, Neighbours, Transmit};
 pub use topology::{Link, Node, Role, Topology};

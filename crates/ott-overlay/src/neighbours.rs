@@ -8,6 +8,22 @@
 //! from it, and dead once silent for [`LivenessConfig::dead_after`] or at once when it says
 //! [`Message::Bye`].
 //!
+//! # Identity
+//!
+//! A neighbour is known by the addresses the bootstrapper gave for it ([`PeerAddrs`]),
+//! and only by them: a liveness message counts only when it comes from one of them and
+//! names the neighbour they belong to. Nothing is learned from messages (no aliases),
+//! and nothing is ever sent to an address that is not a neighbour's: a heartbeat from a
+//! stranger is counted ([`Neighbours::unknown_sender_count`]) and not answered.
+//!
+//! A neighbour's incarnation (which tells a restart) moves only when the messages are
+//! authenticated ([`LivenessConfig::keyed`]), or after the neighbour was silent for
+//! `dead_after`: then the next message from its addresses starts it afresh, whatever its
+//! incarnation. Without a key, a forged heartbeat (even with incarnation 2^64 - 1 from
+//! the neighbour's own address) therefore neither marks it restarted nor makes its
+//! real messages look stale; a restarted neighbour is recognised at most `dead_after`
+//! after its old incarnation fell silent.
+//!
 //! Drain rule: after each call to [`Neighbours::new`], [`Neighbours::handle`],
 //! [`Neighbours::handle_timeout`] or [`Neighbours::shutdown`], drain
 //! [`Neighbours::poll_transmit`] and [`Neighbours::poll_event`], then read
@@ -20,6 +36,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ott_proto::Message;
+
+use crate::addr::PeerAddrs;
 
 /// A control message to send to one address.
 #[must_use]
@@ -45,6 +63,11 @@ pub struct LivenessConfig {
     pub heartbeat_interval: Duration,
     /// A neighbour silent for this long is declared dead (default 400 ms).
     pub dead_after: Duration,
+    /// Every message handed to [`Neighbours::handle`] passed a MAC check with the
+    /// overlay key (default false). Then a neighbour's incarnation moves as soon as it
+    /// grows (a restart is recognised at once); without a key it moves only after
+    /// `dead_after` of silence (see the module docs).
+    pub keyed: bool,
 }
 
 impl Default for LivenessConfig {
@@ -52,6 +75,7 @@ impl Default for LivenessConfig {
         Self {
             heartbeat_interval: Duration::from_millis(100),
             dead_after: Duration::from_millis(400),
+            keyed: false,
         }
     }
 }
@@ -65,6 +89,7 @@ impl LivenessConfig {
         Self {
             heartbeat_interval,
             dead_after: dead_after.max(heartbeat_interval),
+            keyed: false,
         }
     }
 }
@@ -76,7 +101,7 @@ pub enum NeighbourEvent {
     Up(String),
     /// The neighbour went silent for `dead_after`, or said `Bye`.
     Down(String),
-    /// The neighbour came back with a higher incarnation: it restarted and lost its state.
+    /// The neighbour came back with another incarnation: it restarted and lost its state.
     Restarted(String),
 }
 
@@ -97,9 +122,7 @@ pub struct NeighbourInfo {
 
 #[derive(Debug)]
 struct Peer {
-    id: String,
-    addr: SocketAddr,
-    aliases: Vec<SocketAddr>,
+    addrs: PeerAddrs,
     alive: bool,
     srtt: Option<Duration>,
     incarnation: Option<u64>,
@@ -108,8 +131,6 @@ struct Peer {
 
 /// Number of recent heartbeats remembered to validate echoed timestamps.
 const SENT_HISTORY: usize = 16;
-/// Most alias addresses remembered per neighbour.
-const MAX_ALIASES: usize = 4;
 
 /// The neighbour table of one node: liveness and smoothed RTT of each neighbour.
 #[derive(Debug)]
@@ -125,11 +146,13 @@ pub struct Neighbours {
     transmits: VecDeque<Transmit>,
     events: VecDeque<NeighbourEvent>,
     unknown: u64,
+    refused_incarnations: u64,
     shut: bool,
 }
 
 impl Neighbours {
-    /// A table of `peers` (id, control address), all initially not alive.
+    /// A table of `peers` (id, control address), all initially not alive: each
+    /// neighbour with a single address. See [`Neighbours::with_peers`].
     ///
     /// The first round of heartbeats is queued at once. `epoch` is the origin of this
     /// node's wire timestamps; `incarnation` must grow at each restart of the node.
@@ -141,12 +164,25 @@ impl Neighbours {
         peers: Vec<(String, SocketAddr)>,
         now: Instant,
     ) -> Self {
+        let peers = peers.into_iter().map(PeerAddrs::from).collect();
+        Self::with_peers(own_id, incarnation, epoch, config, peers, now)
+    }
+
+    /// A table of `peers` as the bootstrapper gave them, all initially not alive: each
+    /// one's id, the control address to send to and every control address it may send
+    /// from ([`PeerAddrs`]). Otherwise as [`Neighbours::new`].
+    pub fn with_peers(
+        own_id: String,
+        incarnation: u64,
+        epoch: Instant,
+        config: LivenessConfig,
+        peers: Vec<PeerAddrs>,
+        now: Instant,
+    ) -> Self {
         let peers = peers
             .into_iter()
-            .map(|(id, addr)| Peer {
-                id,
-                addr,
-                aliases: Vec::new(),
+            .map(|addrs| Peer {
+                addrs,
                 alive: false,
                 srtt: None,
                 incarnation: None,
@@ -165,6 +201,7 @@ impl Neighbours {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             unknown: 0,
+            refused_incarnations: 0,
             shut: false,
         };
         me.send_heartbeats(now);
@@ -187,25 +224,29 @@ impl Neighbours {
     }
 
     fn find(&self, id: &str) -> Option<&Peer> {
-        self.peers.iter().find(|p| p.id == id)
+        self.peers.iter().find(|p| p.addrs.id == id)
     }
 
-    fn find_mut(&mut self, id: &str) -> Option<&mut Peer> {
-        self.peers.iter_mut().find(|p| p.id == id)
-    }
-
-    /// The id of the neighbour at `addr` (its given address, or one it sent heartbeats from).
-    pub fn id_of(&self, addr: SocketAddr) -> Option<&str> {
+    /// Position of the neighbour owning `addr`: the first whose preferred address it is,
+    /// else the first listing it among its addresses.
+    fn position_of(&self, addr: SocketAddr) -> Option<usize> {
         self.peers
             .iter()
-            .find(|p| p.addr == addr)
-            .or_else(|| self.peers.iter().find(|p| p.aliases.contains(&addr)))
-            .map(|p| p.id.as_str())
+            .position(|p| p.addrs.preferred == addr)
+            .or_else(|| self.peers.iter().position(|p| p.addrs.all.contains(&addr)))
     }
 
-    /// The control address we were given for neighbour `id`.
+    /// The id of the neighbour that `addr` belongs to (one of the addresses the
+    /// bootstrapper gave for it), if any.
+    pub fn id_of(&self, addr: SocketAddr) -> Option<&str> {
+        self.position_of(addr)
+            .and_then(|i| self.peers.get(i))
+            .map(|p| p.addrs.id.as_str())
+    }
+
+    /// The control address to send to neighbour `id` (its preferred address).
     pub fn addr_of(&self, id: &str) -> Option<SocketAddr> {
-        self.find(id).map(|p| p.addr)
+        self.find(id).map(|p| p.addrs.preferred)
     }
 
     /// Whether `id` is a neighbour currently alive.
@@ -221,27 +262,38 @@ impl Neighbours {
     /// A snapshot of every neighbour, in the order given to [`Neighbours::new`].
     pub fn iter(&self) -> impl Iterator<Item = NeighbourInfo> + '_ {
         self.peers.iter().map(|p| NeighbourInfo {
-            id: p.id.clone(),
-            addr: p.addr,
+            id: p.addrs.id.clone(),
+            addr: p.addrs.preferred,
             alive: p.alive,
             rtt: p.srtt,
             incarnation: p.incarnation,
         })
     }
 
-    /// Number of liveness messages ignored because their sender is not a neighbour.
+    /// Number of liveness messages ignored because they came from an address that is
+    /// no neighbour's, or named another node than the one owning the address.
     pub fn unknown_sender_count(&self) -> u64 {
         self.unknown
+    }
+
+    /// Number of liveness messages ignored because they carried another incarnation
+    /// than the neighbour's current one while it was not silent for `dead_after` (with
+    /// a key: an older one).
+    pub fn refused_incarnation_count(&self) -> u64 {
+        self.refused_incarnations
     }
 
     /// Consume a [`Message::Heartbeat`], [`Message::HeartbeatAck`] or [`Message::Bye`]
     /// (returns `true`); any other message is left alone (returns `false`).
     ///
-    /// A liveness message naming a node that is not a neighbour is ignored and counted
-    /// ([`Neighbours::unknown_sender_count`]). A heartbeat is answered with an ack. Any
-    /// heartbeat or ack marks its sender alive ([`NeighbourEvent::Up`] if it was not), a
-    /// higher incarnation than before gives [`NeighbourEvent::Restarted`], and an ack whose
-    /// echoed timestamp matches one of our recent heartbeats gives an RTT sample.
+    /// A liveness message from an address that is no neighbour's, or naming another
+    /// node than the neighbour owning `from`, is ignored and counted
+    /// ([`Neighbours::unknown_sender_count`]); so is a `Bye`. A heartbeat from a
+    /// neighbour is answered with an ack, to `from`. Any accepted heartbeat or ack marks
+    /// its sender alive ([`NeighbourEvent::Up`] if it was not); a new incarnation (see
+    /// the module docs for when it is accepted) gives [`NeighbourEvent::Restarted`]; and
+    /// an ack whose echoed timestamp matches one of our recent heartbeats gives an RTT
+    /// sample.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, msg: &Message) -> bool {
         match msg {
             Message::Heartbeat {
@@ -250,7 +302,7 @@ impl Neighbours {
                 sent_us,
                 incarnation,
             } => {
-                if self.heard(now, from, id, *incarnation) {
+                if self.heard(now, from, id, *incarnation).is_some() {
                     self.transmits.push_back(Transmit {
                         to: from,
                         msg: Message::HeartbeatAck {
@@ -269,12 +321,12 @@ impl Neighbours {
                 echo_us,
                 incarnation,
             } => {
-                if self.heard(now, from, id, *incarnation) {
+                if let Some(i) = self.heard(now, from, id, *incarnation) {
                     let now_us = self.micros(now);
                     let genuine = self.sent.iter().any(|&(s, t)| s == *seq && t == *echo_us);
                     if genuine && *echo_us <= now_us {
                         let sample = Duration::from_micros(now_us - *echo_us);
-                        if let Some(p) = self.find_mut(id) {
+                        if let Some(p) = self.peers.get_mut(i) {
                             p.srtt = Some(match p.srtt {
                                 None => sample,
                                 Some(s) => (s * 7 + sample) / 8,
@@ -285,8 +337,9 @@ impl Neighbours {
                 true
             }
             Message::Bye { from: id } => {
-                match self.find_mut(id) {
-                    Some(p) => {
+                match self.sender(from, id) {
+                    Some(i) => {
+                        let p = &mut self.peers[i];
                         p.last_heard = None;
                         if p.alive {
                             p.alive = false;
@@ -294,7 +347,10 @@ impl Neighbours {
                             self.events.push_back(NeighbourEvent::Down(id.clone()));
                         }
                     }
-                    None => self.unknown += 1,
+                    None => {
+                        self.unknown += 1;
+                        tracing::debug!(%from, "bye from an address that is not the neighbour's");
+                    }
                 }
                 true
             }
@@ -302,35 +358,59 @@ impl Neighbours {
         }
     }
 
-    /// Record that `id` was heard from `addr`; false when it is not a neighbour or the
-    /// message comes from an older incarnation than one already seen.
-    fn heard(&mut self, now: Instant, addr: SocketAddr, id: &str, incarnation: u64) -> bool {
-        let Some(p) = self.peers.iter_mut().find(|p| p.id == id) else {
+    /// Position of the neighbour that sent a message claiming to be `id` from `addr`:
+    /// `addr` must be one of its addresses.
+    fn sender(&self, addr: SocketAddr, id: &str) -> Option<usize> {
+        self.peers
+            .iter()
+            .position(|p| p.addrs.id == id && p.addrs.owns(addr))
+    }
+
+    /// Record that neighbour `id` was heard from `addr` with `incarnation`; its
+    /// position, or `None` (and a counter) when `addr` is not one of its addresses or
+    /// the incarnation is refused.
+    fn heard(
+        &mut self,
+        now: Instant,
+        addr: SocketAddr,
+        id: &str,
+        incarnation: u64,
+    ) -> Option<usize> {
+        let Some(i) = self.sender(addr, id) else {
             self.unknown += 1;
-            tracing::debug!(%addr, peer = %id, "liveness message from a non-neighbour");
-            return false;
+            tracing::debug!(%addr, "liveness message from an address that is not the named neighbour's");
+            return None;
         };
-        match p.incarnation {
-            Some(old) if incarnation < old => return false,
-            Some(old) if incarnation > old => {
-                tracing::info!(peer = %id, old, new = incarnation, "neighbour restarted");
-                p.srtt = None;
-                self.events
-                    .push_back(NeighbourEvent::Restarted(p.id.clone()));
+        let dead_after = self.config.dead_after;
+        let keyed = self.config.keyed;
+        let p = &mut self.peers[i];
+        if let Some(old) = p.incarnation.filter(|&old| old != incarnation) {
+            // Without a key anyone can claim an incarnation: it may only move once the
+            // current one has been silent for `dead_after`. With a key (every message
+            // authenticated) it may also move forward at once.
+            let silent = p
+                .last_heard
+                .is_none_or(|t| now.saturating_duration_since(t) >= dead_after);
+            let accept = silent || (keyed && incarnation > old);
+            if !accept {
+                self.refused_incarnations += 1;
+                tracing::debug!(peer = %id, old, new = incarnation, "incarnation refused");
+                return None;
             }
-            _ => {}
+            tracing::info!(peer = %id, old, new = incarnation, "neighbour restarted");
+            p.srtt = None;
+            self.events
+                .push_back(NeighbourEvent::Restarted(p.addrs.id.clone()));
         }
         p.incarnation = Some(incarnation);
-        if addr != p.addr && !p.aliases.contains(&addr) && p.aliases.len() < MAX_ALIASES {
-            p.aliases.push(addr);
-        }
         p.last_heard = Some(now);
         if !p.alive {
             p.alive = true;
             tracing::info!(peer = %id, "neighbour up");
-            self.events.push_back(NeighbourEvent::Up(p.id.clone()));
+            self.events
+                .push_back(NeighbourEvent::Up(p.addrs.id.clone()));
         }
-        true
+        Some(i)
     }
 
     fn send_heartbeats(&mut self, now: Instant) {
@@ -342,7 +422,7 @@ impl Neighbours {
         }
         for p in &self.peers {
             self.transmits.push_back(Transmit {
-                to: p.addr,
+                to: p.addrs.preferred,
                 msg: Message::Heartbeat {
                     from: self.own_id.clone(),
                     seq: self.hb_seq,
@@ -371,8 +451,9 @@ impl Neighbours {
             if let Some(t) = p.last_heard {
                 if now.saturating_duration_since(t) >= self.config.dead_after {
                     p.alive = false;
-                    tracing::info!(peer = %p.id, "neighbour silent, declared dead");
-                    self.events.push_back(NeighbourEvent::Down(p.id.clone()));
+                    tracing::info!(peer = %p.addrs.id, "neighbour silent, declared dead");
+                    self.events
+                        .push_back(NeighbourEvent::Down(p.addrs.id.clone()));
                 }
             }
         }
@@ -383,7 +464,7 @@ impl Neighbours {
         self.shut = true;
         for p in &self.peers {
             self.transmits.push_back(Transmit {
-                to: p.addr,
+                to: p.addrs.preferred,
                 msg: Message::Bye {
                     from: self.own_id.clone(),
                 },
@@ -536,9 +617,75 @@ mod tests {
         assert_eq!(drain(&mut n).1, vec![NeighbourEvent::Up("b".into())]);
     }
 
+    /// A neighbour `b` with two addresses, the table at time `t0`.
+    fn multihomed() -> (Neighbours, Instant) {
+        let t0 = Instant::now();
+        let b = PeerAddrs::new("b", addr(2), vec![addr(2), addr(12)]);
+        let c = PeerAddrs::from(("c".to_owned(), addr(3)));
+        let config = LivenessConfig::default();
+        let n = Neighbours::with_peers("a".into(), 1, t0, config, vec![b, c], t0);
+        (n, t0)
+    }
+
     #[test]
-    fn test_restart_detected_and_old_incarnation_ignored() {
+    fn test_restart_recognised_after_silence_only() {
         let (mut n, t0) = setup();
+        n.handle(t0, addr(2), &hb("b", 1, 0, 1));
+        drain(&mut n);
+        // Another incarnation while b is heard from: refused (anyone can claim one).
+        let t1 = t0 + Duration::from_millis(100);
+        n.handle(t1, addr(2), &hb("b", 1, 0, 2));
+        let (tx, ev) = drain(&mut n);
+        assert!(tx.is_empty() && ev.is_empty(), "{tx:?} {ev:?}");
+        assert_eq!(n.refused_incarnation_count(), 1);
+        // b's old incarnation is silent from t0 on; once silent for dead_after, the new
+        // one is b again.
+        let dead_after = LivenessConfig::default().dead_after;
+        n.handle(
+            t0 + dead_after - Duration::from_millis(1),
+            addr(2),
+            &hb("b", 2, 0, 2),
+        );
+        assert!(drain(&mut n).1.is_empty());
+        assert_eq!(n.refused_incarnation_count(), 2);
+        n.handle(t0 + dead_after, addr(2), &hb("b", 3, 0, 2));
+        let (tx, ev) = drain(&mut n);
+        assert_eq!(ev, vec![NeighbourEvent::Restarted("b".into())]);
+        assert_eq!(tx.len(), 1, "the heartbeat is answered");
+        assert!(n.is_alive("b"));
+        // The old incarnation is now the stranger.
+        n.handle(t0 + dead_after, addr(2), &hb("b", 4, 0, 1));
+        assert!(drain(&mut n).1.is_empty());
+        assert_eq!(n.iter().next().and_then(|i| i.incarnation), Some(2));
+    }
+
+    #[test]
+    fn test_restart_after_declared_dead() {
+        let (mut n, t0) = setup();
+        n.handle(t0, addr(2), &hb("b", 1, 0, 1));
+        drain(&mut n);
+        let t = t0 + Duration::from_secs(1);
+        n.handle_timeout(t);
+        assert!(drain(&mut n).1.contains(&NeighbourEvent::Down("b".into())));
+        // Back with a lower incarnation (its clock went back): recognised too.
+        n.handle(t, addr(2), &hb("b", 1, 0, 0));
+        let ev = drain(&mut n).1;
+        assert!(
+            ev.contains(&NeighbourEvent::Restarted("b".into())),
+            "{ev:?}"
+        );
+        assert!(ev.contains(&NeighbourEvent::Up("b".into())), "{ev:?}");
+    }
+
+    #[test]
+    fn test_keyed_restart_is_at_once_and_never_backwards() {
+        let t0 = Instant::now();
+        let config = LivenessConfig {
+            keyed: true,
+            ..LivenessConfig::default()
+        };
+        let peers = vec![("b".to_owned(), addr(2))];
+        let mut n = Neighbours::new("a".into(), 1, t0, config, peers, t0);
         n.handle(t0, addr(2), &hb("b", 1, 0, 1));
         drain(&mut n);
         n.handle(t0, addr(2), &hb("b", 1, 0, 2));
@@ -546,6 +693,38 @@ mod tests {
         n.handle(t0, addr(2), &hb("b", 2, 0, 1));
         let (tx, ev) = drain(&mut n);
         assert!(tx.is_empty() && ev.is_empty());
+        assert_eq!(n.refused_incarnation_count(), 1);
+    }
+
+    #[test]
+    fn test_forged_max_incarnation_does_not_cut_a_neighbour_off() {
+        let (mut n, t0) = setup();
+        n.handle(t0, addr(2), &hb("b", 1, 0, 7));
+        drain(&mut n);
+        let forged = hb("b", 1, 0, u64::MAX);
+        let forger = SocketAddr::from(([192, 0, 2, 66], 7000));
+        let mut t = t0;
+        let mut changes = 0;
+        // For 5 s, b heartbeats every 100 ms while a forger sends incarnation 2^64 - 1
+        // claiming to be b, from a stranger's address and from b's own address.
+        for i in 0..50u64 {
+            t += Duration::from_millis(100);
+            n.handle(t, forger, &forged);
+            n.handle(t, addr(2), &forged);
+            n.handle(t, addr(2), &hb("b", i + 2, 0, 7));
+            n.handle_timeout(t);
+            let (tx, ev) = drain(&mut n);
+            changes += ev
+                .iter()
+                .filter(|e| matches!(e, NeighbourEvent::Down(_) | NeighbourEvent::Restarted(_)))
+                .count();
+            // Nothing ever goes to the forger's address.
+            assert!(tx.iter().all(|x| x.to != forger));
+        }
+        assert_eq!(changes, 0);
+        assert!(n.is_alive("b"));
+        assert_eq!(n.iter().next().and_then(|i| i.incarnation), Some(7));
+        assert_eq!(n.unknown_sender_count(), 50);
     }
 
     #[test]
@@ -559,18 +738,59 @@ mod tests {
     }
 
     #[test]
-    fn test_unknown_sender_counted_and_aliases() {
+    fn test_forged_bye_from_elsewhere_counts_for_nothing() {
+        let (mut n, t0) = setup();
+        n.handle(t0, addr(3), &hb("c", 1, 0, 1));
+        drain(&mut n);
+        // From a stranger, and from b's address claiming to be c.
+        n.handle(t0, addr(9), &Message::Bye { from: "c".into() });
+        n.handle(t0, addr(2), &Message::Bye { from: "c".into() });
+        assert!(drain(&mut n).1.is_empty());
+        assert!(n.is_alive("c"));
+        assert_eq!(n.unknown_sender_count(), 2);
+    }
+
+    #[test]
+    fn test_only_given_addresses_no_aliases() {
         let (mut n, t0) = setup();
         drain(&mut n);
+        // A stranger naming a stranger, and a stranger naming neighbour b.
         n.handle(t0, addr(9), &hb("zz", 1, 0, 1));
-        assert_eq!(n.unknown_sender_count(), 1);
-        assert!(drain(&mut n).0.is_empty());
         let other = SocketAddr::from(([192, 168, 1, 2], 7000));
         n.handle(t0, other, &hb("b", 1, 0, 1));
-        assert_eq!(n.id_of(other), Some("b"));
+        // c's address naming b.
+        n.handle(t0, addr(3), &hb("b", 1, 0, 1));
+        assert_eq!(n.unknown_sender_count(), 3);
+        let (tx, ev) = drain(&mut n);
+        assert!(
+            tx.is_empty(),
+            "heartbeats are answered only to neighbours: {tx:?}"
+        );
+        assert!(ev.is_empty());
+        assert!(!n.is_alive("b"));
+        assert_eq!(n.id_of(other), None);
         assert_eq!(n.id_of(addr(2)), Some("b"));
         assert_eq!(n.addr_of("c"), Some(addr(3)));
         assert_eq!(n.id_of(addr(9)), None);
+    }
+
+    #[test]
+    fn test_every_given_address_is_the_neighbour() {
+        let (mut n, t0) = multihomed();
+        drain(&mut n);
+        assert_eq!(n.id_of(addr(12)), Some("b"));
+        assert_eq!(n.addr_of("b"), Some(addr(2)));
+        // b speaks from its second address: it is b, and the ack goes back there.
+        n.handle(t0, addr(12), &hb("b", 1, 0, 1));
+        let (tx, ev) = drain(&mut n);
+        assert_eq!(ev, vec![NeighbourEvent::Up("b".into())]);
+        assert_eq!(tx.len(), 1);
+        assert_eq!(tx[0].to, addr(12));
+        // Heartbeats still go to the preferred address.
+        n.handle_timeout(t0 + Duration::from_millis(100));
+        let (tx, _) = drain(&mut n);
+        assert!(tx.iter().any(|t| t.to == addr(2)));
+        assert!(tx.iter().all(|t| t.to != addr(12)));
     }
 
     #[test]

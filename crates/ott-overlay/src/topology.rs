@@ -11,7 +11,8 @@
 //! [[node]]
 //! id = "s1"
 //! role = "server"          # server | relay | pop | router | client
-//! address = "10.9.9.9"     # optional override (see the addr module)
+//! address = "10.9.9.9"     # optional override (see the addr module), or several:
+//! # addresses = ["10.9.9.9", "192.0.2.7"]   # a host with more than one address
 //! [[link]]
 //! ends = ["s1", "n12"]
 //! delay_ms = 2.0           # optional, default 0
@@ -105,8 +106,10 @@ pub struct Node {
     pub id: String,
     /// What the node does.
     pub role: Role,
-    /// An address that overrides the derived one in every address plan.
-    pub address: Option<Ipv4Addr>,
+    /// Addresses given in the file (`address = "…"` or `addresses = ["…", …]`), in
+    /// file order; they override the derived address in every plan (see the
+    /// [`addr`](crate::addr) module). Empty when the file gives none.
+    pub addresses: Vec<Ipv4Addr>,
     /// 1-based line of the node's `id` in the file.
     pub line: usize,
 }
@@ -186,6 +189,7 @@ struct RawNode {
     id: Spanned<String>,
     role: Spanned<String>,
     address: Option<Spanned<String>>,
+    addresses: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -334,36 +338,71 @@ impl Topology {
                 n.role.get_ref().parse().map_err(|ParseRoleError(r)| {
                     ctx.at(role_at, TopologyProblem::UnknownRole(r))
                 })?;
-            let address = match n.address {
-                None => None,
-                Some(a) => {
-                    let ip: Ipv4Addr = a.get_ref().parse().map_err(|_| {
-                        ctx.at(
-                            a.span().start,
-                            TopologyProblem::BadAddress {
-                                id: id.clone(),
-                                address: a.get_ref().clone(),
-                            },
-                        )
-                    })?;
-                    if let Some(other) = addresses.insert(ip, id.clone()) {
-                        return Err(ctx.at(
-                            a.span().start,
-                            TopologyProblem::DuplicateAddress {
-                                id,
-                                other,
-                                address: ip,
-                            },
-                        ));
-                    }
-                    Some(ip)
+            let given: Vec<Spanned<String>> = match (n.address, n.addresses) {
+                (Some(_), Some(list)) => {
+                    return Err(ctx.at(list.span().start, TopologyProblem::AddressAndAddresses(id)))
                 }
+                (Some(a), None) => vec![a],
+                (None, Some(list)) => {
+                    let at = list.span().start;
+                    let list = list.into_inner();
+                    if list.is_empty() {
+                        return Err(ctx.at(at, TopologyProblem::EmptyAddresses(id)));
+                    }
+                    list
+                }
+                (None, None) => Vec::new(),
             };
+            let mut own: Vec<Ipv4Addr> = Vec::with_capacity(given.len());
+            for a in given {
+                let at = a.span().start;
+                let ip: Ipv4Addr = a.get_ref().parse().map_err(|_| {
+                    ctx.at(
+                        at,
+                        TopologyProblem::BadAddress {
+                            id: id.clone(),
+                            address: a.get_ref().clone(),
+                        },
+                    )
+                })?;
+                if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+                    return Err(ctx.at(
+                        at,
+                        TopologyProblem::BadAddress {
+                            id: id.clone(),
+                            address: a.get_ref().clone(),
+                        },
+                    ));
+                }
+                if own.contains(&ip) {
+                    return Err(ctx.at(
+                        at,
+                        TopologyProblem::RepeatedAddress {
+                            id: id.clone(),
+                            address: ip,
+                        },
+                    ));
+                }
+                if let Some(other) = addresses.get(&ip) {
+                    return Err(ctx.at(
+                        at,
+                        TopologyProblem::DuplicateAddress {
+                            id,
+                            other: other.clone(),
+                            address: ip,
+                        },
+                    ));
+                }
+                own.push(ip);
+            }
+            for &ip in &own {
+                addresses.insert(ip, id.clone());
+            }
             first_line.insert(id.clone(), line);
             nodes.push(Node {
                 id,
                 role,
-                address,
+                addresses: own,
                 line,
             });
         }
@@ -845,6 +884,82 @@ ends = ["g1", "c1"]
             msg,
             format!(
                 "x.toml:{}: node \"x2\" has the same address 10.9.9.9 as node \"x1\"",
+                first + 7
+            )
+        );
+    }
+
+    #[test]
+    fn several_addresses() {
+        let text = format!(
+            "{BASE}[[node]]\nid = \"x1\"\nrole = \"pop\"\naddresses = [\"192.0.2.1\", \"198.51.100.1\"]\n[[link]]\nends = [\"r1\", \"x1\"]\n"
+        );
+        let t = Topology::parse(&text, "x.toml").expect("valid");
+        let ip = |s: &str| s.parse::<Ipv4Addr>().expect("literal");
+        assert_eq!(
+            t.node("x1").map(|n| n.addresses.clone()),
+            Some(vec![ip("192.0.2.1"), ip("198.51.100.1")])
+        );
+        assert_eq!(t.node("p1").map(|n| n.addresses.len()), Some(0));
+    }
+
+    #[test]
+    fn bad_addresses_name_their_line() {
+        // Both keys.
+        let (first, _, msg) = refused_extra(
+            "[[node]]\nid = \"x1\"\nrole = \"relay\"\naddress = \"10.9.9.1\"\naddresses = [\"10.9.9.2\"]\n",
+        );
+        assert_eq!(
+            msg,
+            format!(
+                "x.toml:{}: node \"x1\" has both address and addresses: give one of them",
+                first + 4
+            )
+        );
+        // An empty list.
+        let (first, _, msg) =
+            refused_extra("[[node]]\nid = \"x1\"\nrole = \"relay\"\naddresses = []\n");
+        assert!(
+            msg.starts_with(&format!(
+                "x.toml:{}: node \"x1\" has an empty addresses list",
+                first + 3
+            )),
+            "{msg}"
+        );
+        // A bad entry, on its own line.
+        let (first, _, msg) = refused_extra(
+            "[[node]]\nid = \"x1\"\nrole = \"relay\"\naddresses = [\n  \"10.9.9.1\",\n  \"10.9.9.300\",\n]\n",
+        );
+        assert!(
+            msg.starts_with(&format!(
+                "x.toml:{}: node \"x1\" has an invalid address \"10.9.9.300\"",
+                first + 5
+            )),
+            "{msg}"
+        );
+        // Not unicast.
+        let (_, _, msg) =
+            refused_extra("[[node]]\nid = \"x1\"\nrole = \"relay\"\naddresses = [\"0.0.0.0\"]\n");
+        assert!(msg.contains("invalid address \"0.0.0.0\""), "{msg}");
+        // Twice in one node.
+        let (first, _, msg) = refused_extra(
+            "[[node]]\nid = \"x1\"\nrole = \"relay\"\naddresses = [\"10.9.9.1\", \"10.9.9.1\"]\n",
+        );
+        assert_eq!(
+            msg,
+            format!(
+                "x.toml:{}: node \"x1\" lists address 10.9.9.1 twice",
+                first + 3
+            )
+        );
+        // Shared with another node's list.
+        let (first, _, msg) = refused_extra(
+            "[[node]]\nid = \"x1\"\nrole = \"relay\"\naddresses = [\"10.9.9.1\", \"10.9.9.2\"]\n[[node]]\nid = \"x2\"\nrole = \"pop\"\naddress = \"10.9.9.2\"\n",
+        );
+        assert_eq!(
+            msg,
+            format!(
+                "x.toml:{}: node \"x2\" has the same address 10.9.9.2 as node \"x1\"",
                 first + 7
             )
         );

@@ -49,6 +49,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use ott_overlay::PeerAddrs;
 use ott_proto::{Message, StreamInfo};
 use serde::Serialize;
 
@@ -151,7 +152,8 @@ pub struct ClientStats {
     pub probes_sent: u64,
     /// Probes that got no reply within the probe timeout.
     pub probes_lost: u64,
-    /// Messages from an address that is not one of the PoPs.
+    /// Messages from an address that is none of the addresses the bootstrapper gave
+    /// for any PoP.
     pub unknown_sender: u64,
     /// Messages a PoP should not send to a client (heartbeats, announcements, joins ...).
     pub unexpected: u64,
@@ -196,7 +198,10 @@ pub struct ClientStatus {
 #[derive(Debug)]
 struct Pop {
     id: String,
+    /// Where requests go (the PoP's address on the way from this client).
     addr: SocketAddr,
+    /// Every address of the PoP: a message from any of them is the PoP's.
+    addrs: PeerAddrs,
     srtt: Option<Duration>,
     path_latency_us: Option<u64>,
     /// Outcomes of the last `loss_window` resolved probes, `true` = answered.
@@ -251,16 +256,32 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client that will choose among `pops` (id and control address, as given by the
-    /// bootstrapper) and ask for media at `data_port` of its own address.
+    /// A client that will choose among `pops` (id and control address, each PoP with a
+    /// single address) and ask for media at `data_port` of its own address. See
+    /// [`Client::with_pops`] for PoPs with several addresses.
     ///
     /// `epoch` is the origin of the client's wire timestamps; `now` is the current time.
     /// The first probe round is queued at once: drain [`Client::poll_transmit`].
     /// Periods shorter than 1 ms in `config` are raised to 1 ms, so that no setting can
     /// make the client spin.
     pub fn new(
-        mut config: ClientConfig,
+        config: ClientConfig,
         pops: Vec<(String, SocketAddr)>,
+        data_port: u16,
+        epoch: Instant,
+        now: Instant,
+    ) -> Self {
+        let pops = pops.into_iter().map(PeerAddrs::from).collect();
+        Self::with_pops(config, pops, data_port, epoch, now)
+    }
+
+    /// A client that will choose among `pops` as the bootstrapper gave them
+    /// ([`PeerAddrs`]): each PoP's id, the control address to send to, and every
+    /// control address it may answer from; messages from any other address are
+    /// ignored. Otherwise as [`Client::new`].
+    pub fn with_pops(
+        mut config: ClientConfig,
+        pops: Vec<PeerAddrs>,
         data_port: u16,
         epoch: Instant,
         now: Instant,
@@ -280,9 +301,10 @@ impl Client {
         let rng = fastrand::Rng::with_seed(config.seed);
         let pops = pops
             .into_iter()
-            .map(|(id, addr)| Pop {
-                id,
-                addr,
+            .map(|addrs: PeerAddrs| Pop {
+                id: addrs.id.clone(),
+                addr: addrs.preferred,
+                addrs,
                 srtt: None,
                 path_latency_us: None,
                 history: VecDeque::new(),
@@ -341,14 +363,20 @@ impl Client {
 
     /// Feed one decoded control message received from `from` at `now`.
     ///
-    /// Never panics. Messages from an address that is not a PoP are ignored and counted
-    /// in [`ClientStats::unknown_sender`]; messages a PoP has no reason to send, and
+    /// Never panics. Messages from an address that is none of a PoP's (any of the
+    /// addresses the bootstrapper gave for it counts) are ignored and counted in
+    /// [`ClientStats::unknown_sender`]; messages a PoP has no reason to send, and
     /// replies to no outstanding probe, are ignored and counted too.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, msg: Message) {
         if self.shut_down {
             return;
         }
-        let Some(idx) = self.pops.iter().position(|p| p.addr == from) else {
+        let idx = self
+            .pops
+            .iter()
+            .position(|p| p.addr == from)
+            .or_else(|| self.pops.iter().position(|p| p.addrs.owns(from)));
+        let Some(idx) = idx else {
             self.stats.unknown_sender += 1;
             tracing::debug!(%from, kind = msg.kind(), "message from an unknown sender ignored");
             return;
@@ -849,4 +877,49 @@ fn later(t: Instant, d: Duration) -> Instant {
     t.checked_add(d)
         .or_else(|| t.checked_add(Duration::from_secs(365 * 24 * 3600)))
         .unwrap_or(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("literal address")
+    }
+
+    #[test]
+    fn a_pop_answering_from_another_of_its_addresses_is_the_pop() {
+        let t0 = Instant::now();
+        // p is known by 10.0.0.1 (its first link) but the client sends to 10.0.2.1.
+        let p = PeerAddrs::new(
+            "p",
+            addr("10.0.2.1:7000"),
+            vec![addr("10.0.0.1:7000"), addr("10.0.2.1:7000")],
+        );
+        let mut c = Client::with_pops(ClientConfig::default(), vec![p], 9000, t0, t0);
+        let probe = c.poll_transmit().expect("a probe");
+        assert_eq!(probe.to, addr("10.0.2.1:7000"));
+        let Message::Probe { nonce, sent_us } = probe.msg else {
+            panic!("a probe: {:?}", probe.msg)
+        };
+        let reply = Message::ProbeReply {
+            nonce,
+            echo_us: sent_us,
+            pop: "p".into(),
+            path_latency_us: Some(1_000),
+            hops: 1,
+            viewers: 0,
+        };
+        // From a stranger: ignored.
+        c.handle(t0, addr("10.0.9.9:7000"), reply.clone());
+        assert_eq!(c.stats().unknown_sender, 1);
+        assert_eq!(c.pop(), None);
+        // From the PoP's other address: the PoP's answer.
+        c.handle(t0 + Duration::from_millis(3), addr("10.0.0.1:7000"), reply);
+        assert_eq!(c.pop(), Some("p"));
+        assert_eq!(c.stats().unknown_sender, 1);
+        // Requests still go to the address it was given to send to.
+        let next = c.poll_transmit().expect("ListStreams");
+        assert_eq!(next.to, addr("10.0.2.1:7000"));
+    }
 }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ott_overlay::{LivenessConfig, NeighbourEvent, Neighbours, Role, Transmit};
+use ott_overlay::{LivenessConfig, NeighbourEvent, Neighbours, PeerAddrs, Role, Transmit};
 use ott_proto::{Message, NodeId, StreamId, StreamInfo};
 use serde::Serialize;
 
@@ -17,13 +17,25 @@ pub struct NodeConfig {
     pub role: Role,
     /// Port of this node's media socket (on the same IP as its control socket), sent in `Join`.
     pub data_port: u16,
-    /// Grows at each restart of the node by more than the number of announcements it
-    /// made before (e.g. microseconds of a clock at start): a server's announcements are
-    /// numbered from it, and nodes take routes only from announcements at least as new
-    /// as those they already used.
+    /// Microseconds of a wall clock at the node's start (so it grows at each restart):
+    /// a server numbers its announcements with its clock, `incarnation` plus the
+    /// microseconds since its start, and nodes take routes only from announcements at
+    /// least as new as those they already used (see [`NodeConfig::seq_slack`]).
     pub incarnation: u64,
-    /// Heartbeat period and death timeout of neighbours.
+    /// Heartbeat period and death timeout of neighbours; `liveness.keyed` says every
+    /// message handed in passed a MAC check.
     pub liveness: LivenessConfig,
+    /// How far a server's announcement `seq` may run ahead of time (default 2 s).
+    ///
+    /// Since a server's seq is its clock in µs, it grows about as fast as time: an
+    /// announcement is refused (and counted in [`NodeStats::seq_too_far`]) when its seq
+    /// is more than `elapsed + elapsed / 8 + seq_slack` (in µs) past the newest one
+    /// accepted from that server, `elapsed` being the time since that one arrived.
+    /// The slack covers differences in path delay; the eighth lets a genuine jump
+    /// (a server's clock stepped forward) through in time. A forged announcement can
+    /// thus take a server's routes at most that far ahead of its real announcements,
+    /// which are then stale for as long.
+    pub seq_slack: Duration,
     /// Servers only: period of announcements (default 1 s).
     pub announce_interval: Duration,
     /// Period of `Join` refreshes sent upstream (default 1 s).
@@ -50,6 +62,7 @@ impl NodeConfig {
             data_port,
             incarnation: 0,
             liveness: LivenessConfig::default(),
+            seq_slack: Duration::from_secs(2),
             announce_interval: Duration::from_secs(1),
             join_refresh: Duration::from_secs(1),
             join_expiry: Duration::from_millis(3500),
@@ -92,8 +105,12 @@ pub enum Event {
 pub struct NodeStats {
     /// Messages that made no sense (bad announce path, stream id not matching, ...).
     pub malformed: u64,
-    /// Messages from an address or id that is not a neighbour (clients excepted).
+    /// Messages from an address that is no neighbour's, or whose claimed id is not the
+    /// neighbour owning the address (clients excepted).
     pub unknown_sender: u64,
+    /// Announcements refused because their seq ran too far ahead of the newest one
+    /// accepted from the same server (see [`NodeConfig::seq_slack`]).
+    pub seq_too_far: u64,
     /// Valid messages ignored: stale seq, dead sender, offers through ourselves, ...
     pub ignored: u64,
     /// Announcements received.
@@ -202,6 +219,9 @@ struct Route {
     /// fewest hops we had (and may have told anyone) with that seq. See
     /// [`Node::feasible`].
     fd: Option<(u64, u32)>,
+    /// The newest announcement seq accepted from this server, and when: the next may
+    /// not run too far ahead of it (see [`NodeConfig::seq_slack`]).
+    newest: Option<(u64, Instant)>,
 }
 
 #[derive(Debug, Clone)]
@@ -247,7 +267,10 @@ pub struct Node {
     nb: Neighbours,
     rng: fastrand::Rng,
     own_catalogue: Vec<StreamInfo>,
+    /// Seq of the last announcement this node made as a server.
     own_seq: u64,
+    /// When the node started: its announcement seq is `incarnation` plus the µs since.
+    started: Instant,
     next_announce: Option<Instant>,
     routes: BTreeMap<String, Route>,
     streams: BTreeMap<StreamId, StreamState>,
@@ -266,15 +289,32 @@ fn ms(us: u64) -> f64 {
 }
 
 impl Node {
-    /// A node with its overlay `neighbours` (id, control address). `epoch` is the origin
-    /// of its wire timestamps. Servers announce from their first `handle_timeout`.
+    /// A node with its overlay `neighbours`, each with a single address (id, control
+    /// address). `epoch` is the origin of its wire timestamps. Servers announce from
+    /// their first `handle_timeout`. See [`Node::with_peers`] for neighbours with
+    /// several addresses.
     pub fn new(
         config: NodeConfig,
         neighbours: Vec<(String, SocketAddr)>,
         epoch: Instant,
         now: Instant,
     ) -> Self {
-        let nb = Neighbours::new(
+        let peers = neighbours.into_iter().map(PeerAddrs::from).collect();
+        Self::with_peers(config, peers, epoch, now)
+    }
+
+    /// A node with its overlay `neighbours` as the bootstrapper gave them: for each, its
+    /// id, the control address to send to and every control address it may send from
+    /// ([`PeerAddrs`]). Messages that only neighbours send are accepted only from these
+    /// addresses. `epoch` is the origin of its wire timestamps. Servers announce from
+    /// their first `handle_timeout`.
+    pub fn with_peers(
+        config: NodeConfig,
+        neighbours: Vec<PeerAddrs>,
+        epoch: Instant,
+        now: Instant,
+    ) -> Self {
+        let nb = Neighbours::with_peers(
             config.id.clone(),
             config.incarnation,
             epoch,
@@ -289,6 +329,7 @@ impl Node {
             nb,
             own_catalogue: Vec::new(),
             own_seq: 0,
+            started: now,
             next_announce,
             routes: BTreeMap::new(),
             streams: BTreeMap::new(),
@@ -346,16 +387,18 @@ impl Node {
                 catalogue,
             } => self.on_announce(now, from, server, seq, path, latency_us, catalogue),
             Message::Withdraw {
-                from: _, server, ..
+                from: claimed,
+                server,
+                ..
             } => {
                 self.stats.withdraws_in += 1;
                 match self.nb.id_of(from).map(str::to_owned) {
-                    Some(n) => {
+                    Some(n) if n == claimed => {
                         if let Some(r) = self.routes.get_mut(&server) {
                             r.offers.remove(&n);
                         }
                     }
-                    None => self.stats.unknown_sender += 1,
+                    _ => self.stats.unknown_sender += 1,
                 }
             }
             Message::Join {
@@ -444,6 +487,21 @@ impl Node {
             self.stats.ignored += 1;
             return;
         }
+        if let Some((newest, at)) = route.newest {
+            let elapsed = micros(now.saturating_duration_since(at));
+            let allowed = newest
+                .saturating_add(elapsed)
+                .saturating_add(elapsed / 8)
+                .saturating_add(micros(self.config.seq_slack));
+            if seq > allowed {
+                tracing::debug!(%server, seq, newest, "announcement seq too far ahead, refused");
+                self.stats.seq_too_far += 1;
+                return;
+            }
+        }
+        if route.newest.is_none_or(|(newest, _)| seq > newest) {
+            route.newest = Some((seq, now));
+        }
         route.offers.insert(
             n.clone(),
             Offer {
@@ -515,12 +573,16 @@ impl Node {
         self.pump_neighbours(now);
         if let Some(t) = self.next_announce {
             if now >= t {
-                self.own_seq += 1;
+                // The server's clock in µs: it grows across restarts and as fast as
+                // time, which lets receivers bound how far a seq may jump.
+                let clock = self
+                    .config
+                    .incarnation
+                    .saturating_add(micros(now.saturating_duration_since(self.started)));
+                self.own_seq = clock.max(self.own_seq.saturating_add(1));
                 let msg = Message::Announce {
                     server: self.config.id.clone(),
-                    // Grows across restarts too: the incarnation grows faster than the
-                    // count of announcements (see `NodeConfig::incarnation`).
-                    seq: self.config.incarnation.saturating_add(self.own_seq),
+                    seq: self.own_seq,
                     path: vec![self.config.id.clone()],
                     latency_us: 0,
                     catalogue: self.own_catalogue.clone(),
@@ -1253,6 +1315,142 @@ mod tests {
             }]
         ));
         assert_eq!(n.stats().errors_out, 1);
+    }
+
+    fn hb(from: &str, inc: u64) -> Message {
+        Message::Heartbeat {
+            from: from.into(),
+            seq: 1,
+            sent_us: 0,
+            incarnation: inc,
+        }
+    }
+
+    fn announce(seq: u64, streams: &[&str]) -> Message {
+        Message::Announce {
+            server: "s".into(),
+            seq,
+            path: vec!["s".into()],
+            latency_us: 0,
+            catalogue: streams
+                .iter()
+                .map(|n| StreamInfo::new(*n, MediaKind::Mjpeg, 25_000))
+                .collect(),
+        }
+    }
+
+    fn names(n: &Node) -> Vec<String> {
+        n.catalogue().into_iter().map(|s| s.name).collect()
+    }
+
+    /// A PoP whose server neighbour `s` has two addresses, `s` alive with an RTT.
+    fn pop_of_multihomed_server() -> (Node, Instant) {
+        let t0 = Instant::now();
+        let cfg = NodeConfig::new("p", Role::Pop, 7001);
+        let s = PeerAddrs::new("s", addr(1), vec![addr(1), addr(11)]);
+        let mut n = Node::with_peers(cfg, vec![s], t0, t0);
+        n.handle(t0, addr(11), hb("s", 5));
+        let ack = Message::HeartbeatAck {
+            from: "s".into(),
+            seq: 1,
+            echo_us: 0,
+            incarnation: 5,
+        };
+        n.handle(t0 + Duration::from_millis(2), addr(1), ack);
+        drain(&mut n);
+        (n, t0)
+    }
+
+    #[test]
+    fn test_neighbour_known_by_every_given_address_and_no_other() {
+        let (mut n, t0) = pop_of_multihomed_server();
+        assert!(n.neighbours().is_alive("s"));
+        // Announced from its second address: taken.
+        n.handle(t0, addr(11), announce(100, &["news"]));
+        assert_eq!(n.parent("s"), Some("s"));
+        assert_eq!(names(&n), ["news"]);
+        // A stranger claims to be s with a heartbeat (which used to make it an alias),
+        // then announces: nothing of it is taken, and it gets no answer.
+        let forger = SocketAddr::from(([192, 0, 2, 66], 7000));
+        n.handle(t0, forger, hb("s", 5));
+        assert!(drain(&mut n).iter().all(|t| t.to != forger));
+        n.handle(t0, forger, announce(101, &["evil"]));
+        n.handle(
+            t0,
+            forger,
+            Message::Withdraw {
+                from: "s".into(),
+                server: "s".into(),
+                seq: 101,
+            },
+        );
+        assert_eq!(names(&n), ["news"]);
+        assert_eq!(n.parent("s"), Some("s"));
+        assert_eq!(n.stats().unknown_sender, 2);
+        assert_eq!(n.neighbours().unknown_sender_count(), 1);
+        // s's own address, withdrawing in another node's name: not s's word either.
+        n.handle(
+            t0,
+            addr(1),
+            Message::Withdraw {
+                from: "q".into(),
+                server: "s".into(),
+                seq: 101,
+            },
+        );
+        assert_eq!(n.parent("s"), Some("s"));
+        assert_eq!(n.stats().unknown_sender, 3);
+    }
+
+    #[test]
+    fn test_announcement_seq_may_not_jump_far_ahead() {
+        let (mut n, t0) = pop_of_multihomed_server();
+        let s0 = 1_000_000_000;
+        n.handle(t0, addr(1), announce(s0, &["news"]));
+        assert_eq!(names(&n), ["news"]);
+        // A forged announcement (from s's address: without a key anyone can send one)
+        // a day ahead, one second later, with a catalogue of its own: refused.
+        let t1 = t0 + Duration::from_secs(1);
+        n.handle(t1, addr(1), announce(s0 + 86_400_000_000, &["evil"]));
+        assert_eq!(n.stats().seq_too_far, 1);
+        assert_eq!(names(&n), ["news"]);
+        // s's real next announcement, one second on, is still taken.
+        n.handle(t1, addr(1), announce(s0 + 1_000_000, &["news", "sport"]));
+        assert_eq!(names(&n), ["news", "sport"]);
+        // Up to elapsed + elapsed / 8 + the slack (2 s) ahead is allowed: after 8 s
+        // more, 8 + 1 + 2 = 11 s past the newest seq, but not a microsecond further.
+        let t2 = t1 + Duration::from_secs(8);
+        n.handle(t2, addr(1), announce(s0 + 12_000_001, &["evil"]));
+        assert_eq!(n.stats().seq_too_far, 2);
+        n.handle(t2, addr(1), announce(s0 + 12_000_000, &["news"]));
+        assert_eq!(n.stats().seq_too_far, 2);
+        assert_eq!(names(&n), ["news"]);
+    }
+
+    #[test]
+    fn test_server_seq_is_its_clock() {
+        let t0 = Instant::now();
+        let mut cfg = NodeConfig::new("s", Role::Server, 7001);
+        cfg.incarnation = 5_000_000;
+        let mut n = Node::new(cfg, vec![("p".to_owned(), addr(2))], t0, t0);
+        let seqs = |n: &mut Node| -> Vec<u64> {
+            drain(n)
+                .into_iter()
+                .filter_map(|t| match t.msg {
+                    Message::Announce { seq, .. } => Some(seq),
+                    _ => None,
+                })
+                .collect()
+        };
+        n.handle_timeout(t0);
+        assert_eq!(seqs(&mut n), [5_000_000]);
+        n.handle_timeout(t0 + Duration::from_millis(500));
+        assert_eq!(seqs(&mut n), Vec::<u64>::new());
+        n.handle_timeout(t0 + Duration::from_secs(1));
+        assert_eq!(seqs(&mut n), [6_000_000]);
+        // Announcing at once twice (a new catalogue) still makes the seq grow.
+        n.set_catalogue(t0 + Duration::from_secs(1), Vec::new());
+        assert_eq!(seqs(&mut n), [6_000_001]);
     }
 
     #[test]

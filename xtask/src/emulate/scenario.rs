@@ -272,8 +272,15 @@ mod tests {
                 .and_then(|n| n.to_str())
                 .unwrap_or_default()
                 .to_string();
-            // A scenario is named after its topology: seed-*.toml runs on seed.toml.
-            let Some((topo, _)) = name.split_once('-') else {
+            // A scenario is named after its topology: seed-*.toml runs on seed.toml
+            // (the longest such prefix that names a topology: multihomed-pops-*.toml
+            // runs on multihomed-pops.toml).
+            let Some(topo) = name
+                .match_indices('-')
+                .map(|(i, _)| &name[..i])
+                .rev()
+                .find(|t| root.join(format!("topologies/{t}.toml")).exists())
+            else {
                 continue;
             };
             let t = Topology::load(&root.join(format!("topologies/{topo}.toml")))
