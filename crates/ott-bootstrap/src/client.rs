@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use tracing::debug;
 
-use crate::{read_frame, write_frame, Assignment, BootstrapError, Request, Response};
+use ott_proto::auth::OverlayKey;
+
+use crate::keyed::{open_response, seal_request, AnyResponse};
+use crate::{read_frame_body, write_frame, Assignment, BootstrapError, Request, Response};
 
 /// How long [`request_until`] waits between attempts.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(200);
@@ -23,14 +26,28 @@ pub fn request(
     req: &Request,
     timeout: Duration,
 ) -> Result<Assignment, BootstrapError> {
+    request_keyed(addr, req, None, timeout)
+}
+
+/// [`request`] with the overlay key: the request is tagged, and only an answer tagged
+/// for it is accepted ([`BootstrapError::Auth`] otherwise; a refusal is passed on). With
+/// `None`, a plain request as [`request`] sends.
+pub fn request_keyed(
+    addr: SocketAddr,
+    req: &Request,
+    key: Option<&OverlayKey>,
+    timeout: Duration,
+) -> Result<Assignment, BootstrapError> {
     // A zero timeout is refused by the standard library; take it as "as short as can be".
     let timeout = timeout.max(Duration::from_millis(1));
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let _ = stream.set_nodelay(true);
-    write_frame(&mut stream, req)?;
-    match read_frame(&mut stream)? {
+    let (frame, nonce) = seal_request(key, req)?;
+    write_frame(&mut stream, &frame)?;
+    let answer = AnyResponse::decode(&read_frame_body(&mut stream)?)?;
+    match open_response(key, nonce.as_ref(), answer)? {
         Response::Assigned(a) => Ok(a),
         Response::Refused { reason } => Err(BootstrapError::Refused(reason)),
     }
@@ -45,6 +62,16 @@ pub fn request_until(
     req: &Request,
     deadline: Instant,
 ) -> Result<Assignment, BootstrapError> {
+    request_until_keyed(addr, req, None, deadline)
+}
+
+/// [`request_until`] with the overlay key (see [`request_keyed`]).
+pub fn request_until_keyed(
+    addr: SocketAddr,
+    req: &Request,
+    key: Option<&OverlayKey>,
+    deadline: Instant,
+) -> Result<Assignment, BootstrapError> {
     let mut last: Option<io::Error> = None;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -53,7 +80,7 @@ pub fn request_until(
                 io::Error::new(ErrorKind::TimedOut, "deadline passed before any attempt")
             })));
         }
-        match request(addr, req, remaining.min(ATTEMPT_TIMEOUT)) {
+        match request_keyed(addr, req, key, remaining.min(ATTEMPT_TIMEOUT)) {
             Err(BootstrapError::Io(e)) => {
                 debug!(%addr, error = %e, "bootstrapper not reachable yet, retrying");
                 last = Some(e);

@@ -8,10 +8,12 @@ use std::thread;
 use std::time::Duration;
 
 use ott_overlay::{AddressPlan, Role, Topology, CONTROL_PORT, DATA_PORT};
+use ott_proto::auth::OverlayKey;
 use tracing::{debug, info, warn};
 
+use crate::keyed::{check_request, seal_response, AnyRequest};
 use crate::{
-    read_frame, write_frame, Assignment, BootstrapError, Peer, Request, Response,
+    read_frame_body, write_frame, Assignment, BootstrapError, Peer, Request, Response,
     ANONYMOUS_CLIENT_ID,
 };
 
@@ -32,6 +34,8 @@ pub struct Service {
     io_timeout: Duration,
     max_connections: usize,
     active: AtomicUsize,
+    /// The overlay key: node requests must be tagged with it (see [`crate::keyed`]).
+    key: Option<OverlayKey>,
 }
 
 /// Decrements the active-connection count when a connection ends, however it ends.
@@ -53,7 +57,16 @@ impl Service {
             io_timeout: DEFAULT_IO_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             active: AtomicUsize::new(0),
+            key: None,
         }
+    }
+
+    /// Requires node requests to be tagged with `key`, and tags the answers to them;
+    /// clients (who hold no key) are still answered, with the PoPs only (see
+    /// [`crate::keyed`]).
+    pub fn with_key(mut self, key: OverlayKey) -> Self {
+        self.key = Some(key);
+        self
     }
 
     /// Sets the read and write timeout of each connection (a zero duration is taken as
@@ -296,8 +309,8 @@ impl Service {
         }
         let _ = stream.set_nodelay(true);
         loop {
-            let req: Request = match read_frame(&mut stream) {
-                Ok(req) => req,
+            let frame = match read_frame_body(&mut stream).and_then(|b| AnyRequest::decode(&b)) {
+                Ok(frame) => frame,
                 Err(BootstrapError::Io(e)) => {
                     if e.kind() != ErrorKind::UnexpectedEof {
                         debug!(%peer, error = %e, "connection ended");
@@ -312,6 +325,15 @@ impl Service {
                     return;
                 }
             };
+            let (req, nonce) = match check_request(self.key.as_ref(), frame) {
+                Ok(c) => (c.request, c.nonce),
+                Err(reason) => {
+                    info!(%peer, %reason, "request refused by the key check");
+                    let _ = write_frame(&mut stream, &Response::Refused { reason });
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return;
+                }
+            };
             let resp = self.answer(&req);
             match &resp {
                 Response::Assigned(a) => info!(
@@ -320,7 +342,14 @@ impl Service {
                 ),
                 Response::Refused { reason } => info!(%peer, ?req, %reason, "refused"),
             }
-            match write_frame(&mut stream, &resp) {
+            let sealed = match seal_response(self.key.as_ref(), nonce.as_ref(), resp) {
+                Ok(sealed) => sealed,
+                Err(e) => {
+                    warn!(%peer, error = %e, "cannot encode the answer");
+                    return;
+                }
+            };
+            match write_frame(&mut stream, &sealed) {
                 Ok(()) => {}
                 Err(BootstrapError::TooLong(n)) => {
                     warn!(%peer, bytes = n, "assignment too large to send");
