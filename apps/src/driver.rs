@@ -15,6 +15,7 @@ use ott_tree::{Event, Node};
 
 use crate::counters::{add, Counters};
 use crate::dataplane::{self, DataCmd};
+use crate::keying::{ControlGate, ControlSender, Refused};
 
 /// A received datagram, stamped when it arrived.
 #[derive(Debug)]
@@ -64,7 +65,29 @@ pub fn spawn_receiver(
 
 /// Send one control message, counting the outcome; never fails the caller.
 pub fn send_msg(sock: &UdpSocket, counters: &Counters, to: SocketAddr, msg: &ott_proto::Message) {
-    match ott_proto::encode(msg) {
+    send_encoded(sock, counters, to, msg, ott_proto::encode(msg));
+}
+
+/// Send one control message sealed for a member or plain for a viewer (see
+/// [`crate::keying`]), counting the outcome; never fails the caller.
+pub fn send_control(
+    sock: &UdpSocket,
+    counters: &Counters,
+    sender: &mut ControlSender,
+    to: SocketAddr,
+    msg: &ott_proto::Message,
+) {
+    send_encoded(sock, counters, to, msg, sender.encode(to, msg));
+}
+
+fn send_encoded(
+    sock: &UdpSocket,
+    counters: &Counters,
+    to: SocketAddr,
+    msg: &ott_proto::Message,
+    encoded: Result<Vec<u8>, ott_proto::EncodeError>,
+) {
+    match encoded {
         Ok(buf) => match sock.send_to(&buf, to) {
             Ok(n) => counters.tx(n),
             Err(e) => {
@@ -98,6 +121,10 @@ pub struct NodeLoop {
     pub status: Receiver<StatusQuery>,
     /// SIGINT / SIGTERM.
     pub shutdown: Receiver<()>,
+    /// Checks the overlay key on received datagrams (see [`crate::keying`]).
+    pub gate: ControlGate,
+    /// Seals what is sent to overlay members.
+    pub sender: ControlSender,
 }
 
 impl NodeLoop {
@@ -142,9 +169,13 @@ impl NodeLoop {
     }
 
     fn on_datagram(&mut self, d: Datagram) {
-        match ott_proto::decode(&d.bytes) {
+        match self.gate.open(Some(d.from), &d.bytes) {
             Ok(msg) => self.node.handle(d.at, d.from, msg),
-            Err(e) => {
+            Err(Refused::Auth(why)) => {
+                add(&self.counters.auth_failed, 1);
+                tracing::debug!(from = %d.from, %why, "dropping control datagram: overlay key check failed");
+            }
+            Err(Refused::Malformed(e)) => {
                 add(&self.counters.malformed, 1);
                 tracing::debug!(from = %d.from, error = %e, "dropping undecodable control datagram");
             }
@@ -153,7 +184,7 @@ impl NodeLoop {
 
     fn drain(&mut self) {
         while let Some(t) = self.node.poll_transmit() {
-            send_msg(&self.ctrl, &self.counters, t.to, &t.msg);
+            send_control(&self.ctrl, &self.counters, &mut self.sender, t.to, &t.msg);
         }
         while let Some(ev) = self.node.poll_event() {
             match ev {

@@ -13,6 +13,7 @@ pub mod dedup;
 pub mod driver;
 pub mod gop_cache;
 pub mod http;
+pub mod keying;
 pub mod launcher;
 pub mod live;
 pub mod net;
