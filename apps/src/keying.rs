@@ -118,6 +118,22 @@ impl Keying {
         }
     }
 
+    /// A keying for node `id` whose overlay members are at `members`; `serves_viewers`
+    /// for a PoP (untagged viewer traffic is accepted), else only sealed traffic is.
+    pub fn new(
+        key: Option<OverlayKey>,
+        id: &str,
+        members: impl IntoIterator<Item = IpAddr>,
+        serves_viewers: bool,
+    ) -> Self {
+        Self {
+            key,
+            members: members.into_iter().collect(),
+            serves_viewers,
+            id: id.to_string(),
+        }
+    }
+
     /// The keying of an overlay node from its assignment: its neighbours are the members.
     pub fn for_node(key: Option<OverlayKey>, a: &Assignment) -> Self {
         Self {
