@@ -335,8 +335,12 @@ impl Forwarder {
                 return;
             }
         }
-        if !header.has(flags::RETRANSMIT) && from.is_some() {
+        if !header.has(flags::RETRANSMIT) && from.is_some() && st.upstream != from {
             st.upstream = from;
+            // Its tag verified: a member's address, which our NACKs are sealed for.
+            if let Some(f) = from {
+                self.keying.learn(f);
+            }
         }
         if self.config.nack {
             st.gaps.on_datagram(now, header.seq);

@@ -14,12 +14,16 @@
 //! - strips the tag from media it sends to a viewer.
 //!
 //! Members are known by IP address: the addresses the bootstrapper gave for the node's
-//! overlay neighbours. A viewer never runs on a member's address.
+//! overlay neighbours, and every address a datagram with a valid tag came from (a
+//! neighbour with several interfaces may send from another of its addresses; learning
+//! needs the key, and a replayed datagram is refused before it teaches anything). At most
+//! [`MAX_LEARNED`] addresses are learned. A viewer never runs on a member's address.
 
 use std::collections::HashSet;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use ott_bootstrap::Assignment;
@@ -73,11 +77,46 @@ pub fn key_from_flag(path: Option<&Path>) -> anyhow::Result<Option<OverlayKey>> 
     }
 }
 
-/// A program's key and who its overlay members are. Shared (read-only) by its threads.
+/// Most member addresses learned from tagged datagrams (beyond the bootstrapper's).
+pub const MAX_LEARNED: usize = 4096;
+
+/// The addresses of overlay members: given, and learned from tagged datagrams.
+#[derive(Debug, Default)]
+struct Members {
+    given: HashSet<IpAddr>,
+    learned: RwLock<HashSet<IpAddr>>,
+}
+
+impl Members {
+    fn new(given: impl IntoIterator<Item = IpAddr>) -> Arc<Self> {
+        Arc::new(Self {
+            given: given.into_iter().collect(),
+            learned: RwLock::default(),
+        })
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.given.contains(&ip) || self.learned.read().is_ok_and(|l| l.contains(&ip))
+    }
+
+    fn learn(&self, ip: IpAddr) {
+        if self.contains(ip) {
+            return;
+        }
+        if let Ok(mut l) = self.learned.write() {
+            if l.len() < MAX_LEARNED && l.insert(ip) {
+                tracing::debug!(%ip, "overlay member address learned from a tagged datagram");
+            }
+        }
+    }
+}
+
+/// A program's key and who its overlay members are. Clones share the member set, so
+/// what one thread learns the others know.
 #[derive(Debug, Clone)]
 pub struct Keying {
     key: Option<OverlayKey>,
-    members: HashSet<IpAddr>,
+    members: Arc<Members>,
     serves_viewers: bool,
     /// Node id, for the sender ids of sealed control datagrams.
     id: String,
@@ -112,7 +151,7 @@ impl Keying {
     pub fn unkeyed() -> Self {
         Self {
             key: None,
-            members: HashSet::new(),
+            members: Arc::default(),
             serves_viewers: true,
             id: String::new(),
         }
@@ -128,7 +167,7 @@ impl Keying {
     ) -> Self {
         Self {
             key,
-            members: members.into_iter().collect(),
+            members: Members::new(members),
             serves_viewers,
             id: id.to_string(),
         }
@@ -138,11 +177,7 @@ impl Keying {
     pub fn for_node(key: Option<OverlayKey>, a: &Assignment) -> Self {
         Self {
             key,
-            members: a
-                .neighbours
-                .iter()
-                .flat_map(|p| [p.ctrl.ip(), p.data.ip()])
-                .collect(),
+            members: Members::new(a.neighbours.iter().flat_map(|p| [p.ctrl.ip(), p.data.ip()])),
             serves_viewers: a.role == Role::Pop,
             id: a.id.clone(),
         }
@@ -156,7 +191,15 @@ impl Keying {
     /// Whether `addr` is an overlay member's (its traffic is tagged). Without a key,
     /// nothing is.
     pub fn is_member(&self, addr: SocketAddr) -> bool {
-        self.key.is_some() && self.members.contains(&addr.ip())
+        self.key.is_some() && self.members.contains(addr.ip())
+    }
+
+    /// Record that a datagram with a valid tag came from `addr`: its address is a
+    /// member's (see the module doc). Without a key, nothing.
+    pub fn learn(&self, addr: SocketAddr) {
+        if self.key.is_some() {
+            self.members.learn(addr.ip());
+        }
     }
 
     /// How many bytes of a (tagged, when keyed) media datagram of `len` bytes go to `to`:
@@ -231,6 +274,9 @@ impl ControlGate {
             let opened = guard
                 .open(bytes)
                 .map_err(|e| Refused::Auth(e.to_string()))?;
+            if let Some(f) = from {
+                self.keying.learn(f);
+            }
             return Ok(ott_proto::decode(opened.envelope)?);
         }
         if from.is_some_and(|f| self.keying.is_member(f)) {
@@ -392,6 +438,22 @@ mod tests {
             pop.gate().open(Some(member), &f),
             Err(Refused::Auth(_))
         ));
+        // A member sending from an address the bootstrapper did not name: learned from
+        // its valid tag, then sealed to and required to seal.
+        let other_if: SocketAddr = "127.9.1.2:7000".parse().expect("addr");
+        assert!(!pop.is_member(other_if));
+        let sealed = r1.encode(member, &bye).expect("encodes");
+        assert_eq!(gate.open(Some(other_if), &sealed).expect("valid"), bye);
+        assert!(pop.is_member(other_if));
+        assert!(matches!(
+            gate.open(Some(other_if), &list),
+            Err(Refused::Auth(_))
+        ));
+        // A forged or replayed datagram teaches nothing.
+        let stranger: SocketAddr = "127.9.2.2:7000".parse().expect("addr");
+        assert!(gate.open(Some(stranger), &sealed).is_err());
+        assert!(gate.open(Some(stranger), &f).is_err());
+        assert!(!pop.is_member(stranger));
         // Unkeyed: everything decodes as before.
         assert_eq!(
             Keying::unkeyed()
