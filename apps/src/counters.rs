@@ -25,6 +25,9 @@ pub struct Counters {
     pub send_errors: AtomicU64,
     /// Media datagrams dropped as duplicates (same stream and sequence number).
     pub duplicates: AtomicU64,
+    /// Datagrams refused by the overlay key check (bad or missing tag, replayed
+    /// counter), dropped before decoding.
+    pub auth_failed: AtomicU64,
 }
 
 /// A point-in-time copy of [`Counters`].
@@ -48,6 +51,8 @@ pub struct CounterSnapshot {
     pub send_errors: u64,
     /// See [`Counters::duplicates`].
     pub duplicates: u64,
+    /// See [`Counters::auth_failed`].
+    pub auth_failed: u64,
 }
 
 /// Add `n` to a counter.
@@ -81,6 +86,7 @@ impl Counters {
             retransmitted: g(&self.retransmitted),
             send_errors: g(&self.send_errors),
             duplicates: g(&self.duplicates),
+            auth_failed: g(&self.auth_failed),
         }
     }
 }
@@ -88,7 +94,7 @@ impl Counters {
 impl CounterSnapshot {
     /// Render as Prometheus text exposition format, labelled with the node id.
     pub fn to_prometheus(&self, id: &str) -> String {
-        let rows: [(&str, &str, u64); 9] = [
+        let rows: [(&str, &str, u64); 10] = [
             ("packets_in", "Datagrams received", self.packets_in),
             ("bytes_in", "Bytes received", self.bytes_in),
             ("packets_out", "Datagrams sent", self.packets_out),
@@ -109,6 +115,11 @@ impl CounterSnapshot {
                 "duplicates",
                 "Duplicate media datagrams dropped",
                 self.duplicates,
+            ),
+            (
+                "auth_failed",
+                "Datagrams refused by the overlay key check",
+                self.auth_failed,
             ),
         ];
         let id = id.replace('\\', "\\\\").replace('"', "\\\"");

@@ -12,6 +12,12 @@
 //! datagrams that did not arrive. A failed send to one child is counted and never stops
 //! forwarding to the others. Each new child of a stream first gets the latest decodable
 //! start ([`crate::gop_cache`]).
+//!
+//! With the overlay key ([`crate::keying`]), every media datagram's tag is checked
+//! before its header is read (a failure is counted in `auth_failed` and dropped), NACKs
+//! from children that are overlay members must be sealed, NACKs sent upstream are
+//! sealed, and the tag is stripped from what goes to viewers; members get the server's
+//! tagged bytes unchanged.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -29,6 +35,7 @@ use crate::batch::{send_batch, RecvBatch};
 use crate::counters::{add, Counters};
 use crate::dedup::{StreamDedup, Verdict};
 use crate::gop_cache::{self, StartCache};
+use crate::keying::{ControlGate, ControlSender, Keying, Refused};
 
 /// Datagrams read per system call.
 pub const BATCH: usize = 64;
@@ -77,6 +84,8 @@ pub type DataSnapshot = HashMap<u32, StreamTraffic>;
 
 struct StreamState {
     children: Vec<SocketAddr>,
+    /// Per child: whether it is a viewer (gets the media without the tag).
+    strip: Vec<bool>,
     seen: StreamDedup,
     traffic: StreamTraffic,
     buffer: RetransmitBuffer,
@@ -89,6 +98,7 @@ impl StreamState {
     fn new() -> Self {
         Self {
             children: Vec::new(),
+            strip: Vec::new(),
             seen: StreamDedup::default(),
             traffic: StreamTraffic::default(),
             buffer: RetransmitBuffer::new(RETRANSMIT_DEPTH),
@@ -98,11 +108,13 @@ impl StreamState {
     }
 }
 
-/// One datagram to send: from the receive batch, or an owned copy (a retransmission
-/// or a NACK).
+/// One datagram to send: media from the receive batch, an owned copy of media (a
+/// retransmission or a cached replay), each with or without its tag (`strip`: to a
+/// viewer), or a control message (a NACK).
 enum Out {
-    Batch(usize),
-    Owned(Bytes),
+    Batch(usize, bool),
+    Media(Bytes, bool),
+    Control(Bytes),
 }
 
 /// Options of the forwarding thread.
@@ -135,10 +147,23 @@ pub fn spawn_forwarder_with(
     counters: Arc<Counters>,
     cmds: Receiver<DataCmd>,
 ) -> std::io::Result<JoinHandle<()>> {
+    spawn_forwarder_keyed(config, Keying::unkeyed(), 0, sock, counters, cmds)
+}
+
+/// Start the forwarding thread on `sock` with the overlay key (see [`crate::keying`]);
+/// its NACKs count from `incarnation` on.
+pub fn spawn_forwarder_keyed(
+    config: ForwarderConfig,
+    keying: Keying,
+    incarnation: u64,
+    sock: UdpSocket,
+    counters: Arc<Counters>,
+    cmds: Receiver<DataCmd>,
+) -> std::io::Result<JoinHandle<()>> {
     sock.set_read_timeout(Some(Duration::from_millis(5)))?;
     thread::Builder::new()
         .name("data-fwd".into())
-        .spawn(move || Forwarder::new(config, sock, counters).run(&cmds))
+        .spawn(move || Forwarder::new(config, keying, incarnation, sock, counters).run(&cmds))
 }
 
 struct Forwarder {
@@ -150,12 +175,24 @@ struct Forwarder {
     plan: Vec<(Out, SocketAddr)>,
     data_port: u16,
     cache: StartCache,
+    keying: Keying,
+    gate: ControlGate,
+    sender: ControlSender,
 }
 
 impl Forwarder {
-    fn new(config: ForwarderConfig, sock: UdpSocket, counters: Arc<Counters>) -> Self {
+    fn new(
+        config: ForwarderConfig,
+        keying: Keying,
+        incarnation: u64,
+        sock: UdpSocket,
+        counters: Arc<Counters>,
+    ) -> Self {
         let data_port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
         Self {
+            gate: keying.gate(),
+            sender: keying.sealer("data", incarnation),
+            keying,
             config,
             sock,
             counters,
@@ -175,12 +212,18 @@ impl Forwarder {
                         let st = self.streams.entry(stream).or_insert_with(StreamState::new);
                         let new = gop_cache::added(&st.children, &children);
                         st.traffic.children = children.len();
+                        st.strip = children
+                            .iter()
+                            .map(|c| !self.keying.is_member(*c))
+                            .collect();
                         st.children = children;
                         if !new.is_empty() {
                             let replay = self.cache.replay(Instant::now(), stream);
                             for child in new {
-                                self.plan
-                                    .extend(replay.iter().map(|d| (Out::Owned(d.clone()), child)));
+                                let strip = !self.keying.is_member(child);
+                                self.plan.extend(
+                                    replay.iter().map(|d| (Out::Media(d.clone(), strip), child)),
+                                );
                             }
                         }
                     }
@@ -231,7 +274,7 @@ impl Forwarder {
         self.counters.rx(datagram.len());
         if datagram.len() < HEADER_LEN || datagram[..2] != MAGIC {
             // Not media: a NACK from a child, or garbage.
-            match (ott_proto::decode(datagram), from) {
+            match (self.gate.open(from, datagram), from) {
                 (Ok(Message::Nack { stream, ranges, .. }), Some(from)) => {
                     self.on_nack(stream, &ranges, from)
                 }
@@ -239,14 +282,27 @@ impl Forwarder {
                     tracing::debug!(kind = other.kind(), "unexpected message on the data socket");
                     add(&self.counters.dropped, 1);
                 }
-                (Err(e), _) => {
+                (Err(Refused::Auth(why)), _) => {
+                    tracing::debug!(?from, %why, "data socket: overlay key check failed");
+                    add(&self.counters.auth_failed, 1);
+                }
+                (Err(Refused::Malformed(e)), _) => {
                     tracing::debug!(error = %e, "malformed datagram on the data socket");
                     add(&self.counters.malformed, 1);
                 }
             }
             return;
         }
-        let header = match MediaHeader::parse(datagram) {
+        // With a key, the tag is checked before anything else is read.
+        let untagged = match self.keying.open_media(datagram) {
+            Ok(len) => len,
+            Err(e) => {
+                tracing::debug!(?from, error = %e, "media datagram: overlay key check failed");
+                add(&self.counters.auth_failed, 1);
+                return;
+            }
+        };
+        let header = match MediaHeader::parse(&datagram[..untagged]) {
             Ok(h) => h,
             Err(e) => {
                 tracing::debug!(error = %e, "malformed media datagram");
@@ -279,8 +335,12 @@ impl Forwarder {
                 return;
             }
         }
-        if !header.has(flags::RETRANSMIT) && from.is_some() {
+        if !header.has(flags::RETRANSMIT) && from.is_some() && st.upstream != from {
             st.upstream = from;
+            // Its tag verified: a member's address, which our NACKs are sealed for.
+            if let Some(f) = from {
+                self.keying.learn(f);
+            }
         }
         if self.config.nack {
             st.gaps.on_datagram(now, header.seq);
@@ -294,8 +354,8 @@ impl Forwarder {
             add(&self.counters.dropped, 1);
             return;
         }
-        for child in &st.children {
-            self.plan.push((Out::Batch(i), *child));
+        for (child, strip) in st.children.iter().zip(&st.strip) {
+            self.plan.push((Out::Batch(i, *strip), *child));
         }
         st.traffic.packets_out += st.children.len() as u64;
     }
@@ -310,9 +370,10 @@ impl Forwarder {
             add(&self.counters.dropped, 1);
             return;
         }
+        let strip = !self.keying.is_member(from);
         for seq in nacked_seqs(ranges, MAX_RESEND_PER_NACK) {
             if let Some(d) = st.buffer.get(seq) {
-                self.plan.push((Out::Owned(retransmission(d)), from));
+                self.plan.push((Out::Media(retransmission(d), strip), from));
                 st.traffic.retransmitted += 1;
                 add(&self.counters.retransmitted, 1);
             }
@@ -328,9 +389,9 @@ impl Forwarder {
                     data_port: self.data_port,
                     ranges,
                 };
-                match ott_proto::encode(&msg) {
+                match self.sender.encode(up, &msg) {
                     Ok(buf) => {
-                        self.plan.push((Out::Owned(Bytes::from(buf)), up));
+                        self.plan.push((Out::Control(Bytes::from(buf)), up));
                         st.traffic.nacks_sent += 1;
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot encode a NACK"),
@@ -344,12 +405,21 @@ impl Forwarder {
             return;
         }
         let batch = &self.batch;
+        // A viewer gets media without the overlay key's tag (only keyed media is stripped).
+        let media = |d: &'_ [u8], strip: bool| -> usize {
+            if strip && self.keying.key().is_some() {
+                d.len().saturating_sub(ott_proto::auth::TAG_LEN)
+            } else {
+                d.len()
+            }
+        };
         let items: Vec<(&[u8], SocketAddr)> = self
             .plan
             .iter()
             .filter_map(|(out, to)| match out {
-                Out::Batch(i) => batch.get(*i).map(|(d, _)| (d, *to)),
-                Out::Owned(b) => Some((b.as_ref(), *to)),
+                Out::Batch(i, strip) => batch.get(*i).map(|(d, _)| (&d[..media(d, *strip)], *to)),
+                Out::Media(b, strip) => Some((&b[..media(b, *strip)], *to)),
+                Out::Control(b) => Some((b.as_ref(), *to)),
             })
             .collect();
         let out = send_batch(&self.sock, &items);

@@ -19,6 +19,7 @@ use ott_tree::{Event, Node};
 
 use crate::counters::{add, Counters};
 use crate::dataplane::{self, DataCmd};
+use crate::keying::{ControlGate, ControlSender, Refused};
 use crate::net::ControlSockets;
 
 /// A received datagram, stamped when it arrived.
@@ -110,15 +111,18 @@ pub fn send_msg(sock: &UdpSocket, counters: &Counters, to: SocketAddr, msg: &ott
     }
 }
 
-/// [`send_msg`] on a node's control sockets, from the local address `from` when given.
-pub fn send_msg_from(
+/// Send one control message on a node's control sockets, from the local address `from`
+/// when given, sealed for a member or plain for a viewer (see [`crate::keying`]),
+/// counting the outcome; never fails the caller.
+pub fn send_control(
     socks: &ControlSockets,
     counters: &Counters,
+    sender: &mut ControlSender,
     to: SocketAddr,
     from: Option<IpAddr>,
     msg: &ott_proto::Message,
 ) {
-    match ott_proto::encode(msg) {
+    match sender.encode(to, msg) {
         Ok(buf) => count_send(counters, to, msg, socks.send(&buf, to, from)),
         Err(e) => {
             tracing::warn!(error = %e, kind = msg.kind(), "cannot encode control message");
@@ -172,6 +176,10 @@ pub struct NodeLoop {
     pub status: Receiver<StatusQuery>,
     /// SIGINT / SIGTERM.
     pub shutdown: Receiver<()>,
+    /// Checks the overlay key on received datagrams (see [`crate::keying`]).
+    pub gate: ControlGate,
+    /// Seals what is sent to overlay members.
+    pub sender: ControlSender,
 }
 
 impl NodeLoop {
@@ -216,13 +224,17 @@ impl NodeLoop {
     }
 
     fn on_datagram(&mut self, d: Datagram) {
-        match ott_proto::decode(&d.bytes) {
+        match self.gate.open(Some(d.from), &d.bytes) {
             Ok(msg) => {
                 self.node.handle(d.at, d.from, msg);
                 // Answers to it leave from the address it was sent to.
                 self.drain_answering(Some((d.from, d.local)));
             }
-            Err(e) => {
+            Err(Refused::Auth(why)) => {
+                add(&self.counters.auth_failed, 1);
+                tracing::debug!(from = %d.from, %why, "dropping control datagram: overlay key check failed");
+            }
+            Err(Refused::Malformed(e)) => {
                 add(&self.counters.malformed, 1);
                 tracing::debug!(from = %d.from, error = %e, "dropping undecodable control datagram");
             }
@@ -241,7 +253,14 @@ impl NodeLoop {
                 Some((asker, local)) if asker == t.to && is_answer(&t.msg) => local,
                 _ => None,
             };
-            send_msg_from(&self.ctrl, &self.counters, t.to, from, &t.msg);
+            send_control(
+                &self.ctrl,
+                &self.counters,
+                &mut self.sender,
+                t.to,
+                from,
+                &t.msg,
+            );
         }
         while let Some(ev) = self.node.poll_event() {
             match ev {

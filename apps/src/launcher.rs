@@ -2,6 +2,10 @@
 //! real processes, each on its own 127.x.y.z address. Used by `cargo xtask demo` and
 //! by the integration tests. Every process it starts is stopped when the [`Cluster`]
 //! is dropped, also when a test fails.
+//!
+//! By default a run makes its own overlay key (32 random bytes in the work directory,
+//! removed when the cluster stops) and gives it to the bootstrapper, every server, relay
+//! and PoP; [`KeyMode::None`] runs without one.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -36,6 +40,16 @@ pub struct LaunchOptions {
     pub log_filter: String,
 }
 
+/// Whether a launched overlay shares a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyMode {
+    /// A fresh key for this run, given to every overlay program with `--key-file`.
+    #[default]
+    Generated,
+    /// No key: the overlay runs unprotected (each program warns).
+    None,
+}
+
 struct Proc {
     id: String,
     child: Child,
@@ -51,6 +65,7 @@ pub struct Cluster {
     pub bootstrap: SocketAddr,
     opts: LaunchOptions,
     server_args: Vec<String>,
+    key_file: Option<PathBuf>,
 }
 
 /// The binary `name` in `dir`.
@@ -70,6 +85,15 @@ impl Cluster {
         opts: LaunchOptions,
         server_args: Vec<String>,
     ) -> anyhow::Result<Self> {
+        Self::start_with(opts, server_args, KeyMode::Generated)
+    }
+
+    /// [`Cluster::start_with_server_args`] with the choice of an overlay key.
+    pub fn start_with(
+        opts: LaunchOptions,
+        server_args: Vec<String>,
+        key: KeyMode,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&opts.work_dir)
             .with_context(|| format!("cannot create {}", opts.work_dir.display()))?;
         // Validate first, so that errors name the user's file.
@@ -85,6 +109,14 @@ impl Cluster {
             IpAddr::V4(Ipv4Addr::new(127, opts.net, 255, 254)),
             BOOTSTRAP_PORT,
         );
+        let key_file = match key {
+            KeyMode::Generated => {
+                let path = opts.work_dir.join("overlay.key");
+                crate::keying::write_key_file(&path)?;
+                Some(path)
+            }
+            KeyMode::None => None,
+        };
         let mut cluster = Self {
             procs: Vec::new(),
             clients: Vec::new(),
@@ -92,17 +124,17 @@ impl Cluster {
             bootstrap,
             opts,
             server_args,
+            key_file,
         };
-        let boot = cluster
-            .command("ott-bootstrap", "bootstrap")?
-            .arg("--topology")
+        let mut boot = cluster.command("ott-bootstrap", "bootstrap")?;
+        boot.arg("--topology")
             .arg(&topo_path)
             .arg("--listen")
             .arg(bootstrap.to_string())
             .arg("--addresses")
-            .arg("loopback")
-            .spawn()
-            .context("cannot start ott-bootstrap")?;
+            .arg("loopback");
+        cluster.add_key_flag(&mut boot);
+        let boot = boot.spawn().context("cannot start ott-bootstrap")?;
         cluster.procs.push(Proc {
             id: "bootstrap".into(),
             child: boot,
@@ -118,6 +150,17 @@ impl Cluster {
             cluster.start_node(&id, role)?;
         }
         Ok(cluster)
+    }
+
+    /// The overlay key file of this run, if it has one.
+    pub fn key_file(&self) -> Option<&Path> {
+        self.key_file.as_deref()
+    }
+
+    fn add_key_flag(&self, c: &mut Command) {
+        if let Some(k) = &self.key_file {
+            c.arg("--key-file").arg(k);
+        }
     }
 
     fn command(&self, bin_name: &str, log_name: &str) -> anyhow::Result<Command> {
@@ -146,6 +189,7 @@ impl Cluster {
             }
             _ => self.command("ott-node", id)?,
         };
+        self.add_key_flag(&mut c);
         let child = c
             .arg("--id")
             .arg(id)
@@ -305,6 +349,9 @@ impl Cluster {
                     Ok(None) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
+        }
+        if let Some(k) = self.key_file.take() {
+            let _ = std::fs::remove_file(k);
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod driver;
 pub mod gop_cache;
 pub mod http;
 pub mod httpd;
+pub mod keying;
 pub mod launcher;
 pub mod live;
 pub mod net;

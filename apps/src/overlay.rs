@@ -9,18 +9,30 @@ use anyhow::Context;
 use crossbeam_channel::Receiver;
 use ott_bootstrap::{Assignment, Request};
 use ott_overlay::LivenessConfig;
+use ott_proto::auth::OverlayKey;
 use ott_proto::StreamInfo;
 use ott_tree::{Node, NodeConfig};
 
 use crate::counters::Counters;
 use crate::dataplane::DataCmd;
 use crate::driver::{spawn_receivers, LoopStatus, NodeLoop};
+use crate::keying::Keying;
 use crate::net::{bind_udp, ControlSockets};
 
 /// Ask the bootstrapper who `id` is, retrying while it is not up yet or busy.
 pub fn bootstrap(addr: SocketAddr, req: Request, wait: Duration) -> anyhow::Result<Assignment> {
+    bootstrap_keyed(addr, req, None, wait)
+}
+
+/// [`bootstrap`] with the overlay key: the request is tagged and the answer checked.
+pub fn bootstrap_keyed(
+    addr: SocketAddr,
+    req: Request,
+    key: Option<&OverlayKey>,
+    wait: Duration,
+) -> anyhow::Result<Assignment> {
     let deadline = Instant::now() + wait;
-    ott_bootstrap::request_until(addr, &req, deadline)
+    ott_bootstrap::request_until_keyed(addr, &req, key, deadline)
         .with_context(|| format!("bootstrapper at {addr}"))
 }
 
@@ -88,6 +100,19 @@ pub fn run_with(
     data_plane: DataPlane,
     tuning: Tuning,
 ) -> anyhow::Result<()> {
+    run_keyed(a, status, catalogue, data_plane, tuning, Keying::unkeyed())
+}
+
+/// [`run_with`] with the overlay key: the control loop seals what it sends to overlay
+/// members and checks what it receives (`keying`, see [`crate::keying`]).
+pub fn run_keyed(
+    a: Assignment,
+    status: Option<SocketAddr>,
+    catalogue: Vec<StreamInfo>,
+    data_plane: DataPlane,
+    tuning: Tuning,
+    keying: Keying,
+) -> anyhow::Result<()> {
     let shutdown = crate::signals::shutdown_channel();
     let counters = Arc::new(Counters::default());
     // Bound to one address, the node answers on each of its addresses; bound to the
@@ -114,8 +139,12 @@ pub fn run_with(
     let now = Instant::now();
     let mut config = NodeConfig::new(a.id.clone(), a.role, data_port);
     config.incarnation = incarnation();
+    let config_incarnation = config.incarnation;
     config.seed = config.incarnation;
     config.liveness = tuning.liveness();
+    // With the overlay key every message reaching the node passed its tag check, so a
+    // neighbour's new incarnation can be believed at once.
+    config.liveness.keyed = keying.key().is_some();
     // Each neighbour is known by every address the bootstrapper gave for it.
     let neighbours = a.neighbours.iter().map(|p| p.control_addrs()).collect();
     let mut node = Node::with_peers(config, neighbours, now, now);
@@ -130,6 +159,8 @@ pub fn run_with(
         counters,
         status: status_rx,
         shutdown,
+        gate: keying.gate(),
+        sender: keying.sealer("ctrl", config_incarnation),
     }
     .run();
     let _ = data_thread.join();

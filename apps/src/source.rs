@@ -6,6 +6,10 @@
 //! joins sees the current frame, as with a broadcast. The thread keeps the latest
 //! decodable start of every stream ([`crate::gop_cache`]) and sends it first to each new
 //! child, so even the first viewer of a stream starts without waiting for a keyframe.
+//!
+//! With the overlay key ([`crate::keying`]) the server tags every datagram it makes;
+//! children that are overlay members get it tagged, viewers (if any) without the tag,
+//! and NACKs from members must be sealed.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use ott_proto::{MediaHeader, MediaKind, Message, NackRange};
 use crate::counters::{add, Counters};
 use crate::dataplane::{DataCmd, DataSnapshot, StreamTraffic};
 use crate::gop_cache::{self, StartCache};
+use crate::keying::{Keying, Refused};
 use crate::live::LiveFrame;
 
 /// A stall longer than this restarts a clip's schedule instead of sending a burst.
@@ -78,12 +83,25 @@ pub fn spawn_source(
     counters: Arc<Counters>,
     cmds: Receiver<DataCmd>,
 ) -> std::io::Result<JoinHandle<()>> {
+    spawn_source_keyed(inputs, live, Keying::unkeyed(), sock, counters, cmds)
+}
+
+/// [`spawn_source`] with the overlay key: datagrams are tagged, NACKs checked.
+pub fn spawn_source_keyed(
+    inputs: Vec<Input>,
+    live: Receiver<LiveFrame>,
+    keying: Keying,
+    sock: UdpSocket,
+    counters: Arc<Counters>,
+    cmds: Receiver<DataCmd>,
+) -> std::io::Result<JoinHandle<()>> {
     let (nack_tx, nacks) = crossbeam_channel::bounded(1024);
     let nack_sock = sock.try_clone()?;
     let nack_counters = counters.clone();
+    let nack_keying = keying.clone();
     thread::Builder::new()
         .name("media-nack".into())
-        .spawn(move || read_nacks(&nack_sock, &nack_counters, &nack_tx))?;
+        .spawn(move || read_nacks(&nack_sock, &nack_keying, &nack_counters, &nack_tx))?;
     thread::Builder::new()
         .name("media-src".into())
         .spawn(move || {
@@ -123,7 +141,7 @@ pub fn spawn_source(
                     }
                 })
                 .collect();
-            source_loop(&mut feeds, live, &nacks, &sock, &counters, &cmds);
+            source_loop(&mut feeds, live, &nacks, &sock, &keying, &counters, &cmds);
         })
 }
 
@@ -144,7 +162,8 @@ fn splitmix64(seed: u64) -> u64 {
 }
 
 /// Read the NACKs children send to the server's data socket.
-fn read_nacks(sock: &UdpSocket, counters: &Counters, out: &Sender<Nack>) {
+fn read_nacks(sock: &UdpSocket, keying: &Keying, counters: &Counters, out: &Sender<Nack>) {
+    let mut gate = keying.gate();
     let mut buf = vec![0u8; 65536];
     loop {
         let (len, from) = match sock.recv_from(&mut buf) {
@@ -158,7 +177,7 @@ fn read_nacks(sock: &UdpSocket, counters: &Counters, out: &Sender<Nack>) {
             }
         };
         counters.rx(len);
-        match ott_proto::decode(&buf[..len]) {
+        match gate.open(Some(from), &buf[..len]) {
             Ok(Message::Nack { stream, ranges, .. }) => {
                 if out
                     .send(Nack {
@@ -172,13 +191,23 @@ fn read_nacks(sock: &UdpSocket, counters: &Counters, out: &Sender<Nack>) {
                 }
             }
             Ok(_) => add(&counters.dropped, 1),
-            Err(_) => add(&counters.malformed, 1),
+            Err(Refused::Auth(why)) => {
+                tracing::debug!(%from, %why, "data socket: overlay key check failed");
+                add(&counters.auth_failed, 1);
+            }
+            Err(Refused::Malformed(_)) => add(&counters.malformed, 1),
         }
     }
 }
 
 /// Resend what a child asks for, only to a child of that stream.
-fn answer_nack(feeds: &mut [Feed], nack: &Nack, sock: &UdpSocket, counters: &Counters) {
+fn answer_nack(
+    feeds: &mut [Feed],
+    nack: &Nack,
+    sock: &UdpSocket,
+    keying: &Keying,
+    counters: &Counters,
+) {
     let Some(f) = feeds.iter_mut().find(|f| f.id == nack.stream) else {
         add(&counters.dropped, 1);
         return;
@@ -189,7 +218,8 @@ fn answer_nack(feeds: &mut [Feed], nack: &Nack, sock: &UdpSocket, counters: &Cou
     }
     for seq in nacked_seqs(&nack.ranges, crate::dataplane::MAX_RESEND_PER_NACK) {
         let Some(d) = f.sent.get(seq) else { continue };
-        match sock.send_to(&crate::dataplane::retransmission(d), nack.from) {
+        let d = crate::dataplane::retransmission(d);
+        match sock.send_to(&d[..keying.media_len_for(nack.from, d.len())], nack.from) {
             Ok(n) => {
                 counters.tx(n);
                 add(&counters.retransmitted, 1);
@@ -205,6 +235,7 @@ fn source_loop(
     mut live: Receiver<LiveFrame>,
     nacks: &Receiver<Nack>,
     sock: &UdpSocket,
+    keying: &Keying,
     counters: &Counters,
     cmds: &Receiver<DataCmd>,
 ) {
@@ -223,7 +254,7 @@ fn source_loop(
                         let new = gop_cache::added(&f.children, &children);
                         f.traffic.children = children.len();
                         f.children = children;
-                        gop_cache::send_replay(sock, counters, &cache.replay(Instant::now(), stream), &new);
+                        send_replay(sock, keying, counters, &cache.replay(Instant::now(), stream), &new);
                     }
                 }
                 Ok(DataCmd::Snapshot(reply)) => {
@@ -234,7 +265,7 @@ fn source_loop(
             },
             recv(nacks) -> nack => {
                 if let Ok(nack) = nack {
-                    answer_nack(feeds, &nack, sock, counters);
+                    answer_nack(feeds, &nack, sock, keying, counters);
                 }
             },
             recv(live) -> frame => {
@@ -244,7 +275,7 @@ fn source_loop(
                     continue;
                 };
                 if let Some(f) = feeds.iter_mut().find(|f| f.id == frame.stream) {
-                    send_frame(f, &mut cache, sock, counters, &frame.data, frame.timestamp_90k, frame.flags);
+                    send_frame(f, &mut cache, sock, keying, counters, &frame.data, frame.timestamp_90k, frame.flags);
                 }
             },
             recv(crossbeam_channel::at(due)) -> _ => {
@@ -261,17 +292,39 @@ fn source_loop(
                         p.start += lag;
                     }
                     let frame = std::mem::replace(&mut p.next, p.source.next_timed());
-                    send_frame(f, &mut cache, sock, counters, &frame.data, frame.timestamp_90k, frame.flags);
+                    send_frame(f, &mut cache, sock, keying, counters, &frame.data, frame.timestamp_90k, frame.flags);
                 }
             },
         }
     }
 }
 
+/// Send a cache replay to new children: tagged to members, without the tag to viewers.
+fn send_replay(
+    sock: &UdpSocket,
+    keying: &Keying,
+    counters: &Counters,
+    replay: &[bytes::Bytes],
+    new: &[SocketAddr],
+) {
+    let (members, viewers): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        new.iter().partition(|c| keying.is_member(**c));
+    gop_cache::send_replay(sock, counters, replay, &members);
+    if !viewers.is_empty() {
+        let plain: Vec<bytes::Bytes> = replay
+            .iter()
+            .map(|d| d.slice(..keying.media_len_for(viewers[0], d.len())))
+            .collect();
+        gop_cache::send_replay(sock, counters, &plain, &viewers);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn send_frame(
     f: &mut Feed,
     cache: &mut StartCache,
     sock: &UdpSocket,
+    keying: &Keying,
     counters: &Counters,
     data: &[u8],
     timestamp_90k: u32,
@@ -286,13 +339,23 @@ fn send_frame(
         }
     };
     let now = Instant::now();
-    for d in &datagrams {
-        if let Ok(h) = MediaHeader::parse(d) {
-            cache.observe(now, &h, d);
+    for d in datagrams {
+        let h = MediaHeader::parse(&d);
+        // With the overlay key, the tag goes on once, here; relays forward it unchanged.
+        let d = match keying.key() {
+            Some(k) => {
+                let mut v = d.to_vec();
+                k.seal_media(&mut v);
+                bytes::Bytes::from(v)
+            }
+            None => d,
+        };
+        if let Ok(h) = h {
+            cache.observe(now, &h, &d);
             f.sent.insert(h.seq, d.clone());
         }
         for child in &f.children {
-            match sock.send_to(d, child) {
+            match sock.send_to(&d[..keying.media_len_for(*child, d.len())], child) {
                 Ok(n) => {
                     counters.tx(n);
                     f.traffic.packets_out += 1;

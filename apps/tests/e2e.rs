@@ -272,6 +272,11 @@ fn unknown_ids_and_garbage_datagrams_are_refused_and_counted_while_the_node_keep
     let clips = clips();
     let mut c = launch("e2e-bad-input", "line.toml", 37);
     let boot = c.bootstrap.to_string();
+    let key = c
+        .key_file()
+        .expect("the overlay has a key")
+        .display()
+        .to_string();
     let (code, err) = run_bin(
         "ott-node",
         &[
@@ -281,6 +286,8 @@ fn unknown_ids_and_garbage_datagrams_are_refused_and_counted_while_the_node_keep
             &boot,
             "--bootstrap-wait",
             "5",
+            "--key-file",
+            &key,
         ],
     );
     assert_ne!(code, 0);

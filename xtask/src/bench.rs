@@ -6,6 +6,11 @@
 //! process plays the server (its control plane is a real `ott_tree::Node`, so the relay
 //! sees a normal overlay neighbour) and the subscribers (client joins). The baseline is
 //! a thread here: `recvmmsg`, then `sendmmsg` to every subscriber, nothing else.
+//!
+//! The overlay runs with a key (a fresh one per run, removed afterwards), as deployed:
+//! this process tags the server's media and seals its control messages, and the relay
+//! checks every tag. `--no-key` measures the overlay without one; `--bin-dir` measures
+//! programs built elsewhere (an older commit, for a before/after comparison).
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
@@ -17,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ott_apps::batch::{send_batch, RecvBatch};
+use ott_apps::keying::Keying;
 use ott_apps::launcher::{http_get, wait_for};
+use ott_proto::auth::OverlayKey;
 use ott_proto::{flags, MediaHeader, MediaKind, Message, StreamInfo};
 use ott_tree::{Event, Node, NodeConfig, Role};
 
@@ -29,6 +36,13 @@ pub(crate) struct BenchArgs {
     /// Use the debug build of the programs (faster to build, slower to run).
     #[arg(long)]
     debug: bool,
+    /// Run the overlay without a key (no tags on its datagrams).
+    #[arg(long)]
+    no_key: bool,
+    /// Use the programs in this directory instead of building them (e.g. a copy of an
+    /// older build, to compare).
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<std::path::PathBuf>,
 }
 
 const NET: u8 = 99;
@@ -101,9 +115,25 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         "building the programs ({})…",
         if args.debug { "debug" } else { "release" }
     );
-    let bin_dir = crate::build_binaries(!args.debug)?;
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => crate::build_binaries(!args.debug)?,
+    };
     let work = root.join("target").join("bench");
     std::fs::create_dir_all(&work)?;
+    // One key per run, removed on every way out.
+    let key_file = KeyFile(work.join("overlay.key"));
+    let key = if args.no_key {
+        None
+    } else {
+        ott_apps::keying::write_key_file(&key_file.0)?;
+        Some(ott_apps::keying::load_key_file(&key_file.0)?)
+    };
+    let key_args: Vec<String> = if args.no_key {
+        Vec::new()
+    } else {
+        vec!["--key-file".into(), key_file.0.display().to_string()]
+    };
     let topo = work.join("bench.toml");
     std::fs::write(
         &topo,
@@ -127,6 +157,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "--listen",
                 &boot.to_string(),
             ])
+            .args(&key_args)
             .stdout(log("bootstrap.log")?)
             .stderr(log("bootstrap.err")?)
             .spawn()
@@ -141,6 +172,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             "--status",
             &status.to_string(),
         ])
+        .args(&key_args)
         .env("RUST_LOG", "warn")
         .stdout(log("r1.log")?)
         .stderr(log("r1.err")?)
@@ -165,10 +197,12 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         ott_apps::net::bind_udp(SocketAddr::new(IpAddr::V4(ip(1)), ott_overlay::DATA_PORT))?;
     let ctrl_thread = spawn_server_control(
         server_ctrl,
+        key.clone(),
         stream.clone(),
         forwarding.clone(),
         stop.clone(),
     )?;
+    let key = key.as_ref();
 
     // Subscribers: client joins at the relay, refreshed.
     let subs: Vec<UdpSocket> = (0..10u8)
@@ -205,8 +239,8 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                     && forwarding.lock().map(|f| !f.is_empty()).unwrap_or(false)
             },
         )?;
-        let ours = measure_ours(&relay, &server_data, args.seconds)?;
-        let base = measure_baseline(&sub_addrs[..n], args.seconds)?;
+        let ours = measure_ours(&relay, &server_data, key, args.seconds)?;
+        let base = measure_baseline(&sub_addrs[..n], key, args.seconds)?;
         rows.push(Row {
             subscribers: n,
             ours,
@@ -224,14 +258,23 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     wait_for(Duration::from_secs(20), "one subscriber left", || {
         relay_children(&relay, &stream.name) == Some(1)
     })?;
-    let lat = measure_latency(&relay, &server_data, &subs[0])?;
+    let lat = measure_latency(&relay, &server_data, key, &subs[0])?;
 
     stop.store(true, Ordering::SeqCst);
     let _ = join_thread.join();
     let _ = ctrl_thread.join();
     drop(procs);
-    print_table(&rows, &lat, prototype);
+    print_table(&rows, &lat, prototype, !args.no_key);
     Ok(())
+}
+
+/// The run's key file, removed when the run ends however it ends.
+struct KeyFile(std::path::PathBuf);
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn relay_children(relay: &Relay, stream: &str) -> Option<usize> {
@@ -242,12 +285,16 @@ fn relay_children(relay: &Relay, stream: &str) -> Option<usize> {
 
 fn spawn_server_control(
     sock: UdpSocket,
+    key: Option<OverlayKey>,
     stream: StreamInfo,
     forwarding: Arc<Mutex<Vec<SocketAddr>>>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<thread::JoinHandle<()>> {
     sock.set_read_timeout(Some(Duration::from_millis(10)))?;
     let relay_ctrl = SocketAddr::new(IpAddr::V4(ip(2)), ott_overlay::CONTROL_PORT);
+    let keying = Keying::new(key, "s1", [relay_ctrl.ip()], false);
+    let mut sender = keying.sealer("ctrl", ott_apps::overlay::incarnation());
+    let mut gate = keying.gate();
     Ok(thread::spawn(move || {
         let now = Instant::now();
         let mut node = Node::new(
@@ -260,7 +307,7 @@ fn spawn_server_control(
         let mut buf = [0u8; 65536];
         while !stop.load(Ordering::SeqCst) {
             while let Some(t) = node.poll_transmit() {
-                if let Ok(b) = ott_proto::encode(&t.msg) {
+                if let Ok(b) = sender.encode(t.to, &t.msg) {
                     let _ = sock.send_to(&b, t.to);
                 }
             }
@@ -272,7 +319,7 @@ fn spawn_server_control(
                 }
             }
             if let Ok((len, from)) = sock.recv_from(&mut buf) {
-                if let Ok(msg) = ott_proto::decode(&buf[..len]) {
+                if let Ok(msg) = gate.open(Some(from), &buf[..len]) {
                     node.handle(Instant::now(), from, msg);
                 }
             }
@@ -316,7 +363,7 @@ fn spawn_joiner(
     }))
 }
 
-fn datagram(seq: u32, stamp_ns: u64) -> Vec<u8> {
+fn datagram(seq: u32, stamp_ns: u64, key: Option<&OverlayKey>) -> Vec<u8> {
     let h = MediaHeader {
         flags: flags::KEYFRAME,
         stream: ott_proto::stream_id_for("bench"),
@@ -329,6 +376,9 @@ fn datagram(seq: u32, stamp_ns: u64) -> Vec<u8> {
     let mut d = h.to_bytes().to_vec();
     d.extend_from_slice(&stamp_ns.to_be_bytes());
     d.resize(ott_proto::HEADER_LEN + PAYLOAD, 0x47);
+    if let Some(k) = key {
+        k.seal_media(&mut d);
+    }
     d
 }
 
@@ -341,12 +391,14 @@ fn next_seqs(n: u32) -> u32 {
     NEXT_SEQ.fetch_add(n, Ordering::Relaxed)
 }
 
-fn blast(sock: &UdpSocket, to: SocketAddr, secs: f64) -> u64 {
+fn blast(sock: &UdpSocket, to: SocketAddr, key: Option<&OverlayKey>, secs: f64) -> u64 {
     let start = Instant::now();
     let mut offered = 0u64;
     while start.elapsed().as_secs_f64() < secs {
         let seq = next_seqs(64);
-        let batch: Vec<Vec<u8>> = (0..64).map(|i| datagram(seq.wrapping_add(i), 0)).collect();
+        let batch: Vec<Vec<u8>> = (0..64)
+            .map(|i| datagram(seq.wrapping_add(i), 0, key))
+            .collect();
         let items: Vec<(&[u8], SocketAddr)> = batch.iter().map(|d| (d.as_slice(), to)).collect();
         offered += send_batch(sock, &items).sent as u64;
     }
@@ -360,9 +412,14 @@ struct Throughput {
     cpu_s_per_gb: f64,
 }
 
-fn measure_ours(relay: &Relay, gen: &UdpSocket, secs: f64) -> anyhow::Result<Throughput> {
+fn measure_ours(
+    relay: &Relay,
+    gen: &UdpSocket,
+    key: Option<&OverlayKey>,
+    secs: f64,
+) -> anyhow::Result<Throughput> {
     let (p0, c0, t0) = (relay.packets_out()?, relay.cpu_seconds()?, Instant::now());
-    blast(gen, relay.data, secs);
+    blast(gen, relay.data, key, secs);
     // Let the relay drain its socket buffer before reading its counters.
     thread::sleep(Duration::from_millis(200));
     let (p1, c1, dt) = (
@@ -418,12 +475,17 @@ fn spawn_baseline(
     Ok((addr, h))
 }
 
-fn measure_baseline(subs: &[SocketAddr], secs: f64) -> anyhow::Result<Throughput> {
+/// The baseline forwards what it gets; it is offered the same (tagged) datagrams.
+fn measure_baseline(
+    subs: &[SocketAddr],
+    key: Option<&OverlayKey>,
+    secs: f64,
+) -> anyhow::Result<Throughput> {
     let stop = Arc::new(AtomicBool::new(false));
     let (addr, h) = spawn_baseline(subs.to_vec(), stop.clone())?;
     let gen = ott_apps::net::bind_udp(SocketAddr::new(IpAddr::V4(ip(4)), 0))?;
     let t0 = Instant::now();
-    blast(&gen, addr, secs);
+    blast(&gen, addr, key, secs);
     thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::SeqCst);
     let dt = t0.elapsed().as_secs_f64();
@@ -516,6 +578,7 @@ struct Latency {
 /// Send at 20 Mbit/s for 2 s, stamping each datagram; the subscriber measures one-way delay.
 fn paced_latency(
     gen: &UdpSocket,
+    key: Option<&OverlayKey>,
     to: SocketAddr,
     sub: &UdpSocket,
     epoch: Instant,
@@ -547,7 +610,7 @@ fn paced_latency(
         while Instant::now() < due {
             std::hint::spin_loop();
         }
-        let d = datagram(next_seqs(1), epoch.elapsed().as_nanos() as u64);
+        let d = datagram(next_seqs(1), epoch.elapsed().as_nanos() as u64, key);
         let _ = gen.send_to(&d, to);
     }
     let mut lat = rx
@@ -566,7 +629,12 @@ fn paced_latency(
 
 /// Three rounds of (direct, ours, baseline), so that warm-up and passing noise hit every
 /// path alike; each path reports the median of its rounds.
-fn measure_latency(relay: &Relay, gen: &UdpSocket, sub: &UdpSocket) -> anyhow::Result<Latency> {
+fn measure_latency(
+    relay: &Relay,
+    gen: &UdpSocket,
+    key: Option<&OverlayKey>,
+    sub: &UdpSocket,
+) -> anyhow::Result<Latency> {
     let epoch = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let (base_addr, h) = spawn_baseline(vec![sub.local_addr()?], stop.clone())?;
@@ -577,7 +645,7 @@ fn measure_latency(relay: &Relay, gen: &UdpSocket, sub: &UdpSocket) -> anyhow::R
             .into_iter()
             .enumerate()
         {
-            match paced_latency(gen, to, sub, epoch) {
+            match paced_latency(gen, key, to, sub, epoch) {
                 Ok(r) => runs[i].push(r),
                 Err(e) => result = Err(e),
             }
@@ -607,9 +675,18 @@ struct Row {
     base: Throughput,
 }
 
-fn print_table(rows: &[Row], lat: &Latency, prototype: Option<Throughput>) {
+fn print_table(rows: &[Row], lat: &Latency, prototype: Option<Throughput>, keyed: bool) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "\nrelay forwarding on loopback, {PAYLOAD}-byte payloads (ours = ott-node, baseline = recvmmsg/sendmmsg loop)\n");
+    let _ = writeln!(out, "\nrelay forwarding on loopback, {PAYLOAD}-byte payloads (ours = ott-node, baseline = recvmmsg/sendmmsg loop)");
+    let _ = writeln!(
+        out,
+        "overlay key: {}\n",
+        if keyed {
+            "yes (the relay checks a 16-byte tag on every datagram)"
+        } else {
+            "none"
+        }
+    );
     let _ = writeln!(
         out,
         "{:<12} {:>12} {:>12} {:>10} {:>10} {:>12} {:>12} {:>8}",

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use ott_apps::launcher::{parse_summary, verify_mjpeg, Cluster, LaunchOptions};
+use ott_apps::launcher::{parse_summary, verify_mjpeg, Cluster, KeyMode, LaunchOptions};
 
 #[derive(clap::Args)]
 pub(crate) struct DemoArgs {
@@ -20,6 +20,10 @@ pub(crate) struct DemoArgs {
     /// Second octet of the loopback addresses used (127.N.x.y).
     #[arg(long, default_value_t = 77)]
     net: u8,
+    /// Run the overlay without a key. By default the run makes one (32 random bytes in
+    /// the work directory, removed at the end) and gives it to every overlay program.
+    #[arg(long)]
+    no_key: bool,
 }
 
 pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -43,14 +47,29 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
         topology.display(),
         args.net
     );
-    let mut cluster = Cluster::start(LaunchOptions {
-        bin_dir,
-        topology,
-        videos,
-        net: args.net,
-        work_dir: work_dir.clone(),
-        log_filter: "info".into(),
-    })?;
+    let key = if args.no_key {
+        KeyMode::None
+    } else {
+        KeyMode::Generated
+    };
+    let mut cluster = Cluster::start_with(
+        LaunchOptions {
+            bin_dir,
+            topology,
+            videos,
+            net: args.net,
+            work_dir: work_dir.clone(),
+            log_filter: "info".into(),
+        },
+        Vec::new(),
+        key,
+    )?;
+    if let Some(k) = cluster.key_file() {
+        eprintln!(
+            "overlay key for this run: {} (removed at the end)",
+            k.display()
+        );
+    }
     cluster
         .wait_converged(Duration::from_secs(30))
         .context("the tree did not form")?;

@@ -23,6 +23,12 @@ struct Args {
     /// Address plan: `loopback` (127.x.y.z per node) or `links` (10.0.<link>.1/.2).
     #[arg(long, default_value = "loopback")]
     addresses: AddressPlan,
+    /// The overlay's shared key: a file of at least 32 random bytes (e.g.
+    /// `head -c 32 /dev/urandom > overlay.key`), the same for every server, relay, PoP
+    /// and the bootstrapper. With it, a node's request must be tagged with the key
+    /// (viewers, who hold none, still get the PoP list); without it, a warning.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +44,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let topology = Topology::load(&args.topology)?;
+    let key = ott_apps::keying::key_from_flag(args.key_file.as_deref())?;
     let listener = TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, topology = %topology.name, nodes = topology.nodes.len(),
@@ -50,7 +57,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             stop2.store(true, Ordering::SeqCst);
         }
     });
-    let service = Arc::new(ott_bootstrap::Service::new(topology, args.addresses));
+    let mut service = ott_bootstrap::Service::new(topology, args.addresses);
+    if let Some(k) = key {
+        service = service.with_key(k);
+    }
+    let service = Arc::new(service);
     service.serve(listener, stop)?;
     tracing::info!("bootstrapper stopped");
     Ok(())

@@ -25,6 +25,11 @@ struct Args {
     /// for comparisons). Children's requests are still answered.
     #[arg(long)]
     no_nack: bool,
+    /// The overlay's shared key: a file of at least 32 random bytes (e.g.
+    /// `head -c 32 /dev/urandom > overlay.key`), the same for every server, relay, PoP
+    /// and the bootstrapper. Without it the overlay's datagrams carry no tags (a warning).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<std::path::PathBuf>,
     /// How long to keep asking the bootstrapper while it is not up yet or busy, in
     /// seconds (an unknown id fails at once).
     #[arg(long, default_value_t = 30)]
@@ -48,18 +53,22 @@ fn run(args: Args) -> anyhow::Result<()> {
     let req = Request::Node {
         id: args.id.clone(),
     };
-    let a = ott_apps::overlay::bootstrap(
+    let key = ott_apps::keying::key_from_flag(args.key_file.as_deref())?;
+    let a = ott_apps::overlay::bootstrap_keyed(
         args.bootstrap,
         req,
+        key.as_ref(),
         Duration::from_secs(args.bootstrap_wait),
     )?;
+    let keying = ott_apps::keying::Keying::for_node(key, &a);
+    let data_keying = keying.clone();
     if a.role == Role::Server {
         anyhow::bail!(
             "node {:?} is a server in the topology: run ott-server for it",
             a.id
         );
     }
-    ott_apps::overlay::run_with(
+    ott_apps::overlay::run_keyed(
         a,
         args.status,
         Vec::new(),
@@ -67,8 +76,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             let config = ott_apps::dataplane::ForwarderConfig {
                 nack: !args.no_nack,
             };
-            ott_apps::dataplane::spawn_forwarder_with(config, sock, counters, cmds)
+            ott_apps::dataplane::spawn_forwarder_keyed(
+                config,
+                data_keying,
+                ott_apps::overlay::incarnation(),
+                sock,
+                counters,
+                cmds,
+            )
         }),
         args.tuning,
+        keying,
     )
 }

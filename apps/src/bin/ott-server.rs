@@ -30,6 +30,11 @@ struct Args {
     /// Serve GET /status (JSON) and /metrics (Prometheus) on this address.
     #[arg(long)]
     status: Option<SocketAddr>,
+    /// The overlay's shared key: a file of at least 32 random bytes (e.g.
+    /// `head -c 32 /dev/urandom > overlay.key`), the same for every server, relay, PoP
+    /// and the bootstrapper. Without it the overlay's datagrams carry no tags (a warning).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<std::path::PathBuf>,
     /// How long to keep asking the bootstrapper while it is not up yet or busy, in
     /// seconds (an unknown id fails at once).
     #[arg(long, default_value_t = 30)]
@@ -82,11 +87,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     let req = Request::Node {
         id: args.id.clone(),
     };
-    let a = ott_apps::overlay::bootstrap(
+    let key = ott_apps::keying::key_from_flag(args.key_file.as_deref())?;
+    let a = ott_apps::overlay::bootstrap_keyed(
         args.bootstrap,
         req,
+        key.as_ref(),
         Duration::from_secs(args.bootstrap_wait),
     )?;
+    let keying = ott_apps::keying::Keying::for_node(key, &a);
+    let data_keying = keying.clone();
     if a.role != Role::Server {
         anyhow::bail!(
             "node {:?} is a {} in the topology, not a server: run ott-node for it",
@@ -94,13 +103,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             a.role
         );
     }
-    ott_apps::overlay::run_with(
+    ott_apps::overlay::run_keyed(
         a,
         args.status,
         catalogue,
         Box::new(move |sock, counters, cmds| {
-            ott_apps::source::spawn_source(inputs, live_rx, sock, counters, cmds)
+            ott_apps::source::spawn_source_keyed(inputs, live_rx, data_keying, sock, counters, cmds)
         }),
         args.tuning,
+        keying,
     )
 }

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
-use crate::{read_frame, write_frame, Assignment, BootstrapError, Request, Response};
+use ott_proto::auth::OverlayKey;
+
+use crate::keyed::{open_response, seal_request, AnyResponse};
+use crate::{read_frame_body, write_frame, Assignment, BootstrapError, Request, Response};
 
 /// How long [`request_until`] waits between attempts.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(200);
@@ -37,14 +40,28 @@ pub fn request(
     req: &Request,
     timeout: Duration,
 ) -> Result<Assignment, BootstrapError> {
+    request_keyed(addr, req, None, timeout)
+}
+
+/// [`request`] with the overlay key: the request is tagged, and only an answer tagged
+/// for it is accepted ([`BootstrapError::Auth`] otherwise; a refusal is passed on). With
+/// `None`, a plain request as [`request`] sends.
+pub fn request_keyed(
+    addr: SocketAddr,
+    req: &Request,
+    key: Option<&OverlayKey>,
+    timeout: Duration,
+) -> Result<Assignment, BootstrapError> {
     // A zero timeout is refused by the standard library; take it as "as short as can be".
     let timeout = timeout.max(Duration::from_millis(1));
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let _ = stream.set_nodelay(true);
-    write_frame(&mut stream, req)?;
-    match read_frame(&mut stream)? {
+    let (frame, nonce) = seal_request(key, req)?;
+    write_frame(&mut stream, &frame)?;
+    let answer = AnyResponse::decode(&read_frame_body(&mut stream)?)?;
+    match open_response(key, nonce.as_ref(), answer)? {
         Response::Assigned(a) => Ok(a),
         Response::Refused { reason } => Err(BootstrapError::Refused(reason)),
     }
@@ -61,13 +78,24 @@ pub fn request_until(
     req: &Request,
     deadline: Instant,
 ) -> Result<Assignment, BootstrapError> {
-    request_until_with(addr, req, deadline, |_| {})
+    request_until_keyed(addr, req, None, deadline)
 }
 
-/// [`request_until`], calling `on_retry` with each error it is about to retry.
+/// [`request_until`] with the overlay key (see [`request_keyed`]).
+pub fn request_until_keyed(
+    addr: SocketAddr,
+    req: &Request,
+    key: Option<&OverlayKey>,
+    deadline: Instant,
+) -> Result<Assignment, BootstrapError> {
+    request_until_with(addr, req, key, deadline, |_| {})
+}
+
+/// [`request_until_keyed`], calling `on_retry` with each error it is about to retry.
 fn request_until_with(
     addr: SocketAddr,
     req: &Request,
+    key: Option<&OverlayKey>,
     deadline: Instant,
     mut on_retry: impl FnMut(&BootstrapError),
 ) -> Result<Assignment, BootstrapError> {
@@ -83,7 +111,7 @@ fn request_until_with(
                 ))
             }));
         }
-        let wait = match request(addr, req, remaining.min(ATTEMPT_TIMEOUT)) {
+        let wait = match request_keyed(addr, req, key, remaining.min(ATTEMPT_TIMEOUT)) {
             Err(BootstrapError::Io(e)) => {
                 debug!(%addr, error = %e, "bootstrapper not reachable yet, retrying");
                 last = Some(BootstrapError::Io(e));
@@ -219,6 +247,7 @@ ends = ["p1", "c1"]
                 &Request::Client {
                     id: Some("c1".into()),
                 },
+                None,
                 Instant::now() + TEST_TIMEOUT,
                 |e| {
                     let _ = tx.send(e.to_string());
@@ -245,6 +274,7 @@ ends = ["p1", "c1"]
         let err = request_until_with(
             busy.addr,
             &Request::Node { id: "p1".into() },
+            None,
             Instant::now() + Duration::from_millis(700),
             |_| retries += 1,
         )
@@ -269,6 +299,7 @@ ends = ["p1", "c1"]
         let err = request_until_with(
             addr,
             &Request::Node { id: "zz".into() },
+            None,
             Instant::now() + TEST_TIMEOUT,
             |_| retries += 1,
         )

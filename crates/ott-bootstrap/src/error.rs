@@ -11,6 +11,10 @@ pub enum BootstrapError {
     /// The bootstrapper answered with a refusal; the reason is meant for people.
     #[error("bootstrapper refused: {0}")]
     Refused(String),
+    /// The overlay key check failed: an untagged or wrongly tagged answer, or a tagged
+    /// one without a key to check it.
+    #[error("bootstrap answer refused: {0}")]
+    Auth(String),
     /// A frame's body is not a valid message.
     #[error("malformed bootstrap message: {0}")]
     Malformed(String),

@@ -25,11 +25,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ott_overlay::{AddressPlan, Role, Topology, CONTROL_PORT, DATA_PORT};
+use ott_proto::auth::OverlayKey;
 use ott_proto::untrusted;
 use tracing::{debug, info, warn};
 
+use crate::keyed::{check_request, seal_response, AnyRequest};
 use crate::{
-    read_frame, write_frame, Assignment, BootstrapError, Peer, Request, Response,
+    read_frame_body, write_frame, Assignment, BootstrapError, Peer, Request, Response,
     ANONYMOUS_CLIENT_ID,
 };
 
@@ -57,6 +59,8 @@ pub struct Service {
     conns: Mutex<Conns>,
     counters: Counters,
     bursts: Mutex<Bursts>,
+    /// The overlay key: node requests must be tagged with it (see [`crate::keyed`]).
+    key: Option<OverlayKey>,
 }
 
 /// Counters of a running bootstrapper ([`Service::stats`]).
@@ -297,7 +301,16 @@ impl Service {
             conns: Mutex::new(Conns::default()),
             counters: Counters::default(),
             bursts: Mutex::new(Bursts::default()),
+            key: None,
         }
+    }
+
+    /// Requires node requests to be tagged with `key`, and tags the answers to them;
+    /// clients (who hold no key) are still answered, with the PoPs only (see
+    /// [`crate::keyed`]).
+    pub fn with_key(mut self, key: OverlayKey) -> Self {
+        self.key = Some(key);
+        self
     }
 
     /// Sets the deadline for each request to arrive whole and each answer to be written
@@ -598,8 +611,8 @@ impl Service {
                 stream: &stream,
                 at: Instant::now() + self.io_timeout,
             };
-            let req: Request = match read_frame(&mut io) {
-                Ok(req) => req,
+            let frame = match read_frame_body(&mut io).and_then(|b| AnyRequest::decode(&b)) {
+                Ok(frame) => frame,
                 Err(BootstrapError::Io(e)) => {
                     self.io_ended(peer, &e, "request");
                     return;
@@ -611,6 +624,18 @@ impl Service {
                     let reason = untrusted(&e.to_string()).to_string();
                     if let Some(n) = self.burst(|b| &mut b.refused) {
                         info!(%peer, error = %reason, since_last_logged = n, "bad request, closing");
+                    }
+                    let _ = write_frame(&mut io, &Response::Refused { reason });
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return;
+                }
+            };
+            let (req, nonce) = match check_request(self.key.as_ref(), frame) {
+                Ok(c) => (c.request, c.nonce),
+                Err(reason) => {
+                    bump(&self.counters.refused);
+                    if let Some(n) = self.burst(|b| &mut b.refused) {
+                        info!(%peer, %reason, since_last_logged = n, "request refused by the key check");
                     }
                     let _ = write_frame(&mut io, &Response::Refused { reason });
                     let _ = stream.shutdown(Shutdown::Both);
@@ -636,11 +661,18 @@ impl Service {
                     }
                 }
             }
+            let sealed = match seal_response(self.key.as_ref(), nonce.as_ref(), resp) {
+                Ok(sealed) => sealed,
+                Err(e) => {
+                    warn!(%peer, error = %e, "cannot encode the answer");
+                    return;
+                }
+            };
             let mut io = Deadline {
                 stream: &stream,
                 at: Instant::now() + self.io_timeout,
             };
-            match write_frame(&mut io, &resp) {
+            match write_frame(&mut io, &sealed) {
                 Ok(()) => {}
                 Err(BootstrapError::TooLong(n)) => {
                     warn!(%peer, bytes = n, "assignment too large to send");

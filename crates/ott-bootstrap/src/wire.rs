@@ -35,6 +35,12 @@ pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), Boo
 /// [`BootstrapError::Malformed`]; a stream that ends early is an
 /// [`io::ErrorKind::UnexpectedEof`](std::io::ErrorKind::UnexpectedEof) I/O error.
 pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, BootstrapError> {
+    let body = read_frame_body(r)?;
+    rmp_serde::from_slice(&body).map_err(|e| BootstrapError::Malformed(e.to_string()))
+}
+
+/// Reads one frame and returns its body undecoded (same limits as [`read_frame`]).
+pub fn read_frame_body<R: Read>(r: &mut R) -> Result<Vec<u8>, BootstrapError> {
     let mut prefix = [0u8; 4];
     r.read_exact(&mut prefix)?;
     let len = u32::from_be_bytes(prefix);
@@ -44,7 +50,7 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, Bootstra
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
-    rmp_serde::from_slice(&body).map_err(|e| BootstrapError::Malformed(e.to_string()))
+    Ok(body)
 }
 
 #[cfg(test)]

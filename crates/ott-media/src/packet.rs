@@ -156,7 +156,8 @@ mod tests {
         // Exactly one full payload is one fragment; an empty frame is one empty fragment.
         let dgs = p.packetize(&frame[..MAX_PAYLOAD_LEN], 0, 0).expect("fits");
         assert_eq!(dgs.len(), 1);
-        assert_eq!(dgs[0].len(), MAX_DATAGRAM_LEN);
+        // Room is left for the overlay key's tag.
+        assert_eq!(dgs[0].len(), MAX_DATAGRAM_LEN - ott_proto::auth::TAG_LEN);
         let dgs = p.packetize(&[], 0, 0).expect("fits");
         assert_eq!(dgs.len(), 1);
         assert_eq!(dgs[0].len(), HEADER_LEN);

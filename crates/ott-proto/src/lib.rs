@@ -8,11 +8,15 @@
 //! - **media** ([`MediaHeader`]): a fixed 24-byte binary header in front of each media
 //!   datagram, so that a relay forwards the bytes after reading only the header.
 //!
+//! - **authentication** ([`auth`]): with a shared overlay key, tags on control and media
+//!   datagrams between overlay members, and replay windows for control messages.
+//!
 //! This crate performs no I/O and reads no clock: it only turns values into bytes and back.
 //! It is the only crate that knows the wire encoding.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 mod control;
 mod error;
 mod media;

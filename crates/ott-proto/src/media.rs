@@ -23,10 +23,12 @@ pub const MAGIC: [u8; 2] = *b"OT";
 pub const MEDIA_VERSION: u8 = 1;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 24;
-/// Largest media datagram: a 1500-byte MTU minus IPv4 (20) and UDP (8) headers.
+/// Largest media datagram: a 1500-byte MTU minus IPv4 (20) and UDP (8) headers, with
+/// the overlay key's tag ([`crate::auth::TAG_LEN`]) when there is one.
 pub const MAX_DATAGRAM_LEN: usize = 1472;
-/// Largest payload in one media datagram.
-pub const MAX_PAYLOAD_LEN: usize = MAX_DATAGRAM_LEN - HEADER_LEN;
+/// Largest payload in one media datagram: room is left for the tag, so a tagged
+/// datagram still fits [`MAX_DATAGRAM_LEN`].
+pub const MAX_PAYLOAD_LEN: usize = MAX_DATAGRAM_LEN - HEADER_LEN - crate::auth::TAG_LEN;
 
 /// Bits of [`MediaHeader::flags`].
 pub mod flags {

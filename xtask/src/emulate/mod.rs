@@ -278,6 +278,8 @@ pub(crate) struct Emulation {
     started: Vec<u32>,
     /// Loss recovery on; off passes `--no-nack` to nodes and clients.
     recovery: bool,
+    /// The overlay key of this run (given to every overlay program; removed on drop).
+    key_file: PathBuf,
 }
 
 impl Emulation {
@@ -287,6 +289,8 @@ impl Emulation {
         let work_dir = opts.work_dir.join(&run);
         std::fs::create_dir_all(&work_dir)
             .with_context(|| format!("cannot create {}", work_dir.display()))?;
+        let key_file = work_dir.join("overlay.key");
+        ott_apps::keying::write_key_file(&key_file)?;
         let topo_file = work_dir.join("topology.toml");
         std::fs::copy(&opts.topology, &topo_file)
             .with_context(|| format!("cannot copy {}", opts.topology.display()))?;
@@ -313,6 +317,7 @@ impl Emulation {
             stop: opts.stop.clone(),
             started: Vec::new(),
             recovery: opts.recovery,
+            key_file,
         };
         emu.build_network()?;
         Ok(emu)
@@ -434,6 +439,7 @@ impl Emulation {
             "--addresses",
             "links",
         ]);
+        c.arg("--key-file").arg(&self.key_file);
         let child = c.spawn().context("cannot start ott-bootstrap")?;
         self.started.push(child.id());
         self.procs.insert("bootstrap".into(), Proc { child });
@@ -472,7 +478,9 @@ impl Emulation {
             c.stdout(f.try_clone()?).stderr(f);
         }
         c.args(["--id", id, "--bootstrap", &self.bootstrap.to_string()])
-            .args(["--status", &format!("0.0.0.0:{STATUS_PORT}")]);
+            .args(["--status", &format!("0.0.0.0:{STATUS_PORT}")])
+            .arg("--key-file")
+            .arg(&self.key_file);
         if !self.recovery && role != Role::Server {
             c.arg("--no-nack");
         }
@@ -871,5 +879,6 @@ impl Drop for Emulation {
         for ns in self.ns.values() {
             netns::destroy(ns);
         }
+        let _ = std::fs::remove_file(&self.key_file);
     }
 }

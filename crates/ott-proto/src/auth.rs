@@ -1,0 +1,714 @@
+//! The shared overlay key: message authentication of control and media datagrams.
+//!
+//! Every member of an overlay (bootstrapper, servers, relays, PoPs) may hold the same
+//! secret of at least [`MIN_KEY_LEN`] bytes. From it, [`OverlayKey`] derives one subkey
+//! per use (control, media, bootstrap), so a tag made for one use never verifies for
+//! another. Tags are keyed BLAKE3 truncated to [`TAG_LEN`] (16) bytes, compared in
+//! constant time.
+//!
+//! - **Control** datagrams between members are sealed ([`ControlSealer::seal`]): a
+//!   19-byte prefix (magic `"OC"`, version, sender id, counter), the unchanged control
+//!   envelope, then the tag over everything before it. The receiver's [`ReplayGuard`]
+//!   checks the tag first, then the counter against a per-sender sliding window, so a
+//!   replayed or forged datagram is refused before its body is decoded.
+//! - **Media** datagrams keep their 24-byte header and get the tag as a trailer
+//!   ([`OverlayKey::seal_media`], [`OverlayKey::open_media`]). The tag covers every byte
+//!   but the hop-local flag bits [`HOP_FLAGS`] (retransmission, cached replay), which
+//!   relays set on copies they resend; so a relay forwards, resends and replays a
+//!   server's datagram without making a new tag. Replays of media are left to duplicate
+//!   suppression by sequence number.
+//! - **Bootstrap** requests and answers carry a tag over their body and a nonce
+//!   ([`OverlayKey::bootstrap_tag`]).
+//!
+//! Pure code: no I/O, no clock. The first counter of a sender comes from its caller (the
+//! programs use their incarnation, microseconds of the wall clock at start, so a
+//! restarted sender's counters are above those it used before).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use crate::media::{flags, HEADER_LEN};
+
+/// Length of every tag, bytes.
+pub const TAG_LEN: usize = 16;
+/// Shortest accepted key material, bytes.
+pub const MIN_KEY_LEN: usize = 32;
+/// First two bytes of a sealed control datagram (a plain control envelope never starts
+/// with them, nor does a media datagram, which starts with `"OT"`).
+pub const CONTROL_MAGIC: [u8; 2] = *b"OC";
+/// Version of the sealed control layout.
+pub const AUTH_VERSION: u8 = 1;
+/// Length of the prefix of a sealed control datagram: magic, version, sender, counter.
+pub const SEALED_PREFIX_LEN: usize = 2 + 1 + 8 + 8;
+/// Bytes a sealed control datagram has beyond its envelope.
+pub const SEAL_OVERHEAD: usize = SEALED_PREFIX_LEN + TAG_LEN;
+/// Flag bits of the media header left out of the media tag: relays set them on copies
+/// they resend (a retransmission, a cached replay) without re-tagging.
+pub const HOP_FLAGS: u8 = flags::RETRANSMIT | flags::CACHED;
+/// Width of the per-sender replay window: a control datagram may arrive this many
+/// counter values behind the newest one seen from its sender.
+pub const REPLAY_WINDOW: u64 = 128;
+/// Default bound on the senders a [`ReplayGuard`] remembers.
+pub const DEFAULT_MAX_SENDERS: usize = 1024;
+/// Length of a bootstrap nonce, bytes.
+pub const NONCE_LEN: usize = 16;
+
+const CONTEXT_CONTROL: &str = "ott overlay key v1: control datagram tag";
+const CONTEXT_MEDIA: &str = "ott overlay key v1: media datagram tag";
+const CONTEXT_BOOTSTRAP: &str = "ott overlay key v1: bootstrap message tag";
+const CONTEXT_SENDER: &str = "ott overlay v1: sender id";
+
+/// Why key material was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// Fewer than [`MIN_KEY_LEN`] bytes.
+    #[error("overlay key has {len} bytes, at least {min} random bytes are needed (e.g. `head -c 32 /dev/urandom > overlay.key`)")]
+    TooShort {
+        /// Bytes given.
+        len: usize,
+        /// The minimum.
+        min: usize,
+    },
+}
+
+/// Why an authenticated datagram was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Too short to hold what a tagged datagram of this kind holds.
+    #[error("datagram of {0} bytes is too short to carry a tag")]
+    Short(usize),
+    /// A control datagram that is not sealed (no `"OC"` prefix).
+    #[error("control datagram is not sealed with the overlay key")]
+    NotSealed,
+    /// A sealed layout of another version.
+    #[error("unsupported sealed-datagram version {0}")]
+    Version(u8),
+    /// The tag does not verify: forged, damaged, or made with another key.
+    #[error("tag does not verify (forged, damaged, or another overlay key)")]
+    BadTag,
+    /// The counter was already seen from this sender.
+    #[error("replayed control datagram (sender {sender:016x}, counter {counter})")]
+    Replay {
+        /// Sender id.
+        sender: u64,
+        /// The repeated counter.
+        counter: u64,
+    },
+    /// The counter is older than the sender's replay window.
+    #[error("control datagram too old (sender {sender:016x}, counter {counter}, newest {newest})")]
+    TooOld {
+        /// Sender id.
+        sender: u64,
+        /// The old counter.
+        counter: u64,
+        /// The newest counter seen from the sender.
+        newest: u64,
+    },
+}
+
+/// The overlay's shared secret, as per-use subkeys. Its `Debug` shows no key bytes.
+#[derive(Clone)]
+pub struct OverlayKey {
+    control: [u8; 32],
+    media: [u8; 32],
+    bootstrap: [u8; 32],
+}
+
+impl fmt::Debug for OverlayKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OverlayKey(..)")
+    }
+}
+
+/// Which way a bootstrap message goes, for [`OverlayKey::bootstrap_tag`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootstrapDirection {
+    /// A program's request to the bootstrapper.
+    Request,
+    /// The bootstrapper's answer.
+    Response,
+}
+
+fn truncate(h: blake3::Hash) -> [u8; TAG_LEN] {
+    let mut t = [0u8; TAG_LEN];
+    t.copy_from_slice(&h.as_bytes()[..TAG_LEN]);
+    t
+}
+
+/// Constant-time comparison of two tags.
+fn tags_equal(a: &[u8; TAG_LEN], b: &[u8]) -> bool {
+    match <&[u8; TAG_LEN]>::try_from(b) {
+        Ok(b) => constant_time_eq::constant_time_eq_16(a, b),
+        Err(_) => false,
+    }
+}
+
+impl OverlayKey {
+    /// A key from its material (the contents of a key file): at least [`MIN_KEY_LEN`]
+    /// bytes, all of them used.
+    pub fn from_bytes(material: &[u8]) -> Result<Self, KeyError> {
+        if material.len() < MIN_KEY_LEN {
+            return Err(KeyError::TooShort {
+                len: material.len(),
+                min: MIN_KEY_LEN,
+            });
+        }
+        Ok(Self {
+            control: blake3::derive_key(CONTEXT_CONTROL, material),
+            media: blake3::derive_key(CONTEXT_MEDIA, material),
+            bootstrap: blake3::derive_key(CONTEXT_BOOTSTRAP, material),
+        })
+    }
+
+    /// The media tag of `datagram` (header and payload, without a tag).
+    ///
+    /// The header's [`HOP_FLAGS`] bits are left out. A datagram shorter than the header
+    /// is tagged as it is.
+    pub fn media_tag(&self, datagram: &[u8]) -> [u8; TAG_LEN] {
+        if datagram.len() < HEADER_LEN || datagram[3] & HOP_FLAGS == 0 {
+            // The common case (live data): nothing to mask, one pass over the bytes.
+            return truncate(blake3::keyed_hash(&self.media, datagram));
+        }
+        let mut h = blake3::Hasher::new_keyed(&self.media);
+        {
+            let mut header = [0u8; HEADER_LEN];
+            header.copy_from_slice(&datagram[..HEADER_LEN]);
+            header[3] &= !HOP_FLAGS;
+            h.update(&header);
+            h.update(&datagram[HEADER_LEN..]);
+        }
+        truncate(h.finalize())
+    }
+
+    /// Append the media tag to a datagram (header and payload).
+    pub fn seal_media(&self, datagram: &mut Vec<u8>) {
+        let tag = self.media_tag(datagram);
+        datagram.extend_from_slice(&tag);
+    }
+
+    /// Check the trailing tag of a media datagram; on success, the datagram without it.
+    pub fn open_media<'a>(&self, datagram: &'a [u8]) -> Result<&'a [u8], AuthError> {
+        let Some(cut) = datagram.len().checked_sub(TAG_LEN) else {
+            return Err(AuthError::Short(datagram.len()));
+        };
+        if cut < HEADER_LEN {
+            return Err(AuthError::Short(datagram.len()));
+        }
+        let (body, tag) = datagram.split_at(cut);
+        if tags_equal(&self.media_tag(body), tag) {
+            Ok(body)
+        } else {
+            Err(AuthError::BadTag)
+        }
+    }
+
+    fn control_tag(&self, bytes: &[u8]) -> [u8; TAG_LEN] {
+        truncate(blake3::keyed_hash(&self.control, bytes))
+    }
+
+    /// The tag of a bootstrap message: over the direction, the request's nonce and the
+    /// exact body bytes.
+    pub fn bootstrap_tag(
+        &self,
+        direction: BootstrapDirection,
+        nonce: &[u8; NONCE_LEN],
+        body: &[u8],
+    ) -> [u8; TAG_LEN] {
+        let mut h = blake3::Hasher::new_keyed(&self.bootstrap);
+        h.update(match direction {
+            BootstrapDirection::Request => b"request ",
+            BootstrapDirection::Response => b"response",
+        });
+        h.update(nonce);
+        h.update(body);
+        truncate(h.finalize())
+    }
+
+    /// Check a bootstrap message's tag (see [`OverlayKey::bootstrap_tag`]).
+    pub fn verify_bootstrap(
+        &self,
+        direction: BootstrapDirection,
+        nonce: &[u8; NONCE_LEN],
+        body: &[u8],
+        tag: &[u8],
+    ) -> Result<(), AuthError> {
+        if tags_equal(&self.bootstrap_tag(direction, nonce, body), tag) {
+            Ok(())
+        } else {
+            Err(AuthError::BadTag)
+        }
+    }
+}
+
+/// A stable 64-bit sender id for a node id and the socket it sends from (`"ctrl"`,
+/// `"data"`): each sending socket has its own counter, so its own replay window.
+pub fn sender_id(node: &str, socket: &str) -> u64 {
+    let mut h = blake3::Hasher::new_derive_key(CONTEXT_SENDER);
+    h.update(&(node.len() as u64).to_be_bytes());
+    h.update(node.as_bytes());
+    h.update(socket.as_bytes());
+    let b = h.finalize();
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&b.as_bytes()[..8]);
+    u64::from_be_bytes(id)
+}
+
+/// Whether a datagram has the sealed control layout (starts with [`CONTROL_MAGIC`]);
+/// says nothing about its tag.
+pub fn is_sealed_control(datagram: &[u8]) -> bool {
+    datagram.len() >= 2 && datagram[..2] == CONTROL_MAGIC
+}
+
+/// Seals the control datagrams of one sending socket: one sender id, one counter.
+#[derive(Debug, Clone)]
+pub struct ControlSealer {
+    key: OverlayKey,
+    sender: u64,
+    next: u64,
+}
+
+impl ControlSealer {
+    /// A sealer for `sender` whose first counter is `first_counter`. Give a value above
+    /// every counter an earlier run of the same sender used (the programs give their
+    /// incarnation, microseconds of the wall clock at start).
+    pub fn new(key: OverlayKey, sender: u64, first_counter: u64) -> Self {
+        Self {
+            key,
+            sender,
+            next: first_counter,
+        }
+    }
+
+    /// The counter the next datagram gets.
+    pub fn next_counter(&self) -> u64 {
+        self.next
+    }
+
+    /// Seal an encoded control envelope (see [`crate::encode`]).
+    pub fn seal(&mut self, envelope: &[u8]) -> Vec<u8> {
+        let counter = self.next;
+        self.next = self.next.wrapping_add(1);
+        let mut out = Vec::with_capacity(envelope.len() + SEAL_OVERHEAD);
+        out.extend_from_slice(&CONTROL_MAGIC);
+        out.push(AUTH_VERSION);
+        out.extend_from_slice(&self.sender.to_be_bytes());
+        out.extend_from_slice(&counter.to_be_bytes());
+        out.extend_from_slice(envelope);
+        let tag = self.key.control_tag(&out);
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// Encode and seal a control message.
+    pub fn seal_message(&mut self, msg: &crate::Message) -> Result<Vec<u8>, crate::EncodeError> {
+        crate::encode(msg).map(|b| self.seal(&b))
+    }
+}
+
+/// A sealed control datagram that passed its checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened<'a> {
+    /// The sender id.
+    pub sender: u64,
+    /// Its counter.
+    pub counter: u64,
+    /// The control envelope, for [`crate::decode`].
+    pub envelope: &'a [u8],
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    /// Newest counter accepted.
+    top: u64,
+    /// Bit `i` set: counter `top - i` was accepted.
+    seen: u128,
+    /// When it was last used (the guard's own operation count), for eviction.
+    used: u64,
+}
+
+impl Window {
+    fn check(&self, sender: u64, counter: u64) -> Result<(), AuthError> {
+        if counter > self.top {
+            return Ok(());
+        }
+        let behind = self.top - counter;
+        if behind >= REPLAY_WINDOW {
+            return Err(AuthError::TooOld {
+                sender,
+                counter,
+                newest: self.top,
+            });
+        }
+        if self.seen & (1u128 << behind) != 0 {
+            return Err(AuthError::Replay { sender, counter });
+        }
+        Ok(())
+    }
+
+    /// Record `counter` (already [`Window::check`]ed).
+    fn record(&mut self, counter: u64) {
+        if counter > self.top {
+            let shift = counter - self.top;
+            self.seen = if shift >= REPLAY_WINDOW {
+                0
+            } else {
+                self.seen << shift
+            };
+            self.seen |= 1;
+            self.top = counter;
+        } else {
+            self.seen |= 1u128 << (self.top - counter);
+        }
+    }
+}
+
+/// The receiving side of sealed control datagrams: checks tags, then counters against a
+/// sliding window per sender (bounded number of senders, the least recently heard one
+/// forgotten first; only datagrams with a valid tag make an entry).
+#[derive(Debug)]
+pub struct ReplayGuard {
+    key: OverlayKey,
+    windows: HashMap<u64, Window>,
+    max_senders: usize,
+    ops: u64,
+}
+
+impl ReplayGuard {
+    /// A guard for `key` remembering up to [`DEFAULT_MAX_SENDERS`] senders.
+    pub fn new(key: OverlayKey) -> Self {
+        Self::with_max_senders(key, DEFAULT_MAX_SENDERS)
+    }
+
+    /// A guard remembering up to `max` senders (at least one).
+    pub fn with_max_senders(key: OverlayKey, max: usize) -> Self {
+        Self {
+            key,
+            windows: HashMap::new(),
+            max_senders: max.max(1),
+            ops: 0,
+        }
+    }
+
+    /// The key this guard checks with.
+    pub fn key(&self) -> &OverlayKey {
+        &self.key
+    }
+
+    /// Senders remembered.
+    pub fn senders(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Check a sealed control datagram: layout, tag, then counter. On success the counter
+    /// is recorded, so the same datagram is refused next time.
+    pub fn open<'a>(&mut self, datagram: &'a [u8]) -> Result<Opened<'a>, AuthError> {
+        if !is_sealed_control(datagram) {
+            return Err(AuthError::NotSealed);
+        }
+        if datagram.len() < SEAL_OVERHEAD + 1 {
+            return Err(AuthError::Short(datagram.len()));
+        }
+        if datagram[2] != AUTH_VERSION {
+            return Err(AuthError::Version(datagram[2]));
+        }
+        let (signed, tag) = datagram.split_at(datagram.len() - TAG_LEN);
+        if !tags_equal(&self.key.control_tag(signed), tag) {
+            return Err(AuthError::BadTag);
+        }
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&signed[o..o + 8]);
+            u64::from_be_bytes(b)
+        };
+        let sender = u64_at(3);
+        let counter = u64_at(11);
+        self.ops += 1;
+        let ops = self.ops;
+        match self.windows.get_mut(&sender) {
+            Some(w) => {
+                w.check(sender, counter)?;
+                w.record(counter);
+                w.used = ops;
+            }
+            None => {
+                if self.windows.len() >= self.max_senders {
+                    let oldest = self
+                        .windows
+                        .iter()
+                        .min_by_key(|(_, w)| w.used)
+                        .map(|(s, _)| *s);
+                    if let Some(s) = oldest {
+                        self.windows.remove(&s);
+                    }
+                }
+                self.windows.insert(
+                    sender,
+                    Window {
+                        top: counter,
+                        seen: 1,
+                        used: ops,
+                    },
+                );
+            }
+        }
+        Ok(Opened {
+            sender,
+            counter,
+            envelope: &signed[SEALED_PREFIX_LEN..],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{decode, encode, MediaHeader, Message};
+    use proptest::prelude::*;
+
+    fn key(b: u8) -> OverlayKey {
+        OverlayKey::from_bytes(&[b; 32]).expect("32 bytes")
+    }
+
+    fn media(payload: &[u8], flags: u8) -> Vec<u8> {
+        let h = MediaHeader {
+            flags,
+            stream: 7,
+            seq: 9,
+            frame: 3,
+            frag_index: 0,
+            frag_count: 1,
+            timestamp: 90,
+        };
+        let mut d = h.to_bytes().to_vec();
+        d.extend_from_slice(payload);
+        d
+    }
+
+    fn heartbeat() -> Message {
+        Message::Heartbeat {
+            from: "n1".into(),
+            seq: 1,
+            sent_us: 2,
+            incarnation: 3,
+        }
+    }
+
+    #[test]
+    fn test_short_key_is_refused() {
+        let err = OverlayKey::from_bytes(&[1; 31]).expect_err("short");
+        assert_eq!(err, KeyError::TooShort { len: 31, min: 32 });
+        assert!(err.to_string().contains("at least 32"));
+        assert!(OverlayKey::from_bytes(&[1; 64]).is_ok());
+        assert_eq!(format!("{:?}", key(1)), "OverlayKey(..)");
+    }
+
+    #[test]
+    fn test_media_round_trip_and_hop_flags() {
+        let k = key(1);
+        let plain = media(&[0x47; 188], flags::KEYFRAME);
+        let mut d = plain.clone();
+        k.seal_media(&mut d);
+        assert_eq!(d.len(), plain.len() + TAG_LEN);
+        assert_eq!(k.open_media(&d), Ok(&plain[..]));
+        // Relays set the hop-local bits on copies: the tag still verifies.
+        MediaHeader::mark_retransmit(&mut d);
+        d[3] |= flags::CACHED;
+        let opened = k.open_media(&d).expect("hop flags are not covered");
+        assert!(MediaHeader::parse(opened)
+            .expect("header")
+            .has(flags::RETRANSMIT));
+        // Both ways of computing the tag agree.
+        let mut cleared = d[..d.len() - TAG_LEN].to_vec();
+        cleared[3] &= !HOP_FLAGS;
+        assert_eq!(k.media_tag(&cleared), k.media_tag(&d[..d.len() - TAG_LEN]));
+        // Any other flag is covered.
+        let mut e = d.clone();
+        e[3] ^= flags::KEYFRAME;
+        assert_eq!(k.open_media(&e), Err(AuthError::BadTag));
+        // Wrong key, untagged, short.
+        assert_eq!(key(2).open_media(&d), Err(AuthError::BadTag));
+        assert_eq!(k.open_media(&plain), Err(AuthError::BadTag));
+        assert_eq!(k.open_media(&d[..20]), Err(AuthError::Short(20)));
+        assert_eq!(
+            k.open_media(&d[..HEADER_LEN + TAG_LEN - 1]),
+            Err(AuthError::Short(HEADER_LEN + TAG_LEN - 1))
+        );
+    }
+
+    #[test]
+    fn test_control_round_trip_replay_and_window() {
+        let k = key(3);
+        let mut s = ControlSealer::new(k.clone(), 42, 1_000);
+        let mut g = ReplayGuard::new(k);
+        let first = s.seal_message(&heartbeat()).expect("encodes");
+        assert!(is_sealed_control(&first));
+        let o = g.open(&first).expect("valid");
+        assert_eq!((o.sender, o.counter), (42, 1_000));
+        assert_eq!(decode(o.envelope).expect("decodes"), heartbeat());
+        assert_eq!(
+            g.open(&first),
+            Err(AuthError::Replay {
+                sender: 42,
+                counter: 1_000
+            })
+        );
+        // Reordering within the window is fine, once.
+        let later: Vec<Vec<u8>> = (0..10).map(|_| s.seal(b"\x92\x01\xc0")).collect();
+        for d in later.iter().rev() {
+            assert!(g.open(d).is_ok());
+        }
+        assert!(matches!(g.open(&later[3]), Err(AuthError::Replay { .. })));
+        // Far behind the newest: too old.
+        let mut far = ControlSealer::new(key(3), 42, 2_000);
+        assert!(g.open(&far.seal(b"x")).is_ok());
+        assert!(matches!(
+            g.open(&later[0]),
+            Err(AuthError::TooOld { newest: 2_000, .. })
+        ));
+    }
+
+    #[test]
+    fn test_restarted_sender_is_accepted() {
+        let k = key(4);
+        let mut g = ReplayGuard::new(k.clone());
+        let mut before = ControlSealer::new(k.clone(), 7, 5_000_000);
+        for _ in 0..300 {
+            assert!(g.open(&before.seal(b"a")).is_ok());
+        }
+        // A restart a second later: its counter starts from its new incarnation.
+        let mut after = ControlSealer::new(k, 7, 6_000_000);
+        assert!(g.open(&after.seal(b"b")).is_ok());
+    }
+
+    #[test]
+    fn test_control_refusals() {
+        let k = key(5);
+        let mut g = ReplayGuard::new(k.clone());
+        let plain = encode(&heartbeat()).expect("encodes");
+        assert_eq!(g.open(&plain), Err(AuthError::NotSealed));
+        assert!(matches!(g.open(b"OC"), Err(AuthError::Short(2))));
+        let mut s = ControlSealer::new(k, 1, 1);
+        let mut d = s.seal(&plain);
+        d[2] = 9;
+        assert_eq!(g.open(&d), Err(AuthError::Version(9)));
+        let mut other = ControlSealer::new(key(6), 1, 1);
+        assert_eq!(g.open(&other.seal(&plain)), Err(AuthError::BadTag));
+        // A refused datagram leaves no state.
+        assert_eq!(g.senders(), 0);
+    }
+
+    #[test]
+    fn test_senders_are_bounded() {
+        let k = key(8);
+        let mut g = ReplayGuard::with_max_senders(k.clone(), 4);
+        let mut sealers: Vec<ControlSealer> = (0..10)
+            .map(|i| ControlSealer::new(k.clone(), i, 100))
+            .collect();
+        for s in &mut sealers {
+            assert!(g.open(&s.seal(b"z")).is_ok());
+        }
+        assert_eq!(g.senders(), 4);
+    }
+
+    #[test]
+    fn test_bootstrap_tags() {
+        let k = key(9);
+        let nonce = [5u8; NONCE_LEN];
+        let t = k.bootstrap_tag(BootstrapDirection::Request, &nonce, b"body");
+        assert!(k
+            .verify_bootstrap(BootstrapDirection::Request, &nonce, b"body", &t)
+            .is_ok());
+        assert_eq!(
+            k.verify_bootstrap(BootstrapDirection::Response, &nonce, b"body", &t),
+            Err(AuthError::BadTag)
+        );
+        assert_eq!(
+            k.verify_bootstrap(BootstrapDirection::Request, &[6; NONCE_LEN], b"body", &t),
+            Err(AuthError::BadTag)
+        );
+        assert_eq!(
+            key(10).verify_bootstrap(BootstrapDirection::Request, &nonce, b"body", &t),
+            Err(AuthError::BadTag)
+        );
+        assert_eq!(
+            k.verify_bootstrap(BootstrapDirection::Request, &nonce, b"body", &t[..8]),
+            Err(AuthError::BadTag)
+        );
+    }
+
+    #[test]
+    fn test_sender_ids_differ_per_socket() {
+        assert_ne!(sender_id("n1", "ctrl"), sender_id("n1", "data"));
+        assert_ne!(sender_id("n1", "ctrl"), sender_id("n2", "ctrl"));
+        assert_eq!(sender_id("n1", "ctrl"), sender_id("n1", "ctrl"));
+    }
+
+    proptest! {
+        #[test]
+        fn prop_tampered_media_is_rejected(payload in proptest::collection::vec(any::<u8>(), 0..1432),
+                                           at in any::<usize>(), bit in 0u8..8) {
+            let k = key(11);
+            let mut d = media(&payload, flags::KEYFRAME);
+            k.seal_media(&mut d);
+            let i = at % d.len();
+            // Flipping a hop-local flag bit is allowed; every other bit is covered.
+            prop_assume!(!(i == 3 && (1u8 << bit) & HOP_FLAGS != 0));
+            d[i] ^= 1 << bit;
+            prop_assert!(k.open_media(&d).is_err());
+        }
+
+        #[test]
+        fn prop_tampered_control_is_rejected(body in proptest::collection::vec(any::<u8>(), 1..200),
+                                             at in any::<usize>(), bit in 0u8..8) {
+            let k = key(12);
+            let mut s = ControlSealer::new(k.clone(), 3, 77);
+            let mut d = s.seal(&body);
+            let i = at % d.len();
+            d[i] ^= 1 << bit;
+            let mut g = ReplayGuard::new(k);
+            prop_assert!(g.open(&d).is_err());
+            prop_assert_eq!(g.senders(), 0);
+        }
+
+        #[test]
+        fn prop_wrong_key_is_rejected(body in proptest::collection::vec(any::<u8>(), 1..200),
+                                      a in any::<[u8; 32]>(), b in any::<[u8; 32]>()) {
+            prop_assume!(a != b);
+            let (ka, kb) = (OverlayKey::from_bytes(&a).expect("32"), OverlayKey::from_bytes(&b).expect("32"));
+            let mut s = ControlSealer::new(ka.clone(), 1, 1);
+            let sealed = s.seal(&body);
+            prop_assert_eq!(ReplayGuard::new(kb.clone()).open(&sealed), Err(AuthError::BadTag));
+            let mut d = media(&body, 0);
+            ka.seal_media(&mut d);
+            prop_assert_eq!(kb.open_media(&d), Err(AuthError::BadTag));
+        }
+
+        #[test]
+        fn prop_each_counter_is_accepted_once(order in proptest::collection::vec(0usize..64, 1..200)) {
+            // Any arrival order of copies of 64 datagrams: each is accepted exactly once.
+            let k = key(13);
+            let mut s = ControlSealer::new(k.clone(), 5, 1 << 40);
+            let sealed: Vec<Vec<u8>> = (0..64).map(|_| s.seal(b"m")).collect();
+            let mut g = ReplayGuard::new(k);
+            let mut accepted = [0u32; 64];
+            let mut sent = [false; 64];
+            for i in order {
+                sent[i] = true;
+                if g.open(&sealed[i]).is_ok() {
+                    accepted[i] += 1;
+                }
+            }
+            // All 64 fit the window: each one sent is accepted exactly once.
+            for i in 0..64 {
+                prop_assert_eq!(accepted[i], u32::from(sent[i]));
+            }
+        }
+
+        #[test]
+        fn prop_garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let k = key(14);
+            let _ = k.open_media(&b);
+            let _ = ReplayGuard::new(k).open(&b);
+        }
+    }
+}
