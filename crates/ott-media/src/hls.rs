@@ -267,6 +267,11 @@ impl Segmenter {
         !self.done.is_empty()
     }
 
+    /// Complete segments held.
+    pub fn complete_segments(&self) -> usize {
+        self.done.len()
+    }
+
     /// The end of what was received, in seconds on the playlist's timeline (segment 0
     /// starts at 0).
     pub fn live_edge(&self) -> Option<f64> {
@@ -432,13 +437,22 @@ impl Segmenter {
 
     /// The media playlist.
     pub fn playlist(&self) -> String {
+        self.playlist_last(self.config.window)
+    }
+
+    /// The media playlist listing only the last `n` complete segments (at least one):
+    /// a player that starts some segments back from the end (Chromium: three) then
+    /// starts closer to the live edge.
+    pub fn playlist_last(&self, n: usize) -> String {
         let cfg = &self.config;
         let parts = cfg.part_target > 0;
+        let skip = self.done.len().saturating_sub(n.max(1));
+        let done = self.done.iter().skip(skip);
         let mut out = String::with_capacity(256 + 64 * self.done.len());
-        let (first, _) = self.sequence();
+        let first = self.done.get(skip).map_or(self.next_msn, |s| s.msn);
         let dseq = self
             .done
-            .front()
+            .get(skip)
             .or(self.open.as_ref())
             .map_or(self.dseq, |s| s.dseq);
         let _ = write!(
@@ -457,7 +471,7 @@ impl Segmenter {
         }
         // Parts are listed for the segment being made and the last two complete ones.
         let with_parts = self.done.len().saturating_sub(2);
-        for (i, seg) in self.done.iter().enumerate() {
+        for (i, seg) in done.enumerate().map(|(i, s)| (i + skip, s)) {
             if seg.discontinuity {
                 out.push_str("#EXT-X-DISCONTINUITY\n");
             }
@@ -636,6 +650,19 @@ mod tests {
         assert_eq!(tags, want);
         assert_eq!(s.segment_start(4), Some(8.0));
         assert_eq!(s.live_edge(), Some(20.0));
+    }
+
+    #[test]
+    fn test_a_shorter_playlist_lists_the_newest_segments() {
+        let mut s = Segmenter::new(plain());
+        feed(&mut s, 0, 500, 50);
+        let p = s.playlist_last(1);
+        assert_eq!(extinfs(&p), vec![2.0], "{p}");
+        assert_eq!(header(&p, "#EXT-X-MEDIA-SEQUENCE:"), Some(8));
+        assert!(p.contains("\ns8.ts\n"), "{p}");
+        assert_eq!(s.playlist_last(0), p, "at least one segment");
+        assert_eq!(s.playlist_last(100), s.playlist());
+        assert_eq!(s.complete_segments(), 6);
     }
 
     #[test]
