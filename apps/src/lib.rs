@@ -11,6 +11,7 @@ pub mod counters;
 pub mod dataplane;
 pub mod dedup;
 pub mod driver;
+pub mod edge;
 pub mod gop_cache;
 pub mod http;
 pub mod httpd;

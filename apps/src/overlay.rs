@@ -88,6 +88,19 @@ pub fn run_with(
     data_plane: DataPlane,
     tuning: Tuning,
 ) -> anyhow::Result<()> {
+    run_with_edge(a, status, catalogue, data_plane, tuning, None)
+}
+
+/// [`run_with`], and on a PoP with `http`, its HTTP edge on that address
+/// ([`crate::edge`]), started once the node's sockets are bound.
+pub fn run_with_edge(
+    a: Assignment,
+    status: Option<SocketAddr>,
+    catalogue: Vec<StreamInfo>,
+    data_plane: DataPlane,
+    tuning: Tuning,
+    http: Option<SocketAddr>,
+) -> anyhow::Result<()> {
     let shutdown = crate::signals::shutdown_channel();
     let counters = Arc::new(Counters::default());
     let ctrl = bind_udp(a.bind_ctrl).context("control socket")?;
@@ -99,14 +112,21 @@ pub fn run_with(
     let data_thread = data_plane(data, counters.clone(), data_rx).context("data plane thread")?;
     let rx = spawn_receiver(ctrl.try_clone()?, "ctrl-rx", counters.clone())?;
     let (status_tx, status_rx) = crossbeam_channel::bounded(16);
+    let edge = match http {
+        Some(addr) => Some(crate::edge::Edge::start(&a.id, a.bind_ctrl, addr)?.0),
+        None => None,
+    };
     if let Some(addr) = status {
         crate::status::serve(
             addr,
-            Arc::new(LoopStatus {
-                id: a.id.clone(),
-                queries: status_tx.clone(),
-                counters: counters.clone(),
-            }),
+            crate::edge::with_edge(
+                Arc::new(LoopStatus {
+                    id: a.id.clone(),
+                    queries: status_tx.clone(),
+                    counters: counters.clone(),
+                }),
+                edge,
+            ),
         )?;
     }
     let now = Instant::now();

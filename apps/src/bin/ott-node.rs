@@ -21,6 +21,12 @@ struct Args {
     /// Serve GET /status (JSON) and /metrics (Prometheus) on this address.
     #[arg(long)]
     status: Option<SocketAddr>,
+    /// PoPs only: serve browsers and players on this address, e.g. 0.0.0.0:8080:
+    /// / (the streams), /watch/NAME (a page that plays NAME), /hls/NAME/index.m3u8
+    /// (HLS of MPEG-TS/H.264), /mjpeg/NAME, /ts/NAME. The PoP joins a stream when its
+    /// first HTTP viewer comes and leaves it a few seconds after the last one goes.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
     /// Do not ask the parent to resend lost media datagrams (per-hop loss recovery off;
     /// for comparisons). Children's requests are still answered.
     #[arg(long)]
@@ -58,7 +64,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             a.id
         );
     }
-    ott_apps::overlay::run_with(
+    if args.http.is_some() && a.role != Role::Pop {
+        anyhow::bail!(
+            "--http serves viewers, which only a PoP has: node {:?} is a {} in the topology (give --http to a PoP's ott-node, or use ott-client --http)",
+            a.id,
+            a.role
+        );
+    }
+    ott_apps::overlay::run_with_edge(
         a,
         args.status,
         Vec::new(),
@@ -69,5 +82,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             ott_apps::dataplane::spawn_forwarder_with(config, sock, counters, cmds)
         }),
         args.tuning,
+        args.http,
     )
 }
