@@ -62,8 +62,31 @@ const BOUNDARY: &str = "ottframe";
 /// player reloads when it has everything, and an answer with nothing new only makes
 /// it ask again at once (Chromium does).
 const RELOAD_MEMORY: Duration = Duration::from_secs(10);
-/// Addresses remembered per stream for [`RELOAD_MEMORY`].
+/// Players remembered per stream for [`RELOAD_MEMORY`].
 const MAX_SERVED: usize = 256;
+
+/// Who asks for a playlist: the player's own token (`?s=TOKEN` in the playlist URL, as
+/// the `/watch/` page adds), else its address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Player {
+    Token(String),
+    Addr(IpAddr),
+}
+
+impl Player {
+    fn of(req: &Request) -> Self {
+        match Request::form_value(&req.query, "s") {
+            Some(t)
+                if !t.is_empty()
+                    && t.len() <= 32
+                    && t.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+            {
+                Player::Token(t)
+            }
+            _ => Player::Addr(req.peer.ip()),
+        }
+    }
+}
 
 /// The HLS segmenter's settings here: segments cut at keyframes (at least 1 s), parts
 /// of at most 0.5 s, six segments and 16 MiB per stream at most.
@@ -118,7 +141,7 @@ struct FeedState {
     /// HLS requests in progress (waiting ones count as viewers).
     busy: usize,
     /// Who got a playlist lately, and the segment being made then (see [`RELOAD_MEMORY`]).
-    served: VecDeque<(IpAddr, u64, Instant)>,
+    served: VecDeque<(Player, u64, Instant)>,
     ended: bool,
 }
 
@@ -336,16 +359,16 @@ impl Feed {
         &self,
         mut block: Option<(u64, Option<u64>)>,
         window: usize,
-        peer: IpAddr,
+        peer: &Player,
     ) -> Result<String, (u16, String)> {
         let deadline = Instant::now() + HLS_WAIT;
         if block.is_none() {
             // A reload from a player that has everything listed waits for something new.
             let s = self.lock();
             let next = s.hls.as_ref().map(|h| h.sequence().1);
-            if let Some(&(_, seen, at)) = s.served.iter().find(|(ip, _, _)| *ip == peer) {
-                if Some(seen) == next && at.elapsed() < RELOAD_MEMORY {
-                    block = Some((seen, None));
+            if let Some((_, seen, at)) = s.served.iter().find(|(p, _, _)| p == peer) {
+                if Some(*seen) == next && at.elapsed() < RELOAD_MEMORY {
+                    block = Some((*seen, None));
                 }
             }
         }
@@ -357,11 +380,11 @@ impl Feed {
         let mut s = s;
         let next = s.hls.as_ref().map(|h| h.sequence().1);
         if let Some(next) = next {
-            s.served.retain(|(ip, _, _)| *ip != peer);
+            s.served.retain(|(p, _, _)| p != peer);
             if s.served.len() >= MAX_SERVED {
                 s.served.pop_front();
             }
-            s.served.push_back((peer, next, Instant::now()));
+            s.served.push_back((peer.clone(), next, Instant::now()));
         }
         match s.hls.as_ref() {
             Some(h) if h.ready() => Ok(h.playlist_last(window)),
@@ -920,7 +943,7 @@ fn hls_route(source: &dyn Source, req: &Request) -> Reply {
         let q = |k: &str| Request::form_value(&req.query, k).and_then(|v| v.parse::<u64>().ok());
         let block = q("_HLS_msn").map(|msn| (msn, q("_HLS_part")));
         let window = q("window").map_or(HLS.window, |w| (w as usize).clamp(1, HLS.window));
-        return match feed.playlist(block, window, req.peer.ip()) {
+        return match feed.playlist(block, window, &Player::of(req)) {
             Ok(text) => Response::new(200, "application/vnd.apple.mpegurl", text).into(),
             Err((status, why)) => Response::text(status, format!("{why}\n")).into(),
         };
@@ -1146,7 +1169,7 @@ fn watch(source: &dyn Source, name: &str) -> Reply {
             format!("<img id=\"player\" src=\"/mjpeg/{enc}\" alt=\"{esc}\">")
         }
         (Ok(_), MediaKind::Ts) => format!(
-            "<video id=\"player\" src=\"/hls/{enc}/index.m3u8?window=1\" muted autoplay playsinline controls preload=\"auto\"></video>"
+            "<video id=\"player\" data-src=\"/hls/{enc}/index.m3u8?window=1\" muted autoplay playsinline controls preload=\"auto\"></video>"
         ),
     };
     let others: String = source
@@ -1199,6 +1222,9 @@ const firstPicture = () => {
   show('f-first', (ott.firstPictureMs / 1000).toFixed(2) + ' s after opening the page');
 };
 if (player && player.tagName === 'VIDEO') {
+  // A token of this page's player: its playlist reloads wait for something new.
+  const token = Array.from(crypto.getRandomValues(new Uint8Array(8)), b => b.toString(16).padStart(2, '0')).join('');
+  player.src = player.dataset.src + '&s=' + token;
   if (!player.canPlayType('application/vnd.apple.mpegurl')) {
     note.hidden = false;
     note.textContent = 'This browser does not play HLS by itself (Safari, Chrome, Edge and phones do): open the HLS or MPEG-TS link below in VLC or mpv.';
@@ -1340,7 +1366,7 @@ mod tests {
         feed.end();
         let t0 = Instant::now();
         assert_eq!(
-            feed.playlist(None, 6, IpAddr::from([127, 0, 0, 1]))
+            feed.playlist(None, 6, &Player::Addr(IpAddr::from([127, 0, 0, 1])))
                 .map_err(|e| e.0),
             Err(503)
         );
@@ -1348,7 +1374,7 @@ mod tests {
         assert!(t0.elapsed() < HLS_WAIT);
         let m = Feed::new(StreamInfo::new("m", MediaKind::Mjpeg, 0), counter());
         assert_eq!(
-            m.playlist(None, 6, IpAddr::from([127, 0, 0, 1]))
+            m.playlist(None, 6, &Player::Addr(IpAddr::from([127, 0, 0, 1])))
                 .map_err(|e| e.0),
             Err(409)
         );

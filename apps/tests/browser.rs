@@ -581,3 +581,71 @@ fn watch_a_running_edge() {
         }
     }
 }
+
+/// Not a check, a measurement (docs/browsers.md): `cargo test -p ott-apps --test browser
+/// measure -- --ignored --nocapture`. For `OTT_RUNS` runs each (default 5): a browser
+/// opens /watch/testcard when the PoP has not joined the stream ("cold"), and when
+/// another HLS viewer keeps it joined ("warm"); prints the time to the first picture,
+/// the latency the page computes (mean over seconds 8 to 12), and frames shown.
+#[test]
+#[ignore]
+fn measure_first_picture_and_latency() {
+    if !have("chromium") {
+        return;
+    }
+    let runs: usize = std::env::var("OTT_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let e = edge("browser-measure", 74);
+    let profile = work_dir("browser-measure-profile");
+    for warm in [false, true] {
+        for run in 0..runs {
+            wait_for(Duration::from_secs(40), "the PoP left testcard", || {
+                warm || children(&e.c, &e.pop, "testcard").is_empty()
+            })
+            .expect("left");
+            // A warm start: another player has been polling the playlist for a while.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let poller = warm.then(|| {
+                let (stop, http) = (stop.clone(), e.http);
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = get(http, "/hls/testcard/index.m3u8?s=other");
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                })
+            });
+            if warm {
+                std::thread::sleep(Duration::from_secs(8));
+            }
+            let _ = std::fs::remove_dir_all(&profile);
+            std::fs::create_dir_all(&profile).expect("profile dir");
+            let mut b = chromium(&profile, &format!("http://{}/watch/testcard", e.http));
+            let t0 = Instant::now();
+            let mut lat = Vec::new();
+            let mut last = serde_json::Value::Null;
+            while t0.elapsed() < Duration::from_secs(12) {
+                std::thread::sleep(Duration::from_millis(250));
+                last = video_state(&mut b.ws);
+                if t0.elapsed() >= Duration::from_secs(8) {
+                    lat.extend(last["latency"].as_f64());
+                }
+            }
+            let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
+            eprintln!(
+                "measure {} run {run}: first picture {} ms, latency {mean:.2} s, {} frames shown in 12 s, error {}",
+                if warm { "warm" } else { "cold" },
+                last["first"],
+                last["frames"],
+                last["error"]
+            );
+            drop(b);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(p) = poller {
+                let _ = p.join();
+            }
+        }
+    }
+}
