@@ -61,7 +61,11 @@ struct Edge {
 }
 
 fn edge(name: &str, net: u8) -> Edge {
-    let mut c = launch(name, "line.toml", net);
+    edge_with(launch(name, "line.toml", net), name)
+}
+
+/// [`edge`] on a cluster already started.
+fn edge_with(mut c: Cluster, name: &str) -> Edge {
     let pop = c
         .topology
         .pops()
@@ -598,7 +602,42 @@ fn measure_first_picture_and_latency() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let e = edge("browser-measure", 74);
+    // OTT_GOP=N: the testcard re-encoded with a keyframe every N frames (needs ffmpeg).
+    let e = match std::env::var("OTT_GOP")
+        .ok()
+        .and_then(|g| g.parse::<u32>().ok())
+    {
+        Some(gop) => {
+            let videos = work_dir("browser-measure-videos");
+            std::fs::create_dir_all(&videos).expect("videos dir");
+            let ok = Command::new("ffmpeg")
+                .args(["-v", "error", "-y", "-i"])
+                .arg(common::root().join("videos/testcard.ts"))
+                .args(["-c:v", "libx264", "-g", &gop.to_string(), "-bf", "0"])
+                .arg(videos.join("testcard.ts"))
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "ffmpeg re-encodes the testcard");
+            for f in ["countdown.mjpeg", "countdown.fps"] {
+                std::fs::copy(common::root().join("videos").join(f), videos.join(f))
+                    .expect("copy clip");
+            }
+            eprintln!("measure: testcard with a keyframe every {gop} frames");
+            let c = Cluster::start(ott_apps::launcher::LaunchOptions {
+                bin_dir: bin_dir(),
+                topology: common::root().join("topologies/line.toml"),
+                videos,
+                net: 74,
+                work_dir: work_dir("browser-measure"),
+                log_filter: "info".into(),
+            })
+            .expect("cluster starts");
+            c.wait_converged(Duration::from_secs(30))
+                .expect("tree forms");
+            edge_with(c, "browser-measure")
+        }
+        None => edge("browser-measure", 74),
+    };
     let profile = work_dir("browser-measure-profile");
     for warm in [false, true] {
         for run in 0..runs {
