@@ -10,7 +10,7 @@ use ott_overlay::Role;
 /// An OTT overlay relay or Point of Presence. Its role, address and neighbours come from
 /// the bootstrapper.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "ott-node", version)]
 struct Args {
     /// This node's id in the topology.
     #[arg(long)]
