@@ -16,15 +16,15 @@ struct Args {
     #[arg(long)]
     id: String,
     /// Bootstrapper address.
-    #[arg(long, default_value = "127.0.0.1:7070")]
+    #[arg(long, default_value = "127.0.0.1:7070", value_name = "ADDR")]
     bootstrap: SocketAddr,
     /// Serve GET /status (JSON) and /metrics (Prometheus) on this address.
-    #[arg(long)]
+    #[arg(long, value_name = "ADDR")]
     status: Option<SocketAddr>,
     /// PoPs only: serve browsers and players on this address, e.g. 0.0.0.0:8080:
     /// / (the streams), /watch/NAME (a page that plays NAME), /hls/NAME/index.m3u8
     /// (HLS of MPEG-TS/H.264), /mjpeg/NAME, /ts/NAME. The PoP joins a stream when its
-    /// first HTTP viewer comes and leaves it a few seconds after the last one goes.
+    /// first HTTP viewer comes and leaves it 8 s after the last one goes.
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
     /// Do not ask the parent to resend lost media datagrams (per-hop loss recovery off;
@@ -32,7 +32,7 @@ struct Args {
     #[arg(long)]
     no_nack: bool,
     /// How long to wait for the bootstrapper to answer, in seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
     bootstrap_wait: u64,
     #[command(flatten)]
     tuning: ott_apps::overlay::Tuning,
