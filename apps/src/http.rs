@@ -361,6 +361,9 @@ impl Feed {
         window: usize,
         peer: &Player,
     ) -> Result<String, (u16, String)> {
+        if self.info.kind != MediaKind::Ts {
+            return Err((409, not_ts(&self.info)));
+        }
         let deadline = Instant::now() + HLS_WAIT;
         if block.is_none() {
             // A reload from a player that has everything listed waits for something new.
@@ -1373,11 +1376,59 @@ mod tests {
         assert_eq!(feed.segment("s0.ts").map_err(|e| e.0), Err(503));
         assert!(t0.elapsed() < HLS_WAIT);
         let m = Feed::new(StreamInfo::new("m", MediaKind::Mjpeg, 0), counter());
+        let t0 = Instant::now();
         assert_eq!(
             m.playlist(None, 6, &Player::Addr(IpAddr::from([127, 0, 0, 1])))
                 .map_err(|e| e.0),
             Err(409)
         );
+        assert!(t0.elapsed() < HLS_WAIT, "at once");
+    }
+
+    #[test]
+    fn test_a_player_that_has_everything_waits_for_the_next_segment() {
+        let feed = Feed::new(StreamInfo::new("t", MediaKind::Ts, 0), counter());
+        let gop = |feed: &Feed| {
+            for i in 0..50 {
+                feed.frame(&Bytes::from_static(&[0x47; 188]), i == 0);
+            }
+        };
+        gop(&feed);
+        gop(&feed);
+        let a = Player::Token("a".into());
+        let first = feed.playlist(None, 6, &a).expect("a segment");
+        assert!(
+            first.contains("s0.ts") && !first.contains("s1.ts"),
+            "{first}"
+        );
+        // Another player gets it at once; the same one waits for something new.
+        let t0 = Instant::now();
+        let other = feed.playlist(None, 6, &Player::Addr(IpAddr::from([127, 0, 0, 2])));
+        assert_eq!(other.as_deref(), Ok(first.as_str()));
+        assert!(t0.elapsed() < Duration::from_millis(500));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let waiting = feed.clone();
+        let th = std::thread::spawn(move || {
+            let _ = tx.send(waiting.playlist(None, 6, &Player::Token("a".into())));
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "a reload with nothing new waits"
+        );
+        gop(&feed);
+        let next = rx
+            .recv_timeout(HLS_WAIT)
+            .expect("answered once a segment completes")
+            .expect("a playlist");
+        assert!(next.contains("s1.ts"), "{next}");
+        let _ = th.join();
+        // A blocking reload (LL-HLS) names what it waits for.
+        let t0 = Instant::now();
+        assert!(feed.playlist(Some((1, None)), 6, &a).is_ok());
+        assert!(t0.elapsed() < Duration::from_millis(500));
+        assert!(feed
+            .playlist(Some((1, Some(0))), 1, &a)
+            .is_ok_and(|p| !p.contains("s0.ts")));
     }
 
     #[test]
