@@ -382,6 +382,8 @@ pub type Handler = Box<dyn Fn(&Request) -> Reply + Send + Sync>;
 struct Route {
     method: &'static str,
     path: String,
+    /// Matches every path that starts with `path` (tried after the exact routes).
+    prefix: bool,
     handler: Handler,
 }
 
@@ -407,6 +409,23 @@ impl Router {
         self.routes.push(Route {
             method,
             path: path.to_string(),
+            prefix: false,
+            handler: Box::new(handler),
+        });
+        self
+    }
+
+    /// Route `GET` on every path under `prefix` (e.g. `/watch/`), when no exact route
+    /// matches; the handler reads the rest of [`Request::path`].
+    pub fn get_under(
+        mut self,
+        prefix: &str,
+        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        self.routes.push(Route {
+            method: "GET",
+            path: prefix.to_string(),
+            prefix: true,
             handler: Box::new(handler),
         });
         self
@@ -425,18 +444,32 @@ impl Router {
     /// The handler's reply, or a 404 (listing the GET paths) or 405 (with `Allow`).
     pub fn dispatch(&self, req: &Request) -> Reply {
         let mut allowed = Vec::new();
-        for r in self.routes.iter().filter(|r| r.path == req.path) {
+        let exact = self
+            .routes
+            .iter()
+            .filter(|r| !r.prefix && r.path == req.path);
+        let under = self
+            .routes
+            .iter()
+            .filter(|r| r.prefix && req.path.starts_with(&r.path));
+        for r in exact.chain(under) {
             if r.method == req.method {
                 return (r.handler)(req);
             }
             allowed.push(r.method);
         }
         if allowed.is_empty() {
-            let paths: Vec<&str> = self
+            let paths: Vec<String> = self
                 .routes
                 .iter()
                 .filter(|r| r.method == "GET")
-                .map(|r| r.path.as_str())
+                .map(|r| {
+                    if r.prefix {
+                        format!("{}…", r.path)
+                    } else {
+                        r.path.clone()
+                    }
+                })
                 .collect();
             return Response::text(404, format!("not found: try {}\n", paths.join(", "))).into();
         }
@@ -1442,6 +1475,13 @@ mod tests {
         assert_eq!(status(r.dispatch(&q)).0, 404);
         q.path = "/a".into();
         assert_eq!(status(r.dispatch(&q)).0, 200);
+        let r = Router::new()
+            .get("/w/x", |_| Response::text(201, "exact").into())
+            .get_under("/w/", |_| Response::text(200, "under").into());
+        for (path, want) in [("/w/x", 201), ("/w/y/z", 200), ("/w/", 200), ("/w", 404)] {
+            q.path = path.into();
+            assert_eq!(status(r.dispatch(&q)).0, want, "{path}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod counters;
 pub mod dataplane;
 pub mod dedup;
 pub mod driver;
+pub mod edge;
 pub mod gop_cache;
 pub mod http;
 pub mod httpd;
@@ -25,12 +26,14 @@ pub mod source;
 pub mod status;
 pub mod viewer;
 
-/// Install the `tracing` subscriber: `RUST_LOG` if set, else `info`, to standard error.
+/// Install the `tracing` subscriber: `RUST_LOG` if set, else `info`, to standard error,
+/// with colours only when standard error is a terminal (a log file gets plain text).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();

@@ -100,11 +100,21 @@ pub fn run_with(
     data_plane: DataPlane,
     tuning: Tuning,
 ) -> anyhow::Result<()> {
-    run_keyed(a, status, catalogue, data_plane, tuning, Keying::unkeyed())
+    run_keyed(
+        a,
+        status,
+        catalogue,
+        data_plane,
+        tuning,
+        Keying::unkeyed(),
+        None,
+    )
 }
 
-/// [`run_with`] with the overlay key: the control loop seals what it sends to overlay
-/// members and checks what it receives (`keying`, see [`crate::keying`]).
+/// [`run_with`] with the overlay key (the control loop seals what it sends to overlay
+/// members and checks what it receives: `keying`, see [`crate::keying`]) and, on a PoP
+/// with `http`, its HTTP edge on that address ([`crate::edge`]), started once the
+/// node's sockets are bound.
 pub fn run_keyed(
     a: Assignment,
     status: Option<SocketAddr>,
@@ -112,6 +122,7 @@ pub fn run_keyed(
     data_plane: DataPlane,
     tuning: Tuning,
     keying: Keying,
+    http: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let shutdown = crate::signals::shutdown_channel();
     let counters = Arc::new(Counters::default());
@@ -126,14 +137,21 @@ pub fn run_keyed(
     let data_thread = data_plane(data, counters.clone(), data_rx).context("data plane thread")?;
     let rx = spawn_receivers(ctrl.try_clone_all()?, "ctrl-rx", counters.clone())?;
     let (status_tx, status_rx) = crossbeam_channel::bounded(16);
+    let edge = match http {
+        Some(addr) => Some(crate::edge::Edge::start(&a.id, a.bind_ctrl, addr)?.0),
+        None => None,
+    };
     if let Some(addr) = status {
         crate::status::serve(
             addr,
-            Arc::new(LoopStatus {
-                id: a.id.clone(),
-                queries: status_tx.clone(),
-                counters: counters.clone(),
-            }),
+            crate::edge::with_edge(
+                Arc::new(LoopStatus {
+                    id: a.id.clone(),
+                    queries: status_tx.clone(),
+                    counters: counters.clone(),
+                }),
+                edge,
+            ),
         )?;
     }
     let now = Instant::now();

@@ -322,6 +322,85 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Run a viewer inside another program (the PoP's HTTP edge): attach to the one PoP
+/// `pop` (its id and control address) from a socket bound at `bind`, watch `stream` (or
+/// only keep the catalogue, with `None`), and write what arrives into `hub`, until `stop`
+/// fires or its sender is dropped. `status` queries get the same JSON as a client's
+/// `/status`. Nothing is printed; the PoP is left on return.
+pub fn run_embedded(
+    pop: (String, SocketAddr),
+    bind: SocketAddr,
+    stream: Option<String>,
+    hub: Arc<Hub>,
+    stop: &Receiver<()>,
+    status: &Receiver<StatusQuery>,
+) -> anyhow::Result<()> {
+    let sock = crate::net::bind_udp(bind).context("viewer socket")?;
+    let local = sock.local_addr()?;
+    let counters = Arc::new(Counters::default());
+    let rx = spawn_receiver(sock.try_clone()?, "edge-rx", counters.clone())?;
+    let epoch = Instant::now();
+    let config = ClientConfig {
+        seed: crate::overlay::incarnation(),
+        ..ClientConfig::default()
+    };
+    let opts = Options {
+        bootstrap: pop.1,
+        id: None,
+        stream: stream.clone(),
+        list: false,
+        output: None,
+        play: false,
+        http: None,
+        duration: None,
+        status: None,
+        bootstrap_wait: Duration::ZERO,
+        latency: Duration::from_millis(300),
+        nack: true,
+    };
+    let client = Client::new(config, vec![pop], local.port(), epoch, epoch);
+    let mut v = Viewer {
+        client,
+        sock,
+        counters,
+        playout: PlayoutBuffer::new(PlayoutConfig {
+            budget: opts.latency,
+            ..PlayoutConfig::default()
+        }),
+        gaps: GapTracker::new(NackConfig {
+            give_up_after: opts.latency,
+            ..NackConfig::default()
+        }),
+        media_from: None,
+        seen: StreamDedup::default(),
+        last_packet: None,
+        watching: None,
+        sinks: None,
+        rec: Reception::default(),
+        last_frame: None,
+        opts,
+        first_pop: true,
+        hub: Some(hub),
+        waiting_key: true,
+        selected_at: None,
+    };
+    if let Some(name) = &stream {
+        v.client.select_stream(Instant::now(), name);
+    }
+    let (_no_lines, lines) = crossbeam_channel::bounded(1);
+    let result = v.main_loop(&rx, &lines, stop, status, None);
+    v.client.shutdown(Instant::now());
+    v.drain_transmits();
+    // The receiver thread blocks in recv: drop its channel, then wake it so it ends.
+    drop(rx);
+    let mut wake = local;
+    if wake.ip().is_unspecified() {
+        wake.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let _ = v.sock.send_to(&[0], wake);
+    result
+}
+
 fn ask_stream(streams: &[StreamInfo]) -> anyhow::Result<String> {
     eprintln!("Streams:");
     for (i, s) in streams.iter().enumerate() {
@@ -466,6 +545,9 @@ impl Viewer {
                     self.rec.pop_switches += 1;
                 }
                 self.first_pop = false;
+                if let Some(hub) = &self.hub {
+                    hub.set_pop(&new);
+                }
                 self.rec.pop = Some(new);
             }
             ClientEvent::Catalogue(streams) => {

@@ -374,7 +374,17 @@ fn post_switch(addr: SocketAddr, stream: &str, extra: &str) -> String {
 fn a_stream_name_is_escaped_in_the_page() {
     let p = page_server(Limits::default());
     let addr = p.server.0.local_addr();
+    let escaped = "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;";
+    let encoded = http::path_encode(EVIL);
+    // The list: the name as HTML text, and percent-encoded in the link.
     let a = get(addr, "/");
+    assert_eq!(status_line(&a), "HTTP/1.1 200 OK", "{a}");
+    assert!(!a.contains("alert(1)</script>"), "{a}");
+    assert!(!a.contains("<script>"), "no script on the list: {a}");
+    assert!(a.contains(&format!(">{escaped}</a>")), "{a}");
+    assert!(a.contains(&format!("href=\"/watch/{encoded}\"")), "{a}");
+    // The page that plays it: in the title, in attributes, and in the script.
+    let a = get(addr, &format!("/watch/{encoded}"));
     assert_eq!(status_line(&a), "HTTP/1.1 200 OK", "{a}");
     assert!(!a.contains("alert(1)</script>"), "{a}");
     assert_eq!(a.matches("<script>").count(), 1, "only the page's own: {a}");
@@ -383,29 +393,27 @@ fn a_stream_name_is_escaped_in_the_page() {
         1,
         "only the page's own: {a}"
     );
-    // In HTML text and attributes.
-    assert!(
-        a.contains("<title>ott: &lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;</title>"),
-        "{a}"
-    );
-    assert!(
-        a.contains("value=\"&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;\""),
-        "{a}"
-    );
+    assert!(a.contains(&format!("<title>ott: {escaped}</title>")), "{a}");
+    assert!(a.contains(&format!("alt=\"{escaped}\"")), "{a}");
+    assert!(a.contains(&format!("src=\"/mjpeg/{encoded}\"")), "{a}");
     // In the script, as JSON the browser reads back to the same name.
-    let shown = a
-        .split("const shown = ")
+    let cfg = a
+        .split("const cfg = ")
         .nth(1)
         .and_then(|r| r.split(";\n").next())
         .expect("the page's script holds the name");
-    assert_eq!(
-        shown,
-        "\"\\u003c/script\\u003e\\u003cscript\\u003ealert(1)\\u003c/script\\u003e\""
-    );
-    let back: String = serde_json::from_str(shown).expect("valid JSON");
-    assert_eq!(back, EVIL);
+    assert!(!cfg.contains('<') && !cfg.contains('>'), "{cfg}");
+    let back: serde_json::Value = serde_json::from_str(cfg).expect("valid JSON");
+    assert_eq!(back["name"], EVIL);
     assert!(a.contains("Content-Security-Policy: frame-ancestors 'none'\r\n"));
     assert!(a.contains("X-Content-Type-Options: nosniff\r\n"));
+    // Another stream's page on the client offers a switch, with the name escaped.
+    let a = get(addr, "/watch/countdown");
+    assert!(
+        a.contains("<input type=\"hidden\" name=\"stream\" value=\"countdown\">"),
+        "{a}"
+    );
+    assert!(a.contains(&format!("instead of {escaped}")), "{a}");
     // The JSON list is JSON (the name escaped by the encoder), never HTML.
     let list = get(addr, "/streams");
     assert!(

@@ -504,7 +504,7 @@ fn http_output_plays_in_headless_chromium_and_ffprobe_reads_the_ts_url() {
             "--window-size=800,600",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("http://{http}/"))
+        .arg(format!("http://{http}/watch/countdown"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -652,10 +652,12 @@ fn http_output_plays_in_headless_chromium_and_ffprobe_reads_the_ts_url() {
         "ffprobe on the TS URL: {text} {}",
         String::from_utf8_lossy(&probe.stderr)
     );
-    // The page now offers the TS URL instead of an <img>.
-    let page = http_get(http, "/").expect("page");
+    // Its page now plays it in a <video> over HLS instead of an <img>.
+    let page = http_get(http, "/watch/testcard").expect("page");
     assert!(
-        page.contains("/stream.ts") && !page.contains("<img"),
+        page.contains("<video")
+            && page.contains("/hls/testcard/index.m3u8")
+            && !page.contains("<img"),
         "{page}"
     );
 }

@@ -10,17 +10,23 @@ use ott_overlay::Role;
 /// An OTT overlay relay or Point of Presence. Its role, address and neighbours come from
 /// the bootstrapper.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "ott-node", version)]
 struct Args {
     /// This node's id in the topology.
     #[arg(long)]
     id: String,
     /// Bootstrapper address.
-    #[arg(long, default_value = "127.0.0.1:7070")]
+    #[arg(long, default_value = "127.0.0.1:7070", value_name = "ADDR")]
     bootstrap: SocketAddr,
     /// Serve GET /status (JSON) and /metrics (Prometheus) on this address.
-    #[arg(long)]
+    #[arg(long, value_name = "ADDR")]
     status: Option<SocketAddr>,
+    /// PoPs only: serve browsers and players on this address, e.g. 0.0.0.0:8080:
+    /// / (the streams), /watch/NAME (a page that plays NAME), /hls/NAME/index.m3u8
+    /// (HLS of MPEG-TS/H.264), /mjpeg/NAME, /ts/NAME. The PoP joins a stream when its
+    /// first HTTP viewer comes and leaves it 8 s after the last one goes.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
     /// Do not ask the parent to resend lost media datagrams (per-hop loss recovery off;
     /// for comparisons). Children's requests are still answered.
     #[arg(long)]
@@ -32,7 +38,7 @@ struct Args {
     key_file: Option<std::path::PathBuf>,
     /// How long to keep asking the bootstrapper while it is not up yet or busy, in
     /// seconds (an unknown id fails at once).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
     bootstrap_wait: u64,
     #[command(flatten)]
     tuning: ott_apps::overlay::Tuning,
@@ -68,6 +74,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             a.id
         );
     }
+    if args.http.is_some() && a.role != Role::Pop {
+        anyhow::bail!(
+            "--http serves viewers, which only a PoP has: node {:?} is a {} in the topology (give --http to a PoP's ott-node, or use ott-client --http)",
+            a.id,
+            a.role
+        );
+    }
     ott_apps::overlay::run_keyed(
         a,
         args.status,
@@ -87,5 +100,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         }),
         args.tuning,
         keying,
+        args.http,
     )
 }

@@ -112,5 +112,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         }),
         args.tuning,
         keying,
+        None,
     )
 }

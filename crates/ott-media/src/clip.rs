@@ -94,10 +94,21 @@ impl Clip {
         let clip = match kind {
             MediaKind::Mjpeg => {
                 let fps = read_sidecar(&path.with_extension("fps"))?;
-                Self::from_mjpeg(name, fps, Bytes::from(data)).map_err(framing)?
+                let data = Bytes::from(data);
+                match Self::from_mjpeg(name.clone(), fps, data.clone()) {
+                    // A file cut short (a copy or a recording that stopped): keep the
+                    // whole frames before the cut.
+                    Err(e @ FramingError::Truncated { start, .. }) if start > 0 => {
+                        tracing::warn!(clip = %path.display(), error = %e,
+                            "dropping the truncated last frame of the clip");
+                        Self::from_mjpeg(name, fps, data.slice(..start)).map_err(framing)?
+                    }
+                    r => r.map_err(framing)?,
+                }
             }
             MediaKind::Ts => Self::from_ts(name, &data).map_err(framing)?,
         };
+
         if clip.frames.is_empty() {
             return Err(ClipError::NoFrames {
                 path: path.to_owned(),
@@ -168,6 +179,11 @@ impl Clip {
         let cc_shift = cc_shifts(&units);
         let fps = n as f64 * CLOCK_RATE as f64 / loop_90k as f64;
         let st = framer.stats();
+        let name = name.into();
+        if st.resync_bytes > 0 {
+            tracing::warn!(clip = %name, skipped_bytes = st.resync_bytes,
+                "transport stream lost sync (bytes skipped to find the next 0x47): it may show glitches");
+        }
         tracing::debug!(
             units = n,
             keyframes = st.keyframes,
@@ -177,7 +193,7 @@ impl Clip {
             "framed transport stream"
         );
         Ok(Self {
-            name: name.into(),
+            name,
             kind: MediaKind::Ts,
             fps,
             ts: Some(TsTiming {
@@ -344,8 +360,9 @@ fn read_sidecar(path: &Path) -> Result<f64, ClipError> {
 ///
 /// Clips are the `.mjpeg` and `.ts` files; every other file (sidecars `.fps`, `README.md`,
 /// anything else) is ignored. A missing directory, a file instead of a directory, or a directory with no
-/// clip is an error naming the path; a bad clip is an error naming the clip; two clips
-/// with the same stem are an error naming both.
+/// clip that loads is an error naming the path. A bad clip (empty, garbled, a bad `.fps`
+/// sidecar, a stream name taken by another clip) is skipped with a warning naming it and
+/// why, and the others are served; a truncated last JPEG is dropped, not the file.
 pub fn load_dir(dir: &Path) -> Result<Vec<Clip>, ClipError> {
     let read_err = |source| ClipError::Read {
         path: dir.to_owned(),
@@ -372,21 +389,24 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Clip>, ClipError> {
     let mut clips: Vec<(PathBuf, Clip)> = Vec::new();
     let mut skipped = 0;
     for path in paths {
+        // One bad clip must not stop the others from being served.
         let clip = match Clip::load(&path) {
             Ok(c) => c,
-            Err(e @ ClipError::Unsupported { .. }) => {
-                tracing::warn!(error = %e, "skipping clip");
+            Err(e) => {
+                tracing::warn!("skipping clip: {e}");
                 skipped += 1;
                 continue;
             }
-            Err(e) => return Err(e),
         };
         if let Some((first, _)) = clips.iter().find(|(_, c)| c.name == clip.name) {
-            return Err(ClipError::DuplicateName {
+            let e = ClipError::DuplicateName {
                 name: clip.name,
                 first: first.clone(),
                 second: path,
-            });
+            };
+            tracing::warn!("skipping clip: {e}");
+            skipped += 1;
+            continue;
         }
         clips.push((path, clip));
     }
@@ -670,20 +690,31 @@ mod tests {
         fs::write(d.join("README.md"), b"# clips").expect("write");
         let e = load_dir(&d).unwrap_err();
         assert!(matches!(e, ClipError::NoClips { skipped: 0, .. }), "{e}");
+        // Bad clips alone: none to serve, and the error says how many were skipped.
         fs::write(d.join("a.ts"), [0x47u8; 188]).expect("write");
+        fs::write(d.join("e.mjpeg"), b"").expect("write");
         let e = load_dir(&d).unwrap_err();
-        assert!(e.to_string().contains("a.ts"), "{e}");
-        fs::remove_file(d.join("a.ts")).expect("remove");
+        assert!(matches!(e, ClipError::NoClips { skipped: 2, .. }), "{e}");
 
+        // A good clip is served whatever the others are: garbled TS, empty file,
+        // garbage, a bad sidecar, a name taken twice.
         fs::write(d.join("b.mjpeg"), tiny_jpeg(1)).expect("write");
         fs::write(d.join("c.mjpeg"), b"\xff\xd8\xff").expect("write");
-        let e = load_dir(&d).unwrap_err();
-        assert!(e.to_string().contains("c.mjpeg"), "{e}");
-
-        fs::remove_file(d.join("c.mjpeg")).expect("remove");
+        fs::write(d.join("f.mjpeg"), tiny_jpeg(2)).expect("write");
+        fs::write(d.join("f.fps"), "fast").expect("write");
+        fs::write(d.join("b.MJPEG"), tiny_jpeg(3)).expect("write");
         let clips = load_dir(&d).expect("loads");
-        assert_eq!(clips.len(), 1);
-        assert_eq!(clips[0].name, "b");
+        let names: Vec<&str> = clips.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["b"]);
+
+        // A truncated last frame is dropped, not the file.
+        let mut cut = [tiny_jpeg(4), tiny_jpeg(5)].concat();
+        cut.truncate(cut.len() - 3);
+        fs::write(d.join("g.mjpeg"), &cut).expect("write");
+        let clips = load_dir(&d).expect("loads");
+        let g = clips.iter().find(|c| c.name == "g").expect("g is served");
+        assert_eq!(g.frames.len(), 1);
+        assert_eq!(&g.frames[0][..], &tiny_jpeg(4)[..]);
     }
 
     #[test]

@@ -132,7 +132,7 @@ pub enum ClipError {
     NoClips {
         /// The directory.
         path: PathBuf,
-        /// Clips skipped because their format is not supported yet.
+        /// Clips skipped because they could not be loaded (each one warned about).
         skipped: usize,
     },
     /// Two clips of a directory give the same stream name.
@@ -151,6 +151,6 @@ fn skipped_note(skipped: usize) -> String {
     if skipped == 0 {
         String::new()
     } else {
-        format!(" ({skipped} unsupported clips skipped)")
+        format!(" that loads ({skipped} bad or unsupported clips skipped: see the warnings above)")
     }
 }

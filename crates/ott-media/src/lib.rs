@@ -14,7 +14,8 @@
 //!   bounded memory, counting what it drops;
 //! - [`Pacer`]: when each frame is due and its 90 kHz timestamp, without drift;
 //! - [`arq`]: per-hop loss recovery (a bounded retransmission buffer, a NACK scheduler);
-//! - [`PlayoutBuffer`]: frames released in order within a latency budget.
+//! - [`PlayoutBuffer`]: frames released in order within a latency budget;
+//! - [`hls`]: HTTP Live Streaming of TS units (playlist and segments, with LL-HLS parts).
 //!
 //! Except [`Clip::load`] and [`load_dir`], which read files, this crate is sans-IO: it
 //! opens no socket, spawns no thread and never reads the clock (time is a parameter).
@@ -47,6 +48,7 @@
 pub mod arq;
 mod clip;
 mod error;
+pub mod hls;
 pub mod mjpeg;
 mod pacer;
 mod packet;
