@@ -143,17 +143,27 @@ fn seed_delay_raised_on_the_active_path_moves_the_tree() {
         "topologies/seed.toml",
         "topologies/scenarios/seed-delay.toml",
     );
-    let start = r.initial_parents.get("n7").cloned().flatten();
-    assert!(
-        matches!(start.as_deref(), Some("n8" | "n9")),
-        "n7 starts on a fast uplink: {start:?}"
-    );
-    // After the delay rose (t = 4 s), n7 moved to n10.
-    let moved = r
-        .parent_changes
-        .iter()
-        .any(|c| c.node == "n7" && c.t_ms >= 4000 && c.to.as_deref() == Some("n10"));
-    assert!(moved, "n7 did not move to n10: {:?}", r.parent_changes);
+    // n7's parent at `t_ms`: its parent when the tree had formed, then its changes.
+    let parent_at = |t_ms: u64| {
+        r.parent_changes
+            .iter()
+            .filter(|c| c.node == "n7" && c.t_ms <= t_ms)
+            .fold(r.initial_parents.get("n7").cloned().flatten(), |_, c| {
+                c.to.clone()
+            })
+    };
+    // Before the delay rose (t = 4 s), n7 may sit on any uplink: n8 or n9 when RTTs are
+    // measured cleanly, n10 when a loaded machine's scheduling noise made the fast
+    // uplinks look slower at start. Within 2 s of both fast uplinks going to 40 ms it
+    // must be on n10, and stay there.
+    for t in [6_000, 9_000, 13_000] {
+        assert_eq!(
+            parent_at(t).as_deref(),
+            Some("n10"),
+            "n7's parent at {t} ms: {:?}",
+            r.parent_changes
+        );
+    }
     for id in ["n16", "n18"] {
         let c = client(&r, id);
         assert!(c.frames_received >= enough(&r), "{id}: {c:?}");
