@@ -16,6 +16,7 @@
 mod control;
 mod error;
 mod media;
+pub mod report;
 mod untrusted;
 
 pub use control::{
