@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod counters;
+pub mod dashboard;
 pub mod dataplane;
 pub mod dedup;
 pub mod driver;
@@ -18,6 +19,7 @@ pub mod launcher;
 pub mod live;
 pub mod net;
 pub mod overlay;
+pub mod report;
 pub mod signals;
 pub mod source;
 pub mod status;

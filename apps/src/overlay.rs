@@ -48,6 +48,9 @@ pub struct Tuning {
     /// Failover takes about this long; raise it on lossy or slow links.
     #[arg(long, default_value_t = 400, value_name = "MS")]
     pub dead_after_ms: u64,
+    /// State reports to the bootstrapper's dashboard.
+    #[command(flatten)]
+    pub report: crate::report::ReportArgs,
 }
 
 impl Default for Tuning {
@@ -56,6 +59,7 @@ impl Default for Tuning {
         Self {
             heartbeat_ms: l.heartbeat_interval.as_millis() as u64,
             dead_after_ms: l.dead_after.as_millis() as u64,
+            report: crate::report::ReportArgs::default(),
         }
     }
 }
@@ -109,6 +113,7 @@ pub fn run_with(
             }),
         )?;
     }
+    crate::report::start(&a.id, a.bind_ctrl.ip(), tuning.report, status_tx.clone());
     let now = Instant::now();
     let mut config = NodeConfig::new(a.id.clone(), a.role, data_port);
     config.incarnation = incarnation();

@@ -23,6 +23,11 @@ struct Args {
     /// Address plan: `loopback` (127.x.y.z per node) or `links` (10.0.<link>.1/.2).
     #[arg(long, default_value = "loopback")]
     addresses: AddressPlan,
+    /// Serve the live dashboard on this address: `/` (the overlay and its trees),
+    /// `/api/tree` (JSON), `/metrics`. Nodes' state reports are then received over UDP
+    /// on the --listen address.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +55,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             stop2.store(true, Ordering::SeqCst);
         }
     });
+    if let Some(http) = args.http {
+        let udp = std::net::UdpSocket::bind(args.listen)
+            .with_context(|| format!("cannot receive state reports on UDP {}", args.listen))?;
+        let table = ott_apps::dashboard::Table::new(&topology, args.addresses, Default::default());
+        ott_apps::dashboard::serve(http, udp, table, None)?;
+    }
     let service = Arc::new(ott_bootstrap::Service::new(topology, args.addresses));
     service.serve(listener, stop)?;
     tracing::info!("bootstrapper stopped");

@@ -59,6 +59,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             a.id
         );
     }
+    let tuning = ott_apps::overlay::Tuning {
+        report: args.tuning.report.or_bootstrapper(args.bootstrap),
+        ..args.tuning
+    };
     ott_apps::overlay::run_with(
         a,
         args.status,
@@ -69,6 +73,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             };
             ott_apps::dataplane::spawn_forwarder_with(config, sock, counters, cmds)
         }),
-        args.tuning,
+        tuning,
     )
 }

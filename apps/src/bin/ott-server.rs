@@ -94,6 +94,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             a.role
         );
     }
+    let tuning = ott_apps::overlay::Tuning {
+        report: args.tuning.report.or_bootstrapper(args.bootstrap),
+        ..args.tuning
+    };
     ott_apps::overlay::run_with(
         a,
         args.status,
@@ -101,6 +105,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         Box::new(move |sock, counters, cmds| {
             ott_apps::source::spawn_source(inputs, live_rx, sock, counters, cmds)
         }),
-        args.tuning,
+        tuning,
     )
 }
