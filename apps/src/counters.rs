@@ -111,7 +111,7 @@ impl CounterSnapshot {
                 self.duplicates,
             ),
         ];
-        let id = id.replace('\\', "\\\\").replace('"', "\\\"");
+        let id = crate::status::label_value(id);
         let mut out = String::new();
         for (name, help, v) in rows {
             out.push_str(&format!(

@@ -178,6 +178,10 @@ impl NodeLoop {
                 "counters".into(),
                 serde_json::to_value(self.counters.snapshot()).unwrap_or_default(),
             );
+            obj.insert(
+                "tree".into(),
+                serde_json::to_value(self.node.stats()).unwrap_or_default(),
+            );
             // Attach per-stream media traffic to each stream entry.
             if let Some(streams) = obj.get_mut("streams").and_then(|s| s.as_object_mut()) {
                 for entry in streams.values_mut() {

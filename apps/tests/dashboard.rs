@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ott_apps::launcher::{http_get, wait_for, Cluster};
+use ott_apps::status::parse_exposition;
 use serde_json::Value;
 
 /// `/api/tree`, parsed.
@@ -56,10 +57,20 @@ fn api_tree_shows_every_parent_and_a_killed_relay_dead_within_3_s() {
     let mut c = launch("dashboard-tree", "seed.toml", 76);
     let out = out_file("dashboard-viewer");
     let out_s = out.display().to_string();
+    let viewer_status = "127.76.254.10:7080";
     c.spawn_client(
         "viewer",
         None,
-        &["--stream", "bars", "--duration", "30", "--output", &out_s],
+        &[
+            "--stream",
+            "bars",
+            "--duration",
+            "30",
+            "--output",
+            &out_s,
+            "--status",
+            viewer_status,
+        ],
     )
     .expect("client starts");
     let ids = overlay_ids(&c);
@@ -104,6 +115,46 @@ fn api_tree_shows_every_parent_and_a_killed_relay_dead_within_3_s() {
         },
     )
     .expect("viewer shown");
+
+    // Every program's /metrics parses, and has the per-stream, per-neighbour and
+    // per-viewer series.
+    let mut viewers_seen = 0.0;
+    for id in &ids {
+        let addr = c.status_addr(id).expect("status address");
+        let text = http_get(addr, "/metrics").expect("node metrics");
+        let samples = parse_exposition(&text).unwrap_or_else(|e| panic!("{id}: {e}\n{text}"));
+        let has = |name: &str| samples.iter().any(|s| s.name == name);
+        assert!(
+            has("ott_neighbour_rtt_seconds") && has("ott_stream_receiving"),
+            "{id}: {text}"
+        );
+        assert!(
+            has("ott_parent_changes_total") && has("ott_packets_in_total"),
+            "{id}: {text}"
+        );
+        viewers_seen += samples
+            .iter()
+            .filter(|s| s.name == "ott_stream_viewers")
+            .map(|s| s.value)
+            .sum::<f64>();
+    }
+    assert!(viewers_seen >= 1.0, "a PoP counts the viewer");
+    let addr = viewer_status.parse().expect("address");
+    wait_for(
+        Duration::from_secs(5),
+        "the viewer's metrics count frames",
+        || {
+            http_get(addr, "/metrics").is_ok_and(|text| {
+                let samples =
+                    parse_exposition(&text).unwrap_or_else(|e| panic!("viewer: {e}\n{text}"));
+                samples
+                    .iter()
+                    .any(|s| s.name == "ott_viewer_frames_total" && s.value > 0.0)
+                    && samples.iter().any(|s| s.name == "ott_viewer_watching")
+            })
+        },
+    )
+    .expect("viewer metrics");
 
     // Kill the relay a PoP with another way out takes its tree from.
     let t = tree(&c).expect("tree");
