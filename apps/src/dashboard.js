@@ -90,11 +90,12 @@ function draw(tree) {
     }
   }
 
-  // Parent arrows: each live node to its parent, per server, offset so they do not hide
-  // the link or each other.
+  // Parent arrows: each live relay or PoP to its parent, per server, offset so they do
+  // not hide the link or each other.
   const arrows = clear('arrows');
   for (const n of nodes) {
-    if (!n.alive) continue;
+    // A server's route to another server distributes nothing.
+    if (!n.alive || n.role === 'server') continue;
     n.routes.forEach(r => {
       const p = r.parent === null ? undefined : byId.get(r.parent);
       if (!p) return;

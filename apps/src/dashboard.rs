@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use ott_overlay::{AddressPlan, Role, Topology};
 use ott_proto::report::{decode_report, NeighbourReport, StateReport};
 use ott_proto::untrusted;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::httpd::{self, HttpStats, Limits, Response, Router};
 
@@ -115,7 +115,7 @@ impl From<ott_proto::report::ReportError> for Rejected {
 }
 
 /// Counters of a [`Table`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableStats {
     /// Reports taken.
     pub accepted: u64,
@@ -158,7 +158,7 @@ pub struct Table {
 }
 
 /// `/api/tree`: the overlay and its trees at one moment.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tree {
     /// The topology's name.
     pub topology: String,
@@ -174,7 +174,7 @@ pub struct Tree {
 
 /// One node in a [`Tree`]. A dead node (or one never heard from) has no parent,
 /// latency, hops, streams or viewers.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TreeNode {
     /// Its id.
     pub id: String,
@@ -210,7 +210,7 @@ pub struct TreeNode {
 }
 
 /// A stream at a node, in a [`TreeNode`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TreeStream {
     /// Its name.
     pub name: String,
@@ -223,7 +223,7 @@ pub struct TreeStream {
 }
 
 /// A route in a [`TreeNode`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TreeRoute {
     /// The server.
     pub server: String,
@@ -236,7 +236,7 @@ pub struct TreeRoute {
 }
 
 /// A neighbour in a [`TreeNode`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TreeNeighbour {
     /// Its id.
     pub id: String,
@@ -247,7 +247,7 @@ pub struct TreeNeighbour {
 }
 
 /// An overlay neighbour pair in a [`Tree`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TreeLink {
     /// One end (the first in topology order).
     pub a: String,
@@ -264,7 +264,7 @@ pub struct TreeLink {
 }
 
 /// A server's tree edge over a [`TreeLink`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkTree {
     /// The server.
     pub server: String,
@@ -275,7 +275,7 @@ pub struct LinkTree {
 }
 
 /// A stream flowing over a [`TreeLink`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkStream {
     /// Its name.
     pub name: String,
@@ -549,9 +549,18 @@ impl Table {
             .then(|| rtts.iter().sum::<u64>() as f64 / rtts.len() as f64 / 2000.0);
         let mut trees = Vec::new();
         let mut streams = Vec::new();
-        for (child, parent, r) in [(ida, idb, ra), (idb, ida, rb)] {
+        for (child, parent, r, role) in [
+            (ida, idb, ra, self.slots[a].role),
+            (idb, ida, rb, self.slots[b].role),
+        ] {
             let Some(r) = r else { continue };
-            for rt in &r.routes {
+            // A server's route to another server distributes nothing: not a tree edge.
+            let routes = if role == Role::Server {
+                &[][..]
+            } else {
+                &r.routes[..]
+            };
+            for rt in routes {
                 if rt.parent.as_deref() == Some(parent.as_str()) {
                     trees.push(LinkTree {
                         server: rt.server.clone(),
@@ -820,54 +829,102 @@ pub fn metrics(s: &TableStats, nodes: usize, alive: usize) -> String {
     out
 }
 
-/// The servers' trees as indented text, one tree per server (a node under its parent
-/// for that server), then the nodes in none: for logs and tests.
+/// The servers' trees as indented text, one tree per server (each node under its
+/// parent towards that server, with that route's latency and hops, the streams it takes
+/// from that parent, and its viewers), then the nodes in no tree: for terminals,
+/// reports and tests.
 pub fn render_text(tree: &Tree) -> String {
-    let mut children: BTreeMap<(&str, &str), Vec<&TreeNode>> = BTreeMap::new();
-    let mut placed = BTreeSet::new();
-    for n in tree.nodes.iter().filter(|n| n.alive) {
+    let mut children: BTreeMap<(&str, &str), Vec<(&TreeNode, &TreeRoute)>> = BTreeMap::new();
+    // Servers' routes to other servers are left out: they distribute nothing.
+    for n in tree.nodes.iter().filter(|n| n.alive && n.role != "server") {
         for r in &n.routes {
             if let Some(p) = &r.parent {
-                children.entry((&r.server, p)).or_default().push(n);
+                children.entry((&r.server, p)).or_default().push((n, r));
             }
         }
     }
     let mut out = String::new();
-    fn walk<'a>(
-        out: &mut String,
-        server: &str,
-        n: &'a TreeNode,
-        depth: usize,
-        children: &BTreeMap<(&str, &str), Vec<&'a TreeNode>>,
-        placed: &mut BTreeSet<&'a str>,
-    ) {
-        placed.insert(&n.id);
-        let state = if n.alive { "" } else { " DEAD" };
-        out.push_str(&format!(
-            "{}{} ({}){state}\n",
-            "  ".repeat(depth),
-            n.id,
-            n.role
-        ));
-        if depth > 64 {
-            return;
+    let mut placed = BTreeSet::new();
+    let mut stack: Vec<(&str, &TreeNode, Option<&TreeRoute>, usize)> = tree
+        .nodes
+        .iter()
+        .filter(|n| n.role == "server")
+        .rev()
+        .map(|s| (s.id.as_str(), s, None, 0))
+        .collect();
+    while let Some((server, n, route, depth)) = stack.pop() {
+        placed.insert(n.id.as_str());
+        out.push_str(&"  ".repeat(depth));
+        out.push_str(&describe(n, route));
+        out.push('\n');
+        // A report may name a parent that is its own descendant for a moment: never
+        // walk deeper than there are nodes.
+        if depth > tree.nodes.len() {
+            continue;
         }
-        for c in children.get(&(server, n.id.as_str())).into_iter().flatten() {
-            walk(out, server, c, depth + 1, children, placed);
+        for (c, r) in children
+            .get(&(server, n.id.as_str()))
+            .into_iter()
+            .flatten()
+            .rev()
+        {
+            stack.push((server, c, Some(r), depth + 1));
         }
     }
-    for s in tree.nodes.iter().filter(|n| n.role == "server") {
-        walk(&mut out, &s.id, s, 0, &children, &mut placed);
-    }
-    for n in tree
+    let rest: Vec<&TreeNode> = tree
         .nodes
         .iter()
         .filter(|n| !placed.contains(n.id.as_str()))
-    {
-        let state = if n.alive { "no route" } else { "DEAD" };
-        out.push_str(&format!("{} ({}) {state}\n", n.id, n.role));
+        .collect();
+    if !rest.is_empty() {
+        out.push_str("in no tree:\n");
+        for n in rest {
+            out.push_str(&describe(n, None));
+            out.push('\n');
+        }
     }
     out
+}
+
+fn describe(n: &TreeNode, route: Option<&TreeRoute>) -> String {
+    let mut line = format!("{} ({})", n.id, n.role);
+    if !n.alive {
+        line.push_str(if n.last_report_ms.is_some() {
+            " DEAD"
+        } else {
+            " never heard from"
+        });
+        return line;
+    }
+    match route {
+        Some(r) => {
+            if let (Some(l), Some(h)) = (r.latency_ms, r.hops) {
+                line.push_str(&format!(
+                    " {l:.2} ms, {h} hop{}",
+                    if h == 1 { "" } else { "s" }
+                ));
+            }
+            let taken: Vec<&str> = n
+                .streams
+                .iter()
+                .filter(|s| s.upstream.is_some() && s.upstream == r.parent)
+                .map(|s| s.name.as_str())
+                .collect();
+            if !taken.is_empty() {
+                line.push_str(&format!(" [{}]", taken.join(", ")));
+            }
+        }
+        None if n.role != "server" => line.push_str(" no route"),
+        None => {}
+    }
+    if n.role == "pop" {
+        line.push_str(&format!(
+            " {} viewer{}",
+            n.viewers,
+            if n.viewers == 1 { "" } else { "s" }
+        ));
+    }
+    line
 }
 
 #[cfg(test)]
@@ -1031,7 +1088,7 @@ ends = ["p1", "c1"]
         assert!(idle.streams.is_empty() && idle.trees.is_empty());
         assert_eq!(
             render_text(&tree),
-            "s1 (server)\n  r1 (relay)\n    p1 (pop)\n  r2 (relay)\n"
+            "s1 (server)\n  r1 (relay) 1.00 ms, 1 hop [news]\n    p1 (pop) 2.00 ms, 2 hops [news] 2 viewers\n  r2 (relay) 1.00 ms, 1 hop [news]\n"
         );
     }
 
@@ -1069,6 +1126,7 @@ ends = ["p1", "c1"]
             .expect("link");
         assert!(!r1p1.alive && r1p1.streams.is_empty());
         assert_eq!(t.alive_count(t0 + Duration::from_millis(1500)), (4, 3));
+        assert!(render_text(&tree).ends_with("in no tree:\nr1 (relay) DEAD\n"));
     }
 
     #[test]
