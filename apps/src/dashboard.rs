@@ -306,9 +306,10 @@ impl Table {
         let mut pairs = BTreeSet::new();
         let mut adjacency = vec![Vec::new(); overlay.len()];
         for (i, n) in overlay.iter().enumerate() {
+            // The address it is known by (its override if it has one), and in the links
+            // plan every link address, since it may send from any of them.
             let mut ips: BTreeSet<IpAddr> = BTreeSet::new();
             ips.extend(topology.node_ip(&n.id, plan).map(IpAddr::V4));
-            ips.extend(n.address.map(IpAddr::V4));
             if plan == AddressPlan::Links {
                 ips.extend(
                     topology

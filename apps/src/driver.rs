@@ -179,7 +179,7 @@ impl NodeLoop {
                 serde_json::to_value(self.counters.snapshot()).unwrap_or_default(),
             );
             obj.insert(
-                "tree".into(),
+                "tree_stats".into(),
                 serde_json::to_value(self.node.stats()).unwrap_or_default(),
             );
             // Attach per-stream media traffic to each stream entry.

@@ -313,7 +313,7 @@ fn node_metrics(st: &serde_json::Value) -> String {
     }
     let mut total_viewers = Family::gauge("ott_node_viewers", "Viewers attached to the node");
     total_viewers.add(&n, node_viewers.len() as f64);
-    // Drops by reason: the program's counters, then the tree's own (`tree`, if given).
+    // Drops by reason: the program's counters, then the tree's own (`tree_stats`).
     let mut drops = Family::counter(
         "ott_drops_total",
         "Datagrams or messages dropped, by reason",
@@ -334,7 +334,16 @@ fn node_metrics(st: &serde_json::Value) -> String {
         ("unknown_sender", "unknown_sender"),
         ("ignored", "ignored"),
     ] {
-        if let Some(v) = num(&st["tree"][key]) {
+        if let Some(v) = num(&st["tree_stats"][key]) {
+            drops.add(&[("node", node), ("reason", reason)], v);
+        }
+    }
+    // The neighbour table's refusals, where the program reports them (`liveness`).
+    for (key, reason) in [
+        ("unknown_sender", "unknown_neighbour"),
+        ("refused_incarnation", "refused_incarnation"),
+    ] {
+        if let Some(v) = num(&st["liveness"][key]) {
             drops.add(&[("node", node), ("reason", reason)], v);
         }
     }
@@ -342,7 +351,7 @@ fn node_metrics(st: &serde_json::Value) -> String {
         "ott_parent_changes_total",
         "Parent changes of the node, all servers together (failovers included)",
     );
-    if let Some(v) = num(&st["tree"]["parent_changes"]) {
+    if let Some(v) = num(&st["tree_stats"]["parent_changes"]) {
         parent_changes.add(&n, v);
     }
     let mut families = vec![
@@ -677,7 +686,7 @@ mod tests {
             ..Default::default()
         })
         .expect("serializes");
-        v["tree"] = serde_json::json!({"parent_changes": 4, "unknown_sender": 1});
+        v["tree_stats"] = serde_json::json!({"parent_changes": 4, "unknown_sender": 1});
         v["streams"]["news"]["traffic"] = serde_json::json!({"packets_in": 100, "packets_out": 200, "nacks_sent": 2, "given_up": 0});
         v
     }
