@@ -113,7 +113,13 @@ pub fn run_with(
             }),
         )?;
     }
-    crate::report::start(&a.id, a.bind_ctrl.ip(), tuning.report, status_tx.clone());
+    crate::report::start(
+        &a.id,
+        a.bind_ctrl.ip(),
+        tuning.report,
+        status_tx.clone(),
+        None,
+    );
     let now = Instant::now();
     let mut config = NodeConfig::new(a.id.clone(), a.role, data_port);
     config.incarnation = incarnation();

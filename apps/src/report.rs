@@ -282,13 +282,15 @@ impl Reporter {
 }
 
 /// Start the reporting thread of node `id` bound at `own_ip`, asking the control loop
-/// for snapshots on `queries`. Returns `None` when reports are off (`--report-ms 0`, or
-/// no destination) or the socket cannot be bound (logged: the node runs on without).
+/// for snapshots on `queries`, sealing each datagram with `seal` if given (the overlay
+/// key). Returns `None` when reports are off (`--report-ms 0`, or no destination) or
+/// the socket cannot be bound (logged: the node runs on without).
 pub fn start(
     id: &str,
     own_ip: IpAddr,
     args: ReportArgs,
     queries: Sender<StatusQuery>,
+    seal: Option<Seal>,
 ) -> Option<JoinHandle<()>> {
     let to = args.report_to?;
     if args.report_ms == 0 {
@@ -309,6 +311,9 @@ pub fn start(
         }
     };
     let mut reporter = Reporter::new(sock, to, id, crate::overlay::incarnation());
+    if let Some(seal) = seal {
+        reporter = reporter.with_seal(seal);
+    }
     let period = Duration::from_millis(args.report_ms);
     tracing::debug!(%to, ?period, "state reports");
     thread::Builder::new()
