@@ -122,7 +122,7 @@ impl CounterSnapshot {
                 self.auth_failed,
             ),
         ];
-        let id = id.replace('\\', "\\\\").replace('"', "\\\"");
+        let id = crate::status::label_value(id);
         let mut out = String::new();
         for (name, help, v) in rows {
             out.push_str(&format!(

@@ -21,6 +21,8 @@ use ott_overlay::{AddressPlan, Role, Topology};
 pub const STATUS_PORT: u16 = 7080;
 /// TCP port of the bootstrapper in a launched cluster.
 pub const BOOTSTRAP_PORT: u16 = 7070;
+/// TCP port of the bootstrapper's dashboard (`--http`) in a launched cluster.
+pub const DASHBOARD_PORT: u16 = 7071;
 
 /// How to launch a cluster.
 #[derive(Debug, Clone)]
@@ -132,7 +134,9 @@ impl Cluster {
             .arg("--listen")
             .arg(bootstrap.to_string())
             .arg("--addresses")
-            .arg("loopback");
+            .arg("loopback")
+            .arg("--http")
+            .arg(SocketAddr::new(bootstrap.ip(), DASHBOARD_PORT).to_string());
         cluster.add_key_flag(&mut boot);
         let boot = boot.spawn().context("cannot start ott-bootstrap")?;
         cluster.procs.push(Proc {
@@ -204,6 +208,11 @@ impl Cluster {
             child,
         });
         Ok(())
+    }
+
+    /// The bootstrapper's dashboard (`/`, `/api/tree`).
+    pub fn dashboard_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bootstrap.ip(), DASHBOARD_PORT)
     }
 
     /// The `--status` address of node `id`.

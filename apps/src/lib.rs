@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod counters;
+pub mod dashboard;
 pub mod dataplane;
 pub mod dedup;
 pub mod driver;
@@ -21,6 +22,7 @@ pub mod live;
 pub mod net;
 pub mod overlay;
 pub mod pktinfo;
+pub mod report;
 pub mod signals;
 pub mod source;
 pub mod status;

@@ -60,6 +60,9 @@ pub struct Tuning {
     /// Failover takes about this long; raise it on lossy or slow links.
     #[arg(long, default_value_t = 400, value_name = "MS")]
     pub dead_after_ms: u64,
+    /// State reports to the bootstrapper's dashboard.
+    #[command(flatten)]
+    pub report: crate::report::ReportArgs,
 }
 
 impl Default for Tuning {
@@ -68,6 +71,7 @@ impl Default for Tuning {
         Self {
             heartbeat_ms: l.heartbeat_interval.as_millis() as u64,
             dead_after_ms: l.dead_after.as_millis() as u64,
+            report: crate::report::ReportArgs::default(),
         }
     }
 }
@@ -154,6 +158,20 @@ pub fn run_keyed(
             ),
         )?;
     }
+    crate::report::start(
+        &a.id,
+        a.bind_ctrl.ip(),
+        tuning.report,
+        status_tx.clone(),
+        keying.key().map(|k| {
+            let mut sealer = ott_proto::auth::ControlSealer::new(
+                k.clone(),
+                ott_proto::auth::sender_id(&a.id, "report"),
+                incarnation(),
+            );
+            Box::new(move |d: Vec<u8>| sealer.seal(&d)) as crate::report::Seal
+        }),
+    );
     let now = Instant::now();
     let mut config = NodeConfig::new(a.id.clone(), a.role, data_port);
     config.incarnation = incarnation();

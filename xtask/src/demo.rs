@@ -73,7 +73,11 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     cluster
         .wait_converged(Duration::from_secs(30))
         .context("the tree did not form")?;
-    eprintln!("tree formed; two clients watch for {} s…", args.duration);
+    eprintln!(
+        "tree formed; two clients watch for {} s… (dashboard: http://{}/)",
+        args.duration,
+        cluster.dashboard_addr()
+    );
     let client_ids: Vec<Option<String>> = {
         let mut ids: Vec<Option<String>> = cluster
             .topology

@@ -6,6 +6,7 @@
 //! - `bench`: the relay data path against a minimal batched relay.
 //! - `sim`: a random overlay of N nodes, or a topology file's overlay, in the simulator:
 //!   convergence, loops, failover.
+//! - `tree`: the overlay's current trees from a bootstrapper's dashboard, as text, DOT or SVG.
 
 mod bench;
 mod core;
@@ -13,6 +14,7 @@ mod demo;
 mod emulate;
 mod sim;
 mod tidy;
+mod tree;
 
 use std::path::{Path, PathBuf};
 
@@ -43,6 +45,9 @@ enum Cmd {
     /// --topology), kill relays on viewers' stream paths (never servers or PoPs), print
     /// convergence time, loop checks, failover times and control traffic.
     Sim(sim::SimArgs),
+    /// Print the overlay's current trees from a bootstrapper's dashboard
+    /// (`ott-bootstrap --http ADDR`) as text, Graphviz DOT or SVG.
+    Tree(tree::TreeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Emulate(a) => emulate::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Sim(a) => sim::run(a),
+        Cmd::Tree(a) => tree::run(a),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

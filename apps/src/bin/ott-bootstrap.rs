@@ -29,6 +29,11 @@ struct Args {
     /// (viewers, who hold none, still get the PoP list); without it, a warning.
     #[arg(long, value_name = "FILE")]
     key_file: Option<std::path::PathBuf>,
+    /// Serve the live dashboard on this address: `/` (the overlay and its trees),
+    /// `/api/tree` (JSON), `/metrics`. Nodes' state reports are then received over UDP
+    /// on the --listen address.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -57,6 +62,22 @@ fn run(args: Args) -> anyhow::Result<()> {
             stop2.store(true, Ordering::SeqCst);
         }
     });
+    if let Some(http) = args.http {
+        let udp = std::net::UdpSocket::bind(args.listen)
+            .with_context(|| format!("cannot receive state reports on UDP {}", args.listen))?;
+        let table = ott_apps::dashboard::Table::new(&topology, args.addresses, Default::default());
+        // With the overlay key, a report counts only when its tag and counter verify.
+        let opener = key.clone().map(|k| {
+            let mut guard = ott_proto::auth::ReplayGuard::new(k);
+            Box::new(move |_from: std::net::SocketAddr, d: &[u8]| {
+                guard
+                    .open(d)
+                    .map(|o| o.envelope.to_vec())
+                    .map_err(|e| e.to_string())
+            }) as ott_apps::dashboard::Opener
+        });
+        ott_apps::dashboard::serve(http, udp, table, opener)?;
+    }
     let mut service = ott_bootstrap::Service::new(topology, args.addresses);
     if let Some(k) = key {
         service = service.with_key(k);

@@ -81,6 +81,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             a.role
         );
     }
+    let tuning = ott_apps::overlay::Tuning {
+        report: args.tuning.report.or_bootstrapper(args.bootstrap),
+        ..args.tuning
+    };
     ott_apps::overlay::run_keyed(
         a,
         args.status,
@@ -98,7 +102,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 cmds,
             )
         }),
-        args.tuning,
+        tuning,
         keying,
         args.http,
     )

@@ -103,6 +103,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             a.role
         );
     }
+    let tuning = ott_apps::overlay::Tuning {
+        report: args.tuning.report.or_bootstrapper(args.bootstrap),
+        ..args.tuning
+    };
     ott_apps::overlay::run_keyed(
         a,
         args.status,
@@ -110,7 +114,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Box::new(move |sock, counters, cmds| {
             ott_apps::source::spawn_source_keyed(inputs, live_rx, data_keying, sock, counters, cmds)
         }),
-        args.tuning,
+        tuning,
         keying,
         None,
     )

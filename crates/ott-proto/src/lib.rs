@@ -20,6 +20,7 @@ pub mod auth;
 mod control;
 mod error;
 mod media;
+pub mod report;
 mod untrusted;
 
 pub use control::{

@@ -18,6 +18,7 @@
 
 pub(crate) mod link;
 pub(crate) mod netns;
+pub(crate) mod plot;
 pub(crate) mod report;
 pub(crate) mod routes;
 pub(crate) mod scenario;
@@ -210,6 +211,7 @@ pub(crate) fn run_scenario(opts: &RunOptions) -> anyhow::Result<Report> {
         pids: emu.started.clone(),
     };
     std::fs::write(emu.work_dir.join("report.json"), report.json()?)?;
+    emu.write_plots(&scenario, &report, t0);
     drop(emu);
     Ok(report)
 }
@@ -267,6 +269,8 @@ pub(crate) struct Emulation {
     clients: Vec<ClientProc>,
     pollers: Vec<std::thread::JoinHandle<()>>,
     samples: BTreeMap<String, Samples>,
+    /// Each client's `/status` readings, for the plots.
+    viewer_samples: Vec<(String, plot::ViewerSamples)>,
     stop_pollers: Arc<AtomicBool>,
     work_dir: PathBuf,
     bin_dir: PathBuf,
@@ -308,6 +312,7 @@ impl Emulation {
             clients: Vec::new(),
             pollers: Vec::new(),
             samples: BTreeMap::new(),
+            viewer_samples: Vec::new(),
             stop_pollers: Arc::new(AtomicBool::new(false)),
             work_dir,
             bin_dir: opts.bin_dir.clone(),
@@ -645,6 +650,7 @@ impl Emulation {
         ])
         .arg("--output")
         .arg(&output)
+        .args(["--status", &format!("0.0.0.0:{}", plot::VIEWER_STATUS_PORT)])
         .args((!self.recovery).then_some("--no-nack"))
         .stdin(Stdio::piped())
         .stdout(File::create(&stdout)?);
@@ -652,6 +658,11 @@ impl Emulation {
             .spawn()
             .with_context(|| format!("cannot start client {node}"))?;
         self.started.push(child.id());
+        let ns_path = format!("/run/netns/{}", self.ns[node]);
+        let (poller, samples) =
+            plot::spawn_viewer_poller(&name, ns_path, self.stop_pollers.clone())?;
+        self.pollers.push(poller);
+        self.viewer_samples.push((name.clone(), samples));
         self.clients.push(ClientProc {
             node: node.to_string(),
             stream: stream.to_string(),
@@ -797,6 +808,41 @@ impl Emulation {
                 }
                 _ => std::thread::sleep(Duration::from_millis(10)),
             }
+        }
+    }
+
+    /// `viewers.svg` and `parents.svg` in the run's directory (a failure is only said).
+    fn write_plots(&self, scenario: &Scenario, report: &Report, t0: Instant) {
+        let viewers: Vec<plot::ViewerSeries> = self
+            .viewer_samples
+            .iter()
+            .map(|(name, s)| {
+                let s = s.lock().map(|s| s.clone()).unwrap_or_default();
+                plot::ViewerSeries::from_samples(name, &s, t0)
+            })
+            .collect();
+        let events: Vec<(f64, String)> = scenario
+            .events
+            .iter()
+            .map(|e| (e.at_s, describe(&e.action)))
+            .collect();
+        let nodes: Vec<String> = self.samples.keys().cloned().collect();
+        let title = format!("{} on {}", scenario.name, self.topology.name);
+        match plot::write(
+            &self.work_dir,
+            &viewers,
+            &report.parent_changes,
+            &nodes,
+            &events,
+            scenario.duration_s,
+            &title,
+        ) {
+            Ok(files) => {
+                for f in files {
+                    eprintln!("plot written to {}", f.display());
+                }
+            }
+            Err(e) => eprintln!("no plots: {e:#}"),
         }
     }
 
