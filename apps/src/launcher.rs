@@ -161,7 +161,9 @@ impl Cluster {
         self.key_file.as_deref()
     }
 
-    fn add_key_flag(&self, c: &mut Command) {
+    /// Give `c` this run's `--key-file`, if the run has a key (for a program a test
+    /// starts by hand).
+    pub fn add_key_flag(&self, c: &mut Command) {
         if let Some(k) = &self.key_file {
             c.arg("--key-file").arg(k);
         }

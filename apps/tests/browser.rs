@@ -77,7 +77,9 @@ fn edge_with(mut c: Cluster, name: &str) -> Edge {
     let status = c.status_addr(&pop).expect("PoP status address");
     let http = SocketAddr::new(status.ip(), 8080);
     let log = work_dir(&format!("{name}-edge")).with_extension("log");
-    let node = Command::new(bin_dir().join("ott-node"))
+    let mut node = Command::new(bin_dir().join("ott-node"));
+    c.add_key_flag(&mut node);
+    let node = node
         .args(["--id", &pop, "--bootstrap", &c.bootstrap.to_string()])
         .args(["--status", &status.to_string(), "--http", &http.to_string()])
         .env("RUST_LOG", "info")
@@ -257,7 +259,9 @@ fn http_on_a_relay_is_refused_with_a_clear_error() {
         .map(|n| n.id.clone())
         .expect("a relay");
     c.kill_node(&relay).expect("stop the relay");
-    let out = Command::new(bin_dir().join("ott-node"))
+    let mut node = Command::new(bin_dir().join("ott-node"));
+    c.add_key_flag(&mut node);
+    let out = node
         .args(["--id", &relay, "--bootstrap", &c.bootstrap.to_string()])
         .args(["--http", "127.72.255.30:8080", "--bootstrap-wait", "10"])
         .output()
