@@ -63,6 +63,7 @@ fn setup(n_children: usize) -> Setup {
     cmds.send(DataCmd::Route {
         stream: 42,
         children: addrs,
+        sessions: Vec::new(),
     })
     .expect("route");
     // Commands are applied in order: once the snapshot answers, the route is in place.
