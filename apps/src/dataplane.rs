@@ -499,6 +499,11 @@ impl Forwarder {
             return;
         };
         let dest = st.dests.get(idx).cloned().unwrap_or(Dest::Strip);
+        let asked: usize = ranges.iter().map(|r| usize::from(r.count)).sum();
+        if asked > MAX_RESEND_PER_NACK {
+            // The rest of a NACK past the cap is not answered.
+            add(&self.counters.resend_budget, 1);
+        }
         let budget = st.budgets.entry(from).or_insert_with(|| Budget::new(now));
         for seq in nacked_seqs(ranges, MAX_RESEND_PER_NACK) {
             let Some(d) = st.buffer.get(seq) else {

@@ -346,19 +346,15 @@ fn spawn_joiner(
         // The PoP admits a viewer once it echoes the cookie sent to its data socket.
         let mut cookies: Vec<Option<u64>> = vec![None; subs.len()];
         let mut buf = [0u8; 2048];
-        let mut learnt = Instant::now();
+        // A cookie lasts 30 to 60 s from the PoP's start, longer than a bench run
+        // after the first Join.
         while !stop.load(Ordering::SeqCst) {
-            // Cookies last 30 to 60 s: ask for fresh ones in time.
-            if learnt.elapsed() > Duration::from_secs(25) {
-                cookies.iter_mut().for_each(|c| *c = None);
-                learnt = Instant::now();
-            }
             let n = active.load(Ordering::SeqCst) as usize;
             for (i, s) in subs.iter().enumerate() {
                 // Take the control messages at the head of the queue (the first
                 // subscriber's media is read by the latency measurement).
                 let mut budget = 256;
-                while cookies[i].is_none() && budget > 0 {
+                while (i == 0 || cookies[i].is_none()) && budget > 0 {
                     budget -= 1;
                     let Ok((len, _)) = s.peek_from(&mut buf) else {
                         break;
