@@ -28,6 +28,17 @@ pub struct Counters {
     /// Datagrams refused by the overlay key check (bad or missing tag, replayed
     /// counter), dropped before decoding.
     pub auth_failed: AtomicU64,
+    /// Viewer: media datagrams without a valid session tag of a PoP it was admitted
+    /// at, dropped unwritten.
+    pub unauthenticated: AtomicU64,
+    /// Forwarder: media datagrams of a stream not in the forwarding table, dropped
+    /// without allocating any state.
+    pub unrouted: AtomicU64,
+    /// Forwarder: routes refused because the stream cap was reached.
+    pub stream_cap: AtomicU64,
+    /// Forwarder: retransmissions not sent because the child's byte budget was spent
+    /// (also NACKed sequence numbers past the per-NACK cap).
+    pub resend_budget: AtomicU64,
 }
 
 /// A point-in-time copy of [`Counters`].
@@ -53,6 +64,14 @@ pub struct CounterSnapshot {
     pub duplicates: u64,
     /// See [`Counters::auth_failed`].
     pub auth_failed: u64,
+    /// See [`Counters::unauthenticated`].
+    pub unauthenticated: u64,
+    /// See [`Counters::unrouted`].
+    pub unrouted: u64,
+    /// See [`Counters::stream_cap`].
+    pub stream_cap: u64,
+    /// See [`Counters::resend_budget`].
+    pub resend_budget: u64,
 }
 
 /// Add `n` to a counter.
@@ -87,6 +106,10 @@ impl Counters {
             send_errors: g(&self.send_errors),
             duplicates: g(&self.duplicates),
             auth_failed: g(&self.auth_failed),
+            unauthenticated: g(&self.unauthenticated),
+            unrouted: g(&self.unrouted),
+            stream_cap: g(&self.stream_cap),
+            resend_budget: g(&self.resend_budget),
         }
     }
 }
@@ -94,7 +117,7 @@ impl Counters {
 impl CounterSnapshot {
     /// Render as Prometheus text exposition format, labelled with the node id.
     pub fn to_prometheus(&self, id: &str) -> String {
-        let rows: [(&str, &str, u64); 10] = [
+        let rows: [(&str, &str, u64); 14] = [
             ("packets_in", "Datagrams received", self.packets_in),
             ("bytes_in", "Bytes received", self.bytes_in),
             ("packets_out", "Datagrams sent", self.packets_out),
@@ -120,6 +143,26 @@ impl CounterSnapshot {
                 "auth_failed",
                 "Datagrams refused by the overlay key check",
                 self.auth_failed,
+            ),
+            (
+                "unauthenticated",
+                "Media datagrams without a valid viewer session tag, not written",
+                self.unauthenticated,
+            ),
+            (
+                "unrouted",
+                "Media datagrams of a stream not in the forwarding table",
+                self.unrouted,
+            ),
+            (
+                "stream_cap",
+                "Routes refused at the stream cap",
+                self.stream_cap,
+            ),
+            (
+                "resend_budget",
+                "Retransmissions refused by the per-child byte budget or NACK cap",
+                self.resend_budget,
             ),
         ];
         let id = crate::status::label_value(id);

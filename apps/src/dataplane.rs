@@ -36,6 +36,7 @@ use crate::counters::{add, Counters};
 use crate::dedup::{StreamDedup, Verdict};
 use crate::gop_cache::{self, StartCache};
 use crate::keying::{ControlGate, ControlSender, Keying, Refused};
+use ott_proto::auth::SessionKey;
 
 /// Datagrams read per system call.
 pub const BATCH: usize = 64;
@@ -43,6 +44,13 @@ pub const BATCH: usize = 64;
 pub const RETRANSMIT_DEPTH: usize = 2048;
 /// Most datagrams resent for one NACK.
 pub const MAX_RESEND_PER_NACK: usize = 256;
+/// Most streams with forwarding state (routes past it are refused and counted in
+/// `stream_cap`).
+pub const MAX_STREAMS: usize = 256;
+/// Retransmission budget of each child: bytes per second...
+pub const RESEND_BYTES_PER_SEC: u64 = 4 << 20;
+/// ...and the most it may save up (a burst).
+pub const RESEND_BURST_BYTES: u64 = 1 << 20;
 
 /// Commands from the control loop to the forwarding thread.
 #[derive(Debug)]
@@ -51,8 +59,12 @@ pub enum DataCmd {
     Route {
         /// The stream.
         stream: u32,
-        /// Data addresses to send it to; empty removes the route.
+        /// Data addresses to send it to; empty removes the route (and every piece of
+        /// state of the stream).
         children: Vec<SocketAddr>,
+        /// The children that are viewers, with their session keys: what they get is
+        /// tagged with it (see [`ott_proto::auth::SessionKey`]).
+        sessions: Vec<(SocketAddr, SessionKey)>,
     },
     /// Answer with the per-stream traffic.
     Snapshot(Sender<DataSnapshot>),
@@ -82,10 +94,56 @@ pub struct StreamTraffic {
 /// Per-stream traffic, keyed by stream id.
 pub type DataSnapshot = HashMap<u32, StreamTraffic>;
 
+/// A token bucket of bytes, refilled at [`RESEND_BYTES_PER_SEC`] up to
+/// [`RESEND_BURST_BYTES`]: what a child may get in retransmissions.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    tokens: u64,
+    at: Instant,
+}
+
+impl Budget {
+    fn new(now: Instant) -> Self {
+        Self {
+            tokens: RESEND_BURST_BYTES,
+            at: now,
+        }
+    }
+
+    /// Take `n` bytes if the budget allows.
+    fn take(&mut self, now: Instant, n: u64) -> bool {
+        let elapsed = now.saturating_duration_since(self.at);
+        let refill = (elapsed.as_micros() as u64).saturating_mul(RESEND_BYTES_PER_SEC) / 1_000_000;
+        if refill > 0 {
+            self.tokens = self.tokens.saturating_add(refill).min(RESEND_BURST_BYTES);
+            self.at = now;
+        }
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// How a datagram goes to one child.
+#[derive(Debug, Clone)]
+enum Dest {
+    /// As received (an overlay member, or anyone without an overlay key).
+    Same,
+    /// Without the overlay key's tag (a child that is no member, without a session).
+    Strip,
+    /// A viewer: without the overlay tag, with its session's tag.
+    Session(SessionKey),
+}
+
 struct StreamState {
     children: Vec<SocketAddr>,
-    /// Per child: whether it is a viewer (gets the media without the tag).
-    strip: Vec<bool>,
+    /// Per child: how it gets the media.
+    dests: Vec<Dest>,
+    /// Per child: its retransmission budget.
+    budgets: HashMap<SocketAddr, Budget>,
     seen: StreamDedup,
     traffic: StreamTraffic,
     buffer: RetransmitBuffer,
@@ -98,7 +156,8 @@ impl StreamState {
     fn new() -> Self {
         Self {
             children: Vec::new(),
-            strip: Vec::new(),
+            dests: Vec::new(),
+            budgets: HashMap::new(),
             seen: StreamDedup::default(),
             traffic: StreamTraffic::default(),
             buffer: RetransmitBuffer::new(RETRANSMIT_DEPTH),
@@ -115,6 +174,8 @@ enum Out {
     Batch(usize, bool),
     Media(Bytes, bool),
     Control(Bytes),
+    /// Bytes ready to send (a viewer's copy with its session tag).
+    Owned(Bytes),
 }
 
 /// Options of the forwarding thread.
@@ -208,25 +269,11 @@ impl Forwarder {
         loop {
             loop {
                 match cmds.try_recv() {
-                    Ok(DataCmd::Route { stream, children }) => {
-                        let st = self.streams.entry(stream).or_insert_with(StreamState::new);
-                        let new = gop_cache::added(&st.children, &children);
-                        st.traffic.children = children.len();
-                        st.strip = children
-                            .iter()
-                            .map(|c| !self.keying.is_member(*c))
-                            .collect();
-                        st.children = children;
-                        if !new.is_empty() {
-                            let replay = self.cache.replay(Instant::now(), stream);
-                            for child in new {
-                                let strip = !self.keying.is_member(child);
-                                self.plan.extend(
-                                    replay.iter().map(|d| (Out::Media(d.clone(), strip), child)),
-                                );
-                            }
-                        }
-                    }
+                    Ok(DataCmd::Route {
+                        stream,
+                        children,
+                        sessions,
+                    }) => self.route(stream, children, sessions),
                     Ok(DataCmd::Snapshot(reply)) => {
                         let snap = self
                             .streams
@@ -267,6 +314,73 @@ impl Forwarder {
         }
     }
 
+    /// A new forwarding-table entry: state exists only for routed streams (at most
+    /// [`MAX_STREAMS`]) and goes with the route.
+    fn route(
+        &mut self,
+        stream: u32,
+        children: Vec<SocketAddr>,
+        sessions: Vec<(SocketAddr, SessionKey)>,
+    ) {
+        if children.is_empty() {
+            self.streams.remove(&stream);
+            self.cache.forget(stream);
+            return;
+        }
+        if !self.streams.contains_key(&stream) && self.streams.len() >= MAX_STREAMS {
+            tracing::warn!(
+                stream,
+                max = MAX_STREAMS,
+                "stream cap reached: route refused"
+            );
+            add(&self.counters.stream_cap, 1);
+            return;
+        }
+        let now = Instant::now();
+        let st = self.streams.entry(stream).or_insert_with(StreamState::new);
+        let new = gop_cache::added(&st.children, &children);
+        st.traffic.children = children.len();
+        let dest_of = |c: &SocketAddr| match sessions.iter().find(|(a, _)| a == c) {
+            Some((_, k)) => Dest::Session(k.clone()),
+            None if self.keying.is_member(*c) => Dest::Same,
+            None => Dest::Strip,
+        };
+        st.dests = children.iter().map(dest_of).collect();
+        st.budgets.retain(|a, _| children.contains(a));
+        for c in &children {
+            st.budgets.entry(*c).or_insert_with(|| Budget::new(now));
+        }
+        st.children = children;
+        if !new.is_empty() {
+            let replay = self.cache.replay(now, stream);
+            for child in new {
+                let dest = dest_of(&child);
+                for d in &replay {
+                    let out = self.out_for(d, &dest);
+                    self.plan.push((out, child));
+                }
+            }
+        }
+    }
+
+    /// An owned datagram (as received, overlay tag included when keyed) for `dest`.
+    fn out_for(&self, d: &Bytes, dest: &Dest) -> Out {
+        match dest {
+            Dest::Same => Out::Media(d.clone(), false),
+            Dest::Strip => Out::Media(d.clone(), true),
+            Dest::Session(k) => Out::Owned(Bytes::from(k.seal(self.untagged(d)))),
+        }
+    }
+
+    /// `d` without the overlay key's tag (as is without a key).
+    fn untagged<'a>(&self, d: &'a [u8]) -> &'a [u8] {
+        if self.keying.key().is_some() {
+            &d[..d.len().saturating_sub(ott_proto::auth::TAG_LEN)]
+        } else {
+            d
+        }
+    }
+
     fn on_datagram(&mut self, now: Instant, i: usize) {
         let Some((datagram, from)) = self.batch.get(i) else {
             return;
@@ -276,7 +390,7 @@ impl Forwarder {
             // Not media: a NACK from a child, or garbage.
             match (self.gate.open(from, datagram), from) {
                 (Ok(Message::Nack { stream, ranges, .. }), Some(from)) => {
-                    self.on_nack(stream, &ranges, from)
+                    self.on_nack(now, stream, &ranges, from)
                 }
                 (Ok(other), _) => {
                     tracing::debug!(kind = other.kind(), "unexpected message on the data socket");
@@ -310,10 +424,11 @@ impl Forwarder {
                 return;
             }
         };
-        let st = self
-            .streams
-            .entry(header.stream)
-            .or_insert_with(StreamState::new);
+        // Nothing is kept for a stream nobody here receives: no allocation at all.
+        let Some(st) = self.streams.get_mut(&header.stream) else {
+            add(&self.counters.unrouted, 1);
+            return;
+        };
         st.traffic.packets_in += 1;
         match st.seen.accept(header.seq, now) {
             Verdict::New => {}
@@ -354,29 +469,67 @@ impl Forwarder {
             add(&self.counters.dropped, 1);
             return;
         }
-        for (child, strip) in st.children.iter().zip(&st.strip) {
-            self.plan.push((Out::Batch(i, *strip), *child));
+        let body = &datagram[..untagged];
+        for (child, dest) in st.children.iter().zip(&st.dests) {
+            let out = match dest {
+                Dest::Same => Out::Batch(i, false),
+                Dest::Strip => Out::Batch(i, true),
+                Dest::Session(k) => Out::Owned(Bytes::from(k.seal(body))),
+            };
+            self.plan.push((out, *child));
         }
         st.traffic.packets_out += st.children.len() as u64;
     }
 
-    fn on_nack(&mut self, stream: u32, ranges: &[ott_proto::NackRange], from: SocketAddr) {
+    fn on_nack(
+        &mut self,
+        now: Instant,
+        stream: u32,
+        ranges: &[ott_proto::NackRange],
+        from: SocketAddr,
+    ) {
+        let keyed = self.keying.key().is_some();
         let Some(st) = self.streams.get_mut(&stream) else {
             add(&self.counters.dropped, 1);
             return;
         };
         // Only children may ask: no one can use us to reflect traffic elsewhere.
-        if !st.children.contains(&from) {
+        let Some(idx) = st.children.iter().position(|c| *c == from) else {
             add(&self.counters.dropped, 1);
             return;
+        };
+        let dest = st.dests.get(idx).cloned().unwrap_or(Dest::Strip);
+        let asked: usize = ranges.iter().map(|r| usize::from(r.count)).sum();
+        if asked > MAX_RESEND_PER_NACK {
+            // The rest of a NACK past the cap is not answered.
+            add(&self.counters.resend_budget, 1);
         }
-        let strip = !self.keying.is_member(from);
+        let budget = st.budgets.entry(from).or_insert_with(|| Budget::new(now));
         for seq in nacked_seqs(ranges, MAX_RESEND_PER_NACK) {
-            if let Some(d) = st.buffer.get(seq) {
-                self.plan.push((Out::Media(retransmission(d), strip), from));
-                st.traffic.retransmitted += 1;
-                add(&self.counters.retransmitted, 1);
+            let Some(d) = st.buffer.get(seq) else {
+                continue;
+            };
+            // Each child's retransmissions are bounded in bytes per second.
+            if !budget.take(now, d.len() as u64) {
+                add(&self.counters.resend_budget, 1);
+                break;
             }
+            let resent = retransmission(d);
+            let out = match &dest {
+                Dest::Same => Out::Media(resent, false),
+                Dest::Strip => Out::Media(resent, true),
+                Dest::Session(k) => {
+                    let body = if keyed {
+                        &resent[..resent.len().saturating_sub(ott_proto::auth::TAG_LEN)]
+                    } else {
+                        &resent[..]
+                    };
+                    Out::Owned(Bytes::from(k.seal(body)))
+                }
+            };
+            self.plan.push((out, from));
+            st.traffic.retransmitted += 1;
+            add(&self.counters.retransmitted, 1);
         }
     }
 
@@ -419,7 +572,7 @@ impl Forwarder {
             .filter_map(|(out, to)| match out {
                 Out::Batch(i, strip) => batch.get(*i).map(|(d, _)| (&d[..media(d, *strip)], *to)),
                 Out::Media(b, strip) => Some((&b[..media(b, *strip)], *to)),
-                Out::Control(b) => Some((b.as_ref(), *to)),
+                Out::Control(b) | Out::Owned(b) => Some((b.as_ref(), *to)),
             })
             .collect();
         let out = send_batch(&self.sock, &items);

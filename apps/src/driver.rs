@@ -264,9 +264,17 @@ impl NodeLoop {
         }
         while let Some(ev) = self.node.poll_event() {
             match ev {
-                Event::Forwarding { stream, children } => {
+                Event::Forwarding {
+                    stream,
+                    children,
+                    sessions,
+                } => {
                     tracing::debug!(stream, children = children.len(), "forwarding changed");
-                    let _ = self.data.send(DataCmd::Route { stream, children });
+                    let _ = self.data.send(DataCmd::Route {
+                        stream,
+                        children,
+                        sessions,
+                    });
                 }
                 Event::ParentChanged { server, old, new } => {
                     tracing::info!(%server, ?old, ?new, "parent changed");

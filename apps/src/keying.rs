@@ -250,6 +250,15 @@ impl Keying {
     }
 }
 
+/// 32 random bytes from the kernel (`/dev/urandom`): a PoP's secret for viewers'
+/// cookies and session keys ([`ott_tree::NodeConfig::admission_secret`]).
+pub fn random_secret() -> std::io::Result<[u8; 32]> {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b)
+}
+
 /// Whether a viewer may send `msg` (untagged, to a PoP).
 pub fn is_viewer_message(msg: &Message) -> bool {
     matches!(
@@ -257,6 +266,8 @@ pub fn is_viewer_message(msg: &Message) -> bool {
         Message::Probe { .. }
             | Message::ListStreams
             | Message::Join { from: None, .. }
+            | Message::ViewerJoin { .. }
+            | Message::ViewerLeave { .. }
             | Message::Leave { .. }
             | Message::Nack { .. }
     )

@@ -177,6 +177,8 @@ pub fn run_keyed(
     config.incarnation = incarnation();
     let config_incarnation = config.incarnation;
     config.seed = config.incarnation;
+    config.admission_secret =
+        crate::keying::random_secret().context("random secret for viewers' cookies")?;
     config.liveness = tuning.liveness();
     // With the overlay key every message reaching the node passed its tag check, so a
     // neighbour's new incarnation can be believed at once.

@@ -248,7 +248,9 @@ fn source_loop(
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         select! {
             recv(cmds) -> cmd => match cmd {
-                Ok(DataCmd::Route { stream, children }) => {
+                Ok(DataCmd::Route {
+                    stream, children, ..
+                }) => {
                     if let Some(f) = feeds.iter_mut().find(|f| f.id == stream) {
                         tracing::info!(stream = %f.name, children = children.len(), "stream route changed");
                         let new = gop_cache::added(&f.children, &children);

@@ -1,5 +1,6 @@
 //! The client program's runtime: bootstrap, PoP choice, reception, output.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, IsTerminal, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -14,6 +15,7 @@ use crossbeam_channel::{select, Receiver};
 use ott_bootstrap::Request;
 use ott_media::arq::{GapTracker, NackConfig};
 use ott_media::{Frame, PlayoutBuffer, PlayoutConfig};
+use ott_proto::auth::SessionKey;
 use ott_proto::{flags, MediaHeader, MediaKind, Message, StreamInfo, HEADER_LEN, MAGIC};
 use ott_tree::client::{Client, ClientConfig, ClientEvent};
 use serde::Serialize;
@@ -209,6 +211,9 @@ struct Viewer {
     /// Drop frames until a keyframe (start or switch): a TS stream starts decodable.
     waiting_key: bool,
     selected_at: Option<Instant>,
+    /// The session key of each PoP that admitted us: only media whose tag verifies
+    /// with one of them is read (a handful at most: one per PoP).
+    sessions: HashMap<String, SessionKey>,
 }
 
 /// Run the client until its duration ends, a signal arrives, or an error.
@@ -262,6 +267,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         hub: None,
         waiting_key: true,
         selected_at: None,
+        sessions: HashMap::new(),
     };
     if opts.list {
         let streams = v.wait_catalogue(&rx, Duration::from_secs(10))?;
@@ -383,6 +389,7 @@ pub fn run_embedded(
         hub: Some(hub),
         waiting_key: true,
         selected_at: None,
+        sessions: HashMap::new(),
     };
     if let Some(name) = &stream {
         v.client.select_stream(Instant::now(), name);
@@ -608,6 +615,10 @@ impl Viewer {
             }
             ClientEvent::NoPop => tracing::warn!("no usable PoP at the moment"),
             ClientEvent::Refused(reason) => tracing::warn!(%reason, "PoP refused a request"),
+            ClientEvent::Session { pop, key } => {
+                tracing::debug!(%pop, "admitted: session key received");
+                self.sessions.insert(pop, key);
+            }
         }
         Ok(())
     }
@@ -627,7 +638,13 @@ impl Viewer {
     }
 
     fn on_media(&mut self, d: &Datagram) -> anyhow::Result<()> {
-        let header = match MediaHeader::parse(&d.bytes) {
+        // Nothing a PoP did not send to us is ever written: the session tag first.
+        let Some(body) = self.sessions.values().find_map(|k| k.open(&d.bytes).ok()) else {
+            add(&self.counters.unauthenticated, 1);
+            tracing::debug!(from = %d.from, "media datagram without a valid session tag");
+            return Ok(());
+        };
+        let header = match MediaHeader::parse(body) {
             Ok(h) => h,
             Err(e) => {
                 add(&self.counters.malformed, 1);
@@ -674,7 +691,7 @@ impl Viewer {
             self.media_from = Some(d.from);
         }
         self.gaps.on_datagram(d.at, header.seq);
-        self.playout.push(d.at, &header, &d.bytes[HEADER_LEN..]);
+        self.playout.push(d.at, &header, &body[HEADER_LEN..]);
         self.recover(d.at.max(Instant::now()))
     }
 

@@ -99,6 +99,7 @@ fn run(net: u8, nack: bool) -> (Vec<u8>, Vec<Vec<u8>>, u64) {
     let mut nacks = 0u64;
     let deadline = Instant::now() + Duration::from_secs(4);
     let mut count = 0u32;
+    let session = ott_proto::auth::SessionKey::from_bytes(SESSION);
     while Instant::now() < deadline {
         if let Ok((len, from)) = ctrl.recv_from(&mut buf) {
             let reply = match ott_proto::decode(&buf[..len]) {
@@ -113,9 +114,26 @@ fn run(net: u8, nack: bool) -> (Vec<u8>, Vec<Vec<u8>>, u64) {
                 Ok(Message::ListStreams) => Some(Message::Streams {
                     streams: vec![info.clone()],
                 }),
-                Ok(Message::Join { data_port, .. }) => {
+                // The admission handshake: a cookie to the data address, then the
+                // session key once it is echoed.
+                Ok(Message::Join {
+                    stream, data_port, ..
+                }) => Some(Message::Cookie {
+                    stream,
+                    data_port,
+                    cookie: 7,
+                }),
+                Ok(Message::ViewerJoin {
+                    stream,
+                    data_port,
+                    cookie: 7,
+                }) => {
                     viewer = Some(SocketAddr::new(from.ip(), data_port));
-                    None
+                    Some(Message::Admitted {
+                        stream,
+                        data_port,
+                        session_key: SESSION,
+                    })
                 }
                 _ => None,
             };
@@ -130,7 +148,7 @@ fn run(net: u8, nack: bool) -> (Vec<u8>, Vec<Vec<u8>>, u64) {
                     if let Some((_, d)) = held.iter().find(|(s, _)| *s == seq) {
                         let mut d = d.clone();
                         MediaHeader::mark_retransmit(&mut d);
-                        let _ = data.send_to(&d, from);
+                        let _ = data.send_to(&session.seal(&d), from);
                     }
                 }
             }
@@ -147,7 +165,7 @@ fn run(net: u8, nack: bool) -> (Vec<u8>, Vec<Vec<u8>>, u64) {
                 count += 1;
                 held.push((h.seq, d.to_vec()));
                 if !count.is_multiple_of(7) {
-                    let _ = data.send_to(&d, to);
+                    let _ = data.send_to(&session.seal(&d), to);
                 }
             }
             sent_frames.push(f);
@@ -159,6 +177,9 @@ fn run(net: u8, nack: bool) -> (Vec<u8>, Vec<Vec<u8>>, u64) {
     assert!(output.status.success(), "client failed: {summary}");
     (std::fs::read(&out).unwrap_or_default(), sent_frames, nacks)
 }
+
+/// The session key the fake PoP gives its viewer.
+const SESSION: [u8; 32] = [5; 32];
 
 #[test]
 fn lost_datagrams_are_nacked_and_every_frame_is_written_whole_and_in_order() {

@@ -63,6 +63,7 @@ fn setup(n_children: usize) -> Setup {
     cmds.send(DataCmd::Route {
         stream: 42,
         children: addrs,
+        sessions: Vec::new(),
     })
     .expect("route");
     // Commands are applied in order: once the snapshot answers, the route is in place.
@@ -147,4 +148,69 @@ fn a_gap_from_upstream_is_nacked() {
         other => panic!("expected a NACK, got {other:?}"),
     }
     let _ = s.cmds.send(DataCmd::Stop);
+}
+
+#[test]
+fn a_viewer_gets_session_tagged_media_and_an_unrouted_stream_costs_nothing() {
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let relay = sock.local_addr().expect("addr");
+    let counters = Arc::new(Counters::default());
+    let (cmds, rx) = crossbeam_channel::unbounded();
+    spawn_forwarder(sock, counters.clone(), rx).expect("thread");
+    let viewer = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    viewer
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let upstream = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let key = ott_proto::auth::SessionKey::from_bytes([7; 32]);
+    let v = viewer.local_addr().expect("addr");
+    cmds.send(DataCmd::Route {
+        stream: 42,
+        children: vec![v],
+        sessions: vec![(v, key.clone())],
+    })
+    .expect("route");
+    assert!(ott_apps::dataplane::snapshot(&cmds).contains_key(&42));
+    // A stream nobody routed: counted, and no state appears for it.
+    let mut other = datagram(1);
+    other[4..8].copy_from_slice(&7u32.to_be_bytes());
+    for _ in 0..10 {
+        upstream.send_to(&other, relay).expect("send");
+    }
+    for seq in 0..5u32 {
+        upstream.send_to(&datagram(seq), relay).expect("send");
+    }
+    let mut buf = [0u8; 2048];
+    for seq in 0..5u32 {
+        let (len, _) = viewer.recv_from(&mut buf).expect("media");
+        let body = key.open(&buf[..len]).expect("the session tag verifies");
+        assert_eq!(body, &datagram(seq)[..]);
+    }
+    let snap = ott_apps::dataplane::snapshot(&cmds);
+    assert_eq!(snap.keys().copied().collect::<Vec<_>>(), vec![42]);
+    assert_eq!(counters.snapshot().unrouted, 10);
+    // The route goes, and the stream's state with it.
+    cmds.send(DataCmd::Route {
+        stream: 42,
+        children: Vec::new(),
+        sessions: Vec::new(),
+    })
+    .expect("route");
+    assert!(ott_apps::dataplane::snapshot(&cmds).is_empty());
+    upstream.send_to(&datagram(9), relay).expect("send");
+    let _ = ott_apps::dataplane::snapshot(&cmds);
+    assert!(wait_counter(&counters, 11));
+    let _ = cmds.send(DataCmd::Stop);
+}
+
+/// Whether `unrouted` reaches `n` within 2 s.
+fn wait_counter(c: &Counters, n: u64) -> bool {
+    let end = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < end {
+        if c.snapshot().unrouted >= n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
 }

@@ -337,28 +337,62 @@ fn spawn_joiner(
     active: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<thread::JoinHandle<()>> {
+    // The clones share the sockets' settings: a short timeout (the latency measurement
+    // sets its own on the first one later).
+    for s in &subs {
+        s.set_read_timeout(Some(Duration::from_millis(1)))?;
+    }
     Ok(thread::spawn(move || {
+        // The PoP admits a viewer once it echoes the cookie sent to its data socket.
+        let mut cookies: Vec<Option<u64>> = vec![None; subs.len()];
+        let mut buf = [0u8; 2048];
+        // A cookie lasts 30 to 60 s from the PoP's start, longer than a bench run
+        // after the first Join.
         while !stop.load(Ordering::SeqCst) {
             let n = active.load(Ordering::SeqCst) as usize;
             for (i, s) in subs.iter().enumerate() {
+                // Take the control messages at the head of the queue (the first
+                // subscriber's media is read by the latency measurement).
+                let mut budget = 256;
+                while (i == 0 || cookies[i].is_none()) && budget > 0 {
+                    budget -= 1;
+                    let Ok((len, _)) = s.peek_from(&mut buf) else {
+                        break;
+                    };
+                    if buf[..len].starts_with(&ott_proto::MAGIC) && i == 0 {
+                        break;
+                    }
+                    let Ok((len, _)) = s.recv_from(&mut buf) else {
+                        break;
+                    };
+                    if let Ok(Message::Cookie { cookie, .. }) = ott_proto::decode(&buf[..len]) {
+                        cookies[i] = Some(cookie);
+                    }
+                }
                 let port = s.local_addr().map(|a| a.port()).unwrap_or(0);
-                let msg = if i < n {
-                    Message::Join {
+                let msg = match (i < n, cookies[i]) {
+                    (true, Some(cookie)) => Message::ViewerJoin {
+                        stream,
+                        data_port: port,
+                        cookie,
+                    },
+                    (true, None) => Message::Join {
                         stream,
                         data_port: port,
                         from: None,
-                    }
-                } else {
-                    Message::Leave {
+                    },
+                    (false, Some(cookie)) => Message::ViewerLeave {
                         stream,
                         data_port: port,
-                    }
+                        cookie,
+                    },
+                    (false, None) => continue,
                 };
                 if let Ok(b) = ott_proto::encode(&msg) {
                     let _ = s.send_to(&b, relay_ctrl);
                 }
             }
-            thread::sleep(Duration::from_millis(300));
+            thread::sleep(Duration::from_millis(100));
         }
     }))
 }

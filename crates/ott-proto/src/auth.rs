@@ -120,6 +120,98 @@ impl fmt::Debug for OverlayKey {
     }
 }
 
+/// The key of one viewer's session with a PoP: the PoP tags every media datagram it
+/// sends to that viewer with it (a 16-byte trailer, keyed BLAKE3 over the header and
+/// payload with the [`HOP_FLAGS`] bits masked, as [`OverlayKey::media_tag`]), and the
+/// viewer writes nothing whose tag does not verify.
+///
+/// The PoP derives it from a secret of its own and the viewer's address
+/// ([`SessionKey::derive`]) and sends it only to that address, after the viewer proved it
+/// receives there (the cookie exchange), so an off-path sender never learns it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionKey([u8; 32]);
+
+impl std::fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKey(..)")
+    }
+}
+
+const CONTEXT_SESSION: &str = "ott overlay key v1: viewer session key";
+const CONTEXT_COOKIE: &str = "ott overlay key v1: viewer cookie";
+
+impl SessionKey {
+    /// A session key from its bytes (as received in `Admitted`).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The key's bytes (to send in `Admitted`).
+    pub fn bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
+    /// The session key of the viewer at `addr` (data address), derived from the PoP's
+    /// `secret`: stable for the PoP's life, different for every address.
+    pub fn derive(secret: &[u8; 32], addr: std::net::SocketAddr) -> Self {
+        let mut h = blake3::Hasher::new_derive_key(CONTEXT_SESSION);
+        h.update(secret);
+        h.update(addr.to_string().as_bytes());
+        Self(*h.finalize().as_bytes())
+    }
+
+    /// The tag of `datagram` (header and payload, without a tag).
+    pub fn tag(&self, datagram: &[u8]) -> [u8; TAG_LEN] {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        if datagram.len() >= HEADER_LEN {
+            let mut header = [0u8; HEADER_LEN];
+            header.copy_from_slice(&datagram[..HEADER_LEN]);
+            header[3] &= !HOP_FLAGS;
+            h.update(&header);
+            h.update(&datagram[HEADER_LEN..]);
+        } else {
+            h.update(datagram);
+        }
+        truncate(h.finalize())
+    }
+
+    /// `datagram` (header and payload) with its tag appended.
+    pub fn seal(&self, datagram: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(datagram.len() + TAG_LEN);
+        out.extend_from_slice(datagram);
+        out.extend_from_slice(&self.tag(datagram));
+        out
+    }
+
+    /// Check the trailing tag; on success, the datagram without it.
+    pub fn open<'a>(&self, datagram: &'a [u8]) -> Result<&'a [u8], AuthError> {
+        let cut = datagram
+            .len()
+            .checked_sub(TAG_LEN)
+            .filter(|c| *c >= HEADER_LEN)
+            .ok_or(AuthError::Short(datagram.len()))?;
+        let (body, tag) = datagram.split_at(cut);
+        if tags_equal(&self.tag(body), tag) {
+            Ok(body)
+        } else {
+            Err(AuthError::BadTag)
+        }
+    }
+}
+
+/// A viewer's return-routability cookie: a keyed hash, with a PoP's `secret`, of the
+/// viewer's data address (IP and port) and a coarse time `bucket`. Stateless: the PoP
+/// recomputes it to check an echo.
+pub fn viewer_cookie(secret: &[u8; 32], addr: std::net::SocketAddr, bucket: u64) -> u64 {
+    let mut h = blake3::Hasher::new_derive_key(CONTEXT_COOKIE);
+    h.update(secret);
+    h.update(&bucket.to_be_bytes());
+    h.update(addr.to_string().as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_be_bytes(b)
+}
+
 /// Which way a bootstrap message goes, for [`OverlayKey::bootstrap_tag`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BootstrapDirection {
@@ -464,6 +556,75 @@ mod tests {
     use super::*;
     use crate::{decode, encode, MediaHeader, Message};
     use proptest::prelude::*;
+
+    fn session_media(seq: u32, payload: &[u8]) -> Vec<u8> {
+        let h = MediaHeader {
+            flags: flags::KEYFRAME,
+            stream: 7,
+            seq,
+            frame: 1,
+            frag_index: 0,
+            frag_count: 1,
+            timestamp: 0,
+        };
+        let mut d = vec![0u8; crate::HEADER_LEN];
+        h.write(&mut d);
+        d.extend_from_slice(payload);
+        d
+    }
+
+    #[test]
+    fn test_session_tag_verifies_only_with_its_key_and_bytes() {
+        let secret = [9u8; 32];
+        let viewer: std::net::SocketAddr = "10.0.0.5:9000".parse().expect("addr");
+        let k = SessionKey::derive(&secret, viewer);
+        // Stable for an address, different for another address or secret.
+        assert_eq!(k, SessionKey::derive(&secret, viewer));
+        let other = SessionKey::derive(&secret, "10.0.0.5:9001".parse().expect("addr"));
+        assert_ne!(k, other);
+        assert_ne!(k, SessionKey::derive(&[8u8; 32], viewer));
+        let d = session_media(3, b"picture");
+        let sealed = k.seal(&d);
+        assert_eq!(sealed.len(), d.len() + TAG_LEN);
+        assert_eq!(k.open(&sealed).expect("verifies"), &d[..]);
+        // Another session's key, a flipped payload bit, a forged tag, no tag: refused.
+        assert!(matches!(other.open(&sealed), Err(AuthError::BadTag)));
+        let mut flipped = sealed.clone();
+        flipped[crate::HEADER_LEN] ^= 1;
+        assert!(matches!(k.open(&flipped), Err(AuthError::BadTag)));
+        let mut forged = d.clone();
+        forged.extend_from_slice(&[0u8; TAG_LEN]);
+        assert!(k.open(&forged).is_err());
+        assert!(matches!(k.open(&d[..10]), Err(AuthError::Short(10))));
+        // The hop-local flags (retransmission, cached) may be set by the PoP afterwards.
+        let mut resent = sealed.clone();
+        MediaHeader::mark_retransmit(&mut resent);
+        assert!(k.open(&resent).is_ok());
+        // The overlay key's media tag never verifies as a session tag.
+        let ok = key(1);
+        let mut tagged = d.clone();
+        ok.seal_media(&mut tagged);
+        assert!(k.open(&tagged).is_err());
+        assert_eq!(format!("{k:?}"), "SessionKey(..)");
+    }
+
+    #[test]
+    fn test_cookie_depends_on_address_port_and_bucket() {
+        let s = [1u8; 32];
+        let a: std::net::SocketAddr = "10.0.0.5:9000".parse().expect("addr");
+        let c = viewer_cookie(&s, a, 4);
+        assert_eq!(c, viewer_cookie(&s, a, 4));
+        assert_ne!(c, viewer_cookie(&s, a, 5));
+        assert_ne!(
+            c,
+            viewer_cookie(&s, "10.0.0.5:9001".parse().expect("addr"), 4)
+        );
+        assert_ne!(
+            c,
+            viewer_cookie(&s, "10.0.0.6:9000".parse().expect("addr"), 4)
+        );
+        assert_ne!(c, viewer_cookie(&[2u8; 32], a, 4));
+    }
 
     fn key(b: u8) -> OverlayKey {
         OverlayKey::from_bytes(&[b; 32]).expect("32 bytes")

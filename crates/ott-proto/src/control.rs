@@ -143,6 +143,46 @@ pub enum Message {
         /// UDP port given in the matching `Join`.
         data_port: u16,
     },
+    /// A PoP's answer to a viewer's first [`Message::Join`] (return-routability check):
+    /// sent to the viewer's data address, the one the media would go to. The viewer
+    /// must echo `cookie` in a [`Message::ViewerJoin`] before anything is sent to it.
+    Cookie {
+        /// The stream the viewer asked for.
+        stream: StreamId,
+        /// The data port the viewer named.
+        data_port: u16,
+        /// Keyed hash, by the PoP's secret, of the viewer's address, data port and a
+        /// coarse time bucket.
+        cookie: u64,
+    },
+    /// A viewer's `Join` echoing the PoP's [`Message::Cookie`] (also its refresh).
+    ViewerJoin {
+        /// The stream.
+        stream: StreamId,
+        /// UDP port at the sender's IP address where media must be sent.
+        data_port: u16,
+        /// The cookie the PoP sent to that address.
+        cookie: u64,
+    },
+    /// A PoP admitted a viewer: media to it carries a tag made with `session_key`.
+    /// Sent to the viewer's data address, answering each valid [`Message::ViewerJoin`].
+    Admitted {
+        /// The stream.
+        stream: StreamId,
+        /// The data port the viewer named.
+        data_port: u16,
+        /// The key of the tags on the media this PoP sends to that address.
+        session_key: [u8; 32],
+    },
+    /// A viewer unsubscribes, proving with its cookie that it owns the address.
+    ViewerLeave {
+        /// The stream.
+        stream: StreamId,
+        /// The data port of the matching `ViewerJoin`.
+        data_port: u16,
+        /// The cookie echoed in the `ViewerJoin`.
+        cookie: u64,
+    },
     /// The sender leaves the overlay (clean shutdown).
     Bye {
         /// Sender's node id.
@@ -203,6 +243,10 @@ impl Message {
             Self::Withdraw { .. } => "withdraw",
             Self::Join { .. } => "join",
             Self::Leave { .. } => "leave",
+            Self::Cookie { .. } => "cookie",
+            Self::ViewerJoin { .. } => "viewer_join",
+            Self::Admitted { .. } => "admitted",
+            Self::ViewerLeave { .. } => "viewer_leave",
             Self::Bye { .. } => "bye",
             Self::Probe { .. } => "probe",
             Self::ProbeReply { .. } => "probe_reply",
@@ -314,6 +358,26 @@ mod tests {
                 from: None,
             },
             Message::ListStreams,
+            Message::Cookie {
+                stream: 5,
+                data_port: 9000,
+                cookie: u64::MAX,
+            },
+            Message::ViewerJoin {
+                stream: 5,
+                data_port: 9000,
+                cookie: 0x0123_4567_89ab_cdef,
+            },
+            Message::Admitted {
+                stream: 5,
+                data_port: 9000,
+                session_key: [0xa5; 32],
+            },
+            Message::ViewerLeave {
+                stream: 5,
+                data_port: 9000,
+                cookie: 1,
+            },
             Message::Nack {
                 stream: 1,
                 data_port: 9,
@@ -352,6 +416,23 @@ mod tests {
             decode(b"\xff\xff\xff"),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn test_admitted_with_a_short_key_is_an_error() {
+        // `Admitted` whose key has 31 bytes instead of 32: refused, not truncated.
+        let short = rmp_serde::to_vec(&(
+            PROTOCOL_VERSION,
+            std::collections::BTreeMap::from([("Admitted", (5u32, 9000u16, vec![1u8; 31]))]),
+        ))
+        .expect("encodes");
+        assert!(matches!(decode(&short), Err(DecodeError::Malformed(_))));
+        let good = rmp_serde::to_vec(&(
+            PROTOCOL_VERSION,
+            std::collections::BTreeMap::from([("Admitted", (5u32, 9000u16, [1u8; 32]))]),
+        ))
+        .expect("encodes");
+        assert!(matches!(decode(&good), Ok(Message::Admitted { .. })));
     }
 
     fn arb_info() -> impl Strategy<Value = StreamInfo> {
@@ -413,6 +494,20 @@ mod tests {
                     }
                 }),
             Just(Message::ListStreams),
+            (any::<u32>(), any::<u16>(), any::<u64>()).prop_map(|(stream, data_port, cookie)| {
+                Message::ViewerJoin {
+                    stream,
+                    data_port,
+                    cookie,
+                }
+            }),
+            (any::<u32>(), any::<u16>(), any::<[u8; 32]>()).prop_map(
+                |(stream, data_port, session_key)| Message::Admitted {
+                    stream,
+                    data_port,
+                    session_key,
+                }
+            ),
             ".{0,40}".prop_map(|reason| Message::Error { reason }),
         ]
     }

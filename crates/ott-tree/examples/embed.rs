@@ -73,6 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut order = 0u64;
     let client: SocketAddr = "127.0.0.9:9000".parse()?;
     let mut joined = false;
+    let mut echo: Option<Message> = None;
     let end = epoch + Duration::from_secs(5);
     while now < end {
         // Drain rule: after every input, drain transmits and events, then read the timeout.
@@ -82,6 +83,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let bytes = ott_proto::encode(&t.msg)?;
                 if t.to == client {
                     println!("{:>6.1} ms  {id} -> client: {:?}", ms(now - epoch), t.msg);
+                    // The client proves it receives at its address: it echoes the cookie.
+                    if let Message::Cookie {
+                        stream,
+                        data_port,
+                        cookie,
+                    } = t.msg
+                    {
+                        echo = Some(Message::ViewerJoin {
+                            stream,
+                            data_port,
+                            cookie,
+                        });
+                    }
                     continue;
                 }
                 let Some(d) = id_at(t.to).and_then(|to| delay(id, to)) else {
@@ -98,7 +112,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             ms(now - epoch)
                         );
                     }
-                    Event::Forwarding { stream, children } => {
+                    Event::Forwarding {
+                        stream, children, ..
+                    } => {
                         println!(
                             "{:>6.1} ms  {id}: forward {stream:#x} to {children:?}",
                             ms(now - epoch)
@@ -118,6 +134,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             if let Some(p1) = nodes.get_mut("p1") {
                 p1.handle(now, client, join);
+            }
+            continue;
+        }
+        if let Some(msg) = echo.take() {
+            if let Some(p1) = nodes.get_mut("p1") {
+                p1.handle(now, client, msg);
             }
             continue;
         }

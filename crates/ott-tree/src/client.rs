@@ -50,6 +50,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ott_overlay::PeerAddrs;
+use ott_proto::auth::SessionKey;
 use ott_proto::{Message, StreamInfo};
 use serde::Serialize;
 
@@ -143,6 +144,15 @@ pub enum ClientEvent {
     NoPop,
     /// A PoP refused a request, with its reason.
     Refused(String),
+    /// PoP `pop` admitted us: the media it sends carries tags made with `key`. The
+    /// application writes only media whose tag verifies with the key of a PoP it
+    /// was admitted at (during a PoP switch, both send).
+    Session {
+        /// The PoP's node id.
+        pop: String,
+        /// The session key.
+        key: SessionKey,
+    },
 }
 
 /// Counters of what the client ignored, for logs and `/status`.
@@ -207,6 +217,10 @@ struct Pop {
     /// Outcomes of the last `loss_window` resolved probes, `true` = answered.
     history: VecDeque<bool>,
     lost_in_a_row: u32,
+    /// The PoP's latest cookie for our data address.
+    cookie: Option<u64>,
+    /// The session key the PoP tags our media with.
+    session: Option<[u8; 32]>,
 }
 
 #[derive(Debug)]
@@ -309,6 +323,8 @@ impl Client {
                 path_latency_us: None,
                 history: VecDeque::new(),
                 lost_in_a_row: 0,
+                cookie: None,
+                session: None,
             })
             .collect();
         let mut client = Self {
@@ -389,6 +405,26 @@ impl Client {
                 ..
             } => self.on_probe_reply(now, idx, nonce, echo_us, path_latency_us),
             Message::Streams { streams } => self.on_streams(now, idx, streams),
+            Message::Cookie {
+                stream,
+                data_port,
+                cookie,
+            } => self.on_cookie(now, idx, stream, data_port, cookie),
+            Message::Admitted {
+                data_port,
+                session_key,
+                ..
+            } => {
+                if data_port != self.data_port {
+                    self.stats.unexpected += 1;
+                } else if self.pops[idx].session != Some(session_key) {
+                    self.pops[idx].session = Some(session_key);
+                    self.events.push_back(ClientEvent::Session {
+                        pop: self.pops[idx].id.clone(),
+                        key: SessionKey::from_bytes(session_key),
+                    });
+                }
+            }
             Message::Withdraw { .. } => {
                 // The PoP lost every path to the stream: it is unusable until a probe
                 // reply says otherwise.
@@ -458,7 +494,7 @@ impl Client {
         if self.next_join.is_some_and(|t| now >= t) {
             if let (Some(cur), Some(stream)) = (self.current, self.watching.as_ref()) {
                 let to = self.pops[cur].addr;
-                let msg = self.join_msg(stream);
+                let msg = self.join_msg(cur, stream);
                 self.transmits.push_back(Transmit { to, msg });
                 self.next_join = Some(later(now, self.config.join_refresh));
             } else {
@@ -477,7 +513,7 @@ impl Client {
         }
         self.send_leaves(|_| true);
         if let (Some(cur), Some(stream)) = (self.current, self.watching.as_ref()) {
-            let msg = self.leave_msg(stream);
+            let msg = self.leave_msg(cur, stream);
             self.transmits.push_back(Transmit {
                 to: self.pops[cur].addr,
                 msg,
@@ -748,7 +784,7 @@ impl Client {
         if let Some(stream) = &self.watching {
             // Make before break: join at the new PoP, leave the old one `leave_after`
             // later (unless we come back to it before).
-            let join = self.join_msg(stream);
+            let join = self.join_msg(new, stream);
             self.transmits.push_back(Transmit {
                 to: new_addr,
                 msg: join,
@@ -812,10 +848,10 @@ impl Client {
         // The old stream is of no use anywhere now.
         self.send_leaves(|_| true);
         if let Some(old) = self.watching.take() {
-            let msg = self.leave_msg(&old);
+            let msg = self.leave_msg(cur, &old);
             self.transmits.push_back(Transmit { to, msg });
         }
-        let msg = self.join_msg(&info);
+        let msg = self.join_msg(cur, &info);
         self.transmits.push_back(Transmit { to, msg });
         self.next_join = Some(later(now, self.config.join_refresh));
         self.last_media = None;
@@ -830,7 +866,7 @@ impl Client {
         while i < self.leaving.len() {
             if due(self.leaving[i].0) {
                 let (_, pop, stream) = self.leaving.swap_remove(i);
-                let msg = self.leave_msg(&stream);
+                let msg = self.leave_msg(pop, &stream);
                 self.transmits.push_back(Transmit {
                     to: self.pops[pop].addr,
                     msg,
@@ -841,18 +877,54 @@ impl Client {
         }
     }
 
-    fn join_msg(&self, s: &StreamInfo) -> Message {
-        Message::Join {
-            stream: s.id,
-            data_port: self.data_port,
-            from: None,
+    /// The `Join` to send to PoP `pop`: echoing its cookie once it sent one, else a
+    /// first `Join` (which the PoP answers with a cookie).
+    fn join_msg(&self, pop: usize, s: &StreamInfo) -> Message {
+        match self.pops.get(pop).and_then(|p| p.cookie) {
+            Some(cookie) => Message::ViewerJoin {
+                stream: s.id,
+                data_port: self.data_port,
+                cookie,
+            },
+            None => Message::Join {
+                stream: s.id,
+                data_port: self.data_port,
+                from: None,
+            },
         }
     }
 
-    fn leave_msg(&self, s: &StreamInfo) -> Message {
-        Message::Leave {
-            stream: s.id,
-            data_port: self.data_port,
+    /// The `Leave` to send to PoP `pop`, with its cookie (without one the PoP never
+    /// admitted us: the plain `Leave` is only a courtesy it ignores).
+    fn leave_msg(&self, pop: usize, s: &StreamInfo) -> Message {
+        match self.pops.get(pop).and_then(|p| p.cookie) {
+            Some(cookie) => Message::ViewerLeave {
+                stream: s.id,
+                data_port: self.data_port,
+                cookie,
+            },
+            None => Message::Leave {
+                stream: s.id,
+                data_port: self.data_port,
+            },
+        }
+    }
+
+    /// A PoP's cookie for our data address: remember it and, if we watch a stream
+    /// there, echo it at once (the PoP sends nothing before).
+    fn on_cookie(&mut self, now: Instant, idx: usize, stream: u32, data_port: u16, cookie: u64) {
+        if data_port != self.data_port {
+            self.stats.unexpected += 1;
+            return;
+        }
+        self.pops[idx].cookie = Some(cookie);
+        let watching = self.watching.as_ref().filter(|s| s.id == stream).cloned();
+        let joined_here = self.current == Some(idx);
+        if let (Some(s), true) = (watching, joined_here) {
+            let msg = self.join_msg(idx, &s);
+            let to = self.pops[idx].addr;
+            self.transmits.push_back(Transmit { to, msg });
+            self.next_join = Some(later(now, self.config.join_refresh));
         }
     }
 }
@@ -921,5 +993,99 @@ mod tests {
         // Requests still go to the address it was given to send to.
         let next = c.poll_transmit().expect("ListStreams");
         assert_eq!(next.to, addr("10.0.2.1:7000"));
+    }
+
+    #[test]
+    fn the_client_echoes_the_cookie_and_reports_the_session_key() {
+        let t0 = Instant::now();
+        let pop = addr("10.0.0.1:7000");
+        let mut c = Client::new(
+            ClientConfig::default(),
+            vec![("p".into(), pop)],
+            9000,
+            t0,
+            t0,
+        );
+        c.select_stream(t0, "news");
+        let Message::Probe { nonce, sent_us } = c.poll_transmit().expect("probe").msg else {
+            panic!("a probe")
+        };
+        let t1 = t0 + Duration::from_millis(2);
+        c.handle(
+            t1,
+            pop,
+            Message::ProbeReply {
+                nonce,
+                echo_us: sent_us,
+                pop: "p".into(),
+                path_latency_us: Some(1_000),
+                hops: 1,
+                viewers: 0,
+            },
+        );
+        let news = StreamInfo::new("news", ott_proto::MediaKind::Mjpeg, 25_000);
+        c.handle(
+            t1,
+            pop,
+            Message::Streams {
+                streams: vec![news.clone()],
+            },
+        );
+        let sent: Vec<Message> = std::iter::from_fn(|| c.poll_transmit())
+            .map(|t| t.msg)
+            .collect();
+        assert!(sent.contains(&Message::Join {
+            stream: news.id,
+            data_port: 9000,
+            from: None
+        }));
+        // A cookie for another port is not ours; from a stranger neither.
+        let cookie = |port| Message::Cookie {
+            stream: news.id,
+            data_port: port,
+            cookie: 77,
+        };
+        c.handle(t1, pop, cookie(9001));
+        c.handle(t1, addr("10.0.0.9:7000"), cookie(9000));
+        assert_eq!(std::iter::from_fn(|| c.poll_transmit()).count(), 0);
+        // The PoP's: echoed at once, and in every refresh and the Leave after.
+        c.handle(t1, pop, cookie(9000));
+        let echo = Message::ViewerJoin {
+            stream: news.id,
+            data_port: 9000,
+            cookie: 77,
+        };
+        assert_eq!(c.poll_transmit().map(|t| t.msg), Some(echo.clone()));
+        c.handle_timeout(t1 + Duration::from_secs(1));
+        let refresh: Vec<Message> = std::iter::from_fn(|| c.poll_transmit())
+            .map(|t| t.msg)
+            .collect();
+        assert!(refresh.contains(&echo), "{refresh:?}");
+        while c.poll_event().is_some() {}
+        let admitted = Message::Admitted {
+            stream: news.id,
+            data_port: 9000,
+            session_key: [3; 32],
+        };
+        c.handle(t1, pop, admitted.clone());
+        assert_eq!(
+            c.poll_event(),
+            Some(ClientEvent::Session {
+                pop: "p".into(),
+                key: SessionKey::from_bytes([3; 32])
+            })
+        );
+        // The same key again is no news.
+        c.handle(t1, pop, admitted);
+        assert_eq!(c.poll_event(), None);
+        c.shutdown(t1);
+        assert_eq!(
+            c.poll_transmit().map(|t| t.msg),
+            Some(Message::ViewerLeave {
+                stream: news.id,
+                data_port: 9000,
+                cookie: 77
+            })
+        );
     }
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ott_overlay::{LivenessConfig, NeighbourEvent, Neighbours, PeerAddrs, Role, Transmit};
+use ott_proto::auth::{viewer_cookie, SessionKey};
 use ott_proto::{Message, NodeId, StreamId, StreamInfo};
 use serde::Serialize;
 
@@ -51,6 +52,19 @@ pub struct NodeConfig {
     pub hysteresis_abs: Duration,
     /// Seed of the node's random choices (tie-breaks among equal offers).
     pub seed: u64,
+    /// PoPs: the secret of viewers' cookies and session keys. The driver sets it from
+    /// a random source (the default, all zeros, is only for tests: anyone could compute
+    /// cookies).
+    pub admission_secret: [u8; 32],
+    /// PoPs: length of a cookie's time bucket (default 30 s). An echoed cookie is taken
+    /// from the current or the previous bucket (so it lives 30 to 60 s); one from the
+    /// previous bucket is answered with a fresh cookie too.
+    pub cookie_bucket: Duration,
+    /// PoPs: most viewers of one stream (default 512).
+    pub max_viewers_per_stream: usize,
+    /// PoPs: most viewer subscriptions (stream, data port) from one IP address
+    /// (default 16).
+    pub max_viewers_per_ip: usize,
 }
 
 impl NodeConfig {
@@ -70,6 +84,10 @@ impl NodeConfig {
             hysteresis_rel: 0.10,
             hysteresis_abs: Duration::from_millis(1),
             seed: 0,
+            admission_secret: [0; 32],
+            cookie_bucket: Duration::from_secs(30),
+            max_viewers_per_stream: 512,
+            max_viewers_per_ip: 16,
         }
     }
 }
@@ -97,6 +115,9 @@ pub enum Event {
         stream: StreamId,
         /// Data addresses of the children, sorted.
         children: Vec<SocketAddr>,
+        /// The children that are viewers, each with its session key: media to them
+        /// carries a tag made with it (the others are overlay members).
+        sessions: Vec<(SocketAddr, SessionKey)>,
     },
 }
 
@@ -135,6 +156,19 @@ pub struct NodeStats {
     pub errors_out: u64,
     /// Parent changes, all servers together.
     pub parent_changes: u64,
+    /// Cookies sent to viewers (answers to a first `Join`, or to a stale cookie).
+    pub cookies_out: u64,
+    /// Viewer messages (`ViewerJoin`, `ViewerLeave`) whose cookie did not verify for
+    /// their address and port (forged, or older than two buckets).
+    pub bad_cookie: u64,
+    /// Viewers admitted or refreshed (valid `ViewerJoin`s).
+    pub viewer_joins: u64,
+    /// Viewer requests refused because this node is not a PoP (only PoPs take viewers).
+    pub viewer_not_pop: u64,
+    /// Viewers refused because the stream had `max_viewers_per_stream` viewers.
+    pub viewer_cap_stream: u64,
+    /// Viewers refused because their IP address had `max_viewers_per_ip` subscriptions.
+    pub viewer_cap_ip: u64,
 }
 
 /// A neighbour in [`NodeStatus`].
@@ -230,6 +264,8 @@ struct Child {
     expires: Instant,
     /// Port its control messages come from (a client's `Withdraw` goes there).
     ctrl_port: u16,
+    /// A viewer's session key (`None` for overlay members).
+    session: Option<SessionKey>,
 }
 
 #[derive(Debug, Default)]
@@ -408,13 +444,54 @@ impl Node {
             } => self.on_join(now, from, stream, data_port, node),
             Message::Leave { stream, data_port } => {
                 self.stats.leaves_in += 1;
+                // Only a neighbour leaves this way (a viewer proves its address with its
+                // cookie in `ViewerLeave`), and only its own subscription.
+                let Some(n) = self.nb.id_of(from).map(str::to_owned) else {
+                    self.stats.unknown_sender += 1;
+                    self.update(now);
+                    return;
+                };
                 let key = SocketAddr::new(from.ip(), data_port);
-                let removed = self
-                    .streams
-                    .get_mut(&stream)
-                    .and_then(|s| s.children.remove(&key));
-                if removed.is_none() {
-                    self.stats.ignored += 1;
+                let st = self.streams.get_mut(&stream);
+                let owned = st
+                    .as_ref()
+                    .and_then(|s| s.children.get(&key))
+                    .is_some_and(|c| c.node.as_deref() == Some(n.as_str()));
+                match st {
+                    Some(st) if owned => {
+                        st.children.remove(&key);
+                    }
+                    _ => self.stats.ignored += 1,
+                }
+            }
+            Message::ViewerJoin {
+                stream,
+                data_port,
+                cookie,
+            } => self.on_viewer_join(now, from, stream, data_port, cookie),
+            Message::ViewerLeave {
+                stream,
+                data_port,
+                cookie,
+            } => {
+                self.stats.leaves_in += 1;
+                let data = SocketAddr::new(from.ip(), data_port);
+                if self.config.role != Role::Pop {
+                    self.stats.viewer_not_pop += 1;
+                } else if self.cookie_age(now, data, cookie).is_none() {
+                    self.stats.bad_cookie += 1;
+                } else {
+                    let st = self.streams.get_mut(&stream);
+                    let viewer = st
+                        .as_ref()
+                        .and_then(|s| s.children.get(&data))
+                        .is_some_and(|c| c.node.is_none());
+                    match st {
+                        Some(st) if viewer => {
+                            st.children.remove(&data);
+                        }
+                        _ => self.stats.ignored += 1,
+                    }
                 }
             }
             Message::Probe { nonce, sent_us } => {
@@ -535,7 +612,19 @@ impl Node {
                     return;
                 }
             },
-            None => None,
+            None => {
+                // A viewer's first Join: only a PoP answers, with a cookie sent to the
+                // address the media would go to. Nothing is subscribed until it comes
+                // back in a `ViewerJoin`.
+                if self.config.role != Role::Pop {
+                    self.stats.viewer_not_pop += 1;
+                    return;
+                }
+                if !self.refuse_unknown_stream(from, stream) {
+                    self.send_cookie(now, SocketAddr::new(from.ip(), data_port), stream);
+                }
+                return;
+            }
         };
         let known = self.catalogue().iter().any(|s| s.id == stream);
         if !known {
@@ -559,8 +648,158 @@ impl Node {
                 node: child_node,
                 expires,
                 ctrl_port: from.port(),
+                session: None,
             },
         );
+    }
+
+    /// Answer an unknown stream with an error (to the sender); `true` if it was unknown.
+    fn refuse_unknown_stream(&mut self, from: SocketAddr, stream: StreamId) -> bool {
+        if self.catalogue().iter().any(|s| s.id == stream) {
+            return false;
+        }
+        self.stats.ignored += 1;
+        self.stats.errors_out += 1;
+        self.transmits.push_back(Transmit {
+            to: from,
+            msg: Message::Error {
+                reason: format!("unknown stream {stream:#010x}"),
+            },
+        });
+        true
+    }
+
+    /// The cookie bucket `now` falls in.
+    fn bucket(&self, now: Instant) -> u64 {
+        let len = micros(self.config.cookie_bucket).max(1);
+        micros(now.saturating_duration_since(self.started)) / len
+    }
+
+    /// How many buckets old `cookie` is for the viewer at `data` (0 or 1), or `None`
+    /// if it is not a cookie this node made for that address in the last two buckets.
+    fn cookie_age(&self, now: Instant, data: SocketAddr, cookie: u64) -> Option<u64> {
+        let b = self.bucket(now);
+        let secret = &self.config.admission_secret;
+        (0..=1u64).find(|age| {
+            b.checked_sub(*age)
+                .is_some_and(|bb| viewer_cookie(secret, data, bb) == cookie)
+        })
+    }
+
+    fn send_cookie(&mut self, now: Instant, data: SocketAddr, stream: StreamId) {
+        self.stats.cookies_out += 1;
+        let cookie = viewer_cookie(&self.config.admission_secret, data, self.bucket(now));
+        self.transmits.push_back(Transmit {
+            to: data,
+            msg: Message::Cookie {
+                stream,
+                data_port: data.port(),
+                cookie,
+            },
+        });
+    }
+
+    /// A viewer's `Join` with the cookie echoed: subscribe it (within the caps) and
+    /// send it its session key.
+    fn on_viewer_join(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        stream: StreamId,
+        data_port: u16,
+        cookie: u64,
+    ) {
+        self.stats.joins_in += 1;
+        if self.config.role != Role::Pop {
+            self.stats.viewer_not_pop += 1;
+            return;
+        }
+        let data = SocketAddr::new(from.ip(), data_port);
+        let Some(age) = self.cookie_age(now, data, cookie) else {
+            // Forged, or expired: the owner of the address gets a fresh cookie.
+            self.stats.bad_cookie += 1;
+            if !self.refuse_unknown_stream(from, stream) {
+                self.send_cookie(now, data, stream);
+            }
+            return;
+        };
+        if self.refuse_unknown_stream(from, stream) {
+            return;
+        }
+        let existing = self
+            .streams
+            .get(&stream)
+            .and_then(|s| s.children.get(&data))
+            .is_some_and(|c| c.node.is_none());
+        if !existing {
+            let of_stream = self.streams.get(&stream).map_or(0, |s| {
+                s.children.values().filter(|c| c.node.is_none()).count()
+            });
+            if of_stream >= self.config.max_viewers_per_stream {
+                self.stats.viewer_cap_stream += 1;
+                self.refuse_viewer(from, "too many viewers of this stream at this PoP");
+                return;
+            }
+            let of_ip = self
+                .streams
+                .values()
+                .flat_map(|s| s.children.iter())
+                .filter(|(a, c)| c.node.is_none() && a.ip() == data.ip())
+                .count();
+            if of_ip >= self.config.max_viewers_per_ip {
+                self.stats.viewer_cap_ip += 1;
+                self.refuse_viewer(from, "too many subscriptions from this address");
+                return;
+            }
+        }
+        self.stats.viewer_joins += 1;
+        let session = SessionKey::derive(&self.config.admission_secret, data);
+        let session_key = session.bytes();
+        let expires = now + self.config.join_expiry;
+        let st = self.streams.entry(stream).or_default();
+        match st.children.get_mut(&data) {
+            Some(c) if c.node.is_some() => {
+                // An overlay member's subscription is not a viewer's to take over.
+                self.stats.ignored += 1;
+                return;
+            }
+            Some(c) => {
+                c.expires = expires;
+                c.ctrl_port = from.port();
+            }
+            None => {
+                st.children.insert(
+                    data,
+                    Child {
+                        node: None,
+                        expires,
+                        ctrl_port: from.port(),
+                        session: Some(session),
+                    },
+                );
+            }
+        }
+        self.transmits.push_back(Transmit {
+            to: data,
+            msg: Message::Admitted {
+                stream,
+                data_port,
+                session_key,
+            },
+        });
+        if age > 0 {
+            self.send_cookie(now, data, stream);
+        }
+    }
+
+    fn refuse_viewer(&mut self, to: SocketAddr, reason: &str) {
+        self.stats.errors_out += 1;
+        self.transmits.push_back(Transmit {
+            to,
+            msg: Message::Error {
+                reason: reason.to_owned(),
+            },
+        });
     }
 
     /// Drive timers: heartbeats, announcements, join refreshes, expiry of children and
@@ -1097,9 +1336,15 @@ impl Node {
             let fwd: Vec<SocketAddr> = st.children.keys().copied().collect();
             if fwd != st.last_forwarding {
                 st.last_forwarding = fwd.clone();
+                let sessions = st
+                    .children
+                    .iter()
+                    .filter_map(|(a, c)| c.session.clone().map(|k| (*a, k)))
+                    .collect();
                 self.events.push_back(Event::Forwarding {
                     stream: id,
                     children: fwd,
+                    sessions,
                 });
             }
             if st.children.is_empty() && st.upstream.is_none() {
@@ -1496,19 +1741,23 @@ mod tests {
         assert_eq!(n.stats().unknown_sender, 1);
         let client = SocketAddr::from(([10, 9, 9, 9], 5555));
         let now = t0 + Duration::from_millis(10);
+        let data = SocketAddr::from(([10, 9, 9, 9], 9000));
+        let cookie = cookie_from(&mut n, now, client, news.id, 9000);
         n.handle(
             now,
             client,
-            Message::Join {
+            Message::ViewerJoin {
                 stream: news.id,
                 data_port: 9000,
-                from: None,
+                cookie,
             },
         );
         let ev: Vec<Event> = std::iter::from_fn(|| n.poll_event()).collect();
+        let key = SessionKey::derive(&[0; 32], data);
         assert!(ev.contains(&Event::Forwarding {
             stream: news.id,
-            children: vec![SocketAddr::from(([10, 9, 9, 9], 9000))]
+            children: vec![data],
+            sessions: vec![(data, key.clone())],
         }));
         let tx: Vec<Transmit> = std::iter::from_fn(|| n.poll_transmit()).collect();
         assert!(tx.iter().any(|t| t.to == addr(1)
@@ -1518,9 +1767,17 @@ mod tests {
                     data_port: 7001,
                     from: Some("p".into())
                 }));
+        // The session key goes to the data address only.
+        assert!(tx.iter().any(|t| t.to == data
+            && t.msg
+                == Message::Admitted {
+                    stream: news.id,
+                    data_port: 9000,
+                    session_key: key.bytes(),
+                }));
         assert_eq!(n.upstream(news.id), Some("s"));
         n.check_invariants().unwrap();
-        // Leave prunes at once.
+        // A plain Leave (no cookie) from the viewer's address is not a neighbour's: ignored.
         n.handle(
             now,
             client,
@@ -1529,8 +1786,276 @@ mod tests {
                 data_port: 9000,
             },
         );
+        assert_eq!(n.forwarding(news.id), vec![data]);
+        // A Leave with a wrong cookie neither.
+        n.handle(
+            now,
+            client,
+            Message::ViewerLeave {
+                stream: news.id,
+                data_port: 9000,
+                cookie: cookie ^ 1,
+            },
+        );
+        assert_eq!(n.forwarding(news.id), vec![data]);
+        assert_eq!(n.stats().bad_cookie, 1);
+        // With the cookie, the Leave prunes at once.
+        n.handle(
+            now,
+            client,
+            Message::ViewerLeave {
+                stream: news.id,
+                data_port: 9000,
+                cookie,
+            },
+        );
         let tx = drain(&mut n);
         assert!(tx.iter().any(|t| matches!(t.msg, Message::Leave { .. })));
         assert_eq!(n.upstream(news.id), None);
+    }
+
+    /// Send a viewer's first Join from `from` and return the cookie the node sent to
+    /// the data address (asserting it went there and nothing was subscribed).
+    fn cookie_from(
+        n: &mut Node,
+        now: Instant,
+        from: SocketAddr,
+        stream: StreamId,
+        port: u16,
+    ) -> u64 {
+        n.handle(
+            now,
+            from,
+            Message::Join {
+                stream,
+                data_port: port,
+                from: None,
+            },
+        );
+        let data = SocketAddr::new(from.ip(), port);
+        let tx = drain(n);
+        tx.iter()
+            .find_map(|t| match t.msg {
+                Message::Cookie {
+                    cookie,
+                    stream: s,
+                    data_port,
+                } if t.to == data && s == stream && data_port == port => Some(cookie),
+                _ => None,
+            })
+            .expect("a cookie sent to the data address")
+    }
+
+    /// A PoP with a live route to `s` offering "news" (and its id).
+    fn pop_with_news() -> (Node, Instant, StreamId) {
+        let (mut n, t0) = pop_of_multihomed_server();
+        n.handle(t0, addr(1), announce(1_000_000, &["news"]));
+        drain(&mut n);
+        (n, t0, ott_proto::stream_id_for("news"))
+    }
+
+    #[test]
+    fn test_viewer_without_the_cookie_gets_nothing() {
+        let (mut n, t0, news) = pop_with_news();
+        let victim = SocketAddr::from(([10, 9, 9, 9], 4444));
+        // Joins "from" the victim (a forged source): the cookie goes to the victim, who
+        // never echoes it; the forger guesses.
+        n.handle(
+            t0,
+            victim,
+            Message::Join {
+                stream: news,
+                data_port: 4444,
+                from: None,
+            },
+        );
+        let tx = drain(&mut n);
+        assert_eq!(tx.len(), 1, "one cookie, nothing else: {tx:?}");
+        assert!(matches!(tx[0].msg, Message::Cookie { .. }) && tx[0].to == victim);
+        for guess in [0u64, 1, u64::MAX] {
+            n.handle(
+                t0,
+                victim,
+                Message::ViewerJoin {
+                    stream: news,
+                    data_port: 4444,
+                    cookie: guess,
+                },
+            );
+        }
+        assert!(n.forwarding(news).is_empty());
+        assert_eq!(n.upstream(news), None);
+        assert_eq!(n.stats().bad_cookie, 3);
+        assert!(
+            std::iter::from_fn(|| n.poll_event()).all(|e| !matches!(e, Event::Forwarding { .. }))
+        );
+        // A cookie for another port of the same address does not admit this one.
+        let other = cookie_from(&mut n, t0, victim, news, 5555);
+        n.handle(
+            t0,
+            victim,
+            Message::ViewerJoin {
+                stream: news,
+                data_port: 4444,
+                cookie: other,
+            },
+        );
+        assert!(n.forwarding(news).is_empty());
+        assert_eq!(n.stats().bad_cookie, 4);
+    }
+
+    #[test]
+    fn test_cookie_expires_after_two_buckets_and_is_renewed() {
+        let (mut n, t0, news) = pop_with_news();
+        // Buckets of 100 ms, so the route to s (dead after 400 ms of silence) lives on.
+        n.config.cookie_bucket = Duration::from_millis(100);
+        let v = SocketAddr::from(([10, 9, 9, 9], 9000));
+        let c0 = cookie_from(&mut n, t0, v, news, 9000);
+        let vj = |cookie| Message::ViewerJoin {
+            stream: news,
+            data_port: 9000,
+            cookie,
+        };
+        // In the next bucket it is still taken, and a fresh cookie comes with the answer.
+        let t1 = t0 + Duration::from_millis(110);
+        n.handle(t1, v, vj(c0));
+        assert_eq!(n.forwarding(news), vec![v]);
+        let tx = drain(&mut n);
+        let c1 = tx
+            .iter()
+            .find_map(|t| match t.msg {
+                Message::Cookie { cookie, .. } if t.to == v => Some(cookie),
+                _ => None,
+            })
+            .expect("a fresh cookie");
+        assert_ne!(c1, c0);
+        // Two buckets on, the old one is refused (and a new one sent), the fresh one taken.
+        let t2 = t0 + Duration::from_millis(210);
+        n.handle(t2, v, vj(c0));
+        assert_eq!(n.stats().bad_cookie, 1);
+        assert!(drain(&mut n)
+            .iter()
+            .any(|t| t.to == v && matches!(t.msg, Message::Cookie { .. })));
+        n.handle(t2, v, vj(c1));
+        assert_eq!(n.stats().bad_cookie, 1);
+        assert_eq!(n.forwarding(news), vec![v]);
+        // A viewer not refreshed expires like any child.
+        n.handle_timeout(t2 + Duration::from_secs(4));
+        assert!(n.forwarding(news).is_empty());
+    }
+
+    #[test]
+    fn test_viewer_caps_per_stream_and_per_address() {
+        let (mut n, t0, news) = pop_with_news();
+        let mut cfg = n.config().clone();
+        cfg.max_viewers_per_stream = 3;
+        cfg.max_viewers_per_ip = 2;
+        n.config = cfg;
+        let admit = |n: &mut Node, ip: u8, port: u16| {
+            let from = SocketAddr::from(([10, 9, 9, ip], port));
+            let cookie = cookie_from(n, t0, from, news, port);
+            n.handle(
+                t0,
+                from,
+                Message::ViewerJoin {
+                    stream: news,
+                    data_port: port,
+                    cookie,
+                },
+            );
+            drain(n);
+        };
+        admit(&mut n, 1, 1000);
+        admit(&mut n, 1, 1001);
+        admit(&mut n, 1, 1002); // third from 10.9.9.1: refused
+        assert_eq!(n.forwarding(news).len(), 2);
+        assert_eq!(n.stats().viewer_cap_ip, 1);
+        // A refresh of an admitted viewer is no new subscription.
+        admit(&mut n, 1, 1000);
+        assert_eq!(n.stats().viewer_cap_ip, 1);
+        admit(&mut n, 2, 1000);
+        admit(&mut n, 3, 1000); // fourth of the stream: refused
+        assert_eq!(n.forwarding(news).len(), 3);
+        assert_eq!(n.stats().viewer_cap_stream, 1);
+    }
+
+    #[test]
+    fn test_only_pops_take_viewers_and_leave_is_a_neighbours() {
+        // A relay with a route to s: a viewer's Join gets no cookie, a guessed echo nothing.
+        let t0 = Instant::now();
+        let cfg = NodeConfig::new("r", Role::Relay, 7001);
+        let mut n = Node::new(
+            cfg,
+            vec![("s".into(), addr(1)), ("p".into(), addr(2))],
+            t0,
+            t0,
+        );
+        n.handle(t0, addr(1), hb("s", 5));
+        n.handle(
+            t0 + Duration::from_millis(2),
+            addr(1),
+            Message::HeartbeatAck {
+                from: "s".into(),
+                seq: 1,
+                echo_us: 0,
+                incarnation: 5,
+            },
+        );
+        n.handle(t0, addr(1), announce(1_000_000, &["news"]));
+        drain(&mut n);
+        let news = ott_proto::stream_id_for("news");
+        let stranger = SocketAddr::from(([10, 9, 9, 9], 4444));
+        n.handle(
+            t0,
+            stranger,
+            Message::Join {
+                stream: news,
+                data_port: 4444,
+                from: None,
+            },
+        );
+        n.handle(
+            t0,
+            stranger,
+            Message::ViewerJoin {
+                stream: news,
+                data_port: 4444,
+                cookie: viewer_cookie(&[0; 32], SocketAddr::from(([10, 9, 9, 9], 4444)), 0),
+            },
+        );
+        assert!(drain(&mut n).is_empty());
+        assert!(n.forwarding(news).is_empty());
+        assert_eq!(n.stats().viewer_not_pop, 2);
+        // Its neighbour p joins; a stranger's Leave naming p's data address is refused.
+        n.handle(
+            t0,
+            addr(2),
+            Message::Join {
+                stream: news,
+                data_port: 7001,
+                from: Some("p".into()),
+            },
+        );
+        let p_data = SocketAddr::new(addr(2).ip(), 7001);
+        assert_eq!(n.forwarding(news), vec![p_data]);
+        n.handle(
+            t0,
+            stranger,
+            Message::Leave {
+                stream: news,
+                data_port: 7001,
+            },
+        );
+        assert_eq!(n.forwarding(news), vec![p_data]);
+        assert_eq!(n.stats().unknown_sender, 1);
+        n.handle(
+            t0,
+            addr(2),
+            Message::Leave {
+                stream: news,
+                data_port: 7001,
+            },
+        );
+        assert!(n.forwarding(news).is_empty());
     }
 }

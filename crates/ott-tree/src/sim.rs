@@ -1183,7 +1183,10 @@ impl Sim {
                     out.push((t.to, t.msg));
                 }
                 while let Some(ev) = n.poll_event() {
-                    if let Event::Forwarding { stream, children } = ev {
+                    if let Event::Forwarding {
+                        stream, children, ..
+                    } = ev
+                    {
                         fwd.push((stream, children));
                     }
                 }
@@ -1191,9 +1194,15 @@ impl Sim {
             }
             Some(Machine::Client(c)) => {
                 while let Some(t) = c.poll_transmit() {
-                    if matches!(t.msg, Message::Join { .. } | Message::Leave { .. }) {
+                    // A viewer's echoed Join and its Leave count as joins and leaves.
+                    let kind = match t.msg {
+                        Message::Join { .. } | Message::ViewerJoin { .. } => Some("join"),
+                        Message::Leave { .. } | Message::ViewerLeave { .. } => Some("leave"),
+                        _ => None,
+                    };
+                    if let Some(kind) = kind {
                         pop_targets.push((log.len(), t.to));
-                        log.push(t.msg.kind().to_owned());
+                        log.push(kind.to_owned());
                     }
                     out.push((t.to, t.msg));
                 }
