@@ -64,10 +64,11 @@ pub(crate) struct EmulateArgs {
     /// Scenario (clients and timed events); without it, two clients watch for --duration.
     #[arg(long)]
     scenario: Option<PathBuf>,
-    /// How long the clients watch, in seconds (overrides the scenario's duration_s).
+    /// How long the clients watch, in seconds (overrides the scenario's duration_s;
+    /// 20 with --random and --random-sweep).
     #[arg(long)]
     duration: Option<f64>,
-    /// Also write the report as JSON to this file.
+    /// Also write the report as JSON to this file (--random-sweep: its lines).
     #[arg(long)]
     report: Option<PathBuf>,
     /// Directory of clips.
@@ -86,11 +87,11 @@ pub(crate) struct EmulateArgs {
     compare: bool,
     /// Generate a topology from this seed (written to target/emulate/random-SEED-nN.toml)
     /// and run it with a viewer on every client node.
-    #[arg(long, value_name = "SEED", conflicts_with_all = ["scenario", "random_sweep"])]
+    #[arg(long, value_name = "SEED", conflicts_with_all = ["topology", "scenario", "random_sweep"])]
     random: Option<u64>,
     /// Run K generated topologies (seeds --first-seed, --first-seed + 1, ...) and print
     /// one line per seed.
-    #[arg(long, value_name = "K", conflicts_with = "scenario")]
+    #[arg(long, value_name = "K", conflicts_with_all = ["topology", "scenario"])]
     random_sweep: Option<u64>,
     /// First seed of --random-sweep.
     #[arg(long, default_value_t = 1, requires = "random_sweep")]

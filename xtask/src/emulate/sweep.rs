@@ -204,10 +204,21 @@ pub(crate) fn line_for(
     if viewers == 0 {
         problems.push("no viewers".into());
     }
+    // Viewers that received nothing, grouped by their cause.
+    let mut nothing: Vec<(String, Vec<&str>)> = Vec::new();
+    for c in r.clients.iter().filter(|c| c.frames_received == 0) {
+        let why = c.last_warning.clone().unwrap_or_else(|| c.summary.clone());
+        match nothing.iter_mut().find(|(w, _)| *w == why) {
+            Some((_, ids)) => ids.push(&c.id),
+            None => nothing.push((why, vec![&c.id])),
+        }
+    }
+    for (why, ids) in &nothing {
+        problems.push(format!("{} received nothing ({why})", ids.join(", ")));
+    }
     for c in &r.clients {
         if c.frames_received == 0 {
-            let why = c.last_warning.as_deref().unwrap_or(&c.summary);
-            problems.push(format!("{} received nothing ({why})", c.id));
+            continue;
         } else if c.frames_intact < c.frames_received {
             problems.push(format!(
                 "{} wrote {} damaged frames",
@@ -508,17 +519,27 @@ mod tests {
         let fine = report(vec![viewer("c1", 1999, 1999, 2000, 40)], vec![]);
         assert!(line_for(1, &t, &fine, 99.9, path).ok());
 
-        // Nothing received: 0 %, not the 100 % of "nothing expected".
+        // Nothing received: 0 %, not the 100 % of "nothing expected"; the cause is the
+        // viewer's last warning, or its summary; viewers with one cause are grouped.
+        let warned = |id: &str| {
+            let mut v = viewer(id, 0, 0, 0, 0);
+            v.last_warning = Some("WARN no usable pop".into());
+            v
+        };
         let none = report(
-            vec![viewer("c1", 500, 500, 500, 0), viewer("c2", 0, 0, 0, 0)],
+            vec![
+                viewer("c1", 500, 500, 500, 0),
+                viewer("c2", 0, 0, 0, 0),
+                warned("c3"),
+                warned("c4"),
+            ],
             vec![],
         );
         let l = line_for(1, &t, &none, 100.0, path);
         assert_eq!(l.min_intact_pct, 0.0);
-        assert!(
-            l.verdict.contains("c2 received nothing (pop=- frames=0)"),
-            "{}",
-            l.verdict
+        assert_eq!(
+            l.verdict,
+            "c2 received nothing (pop=- frames=0); c3, c4 received nothing (WARN no usable pop)"
         );
 
         // Damaged frames, and a stream that died 3 s before the end.
