@@ -107,8 +107,8 @@ pub(crate) struct EmulateArgs {
     /// viewers start 0.5 s later).
     #[arg(long, value_name = "PCT")]
     loss: Option<f64>,
-    /// Kill the relay that carries the most of the tree (and whose loss leaves every
-    /// PoP a path to a server) halfway through the run.
+    /// Kill a relay on an active path halfway through the run: the one with the most
+    /// PoPs below it, preferring those whose loss cuts no PoP off from the servers.
     #[arg(long)]
     kill_relay: bool,
 }
@@ -789,8 +789,17 @@ impl Emulation {
                         format!("killed {relay}")
                     }
                     None => {
-                        "no relay carries a stream whose loss the overlay survives: none killed"
-                            .to_string()
+                        let busy: Vec<String> = carrying
+                            .iter()
+                            .filter(|(id, &c)| {
+                                c > 0 && self.topology.node(id).map(|n| n.role) == Some(Role::Relay)
+                            })
+                            .map(|(id, c)| format!("{id} ({c})"))
+                            .collect();
+                        format!(
+                            "no relay on an active path whose loss leaves a PoP a path to a server (relays with stream children: {}): none killed",
+                            if busy.is_empty() { "none".to_string() } else { busy.join(", ") }
+                        )
                     }
                 }));
             }

@@ -56,7 +56,7 @@ pub(crate) enum Action {
     /// SIGKILL a node's program (a crash).
     Kill { node: String },
     /// SIGKILL the relay, chosen when the event fires, that carries a stream to a
-    /// child and has the most PoPs below it in the tree, among those whose loss
+    /// child and has the most PoPs below it in the tree, preferring those whose loss
     /// leaves every PoP an overlay path to a server (see [`pick_active_relay`]).
     KillActiveRelay,
     /// Start a killed node's program again.
@@ -316,10 +316,12 @@ impl Scenario {
     }
 }
 /// The relay a [`Action::KillActiveRelay`] kills: among the `alive` relays that carry a
-/// stream to a child (`carrying`), those whose loss leaves every alive PoP an overlay
-/// path to a server; of these the one with the most PoPs below it in the tree
-/// (`parents`), then the most stream children, then the first id. `None` if no relay
-/// qualifies (none carries a stream, or each one is the only way to some PoP).
+/// stream to a child (`carrying`) and whose loss leaves some alive PoP an overlay path
+/// to a server, first those whose loss leaves every alive PoP such a path (else the
+/// viewers of the PoPs cut off must move to another PoP); then the one with the most
+/// PoPs below it in the tree (`parents`), the most stream children, the first id.
+/// `None` if no relay qualifies (none carries a stream, or each one is the only way to
+/// every PoP).
 pub(crate) fn pick_active_relay(
     t: &Topology,
     parents: &BTreeMap<String, Option<String>>,
@@ -349,7 +351,8 @@ pub(crate) fn pick_active_relay(
             })
             .count()
     };
-    let survives = |r: &str| {
+    // How many alive PoPs keep an overlay path to a server without `r`.
+    let left = |r: &str| {
         let mut reached: BTreeSet<String> = BTreeSet::new();
         let mut queue: VecDeque<String> = VecDeque::new();
         for s in t.servers() {
@@ -365,15 +368,25 @@ pub(crate) fn pick_active_relay(
                 }
             }
         }
-        pops.iter().all(|p| reached.contains(*p))
+        pops.iter().filter(|p| reached.contains(**p)).count()
     };
     t.with_role(Role::Relay)
         .iter()
         .map(|n| n.id.as_str())
-        .filter(|r| alive(r) && carrying.get(*r).copied().unwrap_or(0) > 0 && survives(r))
-        .map(|r| (below(r), carrying.get(r).copied().unwrap_or(0), r))
-        .max_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(b.2.cmp(a.2)))
-        .map(|(_, _, r)| r.to_owned())
+        .filter(|r| alive(r) && carrying.get(*r).copied().unwrap_or(0) > 0)
+        .filter_map(|r| {
+            let left = left(r);
+            (left > 0).then(|| {
+                let key = (
+                    left == pops.len(),
+                    below(r),
+                    carrying.get(r).copied().unwrap_or(0),
+                );
+                (key, r)
+            })
+        })
+        .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(a.1)))
+        .map(|(_, r)| r.to_owned())
 }
 
 #[cfg(test)]
@@ -628,5 +641,30 @@ action = "kill_active_relay"
         );
         let quiet = Scenario::every_client(&t, &streams, 10.0, None, None);
         assert!(quiet.events.is_empty() && quiet.clients.iter().all(|c| c.start_s == 0.0));
+    }
+
+    #[test]
+    fn a_relay_that_cuts_some_pops_off_is_killed_only_if_none_cuts_none() {
+        let t = seed();
+        // n5's only overlay neighbour is n9: killing n9 cuts n5 off, not n6 or n7.
+        let parents = tree(&[
+            ("s1", None),
+            ("n12", Some("s1")),
+            ("n11", Some("n12")),
+            ("n9", Some("n11")),
+            ("n5", Some("n9")),
+        ]);
+        let all = |_: &str| true;
+        let only_n9 = counts(&[("n9", 1)]);
+        assert_eq!(
+            pick_active_relay(&t, &parents, &only_n9, all).as_deref(),
+            Some("n9")
+        );
+        // n11 is as high above n5, and its loss cuts no PoP off: it goes first.
+        let both = counts(&[("n9", 1), ("n11", 1)]);
+        assert_eq!(
+            pick_active_relay(&t, &parents, &both, all).as_deref(),
+            Some("n11")
+        );
     }
 }
