@@ -2,7 +2,9 @@
 //!
 //! - `demo`: the seed topology on loopback with two clients, and a table of what they got.
 //! - `core-launch`: a topology as a CORE scenario (`.imn`, or XML for CORE 8+).
-//! - `emulate`: a topology in network namespaces with emulated links and timed faults.
+//! - `emulate`: a topology in network namespaces with emulated links and timed faults,
+//!   or generated ones (`--random SEED`, `--random-sweep K`).
+//! - `random-topology`: write a generated topology to a file.
 //! - `bench`: the relay data path against a minimal batched relay.
 //! - `sim`: a random overlay of N nodes, or a topology file's overlay, in the simulator:
 //!   convergence, loops, failover.
@@ -38,6 +40,9 @@ enum Cmd {
     /// Run a topology in Linux network namespaces (root) with emulated links, play a
     /// scenario's timed faults, and report what each client received.
     Emulate(emulate::EmulateArgs),
+    /// Write a generated topology (the one `emulate --random SEED` runs) to a file, for
+    /// `emulate --topology`, `core-launch --topology` or `sim --topology`.
+    RandomTopology(emulate::random::RandomTopologyArgs),
     /// Measure the relay's forwarding (packets/s, Mbit/s, latency per hop, CPU per GB)
     /// against a minimal recvmmsg/sendmmsg relay, on loopback.
     Bench(bench::BenchArgs),
@@ -56,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Demo(a) => demo::run(a),
         Cmd::CoreLaunch(a) => core::run(a),
         Cmd::Emulate(a) => emulate::run(a),
+        Cmd::RandomTopology(a) => emulate::random::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Sim(a) => sim::run(a),
         Cmd::Tree(a) => tree::run(a),

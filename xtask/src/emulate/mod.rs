@@ -19,9 +19,11 @@
 pub(crate) mod link;
 pub(crate) mod netns;
 pub(crate) mod plot;
+pub(crate) mod random;
 pub(crate) mod report;
 pub(crate) mod routes;
 pub(crate) mod scenario;
+pub(crate) mod sweep;
 #[cfg(test)]
 mod tests;
 
@@ -35,7 +37,7 @@ use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,7 +45,7 @@ use anyhow::{bail, Context};
 use ott_overlay::{AddressPlan, Role, Topology};
 
 use self::link::{LinkHandle, Params};
-use self::report::{ClientReport, LinkReport, ParentChange, Report};
+use self::report::{ClientReport, EventRecord, LinkReport, ParentChange, Report};
 use self::scenario::{Action, Scenario};
 
 /// Bootstrapper port inside the emulation.
@@ -63,10 +65,11 @@ pub(crate) struct EmulateArgs {
     /// Scenario (clients and timed events); without it, two clients watch for --duration.
     #[arg(long)]
     scenario: Option<PathBuf>,
-    /// How long the clients watch, in seconds (overrides the scenario's duration_s).
+    /// How long the clients watch, in seconds (overrides the scenario's duration_s;
+    /// 20 with --random and --random-sweep).
     #[arg(long)]
     duration: Option<f64>,
-    /// Also write the report as JSON to this file.
+    /// Also write the report as JSON to this file (--random-sweep: its lines).
     #[arg(long)]
     report: Option<PathBuf>,
     /// Directory of clips.
@@ -81,8 +84,34 @@ pub(crate) struct EmulateArgs {
     no_recovery: bool,
     /// Run the scenario twice, with and without loss recovery, and print both reports
     /// and a comparison (`--report` then names the first; the second gets `.no-recovery`).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["random", "random_sweep"])]
     compare: bool,
+    /// Generate a topology from this seed (written to target/emulate/random-SEED-nN.toml)
+    /// and run it with a viewer on every client node.
+    #[arg(long, value_name = "SEED", conflicts_with_all = ["topology", "scenario", "random_sweep"])]
+    random: Option<u64>,
+    /// Run K generated topologies (seeds --first-seed, --first-seed + 1, ...) and print
+    /// one line per seed.
+    #[arg(long, value_name = "K", conflicts_with_all = ["topology", "scenario"])]
+    random_sweep: Option<u64>,
+    /// First seed of --random-sweep.
+    #[arg(long, default_value_t = 1, requires = "random_sweep")]
+    first_seed: u64,
+    /// Nodes of a generated topology (routers and clients included).
+    #[arg(long, default_value_t = random::DEFAULT_NODES, value_parser = random::parse_nodes)]
+    nodes: usize,
+    /// Generated topologies: every PoP's first link faces an access router (in sparse
+    /// overlays PoPs have only that link).
+    #[arg(long)]
+    clients_first: bool,
+    /// Random loss in percent on every link, both directions, from the start (the
+    /// viewers start 0.5 s later).
+    #[arg(long, value_name = "PCT")]
+    loss: Option<f64>,
+    /// Kill a relay on an active path halfway through the run: the one with the most
+    /// PoPs below it, preferring those whose loss cuts no PoP off from the servers.
+    #[arg(long)]
+    kill_relay: bool,
 }
 
 /// What one run needs.
@@ -102,6 +131,11 @@ pub(crate) struct RunOptions {
 }
 
 pub(crate) fn run(args: EmulateArgs) -> anyhow::Result<()> {
+    if let Some(loss) = args.loss {
+        if !(loss.is_finite() && (0.0..=100.0).contains(&loss)) {
+            bail!("--loss {loss}: a percentage from 0 to 100");
+        }
+    }
     check_root()?;
     let root = crate::project_root();
     eprintln!("building the programs…");
@@ -125,16 +159,48 @@ pub(crate) fn run(args: EmulateArgs) -> anyhow::Result<()> {
         stop,
         recovery: !args.no_recovery,
     };
-    let report = run_scenario(&opts)?;
-    println!("{}", report.text());
+    let faults = sweep::Faults {
+        loss_pct: args.loss,
+        kill_relay: args.kill_relay,
+    };
+    let shape = random::Shape {
+        clients_first: args.clients_first,
+    };
+    if let Some(k) = args.random_sweep {
+        return sweep::sweep(
+            &opts,
+            args.first_seed,
+            k,
+            args.nodes,
+            shape,
+            faults,
+            args.report.as_deref(),
+        );
+    }
+    let report = match args.random {
+        Some(seed) => {
+            let (report, line) = sweep::run_one(&opts, seed, args.nodes, shape, faults)?;
+            println!("{}", report.text());
+            println!("{}\n{}", sweep::Line::header(), line.text());
+            report
+        }
+        None => {
+            let report = run_scenario_with(&opts, |_, _, s| faults.add_to(s))?;
+            println!("{}", report.text());
+            report
+        }
+    };
     if let Some(path) = &args.report {
         write_report(&report, path)?;
     }
     if args.compare {
-        let without = run_scenario(&RunOptions {
-            recovery: false,
-            ..opts
-        })?;
+        let without = run_scenario_with(
+            &RunOptions {
+                recovery: false,
+                ..opts
+            },
+            |_, _, s| faults.add_to(s),
+        )?;
         println!("{}", without.text());
         if let Some(path) = &args.report {
             write_report(&without, &path.with_extension("no-recovery.json"))?;
@@ -161,7 +227,17 @@ pub(crate) fn check_root() -> anyhow::Result<()> {
 }
 
 /// Runs one scenario from start to report; everything is cleaned up when it returns.
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn run_scenario(opts: &RunOptions) -> anyhow::Result<Report> {
+    run_scenario_with(opts, |_, _, _| {})
+}
+
+/// [`run_scenario`], with `adjust` changing the scenario (after `--duration` is applied)
+/// before it runs; it gets the topology and the stream names.
+pub(crate) fn run_scenario_with(
+    opts: &RunOptions,
+    adjust: impl FnOnce(&Topology, &[String], &mut Scenario),
+) -> anyhow::Result<Report> {
     let removed = netns::cleanup_stale();
     if !removed.is_empty() {
         eprintln!("removed {} namespaces left by a crashed run", removed.len());
@@ -176,6 +252,7 @@ pub(crate) fn run_scenario(opts: &RunOptions) -> anyhow::Result<Report> {
     if let Some(d) = opts.duration {
         scenario.duration_s = d;
     }
+    adjust(&topology, &streams, &mut scenario);
     let mut emu = Emulation::new(topology, opts)?;
     eprintln!(
         "run {}: {} namespaces, {} links",
@@ -207,6 +284,7 @@ pub(crate) fn run_scenario(opts: &RunOptions) -> anyhow::Result<Report> {
         initial_parents: initial,
         clients,
         parent_changes: changes,
+        events: std::mem::take(&mut emu.events),
         links: emu.link_reports(),
         pids: emu.started.clone(),
     };
@@ -251,6 +329,18 @@ struct ClientProc {
     stdout: PathBuf,
     /// Streams switched to, in order.
     switches: Vec<String>,
+    /// When it was started and stopped (wall clock, as in its log).
+    times: report::ClientTimes,
+}
+
+impl ClientProc {
+    /// Stops it (SIGTERM: it prints its summary) and notes when.
+    fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            self.times.stopped = Some(std::time::SystemTime::now());
+            p.terminate(Duration::from_secs(5));
+        }
+    }
 }
 
 /// Parent samples of one node: `(when, parent)` at each change.
@@ -271,6 +361,10 @@ pub(crate) struct Emulation {
     samples: BTreeMap<String, Samples>,
     /// Each client's `/status` readings, for the plots.
     viewer_samples: Vec<(String, plot::ViewerSamples)>,
+    /// Each overlay node's latest count of stream children (from its `/status`).
+    carrying: BTreeMap<String, Arc<AtomicUsize>>,
+    /// The scenario's events as they ran.
+    events: Vec<EventRecord>,
     stop_pollers: Arc<AtomicBool>,
     work_dir: PathBuf,
     bin_dir: PathBuf,
@@ -313,6 +407,8 @@ impl Emulation {
             pollers: Vec::new(),
             samples: BTreeMap::new(),
             viewer_samples: Vec::new(),
+            carrying: BTreeMap::new(),
+            events: Vec::new(),
             stop_pollers: Arc::new(AtomicBool::new(false)),
             work_dir,
             bin_dir: opts.bin_dir.clone(),
@@ -498,6 +594,8 @@ impl Emulation {
     fn spawn_poller(&mut self, id: &str) -> anyhow::Result<()> {
         let samples: Samples = Arc::new(Mutex::new(Vec::new()));
         self.samples.insert(id.to_string(), samples.clone());
+        let carrying = Arc::new(AtomicUsize::new(0));
+        self.carrying.insert(id.to_string(), carrying.clone());
         let stop = self.stop_pollers.clone();
         let path = format!("/run/netns/{}", self.ns[id]);
         let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), STATUS_PORT);
@@ -510,7 +608,8 @@ impl Emulation {
                 let mut last: Option<Option<String>> = None;
                 while !stop.load(Ordering::SeqCst) {
                     let at = Instant::now();
-                    if let Ok(parent) = poll_parent(addr) {
+                    if let Ok((parent, children)) = poll_status(addr) {
+                        carrying.store(children, Ordering::Relaxed);
                         if last.as_ref() != Some(&parent) {
                             if let Ok(mut s) = samples.lock() {
                                 s.push((at, parent.clone()));
@@ -671,6 +770,10 @@ impl Emulation {
             log,
             stdout,
             switches: Vec::new(),
+            times: report::ClientTimes {
+                started: std::time::SystemTime::now(),
+                stopped: None,
+            },
         });
         Ok(())
     }
@@ -682,15 +785,42 @@ impl Emulation {
             .with_context(|| format!("client {node} is not running"))
     }
 
-    fn apply(&mut self, action: &Action) -> anyhow::Result<()> {
+    /// Does what `action` says; returns what was chosen when the action chooses (the
+    /// relay a `kill_active_relay` killed).
+    fn apply(&mut self, action: &Action) -> anyhow::Result<Option<String>> {
         match action {
-            Action::Kill { node } => {
-                let mut p = self
-                    .procs
-                    .remove(node)
-                    .with_context(|| format!("{node} is not running"))?;
-                p.child.kill()?;
-                p.child.wait()?;
+            Action::Kill { node } => self.kill(node)?,
+            Action::KillActiveRelay => {
+                let carrying: BTreeMap<String, usize> = self
+                    .carrying
+                    .iter()
+                    .map(|(id, c)| (id.clone(), c.load(Ordering::Relaxed)))
+                    .collect();
+                let parents = self.parents();
+                let procs = &self.procs;
+                let picked =
+                    scenario::pick_active_relay(&self.topology, &parents, &carrying, |n| {
+                        procs.contains_key(n)
+                    });
+                return Ok(Some(match picked {
+                    Some(relay) => {
+                        self.kill(&relay)?;
+                        format!("killed {relay}")
+                    }
+                    None => {
+                        let busy: Vec<String> = carrying
+                            .iter()
+                            .filter(|(id, &c)| {
+                                c > 0 && self.topology.node(id).map(|n| n.role) == Some(Role::Relay)
+                            })
+                            .map(|(id, c)| format!("{id} ({c})"))
+                            .collect();
+                        format!(
+                            "no relay on an active path whose loss leaves a PoP a path to a server (relays with stream children: {}): none killed",
+                            if busy.is_empty() { "none".to_string() } else { busy.join(", ") }
+                        )
+                    }
+                }));
             }
             Action::Restart { node } => {
                 if self.procs.contains_key(node) {
@@ -723,11 +853,7 @@ impl Emulation {
                 self.reroute()?;
             }
             Action::ClientStart { client, stream } => self.start_client(client, stream)?,
-            Action::ClientStop { client } => {
-                if let Some(mut p) = self.running_client(client)?.proc.take() {
-                    p.terminate(Duration::from_secs(5));
-                }
-            }
+            Action::ClientStop { client } => self.running_client(client)?.stop(),
             Action::Switch { client, stream } => {
                 use std::io::Write;
                 let c = self.running_client(client)?;
@@ -741,6 +867,17 @@ impl Emulation {
                 stdin.flush()?;
             }
         }
+        Ok(None)
+    }
+
+    /// SIGKILL a node's program.
+    fn kill(&mut self, node: &str) -> anyhow::Result<()> {
+        let mut p = self
+            .procs
+            .remove(node)
+            .with_context(|| format!("{node} is not running"))?;
+        p.child.kill()?;
+        p.child.wait()?;
         Ok(())
     }
 
@@ -801,9 +938,19 @@ impl Emulation {
             match next.peek() {
                 Some((at, _)) if t0 + Duration::from_secs_f64(*at) <= now => {
                     if let Some((at, action)) = next.next() {
-                        eprintln!("t={at:.1} s: {}", describe(&action));
-                        self.apply(&action)
+                        let what = describe(&action);
+                        let t_ms = now.duration_since(t0).as_millis() as u64;
+                        let note = self
+                            .apply(&action)
                             .with_context(|| format!("event at {at} s"))?;
+                        let what = match note {
+                            Some(note) => format!("{what}: {note}"),
+                            None => what,
+                        };
+                        eprintln!("t={at:.1} s: {what}");
+                        if !matches!(action, Action::ClientStart { .. }) {
+                            self.events.push(EventRecord { t_ms, what });
+                        }
                     }
                 }
                 _ => std::thread::sleep(Duration::from_millis(10)),
@@ -849,9 +996,7 @@ impl Emulation {
     /// Stops the clients that still run and reads what each received.
     fn finish_clients(&mut self, clips: &[ott_media::Clip]) -> anyhow::Result<Vec<ClientReport>> {
         for c in &mut self.clients {
-            if let Some(mut p) = c.proc.take() {
-                p.terminate(Duration::from_secs(5));
-            }
+            c.stop();
         }
         let mut out = Vec::new();
         for c in &self.clients {
@@ -859,10 +1004,13 @@ impl Emulation {
                 &c.node,
                 &c.stream,
                 &c.switches,
-                &c.output,
-                &c.stdout,
-                &c.log,
+                report::ClientFiles {
+                    output: &c.output,
+                    stdout: &c.stdout,
+                    log: &c.log,
+                },
                 clips,
+                c.times,
             ));
         }
         Ok(out)
@@ -888,9 +1036,18 @@ fn apply_change(change: &scenario::LinkChange, p: &mut Params) {
 fn describe(a: &Action) -> String {
     match a {
         Action::Kill { node } => format!("kill {node}"),
+        Action::KillActiveRelay => "kill the most active relay".to_string(),
         Action::Restart { node } => format!("restart {node}"),
-        Action::Link { ends, .. } => format!("set link {}-{}", ends[0], ends[1]),
-        Action::AllLinks { .. } => "set every link".to_string(),
+        Action::Link { ends, .. } => format!(
+            "set link {}-{}{}",
+            ends[0],
+            ends[1],
+            a.link_change().map(describe_change).unwrap_or_default()
+        ),
+        Action::AllLinks { .. } => format!(
+            "set every link{}",
+            a.link_change().map(describe_change).unwrap_or_default()
+        ),
         Action::LinkDown { ends } => format!("link {}-{} down", ends[0], ends[1]),
         Action::LinkUp { ends } => format!("link {}-{} up", ends[0], ends[1]),
         Action::ClientStart { client, stream } => format!("start client {client} on {stream}"),
@@ -899,11 +1056,41 @@ fn describe(a: &Action) -> String {
     }
 }
 
-/// `GET /status` at `addr` and its `parent`.
-fn poll_parent(addr: SocketAddr) -> anyhow::Result<Option<String>> {
+/// `: delay 40 ms, loss 3 %` for the values a link change sets.
+fn describe_change(c: scenario::LinkChange) -> String {
+    let parts: Vec<String> = [
+        c.delay_ms.map(|v| format!("delay {v} ms")),
+        c.jitter_ms.map(|v| format!("jitter {v} ms")),
+        c.loss_pct.map(|v| format!("loss {v} %")),
+        c.rate_mbit.map(|v| format!("rate {v} Mbit/s")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", parts.join(", "))
+    }
+}
+
+/// `GET /status` at `addr`: its `parent`, and how many stream children it has (over
+/// all its streams).
+fn poll_status(addr: SocketAddr) -> anyhow::Result<(Option<String>, usize)> {
     let body = ott_apps::launcher::http_get(addr, "/status")?;
     let v: serde_json::Value = serde_json::from_str(&body)?;
-    Ok(v.get("parent").and_then(|p| p.as_str()).map(String::from))
+    let parent = v.get("parent").and_then(|p| p.as_str()).map(String::from);
+    let children = v
+        .get("streams")
+        .and_then(|s| s.as_object())
+        .map_or(0, |streams| {
+            streams
+                .values()
+                .filter_map(|s| s.get("children").and_then(|c| c.as_array()))
+                .map(Vec::len)
+                .sum()
+        });
+    Ok((parent, children))
 }
 
 impl Drop for Emulation {

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -38,6 +39,52 @@ pub(crate) struct ClientReport {
     pub(crate) pop_switches: u64,
     /// The client's own summary line, or why there is none.
     pub(crate) summary: String,
+    /// The last warning or error line of its log (level and message).
+    pub(crate) last_warning: Option<String>,
+    /// From the client's start to its first frame (the `first frame` line of its log),
+    /// ms: bootstrap, PoP choice and join.
+    pub(crate) first_frame_after_ms: Option<u64>,
+    /// From its last frame to its stop, ms, reckoned from the frames the source sent
+    /// after its first frame: a stream that died before the end shows here, as it is
+    /// no gap between two frames.
+    pub(crate) silent_at_end_ms: Option<u64>,
+}
+
+/// When a client ran, by the wall clock its log is stamped with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ClientTimes {
+    pub(crate) started: SystemTime,
+    pub(crate) stopped: Option<SystemTime>,
+}
+
+/// The time at the start of a log line (`2026-12-02T17:24:14.855626Z ...`, UTC).
+pub(crate) fn log_time(line: &str) -> Option<SystemTime> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(str::parse::<i64>);
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.splitn(3, ':');
+    let h: i64 = t.next()?.parse().ok()?;
+    let min: i64 = t.next()?.parse().ok()?;
+    let sec: f64 = t.next()?.parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || !(0.0..61.0).contains(&sec) {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+    let yy = if m <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = (days * 86_400 + h * 3600 + min * 60) as f64 + sec;
+    (secs >= 0.0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs))
+}
+
+/// `a - b` in ms, 0 if `a` is earlier.
+fn ms_between(a: SystemTime, b: SystemTime) -> u64 {
+    a.duration_since(b).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A node's parent changed.
@@ -48,6 +95,15 @@ pub(crate) struct ParentChange {
     pub(crate) node: String,
     pub(crate) from: Option<String>,
     pub(crate) to: Option<String>,
+}
+
+/// A scenario event as it ran (client starts are left out).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct EventRecord {
+    /// Milliseconds after the scenario started.
+    pub(crate) t_ms: u64,
+    /// What it did (and what it chose, for `kill_active_relay`).
+    pub(crate) what: String,
 }
 
 /// Frame counters of one emulated link: index 0 is `ends[0]` → `ends[1]`, 1 the reverse.
@@ -79,6 +135,8 @@ pub(crate) struct Report {
     pub(crate) initial_parents: BTreeMap<String, Option<String>>,
     pub(crate) clients: Vec<ClientReport>,
     pub(crate) parent_changes: Vec<ParentChange>,
+    /// The scenario's events as they ran.
+    pub(crate) events: Vec<EventRecord>,
     /// Frames each emulated link carried and dropped.
     pub(crate) links: Vec<LinkReport>,
     /// Every process the run started (all gone once the run returns).
@@ -154,6 +212,12 @@ impl Report {
                     stalls.join(" ")
                 }
             );
+        }
+        if !self.events.is_empty() {
+            let _ = writeln!(o, "\nevents:");
+            for e in &self.events {
+                let _ = writeln!(o, "  t={:>6} ms  {}", e.t_ms, e.what);
+            }
         }
         let tree: Vec<String> = self
             .initial_parents
@@ -336,16 +400,39 @@ pub(crate) fn stalls_from_log(log: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The last `WARN` or `ERROR` line of a log, from its level on.
+pub(crate) fn last_warning(log: &str) -> Option<String> {
+    log.lines().rev().find_map(|l| {
+        let at = l.find(" WARN ").or_else(|| l.find(" ERROR "))?;
+        Some(l[at + 1..].trim().to_string())
+    })
+}
+
+/// The files one client wrote.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientFiles<'a> {
+    /// What it received (`--output`).
+    pub(crate) output: &'a Path,
+    /// Its standard output (the summary line).
+    pub(crate) stdout: &'a Path,
+    /// Its log.
+    pub(crate) log: &'a Path,
+}
+
 /// Reads one client's files into its report line.
 pub(crate) fn client_report(
     id: &str,
     stream: &str,
     switches: &[String],
-    output: &Path,
-    stdout: &Path,
-    log: &Path,
+    files: ClientFiles<'_>,
     clips: &[ott_media::Clip],
+    times: ClientTimes,
 ) -> ClientReport {
+    let ClientFiles {
+        output,
+        stdout,
+        log,
+    } = files;
     let out = std::fs::read_to_string(stdout).unwrap_or_default();
     let summary = out
         .lines()
@@ -365,6 +452,24 @@ pub(crate) fn client_report(
         .filter(|f| index.position(f).is_some())
         .count() as u64;
     let expected = index.frames_expected(&written);
+    // The last `first frame` line: a stream switch starts the count again, but the
+    // expected frames span every stream watched, so take the first one.
+    let first_frame = log_text
+        .lines()
+        .find(|l| l.contains(" first frame"))
+        .and_then(log_time);
+    let fps = clips
+        .iter()
+        .find(|c| c.name == stream)
+        .map_or(25.0, |c| c.fps)
+        .max(1.0);
+    let silent_at_end_ms = match (first_frame, times.stopped) {
+        (Some(first), Some(stopped)) if expected > 0 => {
+            let last = first + Duration::from_secs_f64((expected - 1) as f64 / fps);
+            Some(ms_between(stopped, last))
+        }
+        _ => None,
+    };
     let s = summary.as_deref().unwrap_or("");
     let num = |k: &str| {
         summary_value(s, k)
@@ -391,6 +496,9 @@ pub(crate) fn client_report(
             let tail: Vec<&str> = log_text.lines().rev().take(3).collect();
             format!("no summary; log ends: {}", tail.join(" | "))
         }),
+        last_warning: last_warning(&log_text),
+        first_frame_after_ms: first_frame.map(|at| ms_between(at, times.started)),
+        silent_at_end_ms,
     }
 }
 
@@ -437,11 +545,85 @@ mod tests {
     }
 
     #[test]
+    fn log_times_are_read_as_utc() {
+        let t = log_time("2026-12-02T17:24:14.855626Z  INFO first frame").expect("a time");
+        let since = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("after 1970");
+        // 2026-12-02 is day 20,789 since 1970-01-01.
+        let want = 20_789.0 * 86_400.0 + 17.0 * 3600.0 + 24.0 * 60.0 + 14.855626;
+        assert!((since.as_secs_f64() - want).abs() < 1e-3, "{since:?}");
+        let leap = log_time("2024-02-29T00:00:00Z x").expect("leap day");
+        let next = log_time("2024-03-01T00:00:00Z x").expect("next day");
+        assert_eq!(
+            next.duration_since(leap).ok(),
+            Some(Duration::from_secs(86_400))
+        );
+        assert_eq!(log_time("summary: frames=3"), None);
+        assert_eq!(log_time("2024-13-01T00:00:00Z x"), None);
+    }
+
+    #[test]
+    fn the_start_and_the_silent_end_are_read_from_the_log_and_the_frames() {
+        let dir = std::env::temp_dir().join(format!("ott-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        // The first 50 frames of a shipped clip (2 s at 25 fps), one after the other.
+        let clips: Vec<ott_media::Clip> =
+            ott_media::load_dir(&crate::project_root().join("videos"))
+                .expect("the shipped clips")
+                .into_iter()
+                .filter(|c| c.kind == ott_proto::MediaKind::Mjpeg)
+                .collect();
+        let a = clips.first().expect("an MJPEG clip");
+        assert_eq!(a.fps, 25.0);
+        let out: Vec<u8> = a.frames.iter().take(50).flat_map(|f| f.to_vec()).collect();
+        std::fs::write(dir.join("c.mjpeg"), &out).expect("output");
+        std::fs::write(
+            dir.join("c.log"),
+            "2026-12-02T10:00:01.000000Z  INFO client starting\n\
+             2026-12-02T10:00:01.500000Z  INFO first frame stream=a\n",
+        )
+        .expect("log");
+        std::fs::write(dir.join("c.stdout"), "summary: frames=50\n").expect("stdout");
+        let at = |s: &str| log_time(&format!("{s}Z")).expect("time");
+        let times = ClientTimes {
+            started: at("2026-12-02T10:00:00.000000"),
+            // The last frame came at 1.5 + 49/25 = 3.46 s; stopped at 6 s.
+            stopped: Some(at("2026-12-02T10:00:06.000000")),
+        };
+        let r = client_report(
+            "c",
+            &a.name,
+            &[],
+            ClientFiles {
+                output: &dir.join("c.mjpeg"),
+                stdout: &dir.join("c.stdout"),
+                log: &dir.join("c.log"),
+            },
+            &clips,
+            times,
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!((r.frames_received, r.frames_expected), (50, 50), "{r:?}");
+        assert_eq!(r.first_frame_after_ms, Some(1500));
+        assert_eq!(r.silent_at_end_ms, Some(2540));
+    }
+
+    #[test]
     fn stalls_are_read_from_the_client_log() {
         let log = "2025-01-01T00:00:00Z  INFO stall gap_ms=523\n\
                    2025-01-01T00:00:01Z  INFO joined stream\n\
                    2025-01-01T00:00:02Z  INFO stall gap_ms=210\n";
         assert_eq!(stalls_from_log(log), vec![523, 210]);
+        assert_eq!(last_warning(log), None);
+        let log = "2026-12-02T17:16:48Z  INFO client starting\n\
+                   2026-12-02T17:16:49Z  WARN no usable pop\n\
+                   2026-12-02T17:16:49Z  WARN no usable PoP at the moment\n\
+                   2026-12-02T17:16:56Z  INFO interrupted\n";
+        assert_eq!(
+            last_warning(log).as_deref(),
+            Some("WARN no usable PoP at the moment")
+        );
     }
 
     #[test]
@@ -470,12 +652,19 @@ mod tests {
                 longest_stall_ms: 40,
                 pop_switches: 0,
                 summary: String::new(),
+                last_warning: None,
+                first_frame_after_ms: Some(40),
+                silent_at_end_ms: Some(30),
             }],
             parent_changes: vec![ParentChange {
                 t_ms: 5,
                 node: "n7".into(),
                 from: Some("n8".into()),
                 to: Some("n9".into()),
+            }],
+            events: vec![EventRecord {
+                t_ms: 6000,
+                what: "kill n12".into(),
             }],
             links: vec![],
             pids: vec![],
@@ -497,5 +686,7 @@ mod tests {
             assert!(!p[k].is_null(), "parent_changes[].{k}");
         }
         assert!(r.text().contains("n7    n8 → n9"));
+        assert_eq!(v["events"][0]["what"], "kill n12");
+        assert!(r.text().contains("t=  6000 ms  kill n12"));
     }
 }
