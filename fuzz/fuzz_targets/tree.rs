@@ -498,11 +498,51 @@ impl Net {
     }
 }
 
+/// With `OTT_FUZZ_TRACE` set, says once each how deep the runs got (used with
+/// `-runs=0` on the corpus to see that the stateful target reaches the interesting states).
+fn trace(net: &Net) {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::OnceLock;
+    static ON: OnceLock<bool> = OnceLock::new();
+    static SEEN: AtomicU8 = AtomicU8::new(0);
+    if !*ON.get_or_init(|| std::env::var_os("OTT_FUZZ_TRACE").is_some()) {
+        return;
+    }
+    let pops_routed = POPS
+        .iter()
+        .filter_map(|&p| net.nodes[p].as_ref())
+        .any(|n| n.parent("s0").is_some() || n.parent("s1").is_some());
+    let forwarding_to_client = POPS.iter().filter_map(|&p| net.nodes[p].as_ref()).any(|n| {
+        n.stream_ids()
+            .into_iter()
+            .any(|s| n.forwarding(s).iter().any(|a| a.ip() == client_addr().ip()))
+    });
+    let milestones = [
+        ("a PoP has a route to a server", pops_routed),
+        (
+            "the client is attached to a PoP",
+            net.client.pop().is_some(),
+        ),
+        ("the client watches a stream", net.client.stream().is_some()),
+        (
+            "a PoP forwards a stream to the client",
+            forwarding_to_client,
+        ),
+        ("a node restarted", net.restarts.iter().any(|&r| r > 0)),
+    ];
+    for (bit, (what, reached)) in milestones.iter().enumerate() {
+        if *reached && SEEN.fetch_or(1 << bit, Ordering::Relaxed) & (1 << bit) == 0 {
+            eprintln!("tree: reached: {what}");
+        }
+    }
+}
+
 fuzz_target!(|input: Input| {
     let mut net = Net::new(&input.absent);
     net.check();
     for op in &input.ops {
         net.apply(op);
         net.check();
+        trace(&net);
     }
 });
