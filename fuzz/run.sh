@@ -8,7 +8,7 @@
 #   fuzz/run.sh --seed                  rewrite the seed inputs fuzz/corpus/*/seed-*
 #   fuzz/run.sh --merge [TARGET...]     add to fuzz/corpus/TARGET the inputs of the last
 #                                       runs (fuzz/target/work/TARGET) that reach new
-#                                       coverage (libFuzzer's -merge=1)
+#                                       edges (libFuzzer's -merge=1 -set_cover_merge=1)
 #   fuzz/run.sh --repro TARGET FILE     run one input (a crash) through its target
 #
 # New inputs a run finds go to fuzz/target/work/TARGET (not committed); the committed
@@ -84,7 +84,10 @@ case "${1:-}" in
         build
         for t in "${@:-${TARGETS[@]}}"; do
             [ -d "target/work/$t" ] || continue
-            "$BIN/$t" -merge=1 "corpus/$t" "target/work/$t" -max_len="$(max_len "$t")" \
+            # Set cover over edges (no hit counts): the fewest inputs that keep every
+            # edge reached, so the committed corpus stays small.
+            "$BIN/$t" -merge=1 -set_cover_merge=1 -use_counters=0 "corpus/$t" "target/work/$t" \
+                -max_len="$(max_len "$t")" \
                 2>&1 | grep -E "MERGE-OUTER: [0-9]+ new files" || true
         done
         exit 0

@@ -6,10 +6,8 @@
 //! `Err` without panicking, reads no further than the length it was given, and what it
 //! accepts is written again as a frame that reads back the same.
 
-use std::net::SocketAddr;
-
-use ott_bootstrap::{read_frame, write_frame, Assignment, Peer, Request, Response};
-use ott_overlay::Role;
+use ott_bootstrap::{read_frame, write_frame, Request, Response, Service};
+use ott_overlay::{AddressPlan, Topology};
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 
@@ -61,46 +59,55 @@ fn request() -> impl Strategy<Value = Request> {
     ]
 }
 
-fn addr() -> impl Strategy<Value = SocketAddr> {
-    (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port)))
-}
+/// A small topology with every role, so the bootstrapper's real answers are assignments
+/// with neighbours and PoPs, and refusals.
+const TOPOLOGY: &str = r#"name = "m"
+bootstrapper = "a"
+[[node]]
+id = "a"
+role = "server"
+[[node]]
+id = "b"
+role = "relay"
+[[node]]
+id = "c"
+role = "pop"
+[[node]]
+id = "d"
+role = "pop"
+[[node]]
+id = "e"
+role = "client"
+[[link]]
+ends = ["a", "b"]
+[[link]]
+ends = ["b", "c"]
+[[link]]
+ends = ["b", "d"]
+[[link]]
+ends = ["c", "e"]
+"#;
 
-fn peer() -> impl Strategy<Value = Peer> {
-    (id(), addr(), addr()).prop_map(|(id, ctrl, data)| Peer { id, ctrl, data })
-}
-
+/// What the bootstrapper answers to a request for one of the topology's ids (or an
+/// unknown one), in either address plan: built by the service, so the test follows
+/// the messages as they change.
 fn response() -> impl Strategy<Value = Response> {
-    let role = prop_oneof![
-        Just(Role::Server),
-        Just(Role::Relay),
-        Just(Role::Pop),
-        Just(Role::Client),
-    ];
-    prop_oneof![
-        ".{0,24}".prop_map(|reason| Response::Refused { reason }),
-        (
-            id(),
-            role,
-            addr(),
-            addr(),
-            proptest::collection::vec(peer(), 0..3),
-            proptest::collection::vec(peer(), 0..3),
-            id(),
-        )
-            .prop_map(
-                |(id, role, bind_ctrl, bind_data, neighbours, pops, topology)| {
-                    Response::Assigned(Assignment {
-                        id,
-                        role,
-                        bind_ctrl,
-                        bind_data,
-                        neighbours,
-                        pops,
-                        topology,
-                    })
-                }
-            ),
-    ]
+    let ids = ["a", "b", "c", "d", "e", "zz"];
+    (0..ids.len(), any::<bool>(), any::<bool>()).prop_map(move |(i, client, links)| {
+        let t = Topology::parse(TOPOLOGY, "m.toml").expect("the test topology is valid");
+        let plan = if links {
+            AddressPlan::Links
+        } else {
+            AddressPlan::Loopback
+        };
+        let id = ids[i].to_owned();
+        let req = if client {
+            Request::Client { id: Some(id) }
+        } else {
+            Request::Node { id }
+        };
+        Service::new(t, plan).answer(&req)
+    })
 }
 
 fn frame<T: serde::Serialize>(msg: &T) -> Vec<u8> {
