@@ -18,7 +18,8 @@
 //!   restarts are allowed; strangers' messages too: they must not be able to make one);
 //! - the client is attached to one of its PoPs or none;
 //! - after `Settle` (six seconds of a lossless network: everything in flight delivered at
-//!   once, timers in order), while nothing at all was injected or corrupted, every running
+//!   once, timers in order), while nothing at all was injected or corrupted and no
+//!   datagram was delivered more than a second after it was sent, every running
 //!   node with a path of running nodes to a running server has a route to it, and the
 //!   client is attached to a PoP if one has a route.
 //!
@@ -55,6 +56,11 @@ const CLIENT_DATA_PORT: u16 = 9000;
 const MAX_FLIGHT: usize = 512;
 /// Timer firings per `Advance` at most: far above what 5 s of the default timers need.
 const MAX_FIRINGS: usize = 20_000;
+/// A datagram delivered later than this after it was sent is late. Servers' announcements
+/// may differ in path delay by up to `NodeConfig::seq_slack` (2 s, issue 9) before the seq
+/// bound refuses the timely ones after a late one; convergence is only checked without
+/// late deliveries.
+const LATE: Duration = Duration::from_secs(1);
 /// How long `Settle` runs a lossless network: the route expiry (3.5 s), an announcement
 /// period (1 s) and death detection (0.4 s), with a margin.
 const SETTLE: Duration = Duration::from_secs(6);
@@ -129,6 +135,7 @@ struct Datagram {
     from: SocketAddr,
     to: SocketAddr,
     bytes: Vec<u8>,
+    sent: Instant,
 }
 
 struct Net {
@@ -148,6 +155,9 @@ struct Net {
     shut: Vec<bool>,
     client_shut: bool,
     settles: u8,
+    /// A datagram was delivered more than [`LATE`] after it was sent: convergence is
+    /// not checked (loop freedom still is).
+    late: bool,
     last_probe: Option<(u64, u64)>,
 }
 
@@ -192,6 +202,7 @@ impl Net {
             shut: vec![false; NODES.len()],
             client_shut: false,
             settles: 0,
+            late: false,
             last_probe: None,
         };
         net.ids.push("c0".to_owned());
@@ -233,7 +244,12 @@ impl Net {
         // driver drops what does not encode, and so does this network.
         if let Ok(bytes) = ott_proto::encode(msg) {
             if self.flight.len() < MAX_FLIGHT {
-                self.flight.push(Datagram { from, to, bytes });
+                self.flight.push(Datagram {
+                    from,
+                    to,
+                    bytes,
+                    sent: self.now,
+                });
             }
         }
     }
@@ -268,6 +284,9 @@ impl Net {
 
     /// Hands a datagram to whoever owns `to`, as its driver would.
     fn receive(&mut self, d: Datagram) {
+        if self.now.saturating_duration_since(d.sent) > LATE {
+            self.late = true;
+        }
         let Ok(msg) = ott_proto::decode(&d.bytes) else {
             return;
         };
@@ -385,6 +404,7 @@ impl Net {
                     from: d.from,
                     to: d.to,
                     bytes: d.bytes.clone(),
+                    sent: d.sent,
                 };
                 self.flight.push(copy);
             }
@@ -412,16 +432,24 @@ impl Net {
                 let msg = msg.build(&self.ids, self.last_probe);
                 if let Ok(bytes) = ott_proto::encode(&msg) {
                     let to = Self::host_addr(to);
-                    self.receive(Datagram { from, to, bytes });
+                    let sent = self.now;
+                    self.receive(Datagram {
+                        from,
+                        to,
+                        bytes,
+                        sent,
+                    });
                 }
             }
             Op::InjectRaw { to, from, bytes } => {
                 let from = self.sender(from);
                 let to = Self::host_addr(to);
+                let sent = self.now;
                 self.receive(Datagram {
                     from,
                     to,
                     bytes: bytes.clone(),
+                    sent,
                 });
             }
             Op::Catalogue { server, streams } => {
@@ -469,7 +497,7 @@ impl Net {
             Op::Settle if self.settles < 1 => {
                 self.settles += 1;
                 self.settle(SETTLE);
-                if !self.tampered {
+                if !self.tampered && !self.late {
                     self.check_converged();
                 }
             }
