@@ -5,8 +5,8 @@
 //! bytes become a list of operations (`arbitrary`): deliver, drop, duplicate or corrupt
 //! a datagram in flight (in any order), advance the clock (due timers fire), kill,
 //! restart or shut down a node, change a server's catalogue, select a stream, report
-//! media, and inject forged messages (structured or raw bytes) from a neighbour's
-//! address, the client's or a stranger's. Every datagram goes through
+//! media, and inject forged messages (structured or raw bytes, to one node or to all)
+//! from a neighbour's address, the client's or a stranger's. Every datagram goes through
 //! `ott_proto::encode`/`decode`, as between real programs.
 //!
 //! Checked after every operation:
@@ -104,6 +104,11 @@ enum Op {
     NextTimer,
     Inject {
         to: Host,
+        from: Sender,
+        msg: ArbMsg,
+    },
+    /// The same forged message to every node (an attacker who knows the overlay).
+    Broadcast {
         from: Sender,
         msg: ArbMsg,
     },
@@ -439,6 +444,21 @@ impl Net {
                         bytes,
                         sent,
                     });
+                }
+            }
+            Op::Broadcast { from, msg } => {
+                let from = self.sender(from);
+                let msg = msg.build(&self.ids, self.last_probe);
+                if let Ok(bytes) = ott_proto::encode(&msg) {
+                    for i in 0..NODES.len() {
+                        let sent = self.now;
+                        self.receive(Datagram {
+                            from,
+                            to: node_addr(i),
+                            bytes: bytes.clone(),
+                            sent,
+                        });
+                    }
                 }
             }
             Op::InjectRaw { to, from, bytes } => {
