@@ -26,9 +26,10 @@ fn news() -> StreamInfo {
 fn line() -> Sim {
     let mut sim = Sim::new(1);
     sim.add_node("s1", Role::Server);
-    for id in ["a", "b", "c"] {
-        sim.add_node(id, Role::Relay);
-    }
+    sim.add_node("a", Role::Relay);
+    sim.add_node("b", Role::Relay);
+    // Viewers attach to c: only PoPs take viewers.
+    sim.add_node("c", Role::Pop);
     sim.add_link("s1", "a", link(2));
     sim.add_link("a", "b", link(2));
     sim.add_link("b", "c", link(2));
@@ -40,9 +41,11 @@ fn line() -> Sim {
 fn diamond() -> Sim {
     let mut sim = Sim::new(2);
     sim.add_node("s1", Role::Server);
-    for id in ["p", "q", "r", "x"] {
+    for id in ["p", "q", "r"] {
         sim.add_node(id, Role::Relay);
     }
+    // Viewers attach to x: only PoPs take viewers.
+    sim.add_node("x", Role::Pop);
     sim.add_link("s1", "p", link(10));
     sim.add_link("p", "x", link(1));
     sim.add_link("s1", "q", link(1));
