@@ -71,6 +71,10 @@ pub struct ClientConfig {
     /// The `Join` of the watched stream is repeated this often (default 1 s): the PoP
     /// holds subscriptions as soft state.
     pub join_refresh: Duration,
+    /// Until the current PoP confirms the watched stream with `Admitted`, the `Join` is
+    /// repeated this often instead (default 200 ms): a lost `Join`, `Cookie` or echo costs
+    /// one retry, not a refresh period, which matters most right after a PoP change.
+    pub join_retry: Duration,
     /// Loss is the fraction of the last `loss_window` probes that were lost (default 5).
     pub loss_window: usize,
     /// Another PoP must score at least this fraction better than the current one before
@@ -109,6 +113,7 @@ impl Default for ClientConfig {
             probe_interval: Duration::from_secs(1),
             probe_timeout: Duration::from_secs(1),
             join_refresh: Duration::from_secs(1),
+            join_retry: Duration::from_millis(200),
             loss_window: 5,
             switch_margin: 0.2,
             switch_margin_abs: Duration::from_millis(1),
@@ -256,6 +261,8 @@ pub struct Client {
     next_probe: Instant,
     next_list: Option<Instant>,
     next_join: Option<Instant>,
+    /// The current PoP confirmed the watched stream (`Admitted`) since the last join.
+    admitted: bool,
     /// When the last media datagram of the watched stream arrived.
     last_media: Option<Instant>,
     /// No urgent probe round before this.
@@ -344,6 +351,7 @@ impl Client {
             next_probe: now,
             next_list: None,
             next_join: None,
+            admitted: false,
             last_media: None,
             urgent_not_before: now,
             leaving: Vec::new(),
@@ -411,13 +419,20 @@ impl Client {
                 cookie,
             } => self.on_cookie(now, idx, stream, data_port, cookie),
             Message::Admitted {
+                stream,
                 data_port,
                 session_key,
-                ..
             } => {
                 if data_port != self.data_port {
                     self.stats.unexpected += 1;
-                } else if self.pops[idx].session != Some(session_key) {
+                    return;
+                }
+                if self.current == Some(idx)
+                    && self.watching.as_ref().is_some_and(|s| s.id == stream)
+                {
+                    self.admitted = true;
+                }
+                if self.pops[idx].session != Some(session_key) {
                     self.pops[idx].session = Some(session_key);
                     self.events.push_back(ClientEvent::Session {
                         pop: self.pops[idx].id.clone(),
@@ -496,7 +511,7 @@ impl Client {
                 let to = self.pops[cur].addr;
                 let msg = self.join_msg(cur, stream);
                 self.transmits.push_back(Transmit { to, msg });
-                self.next_join = Some(later(now, self.config.join_refresh));
+                self.next_join = Some(later(now, self.join_interval()));
             } else {
                 self.next_join = None;
             }
@@ -790,6 +805,7 @@ impl Client {
                 msg: join,
             });
             let stream = stream.clone();
+            self.admitted = false;
             self.leaving.retain(|l| l.1 != new);
             if let Some(o) = old {
                 self.leaving
@@ -798,7 +814,7 @@ impl Client {
                     self.send_leaves(|_| true);
                 }
             }
-            self.next_join = Some(later(now, self.config.join_refresh));
+            self.next_join = Some(later(now, self.join_interval()));
         }
         if old.is_some() {
             self.pop_switches += 1;
@@ -853,11 +869,22 @@ impl Client {
         }
         let msg = self.join_msg(cur, &info);
         self.transmits.push_back(Transmit { to, msg });
-        self.next_join = Some(later(now, self.config.join_refresh));
+        self.admitted = false;
+        self.next_join = Some(later(now, self.join_interval()));
         self.last_media = None;
         tracing::info!(stream = %info.name, id = info.id, "watching");
         self.events.push_back(ClientEvent::Watching(info.clone()));
         self.watching = Some(info);
+    }
+
+    /// How long until the watched stream's next `Join` to the current PoP: a refresh
+    /// once it admitted us, a retry before.
+    fn join_interval(&self) -> Duration {
+        if self.admitted {
+            self.config.join_refresh
+        } else {
+            self.config.join_retry
+        }
     }
 
     /// Send the pending `Leave`s whose time `due` accepts.
@@ -924,7 +951,7 @@ impl Client {
             let msg = self.join_msg(idx, &s);
             let to = self.pops[idx].addr;
             self.transmits.push_back(Transmit { to, msg });
-            self.next_join = Some(later(now, self.config.join_refresh));
+            self.next_join = Some(later(now, self.join_interval()));
         }
     }
 }
@@ -1087,5 +1114,72 @@ mod tests {
                 cookie: 77
             })
         );
+    }
+
+    #[test]
+    fn a_join_is_retried_quickly_until_the_pop_admits_then_refreshed() {
+        let t0 = Instant::now();
+        let pop = addr("10.0.0.1:7000");
+        let mut c = Client::new(
+            ClientConfig::default(),
+            vec![("p".into(), pop)],
+            9000,
+            t0,
+            t0,
+        );
+        c.select_stream(t0, "news");
+        let Message::Probe { nonce, sent_us } = c.poll_transmit().expect("probe").msg else {
+            panic!("a probe")
+        };
+        c.handle(
+            t0,
+            pop,
+            Message::ProbeReply {
+                nonce,
+                echo_us: sent_us,
+                pop: "p".into(),
+                path_latency_us: Some(1_000),
+                hops: 1,
+                viewers: 0,
+            },
+        );
+        let news = StreamInfo::new("news", ott_proto::MediaKind::Mjpeg, 25_000);
+        c.handle(
+            t0,
+            pop,
+            Message::Streams {
+                streams: vec![news.clone()],
+            },
+        );
+        let joins = |c: &mut Client| {
+            std::iter::from_fn(|| c.poll_transmit())
+                .filter(|t| matches!(t.msg, Message::Join { .. } | Message::ViewerJoin { .. }))
+                .count()
+        };
+        assert_eq!(joins(&mut c), 1);
+        // The Join was lost: it goes again after the retry period, not a refresh period.
+        let retry = ClientConfig::default().join_retry;
+        c.handle_timeout(t0 + retry - Duration::from_millis(1));
+        assert_eq!(joins(&mut c), 0);
+        c.handle_timeout(t0 + retry);
+        assert_eq!(joins(&mut c), 1);
+        // Admitted: from here on only refreshes.
+        let t1 = t0 + retry;
+        c.handle(
+            t1,
+            pop,
+            Message::Admitted {
+                stream: news.id,
+                data_port: 9000,
+                session_key: [1; 32],
+            },
+        );
+        c.handle_timeout(t1 + retry);
+        assert_eq!(joins(&mut c), 1, "the retry already scheduled");
+        let t2 = t1 + retry;
+        c.handle_timeout(t2 + retry);
+        assert_eq!(joins(&mut c), 0);
+        c.handle_timeout(t2 + ClientConfig::default().join_refresh);
+        assert_eq!(joins(&mut c), 1);
     }
 }
