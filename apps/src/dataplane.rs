@@ -123,7 +123,7 @@ pub type DataSnapshot = HashMap<u32, StreamTraffic>;
 /// How each child of a route gets the media: a viewer with a session gets it sealed
 /// with its session key; an overlay member as received; anyone else without the overlay
 /// tag.
-fn children_of(
+pub(crate) fn children_of(
     keying: &Keying,
     children: &[SocketAddr],
     sessions: &[(SocketAddr, SessionKey)],
@@ -142,7 +142,7 @@ fn children_of(
 }
 
 /// The core's limits for a forwarder.
-fn core_config(config: ForwarderConfig) -> Config {
+pub(crate) fn core_config(config: ForwarderConfig) -> Config {
     Config {
         nack: config.nack,
         max_streams: MAX_STREAMS,
@@ -343,20 +343,7 @@ impl Forwarder {
 
     /// Add what the core counted since the last call to the node's counters.
     fn publish(&mut self) {
-        let now = self.core.counters();
-        let was = std::mem::replace(&mut self.published, now);
-        let c = &self.counters;
-        add(&c.auth_failed, now.auth_failed - was.auth_failed);
-        add(&c.malformed, now.malformed - was.malformed);
-        add(&c.unrouted, now.unrouted - was.unrouted);
-        add(&c.duplicates, now.duplicates - was.duplicates);
-        add(&c.stream_cap, now.stream_cap - was.stream_cap);
-        add(&c.resend_budget, now.resend_budget - was.resend_budget);
-        add(&c.retransmitted, now.retransmitted - was.retransmitted);
-        add(
-            &c.dropped,
-            (now.other_source - was.other_source) + (now.nacks_refused - was.nacks_refused),
-        );
+        publish(&self.counters, &mut self.published, self.core.counters());
     }
 
     fn flush(&mut self) {
@@ -405,6 +392,22 @@ impl Forwarder {
         }
         self.plan.clear();
     }
+}
+
+/// Add what a core counted since `was` (then set to `now`) to the node's counters.
+pub(crate) fn publish(c: &Counters, was: &mut CoreCounters, now: CoreCounters) {
+    let was = std::mem::replace(was, now);
+    add(&c.auth_failed, now.auth_failed - was.auth_failed);
+    add(&c.malformed, now.malformed - was.malformed);
+    add(&c.unrouted, now.unrouted - was.unrouted);
+    add(&c.duplicates, now.duplicates - was.duplicates);
+    add(&c.stream_cap, now.stream_cap - was.stream_cap);
+    add(&c.resend_budget, now.resend_budget - was.resend_budget);
+    add(&c.retransmitted, now.retransmitted - was.retransmitted);
+    add(
+        &c.dropped,
+        (now.other_source - was.other_source) + (now.nacks_refused - was.nacks_refused),
+    );
 }
 
 /// A copy of `datagram` flagged as a retransmission.

@@ -293,6 +293,8 @@ struct Stream {
     gaps: GapTracker,
     cache: StartCache,
     upstream: Option<SocketAddr>,
+    /// Kept without children (a server's own stream).
+    pinned: bool,
 }
 
 impl Stream {
@@ -305,6 +307,7 @@ impl Stream {
             gaps: GapTracker::new(NackConfig::default()),
             cache: StartCache::new(),
             upstream: None,
+            pinned: false,
         }
     }
 }
@@ -385,7 +388,14 @@ impl DataPath {
     /// when the route was refused at the stream cap.
     pub fn set_route(&mut self, now: Instant, stream: u32, mut children: Vec<Child>) -> bool {
         if children.is_empty() {
-            self.streams.remove(&stream);
+            if let Some(st) = self.streams.get_mut(&stream) {
+                if st.pinned {
+                    st.children.clear();
+                    st.stats.children = 0;
+                } else {
+                    self.streams.remove(&stream);
+                }
+            }
             return true;
         }
         if !self.streams.contains_key(&stream) && self.streams.len() >= self.config.max_streams {
@@ -436,6 +446,22 @@ impl DataPath {
         true
     }
 
+    /// Keep state for `stream` even without children: a server's own stream, whose
+    /// start cache must be ready for the first viewer. Counts against
+    /// [`Config::max_streams`]; `false` when refused at the cap.
+    pub fn pin_stream(&mut self, stream: u32) -> bool {
+        if !self.streams.contains_key(&stream) && self.streams.len() >= self.config.max_streams {
+            self.counters.stream_cap += 1;
+            return false;
+        }
+        let depth = self.config.retransmit_depth;
+        self.streams
+            .entry(stream)
+            .or_insert_with(|| Stream::new(depth))
+            .pinned = true;
+        true
+    }
+
     /// `d` (as received, tagged when keyed) as one child gets it.
     fn owned_for(keyed: bool, d: &Bytes, kind: &ChildKind) -> Payload {
         let untagged = if keyed {
@@ -472,11 +498,48 @@ impl DataPath {
             },
             None => datagram.len(),
         };
-        let body = &datagram[..untagged];
-        let Ok(header) = MediaHeader::parse(body) else {
+        let Ok(header) = MediaHeader::parse(&datagram[..untagged]) else {
             self.counters.malformed += 1;
             return Err(Drop::Malformed);
         };
+        self.accept(now, from, datagram, None, untagged, header, token)
+    }
+
+    /// A media datagram this node made (a server's, tagged when keyed) at `now`: kept
+    /// for retransmission and the start cache (sharing `datagram`, no copy) and queued to
+    /// the children of its stream. Its tag is not checked. `token` names it in the
+    /// [`Payload::Input`]s queued for it.
+    pub fn handle_local(
+        &mut self,
+        now: Instant,
+        datagram: &Bytes,
+        token: usize,
+    ) -> Result<MediaHeader, Drop> {
+        let untagged = if self.key.is_some() {
+            datagram.len().saturating_sub(TAG_LEN)
+        } else {
+            datagram.len()
+        };
+        let Ok(header) = MediaHeader::parse(&datagram[..untagged]) else {
+            self.counters.malformed += 1;
+            return Err(Drop::Malformed);
+        };
+        self.accept(now, None, datagram, Some(datagram), untagged, header, token)
+    }
+
+    /// A datagram whose tag checked and whose header parsed: the per-stream logic.
+    #[allow(clippy::too_many_arguments)]
+    fn accept(
+        &mut self,
+        now: Instant,
+        from: Option<SocketAddr>,
+        datagram: &[u8],
+        shared: Option<&Bytes>,
+        untagged: usize,
+        header: MediaHeader,
+        token: usize,
+    ) -> Result<MediaHeader, Drop> {
+        let body = &datagram[..untagged];
         // Nothing is kept for a stream nobody here receives: no allocation at all.
         let Some(st) = self.streams.get_mut(&header.stream) else {
             self.counters.unrouted += 1;
@@ -523,7 +586,10 @@ impl DataPath {
         }
         // One copy per datagram (not per child), shared by the retransmission buffer and
         // the start cache.
-        let copy = Bytes::copy_from_slice(datagram);
+        let copy = match shared {
+            Some(b) => b.clone(),
+            None => Bytes::copy_from_slice(datagram),
+        };
         st.cache.observe(now, &header, &copy);
         st.buffer.insert(header.seq, copy);
         for c in &st.children {

@@ -341,3 +341,36 @@ fn test_random_operations_never_panic() {
         }
     }
 }
+
+#[test]
+fn test_a_pinned_local_stream_caches_without_children_and_serves_the_first_child() {
+    let t0 = Instant::now();
+    let key = OverlayKey::from_bytes(&[5; 32]).expect("key");
+    let mut dp = DataPath::new(Config::default(), Some(key.clone()));
+    assert!(dp.pin_stream(S));
+    let mut d = media(S, 10, 3, true, 40);
+    key.seal_media(&mut d);
+    let d = bytes::Bytes::from(d);
+    assert!(dp.handle_local(t0, &d, 0).is_ok());
+    assert!(dp.poll_transmit().is_none(), "nobody to send to yet");
+    assert_eq!(dp.cached(S), 1);
+    // The first child gets the cached start, tag included (a member).
+    dp.set_route(t0, S, vec![Child::member(addr(2001))]);
+    let out = sent(&mut dp, &[]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1.len(), d.len());
+    // Its NACK is answered from the buffer; the route going leaves the pinned state.
+    dp.handle_nack(
+        t0,
+        addr(2001),
+        S,
+        &[NackRange {
+            first: 10,
+            count: 1,
+        }],
+    );
+    assert_eq!(sent(&mut dp, &[]).len(), 1);
+    dp.set_route(t0, S, Vec::new());
+    assert_eq!(dp.cached(S), 1);
+    assert_eq!(dp.stream(S).map(|s| s.children), Some(0));
+}
