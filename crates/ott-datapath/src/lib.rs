@@ -69,6 +69,8 @@ pub struct Config {
     pub resend_bytes_per_sec: u64,
     /// ...and the most it may save up (a burst).
     pub resend_burst_bytes: u64,
+    /// When to NACK gaps, and when to give them up.
+    pub nack_config: NackConfig,
 }
 
 impl Default for Config {
@@ -81,6 +83,7 @@ impl Default for Config {
             max_resend_per_nack: 256,
             resend_bytes_per_sec: 4 << 20,
             resend_burst_bytes: 1 << 20,
+            nack_config: NackConfig::default(),
         }
     }
 }
@@ -298,18 +301,30 @@ struct Stream {
 }
 
 impl Stream {
-    fn new(depth: usize) -> Self {
+    fn new(depth: usize, nack: NackConfig) -> Self {
         Self {
             children: Vec::new(),
             seen: StreamDedup::default(),
             stats: StreamStats::default(),
             buffer: RetransmitBuffer::new(depth),
-            gaps: GapTracker::new(NackConfig::default()),
+            gaps: GapTracker::new(nack),
             cache: StartCache::new(),
             upstream: None,
             pinned: false,
         }
     }
+}
+
+/// Most session keys a viewer's data path holds.
+pub const MAX_SESSIONS: usize = 8;
+
+/// A media datagram the data path accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// Its header.
+    pub header: MediaHeader,
+    /// Its length without the tag checked on it (header and payload).
+    pub len: usize,
 }
 
 /// Whether `datagram` looks like media (else it is control: a NACK, or garbage).
@@ -321,6 +336,8 @@ pub fn is_media(datagram: &[u8]) -> bool {
 pub struct DataPath {
     config: Config,
     key: Option<OverlayKey>,
+    /// A viewer's: media must carry the tag of one of these session keys.
+    sessions: Option<VecDeque<SessionKey>>,
     streams: HashMap<u32, Stream>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -342,11 +359,37 @@ impl DataPath {
         Self {
             config,
             key,
+            sessions: None,
             streams: HashMap::new(),
             transmits: VecDeque::with_capacity(256),
             events: VecDeque::new(),
             counters: Counters::default(),
         }
+    }
+
+    /// A viewer's data path: media is accepted only with the tag of a session key given
+    /// to [`DataPath::add_session`] (none at first: nothing is accepted before
+    /// admission). Nothing is forwarded, so keep `config.retransmit_depth` small.
+    pub fn for_viewer(config: Config) -> Self {
+        let mut dp = Self::new(config, None);
+        dp.sessions = Some(VecDeque::new());
+        dp
+    }
+
+    /// A viewer's new session key (one per PoP that admitted it; the oldest beyond
+    /// [`MAX_SESSIONS`] is forgotten). Ignored by a data path that is not a viewer's.
+    pub fn add_session(&mut self, key: SessionKey) {
+        if let Some(s) = &mut self.sessions {
+            if s.len() >= MAX_SESSIONS {
+                s.pop_front();
+            }
+            s.push_back(key);
+        }
+    }
+
+    /// Remove `stream` and all its state, pinned or not.
+    pub fn remove_stream(&mut self, stream: u32) {
+        self.streams.remove(&stream);
     }
 
     /// The configuration.
@@ -407,11 +450,12 @@ impl DataPath {
             children.truncate(self.config.max_children);
         }
         let depth = self.config.retransmit_depth;
+        let nack = self.config.nack_config;
         let burst = self.config.resend_burst_bytes;
         let st = self
             .streams
             .entry(stream)
-            .or_insert_with(|| Stream::new(depth));
+            .or_insert_with(|| Stream::new(depth, nack));
         let mut old = std::mem::take(&mut st.children);
         let replay = if children
             .iter()
@@ -455,9 +499,10 @@ impl DataPath {
             return false;
         }
         let depth = self.config.retransmit_depth;
+        let nack = self.config.nack_config;
         self.streams
             .entry(stream)
-            .or_insert_with(|| Stream::new(depth))
+            .or_insert_with(|| Stream::new(depth, nack))
             .pinned = true;
         true
     }
@@ -477,26 +522,29 @@ impl DataPath {
     }
 
     /// A media datagram received at `now` from `from` (if known); `token` names it in
-    /// the [`Payload::Input`]s queued for it. On success, its header.
+    /// the [`Payload::Input`]s queued for it.
     pub fn handle_media(
         &mut self,
         now: Instant,
         from: Option<SocketAddr>,
         datagram: &[u8],
         token: usize,
-    ) -> Result<MediaHeader, Drop> {
+    ) -> Result<Accepted, Drop> {
         self.counters.datagrams_in += 1;
         self.counters.bytes_in += datagram.len() as u64;
         // With a key, the tag is checked before anything else is read.
-        let untagged = match &self.key {
-            Some(k) => match k.open_media(datagram) {
-                Ok(body) => body.len(),
-                Err(_) => {
-                    self.counters.auth_failed += 1;
-                    return Err(Drop::Auth);
-                }
-            },
-            None => datagram.len(),
+        let opened = match (&self.sessions, &self.key) {
+            (Some(sessions), _) => sessions
+                .iter()
+                .rev()
+                .find_map(|k| k.open(datagram).ok())
+                .map(<[u8]>::len),
+            (None, Some(k)) => k.open_media(datagram).ok().map(<[u8]>::len),
+            (None, None) => Some(datagram.len()),
+        };
+        let Some(untagged) = opened else {
+            self.counters.auth_failed += 1;
+            return Err(Drop::Auth);
         };
         let Ok(header) = MediaHeader::parse(&datagram[..untagged]) else {
             self.counters.malformed += 1;
@@ -514,7 +562,7 @@ impl DataPath {
         now: Instant,
         datagram: &Bytes,
         token: usize,
-    ) -> Result<MediaHeader, Drop> {
+    ) -> Result<Accepted, Drop> {
         let untagged = if self.key.is_some() {
             datagram.len().saturating_sub(TAG_LEN)
         } else {
@@ -538,7 +586,7 @@ impl DataPath {
         untagged: usize,
         header: MediaHeader,
         token: usize,
-    ) -> Result<MediaHeader, Drop> {
+    ) -> Result<Accepted, Drop> {
         let body = &datagram[..untagged];
         // Nothing is kept for a stream nobody here receives: no allocation at all.
         let Some(st) = self.streams.get_mut(&header.stream) else {
@@ -552,7 +600,7 @@ impl DataPath {
             Verdict::Switched => {
                 self.counters.source_switches += 1;
                 st.cache.clear();
-                st.gaps = GapTracker::new(NackConfig::default());
+                st.gaps = GapTracker::new(self.config.nack_config);
                 st.buffer = RetransmitBuffer::new(self.config.retransmit_depth);
                 self.events.push_back(Event::SourceSwitched {
                     stream: header.stream,
@@ -572,7 +620,8 @@ impl DataPath {
         if header.frag_index == 0 {
             st.stats.frames_in += 1;
         }
-        if !header.has(flags::RETRANSMIT) && from.is_some() && st.upstream != from {
+        let live = !header.has(flags::RETRANSMIT) && !header.has(flags::CACHED);
+        if live && from.is_some() && st.upstream != from {
             st.upstream = from;
             if let Some(from) = from {
                 self.events.push_back(Event::Upstream {
@@ -612,7 +661,10 @@ impl DataPath {
         let n = st.children.len() as u64;
         st.stats.datagrams_out += n;
         self.counters.datagrams_out += n;
-        Ok(header)
+        Ok(Accepted {
+            header,
+            len: untagged,
+        })
     }
 
     /// A NACK for `stream` from `from` (decoded, and its seal checked, by the caller).

@@ -374,3 +374,42 @@ fn test_a_pinned_local_stream_caches_without_children_and_serves_the_first_child
     assert_eq!(dp.cached(S), 1);
     assert_eq!(dp.stream(S).map(|s| s.children), Some(0));
 }
+
+#[test]
+fn test_a_viewer_accepts_only_media_sealed_with_its_session() {
+    let t0 = Instant::now();
+    let mut dp = DataPath::for_viewer(Config {
+        retransmit_depth: 1,
+        ..Config::default()
+    });
+    assert!(dp.pin_stream(S));
+    let session = SessionKey::from_bytes([4; 32]);
+    let plain = media(S, 1, 1, true, 20);
+    let sealed = session.seal(&plain);
+    // Before admission nothing is accepted, and a forged tag never is.
+    assert_eq!(
+        dp.handle_media(t0, Some(addr(1)), &sealed, 0),
+        Err(Drop::Auth)
+    );
+    dp.add_session(session);
+    let forged = SessionKey::from_bytes([5; 32]).seal(&plain);
+    assert_eq!(
+        dp.handle_media(t0, Some(addr(1)), &forged, 0),
+        Err(Drop::Auth)
+    );
+    let ok = dp
+        .handle_media(t0, Some(addr(1)), &sealed, 0)
+        .expect("accepted");
+    assert_eq!(ok.len, plain.len());
+    assert_eq!(ok.header.seq, 1);
+    assert_eq!(dp.counters().auth_failed, 2);
+    // Another stream than the one watched is not taken.
+    let other = SessionKey::from_bytes([4; 32]).seal(&media(S + 1, 1, 1, true, 20));
+    assert_eq!(
+        dp.handle_media(t0, Some(addr(1)), &other, 0),
+        Err(Drop::Unrouted)
+    );
+    assert_eq!(dp.upstream(S), Some(addr(1)));
+    dp.remove_stream(S);
+    assert_eq!(dp.streams().count(), 0);
+}
