@@ -380,6 +380,9 @@ impl DataPath {
     /// [`MAX_SESSIONS`] is forgotten). Ignored by a data path that is not a viewer's.
     pub fn add_session(&mut self, key: SessionKey) {
         if let Some(s) = &mut self.sessions {
+            if s.contains(&key) {
+                return;
+            }
             if s.len() >= MAX_SESSIONS {
                 s.pop_front();
             }
