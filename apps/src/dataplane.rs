@@ -1,23 +1,19 @@
-//! The media forwarding thread of a relay or PoP.
+//! The media forwarding thread of a relay or PoP: an I/O shell around the data-plane
+//! core, [`ott_datapath::DataPath`].
 //!
-//! It reads media datagrams from the node's data socket in batches (`recvmmsg`), parses
-//! only the fixed header, drops duplicates (a make-before-break switch briefly receives
-//! a stream twice), and sends the same bytes to every child of the stream in batches
-//! (`sendmmsg`), without a copy per child. The forwarding table is a private copy updated
-//! through [`DataCmd`]s from the control loop, so the hot path takes no lock.
+//! It reads media datagrams from the node's data socket in batches (`recvmmsg`), hands
+//! each to the core (which checks the overlay tag before reading the header, drops
+//! duplicates and other sources' copies, tracks gaps, keeps the retransmission buffer and
+//! the start cache), and sends what the core queues in batches (`sendmmsg`): live data
+//! goes to every child as the same bytes of the receive batch, without a copy per child.
+//! The forwarding table is the core's, updated through [`DataCmd`]s from the control
+//! loop, so the hot path takes no lock.
 //!
-//! Loss recovery is per hop and lives here too, so it never waits behind control
-//! traffic: each stream keeps a bounded retransmission buffer to answer its children's
-//! NACKs (which arrive on this socket), and a gap tracker that NACKs the upstream for
-//! datagrams that did not arrive. A failed send to one child is counted and never stops
-//! forwarding to the others. Each new child of a stream first gets the latest decodable
-//! start ([`crate::gop_cache`]).
-//!
-//! With the overlay key ([`crate::keying`]), every media datagram's tag is checked
-//! before its header is read (a failure is counted in `auth_failed` and dropped), NACKs
-//! from children that are overlay members must be sealed, NACKs sent upstream are
-//! sealed, and the tag is stripped from what goes to viewers; members get the server's
-//! tagged bytes unchanged.
+//! NACKs from children arrive on this socket: this shell opens them with the overlay
+//! key's control gate (members' NACKs must be sealed) and hands them to the core, which
+//! answers only current children within their byte budgets. NACKs the core asks for go
+//! upstream sealed. A failed send to one child is counted and never stops forwarding to
+//! the others.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -27,16 +23,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use ott_media::arq::{nacked_seqs, GapTracker, NackConfig, RetransmitBuffer};
-use ott_proto::{flags, MediaHeader, Message, HEADER_LEN, MAGIC};
+use ott_datapath::{
+    Child, ChildKind, Config, Counters as CoreCounters, DataPath, Drop as DropReason, Event,
+    Payload, StreamStats, Transmit,
+};
+use ott_proto::auth::SessionKey;
+use ott_proto::{MediaHeader, Message};
 use serde::Serialize;
 
 use crate::batch::{send_batch, RecvBatch};
 use crate::counters::{add, Counters};
-use crate::dedup::{StreamDedup, Verdict};
-use crate::gop_cache::{self, StartCache};
 use crate::keying::{ControlGate, ControlSender, Keying, Refused};
-use ott_proto::auth::SessionKey;
 
 /// Datagrams read per system call.
 pub const BATCH: usize = 64;
@@ -77,105 +74,84 @@ pub enum DataCmd {
 pub struct StreamTraffic {
     /// Media datagrams received (duplicates included).
     pub packets_in: u64,
+    /// Bytes of those.
+    pub bytes_in: u64,
+    /// Frames received (first fragments).
+    pub frames_in: u64,
     /// Media datagrams sent to children.
     pub packets_out: u64,
     /// Duplicates dropped.
     pub duplicates: u64,
+    /// Another source's datagrams dropped (one source at a time).
+    pub other_source: u64,
     /// Current number of children.
     pub children: usize,
     /// NACK messages sent upstream.
     pub nacks_sent: u64,
+    /// NACK messages received from children.
+    pub nacks_received: u64,
+    /// NACKs from children answered with at least one datagram.
+    pub nacks_answered: u64,
     /// Datagrams resent to children answering their NACKs.
     pub retransmitted: u64,
     /// Missing datagrams given up (not recovered within the budget).
     pub given_up: u64,
 }
 
+impl From<StreamStats> for StreamTraffic {
+    fn from(s: StreamStats) -> Self {
+        Self {
+            packets_in: s.datagrams_in,
+            bytes_in: s.bytes_in,
+            frames_in: s.frames_in,
+            packets_out: s.datagrams_out,
+            duplicates: s.duplicates,
+            other_source: s.other_source,
+            children: s.children,
+            nacks_sent: s.nacks_sent,
+            nacks_received: s.nacks_received,
+            nacks_answered: s.nacks_answered,
+            retransmitted: s.retransmitted,
+            given_up: s.given_up,
+        }
+    }
+}
+
 /// Per-stream traffic, keyed by stream id.
 pub type DataSnapshot = HashMap<u32, StreamTraffic>;
 
-/// A token bucket of bytes, refilled at [`RESEND_BYTES_PER_SEC`] up to
-/// [`RESEND_BURST_BYTES`]: what a child may get in retransmissions.
-#[derive(Debug, Clone, Copy)]
-struct Budget {
-    tokens: u64,
-    at: Instant,
+/// How each child of a route gets the media: a viewer with a session gets it sealed
+/// with its session key; an overlay member as received; anyone else without the overlay
+/// tag.
+pub(crate) fn children_of(
+    keying: &Keying,
+    children: &[SocketAddr],
+    sessions: &[(SocketAddr, SessionKey)],
+) -> Vec<Child> {
+    children
+        .iter()
+        .map(|c| Child {
+            addr: *c,
+            kind: match sessions.iter().find(|(a, _)| a == c) {
+                Some((_, k)) => ChildKind::Session(k.clone()),
+                None if keying.is_member(*c) => ChildKind::Member,
+                None => ChildKind::Strip,
+            },
+        })
+        .collect()
 }
 
-impl Budget {
-    fn new(now: Instant) -> Self {
-        Self {
-            tokens: RESEND_BURST_BYTES,
-            at: now,
-        }
+/// The core's limits for a forwarder.
+pub(crate) fn core_config(config: ForwarderConfig) -> Config {
+    Config {
+        nack: config.nack,
+        max_streams: MAX_STREAMS,
+        retransmit_depth: RETRANSMIT_DEPTH,
+        max_resend_per_nack: MAX_RESEND_PER_NACK,
+        resend_bytes_per_sec: RESEND_BYTES_PER_SEC,
+        resend_burst_bytes: RESEND_BURST_BYTES,
+        ..Config::default()
     }
-
-    /// Take `n` bytes if the budget allows.
-    fn take(&mut self, now: Instant, n: u64) -> bool {
-        let elapsed = now.saturating_duration_since(self.at);
-        let refill = (elapsed.as_micros() as u64).saturating_mul(RESEND_BYTES_PER_SEC) / 1_000_000;
-        if refill > 0 {
-            self.tokens = self.tokens.saturating_add(refill).min(RESEND_BURST_BYTES);
-            self.at = now;
-        }
-        if self.tokens >= n {
-            self.tokens -= n;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// How a datagram goes to one child.
-#[derive(Debug, Clone)]
-enum Dest {
-    /// As received (an overlay member, or anyone without an overlay key).
-    Same,
-    /// Without the overlay key's tag (a child that is no member, without a session).
-    Strip,
-    /// A viewer: without the overlay tag, with its session's tag.
-    Session(SessionKey),
-}
-
-struct StreamState {
-    children: Vec<SocketAddr>,
-    /// Per child: how it gets the media.
-    dests: Vec<Dest>,
-    /// Per child: its retransmission budget.
-    budgets: HashMap<SocketAddr, Budget>,
-    seen: StreamDedup,
-    traffic: StreamTraffic,
-    buffer: RetransmitBuffer,
-    gaps: GapTracker,
-    /// Where the stream comes from (the parent's data socket), for NACKs.
-    upstream: Option<SocketAddr>,
-}
-
-impl StreamState {
-    fn new() -> Self {
-        Self {
-            children: Vec::new(),
-            dests: Vec::new(),
-            budgets: HashMap::new(),
-            seen: StreamDedup::default(),
-            traffic: StreamTraffic::default(),
-            buffer: RetransmitBuffer::new(RETRANSMIT_DEPTH),
-            gaps: GapTracker::new(NackConfig::default()),
-            upstream: None,
-        }
-    }
-}
-
-/// One datagram to send: media from the receive batch, an owned copy of media (a
-/// retransmission or a cached replay), each with or without its tag (`strip`: to a
-/// viewer), or a control message (a NACK).
-enum Out {
-    Batch(usize, bool),
-    Media(Bytes, bool),
-    Control(Bytes),
-    /// Bytes ready to send (a viewer's copy with its session tag).
-    Owned(Bytes),
 }
 
 /// Options of the forwarding thread.
@@ -227,15 +203,20 @@ pub fn spawn_forwarder_keyed(
         .spawn(move || Forwarder::new(config, keying, incarnation, sock, counters).run(&cmds))
 }
 
+/// The I/O shell around [`DataPath`]: batched socket reads and writes, control-message
+/// gate and sealer, counters.
 struct Forwarder {
-    config: ForwarderConfig,
     sock: UdpSocket,
     counters: Arc<Counters>,
-    streams: HashMap<u32, StreamState>,
+    core: DataPath,
+    /// The core's counters already added to `counters`.
+    published: CoreCounters,
     batch: RecvBatch,
-    plan: Vec<(Out, SocketAddr)>,
+    /// The core's transmits of one round (reused).
+    plan: Vec<Transmit>,
+    /// Encoded NACKs of one round (reused).
+    nacks: Vec<(usize, Vec<u8>)>,
     data_port: u16,
-    cache: StartCache,
     keying: Keying,
     gate: ControlGate,
     sender: ControlSender,
@@ -253,15 +234,15 @@ impl Forwarder {
         Self {
             gate: keying.gate(),
             sender: keying.sealer("data", incarnation),
+            core: DataPath::new(core_config(config), keying.key().cloned()),
+            published: CoreCounters::default(),
             keying,
-            config,
             sock,
             counters,
-            streams: HashMap::new(),
             batch: RecvBatch::new(BATCH),
             plan: Vec::with_capacity(BATCH * 4),
+            nacks: Vec::new(),
             data_port,
-            cache: StartCache::new(),
         }
     }
 
@@ -273,16 +254,21 @@ impl Forwarder {
                         stream,
                         children,
                         sessions,
-                    }) => self.route(stream, children, sessions),
+                    }) => {
+                        let children = children_of(&self.keying, &children, &sessions);
+                        if !self.core.set_route(Instant::now(), stream, children) {
+                            tracing::warn!(
+                                stream,
+                                max = MAX_STREAMS,
+                                "stream cap reached: route refused"
+                            );
+                        }
+                    }
                     Ok(DataCmd::Snapshot(reply)) => {
                         let snap = self
-                            .streams
-                            .iter()
-                            .map(|(k, v)| {
-                                let mut t = v.traffic.clone();
-                                t.given_up = v.gaps.stats().given_up;
-                                (*k, t)
-                            })
+                            .core
+                            .streams()
+                            .map(|(id, s)| (id, StreamTraffic::from(s)))
                             .collect();
                         let _ = reply.send(snap);
                     }
@@ -307,77 +293,18 @@ impl Forwarder {
             for i in 0..self.batch.len() {
                 self.on_datagram(now, i);
             }
-            if self.config.nack {
-                self.poll_nacks(now);
-            }
-            self.flush();
-        }
-    }
-
-    /// A new forwarding-table entry: state exists only for routed streams (at most
-    /// [`MAX_STREAMS`]) and goes with the route.
-    fn route(
-        &mut self,
-        stream: u32,
-        children: Vec<SocketAddr>,
-        sessions: Vec<(SocketAddr, SessionKey)>,
-    ) {
-        if children.is_empty() {
-            self.streams.remove(&stream);
-            self.cache.forget(stream);
-            return;
-        }
-        if !self.streams.contains_key(&stream) && self.streams.len() >= MAX_STREAMS {
-            tracing::warn!(
-                stream,
-                max = MAX_STREAMS,
-                "stream cap reached: route refused"
-            );
-            add(&self.counters.stream_cap, 1);
-            return;
-        }
-        let now = Instant::now();
-        let st = self.streams.entry(stream).or_insert_with(StreamState::new);
-        let new = gop_cache::added(&st.children, &children);
-        st.traffic.children = children.len();
-        let dest_of = |c: &SocketAddr| match sessions.iter().find(|(a, _)| a == c) {
-            Some((_, k)) => Dest::Session(k.clone()),
-            None if self.keying.is_member(*c) => Dest::Same,
-            None => Dest::Strip,
-        };
-        st.dests = children.iter().map(dest_of).collect();
-        st.budgets.retain(|a, _| children.contains(a));
-        for c in &children {
-            st.budgets.entry(*c).or_insert_with(|| Budget::new(now));
-        }
-        st.children = children;
-        if !new.is_empty() {
-            let replay = self.cache.replay(now, stream);
-            for child in new {
-                let dest = dest_of(&child);
-                for d in &replay {
-                    let out = self.out_for(d, &dest);
-                    self.plan.push((out, child));
+            self.core.handle_timeout(now);
+            while let Some(ev) = self.core.poll_event() {
+                match ev {
+                    // Its tag verified: a member's address, which our NACKs are sealed for.
+                    Event::Upstream { from, .. } => self.keying.learn(from),
+                    Event::SourceSwitched { stream } => {
+                        tracing::info!(stream, "stream source changed");
+                    }
                 }
             }
-        }
-    }
-
-    /// An owned datagram (as received, overlay tag included when keyed) for `dest`.
-    fn out_for(&self, d: &Bytes, dest: &Dest) -> Out {
-        match dest {
-            Dest::Same => Out::Media(d.clone(), false),
-            Dest::Strip => Out::Media(d.clone(), true),
-            Dest::Session(k) => Out::Owned(Bytes::from(k.seal(self.untagged(d)))),
-        }
-    }
-
-    /// `d` without the overlay key's tag (as is without a key).
-    fn untagged<'a>(&self, d: &'a [u8]) -> &'a [u8] {
-        if self.keying.key().is_some() {
-            &d[..d.len().saturating_sub(ott_proto::auth::TAG_LEN)]
-        } else {
-            d
+            self.flush();
+            self.publish();
         }
     }
 
@@ -386,193 +313,74 @@ impl Forwarder {
             return;
         };
         self.counters.rx(datagram.len());
-        if datagram.len() < HEADER_LEN || datagram[..2] != MAGIC {
-            // Not media: a NACK from a child, or garbage.
-            match (self.gate.open(from, datagram), from) {
-                (Ok(Message::Nack { stream, ranges, .. }), Some(from)) => {
-                    self.on_nack(now, stream, &ranges, from)
-                }
-                (Ok(other), _) => {
-                    tracing::debug!(kind = other.kind(), "unexpected message on the data socket");
-                    add(&self.counters.dropped, 1);
-                }
-                (Err(Refused::Auth(why)), _) => {
-                    tracing::debug!(?from, %why, "data socket: overlay key check failed");
-                    add(&self.counters.auth_failed, 1);
-                }
-                (Err(Refused::Malformed(e)), _) => {
-                    tracing::debug!(error = %e, "malformed datagram on the data socket");
-                    add(&self.counters.malformed, 1);
+        if ott_datapath::is_media(datagram) {
+            if let Err(why) = self.core.handle_media(now, from, datagram, i) {
+                if matches!(why, DropReason::Auth | DropReason::Malformed) {
+                    tracing::debug!(?from, ?why, "media datagram refused");
                 }
             }
             return;
         }
-        // With a key, the tag is checked before anything else is read.
-        let untagged = match self.keying.open_media(datagram) {
-            Ok(len) => len,
-            Err(e) => {
-                tracing::debug!(?from, error = %e, "media datagram: overlay key check failed");
-                add(&self.counters.auth_failed, 1);
-                return;
+        // Not media: a NACK from a child, or garbage.
+        match (self.gate.open(from, datagram), from) {
+            (Ok(Message::Nack { stream, ranges, .. }), Some(from)) => {
+                self.core.handle_nack(now, from, stream, &ranges)
             }
-        };
-        let header = match MediaHeader::parse(&datagram[..untagged]) {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::debug!(error = %e, "malformed media datagram");
-                add(&self.counters.malformed, 1);
-                return;
-            }
-        };
-        // Nothing is kept for a stream nobody here receives: no allocation at all.
-        let Some(st) = self.streams.get_mut(&header.stream) else {
-            add(&self.counters.unrouted, 1);
-            return;
-        };
-        st.traffic.packets_in += 1;
-        match st.seen.accept(header.seq, now) {
-            Verdict::New => {}
-            Verdict::Switched => {
-                // Another server's copy: its sequence numbers are unrelated to the old.
-                tracing::info!(stream = header.stream, "stream source changed");
-                self.cache.forget(header.stream);
-                st.gaps = GapTracker::new(NackConfig::default());
-                st.buffer = RetransmitBuffer::new(RETRANSMIT_DEPTH);
-            }
-            Verdict::Duplicate => {
-                st.traffic.duplicates += 1;
-                add(&self.counters.duplicates, 1);
-                return;
-            }
-            Verdict::OtherSource => {
-                // A second server's copy during a brief overlap: one source at a time.
+            (Ok(other), _) => {
+                tracing::debug!(kind = other.kind(), "unexpected message on the data socket");
                 add(&self.counters.dropped, 1);
-                return;
             }
-        }
-        if !header.has(flags::RETRANSMIT) && from.is_some() && st.upstream != from {
-            st.upstream = from;
-            // Its tag verified: a member's address, which our NACKs are sealed for.
-            if let Some(f) = from {
-                self.keying.learn(f);
+            (Err(Refused::Auth(why)), _) => {
+                tracing::debug!(?from, %why, "data socket: overlay key check failed");
+                add(&self.counters.auth_failed, 1);
             }
-        }
-        if self.config.nack {
-            st.gaps.on_datagram(now, header.seq);
-        }
-        // One copy per datagram (not per child), shared by the retransmission buffer and
-        // the instant-start cache; a resend is flagged when it is made.
-        let copy = Bytes::copy_from_slice(datagram);
-        self.cache.observe(now, &header, &copy);
-        st.buffer.insert(header.seq, copy);
-        if st.children.is_empty() {
-            add(&self.counters.dropped, 1);
-            return;
-        }
-        let body = &datagram[..untagged];
-        for (child, dest) in st.children.iter().zip(&st.dests) {
-            let out = match dest {
-                Dest::Same => Out::Batch(i, false),
-                Dest::Strip => Out::Batch(i, true),
-                Dest::Session(k) => Out::Owned(Bytes::from(k.seal(body))),
-            };
-            self.plan.push((out, *child));
-        }
-        st.traffic.packets_out += st.children.len() as u64;
-    }
-
-    fn on_nack(
-        &mut self,
-        now: Instant,
-        stream: u32,
-        ranges: &[ott_proto::NackRange],
-        from: SocketAddr,
-    ) {
-        let keyed = self.keying.key().is_some();
-        let Some(st) = self.streams.get_mut(&stream) else {
-            add(&self.counters.dropped, 1);
-            return;
-        };
-        // Only children may ask: no one can use us to reflect traffic elsewhere.
-        let Some(idx) = st.children.iter().position(|c| *c == from) else {
-            add(&self.counters.dropped, 1);
-            return;
-        };
-        let dest = st.dests.get(idx).cloned().unwrap_or(Dest::Strip);
-        let asked: usize = ranges.iter().map(|r| usize::from(r.count)).sum();
-        if asked > MAX_RESEND_PER_NACK {
-            // The rest of a NACK past the cap is not answered.
-            add(&self.counters.resend_budget, 1);
-        }
-        let budget = st.budgets.entry(from).or_insert_with(|| Budget::new(now));
-        for seq in nacked_seqs(ranges, MAX_RESEND_PER_NACK) {
-            let Some(d) = st.buffer.get(seq) else {
-                continue;
-            };
-            // Each child's retransmissions are bounded in bytes per second.
-            if !budget.take(now, d.len() as u64) {
-                add(&self.counters.resend_budget, 1);
-                break;
+            (Err(Refused::Malformed(e)), _) => {
+                tracing::debug!(error = %e, "malformed datagram on the data socket");
+                add(&self.counters.malformed, 1);
             }
-            let resent = retransmission(d);
-            let out = match &dest {
-                Dest::Same => Out::Media(resent, false),
-                Dest::Strip => Out::Media(resent, true),
-                Dest::Session(k) => {
-                    let body = if keyed {
-                        &resent[..resent.len().saturating_sub(ott_proto::auth::TAG_LEN)]
-                    } else {
-                        &resent[..]
-                    };
-                    Out::Owned(Bytes::from(k.seal(body)))
-                }
-            };
-            self.plan.push((out, from));
-            st.traffic.retransmitted += 1;
-            add(&self.counters.retransmitted, 1);
         }
     }
 
-    fn poll_nacks(&mut self, now: Instant) {
-        for (id, st) in &mut self.streams {
-            let Some(up) = st.upstream else { continue };
-            while let Some(ranges) = st.gaps.poll_nack(now) {
+    /// Add what the core counted since the last call to the node's counters.
+    fn publish(&mut self) {
+        publish(&self.counters, &mut self.published, self.core.counters());
+    }
+
+    fn flush(&mut self) {
+        self.plan.extend(self.core.drain_transmits());
+        if self.plan.is_empty() {
+            return;
+        }
+        self.nacks.clear();
+        for (i, t) in self.plan.iter().enumerate() {
+            if let Payload::Nack { stream, ranges } = &t.payload {
                 let msg = Message::Nack {
-                    stream: *id,
+                    stream: *stream,
                     data_port: self.data_port,
-                    ranges,
+                    ranges: ranges.clone(),
                 };
-                match self.sender.encode(up, &msg) {
-                    Ok(buf) => {
-                        self.plan.push((Out::Control(Bytes::from(buf)), up));
-                        st.traffic.nacks_sent += 1;
-                    }
+                match self.sender.encode(t.to, &msg) {
+                    Ok(buf) => self.nacks.push((i, buf)),
                     Err(e) => tracing::warn!(error = %e, "cannot encode a NACK"),
                 }
             }
         }
-    }
-
-    fn flush(&mut self) {
-        if self.plan.is_empty() {
-            return;
-        }
         let batch = &self.batch;
-        // A viewer gets media without the overlay key's tag (only keyed media is stripped).
-        let media = |d: &'_ [u8], strip: bool| -> usize {
-            if strip && self.keying.key().is_some() {
-                d.len().saturating_sub(ott_proto::auth::TAG_LEN)
-            } else {
-                d.len()
-            }
-        };
+        let nacks = &self.nacks;
         let items: Vec<(&[u8], SocketAddr)> = self
             .plan
             .iter()
-            .filter_map(|(out, to)| match out {
-                Out::Batch(i, strip) => batch.get(*i).map(|(d, _)| (&d[..media(d, *strip)], *to)),
-                Out::Media(b, strip) => Some((&b[..media(b, *strip)], *to)),
-                Out::Control(b) | Out::Owned(b) => Some((b.as_ref(), *to)),
+            .enumerate()
+            .filter_map(|(i, t)| match &t.payload {
+                Payload::Input { token, len } => batch
+                    .get(*token)
+                    .and_then(|(d, _)| d.get(..*len))
+                    .map(|d| (d, t.to)),
+                Payload::Bytes(b) => Some((b.as_ref(), t.to)),
+                Payload::Nack { .. } => nacks
+                    .iter()
+                    .find(|(j, _)| *j == i)
+                    .map(|(_, b)| (b.as_slice(), t.to)),
             })
             .collect();
         let out = send_batch(&self.sock, &items);
@@ -584,6 +392,22 @@ impl Forwarder {
         }
         self.plan.clear();
     }
+}
+
+/// Add what a core counted since `was` (then set to `now`) to the node's counters.
+pub(crate) fn publish(c: &Counters, was: &mut CoreCounters, now: CoreCounters) {
+    let was = std::mem::replace(was, now);
+    add(&c.auth_failed, now.auth_failed - was.auth_failed);
+    add(&c.malformed, now.malformed - was.malformed);
+    add(&c.unrouted, now.unrouted - was.unrouted);
+    add(&c.duplicates, now.duplicates - was.duplicates);
+    add(&c.stream_cap, now.stream_cap - was.stream_cap);
+    add(&c.resend_budget, now.resend_budget - was.resend_budget);
+    add(&c.retransmitted, now.retransmitted - was.retransmitted);
+    add(
+        &c.dropped,
+        (now.other_source - was.other_source) + (now.nacks_refused - was.nacks_refused),
+    );
 }
 
 /// A copy of `datagram` flagged as a retransmission.

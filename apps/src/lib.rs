@@ -13,7 +13,6 @@ pub mod dataplane;
 pub mod dedup;
 pub mod driver;
 pub mod edge;
-pub mod gop_cache;
 pub mod http;
 pub mod httpd;
 pub mod keying;

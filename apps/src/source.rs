@@ -3,9 +3,13 @@
 //! each frame's datagrams to the stream's current children.
 //!
 //! Clips play live: a stream advances whether or not anyone watches, so a viewer who
-//! joins sees the current frame, as with a broadcast. The thread keeps the latest
-//! decodable start of every stream ([`crate::gop_cache`]) and sends it first to each new
-//! child, so even the first viewer of a stream starts without waiting for a keyframe.
+//! joins sees the current frame, as with a broadcast.
+//!
+//! The per-stream logic is the data-plane core's ([`ott_datapath::DataPath`], as in the
+//! relay's forwarder): each stream's state is pinned, so its start cache holds the latest
+//! decodable start even while nobody watches and the first viewer starts without waiting
+//! for a keyframe; the core keeps the retransmission buffer and answers NACKs only from
+//! current children, within their byte budgets.
 //!
 //! With the overlay key ([`crate::keying`]) the server tags every datagram it makes;
 //! children that are overlay members get it tagged, viewers (if any) without the tag,
@@ -16,14 +20,14 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_channel::{select, Receiver, Sender};
-use ott_media::arq::{nacked_seqs, RetransmitBuffer};
+use ott_datapath::{Counters as CoreCounters, DataPath, Payload};
 use ott_media::{Clip, ClipSource, Packetizer, TimedFrame};
-use ott_proto::{MediaHeader, MediaKind, Message, NackRange};
+use ott_proto::{MediaKind, Message, NackRange};
 
 use crate::counters::{add, Counters};
-use crate::dataplane::{DataCmd, DataSnapshot, StreamTraffic};
-use crate::gop_cache::{self, StartCache};
+use crate::dataplane::{self, DataCmd, DataSnapshot, ForwarderConfig, StreamTraffic};
 use crate::keying::{Keying, Refused};
 use crate::live::LiveFrame;
 
@@ -42,10 +46,6 @@ struct Feed {
     name: String,
     playing: Option<Playing>,
     packetizer: Packetizer,
-    children: Vec<SocketAddr>,
-    traffic: StreamTraffic,
-    /// The latest datagrams sent, to answer the children's NACKs.
-    sent: RetransmitBuffer,
 }
 
 /// A NACK from a child: who asked, for which stream, for what.
@@ -122,9 +122,6 @@ pub fn spawn_source_keyed(
                                 next,
                             }),
                             packetizer: packetizer(info.id, info.kind),
-                            children: Vec::new(),
-                            traffic: StreamTraffic::default(),
-                            sent: RetransmitBuffer::new(crate::dataplane::RETRANSMIT_DEPTH),
                         }
                     }
                     Input::Live { name, kind } => {
@@ -134,14 +131,24 @@ pub fn spawn_source_keyed(
                             name,
                             playing: None,
                             packetizer: packetizer(id, kind),
-                            children: Vec::new(),
-                            traffic: StreamTraffic::default(),
-                            sent: RetransmitBuffer::new(crate::dataplane::RETRANSMIT_DEPTH),
                         }
                     }
                 })
                 .collect();
-            source_loop(&mut feeds, live, &nacks, &sock, &keying, &counters, &cmds);
+            let config = dataplane::core_config(ForwarderConfig { nack: false });
+            let mut out = Out {
+                core: DataPath::new(config, keying.key().cloned()),
+                published: CoreCounters::default(),
+                sock,
+                keying,
+                counters,
+            };
+            for f in &feeds {
+                if !out.core.pin_stream(f.id) {
+                    tracing::warn!(stream = %f.name, "stream cap reached: stream not served");
+                }
+            }
+            source_loop(&mut feeds, live, &nacks, &mut out, &cmds);
         })
 }
 
@@ -200,33 +207,40 @@ fn read_nacks(sock: &UdpSocket, keying: &Keying, counters: &Counters, out: &Send
     }
 }
 
-/// Resend what a child asks for, only to a child of that stream.
-fn answer_nack(
-    feeds: &mut [Feed],
-    nack: &Nack,
-    sock: &UdpSocket,
-    keying: &Keying,
-    counters: &Counters,
-) {
-    let Some(f) = feeds.iter_mut().find(|f| f.id == nack.stream) else {
-        add(&counters.dropped, 1);
-        return;
-    };
-    if !f.children.contains(&nack.from) {
-        add(&counters.dropped, 1);
-        return;
-    }
-    for seq in nacked_seqs(&nack.ranges, crate::dataplane::MAX_RESEND_PER_NACK) {
-        let Some(d) = f.sent.get(seq) else { continue };
-        let d = crate::dataplane::retransmission(d);
-        match sock.send_to(&d[..keying.media_len_for(nack.from, d.len())], nack.from) {
-            Ok(n) => {
-                counters.tx(n);
-                add(&counters.retransmitted, 1);
-                f.traffic.retransmitted += 1;
+/// The data-plane core of the server and what it sends with.
+struct Out {
+    core: DataPath,
+    /// The core's counters already added to `counters`.
+    published: CoreCounters,
+    sock: UdpSocket,
+    keying: Keying,
+    counters: Arc<Counters>,
+}
+
+impl Out {
+    /// Send what the core queued; `Payload::Input` tokens index `inputs`.
+    fn flush(&mut self, inputs: &[Bytes]) {
+        while let Some(t) = self.core.poll_transmit() {
+            let bytes: &[u8] = match &t.payload {
+                Payload::Input { token, len } => {
+                    match inputs.get(*token).and_then(|d| d.get(..*len)) {
+                        Some(d) => d,
+                        None => continue,
+                    }
+                }
+                Payload::Bytes(b) => b,
+                // The server has no upstream: it never NACKs.
+                Payload::Nack { .. } => continue,
+            };
+            match self.sock.send_to(bytes, t.to) {
+                Ok(n) => self.counters.tx(n),
+                Err(e) => {
+                    tracing::debug!(to = %t.to, error = %e, "media send failed");
+                    add(&self.counters.send_errors, 1);
+                }
             }
-            Err(_) => add(&counters.send_errors, 1),
         }
+        dataplane::publish(&self.counters, &mut self.published, self.core.counters());
     }
 }
 
@@ -234,12 +248,9 @@ fn source_loop(
     feeds: &mut [Feed],
     mut live: Receiver<LiveFrame>,
     nacks: &Receiver<Nack>,
-    sock: &UdpSocket,
-    keying: &Keying,
-    counters: &Counters,
+    out: &mut Out,
     cmds: &Receiver<DataCmd>,
 ) {
-    let mut cache = StartCache::new();
     loop {
         let due = feeds
             .iter()
@@ -249,25 +260,29 @@ fn source_loop(
         select! {
             recv(cmds) -> cmd => match cmd {
                 Ok(DataCmd::Route {
-                    stream, children, ..
+                    stream, children, sessions,
                 }) => {
-                    if let Some(f) = feeds.iter_mut().find(|f| f.id == stream) {
+                    if let Some(f) = feeds.iter().find(|f| f.id == stream) {
                         tracing::info!(stream = %f.name, children = children.len(), "stream route changed");
-                        let new = gop_cache::added(&f.children, &children);
-                        f.traffic.children = children.len();
-                        f.children = children;
-                        send_replay(sock, keying, counters, &cache.replay(Instant::now(), stream), &new);
+                        let children = dataplane::children_of(&out.keying, &children, &sessions);
+                        out.core.set_route(Instant::now(), stream, children);
+                        out.flush(&[]);
                     }
                 }
                 Ok(DataCmd::Snapshot(reply)) => {
-                    let snap: DataSnapshot = feeds.iter().map(|f| (f.id, f.traffic.clone())).collect();
+                    let snap: DataSnapshot = out
+                        .core
+                        .streams()
+                        .map(|(id, s)| (id, StreamTraffic::from(s)))
+                        .collect();
                     let _ = reply.send(snap);
                 }
                 Ok(DataCmd::Stop) | Err(_) => return,
             },
             recv(nacks) -> nack => {
                 if let Ok(nack) = nack {
-                    answer_nack(feeds, &nack, sock, keying, counters);
+                    out.core.handle_nack(Instant::now(), nack.from, nack.stream, &nack.ranges);
+                    out.flush(&[]);
                 }
             },
             recv(live) -> frame => {
@@ -277,7 +292,7 @@ fn source_loop(
                     continue;
                 };
                 if let Some(f) = feeds.iter_mut().find(|f| f.id == frame.stream) {
-                    send_frame(f, &mut cache, sock, keying, counters, &frame.data, frame.timestamp_90k, frame.flags);
+                    send_frame(f, out, &frame.data, frame.timestamp_90k, frame.flags);
                 }
             },
             recv(crossbeam_channel::at(due)) -> _ => {
@@ -294,79 +309,41 @@ fn source_loop(
                         p.start += lag;
                     }
                     let frame = std::mem::replace(&mut p.next, p.source.next_timed());
-                    send_frame(f, &mut cache, sock, keying, counters, &frame.data, frame.timestamp_90k, frame.flags);
+                    send_frame(f, out, &frame.data, frame.timestamp_90k, frame.flags);
                 }
             },
         }
     }
 }
 
-/// Send a cache replay to new children: tagged to members, without the tag to viewers.
-fn send_replay(
-    sock: &UdpSocket,
-    keying: &Keying,
-    counters: &Counters,
-    replay: &[bytes::Bytes],
-    new: &[SocketAddr],
-) {
-    let (members, viewers): (Vec<SocketAddr>, Vec<SocketAddr>) =
-        new.iter().partition(|c| keying.is_member(**c));
-    gop_cache::send_replay(sock, counters, replay, &members);
-    if !viewers.is_empty() {
-        let plain: Vec<bytes::Bytes> = replay
-            .iter()
-            .map(|d| d.slice(..keying.media_len_for(viewers[0], d.len())))
-            .collect();
-        gop_cache::send_replay(sock, counters, &plain, &viewers);
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn send_frame(
-    f: &mut Feed,
-    cache: &mut StartCache,
-    sock: &UdpSocket,
-    keying: &Keying,
-    counters: &Counters,
-    data: &[u8],
-    timestamp_90k: u32,
-    flags: u8,
-) {
+/// Packetize a frame, tag its datagrams (with the overlay key) and hand them to the core,
+/// which keeps them (retransmission, start cache) and queues them to the children.
+fn send_frame(f: &mut Feed, out: &mut Out, data: &[u8], timestamp_90k: u32, flags: u8) {
     let datagrams = match f.packetizer.packetize(data, timestamp_90k, flags) {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(stream = %f.name, error = %e, "frame cannot be sent");
-            add(&counters.dropped, 1);
+            add(&out.counters.dropped, 1);
             return;
         }
     };
-    let now = Instant::now();
-    for d in datagrams {
-        let h = MediaHeader::parse(&d);
-        // With the overlay key, the tag goes on once, here; relays forward it unchanged.
-        let d = match keying.key() {
-            Some(k) => {
+    // With the overlay key, the tag goes on once, here; relays forward it unchanged.
+    let datagrams: Vec<Bytes> = match out.keying.key() {
+        Some(k) => datagrams
+            .into_iter()
+            .map(|d| {
                 let mut v = d.to_vec();
                 k.seal_media(&mut v);
-                bytes::Bytes::from(v)
-            }
-            None => d,
-        };
-        if let Ok(h) = h {
-            cache.observe(now, &h, &d);
-            f.sent.insert(h.seq, d.clone());
-        }
-        for child in &f.children {
-            match sock.send_to(&d[..keying.media_len_for(*child, d.len())], child) {
-                Ok(n) => {
-                    counters.tx(n);
-                    f.traffic.packets_out += 1;
-                }
-                Err(e) => {
-                    tracing::debug!(%child, error = %e, "media send failed");
-                    add(&counters.send_errors, 1);
-                }
-            }
+                Bytes::from(v)
+            })
+            .collect(),
+        None => datagrams,
+    };
+    let now = Instant::now();
+    for (i, d) in datagrams.iter().enumerate() {
+        if let Err(why) = out.core.handle_local(now, d, i) {
+            tracing::debug!(stream = %f.name, ?why, "own datagram not sent");
         }
     }
+    out.flush(&datagrams);
 }

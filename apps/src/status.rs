@@ -251,7 +251,7 @@ fn node_metrics(st: &serde_json::Value) -> String {
         "Overlay nodes the node forwards the stream to",
     );
     let mut viewers = Family::gauge("ott_stream_viewers", "Viewers the node sends the stream to");
-    let traffic_rows: [(&str, &'static str, &'static str); 6] = [
+    let traffic_rows: [(&str, &'static str, &'static str); 11] = [
         (
             "packets_in",
             "ott_stream_datagrams_received_total",
@@ -281,6 +281,31 @@ fn node_metrics(st: &serde_json::Value) -> String {
             "given_up",
             "ott_stream_lost_total",
             "Missing datagrams of the stream given up (not recovered in time)",
+        ),
+        (
+            "bytes_in",
+            "ott_stream_bytes_received_total",
+            "Bytes of media datagrams of the stream received",
+        ),
+        (
+            "frames_in",
+            "ott_stream_frames_received_total",
+            "Frames of the stream received (first fragments)",
+        ),
+        (
+            "other_source",
+            "ott_stream_other_source_total",
+            "Datagrams of another source of the stream dropped (source lock)",
+        ),
+        (
+            "nacks_received",
+            "ott_stream_nacks_received_total",
+            "NACKs for the stream received from children",
+        ),
+        (
+            "nacks_answered",
+            "ott_stream_nacks_answered_total",
+            "NACKs from children answered with a retransmission",
         ),
     ];
     let mut traffic: Vec<Family> = traffic_rows

@@ -1,6 +1,5 @@
 //! The client program's runtime: bootstrap, PoP choice, reception, output.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, IsTerminal, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -13,15 +12,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use crossbeam_channel::{select, Receiver};
 use ott_bootstrap::Request;
-use ott_media::arq::{GapTracker, NackConfig};
+use ott_datapath::{Config as DataConfig, DataPath, Drop as DropReason, Event, Payload};
+use ott_media::arq::NackConfig;
 use ott_media::{Frame, PlayoutBuffer, PlayoutConfig};
-use ott_proto::auth::SessionKey;
-use ott_proto::{flags, MediaHeader, MediaKind, Message, StreamInfo, HEADER_LEN, MAGIC};
+use ott_proto::{flags, MediaKind, Message, StreamInfo, HEADER_LEN};
 use ott_tree::client::{Client, ClientConfig, ClientEvent};
 use serde::Serialize;
 
 use crate::counters::{add, Counters};
-use crate::dedup::{StreamDedup, Verdict};
 use crate::driver::{send_msg, spawn_receiver, Datagram, StatusQuery};
 use crate::http::Hub;
 
@@ -196,10 +194,9 @@ struct Viewer {
     sock: UdpSocket,
     counters: Arc<Counters>,
     playout: PlayoutBuffer,
-    gaps: GapTracker,
-    /// Where the stream comes from (the PoP's data socket), for NACKs.
-    media_from: Option<SocketAddr>,
-    seen: StreamDedup,
+    /// The data-plane core: session tags, duplicates and source lock, gaps and NACKs
+    /// to where the stream comes from (the PoP's data socket).
+    data: DataPath,
     last_packet: Option<Instant>,
     watching: Option<StreamInfo>,
     sinks: Option<Sinks>,
@@ -211,9 +208,20 @@ struct Viewer {
     /// Drop frames until a keyframe (start or switch): a TS stream starts decodable.
     waiting_key: bool,
     selected_at: Option<Instant>,
-    /// The session key of each PoP that admitted us: only media whose tag verifies
-    /// with one of them is read (a handful at most: one per PoP).
-    sessions: HashMap<String, SessionKey>,
+}
+
+/// The data-plane core of a viewer: media only with a session tag, NACKs given up after
+/// the latency budget, nothing kept for retransmission (a viewer forwards nothing).
+fn viewer_data(opts: &Options) -> DataPath {
+    DataPath::for_viewer(DataConfig {
+        nack: opts.nack,
+        retransmit_depth: 1,
+        nack_config: NackConfig {
+            give_up_after: opts.latency,
+            ..NackConfig::default()
+        },
+        ..DataConfig::default()
+    })
 }
 
 /// Run the client until its duration ends, a signal arrives, or an error.
@@ -251,12 +259,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             budget: opts.latency,
             ..PlayoutConfig::default()
         }),
-        gaps: GapTracker::new(NackConfig {
-            give_up_after: opts.latency,
-            ..NackConfig::default()
-        }),
-        media_from: None,
-        seen: StreamDedup::default(),
+        data: viewer_data(&opts),
         last_packet: None,
         watching: None,
         sinks: None,
@@ -267,7 +270,6 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         hub: None,
         waiting_key: true,
         selected_at: None,
-        sessions: HashMap::new(),
     };
     if opts.list {
         let streams = v.wait_catalogue(&rx, Duration::from_secs(10))?;
@@ -373,12 +375,7 @@ pub fn run_embedded(
             budget: opts.latency,
             ..PlayoutConfig::default()
         }),
-        gaps: GapTracker::new(NackConfig {
-            give_up_after: opts.latency,
-            ..NackConfig::default()
-        }),
-        media_from: None,
-        seen: StreamDedup::default(),
+        data: viewer_data(&opts),
         last_packet: None,
         watching: None,
         sinks: None,
@@ -389,7 +386,6 @@ pub fn run_embedded(
         hub: Some(hub),
         waiting_key: true,
         selected_at: None,
-        sessions: HashMap::new(),
     };
     if let Some(name) = &stream {
         v.client.select_stream(Instant::now(), name);
@@ -502,7 +498,7 @@ impl Viewer {
             let timer = [
                 self.client.poll_timeout(),
                 self.playout.poll_timeout(),
-                self.gaps.poll_timeout().filter(|_| self.opts.nack),
+                self.data.poll_timeout(),
             ]
             .into_iter()
             .flatten()
@@ -588,8 +584,10 @@ impl Viewer {
                 // Nothing of the old stream may be written after this point, and the
                 // new one is written from a keyframe on.
                 self.playout.reset();
-                self.gaps.reset();
-                self.seen = StreamDedup::default();
+                if let Some(old) = &self.watching {
+                    self.data.remove_stream(old.id);
+                }
+                self.data.pin_stream(info.id);
                 self.last_packet = None;
                 self.waiting_key = true;
                 self.selected_at = Some(Instant::now());
@@ -617,14 +615,14 @@ impl Viewer {
             ClientEvent::Refused(reason) => tracing::warn!(%reason, "PoP refused a request"),
             ClientEvent::Session { pop, key } => {
                 tracing::debug!(%pop, "admitted: session key received");
-                self.sessions.insert(pop, key);
+                self.data.add_session(key);
             }
         }
         Ok(())
     }
 
     fn on_datagram(&mut self, d: Datagram) -> anyhow::Result<()> {
-        if d.bytes.len() >= HEADER_LEN && d.bytes[0..2] == MAGIC {
+        if ott_datapath::is_media(&d.bytes) {
             return self.on_media(&d);
         }
         match ott_proto::decode(&d.bytes) {
@@ -638,47 +636,44 @@ impl Viewer {
     }
 
     fn on_media(&mut self, d: &Datagram) -> anyhow::Result<()> {
-        // Nothing a PoP did not send to us is ever written: the session tag first.
-        let Some(body) = self.sessions.values().find_map(|k| k.open(&d.bytes).ok()) else {
-            add(&self.counters.unauthenticated, 1);
-            tracing::debug!(from = %d.from, "media datagram without a valid session tag");
-            return Ok(());
-        };
-        let header = match MediaHeader::parse(body) {
-            Ok(h) => h,
-            Err(e) => {
-                add(&self.counters.malformed, 1);
-                tracing::debug!(from = %d.from, error = %e, "malformed media datagram");
+        // Nothing a PoP did not send to us is ever written: the core checks the session
+        // tag first, then takes only the stream watched, once, from one source.
+        let accepted = match self.data.handle_media(d.at, Some(d.from), &d.bytes, 0) {
+            Ok(a) => a,
+            Err(DropReason::Auth) => {
+                add(&self.counters.unauthenticated, 1);
+                tracing::debug!(from = %d.from, "media datagram without a valid session tag");
                 return Ok(());
             }
-        };
-        let Some(watching) = &self.watching else {
-            add(&self.counters.dropped, 1);
-            return Ok(());
-        };
-        if header.stream != watching.id {
-            self.rec.stale += 1;
-            add(&self.counters.dropped, 1);
-            return Ok(());
-        }
-        match self.seen.accept(header.seq, d.at) {
-            Verdict::New => {}
-            Verdict::Switched => {
-                // Another server's copy: its frame numbers are unrelated to the old ones.
-                tracing::info!(stream = %watching.name, "stream source changed");
-                self.playout.reset();
-                self.gaps.reset();
-                self.rec.source_switches += 1;
-                // A TS copy from another server continues from its next keyframe.
-                self.waiting_key = true;
+            Err(DropReason::Malformed) => {
+                add(&self.counters.malformed, 1);
+                tracing::debug!(from = %d.from, "malformed media datagram");
+                return Ok(());
             }
-            Verdict::Duplicate => {
+            Err(DropReason::Unrouted) => {
+                if self.watching.is_some() {
+                    self.rec.stale += 1;
+                }
+                add(&self.counters.dropped, 1);
+                return Ok(());
+            }
+            Err(DropReason::Duplicate) => {
                 add(&self.counters.duplicates, 1);
                 return Ok(());
             }
-            Verdict::OtherSource => {
+            Err(DropReason::OtherSource) => {
                 add(&self.counters.dropped, 1);
                 return Ok(());
+            }
+        };
+        while let Some(ev) = self.data.poll_event() {
+            if let Event::SourceSwitched { .. } = ev {
+                // Another server's copy: its frame numbers are unrelated to the old ones.
+                tracing::info!(stream = ?self.rec.stream, "stream source changed");
+                self.playout.reset();
+                self.rec.source_switches += 1;
+                // A TS copy from another server continues from its next keyframe.
+                self.waiting_key = true;
             }
         }
         self.client.media_received(d.at);
@@ -687,11 +682,8 @@ impl Viewer {
             self.rec.longest_packet_gap_ms = self.rec.longest_packet_gap_ms.max(gap);
         }
         self.last_packet = Some(d.at);
-        if !header.has(flags::RETRANSMIT) && !header.has(flags::CACHED) {
-            self.media_from = Some(d.from);
-        }
-        self.gaps.on_datagram(d.at, header.seq);
-        self.playout.push(d.at, &header, &body[HEADER_LEN..]);
+        let body = d.bytes.get(HEADER_LEN..accepted.len).unwrap_or_default();
+        self.playout.push(d.at, &accepted.header, body);
         self.recover(d.at.max(Instant::now()))
     }
 
@@ -702,26 +694,23 @@ impl Viewer {
             self.on_frame(frame)?;
         }
         self.rec.incomplete += self.playout.stats().incomplete_dropped - before;
-        if !self.opts.nack {
-            return Ok(());
-        }
-        let (Some(to), Some(stream)) = (self.media_from, self.watching.as_ref().map(|w| w.id))
-        else {
-            return Ok(());
-        };
+        self.data.handle_timeout(now);
         let data_port = self.sock.local_addr().map(|a| a.port()).unwrap_or(0);
-        while let Some(ranges) = self.gaps.poll_nack(now) {
-            self.rec.nacks += 1;
-            send_msg(
-                &self.sock,
-                &self.counters,
-                to,
-                &Message::Nack {
-                    stream,
-                    data_port,
-                    ranges,
-                },
-            );
+        while let Some(t) = self.data.poll_transmit() {
+            // A viewer forwards nothing: what the core queues are its NACKs.
+            if let Payload::Nack { stream, ranges } = t.payload {
+                self.rec.nacks += 1;
+                send_msg(
+                    &self.sock,
+                    &self.counters,
+                    t.to,
+                    &Message::Nack {
+                        stream,
+                        data_port,
+                        ranges,
+                    },
+                );
+            }
         }
         Ok(())
     }

@@ -5,7 +5,13 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     /// Crates that must stay sans-IO: no clock, no sleeping, no sockets, no threads.
-    const SANS_IO: &[&str] = &["ott-proto", "ott-overlay", "ott-tree", "ott-media"];
+    const SANS_IO: &[&str] = &[
+        "ott-proto",
+        "ott-overlay",
+        "ott-tree",
+        "ott-media",
+        "ott-datapath",
+    ];
     /// Calls a sans-IO crate never makes outside its tests.
     const FORBIDDEN: &[&str] = &[
         "Instant::now",
@@ -78,6 +84,7 @@ mod tests {
             "ott-tree",
             "ott-media",
             "ott-bootstrap",
+            "ott-datapath",
         ] {
             let lib = root.join("crates").join(krate).join("src/lib.rs");
             let text = std::fs::read_to_string(&lib).unwrap_or_default();

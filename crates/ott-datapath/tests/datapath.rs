@@ -1,0 +1,415 @@
+//! The data-plane core on a fake clock.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ott_datapath::{Child, ChildKind, Config, DataPath, Drop, Event, Payload};
+use ott_proto::auth::{OverlayKey, SessionKey};
+use ott_proto::{flags, MediaHeader, NackRange, HEADER_LEN};
+
+const S: u32 = 42;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn media(stream: u32, seq: u32, frame: u32, key: bool, len: usize) -> Vec<u8> {
+    let h = MediaHeader {
+        flags: if key { flags::KEYFRAME } else { 0 },
+        stream,
+        seq,
+        frame,
+        frag_index: 0,
+        frag_count: 1,
+        timestamp: 0,
+    };
+    let mut d = h.to_bytes().to_vec();
+    d.resize(HEADER_LEN + len, 0xaa);
+    d
+}
+
+/// Every queued transmit, as (to, bytes) with `Input` resolved against `inputs`.
+fn sent(dp: &mut DataPath, inputs: &[Vec<u8>]) -> Vec<(SocketAddr, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some(t) = dp.poll_transmit() {
+        let bytes = match t.payload {
+            Payload::Input { token, len } => inputs[token][..len].to_vec(),
+            Payload::Bytes(b) => b.to_vec(),
+            Payload::Nack { stream, ranges } => format!("nack {stream} {ranges:?}").into_bytes(),
+        };
+        out.push((t.to, bytes));
+    }
+    out
+}
+
+fn routed(children: &[u16]) -> (DataPath, Instant) {
+    let t0 = Instant::now();
+    let mut dp = DataPath::new(Config::default(), None);
+    assert!(dp.set_route(
+        t0,
+        S,
+        children.iter().map(|p| Child::member(addr(*p))).collect()
+    ));
+    (dp, t0)
+}
+
+#[test]
+fn test_forwards_to_every_child_without_copy() {
+    let (mut dp, t0) = routed(&[2001, 2002]);
+    let d = media(S, 1, 1, true, 100);
+    assert!(dp.handle_media(t0, Some(addr(1000)), &d, 0).is_ok());
+    let out: Vec<_> = dp.drain_transmits().collect();
+    assert_eq!(out.len(), 2);
+    for t in &out {
+        assert!(matches!(t.payload, Payload::Input { token: 0, len } if len == d.len()));
+    }
+    assert_eq!(
+        dp.poll_event(),
+        Some(Event::Upstream {
+            stream: S,
+            from: addr(1000)
+        })
+    );
+    let st = dp.stream(S).expect("stream state");
+    assert_eq!((st.datagrams_in, st.datagrams_out, st.frames_in), (1, 2, 1));
+}
+
+#[test]
+fn test_duplicates_are_dropped() {
+    let (mut dp, t0) = routed(&[2001]);
+    let d = media(S, 5, 1, true, 10);
+    assert!(dp.handle_media(t0, Some(addr(1000)), &d, 0).is_ok());
+    assert_eq!(
+        dp.handle_media(t0, Some(addr(1001)), &d, 1),
+        Err(Drop::Duplicate)
+    );
+    assert_eq!(sent(&mut dp, &[d.clone(), d]).len(), 1);
+    assert_eq!(dp.counters().duplicates, 1);
+    assert_eq!(dp.stream(S).map(|s| s.duplicates), Some(1));
+}
+
+#[test]
+fn test_source_lock_then_switch_after_silence() {
+    let (mut dp, t0) = routed(&[2001]);
+    assert!(dp
+        .handle_media(t0, Some(addr(1000)), &media(S, 100, 1, true, 10), 0)
+        .is_ok());
+    // Another source's numbers while the first flows: dropped.
+    let other = media(S, 3_000_000_000, 9, true, 10);
+    let t = t0 + Duration::from_millis(50);
+    assert_eq!(
+        dp.handle_media(t, Some(addr(1001)), &other, 0),
+        Err(Drop::OtherSource)
+    );
+    assert_eq!(dp.counters().other_source, 1);
+    // After silence it takes over, and the caller hears of it.
+    let t = t0 + Duration::from_millis(400);
+    assert!(dp.handle_media(t, Some(addr(1001)), &other, 0).is_ok());
+    let events: Vec<_> = std::iter::from_fn(|| dp.poll_event()).collect();
+    assert!(events.contains(&Event::SourceSwitched { stream: S }));
+    assert_eq!(dp.upstream(S), Some(addr(1001)));
+    assert_eq!(dp.counters().source_switches, 1);
+}
+
+#[test]
+fn test_nack_is_answered_within_the_budget() {
+    let t0 = Instant::now();
+    let config = Config {
+        resend_burst_bytes: 3 * (HEADER_LEN as u64 + 1000),
+        resend_bytes_per_sec: 1000,
+        ..Config::default()
+    };
+    let mut dp = DataPath::new(config, None);
+    dp.set_route(t0, S, vec![Child::member(addr(2001))]);
+    for seq in 0..10 {
+        let _ = dp.handle_media(t0, Some(addr(1000)), &media(S, seq, seq, false, 1000), 0);
+    }
+    let _ = sent(&mut dp, &[media(S, 0, 0, false, 1000)]);
+    dp.handle_nack(t0, addr(2001), S, &[NackRange { first: 2, count: 5 }]);
+    let resent = sent(&mut dp, &[]);
+    assert_eq!(resent.len(), 3, "the burst allows three datagrams");
+    let h = MediaHeader::parse(&resent[0].1).expect("media");
+    assert!(h.has(flags::RETRANSMIT));
+    assert_eq!(h.seq, 2);
+    assert_eq!(dp.counters().resend_budget, 1);
+    assert_eq!(dp.counters().nacks_answered, 1);
+    assert_eq!(dp.stream(S).map(|s| s.retransmitted), Some(3));
+}
+
+#[test]
+fn test_nack_from_a_non_child_is_ignored() {
+    let (mut dp, t0) = routed(&[2001]);
+    let _ = dp.handle_media(t0, Some(addr(1000)), &media(S, 1, 1, true, 10), 0);
+    let _ = dp.drain_transmits();
+    dp.handle_nack(t0, addr(6666), S, &[NackRange { first: 1, count: 1 }]);
+    dp.handle_nack(t0, addr(2001), 999, &[NackRange { first: 1, count: 1 }]);
+    assert!(dp.poll_transmit().is_none());
+    assert_eq!(dp.counters().nacks_refused, 2);
+    assert_eq!(dp.counters().retransmitted, 0);
+}
+
+#[test]
+fn test_gap_is_nacked_upstream() {
+    let (mut dp, t0) = routed(&[2001]);
+    let _ = dp.handle_media(t0, Some(addr(1000)), &media(S, 1, 1, true, 10), 0);
+    let _ = dp.handle_media(t0, Some(addr(1000)), &media(S, 4, 4, false, 10), 0);
+    let _ = dp.drain_transmits();
+    let due = dp.poll_timeout().expect("a NACK is scheduled");
+    dp.handle_timeout(due);
+    let t = dp.poll_transmit().expect("a NACK");
+    assert_eq!(t.to, addr(1000));
+    match t.payload {
+        Payload::Nack { stream, ranges } => {
+            assert_eq!(stream, S);
+            assert_eq!(ranges[0].first, 2);
+            assert_eq!(ranges[0].count, 2);
+        }
+        other => panic!("not a NACK: {other:?}"),
+    }
+    assert_eq!(dp.counters().nacks_sent, 1);
+}
+
+#[test]
+fn test_start_cache_serves_a_new_child_from_the_last_keyframe() {
+    let (mut dp, t0) = routed(&[2001]);
+    for f in 1..=7u32 {
+        let _ = dp.handle_media(t0, Some(addr(1000)), &media(S, f, f, f % 3 == 1, 50), 0);
+    }
+    let _ = dp.drain_transmits();
+    // Keyframes at 1, 4, 7: the new child gets frame 7 on.
+    assert_eq!(dp.cached(S), 1);
+    dp.set_route(
+        t0,
+        S,
+        vec![Child::member(addr(2001)), Child::member(addr(2002))],
+    );
+    let out = sent(&mut dp, &[]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, addr(2002), "only the new child gets the replay");
+    let h = MediaHeader::parse(&out[0].1).expect("media");
+    assert!(h.has(flags::CACHED) && h.has(flags::KEYFRAME));
+    assert_eq!(h.frame, 7);
+}
+
+#[test]
+fn test_stream_cap_refuses_routes_and_counts() {
+    let t0 = Instant::now();
+    let config = Config {
+        max_streams: 2,
+        max_children: 1,
+        ..Config::default()
+    };
+    let mut dp = DataPath::new(config, None);
+    assert!(dp.set_route(t0, 1, vec![Child::member(addr(1))]));
+    assert!(dp.set_route(t0, 2, vec![Child::member(addr(1)), Child::member(addr(2))]));
+    assert!(!dp.set_route(t0, 3, vec![Child::member(addr(1))]));
+    assert_eq!(dp.counters().stream_cap, 1);
+    assert_eq!(dp.counters().child_cap, 1);
+    assert_eq!(dp.stream(2).map(|s| s.children), Some(1));
+    // An existing stream may still change its route.
+    assert!(dp.set_route(t0, 2, vec![Child::member(addr(3))]));
+    assert_eq!(dp.streams().count(), 2);
+}
+
+#[test]
+fn test_tag_failure_is_counted_and_dropped_before_decode() {
+    let t0 = Instant::now();
+    let key = OverlayKey::from_bytes(&[7; 32]).expect("key");
+    let mut dp = DataPath::new(Config::default(), Some(key.clone()));
+    let session = SessionKey::from_bytes([9; 32]);
+    dp.set_route(
+        t0,
+        S,
+        vec![
+            Child::member(addr(2001)),
+            Child {
+                addr: addr(2002),
+                kind: ChildKind::Strip,
+            },
+            Child {
+                addr: addr(2003),
+                kind: ChildKind::Session(session.clone()),
+            },
+        ],
+    );
+    // Untagged media, and garbage that would not even parse: both are auth failures.
+    assert_eq!(
+        dp.handle_media(t0, None, &media(S, 1, 1, true, 10), 0),
+        Err(Drop::Auth)
+    );
+    assert_eq!(dp.handle_media(t0, None, &[0u8; 3], 0), Err(Drop::Auth));
+    assert_eq!(dp.counters().auth_failed, 2);
+    assert_eq!(dp.counters().malformed, 0);
+    assert!(dp.stream(S).is_some_and(|s| s.datagrams_in == 0));
+    // A tagged one goes to each child as it should.
+    let mut d = media(S, 1, 1, true, 10);
+    let plain = d.clone();
+    key.seal_media(&mut d);
+    assert!(dp.handle_media(t0, Some(addr(1000)), &d, 0).is_ok());
+    let out = sent(&mut dp, &[d.clone()]);
+    assert_eq!(out.len(), 3);
+    assert_eq!(out[0], (addr(2001), d.clone()));
+    assert_eq!(out[1], (addr(2002), plain.clone()));
+    assert_eq!(session.open(&out[2].1).expect("session tag"), &plain[..]);
+}
+
+#[test]
+fn test_state_is_freed_with_the_route() {
+    let (mut dp, t0) = routed(&[2001]);
+    let _ = dp.handle_media(t0, Some(addr(1000)), &media(S, 1, 1, true, 10), 0);
+    let _ = dp.drain_transmits();
+    assert_eq!(dp.cached(S), 1);
+    assert!(dp.set_route(t0, S, Vec::new()));
+    assert_eq!(dp.streams().count(), 0);
+    assert_eq!(dp.cached(S), 0);
+    assert_eq!(
+        dp.handle_media(t0, Some(addr(1000)), &media(S, 2, 2, false, 10), 0),
+        Err(Drop::Unrouted)
+    );
+    dp.handle_nack(t0, addr(2001), S, &[NackRange { first: 1, count: 1 }]);
+    assert!(dp.poll_transmit().is_none());
+    assert_eq!(dp.counters().unrouted, 1);
+}
+
+#[test]
+fn test_random_operations_never_panic() {
+    let mut rng = fastrand::Rng::with_seed(9);
+    for keyed in [false, true] {
+        let key = keyed.then(|| OverlayKey::from_bytes(&[3; 32]).expect("key"));
+        let config = Config {
+            max_streams: 4,
+            max_children: 3,
+            retransmit_depth: 16,
+            ..Config::default()
+        };
+        let mut dp = DataPath::new(config, key.clone());
+        let mut now = Instant::now();
+        for _ in 0..20_000 {
+            now += Duration::from_millis(rng.u64(0..20));
+            let stream = rng.u32(0..6);
+            match rng.u8(0..6) {
+                0 => {
+                    let n = rng.usize(0..5);
+                    let children = (0..n)
+                        .map(|_| Child {
+                            addr: addr(rng.u16(1..8)),
+                            kind: match rng.u8(0..3) {
+                                0 => ChildKind::Member,
+                                1 => ChildKind::Strip,
+                                _ => ChildKind::Session(SessionKey::from_bytes([1; 32])),
+                            },
+                        })
+                        .collect();
+                    dp.set_route(now, stream, children);
+                }
+                1 => {
+                    let ranges: Vec<_> = (0..rng.usize(0..4))
+                        .map(|_| NackRange {
+                            first: rng.u32(0..64),
+                            count: rng.u16(..),
+                        })
+                        .collect();
+                    dp.handle_nack(now, addr(rng.u16(1..8)), stream, &ranges);
+                }
+                2 => {
+                    let mut junk = vec![0u8; rng.usize(0..64)];
+                    rng.fill(&mut junk);
+                    let _ = dp.handle_media(now, Some(addr(rng.u16(1..8))), &junk, 0);
+                }
+                3 => dp.handle_timeout(now),
+                _ => {
+                    let seq = if rng.bool() {
+                        rng.u32(0..64)
+                    } else {
+                        rng.u32(..)
+                    };
+                    let mut d = media(stream, seq, seq / 2, rng.u8(0..4) == 0, rng.usize(0..200));
+                    if let Some(k) = &key {
+                        k.seal_media(&mut d);
+                    }
+                    let _ = dp.handle_media(now, Some(addr(rng.u16(1..8))), &d, 0);
+                }
+            }
+            assert!(dp.streams().count() <= 4);
+            while let Some(t) = dp.poll_transmit() {
+                if let Payload::Input { token, len } = t.payload {
+                    assert_eq!(token, 0);
+                    assert!(len <= 64 + HEADER_LEN + 200 + 16);
+                }
+            }
+            while dp.poll_event().is_some() {}
+        }
+    }
+}
+
+#[test]
+fn test_a_pinned_local_stream_caches_without_children_and_serves_the_first_child() {
+    let t0 = Instant::now();
+    let key = OverlayKey::from_bytes(&[5; 32]).expect("key");
+    let mut dp = DataPath::new(Config::default(), Some(key.clone()));
+    assert!(dp.pin_stream(S));
+    let mut d = media(S, 10, 3, true, 40);
+    key.seal_media(&mut d);
+    let d = bytes::Bytes::from(d);
+    assert!(dp.handle_local(t0, &d, 0).is_ok());
+    assert!(dp.poll_transmit().is_none(), "nobody to send to yet");
+    assert_eq!(dp.cached(S), 1);
+    // The first child gets the cached start, tag included (a member).
+    dp.set_route(t0, S, vec![Child::member(addr(2001))]);
+    let out = sent(&mut dp, &[]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1.len(), d.len());
+    // Its NACK is answered from the buffer; the route going leaves the pinned state.
+    dp.handle_nack(
+        t0,
+        addr(2001),
+        S,
+        &[NackRange {
+            first: 10,
+            count: 1,
+        }],
+    );
+    assert_eq!(sent(&mut dp, &[]).len(), 1);
+    dp.set_route(t0, S, Vec::new());
+    assert_eq!(dp.cached(S), 1);
+    assert_eq!(dp.stream(S).map(|s| s.children), Some(0));
+}
+
+#[test]
+fn test_a_viewer_accepts_only_media_sealed_with_its_session() {
+    let t0 = Instant::now();
+    let mut dp = DataPath::for_viewer(Config {
+        retransmit_depth: 1,
+        ..Config::default()
+    });
+    assert!(dp.pin_stream(S));
+    let session = SessionKey::from_bytes([4; 32]);
+    let plain = media(S, 1, 1, true, 20);
+    let sealed = session.seal(&plain);
+    // Before admission nothing is accepted, and a forged tag never is.
+    assert_eq!(
+        dp.handle_media(t0, Some(addr(1)), &sealed, 0),
+        Err(Drop::Auth)
+    );
+    dp.add_session(session);
+    let forged = SessionKey::from_bytes([5; 32]).seal(&plain);
+    assert_eq!(
+        dp.handle_media(t0, Some(addr(1)), &forged, 0),
+        Err(Drop::Auth)
+    );
+    let ok = dp
+        .handle_media(t0, Some(addr(1)), &sealed, 0)
+        .expect("accepted");
+    assert_eq!(ok.len, plain.len());
+    assert_eq!(ok.header.seq, 1);
+    assert_eq!(dp.counters().auth_failed, 2);
+    // Another stream than the one watched is not taken.
+    let other = SessionKey::from_bytes([4; 32]).seal(&media(S + 1, 1, 1, true, 20));
+    assert_eq!(
+        dp.handle_media(t0, Some(addr(1)), &other, 0),
+        Err(Drop::Unrouted)
+    );
+    assert_eq!(dp.upstream(S), Some(addr(1)));
+    dp.remove_stream(S);
+    assert_eq!(dp.streams().count(), 0);
+}
