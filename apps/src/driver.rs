@@ -277,7 +277,8 @@ impl NodeLoop {
                     });
                 }
                 Event::ParentChanged { server, old, new } => {
-                    tracing::info!(%server, ?old, ?new, "parent changed");
+                    let name = |p: &Option<String>| p.clone().unwrap_or_else(|| "none".into());
+                    tracing::info!(%server, old = %name(&old), new = %name(&new), "parent changed");
                 }
                 Event::NeighbourUp(id) => tracing::info!(neighbour = %id, "neighbour up"),
                 Event::NeighbourDown(id) => tracing::info!(neighbour = %id, "neighbour down"),

@@ -343,7 +343,7 @@ impl Neighbours {
                         p.last_heard = None;
                         if p.alive {
                             p.alive = false;
-                            tracing::info!(peer = %id, "neighbour said bye");
+                            tracing::debug!(peer = %id, "neighbour said bye");
                             self.events.push_back(NeighbourEvent::Down(id.clone()));
                         }
                     }
@@ -406,7 +406,7 @@ impl Neighbours {
         p.last_heard = Some(now);
         if !p.alive {
             p.alive = true;
-            tracing::info!(peer = %id, "neighbour up");
+            tracing::debug!(peer = %id, "neighbour up");
             self.events
                 .push_back(NeighbourEvent::Up(p.addrs.id.clone()));
         }
@@ -451,7 +451,7 @@ impl Neighbours {
             if let Some(t) = p.last_heard {
                 if now.saturating_duration_since(t) >= self.config.dead_after {
                     p.alive = false;
-                    tracing::info!(peer = %p.addrs.id, "neighbour silent, declared dead");
+                    tracing::debug!(peer = %p.addrs.id, "neighbour silent, declared dead");
                     self.events
                         .push_back(NeighbourEvent::Down(p.addrs.id.clone()));
                 }

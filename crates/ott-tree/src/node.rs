@@ -1217,7 +1217,7 @@ impl Node {
         if new == old {
             return;
         }
-        tracing::info!(node = %self.config.id, server, ?old, ?new, "parent changed");
+        tracing::debug!(node = %self.config.id, server, ?old, ?new, "parent changed");
         self.stats.parent_changes += 1;
         if let Some(r) = self.routes.get_mut(server) {
             r.parent = new.clone();
