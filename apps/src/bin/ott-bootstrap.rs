@@ -15,7 +15,7 @@ use ott_overlay::{AddressPlan, Topology};
 #[command(name = "ott-bootstrap", version)]
 struct Args {
     /// Topology file (TOML).
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     topology: PathBuf,
     /// TCP address to listen on [default: 127.0.0.1:7070, or 127.N.255.254:7070 with
     /// --net N].
@@ -28,7 +28,7 @@ struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..))]
     net: Option<u8>,
     /// Address plan: `loopback` (127.x.y.z per node) or `links` (10.0.<link>.1/.2).
-    #[arg(long, default_value = "loopback")]
+    #[arg(long, default_value = "loopback", value_name = "loopback|links")]
     addresses: AddressPlan,
     /// The overlay's shared key: a file of at least 32 random bytes (e.g.
     /// `head -c 32 /dev/urandom > overlay.key`), the same for every server, relay, PoP

@@ -18,16 +18,16 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:7070", value_parser = ott_apps::args::parse_addr, value_name = "ADDR")]
     bootstrap: SocketAddr,
     /// This client's id in the topology (gives it its own address); optional.
-    #[arg(long)]
+    #[arg(long, value_name = "ID")]
     id: Option<String>,
     /// Stream to watch. Without it, on a terminal, the streams are listed and you are asked.
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     stream: Option<String>,
     /// Print the stream names, one a line, and exit.
     #[arg(long)]
     list: bool,
     /// Write the received elementary stream (JPEG frames, or TS bytes) to FILE, or - for stdout.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE|-")]
     output: Option<PathBuf>,
     /// Pipe the stream into ffplay (when installed; a clear error otherwise).
     #[arg(long)]

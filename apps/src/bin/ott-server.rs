@@ -21,7 +21,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:7070", value_parser = ott_apps::args::parse_addr, value_name = "ADDR")]
     bootstrap: SocketAddr,
     /// Directory of clips (.mjpeg with an optional NAME.fps sidecar, .ts).
-    #[arg(long, required_unless_present = "live")]
+    #[arg(long, required_unless_present = "live", value_name = "DIR")]
     videos: Option<PathBuf>,
     /// A live input: NAME[:ts|:mjpeg]=udp://ADDR:PORT or NAME[:ts|:mjpeg]=stdin
     /// (MPEG-TS unless :mjpeg is given). Repeat for several.
