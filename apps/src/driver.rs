@@ -277,7 +277,8 @@ impl NodeLoop {
                     });
                 }
                 Event::ParentChanged { server, old, new } => {
-                    tracing::info!(%server, ?old, ?new, "parent changed");
+                    let name = |p: &Option<String>| p.clone().unwrap_or_else(|| "none".into());
+                    tracing::info!(%server, old = %name(&old), new = %name(&new), "parent changed");
                 }
                 Event::NeighbourUp(id) => tracing::info!(neighbour = %id, "neighbour up"),
                 Event::NeighbourDown(id) => tracing::info!(neighbour = %id, "neighbour down"),
@@ -307,6 +308,22 @@ impl NodeLoop {
                     "refused_incarnation": nb.refused_incarnation_count(),
                 }),
             );
+            // Heartbeat loss and counts of each neighbour, next to its RTT.
+            for e in obj
+                .get_mut("neighbours")
+                .and_then(|n| n.as_array_mut())
+                .into_iter()
+                .flatten()
+            {
+                let id = e.get("id").and_then(|i| i.as_str()).unwrap_or_default();
+                if let Some(i) = nb.iter().find(|i| i.id == id) {
+                    if let Some(e) = e.as_object_mut() {
+                        e.insert("loss".into(), serde_json::json!(i.loss_ratio()));
+                        e.insert("heartbeats_sent".into(), i.heartbeats_sent.into());
+                        e.insert("heartbeats_acked".into(), i.heartbeats_acked.into());
+                    }
+                }
+            }
             // Attach per-stream media traffic to each stream entry.
             if let Some(streams) = obj.get_mut("streams").and_then(|s| s.as_object_mut()) {
                 for entry in streams.values_mut() {

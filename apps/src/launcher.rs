@@ -420,7 +420,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 /// can place a multi-homed node and its clients precisely). Every other node at index
 /// `i` gets 127.`net`.`i / 250`.`i % 250 + 1`, and a node with several `addresses` gets
 /// as many, its `k`-th one in 127.`net`.`64 k + i / 250`.`i % 250 + 1`.
-fn with_loopback_addresses(text: &str, net: u8) -> anyhow::Result<String> {
+pub fn with_loopback_addresses(text: &str, net: u8) -> anyhow::Result<String> {
     let mut doc: toml::Table = text.parse().context("topology is not TOML")?;
     let nodes = doc
         .get_mut("node")

@@ -6,6 +6,7 @@
 //! topology on loopback for the demo and the integration tests.
 #![warn(missing_docs)]
 
+pub mod args;
 pub mod batch;
 pub mod counters;
 pub mod dashboard;
@@ -21,6 +22,7 @@ pub mod live;
 pub mod net;
 pub mod overlay;
 pub mod pktinfo;
+pub mod progress;
 pub mod report;
 pub mod signals;
 pub mod source;

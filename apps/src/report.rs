@@ -39,7 +39,7 @@ pub struct ReportArgs {
     pub report_ms: u64,
     /// Where state reports go (UDP). Default: the bootstrapper's address (--bootstrap),
     /// on the same port number.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = crate::args::parse_addr)]
     pub report_to: Option<SocketAddr>,
 }
 

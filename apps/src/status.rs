@@ -234,12 +234,33 @@ fn node_metrics(st: &serde_json::Value) -> String {
         "ott_neighbour_rtt_seconds",
         "Smoothed heartbeat round-trip time to the overlay neighbour",
     );
+    let mut nb_loss = Family::gauge(
+        "ott_neighbour_loss_ratio",
+        "Fraction of the last 50 heartbeats to the overlay neighbour not acknowledged",
+    );
+    let mut nb_sent = Family::counter(
+        "ott_neighbour_heartbeats_sent_total",
+        "Heartbeats sent to the overlay neighbour",
+    );
+    let mut nb_acked = Family::counter(
+        "ott_neighbour_heartbeats_acked_total",
+        "Heartbeats to the overlay neighbour that it acknowledged",
+    );
     for nb in st["neighbours"].as_array().into_iter().flatten() {
         let id = nb["id"].as_str().unwrap_or_default();
         let l = [("node", node), ("neighbour", id)];
         nb_up.add(&l, if nb["alive"] == true { 1.0 } else { 0.0 });
         if let Some(v) = ms_to_s(&nb["rtt_ms"]) {
             nb_rtt.add(&l, v);
+        }
+        if let Some(v) = num(&nb["loss"]) {
+            nb_loss.add(&l, v);
+        }
+        if let Some(v) = num(&nb["heartbeats_sent"]) {
+            nb_sent.add(&l, v);
+        }
+        if let Some(v) = num(&nb["heartbeats_acked"]) {
+            nb_acked.add(&l, v);
         }
     }
     let mut receiving = Family::gauge(
@@ -349,6 +370,9 @@ fn node_metrics(st: &serde_json::Value) -> String {
         ("send_errors", "send_error"),
         ("auth_failed", "auth_failed"),
         ("dropped", "policy"),
+        ("unrouted", "unrouted"),
+        ("stream_cap", "stream_cap"),
+        ("resend_budget", "resend_budget"),
     ] {
         if let Some(v) = num(&st["counters"][key]) {
             drops.add(&[("node", node), ("reason", reason)], v);
@@ -358,6 +382,7 @@ fn node_metrics(st: &serde_json::Value) -> String {
         ("malformed", "bad_message"),
         ("unknown_sender", "unknown_sender"),
         ("ignored", "ignored"),
+        ("seq_too_far", "seq_too_far"),
     ] {
         if let Some(v) = num(&st["tree_stats"][key]) {
             drops.add(&[("node", node), ("reason", reason)], v);
@@ -379,6 +404,43 @@ fn node_metrics(st: &serde_json::Value) -> String {
     if let Some(v) = num(&st["tree_stats"]["parent_changes"]) {
         parent_changes.add(&n, v);
     }
+    let mut failovers = Family::counter(
+        "ott_failovers_total",
+        "Parent changes away from a parent declared dead, to another parent",
+    );
+    if let Some(v) = num(&st["tree_stats"]["failovers"]) {
+        failovers.add(&n, v);
+    }
+    let mut routes_lost = Family::counter(
+        "ott_routes_lost_total",
+        "Routes to a server lost (the parent went and no other neighbour offered one)",
+    );
+    if let Some(v) = num(&st["tree_stats"]["routes_lost"]) {
+        routes_lost.add(&n, v);
+    }
+    // Admission of viewers (PoPs): cookies, then each ViewerJoin by its result.
+    let mut cookies = Family::counter(
+        "ott_admission_cookies_sent_total",
+        "Return-routability cookies sent to viewers",
+    );
+    if let Some(v) = num(&st["tree_stats"]["cookies_out"]) {
+        cookies.add(&n, v);
+    }
+    let mut joins = Family::counter(
+        "ott_admission_joins_total",
+        "Viewer joins, by result (admitted, bad_cookie, not_pop, stream_full, ip_full)",
+    );
+    for (key, result) in [
+        ("viewer_joins", "admitted"),
+        ("bad_cookie", "bad_cookie"),
+        ("viewer_not_pop", "not_pop"),
+        ("viewer_cap_stream", "stream_full"),
+        ("viewer_cap_ip", "ip_full"),
+    ] {
+        if let Some(v) = num(&st["tree_stats"][key]) {
+            joins.add(&[("node", node), ("result", result)], v);
+        }
+    }
     let mut families = vec![
         info,
         has_route,
@@ -388,14 +450,23 @@ fn node_metrics(st: &serde_json::Value) -> String {
         route_latency,
         nb_up,
         nb_rtt,
+        nb_loss,
+        nb_sent,
+        nb_acked,
         receiving,
         children,
         viewers,
         total_viewers,
     ];
     families.extend(traffic);
-    families.push(drops);
-    families.push(parent_changes);
+    families.extend([
+        drops,
+        parent_changes,
+        failovers,
+        routes_lost,
+        cookies,
+        joins,
+    ]);
     render_all(&families)
 }
 
@@ -492,7 +563,14 @@ fn viewer_metrics(st: &serde_json::Value) -> String {
         }
         pop_usable.add(&l, if p["usable"] == true { 1.0 } else { 0.0 });
     }
-    families.extend([gap, first, watching, pop_rtt, pop_loss, pop_usable]);
+    let mut fps = Family::gauge(
+        "ott_viewer_fps",
+        "Frames written a second, over the last half second",
+    );
+    if let Some(v) = num(&rec["fps"]) {
+        fps.add(&c, v);
+    }
+    families.extend([fps, gap, first, watching, pop_rtt, pop_loss, pop_usable]);
     render_all(&families)
 }
 
@@ -711,7 +789,11 @@ mod tests {
             ..Default::default()
         })
         .expect("serializes");
-        v["tree_stats"] = serde_json::json!({"parent_changes": 4, "unknown_sender": 1});
+        v["tree_stats"] = serde_json::json!({"parent_changes": 4, "unknown_sender": 1,
+            "failovers": 2, "routes_lost": 1, "cookies_out": 7, "viewer_joins": 5, "bad_cookie": 3});
+        v["neighbours"][0]["loss"] = serde_json::json!(0.04);
+        v["neighbours"][0]["heartbeats_sent"] = serde_json::json!(100);
+        v["neighbours"][0]["heartbeats_acked"] = serde_json::json!(96);
         v["streams"]["news"]["traffic"] = serde_json::json!({"packets_in": 100, "packets_out": 200, "nacks_sent": 2, "given_up": 0});
         v
     }
@@ -744,6 +826,25 @@ mod tests {
         let r1 = [("node", "p1"), ("neighbour", "r1")];
         assert_eq!(value(&s, "ott_neighbour_up", &r1), Some(1.0));
         assert_eq!(value(&s, "ott_neighbour_rtt_seconds", &r1), Some(0.0005));
+        assert_eq!(value(&s, "ott_neighbour_loss_ratio", &r1), Some(0.04));
+        assert_eq!(
+            value(&s, "ott_neighbour_heartbeats_sent_total", &r1),
+            Some(100.0)
+        );
+        assert_eq!(
+            value(&s, "ott_neighbour_heartbeats_acked_total", &r1),
+            Some(96.0)
+        );
+        let p1 = [("node", "p1")];
+        assert_eq!(value(&s, "ott_failovers_total", &p1), Some(2.0));
+        assert_eq!(value(&s, "ott_routes_lost_total", &p1), Some(1.0));
+        assert_eq!(
+            value(&s, "ott_admission_cookies_sent_total", &p1),
+            Some(7.0)
+        );
+        let joins = |r| value(&s, "ott_admission_joins_total", &[("result", r)]);
+        assert_eq!(joins("admitted"), Some(5.0));
+        assert_eq!(joins("bad_cookie"), Some(3.0));
         assert_eq!(
             value(&s, "ott_node_latency_seconds", &[("node", "p1")]),
             Some(0.0025)
@@ -824,7 +925,7 @@ mod tests {
             "reception": {"stream": "news", "pop": "p1", "frames": 250, "bytes": 1000,
                           "stalls": 1, "longest_gap_ms": 300, "pop_switches": 0,
                           "stream_switches": 0, "incomplete": 0, "nacks": 5,
-                          "first_frame_ms": 40},
+                          "first_frame_ms": 40, "fps": 24.5},
         });
         let text = status_metrics(&st);
         let s = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
@@ -854,6 +955,10 @@ mod tests {
             None
         );
         assert_eq!(value(&s, "ott_viewer_longest_gap_seconds", &[]), Some(0.3));
+        assert_eq!(
+            value(&s, "ott_viewer_fps", &[("client", "client")]),
+            Some(24.5)
+        );
     }
 
     #[test]

@@ -92,6 +92,11 @@ pub struct Reception {
     pub first_live_key_ms: Option<u64>,
     /// NACK messages sent to the PoP.
     pub nacks: u64,
+    /// Frames a second lately (measured by the status line, [`crate::progress`]).
+    pub fps: f64,
+    /// The live status line on a terminal.
+    #[serde(skip)]
+    pub progress: crate::progress::Progress,
 }
 
 impl Reception {
@@ -310,6 +315,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         )?;
     }
     let started = Instant::now();
+    v.rec.progress = crate::progress::Progress::on_terminal(started);
     let end = opts.duration.map(|d| started + d);
     let result = v.main_loop(&rx, &lines, &shutdown, &status_rx, end);
     v.client.shutdown(Instant::now());
@@ -320,12 +326,19 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             let _ = p.wait();
         }
     }
+    v.rec.progress.finish();
     result?;
     let line = v.rec.summary(started.elapsed());
     if opts.output.as_deref().is_some_and(|p| p.as_os_str() == "-") {
         eprintln!("{line}");
     } else {
         println!("{line}");
+    }
+    if v.rec.frames == 0 {
+        anyhow::bail!(
+            "received no frame of {stream:?} in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
@@ -456,10 +469,12 @@ impl Viewer {
         loop {
             self.drain_transmits();
             while let Some(ev) = self.client.poll_event() {
-                if let ClientEvent::Catalogue(streams) = ev {
-                    if !streams.is_empty() {
-                        return Ok(streams);
+                match ev {
+                    ClientEvent::Catalogue(streams) if !streams.is_empty() => return Ok(streams),
+                    ClientEvent::NoPop => {
+                        tracing::warn!("{}", crate::progress::no_pop_hint(&self.client.status()))
                     }
+                    _ => {}
                 }
             }
             let timer = self.client.poll_timeout().unwrap_or(deadline).min(deadline);
@@ -491,6 +506,7 @@ impl Viewer {
             .map(crossbeam_channel::at)
             .unwrap_or_else(crossbeam_channel::never);
         loop {
+            crate::progress::tick(&mut self.rec, Instant::now());
             self.drain_transmits();
             while let Some(ev) = self.client.poll_event() {
                 self.on_event(ev)?;
@@ -611,7 +627,9 @@ impl Viewer {
                 }
                 eprintln!("ott-client: no stream named {name:?}; still watching the current one");
             }
-            ClientEvent::NoPop => tracing::warn!("no usable PoP at the moment"),
+            ClientEvent::NoPop => {
+                tracing::warn!("{}", crate::progress::no_pop_hint(&self.client.status()))
+            }
             ClientEvent::Refused(reason) => tracing::warn!(%reason, "PoP refused a request"),
             ClientEvent::Session { pop, key } => {
                 tracing::debug!(%pop, "admitted: session key received");

@@ -132,6 +132,15 @@ fn api_tree_shows_every_parent_and_a_killed_relay_dead_within_3_s() {
             has("ott_parent_changes_total") && has("ott_packets_in_total"),
             "{id}: {text}"
         );
+        assert!(
+            has("ott_neighbour_loss_ratio")
+                && has("ott_neighbour_heartbeats_sent_total")
+                && has("ott_neighbour_heartbeats_acked_total")
+                && has("ott_failovers_total")
+                && has("ott_routes_lost_total")
+                && has("ott_drops_total"),
+            "{id}: {text}"
+        );
         viewers_seen += samples
             .iter()
             .filter(|s| s.name == "ott_stream_viewers")
@@ -151,6 +160,9 @@ fn api_tree_shows_every_parent_and_a_killed_relay_dead_within_3_s() {
                     .iter()
                     .any(|s| s.name == "ott_viewer_frames_total" && s.value > 0.0)
                     && samples.iter().any(|s| s.name == "ott_viewer_watching")
+                    && samples
+                        .iter()
+                        .any(|s| s.name == "ott_viewer_fps" && s.value > 0.0)
             })
         },
     )
@@ -188,6 +200,36 @@ fn api_tree_shows_every_parent_and_a_killed_relay_dead_within_3_s() {
         "dashboard: {relay} dead and {pop} re-parented in /api/tree {} ms after the kill",
         killed.elapsed().as_millis()
     );
+    // The PoP's own /metrics: a failover counted, and heartbeats to the dead relay lost.
+    let pop_addr = c.status_addr(&pop).expect("PoP status address");
+    let series = |text: &str, name: &str, nb: Option<&str>| {
+        let samples = parse_exposition(text).unwrap_or_else(|e| panic!("{pop}: {e}\n{text}"));
+        samples
+            .iter()
+            .find(|s| {
+                s.name == name
+                    && nb.is_none_or(|nb| s.labels.iter().any(|(k, v)| k == "neighbour" && v == nb))
+            })
+            .map(|s| s.value)
+    };
+    wait_for(
+        Duration::from_secs(3),
+        "the PoP counts a failover and loss to the dead relay",
+        || {
+            http_get(pop_addr, "/metrics").is_ok_and(|text| {
+                series(&text, "ott_failovers_total", None).is_some_and(|v| v >= 1.0)
+                    && series(&text, "ott_neighbour_loss_ratio", Some(&relay))
+                        .is_some_and(|v| v > 0.0)
+                    && series(&text, "ott_neighbour_up", Some(&relay)) == Some(0.0)
+            })
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            http_get(pop_addr, "/metrics").unwrap_or_default()
+        )
+    });
 
     let metrics = http_get(c.dashboard_addr(), "/metrics").expect("dashboard metrics");
     let accepted: u64 = metrics

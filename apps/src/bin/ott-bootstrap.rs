@@ -12,16 +12,23 @@ use ott_overlay::{AddressPlan, Topology};
 /// The OTT overlay bootstrapper: answers each node with its role, listen address,
 /// overlay neighbours and the list of PoPs, from a topology file.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "ott-bootstrap", version)]
 struct Args {
     /// Topology file (TOML).
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     topology: PathBuf,
-    /// TCP address to listen on.
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    listen: SocketAddr,
+    /// TCP address to listen on [default: 127.0.0.1:7070, or 127.N.255.254:7070 with
+    /// --net N].
+    #[arg(long, value_parser = ott_apps::args::parse_addr, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Give every node of the topology an address in 127.N.0.0/16 (as `cargo xtask demo
+    /// --net N`), so that two topologies run side by side on one host: node i gets
+    /// 127.N.(i / 250).(i % 250 + 1), and the bootstrapper listens on 127.N.255.254:7070
+    /// unless --listen is given. Loopback plan only.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..))]
+    net: Option<u8>,
     /// Address plan: `loopback` (127.x.y.z per node) or `links` (10.0.<link>.1/.2).
-    #[arg(long, default_value = "loopback")]
+    #[arg(long, default_value = "loopback", value_name = "loopback|links")]
     addresses: AddressPlan,
     /// The overlay's shared key: a file of at least 32 random bytes (e.g.
     /// `head -c 32 /dev/urandom > overlay.key`), the same for every server, relay, PoP
@@ -32,7 +39,7 @@ struct Args {
     /// Serve the live dashboard on this address: `/` (the overlay and its trees),
     /// `/api/tree` (JSON), `/metrics`. Nodes' state reports are then received over UDP
     /// on the --listen address.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = ott_apps::args::parse_addr)]
     http: Option<SocketAddr>,
 }
 
@@ -49,10 +56,30 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let topology = Topology::load(&args.topology)?;
+    let listen = match (args.listen, args.net) {
+        (Some(a), _) => a,
+        (None, Some(n)) => SocketAddr::from(([127, n, 255, 254], 7070)),
+        (None, None) => SocketAddr::from(([127, 0, 0, 1], 7070)),
+    };
+    let topology = match args.net {
+        Some(_) if args.addresses != AddressPlan::Loopback => {
+            anyhow::bail!(
+                "--net places nodes on loopback: it does not go with --addresses {}",
+                args.addresses
+            )
+        }
+        Some(n) => {
+            let text = std::fs::read_to_string(&args.topology)
+                .with_context(|| format!("cannot read {}", args.topology.display()))?;
+            let placed = ott_apps::launcher::with_loopback_addresses(&text, n)?;
+            Topology::parse(&placed, &args.topology.display().to_string())?
+        }
+        None => topology,
+    };
     let key = ott_apps::keying::key_from_flag(args.key_file.as_deref())?;
-    let listener = TcpListener::bind(args.listen)
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, topology = %topology.name, nodes = topology.nodes.len(),
+    let listener =
+        TcpListener::bind(listen).with_context(|| format!("cannot listen on {}", listen))?;
+    tracing::info!(listen = %listen, topology = %topology.name, nodes = topology.nodes.len(),
         plan = %args.addresses, "bootstrapper ready");
     let stop = Arc::new(AtomicBool::new(false));
     let signals = ott_apps::signals::shutdown_channel();
@@ -63,8 +90,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     });
     if let Some(http) = args.http {
-        let udp = std::net::UdpSocket::bind(args.listen)
-            .with_context(|| format!("cannot receive state reports on UDP {}", args.listen))?;
+        let udp = std::net::UdpSocket::bind(listen)
+            .with_context(|| format!("cannot receive state reports on UDP {}", listen))?;
         let table = ott_apps::dashboard::Table::new(&topology, args.addresses, Default::default());
         // With the overlay key, a report counts only when its tag and counter verify.
         let opener = key.clone().map(|k| {

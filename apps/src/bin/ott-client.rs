@@ -12,22 +12,22 @@ use clap::Parser;
 /// standard input (or use the --http page) to switch stream while it runs; the new
 /// stream starts at a keyframe and nothing of the old one follows.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "ott-client", version)]
 struct Args {
     /// Bootstrapper address.
-    #[arg(long, default_value = "127.0.0.1:7070")]
+    #[arg(long, default_value = "127.0.0.1:7070", value_parser = ott_apps::args::parse_addr, value_name = "ADDR")]
     bootstrap: SocketAddr,
     /// This client's id in the topology (gives it its own address); optional.
-    #[arg(long)]
+    #[arg(long, value_name = "ID")]
     id: Option<String>,
     /// Stream to watch. Without it, on a terminal, the streams are listed and you are asked.
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     stream: Option<String>,
     /// Print the stream names, one a line, and exit.
     #[arg(long)]
     list: bool,
     /// Write the received elementary stream (JPEG frames, or TS bytes) to FILE, or - for stdout.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE|-")]
     output: Option<PathBuf>,
     /// Pipe the stream into ffplay (when installed; a clear error otherwise).
     #[arg(long)]
@@ -35,22 +35,28 @@ struct Args {
     /// Serve a page listing the streams with a player, and the stream itself
     /// (GET /stream: MJPEG as multipart/x-mixed-replace, MPEG-TS as video/mp2t, for
     /// ffplay, mpv or VLC), on this address, e.g. 127.0.0.1:8000.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = ott_apps::args::parse_addr)]
     http: Option<SocketAddr>,
-    /// Exit cleanly after this many seconds and print a one-line summary.
-    #[arg(long)]
-    duration: Option<f64>,
+    /// Exit cleanly after this many seconds and print a one-line summary (exit status 2
+    /// when no frame arrived).
+    #[arg(long, value_name = "SECS", alias = "duration")]
+    duration_secs: Option<f64>,
     /// Serve GET /status (JSON) and /metrics (Prometheus) on this address.
-    #[arg(long)]
+    #[arg(long, value_parser = ott_apps::args::parse_addr, value_name = "ADDR")]
     status: Option<SocketAddr>,
     /// How long to keep asking the bootstrapper while it is not up yet or busy, in
     /// seconds (an unknown id fails at once).
-    #[arg(long, default_value_t = 30)]
-    bootstrap_wait: u64,
+    #[arg(
+        long,
+        default_value_t = 30,
+        value_name = "SECS",
+        alias = "bootstrap-wait"
+    )]
+    bootstrap_wait_secs: u64,
     /// Playout latency budget in milliseconds: how long a frame may wait for lost
     /// datagrams to be resent before it is given up.
-    #[arg(long, default_value_t = 300)]
-    latency: u64,
+    #[arg(long, default_value_t = 300, value_name = "MS", alias = "latency")]
+    latency_ms: u64,
     /// Do not ask the PoP to resend lost datagrams (loss recovery off; for comparisons).
     #[arg(long)]
     no_nack: bool,
@@ -67,10 +73,10 @@ fn main() -> std::process::ExitCode {
         output: args.output,
         play: args.play,
         http: args.http,
-        duration: args.duration.map(Duration::from_secs_f64),
+        duration: args.duration_secs.map(Duration::from_secs_f64),
         status: args.status,
-        bootstrap_wait: Duration::from_secs(args.bootstrap_wait),
-        latency: Duration::from_millis(args.latency),
+        bootstrap_wait: Duration::from_secs(args.bootstrap_wait_secs),
+        latency: Duration::from_millis(args.latency_ms),
         nack: !args.no_nack,
     };
     match ott_apps::viewer::run(opts) {

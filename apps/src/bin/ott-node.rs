@@ -16,16 +16,16 @@ struct Args {
     #[arg(long)]
     id: String,
     /// Bootstrapper address.
-    #[arg(long, default_value = "127.0.0.1:7070", value_name = "ADDR")]
+    #[arg(long, default_value = "127.0.0.1:7070", value_name = "ADDR", value_parser = ott_apps::args::parse_addr)]
     bootstrap: SocketAddr,
     /// Serve GET /status (JSON) and /metrics (Prometheus) on this address.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = ott_apps::args::parse_addr)]
     status: Option<SocketAddr>,
     /// PoPs only: serve browsers and players on this address, e.g. 0.0.0.0:8080:
     /// / (the streams), /watch/NAME (a page that plays NAME), /hls/NAME/index.m3u8
     /// (HLS of MPEG-TS/H.264), /mjpeg/NAME, /ts/NAME. The PoP joins a stream when its
     /// first HTTP viewer comes and leaves it 8 s after the last one goes.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = ott_apps::args::parse_addr)]
     http: Option<SocketAddr>,
     /// Do not ask the parent to resend lost media datagrams (per-hop loss recovery off;
     /// for comparisons). Children's requests are still answered.
@@ -38,8 +38,13 @@ struct Args {
     key_file: Option<std::path::PathBuf>,
     /// How long to keep asking the bootstrapper while it is not up yet or busy, in
     /// seconds (an unknown id fails at once).
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
-    bootstrap_wait: u64,
+    #[arg(
+        long,
+        default_value_t = 30,
+        value_name = "SECS",
+        alias = "bootstrap-wait"
+    )]
+    bootstrap_wait_secs: u64,
     #[command(flatten)]
     tuning: ott_apps::overlay::Tuning,
 }
@@ -64,7 +69,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.bootstrap,
         req,
         key.as_ref(),
-        Duration::from_secs(args.bootstrap_wait),
+        Duration::from_secs(args.bootstrap_wait_secs),
     )?;
     let keying = ott_apps::keying::Keying::for_node(key, &a);
     let data_keying = keying.clone();

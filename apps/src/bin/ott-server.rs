@@ -12,23 +12,23 @@ use ott_overlay::Role;
 /// file's stem (news.mjpeg → news, match.ts → match), looped and paced at the clip's own
 /// rate (MJPEG: its .fps sidecar; MPEG-TS: its PCR), and every --live input.
 #[derive(Parser, Debug)]
-#[command(version, after_help = LIVE_HELP)]
+#[command(name = "ott-server", version, after_help = LIVE_HELP)]
 struct Args {
     /// This server's id in the topology.
     #[arg(long)]
     id: String,
     /// Bootstrapper address.
-    #[arg(long, default_value = "127.0.0.1:7070")]
+    #[arg(long, default_value = "127.0.0.1:7070", value_parser = ott_apps::args::parse_addr, value_name = "ADDR")]
     bootstrap: SocketAddr,
     /// Directory of clips (.mjpeg with an optional NAME.fps sidecar, .ts).
-    #[arg(long, required_unless_present = "live")]
+    #[arg(long, required_unless_present = "live", value_name = "DIR")]
     videos: Option<PathBuf>,
     /// A live input: NAME[:ts|:mjpeg]=udp://ADDR:PORT or NAME[:ts|:mjpeg]=stdin
     /// (MPEG-TS unless :mjpeg is given). Repeat for several.
     #[arg(long, value_name = "NAME[:KIND]=SOURCE")]
     live: Vec<ott_apps::live::LiveSpec>,
     /// Serve GET /status (JSON) and /metrics (Prometheus) on this address.
-    #[arg(long)]
+    #[arg(long, value_parser = ott_apps::args::parse_addr, value_name = "ADDR")]
     status: Option<SocketAddr>,
     /// The overlay's shared key: a file of at least 32 random bytes (e.g.
     /// `head -c 32 /dev/urandom > overlay.key`), the same for every server, relay, PoP
@@ -37,8 +37,13 @@ struct Args {
     key_file: Option<std::path::PathBuf>,
     /// How long to keep asking the bootstrapper while it is not up yet or busy, in
     /// seconds (an unknown id fails at once).
-    #[arg(long, default_value_t = 30)]
-    bootstrap_wait: u64,
+    #[arg(
+        long,
+        default_value_t = 30,
+        value_name = "SECS",
+        alias = "bootstrap-wait"
+    )]
+    bootstrap_wait_secs: u64,
     #[command(flatten)]
     tuning: ott_apps::overlay::Tuning,
 }
@@ -92,7 +97,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.bootstrap,
         req,
         key.as_ref(),
-        Duration::from_secs(args.bootstrap_wait),
+        Duration::from_secs(args.bootstrap_wait_secs),
     )?;
     let keying = ott_apps::keying::Keying::for_node(key, &a);
     let data_keying = keying.clone();

@@ -88,8 +88,30 @@ pub fn request_until_keyed(
     key: Option<&OverlayKey>,
     deadline: Instant,
 ) -> Result<Assignment, BootstrapError> {
-    request_until_with(addr, req, key, deadline, |_| {})
+    // Say what to do while waiting, after 1 s, then less and less often.
+    let mut next_hint = Instant::now() + HINT_FIRST;
+    let mut gap = HINT_FIRST * 2;
+    request_until_with(addr, req, key, deadline, |e| {
+        let now = Instant::now();
+        if now < next_hint {
+            return;
+        }
+        let left = deadline.saturating_duration_since(now).as_secs();
+        match e {
+            BootstrapError::Io(_) => {
+                info!("no bootstrapper at {addr}: is ott-bootstrap running? (still trying for {left} s)")
+            }
+            _ => info!("the bootstrapper at {addr} is busy (still trying for {left} s)"),
+        }
+        next_hint = now + gap;
+        gap = (gap * 2).min(HINT_MAX);
+    })
 }
+
+/// When [`request_until_keyed`] first says what to do while nobody answers.
+const HINT_FIRST: Duration = Duration::from_secs(1);
+/// Longest gap between two such hints (the gap doubles up to it).
+const HINT_MAX: Duration = Duration::from_secs(30);
 
 /// [`request_until_keyed`], calling `on_retry` with each error it is about to retry.
 fn request_until_with(

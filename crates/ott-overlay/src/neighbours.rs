@@ -118,7 +118,31 @@ pub struct NeighbourInfo {
     pub rtt: Option<Duration>,
     /// Its incarnation, once heard from.
     pub incarnation: Option<u64>,
+    /// Heartbeats sent to it since the start.
+    pub heartbeats_sent: u64,
+    /// Of those, heartbeats it acknowledged (each counted once).
+    pub heartbeats_acked: u64,
+    /// Heartbeats of the loss window ([`LOSS_WINDOW`]) that count (two later ones were
+    /// sent since) and, of those, how many were not acknowledged.
+    pub window: (u32, u32),
 }
+
+impl NeighbourInfo {
+    /// The fraction of the last heartbeats to this neighbour that were not
+    /// acknowledged, 0..=1, over up to [`LOSS_WINDOW`] of them; `None` before any
+    /// counts. A heartbeat counts once two later ones were sent (its ack had two
+    /// heartbeat intervals to come back), so a neighbour that stops answering reaches
+    /// 1 after [`LOSS_WINDOW`] intervals.
+    pub fn loss_ratio(&self) -> Option<f64> {
+        let (counted, lost) = self.window;
+        (counted > 0).then(|| f64::from(lost) / f64::from(counted))
+    }
+}
+
+/// Heartbeats per neighbour remembered for [`NeighbourInfo::loss_ratio`].
+pub const LOSS_WINDOW: usize = 50;
+/// The newest heartbeats left out of the loss ratio: their acks may still be on the way.
+const IN_FLIGHT: usize = 2;
 
 #[derive(Debug)]
 struct Peer {
@@ -127,6 +151,10 @@ struct Peer {
     srtt: Option<Duration>,
     incarnation: Option<u64>,
     last_heard: Option<Instant>,
+    /// The last heartbeats sent to it (seq, acknowledged), oldest first.
+    window: VecDeque<(u64, bool)>,
+    hb_sent: u64,
+    hb_acked: u64,
 }
 
 /// Number of recent heartbeats remembered to validate echoed timestamps.
@@ -187,6 +215,9 @@ impl Neighbours {
                 srtt: None,
                 incarnation: None,
                 last_heard: None,
+                window: VecDeque::with_capacity(LOSS_WINDOW),
+                hb_sent: 0,
+                hb_acked: 0,
             })
             .collect();
         let mut me = Self {
@@ -267,6 +298,13 @@ impl Neighbours {
             alive: p.alive,
             rtt: p.srtt,
             incarnation: p.incarnation,
+            heartbeats_sent: p.hb_sent,
+            heartbeats_acked: p.hb_acked,
+            window: {
+                let counted = p.window.len().saturating_sub(IN_FLIGHT);
+                let lost = p.window.iter().take(counted).filter(|(_, a)| !a).count();
+                (counted as u32, lost as u32)
+            },
         })
     }
 
@@ -322,6 +360,12 @@ impl Neighbours {
                 incarnation,
             } => {
                 if let Some(i) = self.heard(now, from, id, *incarnation) {
+                    if let Some(p) = self.peers.get_mut(i) {
+                        if let Some(e) = p.window.iter_mut().find(|(s, a)| s == seq && !a) {
+                            e.1 = true;
+                            p.hb_acked += 1;
+                        }
+                    }
                     let now_us = self.micros(now);
                     let genuine = self.sent.iter().any(|&(s, t)| s == *seq && t == *echo_us);
                     if genuine && *echo_us <= now_us {
@@ -343,7 +387,7 @@ impl Neighbours {
                         p.last_heard = None;
                         if p.alive {
                             p.alive = false;
-                            tracing::info!(peer = %id, "neighbour said bye");
+                            tracing::debug!(peer = %id, "neighbour said bye");
                             self.events.push_back(NeighbourEvent::Down(id.clone()));
                         }
                     }
@@ -406,7 +450,7 @@ impl Neighbours {
         p.last_heard = Some(now);
         if !p.alive {
             p.alive = true;
-            tracing::info!(peer = %id, "neighbour up");
+            tracing::debug!(peer = %id, "neighbour up");
             self.events
                 .push_back(NeighbourEvent::Up(p.addrs.id.clone()));
         }
@@ -420,7 +464,12 @@ impl Neighbours {
         if self.sent.len() > SENT_HISTORY {
             self.sent.pop_front();
         }
-        for p in &self.peers {
+        for p in &mut self.peers {
+            p.hb_sent += 1;
+            if p.window.len() == LOSS_WINDOW {
+                p.window.pop_front();
+            }
+            p.window.push_back((self.hb_seq, false));
             self.transmits.push_back(Transmit {
                 to: p.addrs.preferred,
                 msg: Message::Heartbeat {
@@ -451,7 +500,7 @@ impl Neighbours {
             if let Some(t) = p.last_heard {
                 if now.saturating_duration_since(t) >= self.config.dead_after {
                     p.alive = false;
-                    tracing::info!(peer = %p.addrs.id, "neighbour silent, declared dead");
+                    tracing::debug!(peer = %p.addrs.id, "neighbour silent, declared dead");
                     self.events
                         .push_back(NeighbourEvent::Down(p.addrs.id.clone()));
                 }
@@ -571,6 +620,56 @@ mod tests {
         );
         assert!(n.is_alive("b"));
         assert!(!n.handle(t0, addr(2), &Message::ListStreams));
+    }
+
+    #[test]
+    fn test_loss_ratio_over_the_last_heartbeats() {
+        let (mut n, t0) = setup();
+        drain(&mut n);
+        let every = LivenessConfig::default().heartbeat_interval;
+        let info = |n: &Neighbours, id: &str| n.iter().find(|i| i.id == id).unwrap();
+        assert_eq!(info(&n, "b").loss_ratio(), None, "nothing counts yet");
+        // 100 heartbeats; b acks every other one (twice each: counted once), c none.
+        for k in 0..100u64 {
+            let now = t0 + every * (k as u32 + 1);
+            n.handle_timeout(now);
+            let seq = k + 1; // the heartbeat of the previous round
+            if seq % 2 == 0 {
+                for _ in 0..2 {
+                    let ack = Message::HeartbeatAck {
+                        from: "b".into(),
+                        seq,
+                        echo_us: 0,
+                        incarnation: 1,
+                    };
+                    n.handle(now, addr(2), &ack);
+                }
+            }
+            drain(&mut n);
+        }
+        let b = info(&n, "b");
+        assert_eq!(b.heartbeats_sent, 101);
+        assert_eq!(b.heartbeats_acked, 50);
+        assert_eq!(b.window.0, (LOSS_WINDOW - IN_FLIGHT) as u32);
+        let loss = b.loss_ratio().unwrap();
+        assert!((loss - 0.5).abs() < 0.03, "{loss}");
+        let c = info(&n, "c");
+        assert_eq!(c.loss_ratio(), Some(1.0));
+        assert_eq!(c.heartbeats_acked, 0);
+        // b answers everything from now on: the window forgets the old losses.
+        for k in 100..160u64 {
+            let now = t0 + every * (k as u32 + 1);
+            n.handle_timeout(now);
+            let ack = Message::HeartbeatAck {
+                from: "b".into(),
+                seq: k + 1,
+                echo_us: 0,
+                incarnation: 1,
+            };
+            n.handle(now, addr(2), &ack);
+            drain(&mut n);
+        }
+        assert_eq!(info(&n, "b").loss_ratio(), Some(0.0));
     }
 
     #[test]

@@ -265,6 +265,9 @@ pub struct Client {
     admitted: bool,
     /// When the last media datagram of the watched stream arrived.
     last_media: Option<Instant>,
+    /// Since when media is silent, once the silence was reported (logged once per
+    /// outage, and its length when media comes back).
+    silent_since: Option<Instant>,
     /// No urgent probe round before this.
     urgent_not_before: Instant,
     /// PoPs moved away from, to leave (PoP, stream) at the given time.
@@ -353,6 +356,7 @@ impl Client {
             next_join: None,
             admitted: false,
             last_media: None,
+            silent_since: None,
             urgent_not_before: now,
             leaving: Vec::new(),
             shut_down: false,
@@ -468,6 +472,10 @@ impl Client {
     pub fn media_received(&mut self, now: Instant) {
         if self.watching.is_some() {
             self.last_media = Some(now);
+            if let Some(t) = self.silent_since.take() {
+                let ms = now.saturating_duration_since(t).as_millis() as u64;
+                tracing::info!(silent_ms = ms, "media back after a silence");
+            }
         }
     }
 
@@ -489,7 +497,13 @@ impl Client {
         }
         self.expire_probes(now);
         if self.silence_deadline().is_some_and(|t| now >= t) {
-            tracing::info!(pop = ?self.pop(), "media silent: probing every PoP at once");
+            if self.silent_since.is_none() {
+                self.silent_since = self.last_media;
+                tracing::info!(
+                    pop = self.pop().unwrap_or("none"),
+                    "media silent: probing every PoP at once"
+                );
+            }
             self.probe_all(now, true);
             self.urgent_not_before = later(now, self.config.media_silence);
         }
@@ -771,7 +785,7 @@ impl Client {
                     || self.pops.iter().any(|p| !p.history.is_empty());
                 if measured && !self.no_pop_reported {
                     self.no_pop_reported = true;
-                    tracing::warn!("no usable pop");
+                    tracing::debug!("no usable pop");
                     self.events.push_back(ClientEvent::NoPop);
                 }
             }
@@ -823,7 +837,7 @@ impl Client {
         self.urgent_not_before = later(now, self.config.media_silence);
         let old_id = old.map(|o| self.pops[o].id.clone());
         let new_id = self.pops[new].id.clone();
-        tracing::info!(old = ?old_id, new = %new_id, "pop changed");
+        tracing::info!(old = old_id.as_deref().unwrap_or("none"), new = %new_id, "pop changed");
         self.events.push_back(ClientEvent::PopChanged {
             old: old_id,
             new: new_id,
@@ -872,7 +886,8 @@ impl Client {
         self.admitted = false;
         self.next_join = Some(later(now, self.join_interval()));
         self.last_media = None;
-        tracing::info!(stream = %info.name, id = info.id, "watching");
+        self.silent_since = None;
+        tracing::info!(stream = %info.name, "watching");
         self.events.push_back(ClientEvent::Watching(info.clone()));
         self.watching = Some(info);
     }

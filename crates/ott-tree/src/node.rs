@@ -156,6 +156,10 @@ pub struct NodeStats {
     pub errors_out: u64,
     /// Parent changes, all servers together.
     pub parent_changes: u64,
+    /// Parent changes away from a parent that was declared dead, to another one.
+    pub failovers: u64,
+    /// Routes to a server lost: the parent went and no other neighbour offered one.
+    pub routes_lost: u64,
     /// Cookies sent to viewers (answers to a first `Join`, or to a stale cookie).
     pub cookies_out: u64,
     /// Viewer messages (`ViewerJoin`, `ViewerLeave`) whose cookie did not verify for
@@ -1217,8 +1221,15 @@ impl Node {
         if new == old {
             return;
         }
-        tracing::info!(node = %self.config.id, server, ?old, ?new, "parent changed");
+        tracing::debug!(node = %self.config.id, server, ?old, ?new, "parent changed");
         self.stats.parent_changes += 1;
+        if let Some(o) = &old {
+            match &new {
+                Some(_) if !self.nb.is_alive(o) => self.stats.failovers += 1,
+                None => self.stats.routes_lost += 1,
+                Some(_) => {}
+            }
+        }
         if let Some(r) = self.routes.get_mut(server) {
             r.parent = new.clone();
             r.sent_seq = None;

@@ -1,0 +1,97 @@
+//! Command-line values shared by the four programs: network addresses.
+//!
+//! Every address flag (`--bootstrap`, `--listen`, `--status`, `--http`, `--report-to`)
+//! takes `IP:PORT`, `HOST:PORT` (resolved once, at start, IPv4 preferred) or a bare
+//! `PORT`, which means [`DEFAULT_HOST`]: every program of a topology on one host is the
+//! common case, and a bare port never exposes a server beyond the machine. Clap puts
+//! the flag's name in front of the error, e.g.
+//! `invalid value 'nohost:1' for '--bootstrap <ADDR>': cannot resolve host "nohost"`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+
+/// The host a bare port means.
+pub const DEFAULT_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// Parse an address flag: `IP:PORT`, `[IPv6]:PORT`, `HOST:PORT` or `PORT` (on
+/// [`DEFAULT_HOST`]). The error says what was expected and what was wrong.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty address (expected IP:PORT, HOST:PORT or PORT)".into());
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return match s.parse::<u16>() {
+            Ok(port) => Ok(SocketAddr::new(DEFAULT_HOST, port)),
+            Err(_) => Err(format!("port {s} is out of range (0 to 65535)")),
+        };
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        if s.parse::<IpAddr>().is_ok() {
+            return Err(format!("{s} has no port (expected IP:PORT, e.g. {s}:7070)"));
+        }
+        return Err(format!(
+            "{s:?} is not an address (expected IP:PORT, HOST:PORT or PORT)"
+        ));
+    };
+    let port: u16 = port.parse().map_err(|_| {
+        format!("{port:?} is not a port number (expected IP:PORT, HOST:PORT or PORT)")
+    })?;
+    if host.is_empty() {
+        return Err(format!(
+            "no host before :{port} (give PORT alone for {DEFAULT_HOST})"
+        ));
+    }
+    if host.contains(':') && !host.starts_with('[') {
+        return Err(format!(
+            "write an IPv6 address in brackets: [{host}]:{port}"
+        ));
+    }
+    let found: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|_| format!("cannot resolve host {host:?}"))?
+        .collect();
+    found
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(found.first())
+        .copied()
+        .ok_or_else(|| format!("host {host:?} has no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_ip_port_host_port_and_bare_port() {
+        assert_eq!(
+            parse_addr("127.3.0.1:7070"),
+            Ok("127.3.0.1:7070".parse().unwrap())
+        );
+        assert_eq!(parse_addr("[::1]:80"), Ok("[::1]:80".parse().unwrap()));
+        assert_eq!(parse_addr("8080"), Ok("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(
+            parse_addr("localhost:9000").map(|a| a.port()),
+            Ok(9000),
+            "a host name resolves"
+        );
+    }
+
+    #[test]
+    fn test_errors_say_what_is_wrong() {
+        assert!(parse_addr("").unwrap_err().contains("empty"));
+        assert!(parse_addr("70000").unwrap_err().contains("out of range"));
+        assert!(parse_addr("127.0.0.1").unwrap_err().contains("no port"));
+        assert!(parse_addr("127.0.0.1:x")
+            .unwrap_err()
+            .contains("not a port"));
+        assert!(parse_addr(":80").unwrap_err().contains("no host"));
+        assert!(parse_addr("no-such-host.invalid:80")
+            .unwrap_err()
+            .contains("cannot resolve host"));
+        assert!(parse_addr("fe80::1:80").unwrap_err().contains("brackets"));
+    }
+}
