@@ -257,6 +257,10 @@ fn attack_reflection(c: &Cluster, sp: &Spoofer, stream: u32) -> Vec<(&'static st
             "reflection {kind}: {sent} bytes sent with the bystander's address, {got} bytes came back ({:.2}x)",
             got as f64 / sent as f64
         );
+        assert!(
+            got <= sent,
+            "{kind}: the PoP reflected {got} bytes for {sent} bytes of requests"
+        );
         out.push((kind, sent, got));
     }
     out
