@@ -42,8 +42,6 @@ pub struct Counters {
     /// Answers not sent to an address that was not admitted because they were bigger
     /// than its request (no reflection amplification; requests are padded).
     pub answer_too_big: AtomicU64,
-    /// Server: live input bytes dropped because the input queue was at its byte cap.
-    pub live_input_dropped: AtomicU64,
 }
 
 /// A point-in-time copy of [`Counters`].
@@ -79,7 +77,8 @@ pub struct CounterSnapshot {
     pub resend_budget: u64,
     /// See [`Counters::answer_too_big`].
     pub answer_too_big: u64,
-    /// See [`Counters::live_input_dropped`].
+    /// Server: live input bytes dropped because the input queue was at its byte cap
+    /// ([`crate::live::LIVE_QUEUE_BYTES`], for the whole process).
     pub live_input_dropped: u64,
 }
 
@@ -120,7 +119,7 @@ impl Counters {
             stream_cap: g(&self.stream_cap),
             resend_budget: g(&self.resend_budget),
             answer_too_big: g(&self.answer_too_big),
-            live_input_dropped: g(&self.live_input_dropped),
+            live_input_dropped: crate::live::dropped_bytes(),
         }
     }
 }
