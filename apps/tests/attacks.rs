@@ -438,11 +438,11 @@ fn attack_new_stream_flood(c: &Cluster, sp: &Spoofer) -> (u64, u64) {
     (before, after)
 }
 
-/// 250 idle TCP connections from 50 addresses and a request with a 60 KiB id at the
+/// 300 idle TCP connections from 50 addresses and a request with a 60 KiB id at the
 /// bootstrapper, then a real node's request: answered in time, and the id not logged.
 fn attack_bootstrapper(c: &Cluster) {
     let mut idle = Vec::new();
-    for i in 0..250u32 {
+    for i in 0..300u32 {
         let src = SocketAddr::new(
             IpAddr::V4(Ipv4Addr::new(127, NET, 252, (i % 50) as u8 + 1)),
             0,
@@ -481,6 +481,37 @@ fn attack_bootstrapper(c: &Cluster) {
     );
     assert!(a.is_ok(), "a real node was not served: {a:?}");
     drop(idle);
+    // The caps' counters, on the dashboard's /metrics.
+    let mut metrics = String::new();
+    wait_for(
+        Duration::from_secs(10),
+        "the bootstrapper counts the flood",
+        || {
+            metrics =
+                ott_apps::launcher::http_get(c.dashboard_addr(), "/metrics").unwrap_or_default();
+            let n = |r: &str| -> u64 {
+                metrics
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix(&format!(
+                            "ott_bootstrap_connections_total{{result=\"{r}\"}} "
+                        ))
+                    })
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            n("evicted") + n("busy") > 0 && n("refused") > 0
+        },
+    )
+    .expect("bootstrap counters");
+    eprintln!(
+        "bootstrapper /metrics: {}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("ott_bootstrap_connections_total"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let log = c.log("bootstrap");
     assert!(
         !log.contains(&"X".repeat(200)),
