@@ -356,8 +356,9 @@ fn attack_join_flood(c: &Cluster, sp: &Spoofer, stream: u32) -> UdpSocket {
 }
 
 /// NACKs for the last 256 datagrams, 300 times, from an admitted viewer: the
-/// retransmissions stop at the per-child byte budget.
-fn attack_nack_flood(c: &Cluster, s: &UdpSocket, stream: u32) {
+/// retransmissions stop at the per-child byte budget. The same NACKs with a bystander's
+/// forged source address get the bystander nothing.
+fn attack_nack_flood(c: &Cluster, sp: &Spoofer, s: &UdpSocket, stream: u32) {
     let budget_before = counter(c, "p1", "resend_budget");
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .expect("timeout");
@@ -379,6 +380,19 @@ fn attack_nack_flood(c: &Cluster, s: &UdpSocket, stream: u32) {
             count: 256,
         }],
     });
+    let bystander = outsider_socket(4);
+    let by = match bystander.local_addr().expect("bound") {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!("bound to IPv4"),
+    };
+    let SocketAddr::V4(pop_data) = from else {
+        unreachable!("IPv4 loopback")
+    };
+    for _ in 0..50 {
+        sp.send(by, pop_data, &nack).expect("send");
+    }
+    let (got, _, _) = drain(&bystander, Duration::from_millis(300));
+    assert_eq!(got, 0, "a NACK from a forged source was answered");
     let start = Instant::now();
     for _ in 0..300 {
         s.send_to(&nack, from).expect("send");
@@ -688,7 +702,7 @@ fn every_attack_of_issue_9_fails_while_viewers_watch() {
     attack_forged_media(&c, &sp, stream, viewer);
     attack_reflection(&c, &sp, stream);
     let admitted = attack_join_flood(&c, &sp, stream);
-    attack_nack_flood(&c, &admitted, stream);
+    attack_nack_flood(&c, &sp, &admitted, stream);
     drop(admitted);
     attack_new_stream_flood(&c, &sp);
     attack_bootstrapper(&c);
