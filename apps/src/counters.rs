@@ -39,6 +39,9 @@ pub struct Counters {
     /// Forwarder: retransmissions not sent because the child's byte budget was spent
     /// (also NACKed sequence numbers past the per-NACK cap).
     pub resend_budget: AtomicU64,
+    /// Answers not sent to an address that was not admitted because they were bigger
+    /// than its request (no reflection amplification; requests are padded).
+    pub answer_too_big: AtomicU64,
 }
 
 /// A point-in-time copy of [`Counters`].
@@ -72,6 +75,11 @@ pub struct CounterSnapshot {
     pub stream_cap: u64,
     /// See [`Counters::resend_budget`].
     pub resend_budget: u64,
+    /// See [`Counters::answer_too_big`].
+    pub answer_too_big: u64,
+    /// Server: live input bytes dropped because the input queue was at its byte cap
+    /// ([`crate::live::LIVE_QUEUE_BYTES`], for the whole process).
+    pub live_input_dropped: u64,
 }
 
 /// Add `n` to a counter.
@@ -110,6 +118,8 @@ impl Counters {
             unrouted: g(&self.unrouted),
             stream_cap: g(&self.stream_cap),
             resend_budget: g(&self.resend_budget),
+            answer_too_big: g(&self.answer_too_big),
+            live_input_dropped: crate::live::dropped_bytes(),
         }
     }
 }
@@ -117,7 +127,7 @@ impl Counters {
 impl CounterSnapshot {
     /// Render as Prometheus text exposition format, labelled with the node id.
     pub fn to_prometheus(&self, id: &str) -> String {
-        let rows: [(&str, &str, u64); 14] = [
+        let rows: [(&str, &str, u64); 16] = [
             ("packets_in", "Datagrams received", self.packets_in),
             ("bytes_in", "Bytes received", self.bytes_in),
             ("packets_out", "Datagrams sent", self.packets_out),
@@ -163,6 +173,16 @@ impl CounterSnapshot {
                 "resend_budget",
                 "Retransmissions refused by the per-child byte budget or NACK cap",
                 self.resend_budget,
+            ),
+            (
+                "answer_too_big",
+                "Answers to an unadmitted address not sent, bigger than the request",
+                self.answer_too_big,
+            ),
+            (
+                "live_input_dropped",
+                "Live input bytes dropped at the input queue's byte cap",
+                self.live_input_dropped,
             ),
         ];
         let id = crate::status::label_value(id);

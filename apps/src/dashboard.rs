@@ -712,6 +712,21 @@ pub fn serve(
     table: Table,
     opener: Option<Opener>,
 ) -> anyhow::Result<Dashboard> {
+    serve_with(http, udp, table, opener, None)
+}
+
+/// More Prometheus text for `/metrics` (the bootstrapper's own counters), made at
+/// each request.
+pub type ExtraMetrics = Box<dyn Fn() -> String + Send + Sync>;
+
+/// [`serve`], with `extra` appended to `/metrics`.
+pub fn serve_with(
+    http: SocketAddr,
+    udp: UdpSocket,
+    table: Table,
+    opener: Option<Opener>,
+    extra: Option<ExtraMetrics>,
+) -> anyhow::Result<Dashboard> {
     let reports = udp.local_addr()?;
     let table = Arc::new(Mutex::new(table));
     let rx_table = table.clone();
@@ -721,7 +736,7 @@ pub fn serve(
     let stats = Arc::new(HttpStats::new("dashboard"));
     let server = httpd::serve(
         http,
-        router(table.clone(), stats.clone()),
+        router(table.clone(), stats.clone(), extra),
         Limits::default(),
         stats,
     )?;
@@ -766,7 +781,7 @@ fn receive(udp: &UdpSocket, table: &Mutex<Table>, mut opener: Option<Opener>) {
 const PAGE: &str = include_str!("dashboard.html");
 const SCRIPT: &str = include_str!("dashboard.js");
 
-fn router(table: Arc<Mutex<Table>>, stats: Arc<HttpStats>) -> Router {
+fn router(table: Arc<Mutex<Table>>, stats: Arc<HttpStats>, extra: Option<ExtraMetrics>) -> Router {
     let for_tree = table.clone();
     Router::new()
         .get("/", |_| {
@@ -794,8 +809,36 @@ fn router(table: Arc<Mutex<Table>>, stats: Arc<HttpStats>) -> Router {
             };
             let mut text = metrics(&s, nodes, alive);
             text.push_str(&httpd::prometheus(&[&stats]));
+            if let Some(extra) = &extra {
+                text.push_str(&extra());
+            }
             Response::new(200, "text/plain; version=0.0.4", text).into()
         })
+}
+
+/// The bootstrapper's connection counters as Prometheus text: what the caps on pending
+/// connections (the whole-request deadline, the per-address limit, the total) did.
+pub fn bootstrap_metrics(s: &ott_bootstrap::ServiceStats) -> String {
+    let mut out = String::from(
+        "# HELP ott_bootstrap_connections_total Bootstrap connections and requests, by outcome \
+         (timed_out: no whole request by the deadline; evicted: closed for a new one at the \
+         per-address or total cap; busy: refused at once).\n\
+         # TYPE ott_bootstrap_connections_total counter\n",
+    );
+    for (result, v) in [
+        ("accepted", s.accepted),
+        ("assigned", s.assigned),
+        ("refused", s.refused),
+        ("malformed", s.malformed),
+        ("timed_out", s.timed_out),
+        ("evicted", s.evicted),
+        ("busy", s.busy),
+    ] {
+        out.push_str(&format!(
+            "ott_bootstrap_connections_total{{result=\"{result}\"}} {v}\n"
+        ));
+    }
+    out
 }
 
 /// The dashboard's Prometheus text: reports by outcome, nodes alive and in all.

@@ -142,6 +142,16 @@ fn is_answer(msg: &ott_proto::Message) -> bool {
     )
 }
 
+/// Answers a PoP sends to a viewer's address before the viewer proved it receives
+/// there: bounded by the request's size.
+fn is_unproven_answer(msg: &ott_proto::Message) -> bool {
+    use ott_proto::Message as M;
+    matches!(
+        msg,
+        M::Cookie { .. } | M::ProbeReply { .. } | M::Streams { .. } | M::Error { .. }
+    )
+}
+
 fn count_send(
     counters: &Counters,
     to: SocketAddr,
@@ -228,7 +238,8 @@ impl NodeLoop {
             Ok(msg) => {
                 self.node.handle(d.at, d.from, msg);
                 // Answers to it leave from the address it was sent to.
-                self.drain_answering(Some((d.from, d.local)));
+                let request_len = (!self.gate.is_member(d.from)).then_some(d.bytes.len());
+                self.drain_answering(Some((d.from, d.local)), request_len);
             }
             Err(Refused::Auth(why)) => {
                 add(&self.counters.auth_failed, 1);
@@ -242,13 +253,30 @@ impl NodeLoop {
     }
 
     fn drain(&mut self) {
-        self.drain_answering(None);
+        self.drain_answering(None, None);
     }
 
     /// Send what the node asks and pass its events on. `asked`: the sender of the
-    /// datagram just handled and the local address it came in on.
-    fn drain_answering(&mut self, asked: Option<(SocketAddr, Option<IpAddr>)>) {
+    /// datagram just handled and the local address it came in on; `request_len`: that
+    /// datagram's size when the sender is not an overlay member.
+    fn drain_answering(
+        &mut self,
+        asked: Option<(SocketAddr, Option<IpAddr>)>,
+        request_len: Option<usize>,
+    ) {
         while let Some(t) = self.node.poll_transmit() {
+            // No amplification towards an address that has not proved it receives there
+            // (a forged source): what answers a stranger is no bigger than its request.
+            if let (Some((asker, _)), Some(max)) = (asked, request_len) {
+                if t.to.ip() == asker.ip()
+                    && is_unproven_answer(&t.msg)
+                    && ott_proto::encode(&t.msg).map_or(true, |b| b.len() > max)
+                {
+                    add(&self.counters.answer_too_big, 1);
+                    tracing::debug!(to = %t.to, kind = t.msg.kind(), max, "answer bigger than its request not sent");
+                    continue;
+                }
+            }
             let from = match asked {
                 Some((asker, local)) if asker == t.to && is_answer(&t.msg) => local,
                 _ => None,

@@ -1070,6 +1070,15 @@ fn read_err(e: io::Error) -> HeadError {
     }
 }
 
+/// Parse one request (head and body) from `bytes` within `limits`, as a connection
+/// would read it: `Err` (with the status it would be answered with, and why) for
+/// anything malformed, too large, cut short or unsupported. Never panics; what the
+/// fuzz target `http_head` checks.
+pub fn parse_request(bytes: &[u8], limits: &Limits) -> Result<Request, (u16, String)> {
+    let peer = SocketAddr::from(([127, 0, 0, 1], 0));
+    read_request(&mut &bytes[..], limits, peer).map_err(|e| (e.status(), e.to_string()))
+}
+
 /// Read one request from `r`: never more than `max_head` bytes of head, then the body.
 fn read_request(r: &mut impl Read, l: &Limits, peer: SocketAddr) -> Result<Request, HeadError> {
     let mut buf: Vec<u8> = Vec::with_capacity(1024.min(l.max_head));

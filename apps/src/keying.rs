@@ -281,6 +281,11 @@ pub struct ControlGate {
 }
 
 impl ControlGate {
+    /// Whether `addr` is an overlay member's (always `false` without a key).
+    pub fn is_member(&self, addr: SocketAddr) -> bool {
+        self.keying.is_member(addr)
+    }
+
     /// Check and decode a control datagram from `from`.
     pub fn open(&mut self, from: Option<SocketAddr>, bytes: &[u8]) -> Result<Message, Refused> {
         let Some(guard) = self.guard.as_mut() else {

@@ -10,6 +10,7 @@
 use std::io::Read;
 use std::net::{SocketAddr, UdpSocket};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::Instant;
 
@@ -97,6 +98,69 @@ pub struct LiveFrame {
     pub flags: u8,
     /// Media timestamp, 90 kHz: the TS unit's PTS, else the arrival time.
     pub timestamp_90k: u32,
+    /// Its bytes in the live input queue, given back when the frame is dropped.
+    pub queued: Queued,
+}
+
+/// Most bytes of live frames waiting between the input readers and the source (all
+/// inputs of the process together); a frame that would pass it is dropped and counted.
+pub const LIVE_QUEUE_BYTES: usize = 32 * 1024 * 1024;
+
+static QUEUED_BYTES: AtomicUsize = AtomicUsize::new(0);
+static DROPPED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Live input bytes dropped so far because the queue was at [`LIVE_QUEUE_BYTES`].
+pub fn dropped_bytes() -> u64 {
+    DROPPED_BYTES.load(Ordering::Relaxed)
+}
+
+/// Bytes of live frames in the queue now.
+pub fn queued_bytes() -> usize {
+    QUEUED_BYTES.load(Ordering::Relaxed)
+}
+
+/// A live frame's share of the input queue's byte cap, released on drop.
+#[derive(Debug)]
+pub struct Queued(usize);
+
+impl Queued {
+    /// Reserve `len` bytes of the queue, or `None` (counted) when the cap would be passed.
+    pub fn reserve(len: usize) -> Option<Self> {
+        let mut cur = QUEUED_BYTES.load(Ordering::Relaxed);
+        loop {
+            if cur.saturating_add(len) > LIVE_QUEUE_BYTES {
+                DROPPED_BYTES.fetch_add(len as u64, Ordering::Relaxed);
+                return None;
+            }
+            match QUEUED_BYTES.compare_exchange_weak(
+                cur,
+                cur + len,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(Self(len)),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// A frame outside the queue (nothing reserved).
+    pub fn none() -> Self {
+        Self(0)
+    }
+}
+
+impl Clone for Queued {
+    /// A copy holds nothing of the queue.
+    fn clone(&self) -> Self {
+        Self(0)
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        QUEUED_BYTES.fetch_sub(self.0, Ordering::AcqRel);
+    }
 }
 
 enum Framer {
@@ -156,6 +220,7 @@ fn read_loop(spec: &LiveSpec, mut reader: Box<dyn Read + Send>, tx: &Sender<Live
     let mut buf = vec![0u8; 65536];
     let mut first = true;
     let mut warned = false;
+    let mut dropped_warned = false;
     loop {
         let n = match reader.read(&mut buf) {
             Ok(0) => {
@@ -188,6 +253,7 @@ fn read_loop(spec: &LiveSpec, mut reader: Box<dyn Read + Send>, tx: &Sender<Live
                         data: u.data,
                         flags: if u.keyframe { flags::KEYFRAME } else { 0 },
                         timestamp_90k: u.pts.map_or(now_90k, |p| p as u32),
+                        queued: Queued::none(),
                     });
                 }
                 if !warned && f.stats().resync_bytes > 4096 && f.stats().units == 0 {
@@ -203,6 +269,7 @@ fn read_loop(spec: &LiveSpec, mut reader: Box<dyn Read + Send>, tx: &Sender<Live
                         data: frame,
                         flags: flags::KEYFRAME,
                         timestamp_90k: now_90k,
+                        queued: Queued::none(),
                     });
                 }
                 if !warned && f.skipped() > 4096 {
@@ -211,7 +278,17 @@ fn read_loop(spec: &LiveSpec, mut reader: Box<dyn Read + Send>, tx: &Sender<Live
                 }
             }
         }
-        for frame in out {
+        for mut frame in out {
+            // Capped by bytes, not only by count: a burst of big frames waits in at most
+            // LIVE_QUEUE_BYTES; past it, frames are dropped (counted) rather than queued.
+            let Some(q) = Queued::reserve(frame.data.len()) else {
+                if !dropped_warned {
+                    dropped_warned = true;
+                    tracing::warn!(stream = %spec.name, cap = LIVE_QUEUE_BYTES, "live input queue full: dropping frames");
+                }
+                continue;
+            };
+            frame.queued = q;
             if tx.send(frame).is_err() {
                 return;
             }
@@ -222,6 +299,27 @@ fn read_loop(spec: &LiveSpec, mut reader: Box<dyn Read + Send>, tx: &Sender<Live
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_live_queue_is_capped_by_bytes_and_gives_them_back() {
+        let before = queued_bytes();
+        let big = LIVE_QUEUE_BYTES / 4;
+        let held: Vec<Queued> = std::iter::from_fn(|| Queued::reserve(big))
+            .take(8)
+            .collect();
+        assert!(
+            held.len() <= 4,
+            "{} quarters of the cap reserved",
+            held.len()
+        );
+        let dropped = dropped_bytes();
+        assert!(Queued::reserve(LIVE_QUEUE_BYTES).is_none());
+        assert!(dropped_bytes() >= dropped + LIVE_QUEUE_BYTES as u64);
+        drop(held);
+        assert!(queued_bytes() <= before.max(LIVE_QUEUE_BYTES));
+        let q = Queued::reserve(1).expect("room again");
+        assert_eq!(q.clone().0, 0, "a copy holds nothing");
+    }
 
     #[test]
     fn test_parse_live_specs() {

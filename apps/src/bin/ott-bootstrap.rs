@@ -89,6 +89,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             stop2.store(true, Ordering::SeqCst);
         }
     });
+    let mut service = ott_bootstrap::Service::new(topology.clone(), args.addresses);
+    if let Some(k) = key.clone() {
+        service = service.with_key(k);
+    }
+    let service = Arc::new(service);
     if let Some(http) = args.http {
         let udp = std::net::UdpSocket::bind(listen)
             .with_context(|| format!("cannot receive state reports on UDP {}", listen))?;
@@ -103,13 +108,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                     .map_err(|e| e.to_string())
             }) as ott_apps::dashboard::Opener
         });
-        ott_apps::dashboard::serve(http, udp, table, opener)?;
+        let svc = service.clone();
+        let extra: ott_apps::dashboard::ExtraMetrics =
+            Box::new(move || ott_apps::dashboard::bootstrap_metrics(&svc.stats()));
+        ott_apps::dashboard::serve_with(http, udp, table, opener, Some(extra))?;
     }
-    let mut service = ott_bootstrap::Service::new(topology, args.addresses);
-    if let Some(k) = key {
-        service = service.with_key(k);
-    }
-    let service = Arc::new(service);
     service.serve(listener, stop)?;
     tracing::info!("bootstrapper stopped");
     Ok(())

@@ -258,7 +258,9 @@ impl Message {
     }
 }
 
-/// The versioned wrapper every control datagram carries.
+/// The versioned wrapper every control datagram carries. A viewer's request has a third
+/// element after the message, zero bytes of padding ([`request_padding`]), which
+/// [`decode`] skips.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
     /// Protocol version, [`PROTOCOL_VERSION`].
@@ -267,13 +269,55 @@ pub struct Envelope {
     pub msg: Message,
 }
 
-/// Encode a control message into one datagram.
+/// Smallest datagram of a request a PoP answers to an address it has not admitted yet:
+/// its answer (a [`Message::Cookie`], [`Message::ProbeReply`], [`Message::Streams`] or
+/// [`Message::Error`]) is never bigger than the request, so a forged source address
+/// gets no amplification. [`encode`] pads these requests (see [`Envelope`]).
+///
+/// `None` for every message that is not such a request.
+pub fn request_padding(msg: &Message) -> Option<usize> {
+    match msg {
+        Message::Join { from: None, .. }
+        | Message::ViewerJoin { .. }
+        | Message::ViewerLeave { .. } => Some(PAD_JOIN),
+        Message::Probe { .. } => Some(PAD_PROBE),
+        Message::ListStreams => Some(PAD_LIST_STREAMS),
+        _ => None,
+    }
+}
+
+/// A viewer's `Join`, `ViewerJoin`, `ViewerLeave`: a `Cookie` or an `Error` fits.
+const PAD_JOIN: usize = 96;
+/// A `Probe`: the `ProbeReply` fits with a PoP id of up to about 80 bytes.
+const PAD_PROBE: usize = 128;
+/// `ListStreams`: a catalogue of about 30 streams fits (as a QUIC Initial, one
+/// ordinary datagram).
+const PAD_LIST_STREAMS: usize = 1200;
+
+/// Encode a control message into one datagram (a viewer's request padded to
+/// [`request_padding`]).
 pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
     let env = EnvelopeRef {
         v: PROTOCOL_VERSION,
         msg,
     };
-    let buf = rmp_serde::to_vec(&env).map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    let mut buf = rmp_serde::to_vec(&env).map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    if let Some(min) = request_padding(msg) {
+        // The envelope gets a third element: an array of zeros (one byte each) whose
+        // header is 3 bytes (array 16), or 1 for fewer than 16.
+        let want = min.saturating_sub(buf.len());
+        let n = if want <= 16 {
+            want.saturating_sub(1)
+        } else {
+            (want - 3).max(16)
+        };
+        let padded = PaddedRef {
+            v: PROTOCOL_VERSION,
+            msg,
+            pad: vec![0u8; n],
+        };
+        buf = rmp_serde::to_vec(&padded).map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    }
     if buf.len() > MAX_CONTROL_LEN {
         return Err(EncodeError::TooLong {
             len: buf.len(),
@@ -287,6 +331,13 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
 struct EnvelopeRef<'a> {
     v: u8,
     msg: &'a Message,
+}
+
+#[derive(Serialize)]
+struct PaddedRef<'a> {
+    v: u8,
+    msg: &'a Message,
+    pad: Vec<u8>,
 }
 
 /// Decode one control datagram.
@@ -326,6 +377,10 @@ struct EnvelopeAny {
     v: u8,
     #[serde(default, deserialize_with = "lenient")]
     msg: Option<Message>,
+    /// Padding of a viewer's request ([`request_padding`]): read and ignored.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pad: Option<serde::de::IgnoredAny>,
 }
 
 fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Message>, D::Error> {
@@ -336,6 +391,60 @@ fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Message>, D:
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn viewer_requests_are_padded_to_at_least_their_answers() {
+        let join = Message::Join {
+            stream: u32::MAX,
+            data_port: u16::MAX,
+            from: None,
+        };
+        let probe = Message::Probe {
+            nonce: u64::MAX,
+            sent_us: u64::MAX,
+        };
+        let cookie = Message::Cookie {
+            stream: u32::MAX,
+            data_port: u16::MAX,
+            cookie: u64::MAX,
+        };
+        let error = Message::Error {
+            reason: "too many viewers of this stream at this PoP".into(),
+        };
+        let reply = Message::ProbeReply {
+            nonce: u64::MAX,
+            echo_us: u64::MAX,
+            pop: "p".repeat(64),
+            path_latency_us: Some(u64::MAX),
+            hops: u32::MAX,
+            viewers: u32::MAX,
+        };
+        let streams = Message::Streams {
+            streams: (0..20)
+                .map(|i| StreamInfo::new(format!("stream-number-{i}"), MediaKind::Mjpeg, 25_000))
+                .collect(),
+        };
+        let len = |m: &Message| encode(m).expect("encodes").len();
+        for (req, answers) in [
+            (&join, vec![&cookie, &error]),
+            (&probe, vec![&reply]),
+            (&Message::ListStreams, vec![&streams, &error]),
+        ] {
+            let r = encode(req).expect("encodes");
+            assert!(r.len() >= request_padding(req).expect("a viewer's request"));
+            assert_eq!(decode(&r).expect("decodes"), *req);
+            for a in answers {
+                assert!(
+                    len(a) <= r.len(),
+                    "{a:?} is {} bytes for a {} byte {req:?}",
+                    len(a),
+                    r.len()
+                );
+            }
+        }
+        assert_eq!(request_padding(&cookie), None);
+        assert!(len(&cookie) < 40);
+    }
 
     fn sample() -> Vec<Message> {
         vec![

@@ -24,8 +24,8 @@ pub mod report;
 mod untrusted;
 
 pub use control::{
-    decode, encode, stream_id_for, Envelope, MediaKind, Message, NackRange, NodeId, StreamId,
-    StreamInfo, MAX_CONTROL_LEN, PROTOCOL_VERSION,
+    decode, encode, request_padding, stream_id_for, Envelope, MediaKind, Message, NackRange,
+    NodeId, StreamId, StreamInfo, MAX_CONTROL_LEN, PROTOCOL_VERSION,
 };
 pub use error::{DecodeError, EncodeError, HeaderError};
 pub use media::{
