@@ -162,6 +162,17 @@ pub enum ArbMsg {
         /// Last seq.
         seq: ArbU64,
     },
+    /// [`Message::RouteRequest`].
+    RouteRequest {
+        /// Sender.
+        from: ArbId,
+        /// The server.
+        server: ArbId,
+        /// Wanted seq.
+        seq: ArbU64,
+        /// Forwarding budget.
+        hops_left: u8,
+    },
     /// [`Message::Join`].
     Join {
         /// Stream.
@@ -272,6 +283,17 @@ impl ArbMsg {
                 from: from.pick(ids),
                 server: server.pick(ids),
                 seq: seq.get(),
+            },
+            Self::RouteRequest {
+                from,
+                server,
+                seq,
+                hops_left,
+            } => Message::RouteRequest {
+                from: from.pick(ids),
+                server: server.pick(ids),
+                seq: seq.get(),
+                hops_left: *hops_left,
             },
             Self::Join {
                 stream,

@@ -127,6 +127,23 @@ pub enum Message {
         /// Last announcement sequence number the sender had.
         seq: u64,
     },
+    /// "I lost my route to `server` and no neighbour's offer is feasible: send me an
+    /// announcement of it, with a seq of at least `seq` if you can" (Babel's seqno
+    /// request, RFC 8966 §3.8.1.2). A node with a route answers the sender with its
+    /// announcement at once and, when its route is older than `seq`, forwards the
+    /// request to its parent with `hops_left` one lower; the server answers with a
+    /// fresh announcement. Rate-limited by every receiver.
+    RouteRequest {
+        /// Sender's node id.
+        from: NodeId,
+        /// The server a route is wanted to.
+        server: NodeId,
+        /// The announcement seq wanted (one more than the requester's feasibility
+        /// distance's).
+        seq: u64,
+        /// How many more times the request may be forwarded.
+        hops_left: u8,
+    },
     /// Subscribe the sender to a stream (soft state: repeated every period).
     Join {
         /// The stream.
@@ -241,6 +258,7 @@ impl Message {
             Self::HeartbeatAck { .. } => "heartbeat_ack",
             Self::Announce { .. } => "announce",
             Self::Withdraw { .. } => "withdraw",
+            Self::RouteRequest { .. } => "route_request",
             Self::Join { .. } => "join",
             Self::Leave { .. } => "leave",
             Self::Cookie { .. } => "cookie",
@@ -465,6 +483,12 @@ mod tests {
                 stream: stream_id_for("news"),
                 data_port: 7001,
                 from: None,
+            },
+            Message::RouteRequest {
+                from: "n9".into(),
+                server: "s1".into(),
+                seq: u64::MAX,
+                hops_left: 16,
             },
             Message::ListStreams,
             Message::Cookie {

@@ -102,6 +102,14 @@ fn message() -> impl Strategy<Value = Message> {
             server,
             seq
         }),
+        (id(), id(), any::<u64>(), any::<u8>()).prop_map(|(from, server, seq, hops_left)| {
+            Message::RouteRequest {
+                from,
+                server,
+                seq,
+                hops_left,
+            }
+        }),
         (any::<u32>(), any::<u16>(), proptest::option::of(id())).prop_map(
             |(stream, data_port, from)| Message::Join {
                 stream,

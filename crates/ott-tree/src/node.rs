@@ -50,6 +50,21 @@ pub struct NodeConfig {
     pub hysteresis_rel: f64,
     /// Absolute hysteresis: minimum gain for a parent change (default 1 ms).
     pub hysteresis_abs: Duration,
+    /// Spread hysteresis: a better route must also gain more than this many times the
+    /// measured spread (mean deviation) of the current and the better route's latency
+    /// (default 3.0), so that jitter alone does not move the tree.
+    pub hysteresis_spread: f64,
+    /// After a parent change the new parent is kept this long unless it fails
+    /// (default 300 ms).
+    pub parent_hold: Duration,
+    /// A parent suspected by [`Node::handle_upstream_silent`] is not taken as a parent
+    /// for this long (default 1 s) unless it is the only way to the server.
+    pub suspect_for: Duration,
+    /// [`Message::RouteRequest`]s answered or forwarded per second, at most (default 64;
+    /// a burst of as many is allowed).
+    pub route_requests_per_s: u32,
+    /// Hops a [`Message::RouteRequest`] may travel (default 16).
+    pub route_request_hops: u8,
     /// Seed of the node's random choices (tie-breaks among equal offers).
     pub seed: u64,
     /// PoPs: the secret of viewers' cookies and session keys. The driver sets it from
@@ -83,6 +98,11 @@ impl NodeConfig {
             route_expiry: Duration::from_millis(3500),
             hysteresis_rel: 0.10,
             hysteresis_abs: Duration::from_millis(1),
+            hysteresis_spread: 3.0,
+            parent_hold: Duration::from_millis(300),
+            suspect_for: Duration::from_secs(1),
+            route_requests_per_s: 64,
+            route_request_hops: 16,
             seed: 0,
             admission_secret: [0; 32],
             cookie_bucket: Duration::from_secs(30),
@@ -156,8 +176,6 @@ pub struct NodeStats {
     pub errors_out: u64,
     /// Parent changes, all servers together.
     pub parent_changes: u64,
-    /// Parent changes away from a parent that was declared dead, to another one.
-    pub failovers: u64,
     /// Routes to a server lost: the parent went and no other neighbour offered one.
     pub routes_lost: u64,
     /// Cookies sent to viewers (answers to a first `Join`, or to a stale cookie).
@@ -173,6 +191,23 @@ pub struct NodeStats {
     pub viewer_cap_stream: u64,
     /// Viewers refused because their IP address had `max_viewers_per_ip` subscriptions.
     pub viewer_cap_ip: u64,
+    /// Parent changes made because the parent failed (died, withdrew, went stale or
+    /// was suspected), as opposed to moves to a better route.
+    pub failovers: u64,
+    /// Parents suspected after a silence of their media ([`Node::handle_upstream_silent`]).
+    pub suspect_parents: u64,
+    /// Silence hints received from the data plane.
+    pub upstream_silent_hints: u64,
+    /// [`Message::RouteRequest`]s sent (our own and forwarded ones).
+    pub route_requests_out: u64,
+    /// [`Message::RouteRequest`]s received and answered (with an announcement, a fresh
+    /// one on a server, or by forwarding).
+    pub route_requests_answered: u64,
+    /// [`Message::RouteRequest`]s dropped by the rate limit.
+    pub route_requests_limited: u64,
+    /// Announcements sent outside the periodic flood: answers to route requests and
+    /// the servers' fresh announcements they trigger.
+    pub triggered_announces: u64,
 }
 
 /// A neighbour in [`NodeStatus`].
@@ -242,6 +277,10 @@ struct Offer {
     seq: u64,
     at: Instant,
     catalogue: Vec<StreamInfo>,
+    /// Smoothed effective latency (offer plus half the link RTT) over its
+    /// announcements, µs, and its mean deviation: the measured spread.
+    mean_us: u64,
+    dev_us: u64,
 }
 
 #[derive(Debug, Default)]
@@ -260,6 +299,12 @@ struct Route {
     /// The newest announcement seq accepted from this server, and when: the next may
     /// not run too far ahead of it (see [`NodeConfig::seq_slack`]).
     newest: Option<(u64, Instant)>,
+    /// When the parent last changed (for [`NodeConfig::parent_hold`]).
+    changed_at: Option<Instant>,
+    /// When the route was lost (no feasible offer), while it is lost.
+    lost_at: Option<Instant>,
+    /// When we last sent a route request for this server (ours or forwarded), and its seq.
+    requested: Option<(Instant, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -276,6 +321,8 @@ struct Child {
 struct StreamState {
     children: BTreeMap<SocketAddr, Child>,
     upstream: Option<String>,
+    /// When we joined the current upstream: silence before media could flow is no hint.
+    joined_at: Option<Instant>,
     next_refresh: Option<Instant>,
     last_forwarding: Vec<SocketAddr>,
 }
@@ -318,7 +365,21 @@ pub struct Node {
     events: VecDeque<Event>,
     stats: NodeStats,
     shut: bool,
+    /// Neighbours suspected of not forwarding media, until when.
+    suspects: BTreeMap<String, Instant>,
+    /// Token bucket of route requests handled: tokens and when it was last filled.
+    rr_tokens: f64,
+    rr_filled: Instant,
+    /// The time of the last input, for decisions made below `update`.
+    now: Instant,
+    /// Servers only: when the last fresh announcement triggered by a route request went.
+    last_triggered: Option<Instant>,
 }
+
+/// A node without a route repeats its route request this often ...
+const RR_RETRY: Duration = Duration::from_millis(250);
+/// ... for this long after losing the route.
+const RR_GIVE_UP: Duration = Duration::from_secs(3);
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -377,7 +438,13 @@ impl Node {
             events: VecDeque::new(),
             stats: NodeStats::default(),
             shut: false,
+            suspects: BTreeMap::new(),
+            rr_tokens: 0.0,
+            rr_filled: now,
+            now,
+            last_triggered: None,
         };
+        me.rr_tokens = f64::from(me.config.route_requests_per_s);
         me.pump_neighbours(now);
         me
     }
@@ -413,6 +480,7 @@ impl Node {
         if self.shut {
             return;
         }
+        self.now = now;
         if self.nb.handle(now, from, &msg) {
             self.pump_neighbours(now);
             self.update(now);
@@ -441,6 +509,12 @@ impl Node {
                     _ => self.stats.unknown_sender += 1,
                 }
             }
+            Message::RouteRequest {
+                from: claimed,
+                server,
+                seq,
+                hops_left,
+            } => self.on_route_request(now, from, &claimed, &server, seq, hops_left),
             Message::Join {
                 stream,
                 data_port,
@@ -557,6 +631,7 @@ impl Node {
             self.stats.ignored += 1;
             return;
         }
+        let rtt_half = self.nb.rtt(&n).map_or(0, |r| micros(r) / 2);
         let route = self.routes.entry(server.clone()).or_default();
         if path.contains(&self.config.id) {
             // The neighbour now reaches the server through us: its old offer is void.
@@ -583,6 +658,26 @@ impl Node {
         if route.newest.is_none_or(|(newest, _)| seq > newest) {
             route.newest = Some((seq, now));
         }
+        // The measured spread of this neighbour's route: EWMA (1/8) of the effective
+        // latency and of its absolute deviation, one sample per announcement.
+        let sample = latency_us.saturating_add(rtt_half);
+        let (mean_us, dev_us) = match route.offers.get(&n) {
+            Some(o) => {
+                let diff = sample.abs_diff(o.mean_us);
+                let mean = if sample >= o.mean_us {
+                    o.mean_us + diff / 8
+                } else {
+                    o.mean_us - diff / 8
+                };
+                let dev = if diff >= o.dev_us {
+                    o.dev_us + (diff - o.dev_us) / 8
+                } else {
+                    o.dev_us - (o.dev_us - diff) / 8
+                };
+                (mean, dev)
+            }
+            None => (sample, 0),
+        };
         route.offers.insert(
             n.clone(),
             Offer {
@@ -591,12 +686,171 @@ impl Node {
                 seq,
                 at: now,
                 catalogue,
+                mean_us,
+                dev_us,
             },
         );
         let from_parent = route.parent.as_deref() == Some(n.as_str());
         if from_parent && route.sent_seq.is_none_or(|s| seq > s) {
             self.reannounce(&server);
         }
+    }
+
+    /// Take one token of the route-request bucket, if there is one.
+    fn rr_token(&mut self, now: Instant) -> bool {
+        let rate = f64::from(self.config.route_requests_per_s);
+        let dt = now.saturating_duration_since(self.rr_filled).as_secs_f64();
+        self.rr_tokens = (self.rr_tokens + dt * rate).min(rate);
+        self.rr_filled = now;
+        if self.rr_tokens >= 1.0 {
+            self.rr_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A neighbour lost its route to `server` and asks for an announcement of at least
+    /// `seq` (Babel's seqno request).
+    fn on_route_request(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        claimed: &str,
+        server: &str,
+        seq: u64,
+        hops_left: u8,
+    ) {
+        let Some(n) = self.nb.id_of(from).map(str::to_owned) else {
+            self.stats.unknown_sender += 1;
+            return;
+        };
+        if n != claimed || !self.nb.is_alive(&n) {
+            self.stats.unknown_sender += 1;
+            return;
+        }
+        if !self.rr_token(now) {
+            self.stats.route_requests_limited += 1;
+            return;
+        }
+        if server == self.config.id {
+            if self.config.role != Role::Server {
+                self.stats.ignored += 1;
+                return;
+            }
+            // A fresh seq for everyone, at most one per 10 ms however many ask.
+            self.stats.route_requests_answered += 1;
+            let recent = self
+                .last_triggered
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(10));
+            if !recent {
+                self.last_triggered = Some(now);
+                self.stats.triggered_announces += 1;
+                self.next_announce = Some(now);
+                self.announce_now(now);
+            }
+            return;
+        }
+        let Some(r) = self.routes.get(server) else {
+            self.stats.ignored += 1;
+            return;
+        };
+        let parent = r.parent.clone();
+        let route_seq = parent.as_ref().and_then(|p| r.offers.get(p)).map(|o| o.seq);
+        let (Some(parent), Some(route_seq)) = (parent, route_seq) else {
+            self.stats.ignored += 1;
+            return;
+        };
+        if parent == n {
+            // It is our parent: our route runs through it, it is no use to it.
+            self.stats.ignored += 1;
+            return;
+        }
+        self.stats.route_requests_answered += 1;
+        if let (Some(msg), Some(to)) = (self.announce_msg(server), self.nb.addr_of(&n)) {
+            self.stats.announces_out += 1;
+            self.stats.triggered_announces += 1;
+            self.transmits.push_back(Transmit { to, msg });
+        }
+        if route_seq < seq && hops_left > 1 {
+            // Our route is too old to be feasible for it: ask upstream for a newer one,
+            // once per seq and 100 ms.
+            let dup = self
+                .routes
+                .get(server)
+                .and_then(|r| r.requested)
+                .is_some_and(|(t, s)| {
+                    s >= seq && now.saturating_duration_since(t) < Duration::from_millis(100)
+                });
+            if !dup {
+                self.send_route_request(now, server, seq, hops_left - 1, Some(&parent));
+            }
+        }
+    }
+
+    /// Send a route request for `server` to `only` (a neighbour), or to every alive
+    /// neighbour.
+    fn send_route_request(
+        &mut self,
+        now: Instant,
+        server: &str,
+        seq: u64,
+        hops_left: u8,
+        only: Option<&str>,
+    ) {
+        let msg = Message::RouteRequest {
+            from: self.config.id.clone(),
+            server: server.to_owned(),
+            seq,
+            hops_left,
+        };
+        let to: Vec<SocketAddr> = self
+            .nb
+            .iter()
+            .filter(|i| i.alive && only.is_none_or(|o| o == i.id))
+            .map(|i| i.addr)
+            .collect();
+        for addr in to {
+            self.stats.route_requests_out += 1;
+            self.transmits.push_back(Transmit {
+                to: addr,
+                msg: msg.clone(),
+            });
+        }
+        if let Some(r) = self.routes.get_mut(server) {
+            r.requested = Some((now, seq));
+        }
+    }
+
+    /// The data plane saw no media of `stream` from `parent` since `since` while the
+    /// stream is live (about 100 ms of silence is a good threshold): the parent is
+    /// suspected for [`NodeConfig::suspect_for`] and the node moves at once to a
+    /// feasible alternative if it has one, or asks its neighbours for a route
+    /// ([`Message::RouteRequest`]). A hint about another node than the stream's current
+    /// parent, or about a silence that began before we joined there, is ignored.
+    pub fn handle_upstream_silent(
+        &mut self,
+        now: Instant,
+        parent: &str,
+        stream: StreamId,
+        since: Instant,
+    ) {
+        if self.shut {
+            return;
+        }
+        self.now = now;
+        self.stats.upstream_silent_hints += 1;
+        let relevant = self.streams.get(&stream).is_some_and(|st| {
+            st.upstream.as_deref() == Some(parent) && st.joined_at.is_none_or(|j| since >= j)
+        });
+        if !relevant || self.suspects.contains_key(parent) {
+            return;
+        }
+        tracing::info!(node = %self.config.id, parent, stream, "upstream silent, parent suspected");
+        self.stats.suspect_parents += 1;
+        self.suspects
+            .insert(parent.to_owned(), now + self.config.suspect_for);
+        self.update(now);
     }
 
     fn on_join(
@@ -812,10 +1066,20 @@ impl Node {
         if self.shut {
             return;
         }
+        self.now = now;
         self.nb.handle_timeout(now);
         self.pump_neighbours(now);
-        if let Some(t) = self.next_announce {
-            if now >= t {
+        if self.next_announce.is_some_and(|t| now >= t) {
+            self.announce_now(now);
+        }
+        self.update(now);
+    }
+
+    /// Servers: announce ourselves to every neighbour now, with a fresh seq, and
+    /// schedule the next announcement a period later.
+    fn announce_now(&mut self, now: Instant) {
+        {
+            {
                 // The server's clock in µs: it grows across restarts and as fast as
                 // time, which lets receivers bound how far a seq may jump.
                 let clock = self
@@ -840,7 +1104,6 @@ impl Node {
                 self.next_announce = Some(now + self.config.announce_interval);
             }
         }
-        self.update(now);
     }
 
     /// Leave upstream for every stream and say `Bye` to every neighbour. The node is inert
@@ -888,6 +1151,16 @@ impl Node {
         let mut consider = |x: Instant| t = Some(t.map_or(x, |y: Instant| y.min(x)));
         if let Some(a) = self.next_announce {
             consider(a);
+        }
+        for t in self.suspects.values() {
+            consider(*t);
+        }
+        for r in self.routes.values() {
+            if let (Some(lost), Some((t, _))) = (r.lost_at, r.requested) {
+                if t + RR_RETRY <= lost + RR_GIVE_UP {
+                    consider(t + RR_RETRY);
+                }
+            }
         }
         for r in self.routes.values() {
             for o in r.offers.values() {
@@ -1152,6 +1425,7 @@ impl Node {
 
     /// Re-evaluate everything after an input: expiry, parents, subscriptions.
     fn update(&mut self, now: Instant) {
+        self.suspects.retain(|_, until| *until > now);
         let expiry = self.config.route_expiry;
         for r in self.routes.values_mut() {
             r.offers
@@ -1165,51 +1439,71 @@ impl Node {
     }
 
     fn select_parent(&mut self, server: &str) {
+        let now = self.now;
         let Some(r) = self.routes.get(server) else {
             return;
         };
         let fd = r.fd;
-        let mut cands: Vec<((u64, u32), String)> = r
+        // (effective latency, hops), spread, id of every feasible offer.
+        let all: Vec<((u64, u32), u64, String)> = r
             .offers
             .iter()
             .filter(|(_, o)| Self::feasible(fd, o))
-            .filter_map(|(n, o)| self.eligible(n, o).map(|m| (m, n.clone())))
+            .filter_map(|(n, o)| self.eligible(n, o).map(|m| (m, o.dev_us, n.clone())))
             .collect();
+        // A suspected neighbour is no parent while there is another way.
+        let trusted: Vec<_> = all
+            .iter()
+            .filter(|(_, _, n)| !self.suspects.contains_key(n))
+            .cloned()
+            .collect();
+        let mut cands = if trusted.is_empty() { all } else { trusted };
         // Equal metrics are broken at random (seeded), then by id.
         cands.sort();
         let best = cands.first().cloned();
         let current = r
             .parent
             .as_ref()
-            .and_then(|p| cands.iter().find(|(_, n)| n == p).cloned());
+            .and_then(|p| cands.iter().find(|(_, _, n)| n == p).cloned());
+        let held = r
+            .changed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < self.config.parent_hold);
         let new = match (current, best) {
             (Some(cur), Some(best)) => {
                 let cur_lat = cur.0 .0;
+                let spread = cur.1.max(best.1) as f64 * self.config.hysteresis_spread;
                 let margin = micros(self.config.hysteresis_abs)
-                    .max((cur_lat as f64 * self.config.hysteresis_rel) as u64);
-                if best.0 .0.saturating_add(margin) < cur_lat {
-                    Some(best.1)
+                    .max((cur_lat as f64 * self.config.hysteresis_rel) as u64)
+                    .max(spread as u64);
+                if !held && best.0 .0.saturating_add(margin) < cur_lat {
+                    Some(best.2)
                 } else {
-                    Some(cur.1)
+                    Some(cur.2)
                 }
             }
             (None, Some(best)) => {
                 let ties: Vec<&String> = cands
                     .iter()
-                    .take_while(|(m, _)| *m == best.0)
-                    .map(|(_, n)| n)
+                    .take_while(|(m, _, _)| *m == best.0)
+                    .map(|(_, _, n)| n)
                     .collect();
                 let pick = if ties.len() > 1 {
                     ties.get(self.rng.usize(..ties.len()))
-                        .map_or(best.1.clone(), |s| (*s).clone())
+                        .map_or(best.2.clone(), |s| (*s).clone())
                 } else {
-                    best.1
+                    best.2
                 };
                 Some(pick)
             }
             (_, None) => None,
         };
+        let Some(r) = self.routes.get(server) else {
+            return;
+        };
         let old = r.parent.clone();
+        let failed = old
+            .as_ref()
+            .is_some_and(|p| !cands.iter().any(|(_, _, n)| n == p));
         // Record the feasibility distance of the route taken (kept or new).
         let taken = new
             .as_ref()
@@ -1218,21 +1512,25 @@ impl Node {
         if let (Some((seq, hops)), Some(r)) = (taken, self.routes.get_mut(server)) {
             r.fd = Some(advance_fd(r.fd, seq, hops));
         }
+        if new.is_none() {
+            self.request_route(now, server, old.is_some());
+        } else if let Some(r) = self.routes.get_mut(server) {
+            r.lost_at = None;
+        }
         if new == old {
             return;
         }
         tracing::debug!(node = %self.config.id, server, ?old, ?new, "parent changed");
         self.stats.parent_changes += 1;
-        if let Some(o) = &old {
-            match &new {
-                Some(_) if !self.nb.is_alive(o) => self.stats.failovers += 1,
-                None => self.stats.routes_lost += 1,
-                Some(_) => {}
-            }
+        if old.is_some() && new.is_none() {
+            self.stats.routes_lost += 1;
+        } else if failed {
+            self.stats.failovers += 1;
         }
         if let Some(r) = self.routes.get_mut(server) {
             r.parent = new.clone();
             r.sent_seq = None;
+            r.changed_at = Some(now);
         }
         self.events.push_back(Event::ParentChanged {
             server: server.to_owned(),
@@ -1244,6 +1542,37 @@ impl Node {
         } else {
             self.withdraw_all(server);
         }
+    }
+
+    /// No feasible offer for `server`: ask the neighbours for a route (a fresh
+    /// announcement), at once when the route was just `lost`, then every [`RR_RETRY`]
+    /// for [`RR_GIVE_UP`].
+    fn request_route(&mut self, now: Instant, server: &str, lost: bool) {
+        if self.config.role == Role::Server && server == self.config.id {
+            return;
+        }
+        let Some(r) = self.routes.get_mut(server) else {
+            return;
+        };
+        let Some((fd_seq, _)) = r.fd else {
+            // Never had a route: nothing to be feasible against, wait for the flood.
+            return;
+        };
+        if lost || r.lost_at.is_none() {
+            r.lost_at = Some(now);
+        }
+        let lost_at = r.lost_at.unwrap_or(now);
+        if now.saturating_duration_since(lost_at) > RR_GIVE_UP {
+            return;
+        }
+        let due = r
+            .requested
+            .is_none_or(|(t, _)| lost || now.saturating_duration_since(t) >= RR_RETRY);
+        if !due {
+            return;
+        }
+        let hops = self.config.route_request_hops;
+        self.send_route_request(now, server, fd_seq.saturating_add(1), hops, None);
     }
 
     fn withdraw_all(&mut self, server: &str) {
@@ -1312,8 +1641,10 @@ impl Node {
                         });
                     }
                     st.next_refresh = Some(now + self.config.join_refresh);
+                    st.joined_at = Some(now);
                 } else {
                     st.next_refresh = None;
+                    st.joined_at = None;
                 }
                 if let Some(old) = st.upstream.take() {
                     if let Some(addr) = self.nb.addr_of(&old) {

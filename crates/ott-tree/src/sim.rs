@@ -93,6 +93,8 @@ struct Reception {
     count: u64,
     /// Arrival times (since the start) of every token, clients only.
     arrivals: Vec<Duration>,
+    /// When the last token arrived.
+    last: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -190,6 +192,8 @@ pub struct Sim {
     seq: u64,
     started: bool,
     media_period: Duration,
+    /// Hint nodes of an upstream silence this long ([`Sim::set_silence_hint`]).
+    silence_hint: Option<Duration>,
     next_media: Option<Instant>,
     tick: u64,
     copies: HashMap<(usize, usize, StreamId), Copies>,
@@ -331,6 +335,7 @@ impl Sim {
             seq: 0,
             started: false,
             media_period: Duration::from_millis(100),
+            silence_hint: None,
             next_media: None,
             tick: 0,
             copies: HashMap::new(),
@@ -478,6 +483,13 @@ impl Sim {
         self.media_period = d.max(Duration::from_millis(1));
     }
 
+    /// Play the data plane's silence detector: at every media tick, a node whose
+    /// stream's upstream sent no token for `after` (since its last token) is told with
+    /// [`Node::handle_upstream_silent`]. Off (`None`) by default.
+    pub fn set_silence_hint(&mut self, after: Option<Duration>) {
+        self.silence_hint = after;
+    }
+
     /// Network-wide counters.
     pub fn stats(&self) -> SimStats {
         self.stats
@@ -572,6 +584,12 @@ impl Sim {
         if let Some(l) = self.link_mut(a, b) {
             l.params = params;
         }
+    }
+
+    /// The parameters of the link between `a` and `b`, if there is one.
+    pub fn link_params(&self, a: &str, b: &str) -> Option<LinkParams> {
+        let (ia, ib) = (self.idx(a)?, self.idx(b)?);
+        self.links.get(&key(ia, ib)).map(|l| l.params)
     }
 
     /// Take a link down: everything sent over it is dropped.
@@ -1047,6 +1065,32 @@ impl Sim {
         for (from, to, stream) in sends {
             self.send_media(from, to, stream, tick);
         }
+        let Some(after) = self.silence_hint else {
+            return;
+        };
+        let now = self.now;
+        let mut hinted = Vec::new();
+        for (i, h) in self.hosts.iter_mut().enumerate() {
+            let Some(Machine::Node(n)) = &mut h.machine else {
+                continue;
+            };
+            for stream in n.stream_ids() {
+                let Some(up) = n.upstream(stream).map(str::to_owned) else {
+                    continue;
+                };
+                let Some(last) = h.received.get(&stream).and_then(|r| r.last) else {
+                    continue;
+                };
+                if now.saturating_duration_since(last) >= after {
+                    n.handle_upstream_silent(now, &up, stream, last);
+                    hinted.push(i);
+                }
+            }
+        }
+        hinted.dedup();
+        for i in hinted {
+            self.drain(i);
+        }
     }
 
     fn send_media(&mut self, from: usize, to: SocketAddr, stream: StreamId, tick: u64) {
@@ -1142,6 +1186,7 @@ impl Sim {
             Payload::Media { stream, tick } => {
                 let h = &mut self.hosts[i];
                 let r = h.received.entry(stream).or_default();
+                r.last = Some(now);
                 match &mut h.machine {
                     None => {
                         self.stats.dead_dest += 1;
