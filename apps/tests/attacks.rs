@@ -262,8 +262,40 @@ fn attack_reflection(c: &Cluster, sp: &Spoofer, stream: u32) -> Vec<(&'static st
             "{kind}: the PoP reflected {got} bytes for {sent} bytes of requests"
         );
         out.push((kind, sent, got));
+        // The same request without its padding (as before padding, 12 to 18 bytes): the
+        // answer would be bigger, so none is sent.
+        let bare = unpadded(&d);
+        assert_eq!(ott_proto::decode(&bare).expect("decodes"), msg);
+        let too_big = counter(c, "p1", "answer_too_big");
+        for _ in 0..20 {
+            sp.send(by, ctrl(c, "p1"), &bare).expect("send");
+        }
+        wait_for(
+            Duration::from_secs(5),
+            "unpadded requests left unanswered",
+            || counter(c, "p1", "answer_too_big") >= too_big + 20,
+        )
+        .expect("answer_too_big counted");
+        let (n, _, _) = drain(&bystander, Duration::from_millis(200));
+        assert_eq!(n, 0, "{kind}: an unpadded request was answered");
     }
     out
+}
+
+/// A padded viewer request without its padding: the envelope `[v, msg, pad]` as
+/// `[v, msg]` (the pad is an array 16 of zeros, at the end).
+fn unpadded(p: &[u8]) -> Vec<u8> {
+    for i in (1..p.len().saturating_sub(2)).rev() {
+        if p[i] == 0xdc {
+            let n = usize::from(u16::from_be_bytes([p[i + 1], p[i + 2]]));
+            if i + 3 + n == p.len() && p[0] == 0x93 {
+                let mut v = p[..i].to_vec();
+                v[0] = 0x92;
+                return v;
+            }
+        }
+    }
+    panic!("not a padded request: {p:?}");
 }
 
 /// Full admissions from 40 data ports of one outsider address, and 2,000 Joins from

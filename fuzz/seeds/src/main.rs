@@ -157,6 +157,25 @@ fn media() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// Requests the programs' HTTP servers get: the status page, metrics, the client's
+/// stream switch (a POST with a form body), and a few the parser must refuse.
+fn http_heads() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("status", "GET /status HTTP/1.1\r\nHost: 127.0.0.1:7080\r\nAccept: */*\r\n\r\n"),
+        ("metrics", "GET /metrics HTTP/1.0\r\n\r\n"),
+        ("query", "GET /api/tree?stream=a%20b&x=%3Cscript%3E HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (
+            "switch",
+            "POST /switch HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nOrigin: http://127.0.0.1:8080\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 11\r\n\r\nstream=news",
+        ),
+        ("chunked", "POST /switch HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("two-lengths", "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"),
+        ("absolute", "GET http://example.com/ HTTP/1.1\r\n\r\n"),
+        ("cut", "GET /status HTTP/1.1\r\nHost: 127.0"),
+    ]
+}
+
 fn frame<T: serde::Serialize>(msg: &T) -> Vec<u8> {
     let mut b = Vec::new();
     write_frame(&mut b, msg).expect("a bootstrap message fits a frame");
@@ -240,6 +259,9 @@ fn main() -> io::Result<()> {
         &corpus.join("scenario"),
         |n| n.starts_with("seed-"),
     )?;
+    for (name, head) in http_heads() {
+        write(&corpus.join("http_head"), name, head.as_bytes())?;
+    }
     println!("seeds written under {}", corpus.display());
     Ok(())
 }
