@@ -39,6 +39,14 @@ pub struct Counters {
     /// Forwarder: retransmissions not sent because the child's byte budget was spent
     /// (also NACKed sequence numbers past the per-NACK cap).
     pub resend_budget: AtomicU64,
+    /// Data plane: another source's media dropped while the current one flows (also
+    /// in `dropped`).
+    pub other_source: AtomicU64,
+    /// Data plane: children cut from a route at the per-stream or per-address cap.
+    pub child_cap: AtomicU64,
+    /// Data plane: NACKs ignored (not from a current child of a routed stream; also in
+    /// `dropped`).
+    pub nacks_refused: AtomicU64,
 }
 
 /// A point-in-time copy of [`Counters`].
@@ -72,6 +80,12 @@ pub struct CounterSnapshot {
     pub stream_cap: u64,
     /// See [`Counters::resend_budget`].
     pub resend_budget: u64,
+    /// See [`Counters::other_source`].
+    pub other_source: u64,
+    /// See [`Counters::child_cap`].
+    pub child_cap: u64,
+    /// See [`Counters::nacks_refused`].
+    pub nacks_refused: u64,
 }
 
 /// Add `n` to a counter.
@@ -110,6 +124,9 @@ impl Counters {
             unrouted: g(&self.unrouted),
             stream_cap: g(&self.stream_cap),
             resend_budget: g(&self.resend_budget),
+            other_source: g(&self.other_source),
+            child_cap: g(&self.child_cap),
+            nacks_refused: g(&self.nacks_refused),
         }
     }
 }
@@ -117,7 +134,7 @@ impl Counters {
 impl CounterSnapshot {
     /// Render as Prometheus text exposition format, labelled with the node id.
     pub fn to_prometheus(&self, id: &str) -> String {
-        let rows: [(&str, &str, u64); 14] = [
+        let rows: [(&str, &str, u64); 17] = [
             ("packets_in", "Datagrams received", self.packets_in),
             ("bytes_in", "Bytes received", self.bytes_in),
             ("packets_out", "Datagrams sent", self.packets_out),
@@ -163,6 +180,21 @@ impl CounterSnapshot {
                 "resend_budget",
                 "Retransmissions refused by the per-child byte budget or NACK cap",
                 self.resend_budget,
+            ),
+            (
+                "other_source",
+                "Media of another source dropped while the current one flows",
+                self.other_source,
+            ),
+            (
+                "child_cap",
+                "Children cut from a route at the per-stream or per-address cap",
+                self.child_cap,
+            ),
+            (
+                "nacks_refused",
+                "NACKs ignored: not from a current child of a routed stream",
+                self.nacks_refused,
             ),
         ];
         let id = crate::status::label_value(id);
