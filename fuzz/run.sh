@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-TARGETS=(control media bootstrap topology scenario tree http_head)
+TARGETS=(control media bootstrap topology scenario tree http_head datapath)
 TRIPLE="$(rustc -vV | sed -n 's/^host: //p')"
 BIN="target/$TRIPLE/release"
 

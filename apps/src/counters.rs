@@ -42,6 +42,14 @@ pub struct Counters {
     /// Answers not sent to an address that was not admitted because they were bigger
     /// than its request (no reflection amplification; requests are padded).
     pub answer_too_big: AtomicU64,
+    /// Data plane: another source's media dropped while the current one flows (also
+    /// in `dropped`).
+    pub other_source: AtomicU64,
+    /// Data plane: children cut from a route at the per-stream or per-address cap.
+    pub child_cap: AtomicU64,
+    /// Data plane: NACKs ignored (not from a current child of a routed stream; also in
+    /// `dropped`).
+    pub nacks_refused: AtomicU64,
 }
 
 /// A point-in-time copy of [`Counters`].
@@ -80,6 +88,12 @@ pub struct CounterSnapshot {
     /// Server: live input bytes dropped because the input queue was at its byte cap
     /// ([`crate::live::LIVE_QUEUE_BYTES`], for the whole process).
     pub live_input_dropped: u64,
+    /// See [`Counters::other_source`].
+    pub other_source: u64,
+    /// See [`Counters::child_cap`].
+    pub child_cap: u64,
+    /// See [`Counters::nacks_refused`].
+    pub nacks_refused: u64,
 }
 
 /// Add `n` to a counter.
@@ -120,6 +134,9 @@ impl Counters {
             resend_budget: g(&self.resend_budget),
             answer_too_big: g(&self.answer_too_big),
             live_input_dropped: crate::live::dropped_bytes(),
+            other_source: g(&self.other_source),
+            child_cap: g(&self.child_cap),
+            nacks_refused: g(&self.nacks_refused),
         }
     }
 }
@@ -127,7 +144,7 @@ impl Counters {
 impl CounterSnapshot {
     /// Render as Prometheus text exposition format, labelled with the node id.
     pub fn to_prometheus(&self, id: &str) -> String {
-        let rows: [(&str, &str, u64); 16] = [
+        let rows: [(&str, &str, u64); 19] = [
             ("packets_in", "Datagrams received", self.packets_in),
             ("bytes_in", "Bytes received", self.bytes_in),
             ("packets_out", "Datagrams sent", self.packets_out),
@@ -183,6 +200,21 @@ impl CounterSnapshot {
                 "live_input_dropped",
                 "Live input bytes dropped at the input queue's byte cap",
                 self.live_input_dropped,
+            ),
+            (
+                "other_source",
+                "Media of another source dropped while the current one flows",
+                self.other_source,
+            ),
+            (
+                "child_cap",
+                "Children cut from a route at the per-stream or per-address cap",
+                self.child_cap,
+            ),
+            (
+                "nacks_refused",
+                "NACKs ignored: not from a current child of a routed stream",
+                self.nacks_refused,
             ),
         ];
         let id = crate::status::label_value(id);

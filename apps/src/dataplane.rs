@@ -404,6 +404,9 @@ pub(crate) fn publish(c: &Counters, was: &mut CoreCounters, now: CoreCounters) {
     add(&c.stream_cap, now.stream_cap - was.stream_cap);
     add(&c.resend_budget, now.resend_budget - was.resend_budget);
     add(&c.retransmitted, now.retransmitted - was.retransmitted);
+    add(&c.other_source, now.other_source - was.other_source);
+    add(&c.child_cap, now.child_cap - was.child_cap);
+    add(&c.nacks_refused, now.nacks_refused - was.nacks_refused);
     add(
         &c.dropped,
         (now.other_source - was.other_source) + (now.nacks_refused - was.nacks_refused),

@@ -61,6 +61,9 @@ pub struct Config {
     pub max_streams: usize,
     /// Most children of one stream; the rest of a route is cut ([`Counters::child_cap`]).
     pub max_children: usize,
+    /// Most children of one stream at one IP address (above the tree's cap on viewers
+    /// per IP, as a second line); the rest are cut ([`Counters::child_cap`]).
+    pub max_children_per_ip: usize,
     /// Datagrams of each stream kept for retransmission.
     pub retransmit_depth: usize,
     /// Most datagrams resent for one NACK.
@@ -79,6 +82,7 @@ impl Default for Config {
             nack: true,
             max_streams: 256,
             max_children: 1024,
+            max_children_per_ip: 64,
             retransmit_depth: 2048,
             max_resend_per_nack: 256,
             resend_bytes_per_sec: 4 << 20,
@@ -203,7 +207,7 @@ pub struct Counters {
     pub other_source: u64,
     /// Routes refused at [`Config::max_streams`].
     pub stream_cap: u64,
-    /// Children cut at [`Config::max_children`].
+    /// Children cut at [`Config::max_children`] or [`Config::max_children_per_ip`].
     pub child_cap: u64,
     /// NACKs received.
     pub nacks_received: u64,
@@ -448,6 +452,24 @@ impl DataPath {
             self.counters.stream_cap += 1;
             return false;
         }
+        let per_ip = self.config.max_children_per_ip;
+        let before = children.len();
+        let mut seen: Vec<(std::net::IpAddr, usize)> = Vec::new();
+        children.retain(|c| {
+            let ip = c.addr.ip();
+            match seen.iter_mut().find(|(a, _)| *a == ip) {
+                Some((_, n)) if *n >= per_ip => false,
+                Some((_, n)) => {
+                    *n += 1;
+                    true
+                }
+                None => {
+                    seen.push((ip, 1));
+                    true
+                }
+            }
+        });
+        self.counters.child_cap += (before - children.len()) as u64;
         if children.len() > self.config.max_children {
             self.counters.child_cap += (children.len() - self.config.max_children) as u64;
             children.truncate(self.config.max_children);

@@ -413,3 +413,18 @@ fn test_a_viewer_accepts_only_media_sealed_with_its_session() {
     dp.remove_stream(S);
     assert_eq!(dp.streams().count(), 0);
 }
+
+#[test]
+fn test_children_per_address_are_capped() {
+    let t0 = Instant::now();
+    let config = Config {
+        max_children_per_ip: 2,
+        ..Config::default()
+    };
+    let mut dp = DataPath::new(config, None);
+    let mut children: Vec<Child> = (1..=5).map(|p| Child::member(addr(p))).collect();
+    children.push(Child::member(SocketAddr::from(([127, 0, 0, 2], 1))));
+    assert!(dp.set_route(t0, S, children));
+    assert_eq!(dp.stream(S).map(|s| s.children), Some(3));
+    assert_eq!(dp.counters().child_cap, 3);
+}
