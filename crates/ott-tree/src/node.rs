@@ -51,12 +51,16 @@ pub struct NodeConfig {
     /// Absolute hysteresis: minimum gain for a parent change (default 1 ms).
     pub hysteresis_abs: Duration,
     /// Spread hysteresis: a better route must also gain more than this many times the
-    /// measured spread (mean deviation) of the current and the better route's latency
-    /// (default 3.0), so that jitter alone does not move the tree.
+    /// measured spread (mean deviation) of the current or the better route's latency,
+    /// whichever is smaller (default 6.0), so that jitter alone does not move the tree.
     pub hysteresis_spread: f64,
     /// After a parent change the new parent is kept this long unless it fails
     /// (default 300 ms).
     pub parent_hold: Duration,
+    /// A better route must stay better (by the margins above) this long before the
+    /// parent changes (default 500 ms), unless it is better by twice the margin: a
+    /// spike of jitter does not last.
+    pub better_for: Duration,
     /// A parent suspected by [`Node::handle_upstream_silent`] is not taken as a parent
     /// for this long (default 1 s) unless it is the only way to the server.
     pub suspect_for: Duration,
@@ -98,8 +102,9 @@ impl NodeConfig {
             route_expiry: Duration::from_millis(3500),
             hysteresis_rel: 0.10,
             hysteresis_abs: Duration::from_millis(1),
-            hysteresis_spread: 3.0,
+            hysteresis_spread: 6.0,
             parent_hold: Duration::from_millis(300),
+            better_for: Duration::from_millis(500),
             suspect_for: Duration::from_secs(1),
             route_requests_per_s: 64,
             route_request_hops: 16,
@@ -299,6 +304,9 @@ struct Route {
     newest: Option<(u64, Instant)>,
     /// When the parent last changed (for [`NodeConfig::parent_hold`]).
     changed_at: Option<Instant>,
+    /// The neighbour that has offered a better route than the parent's since when (for
+    /// [`NodeConfig::better_for`]).
+    better: Option<(String, Instant)>,
     /// When the route was lost (no feasible offer), while it is lost.
     lost_at: Option<Instant>,
     /// When we last sent a route request for this server (ours or forwarded), and its seq.
@@ -1466,15 +1474,30 @@ impl Node {
         let held = r
             .changed_at
             .is_some_and(|t| now.saturating_duration_since(t) < self.config.parent_hold);
+        let mut better = None;
         let new = match (current, best) {
             (Some(cur), Some(best)) => {
                 let cur_lat = cur.0 .0;
-                let spread = cur.1.max(best.1) as f64 * self.config.hysteresis_spread;
+                // The smaller of the two spreads: a real change of the parent's path
+                // shows as spread too, and must not hold the parent in place.
+                let spread = cur.1.min(best.1) as f64 * self.config.hysteresis_spread;
                 let margin = micros(self.config.hysteresis_abs)
                     .max((cur_lat as f64 * self.config.hysteresis_rel) as u64)
                     .max(spread as u64);
-                if !held && best.0 .0.saturating_add(margin) < cur_lat {
-                    Some(best.2)
+                if best.0 .0.saturating_add(margin) < cur_lat {
+                    let since = match &r.better {
+                        Some((n, t)) if *n == best.2 => *t,
+                        _ => now,
+                    };
+                    better = Some((best.2.clone(), since));
+                    // A gain of twice the margin is no jitter: no need to wait.
+                    let clear = best.0 .0.saturating_add(2 * margin) < cur_lat;
+                    let waited = now.saturating_duration_since(since) >= self.config.better_for;
+                    if !held && (waited || clear) {
+                        Some(best.2)
+                    } else {
+                        Some(cur.2)
+                    }
                 } else {
                     Some(cur.2)
                 }
@@ -1509,6 +1532,9 @@ impl Node {
             .map(|o| (o.seq, u32::try_from(o.path.len()).unwrap_or(u32::MAX)));
         if let (Some((seq, hops)), Some(r)) = (taken, self.routes.get_mut(server)) {
             r.fd = Some(advance_fd(r.fd, seq, hops));
+        }
+        if let Some(r) = self.routes.get_mut(server) {
+            r.better = better.filter(|(n, _)| new.as_ref() != Some(n));
         }
         if new.is_none() {
             self.request_route(now, server, old.is_some());
