@@ -89,6 +89,8 @@ pub struct StreamTraffic {
     pub retransmitted: u64,
     /// Missing datagrams given up (not recovered within the budget).
     pub given_up: u64,
+    /// Milliseconds since the last (non-resent) media datagram, if any came.
+    pub idle_ms: Option<u64>,
 }
 
 /// Per-stream traffic, keyed by stream id.
@@ -150,6 +152,7 @@ struct StreamState {
     gaps: GapTracker,
     /// Where the stream comes from (the parent's data socket), for NACKs.
     upstream: Option<SocketAddr>,
+    last_in: Option<Instant>,
 }
 
 impl StreamState {
@@ -163,6 +166,7 @@ impl StreamState {
             buffer: RetransmitBuffer::new(RETRANSMIT_DEPTH),
             gaps: GapTracker::new(NackConfig::default()),
             upstream: None,
+            last_in: None,
         }
     }
 }
@@ -281,6 +285,7 @@ impl Forwarder {
                             .map(|(k, v)| {
                                 let mut t = v.traffic.clone();
                                 t.given_up = v.gaps.stats().given_up;
+                                t.idle_ms = v.last_in.map(|l| l.elapsed().as_millis() as u64);
                                 (*k, t)
                             })
                             .collect();
@@ -449,6 +454,9 @@ impl Forwarder {
                 add(&self.counters.dropped, 1);
                 return;
             }
+        }
+        if !header.has(flags::RETRANSMIT) {
+            st.last_in = Some(now);
         }
         if !header.has(flags::RETRANSMIT) && from.is_some() && st.upstream != from {
             st.upstream = from;
