@@ -2036,6 +2036,100 @@ mod tests {
         assert_eq!(names(&n), ["news"]);
     }
 
+    fn route_request(from: &str, seq: u64) -> Message {
+        Message::RouteRequest {
+            from: from.into(),
+            server: "s".into(),
+            seq,
+            hops_left: 3,
+        }
+    }
+
+    #[test]
+    fn test_server_answers_a_route_request_with_a_fresh_seq_rate_limited() {
+        let t0 = Instant::now();
+        let cfg = NodeConfig::new("s", Role::Server, 7001);
+        let mut n = Node::new(cfg, vec![("p".to_owned(), addr(2))], t0, t0);
+        n.handle_timeout(t0);
+        n.handle(t0, addr(2), hb("p", 1));
+        drain(&mut n);
+        let t1 = t0 + Duration::from_millis(300);
+        n.handle(t1, addr(2), route_request("p", 1));
+        let fresh: Vec<u64> = drain(&mut n)
+            .into_iter()
+            .filter_map(|t| match t.msg {
+                Message::Announce { seq, .. } if t.to == addr(2) => Some(seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(fresh, [300_000], "a fresh announcement at once");
+        assert_eq!(n.stats().triggered_announces, 1);
+        // A burst: 64 tokens a second, one already spent; no more than one fresh
+        // announcement per 10 ms however many ask.
+        for _ in 0..100 {
+            n.handle(t1, addr(2), route_request("p", 1));
+        }
+        assert_eq!(n.stats().route_requests_answered, 64);
+        assert_eq!(n.stats().route_requests_limited, 37);
+        assert_eq!(n.stats().triggered_announces, 1);
+        // A request naming another node than the sender's is refused.
+        let unknown = n.stats().unknown_sender;
+        n.handle(t1 + Duration::from_secs(1), addr(2), route_request("x", 1));
+        assert_eq!(n.stats().unknown_sender, unknown + 1);
+    }
+
+    #[test]
+    fn test_silence_from_the_parent_moves_the_node_at_once() {
+        let t0 = Instant::now();
+        let cfg = NodeConfig::new("p", Role::Pop, 7001);
+        let peers = vec![("a".to_owned(), addr(1)), ("b".to_owned(), addr(2))];
+        let mut n = Node::new(cfg, peers, t0, t0);
+        for (id, a) in [("a", addr(1)), ("b", addr(2))] {
+            n.handle(t0, a, hb(id, 1));
+            let ack = Message::HeartbeatAck {
+                from: id.into(),
+                seq: 1,
+                echo_us: 0,
+                incarnation: 1,
+            };
+            n.handle(t0 + Duration::from_millis(2), a, ack);
+        }
+        let offer = |via: &str, lat: u64| Message::Announce {
+            server: "s".into(),
+            seq: 1,
+            path: vec!["s".into(), via.into()],
+            latency_us: lat,
+            catalogue: vec![StreamInfo::new("news", MediaKind::Mjpeg, 25_000)],
+        };
+        n.handle(t0, addr(1), offer("a", 1_000));
+        n.handle(t0, addr(2), offer("b", 5_000));
+        assert_eq!(n.parent("s"), Some("a"));
+        drain(&mut n);
+        // A subscription makes the stream live here.
+        let news = ott_proto::stream_id_for("news");
+        n.handle(
+            t0,
+            SocketAddr::from(([10, 0, 0, 2], 7000)),
+            Message::Join {
+                stream: news,
+                data_port: 7001,
+                from: Some("b".into()),
+            },
+        );
+        let _ = drain(&mut n);
+        assert_eq!(n.upstream(news), Some("a"));
+        // A hint about a node that is not the stream's upstream is ignored.
+        let t1 = t0 + Duration::from_millis(200);
+        n.handle_upstream_silent(t1, "b", news, t0);
+        assert_eq!(n.stats().suspect_parents, 0);
+        n.handle_upstream_silent(t1, "a", news, t0);
+        assert_eq!(n.stats().suspect_parents, 1);
+        // b's offer (5 ms) is feasible: the node moves there at once, not after the
+        // 400 ms a dead parent takes to be declared dead.
+        assert_eq!(n.parent("s"), Some("b"), "a suspected parent is left");
+        assert_eq!(n.stats().failovers, 1);
+    }
+
     #[test]
     fn test_server_seq_is_its_clock() {
         let t0 = Instant::now();
