@@ -757,6 +757,33 @@ mod tests {
     }
 
     #[test]
+    fn jitter_and_loss_flags_report_stability_rates() {
+        let args = SimArgs {
+            topology: Some(crate::project_root().join("topologies/seed.toml")),
+            failures: 0,
+            jitter_ms: 20.0,
+            loss_pct: 1.0,
+            stability_s: 60,
+            ..SimArgs::default()
+        };
+        let (r, text) = run_to_text(&args);
+        let r = r.unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+        check("seed jitter", &r, &text);
+        assert!(
+            text.contains("every link: +40 ms jitter (±20 ms), +1 % loss"),
+            "{text}"
+        );
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("stability over 60 s: parent changes per node per minute"))
+            .unwrap_or_else(|| panic!("no stability line\n{text}"));
+        assert!(
+            line.contains("PoP switches per viewer per minute"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn a_viewer_whose_pop_is_cut_off_is_counted_apart_not_as_an_outage() {
         // s1 - r1 - r2 - p1: killing either relay leaves p1 no path to the server.
         let args = SimArgs {
