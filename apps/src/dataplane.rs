@@ -96,6 +96,8 @@ pub struct StreamTraffic {
     pub retransmitted: u64,
     /// Missing datagrams given up (not recovered within the budget).
     pub given_up: u64,
+    /// Milliseconds since the last live (not resent) media datagram, if any came.
+    pub idle_ms: Option<u64>,
 }
 
 impl From<StreamStats> for StreamTraffic {
@@ -113,6 +115,7 @@ impl From<StreamStats> for StreamTraffic {
             nacks_answered: s.nacks_answered,
             retransmitted: s.retransmitted,
             given_up: s.given_up,
+            idle_ms: None,
         }
     }
 }
@@ -265,10 +268,18 @@ impl Forwarder {
                         }
                     }
                     Ok(DataCmd::Snapshot(reply)) => {
+                        let now = Instant::now();
                         let snap = self
                             .core
                             .streams()
-                            .map(|(id, s)| (id, StreamTraffic::from(s)))
+                            .map(|(id, s)| {
+                                let mut t = StreamTraffic::from(s);
+                                t.idle_ms = s.last_live_in.map(|l| {
+                                    u64::try_from(now.saturating_duration_since(l).as_millis())
+                                        .unwrap_or(u64::MAX)
+                                });
+                                (id, t)
+                            })
                             .collect();
                         let _ = reply.send(snap);
                     }

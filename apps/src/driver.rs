@@ -167,6 +167,11 @@ fn count_send(
     }
 }
 
+/// How often the data plane is asked how long each stream has been silent ...
+const SILENCE_CHECK: Duration = Duration::from_millis(50);
+/// ... and how long a silence makes the node suspect its parent.
+const SILENT_AFTER: Duration = Duration::from_millis(100);
+
 /// A status query: the loop answers with the node's status as JSON.
 pub type StatusQuery = Sender<serde_json::Value>;
 
@@ -195,6 +200,7 @@ pub struct NodeLoop {
 impl NodeLoop {
     /// Run until a shutdown signal; then tell neighbours and parents, and return.
     pub fn run(mut self) -> anyhow::Result<()> {
+        let silence = crossbeam_channel::tick(SILENCE_CHECK);
         loop {
             self.drain();
             let timer = self
@@ -217,6 +223,7 @@ impl NodeLoop {
                     }
                     self.node.handle_timeout(Instant::now());
                 }
+                recv(silence) -> _ => self.check_silence(),
                 recv(self.status) -> q => {
                     if let Ok(reply) = q {
                         let _ = reply.send(self.status_json());
@@ -254,6 +261,30 @@ impl NodeLoop {
 
     fn drain(&mut self) {
         self.drain_answering(None, None);
+    }
+
+    /// Tell the node of every stream whose media from its parent stopped for
+    /// [`SILENT_AFTER`] (issue 11): it suspects the parent and moves at once.
+    fn check_silence(&mut self) {
+        let node = &self.node;
+        let ups: Vec<(u32, String)> = (node.stream_ids().into_iter())
+            .filter_map(|s| Some((s, node.upstream(s)?.to_owned())))
+            .collect();
+        if ups.is_empty() {
+            return;
+        }
+        let snap = dataplane::snapshot(&self.data);
+        let now = Instant::now();
+        for (s, up) in ups {
+            let idle = snap
+                .get(&s)
+                .and_then(|t| t.idle_ms)
+                .map(Duration::from_millis);
+            if let Some(idle) = idle.filter(|i| *i >= SILENT_AFTER) {
+                let since = now.checked_sub(idle).unwrap_or(now);
+                self.node.handle_upstream_silent(now, &up, s, since);
+            }
+        }
     }
 
     /// Send what the node asks and pass its events on. `asked`: the sender of the

@@ -48,6 +48,21 @@ pub(crate) struct SimArgs {
     /// this many viewers given every PoP, instead of one per client of the file.
     #[arg(long)]
     clients: Option<usize>,
+    /// Jitter added to every link (viewers' access links too): each datagram is delayed
+    /// by an extra uniform 0 to 2×MS, i.e. ±MS around a mean raised by MS.
+    #[arg(long, value_name = "MS", default_value_t = 0.0)]
+    jitter_ms: f64,
+    /// Random loss added to every link (viewers' access links too), in percent.
+    #[arg(long, value_name = "PCT", default_value_t = 0.0)]
+    loss_pct: f64,
+    /// Before the kills, watch the still network for this many seconds and report
+    /// parent changes per node per minute and PoP switches per viewer per minute.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    stability_s: u64,
+    /// Nodes are told when their upstream's media stopped for this long (the data
+    /// plane's silence hint); 0 turns the hint off.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    silence_ms: u64,
 }
 
 impl Default for SimArgs {
@@ -59,6 +74,10 @@ impl Default for SimArgs {
             degree: 4,
             failures: 10,
             clients: None,
+            jitter_ms: 0.0,
+            loss_pct: 0.0,
+            stability_s: 0,
+            silence_ms: 100,
         }
     }
 }
@@ -264,6 +283,25 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
     let (mut sim, what) = build(args)?;
     // Fine-grained media, so that outages are measured to 20 ms.
     sim.set_media_period(Duration::from_millis(20));
+    sim.set_silence_hint((args.silence_ms > 0).then(|| Duration::from_millis(args.silence_ms)));
+    if args.jitter_ms > 0.0 || args.loss_pct > 0.0 {
+        let extra_jitter = Duration::from_secs_f64(2.0 * args.jitter_ms.max(0.0) / 1e3);
+        let extra_loss = (args.loss_pct / 100.0).clamp(0.0, 1.0);
+        for (a, b) in sim.links() {
+            if let Some(mut p) = sim.link_params(&a, &b) {
+                p.jitter += extra_jitter;
+                p.loss = 1.0 - (1.0 - p.loss) * (1.0 - extra_loss);
+                sim.set_link(&a, &b, p);
+            }
+        }
+        writeln!(
+            out,
+            "every link: +{} ms jitter (±{} ms), +{} % loss",
+            2.0 * args.jitter_ms,
+            args.jitter_ms,
+            args.loss_pct
+        )?;
+    }
     sim.check_loops_each_step(true);
     let nodes: Vec<String> = sim.node_ids();
     let mut report = Report {
@@ -349,6 +387,9 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
         worst.0,
         worst.1
     )?;
+    if args.stability_s > 0 {
+        stability(&mut sim, args.stability_s, out)?;
+    }
     // Failures: only relays on a viewer's stream path.
     let mut rng = fastrand_like(args.seed);
     let mut tree_repair = Vec::new();
@@ -521,6 +562,50 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
     Ok(report)
 }
 
+/// Watch the network for `secs` without changing it: parent changes per node per
+/// minute and PoP switches per viewer per minute (mean and worst).
+fn stability(sim: &mut Sim, secs: u64, out: &mut dyn Write) -> anyhow::Result<()> {
+    let nodes = sim.node_ids();
+    let viewers = sim.client_ids();
+    let parents = |sim: &Sim| -> Vec<u64> {
+        nodes
+            .iter()
+            .map(|n| sim.try_node(n).map_or(0, |x| x.stats().parent_changes))
+            .collect()
+    };
+    let switches = |sim: &Sim| -> Vec<u64> {
+        viewers
+            .iter()
+            .map(|c| {
+                if sim.is_running(c) {
+                    sim.client(c).pop_switches()
+                } else {
+                    0
+                }
+            })
+            .collect()
+    };
+    let (p0, s0) = (parents(sim), switches(sim));
+    sim.run_for(Duration::from_secs(secs));
+    let minutes = secs as f64 / 60.0;
+    let per_min = |before: Vec<u64>, after: Vec<u64>| -> (f64, f64) {
+        let d: Vec<f64> = before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| a.saturating_sub(*b) as f64 / minutes)
+            .collect();
+        let mean = d.iter().sum::<f64>() / d.len().max(1) as f64;
+        (mean, d.iter().copied().fold(0.0, f64::max))
+    };
+    let (pm, px) = per_min(p0, parents(sim));
+    let (sm, sx) = per_min(s0, switches(sim));
+    writeln!(
+        out,
+        "stability over {secs} s: parent changes per node per minute mean={pm:.2} max={px:.2}; PoP switches per viewer per minute mean={sm:.2} max={sx:.2}"
+    )?;
+    Ok(())
+}
+
 /// A tiny deterministic generator (SplitMix64), to pick victims from the seed.
 fn fastrand_like(seed: u64) -> impl FnMut() -> u64 {
     let mut s = seed ^ 0x5151_0000_7171;
@@ -669,6 +754,33 @@ mod tests {
         assert_eq!(r.viewers, 4);
         assert!(text.contains("(2 servers, 3 relays, 2 PoPs)"), "{text}");
         assert!(!r.killed.is_empty(), "{text}");
+    }
+
+    #[test]
+    fn jitter_and_loss_flags_report_stability_rates() {
+        let args = SimArgs {
+            topology: Some(crate::project_root().join("topologies/seed.toml")),
+            failures: 0,
+            jitter_ms: 20.0,
+            loss_pct: 1.0,
+            stability_s: 60,
+            ..SimArgs::default()
+        };
+        let (r, text) = run_to_text(&args);
+        let r = r.unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+        check("seed jitter", &r, &text);
+        assert!(
+            text.contains("every link: +40 ms jitter (±20 ms), +1 % loss"),
+            "{text}"
+        );
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("stability over 60 s: parent changes per node per minute"))
+            .unwrap_or_else(|| panic!("no stability line\n{text}"));
+        assert!(
+            line.contains("PoP switches per viewer per minute"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -254,6 +254,9 @@ pub struct StreamStats {
     pub retransmitted: u64,
     /// Missing datagrams given up.
     pub given_up: u64,
+    /// When the last live datagram (neither resent nor cached) was accepted: the
+    /// shell tells the tree when the upstream went silent.
+    pub last_live_in: Option<Instant>,
 }
 
 /// A token bucket of bytes: what a child may get in retransmissions.
@@ -646,6 +649,9 @@ impl DataPath {
             st.stats.frames_in += 1;
         }
         let live = !header.has(flags::RETRANSMIT) && !header.has(flags::CACHED);
+        if live {
+            st.stats.last_live_in = Some(now);
+        }
         if live && from.is_some() && st.upstream != from {
             st.upstream = from;
             if let Some(from) = from {

@@ -54,6 +54,9 @@ use ott_proto::auth::SessionKey;
 use ott_proto::{Message, StreamInfo};
 use serde::Serialize;
 
+/// Probe loss up to this fraction of the window is not held against a PoP.
+pub const LOSS_FREE: f64 = 0.25;
+
 /// Shortest period accepted in a [`ClientConfig`].
 const MIN_PERIOD: Duration = Duration::from_millis(1);
 
@@ -75,7 +78,9 @@ pub struct ClientConfig {
     /// repeated this often instead (default 200 ms): a lost `Join`, `Cookie` or echo costs
     /// one retry, not a refresh period, which matters most right after a PoP change.
     pub join_retry: Duration,
-    /// Loss is the fraction of the last `loss_window` probes that were lost (default 5).
+    /// Loss is the fraction of the last `loss_window` probes that were lost (default
+    /// 20). Loss up to [`LOSS_FREE`] costs a PoP nothing, so that one lost probe under
+    /// a few percent of random loss does not move the client.
     pub loss_window: usize,
     /// Another PoP must score at least this fraction better than the current one before
     /// the client moves (default 0.2, i.e. 20 %).
@@ -87,15 +92,15 @@ pub struct ClientConfig {
     pub request_retry: Duration,
     /// The catalogue is asked for again this often once known (default 5 s).
     pub catalogue_refresh: Duration,
-    /// A PoP whose last this-many probes in a row were lost is unusable (default 2).
+    /// A PoP whose last this-many probes in a row were lost is unusable (default 3).
     pub max_lost_in_a_row: u32,
     /// While watching, when no media arrived for this long (see
     /// [`Client::media_received`]), every PoP is probed at once (default 200 ms), and
     /// again after each further such period of silence.
     pub media_silence: Duration,
     /// A probe sent because of media silence is lost after this long (default 150 ms);
-    /// if the current PoP does not answer it in time, that PoP is unusable at once and
-    /// the client moves to the next best.
+    /// if the current PoP does not answer two such probes in a row (media still
+    /// silent), that PoP is unusable and the client moves to the next best.
     pub urgent_probe_timeout: Duration,
     /// After moving to another PoP, the old one is left this much later (default 2 s,
     /// two `Join` refreshes): make before break. The stream keeps coming from the old PoP
@@ -114,12 +119,12 @@ impl Default for ClientConfig {
             probe_timeout: Duration::from_secs(1),
             join_refresh: Duration::from_secs(1),
             join_retry: Duration::from_millis(200),
-            loss_window: 5,
+            loss_window: 20,
             switch_margin: 0.2,
             switch_margin_abs: Duration::from_millis(1),
             request_retry: Duration::from_millis(300),
             catalogue_refresh: Duration::from_secs(5),
-            max_lost_in_a_row: 2,
+            max_lost_in_a_row: 3,
             media_silence: Duration::from_millis(200),
             urgent_probe_timeout: Duration::from_millis(150),
             leave_after: Duration::from_secs(2),
@@ -222,6 +227,8 @@ struct Pop {
     /// Outcomes of the last `loss_window` resolved probes, `true` = answered.
     history: VecDeque<bool>,
     lost_in_a_row: u32,
+    /// An urgent probe (on media silence) to it was lost, and no reply or media since.
+    urgent_lost: bool,
     /// The PoP's latest cookie for our data address.
     cookie: Option<u64>,
     /// The session key the PoP tags our media with.
@@ -333,6 +340,7 @@ impl Client {
                 path_latency_us: None,
                 history: VecDeque::new(),
                 lost_in_a_row: 0,
+                urgent_lost: false,
                 cookie: None,
                 session: None,
             })
@@ -467,14 +475,19 @@ impl Client {
     /// The application calls it for every datagram it plays (it is cheap). When media
     /// stops for [`ClientConfig::media_silence`] while watching, the client probes every
     /// PoP at once instead of waiting for the next round, and leaves a PoP that does not
-    /// answer within [`ClientConfig::urgent_probe_timeout`] or has lost its path. Changes
-    /// [`Client::poll_timeout`].
+    /// answer two such probes in a row within [`ClientConfig::urgent_probe_timeout`]
+    /// or has lost its path. Changes [`Client::poll_timeout`].
     pub fn media_received(&mut self, now: Instant) {
         if self.watching.is_some() {
             self.last_media = Some(now);
             if let Some(t) = self.silent_since.take() {
                 let ms = now.saturating_duration_since(t).as_millis() as u64;
                 tracing::info!(silent_ms = ms, "media back after a silence");
+            }
+            if let Some(c) = self.current {
+                // Media from it: the PoP is alive, whatever probes were lost.
+                self.pops[c].urgent_lost = false;
+                self.pops[c].lost_in_a_row = 0;
             }
         }
     }
@@ -664,6 +677,7 @@ impl Client {
         });
         pop.path_latency_us = path_latency_us;
         pop.lost_in_a_row = 0;
+        pop.urgent_lost = false;
         push_outcome(&mut pop.history, window, true);
         tracing::debug!(pop = %pop.id, rtt_us = sample.as_micros() as u64, ?path_latency_us, "probe reply");
         self.evaluate(now);
@@ -727,8 +741,13 @@ impl Client {
                 let pop = &mut self.pops[probe.pop];
                 pop.lost_in_a_row = pop.lost_in_a_row.saturating_add(1);
                 if probe.urgent && current {
-                    // Media stopped and the PoP is silent too: leave it now.
-                    pop.lost_in_a_row = pop.lost_in_a_row.max(max_lost);
+                    // Media stopped and the PoP is silent too: one more such probe
+                    // lost and we leave it (one alone may be random loss).
+                    pop.lost_in_a_row = pop.lost_in_a_row.max(max_lost - 1);
+                    if pop.urgent_lost {
+                        pop.lost_in_a_row = max_lost;
+                    }
+                    pop.urgent_lost = true;
                 }
                 push_outcome(&mut pop.history, window, false);
                 tracing::debug!(pop = %pop.id, lost_in_a_row = pop.lost_in_a_row, "probe lost");
@@ -765,7 +784,7 @@ impl Client {
             return None;
         }
         let base = rtt.as_secs_f64() * 1e6 + path as f64;
-        Some(base * (1.0 + 4.0 * loss(p)))
+        Some(base * (1.0 + 4.0 * (loss(p) - LOSS_FREE).max(0.0)))
     }
 
     fn evaluate(&mut self, now: Instant) {

@@ -51,12 +51,16 @@ pub struct NodeConfig {
     /// Absolute hysteresis: minimum gain for a parent change (default 1 ms).
     pub hysteresis_abs: Duration,
     /// Spread hysteresis: a better route must also gain more than this many times the
-    /// measured spread (mean deviation) of the current and the better route's latency
-    /// (default 3.0), so that jitter alone does not move the tree.
+    /// measured spread (mean deviation) of the current or the better route's latency,
+    /// whichever is smaller (default 6.0), so that jitter alone does not move the tree.
     pub hysteresis_spread: f64,
     /// After a parent change the new parent is kept this long unless it fails
     /// (default 300 ms).
     pub parent_hold: Duration,
+    /// A better route must stay better (by the margins above) this long before the
+    /// parent changes (default 500 ms), unless it is better by twice the margin: a
+    /// spike of jitter does not last.
+    pub better_for: Duration,
     /// A parent suspected by [`Node::handle_upstream_silent`] is not taken as a parent
     /// for this long (default 1 s) unless it is the only way to the server.
     pub suspect_for: Duration,
@@ -98,8 +102,9 @@ impl NodeConfig {
             route_expiry: Duration::from_millis(3500),
             hysteresis_rel: 0.10,
             hysteresis_abs: Duration::from_millis(1),
-            hysteresis_spread: 3.0,
+            hysteresis_spread: 6.0,
             parent_hold: Duration::from_millis(300),
+            better_for: Duration::from_millis(500),
             suspect_for: Duration::from_secs(1),
             route_requests_per_s: 64,
             route_request_hops: 16,
@@ -301,6 +306,9 @@ struct Route {
     newest: Option<(u64, Instant)>,
     /// When the parent last changed (for [`NodeConfig::parent_hold`]).
     changed_at: Option<Instant>,
+    /// The neighbour that has offered a better route than the parent's since when (for
+    /// [`NodeConfig::better_for`]).
+    better: Option<(String, Instant)>,
     /// When the route was lost (no feasible offer), while it is lost.
     lost_at: Option<Instant>,
     /// When we last sent a route request for this server (ours or forwarded), and its seq.
@@ -1468,15 +1476,30 @@ impl Node {
         let held = r
             .changed_at
             .is_some_and(|t| now.saturating_duration_since(t) < self.config.parent_hold);
+        let mut better = None;
         let new = match (current, best) {
             (Some(cur), Some(best)) => {
                 let cur_lat = cur.0 .0;
-                let spread = cur.1.max(best.1) as f64 * self.config.hysteresis_spread;
+                // The smaller of the two spreads: a real change of the parent's path
+                // shows as spread too, and must not hold the parent in place.
+                let spread = cur.1.min(best.1) as f64 * self.config.hysteresis_spread;
                 let margin = micros(self.config.hysteresis_abs)
                     .max((cur_lat as f64 * self.config.hysteresis_rel) as u64)
                     .max(spread as u64);
-                if !held && best.0 .0.saturating_add(margin) < cur_lat {
-                    Some(best.2)
+                if best.0 .0.saturating_add(margin) < cur_lat {
+                    let since = match &r.better {
+                        Some((n, t)) if *n == best.2 => *t,
+                        _ => now,
+                    };
+                    better = Some((best.2.clone(), since));
+                    // A gain of twice the margin is no jitter: no need to wait.
+                    let clear = best.0 .0.saturating_add(2 * margin) < cur_lat;
+                    let waited = now.saturating_duration_since(since) >= self.config.better_for;
+                    if !held && (waited || clear) {
+                        Some(best.2)
+                    } else {
+                        Some(cur.2)
+                    }
                 } else {
                     Some(cur.2)
                 }
@@ -1511,6 +1534,9 @@ impl Node {
             .map(|o| (o.seq, u32::try_from(o.path.len()).unwrap_or(u32::MAX)));
         if let (Some((seq, hops)), Some(r)) = (taken, self.routes.get_mut(server)) {
             r.fd = Some(advance_fd(r.fd, seq, hops));
+        }
+        if let Some(r) = self.routes.get_mut(server) {
+            r.better = better.filter(|(n, _)| new.as_ref() != Some(n));
         }
         if new.is_none() {
             self.request_route(now, server, old.is_some());
@@ -2012,6 +2038,100 @@ mod tests {
         n.handle(t2, addr(1), announce(s0 + 12_000_000, &["news"]));
         assert_eq!(n.stats().seq_too_far, 2);
         assert_eq!(names(&n), ["news"]);
+    }
+
+    fn route_request(from: &str, seq: u64) -> Message {
+        Message::RouteRequest {
+            from: from.into(),
+            server: "s".into(),
+            seq,
+            hops_left: 3,
+        }
+    }
+
+    #[test]
+    fn test_server_answers_a_route_request_with_a_fresh_seq_rate_limited() {
+        let t0 = Instant::now();
+        let cfg = NodeConfig::new("s", Role::Server, 7001);
+        let mut n = Node::new(cfg, vec![("p".to_owned(), addr(2))], t0, t0);
+        n.handle_timeout(t0);
+        n.handle(t0, addr(2), hb("p", 1));
+        drain(&mut n);
+        let t1 = t0 + Duration::from_millis(300);
+        n.handle(t1, addr(2), route_request("p", 1));
+        let fresh: Vec<u64> = drain(&mut n)
+            .into_iter()
+            .filter_map(|t| match t.msg {
+                Message::Announce { seq, .. } if t.to == addr(2) => Some(seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(fresh, [300_000], "a fresh announcement at once");
+        assert_eq!(n.stats().triggered_announces, 1);
+        // A burst: 64 tokens a second, one already spent; no more than one fresh
+        // announcement per 10 ms however many ask.
+        for _ in 0..100 {
+            n.handle(t1, addr(2), route_request("p", 1));
+        }
+        assert_eq!(n.stats().route_requests_answered, 64);
+        assert_eq!(n.stats().route_requests_limited, 37);
+        assert_eq!(n.stats().triggered_announces, 1);
+        // A request naming another node than the sender's is refused.
+        let unknown = n.stats().unknown_sender;
+        n.handle(t1 + Duration::from_secs(1), addr(2), route_request("x", 1));
+        assert_eq!(n.stats().unknown_sender, unknown + 1);
+    }
+
+    #[test]
+    fn test_silence_from_the_parent_moves_the_node_at_once() {
+        let t0 = Instant::now();
+        let cfg = NodeConfig::new("p", Role::Pop, 7001);
+        let peers = vec![("a".to_owned(), addr(1)), ("b".to_owned(), addr(2))];
+        let mut n = Node::new(cfg, peers, t0, t0);
+        for (id, a) in [("a", addr(1)), ("b", addr(2))] {
+            n.handle(t0, a, hb(id, 1));
+            let ack = Message::HeartbeatAck {
+                from: id.into(),
+                seq: 1,
+                echo_us: 0,
+                incarnation: 1,
+            };
+            n.handle(t0 + Duration::from_millis(2), a, ack);
+        }
+        let offer = |via: &str, lat: u64| Message::Announce {
+            server: "s".into(),
+            seq: 1,
+            path: vec!["s".into(), via.into()],
+            latency_us: lat,
+            catalogue: vec![StreamInfo::new("news", MediaKind::Mjpeg, 25_000)],
+        };
+        n.handle(t0, addr(1), offer("a", 1_000));
+        n.handle(t0, addr(2), offer("b", 5_000));
+        assert_eq!(n.parent("s"), Some("a"));
+        drain(&mut n);
+        // A subscription makes the stream live here.
+        let news = ott_proto::stream_id_for("news");
+        n.handle(
+            t0,
+            SocketAddr::from(([10, 0, 0, 2], 7000)),
+            Message::Join {
+                stream: news,
+                data_port: 7001,
+                from: Some("b".into()),
+            },
+        );
+        let _ = drain(&mut n);
+        assert_eq!(n.upstream(news), Some("a"));
+        // A hint about a node that is not the stream's upstream is ignored.
+        let t1 = t0 + Duration::from_millis(200);
+        n.handle_upstream_silent(t1, "b", news, t0);
+        assert_eq!(n.stats().suspect_parents, 0);
+        n.handle_upstream_silent(t1, "a", news, t0);
+        assert_eq!(n.stats().suspect_parents, 1);
+        // b's offer (5 ms) is feasible: the node moves there at once, not after the
+        // 400 ms a dead parent takes to be declared dead.
+        assert_eq!(n.parent("s"), Some("b"), "a suspected parent is left");
+        assert_eq!(n.stats().failovers, 1);
     }
 
     #[test]

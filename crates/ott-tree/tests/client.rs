@@ -257,7 +257,16 @@ fn pop_without_server_path_is_never_chosen() {
 
 #[test]
 fn switches_within_three_seconds_when_the_pop_dies_join_before_leave() {
-    let mut w = World::new(vec![FakePop::new(1, 10, 1_000), FakePop::new(2, 30, 1_000)]);
+    // Two probes lost in a row make a PoP unusable here (the default is three since
+    // issue 11), to keep this test about make-before-break.
+    let config = ClientConfig {
+        max_lost_in_a_row: 2,
+        ..ClientConfig::default()
+    };
+    let mut w = World::with_config(
+        config,
+        vec![FakePop::new(1, 10, 1_000), FakePop::new(2, 30, 1_000)],
+    );
     w.client.select_stream(w.now, "news");
     w.run_until(Duration::from_millis(2_500));
     assert_eq!(w.client.pop(), Some("p1"));
@@ -540,18 +549,21 @@ fn garbage_and_unknown_senders_are_ignored_and_counted() {
 
 #[test]
 fn a_lossy_pop_loses_to_a_clean_one() {
+    // Loss up to a quarter of the window costs nothing (issue 11: one lost probe must
+    // not move a viewer); over a window of 5, two lost probes (40 %) do.
     let config = ClientConfig {
         seed: 7,
+        loss_window: 5,
         ..ClientConfig::default()
     };
-    let mut w = World::with_config(config, vec![FakePop::new(1, 10, 0), FakePop::new(2, 14, 0)]);
+    let mut w = World::with_config(config, vec![FakePop::new(1, 10, 0), FakePop::new(2, 11, 0)]);
     w.run_until(Duration::from_millis(1_500));
     assert_eq!(w.client.pop(), Some("p1"));
-    // p1 drops one probe, then answers again: 20 % loss makes it score 18 ms against 14.
+    // p1 drops two probes, then answers again: 40 % loss makes it score 16 ms against 11.
     w.pop_mut("p1").alive = false;
-    w.run_until(Duration::from_millis(2_500));
+    w.run_until(Duration::from_millis(3_500));
     w.pop_mut("p1").alive = true;
-    w.run_until(Duration::from_secs(4));
+    w.run_until(Duration::from_secs(6));
     assert_eq!(w.client.pop(), Some("p2"));
     let status = w.client.status();
     assert!(status.pops[0].loss > 0.0);
@@ -562,6 +574,7 @@ fn a_lossy_pop_loses_to_a_clean_one() {
 fn moving_back_before_the_old_pop_is_left_keeps_it_joined() {
     let config = ClientConfig {
         leave_after: Duration::from_secs(10),
+        max_lost_in_a_row: 2,
         ..ClientConfig::default()
     };
     let mut w = World::with_config(

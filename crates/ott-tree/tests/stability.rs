@@ -1,0 +1,121 @@
+//! A still tree (issue 11): jitter alone does not move it, a real change does, and a
+//! node whose parent dies repairs fast. Virtual time, on the simulator.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use ott_overlay::Topology;
+use ott_tree::sim::{Sim, SIM_STREAM};
+
+fn topology(name: &str) -> Topology {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../topologies")
+        .join(name);
+    Topology::load(&p).expect("topology loads")
+}
+
+/// The seed topology with two viewers given every PoP, and ±`jitter_ms` (a uniform
+/// extra 0 to 2×`jitter_ms`) and `loss` added to every link.
+fn seed_with(seed: u64, jitter_ms: u64, loss: f64) -> Sim {
+    let t = topology("seed.toml");
+    let mut sim = Sim::from_topology(&t, seed);
+    let pops = sim.pop_ids();
+    let pops: Vec<&str> = pops.iter().map(String::as_str).collect();
+    for c in ["v1", "v2"] {
+        sim.add_client(c, &pops);
+        sim.select_stream(c, SIM_STREAM);
+    }
+    for (a, b) in sim.links() {
+        let mut p = sim.link_params(&a, &b).expect("listed link exists");
+        p.jitter += Duration::from_millis(2 * jitter_ms);
+        p.loss = 1.0 - (1.0 - p.loss) * (1.0 - loss);
+        sim.set_link(&a, &b, p);
+    }
+    sim
+}
+
+fn parent_changes(sim: &Sim) -> BTreeMap<String, u64> {
+    sim.node_ids()
+        .into_iter()
+        .map(|n| {
+            let c = sim.node(&n).stats().parent_changes;
+            (n, c)
+        })
+        .collect()
+}
+
+#[test]
+fn jitter_of_20_ms_on_every_link_moves_no_parent_more_than_once_a_minute() {
+    for seed in [1, 2] {
+        let mut sim = seed_with(seed, 20, 0.0);
+        sim.start();
+        // Let the tree form and the spreads be measured.
+        sim.run_for(Duration::from_secs(20));
+        let before = parent_changes(&sim);
+        sim.run_for(Duration::from_secs(300));
+        let after = parent_changes(&sim);
+        for (n, b) in &before {
+            let moves = after[n] - b;
+            assert!(
+                moves <= 5,
+                "seed {seed}: {n} changed parent {moves} times in 5 minutes of jitter alone ({:?})",
+                sim.node(n).stats()
+            );
+        }
+        sim.check_loop_free().expect("loop free");
+    }
+}
+
+#[test]
+fn a_link_20_ms_slower_moves_the_tree_within_2_s_despite_jitter() {
+    // n14 reaches s1 in two hops through n12 (2 + 2 ms) or n13 (2 + 3 ms): with the
+    // link to its parent 20 ms slower, the other way is 19 ms better and n14 must move.
+    for seed in [1, 2] {
+        let mut sim = seed_with(seed, 20, 0.0);
+        sim.start();
+        sim.run_for(Duration::from_secs(20));
+        let old = sim.node("n14").parent("s1").map(str::to_owned);
+        let old = old.unwrap_or_else(|| panic!("n14 has no parent:\n{}", sim.dump_tree()));
+        let mut p = sim
+            .link_params("n14", &old)
+            .expect("link to the parent exists");
+        p.latency += Duration::from_millis(20);
+        sim.set_link("n14", &old, p);
+        let at = sim.elapsed();
+        let mut moved = None;
+        while sim.elapsed() < at + Duration::from_secs(2) {
+            sim.run_for(Duration::from_millis(10));
+            if sim.node("n14").parent("s1") != Some(old.as_str()) {
+                moved = Some(sim.elapsed() - at);
+                break;
+            }
+        }
+        let moved = moved.unwrap_or_else(|| {
+            panic!(
+                "seed {seed}: n14 still on {old} 2 s later:\n{}",
+                sim.dump_tree()
+            )
+        });
+        assert!(moved <= Duration::from_secs(2), "moved after {moved:?}");
+    }
+}
+
+#[test]
+fn viewers_keep_their_pop_under_5_percent_loss() {
+    let mut sim = seed_with(3, 0, 0.05);
+    sim.start();
+    sim.run_for(Duration::from_secs(20));
+    let before: Vec<u64> = ["v1", "v2"]
+        .iter()
+        .map(|c| sim.client(c).pop_switches())
+        .collect();
+    sim.run_for(Duration::from_secs(300));
+    for (c, b) in ["v1", "v2"].iter().zip(before) {
+        let switches = sim.client(c).pop_switches() - b;
+        assert!(
+            switches <= 5,
+            "{c} switched PoP {switches} times in 5 minutes of 5 % loss"
+        );
+    }
+}
