@@ -234,3 +234,25 @@ fn test_two_bootstrappers_with_net_place_two_topologies_side_by_side() {
         }
     }
 }
+
+#[test]
+fn test_an_errors_cause_is_printed_once() {
+    let dir = std::env::temp_dir().join(format!("ott-cli-{}", std::process::id()));
+    let missing = dir.join("missing.toml");
+    let missing_s = missing.display().to_string();
+    let cases: [(&str, Vec<&str>); 2] = [
+        ("ott-bootstrap", vec!["--topology", &missing_s]),
+        ("ott-server", vec!["--id", "s1", "--videos", &missing_s]),
+    ];
+    for (name, args) in cases {
+        let out = run(name, &args, Duration::from_secs(10));
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}: error: ")))
+            .unwrap_or_else(|| panic!("no error line: {err}"));
+        assert!(line.contains(&missing_s), "{line}");
+        assert_eq!(line.matches("os error 2").count(), 1, "{line}");
+    }
+}

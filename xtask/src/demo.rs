@@ -100,7 +100,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
             &[
                 "--stream",
                 &clip.name,
-                "--duration",
+                "--duration-secs",
                 &duration,
                 "--output",
                 &out_s,

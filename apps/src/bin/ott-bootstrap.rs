@@ -48,7 +48,7 @@ fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ott-bootstrap: error: {e:#}");
+            eprintln!("ott-bootstrap: error: {}", ott_apps::args::error_line(&e));
             std::process::ExitCode::from(2)
         }
     }
