@@ -256,3 +256,55 @@ fn test_an_errors_cause_is_printed_once() {
         assert_eq!(line.matches("os error 2").count(), 1, "{line}");
     }
 }
+
+/// The `--flag`s of a text, in order of first appearance, `--help` and `--version` left out.
+fn flags_in(text: &str) -> Vec<String> {
+    let mut flags: Vec<String> = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("--") {
+        let after = &rest[at + 2..];
+        let len = after
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '-'))
+            .unwrap_or(after.len());
+        let flag = format!("--{}", &after[..len]);
+        if len > 0 && !["--help", "--version"].contains(&flag.as_str()) && !flags.contains(&flag) {
+            flags.push(flag);
+        }
+        rest = &after[len..];
+    }
+    flags
+}
+
+#[test]
+fn test_readme_synopsis_matches_help() {
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md");
+    for (name, _) in BINS {
+        let synopsis = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("- `{name} ")))
+            .unwrap_or_else(|| panic!("no synopsis of {name} in the README"));
+        let out = run(name, &["--help"], Duration::from_secs(10));
+        let help = text(&out.stdout);
+        // The options, one a line: `  --flag <VALUE>` or `  -h, --help`.
+        let options: String = help
+            .lines()
+            .filter_map(|l| {
+                let t = l.trim_start();
+                let t = t
+                    .strip_prefix("-h, ")
+                    .or(t.strip_prefix("-V, "))
+                    .unwrap_or(t);
+                t.starts_with("--")
+                    .then(|| t.split_whitespace().next().unwrap_or_default().to_owned())
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut a = flags_in(synopsis);
+        let mut b = flags_in(&options);
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "README synopsis of {name} vs its --help");
+    }
+}
