@@ -751,7 +751,7 @@ impl Viewer {
         if self.waiting_key {
             self.waiting_key = false;
             self.rec.first_frame_ms = since(self.selected_at);
-            tracing::info!(stream = %watching.name, first_frame_ms = ?self.rec.first_frame_ms,
+            tracing::info!(stream = %watching.name, first_frame_ms = self.rec.first_frame_ms.unwrap_or_default(),
                 cached = frame.flags & flags::CACHED != 0, "first frame");
         }
         if let Some(last) = self.last_frame {

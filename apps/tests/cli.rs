@@ -234,3 +234,77 @@ fn test_two_bootstrappers_with_net_place_two_topologies_side_by_side() {
         }
     }
 }
+
+#[test]
+fn test_an_errors_cause_is_printed_once() {
+    let dir = std::env::temp_dir().join(format!("ott-cli-{}", std::process::id()));
+    let missing = dir.join("missing.toml");
+    let missing_s = missing.display().to_string();
+    let cases: [(&str, Vec<&str>); 2] = [
+        ("ott-bootstrap", vec!["--topology", &missing_s]),
+        ("ott-server", vec!["--id", "s1", "--videos", &missing_s]),
+    ];
+    for (name, args) in cases {
+        let out = run(name, &args, Duration::from_secs(10));
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}: error: ")))
+            .unwrap_or_else(|| panic!("no error line: {err}"));
+        assert!(line.contains(&missing_s), "{line}");
+        assert_eq!(line.matches("os error 2").count(), 1, "{line}");
+    }
+}
+
+/// The `--flag`s of a text, in order of first appearance, `--help` and `--version` left out.
+fn flags_in(text: &str) -> Vec<String> {
+    let mut flags: Vec<String> = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("--") {
+        let after = &rest[at + 2..];
+        let len = after
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '-'))
+            .unwrap_or(after.len());
+        let flag = format!("--{}", &after[..len]);
+        if len > 0 && !["--help", "--version"].contains(&flag.as_str()) && !flags.contains(&flag) {
+            flags.push(flag);
+        }
+        rest = &after[len..];
+    }
+    flags
+}
+
+#[test]
+fn test_readme_synopsis_matches_help() {
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md");
+    for (name, _) in BINS {
+        let synopsis = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("- `{name} ")))
+            .unwrap_or_else(|| panic!("no synopsis of {name} in the README"));
+        let out = run(name, &["--help"], Duration::from_secs(10));
+        let help = text(&out.stdout);
+        // The options, one a line: `  --flag <VALUE>` or `  -h, --help`.
+        let options: String = help
+            .lines()
+            .filter_map(|l| {
+                let t = l.trim_start();
+                let t = t
+                    .strip_prefix("-h, ")
+                    .or(t.strip_prefix("-V, "))
+                    .unwrap_or(t);
+                t.starts_with("--")
+                    .then(|| t.split_whitespace().next().unwrap_or_default().to_owned())
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut a = flags_in(synopsis);
+        let mut b = flags_in(&options);
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "README synopsis of {name} vs its --help");
+    }
+}

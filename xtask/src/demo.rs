@@ -15,8 +15,8 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value = "videos")]
     videos: PathBuf,
     /// How long each client watches, in seconds.
-    #[arg(long, default_value_t = 10)]
-    duration: u64,
+    #[arg(long, default_value_t = 10, value_name = "SECS", alias = "duration")]
+    duration_secs: u64,
     /// Second octet of the loopback addresses used (127.N.x.y).
     #[arg(long, default_value_t = 77)]
     net: u8,
@@ -75,7 +75,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
         .context("the tree did not form")?;
     eprintln!(
         "tree formed; two clients watch for {} s… (dashboard: http://{}/)",
-        args.duration,
+        args.duration_secs,
         cluster.dashboard_addr()
     );
     let client_ids: Vec<Option<String>> = {
@@ -88,7 +88,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
         ids.resize(2, None);
         ids
     };
-    let duration = args.duration.to_string();
+    let duration = args.duration_secs.to_string();
     let mut rows = Vec::new();
     for (i, clip) in clips.iter().take(2).enumerate() {
         let name = format!("client{}", i + 1);
@@ -100,7 +100,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
             &[
                 "--stream",
                 &clip.name,
-                "--duration",
+                "--duration-secs",
                 &duration,
                 "--output",
                 &out_s,
@@ -115,11 +115,11 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
         "client", "id", "stream", "pop", "frames", "intact", "fps", "stalls"
     );
     for (name, clip, out) in &rows {
-        let summary = cluster.wait_client(name, Duration::from_secs(args.duration + 30))?;
+        let summary = cluster.wait_client(name, Duration::from_secs(args.duration_secs + 30))?;
         let s = parse_summary(&summary);
         let data = std::fs::read(out).unwrap_or_default();
         let v = verify_mjpeg(&data, clip)?;
-        let fps = v.frames as f64 / args.duration as f64;
+        let fps = v.frames as f64 / args.duration_secs as f64;
         let id = client_ids[rows.iter().position(|r| &r.0 == name).unwrap_or(0)]
             .clone()
             .unwrap_or_else(|| "-".into());

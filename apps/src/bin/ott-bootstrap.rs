@@ -48,7 +48,7 @@ fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ott-bootstrap: error: {e:#}");
+            eprintln!("ott-bootstrap: error: {}", ott_apps::args::error_line(&e));
             std::process::ExitCode::from(2)
         }
     }
@@ -79,8 +79,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     let key = ott_apps::keying::key_from_flag(args.key_file.as_deref())?;
     let listener =
         TcpListener::bind(listen).with_context(|| format!("cannot listen on {}", listen))?;
-    tracing::info!(listen = %listen, topology = %topology.name, nodes = topology.nodes.len(),
-        plan = %args.addresses, "bootstrapper ready");
     let stop = Arc::new(AtomicBool::new(false));
     let signals = ott_apps::signals::shutdown_channel();
     let stop2 = stop.clone();

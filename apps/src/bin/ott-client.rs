@@ -82,7 +82,7 @@ fn main() -> std::process::ExitCode {
     match ott_apps::viewer::run(opts) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ott-client: error: {e:#}");
+            eprintln!("ott-client: error: {}", ott_apps::args::error_line(&e));
             std::process::ExitCode::from(2)
         }
     }

@@ -54,7 +54,7 @@ fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ott-node: error: {e:#}");
+            eprintln!("ott-node: error: {}", ott_apps::args::error_line(&e));
             std::process::ExitCode::from(2)
         }
     }

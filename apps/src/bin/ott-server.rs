@@ -53,7 +53,7 @@ fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ott-server: error: {e:#}");
+            eprintln!("ott-server: error: {}", ott_apps::args::error_line(&e));
             std::process::ExitCode::from(2)
         }
     }

@@ -514,7 +514,9 @@ impl Service {
     pub fn serve(self: Arc<Self>, listener: TcpListener, stop: Arc<AtomicBool>) -> io::Result<()> {
         listener.set_nonblocking(true)?;
         info!(
-            addr = ?listener.local_addr().ok(),
+            addr = %listener
+                .local_addr()
+                .map_or_else(|_| "?".to_string(), |a| a.to_string()),
             topology = %self.topology.name,
             plan = %self.plan,
             max_connections = self.max_connections,

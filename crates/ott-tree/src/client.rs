@@ -513,7 +513,7 @@ impl Client {
             if self.silent_since.is_none() {
                 self.silent_since = self.last_media;
                 tracing::info!(
-                    pop = self.pop().unwrap_or("none"),
+                    pop = %self.pop().unwrap_or("none"),
                     "media silent: probing every PoP at once"
                 );
             }
@@ -856,7 +856,7 @@ impl Client {
         self.urgent_not_before = later(now, self.config.media_silence);
         let old_id = old.map(|o| self.pops[o].id.clone());
         let new_id = self.pops[new].id.clone();
-        tracing::info!(old = old_id.as_deref().unwrap_or("none"), new = %new_id, "pop changed");
+        tracing::info!(old = %old_id.as_deref().unwrap_or("none"), new = %new_id, "pop changed");
         self.events.push_back(ClientEvent::PopChanged {
             old: old_id,
             new: new_id,
