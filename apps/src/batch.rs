@@ -480,22 +480,21 @@ pub fn send_batch_with(sock: &UdpSocket, items: &[(&[u8], SocketAddr)], gso: boo
             iov_len: items[i].0.len(),
         })
         .collect();
-    let mut control: Vec<ControlBuf> = vec![[0; 8]; runs.len()];
+    // One control buffer per GSO message only (none on the plain path).
+    let mut control: Vec<ControlBuf> = vec![[0; 8]; runs.iter().filter(|r| r.count > 1).count()];
+    let mut ctls = control.iter_mut();
     // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
     let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; runs.len()];
     let iov_base = iovs.as_mut_ptr();
-    for (((m, r), a), ctl) in msgs
-        .iter_mut()
-        .zip(runs.iter())
-        .zip(addrs.iter())
-        .zip(control.iter_mut())
-    {
+    for ((m, r), a) in msgs.iter_mut().zip(runs.iter()).zip(addrs.iter()) {
         m.msg_hdr.msg_iov = iov_base.wrapping_add(r.first);
         m.msg_hdr.msg_iovlen = r.count as _;
         m.msg_hdr.msg_name = a.as_ptr() as *mut libc::c_void;
         m.msg_hdr.msg_namelen = a.len();
         if r.count > 1 {
-            set_segment(&mut m.msg_hdr, ctl, r.seg as u16);
+            if let Some(ctl) = ctls.next() {
+                set_segment(&mut m.msg_hdr, ctl, r.seg as u16);
+            }
         }
     }
     let mut start = 0;
