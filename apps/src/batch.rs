@@ -1,99 +1,281 @@
 //! Batched UDP I/O for the data plane: many datagrams per system call with
 //! `recvmmsg`/`sendmmsg` on Linux, one per call elsewhere.
 //!
-//! The only `unsafe` code of the project lives here: it builds the `mmsghdr` arrays the
-//! two calls take, pointing into buffers that outlive each call.
+//! Where the kernel supports it, a run of datagrams of one size to one destination leaves
+//! as one message with generic segmentation offload (`UDP_SEGMENT`): the kernel (or the
+//! NIC) cuts it into ordinary datagrams of that size, so a receiver without offload reads
+//! the same datagrams as before. On receive, generic receive offload (`UDP_GRO`) may hand
+//! over several datagrams of one sender in one buffer with their segment size;
+//! [`RecvBatch`] splits them again, so callers see one entry per datagram either way.
+//! Support is probed once per process ([`offload`]); without it (or with the environment
+//! variable `OTT_NO_OFFLOAD` set) both fall back to plain `sendmmsg`/`recvmmsg`.
+//!
+//! The only `unsafe` code of the project lives here: it builds the `mmsghdr` arrays and
+//! control messages the calls take, pointing into buffers that outlive each call.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 /// Largest datagram the receive buffers hold (a UDP payload can be larger; longer
-/// datagrams are truncated by the kernel and then rejected by the header parser).
+/// datagrams are handed on empty, and then rejected by the header parser).
 pub const BUF_LEN: usize = 2048;
 
-/// Reusable buffers for receiving up to `n` datagrams per call.
+/// Buffer for one GRO super-datagram: the largest UDP payload plus headroom.
+const GRO_BUF_LEN: usize = 65536;
+
+/// Most datagrams in one GSO message (the kernel's `UDP_MAX_SEGMENTS` is 64 before 6.x).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+
+/// Most payload bytes in one GSO message (below the 65,507-byte IPv4 UDP limit).
+const MAX_GSO_BYTES: usize = 65_000;
+
+/// Room for one control message with an `int` (`CMSG_SPACE(4)` is 24 on 64-bit Linux).
+type ControlBuf = [u64; 8];
+
+/// Which UDP offloads this kernel offers (see [`offload`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Offload {
+    /// Segmentation offload on send (`UDP_SEGMENT`, Linux 4.18).
+    pub gso: bool,
+    /// Receive offload (`UDP_GRO`, Linux 5.0).
+    pub gro: bool,
+}
+
+static OFFLOAD: OnceLock<Offload> = OnceLock::new();
+/// Set when a GSO send failed with `EIO` (a device without checksum offload): from then
+/// on every send takes the plain path.
+static GSO_BROKEN: AtomicBool = AtomicBool::new(false);
+
+/// The offloads in use, probed once per process on a throwaway socket. The environment
+/// variable `OTT_NO_OFFLOAD` (any value) turns both off, for comparison runs.
+pub fn offload() -> Offload {
+    let o = *OFFLOAD.get_or_init(|| {
+        if std::env::var_os("OTT_NO_OFFLOAD").is_some() {
+            Offload::default()
+        } else {
+            probe()
+        }
+    });
+    Offload {
+        gso: o.gso && !GSO_BROKEN.load(Ordering::Relaxed),
+        gro: o.gro,
+    }
+}
+
+/// Ask the kernel whether it knows the two socket options.
+#[cfg(target_os = "linux")]
+fn probe() -> Offload {
+    let Ok(sock) = UdpSocket::bind("127.0.0.1:0") else {
+        return Offload::default();
+    };
+    Offload {
+        // Segment size 0 means "no default segmentation": harmless, and refused with
+        // ENOPROTOOPT by a kernel without GSO.
+        gso: set_udp_opt(&sock, libc::UDP_SEGMENT, 0).is_ok(),
+        gro: set_udp_opt(&sock, libc::UDP_GRO, 1).is_ok(),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn probe() -> Offload {
+    Offload::default()
+}
+
+#[cfg(target_os = "linux")]
+fn set_udp_opt(sock: &UdpSocket, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `val` is a live c_int and the length given is its size; the kernel only
+    // reads it.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            opt,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Turn on UDP GRO for `sock`; whether the kernel accepted it.
+pub fn enable_gro(sock: &UdpSocket) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        set_udp_opt(sock, libc::UDP_GRO, 1).is_ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = sock;
+        false
+    }
+}
+
+/// Reusable buffers for receiving up to `n` datagrams (or GRO super-datagrams) per call.
 pub struct RecvBatch {
-    bufs: Vec<[u8; BUF_LEN]>,
-    lens: Vec<usize>,
-    addrs: Vec<Option<SocketAddr>>,
-    count: usize,
+    /// `slots` buffers of `slot_len` bytes, back to back.
+    buf: Vec<u8>,
+    slot_len: usize,
+    slots: usize,
+    /// The datagrams of the last call: offset in `buf`, length, sender.
+    segs: Vec<(usize, usize, Option<SocketAddr>)>,
+    gro: bool,
+    coalesced: u64,
     #[cfg(target_os = "linux")]
     storage: Vec<libc::sockaddr_storage>,
+    #[cfg(target_os = "linux")]
+    control: Vec<ControlBuf>,
 }
 
 impl RecvBatch {
-    /// Buffers for `n` datagrams (at least 1).
+    /// Buffers for `n` datagrams (at least 1), without GRO.
     pub fn new(n: usize) -> Self {
-        let n = n.max(1);
-        Self {
-            bufs: vec![[0u8; BUF_LEN]; n],
-            lens: vec![0; n],
-            addrs: vec![None; n],
-            count: 0,
-            #[cfg(target_os = "linux")]
-            // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
-            storage: vec![unsafe { std::mem::zeroed() }; n],
+        Self::with_slots(n, BUF_LEN, false)
+    }
+
+    /// Buffers for `n` messages, with UDP GRO turned on for `sock` if the kernel offers
+    /// it ([`offload`]). Each buffer then holds a whole super-datagram (64 KiB; the pages
+    /// are only touched as far as they are written).
+    pub fn with_gro(n: usize, sock: &UdpSocket) -> Self {
+        Self::with_offload(n, sock, offload().gro)
+    }
+
+    /// As [`RecvBatch::with_gro`], but `gro: false` forces the plain path.
+    pub fn with_offload(n: usize, sock: &UdpSocket, gro: bool) -> Self {
+        if gro && enable_gro(sock) {
+            // A quarter of the messages: each can carry up to 64 datagrams, and a round
+            // of a few thousand datagrams times every child is already a large fan-out.
+            Self::with_slots(n / 4, GRO_BUF_LEN, true)
+        } else {
+            Self::new(n)
         }
     }
 
-    /// Datagrams received by the last [`RecvBatch::recv`].
+    fn with_slots(n: usize, slot_len: usize, gro: bool) -> Self {
+        let n = n.max(1);
+        Self {
+            buf: vec![0u8; n * slot_len],
+            slot_len,
+            slots: n,
+            segs: Vec::with_capacity(n),
+            gro,
+            coalesced: 0,
+            #[cfg(target_os = "linux")]
+            // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+            storage: vec![unsafe { std::mem::zeroed() }; n],
+            #[cfg(target_os = "linux")]
+            control: vec![[0; 8]; n],
+        }
+    }
+
+    /// Whether GRO is on for the socket this batch reads.
+    pub fn gro(&self) -> bool {
+        self.gro
+    }
+
+    /// GRO super-datagrams split so far (each carried two datagrams or more).
+    pub fn coalesced(&self) -> u64 {
+        self.coalesced
+    }
+
+    /// Datagrams received by the last [`RecvBatch::recv`] (super-datagrams split).
     pub fn len(&self) -> usize {
-        self.count
+        self.segs.len()
     }
 
     /// Whether the last call received nothing.
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.segs.is_empty()
     }
 
     /// Datagram `i` of the last call and its sender (`None` for an unknown address family).
     pub fn get(&self, i: usize) -> Option<(&[u8], Option<SocketAddr>)> {
-        if i >= self.count {
-            return None;
-        }
-        let len = *self.lens.get(i)?;
-        Some((self.bufs.get(i)?.get(..len)?, *self.addrs.get(i)?))
+        let &(off, len, from) = self.segs.get(i)?;
+        Some((self.buf.get(off..off + len)?, from))
     }
 
     /// Mutable access to datagram `i` of the last call (to set a flag before resending).
     pub fn get_mut(&mut self, i: usize) -> Option<&mut [u8]> {
-        if i >= self.count {
-            return None;
+        let &(off, len, _) = self.segs.get(i)?;
+        self.buf.get_mut(off..off + len)
+    }
+
+    /// Record message `slot` of `len` bytes from `from`, split at `seg` bytes if GRO
+    /// coalesced it. A datagram longer than [`BUF_LEN`] (or a truncated one) is not
+    /// ours (ours fit 1472 bytes): it is handed on empty, so that the decoders count it
+    /// as malformed instead of reading half of it.
+    fn push_message(
+        &mut self,
+        slot: usize,
+        len: usize,
+        truncated: bool,
+        seg: Option<usize>,
+        from: Option<SocketAddr>,
+    ) {
+        let base = slot * self.slot_len;
+        let len = len.min(self.slot_len);
+        match seg {
+            Some(seg) if seg > 0 && len > seg && !truncated => {
+                self.coalesced += 1;
+                let mut off = 0;
+                while off < len {
+                    let l = seg.min(len - off);
+                    let l = if l > BUF_LEN { 0 } else { l };
+                    self.segs.push((base + off, l, from));
+                    off += seg;
+                }
+            }
+            _ => {
+                let l = if truncated || len > BUF_LEN { 0 } else { len };
+                self.segs.push((base, l, from));
+            }
         }
-        let len = *self.lens.get(i)?;
-        self.bufs.get_mut(i)?.get_mut(..len)
     }
 
     /// Receive at least one datagram (blocking, within the socket's read timeout) and
-    /// as many more as are already queued, up to the batch size.
+    /// as many more as are already queued, up to the batch size; returns the number of
+    /// datagrams (GRO super-datagrams count as the datagrams they carry).
     #[cfg(target_os = "linux")]
     pub fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
-        let n = self.bufs.len();
+        self.segs.clear();
+        let n = self.slots;
+        let slot_len = self.slot_len;
         let mut iovs: Vec<libc::iovec> = self
-            .bufs
-            .iter_mut()
+            .buf
+            .chunks_exact_mut(slot_len)
             .map(|b| libc::iovec {
                 iov_base: b.as_mut_ptr().cast(),
-                iov_len: BUF_LEN,
+                iov_len: slot_len,
             })
             .collect();
         // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
         let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; n];
-        for ((m, iov), st) in msgs
+        for (((m, iov), st), ctl) in msgs
             .iter_mut()
             .zip(iovs.iter_mut())
             .zip(self.storage.iter_mut())
+            .zip(self.control.iter_mut())
         {
             m.msg_hdr.msg_iov = iov;
             m.msg_hdr.msg_iovlen = 1;
             m.msg_hdr.msg_name = (st as *mut libc::sockaddr_storage).cast();
             m.msg_hdr.msg_namelen =
                 std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            if self.gro {
+                m.msg_hdr.msg_control = ctl.as_mut_ptr().cast();
+                m.msg_hdr.msg_controllen = std::mem::size_of::<ControlBuf>() as _;
+            }
         }
-        // SAFETY: every pointer in `msgs` points into `iovs`, `self.bufs` and
-        // `self.storage`, which live until after the call and are not moved during it;
-        // the lengths given are those of the buffers.
+        // SAFETY: every pointer in `msgs` points into `iovs`, `self.buf`, `self.storage`
+        // and `self.control`, which live until after the call and are not moved during
+        // it; the lengths given are those of the buffers.
         let r = unsafe {
             libc::recvmmsg(
                 sock.as_raw_fd(),
@@ -104,34 +286,53 @@ impl RecvBatch {
             )
         };
         if r < 0 {
-            self.count = 0;
             return Err(io::Error::last_os_error());
         }
         let got = r as usize;
         for (i, m) in msgs.iter().take(got).enumerate() {
-            // A truncated datagram is not ours (ours fit 1472 bytes): hand it on empty,
-            // so that the decoders count it as malformed instead of reading half of it.
             let truncated = m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-            self.lens[i] = if truncated {
-                0
+            let seg = if self.gro {
+                gro_segment(&m.msg_hdr)
             } else {
-                (m.msg_len as usize).min(BUF_LEN)
+                None
             };
-            self.addrs[i] = sockaddr_to_std(&self.storage[i], m.msg_hdr.msg_namelen);
+            let from = sockaddr_to_std(&self.storage[i], m.msg_hdr.msg_namelen);
+            self.push_message(i, m.msg_len as usize, truncated, seg, from);
         }
-        self.count = got;
-        Ok(got)
+        Ok(self.segs.len())
     }
 
     /// Receive one datagram (platforms without `recvmmsg`).
     #[cfg(not(target_os = "linux"))]
     pub fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
-        let (len, from) = sock.recv_from(&mut self.bufs[0])?;
-        self.lens[0] = len.min(BUF_LEN);
-        self.addrs[0] = Some(from);
-        self.count = 1;
+        self.segs.clear();
+        let (len, from) = sock.recv_from(&mut self.buf[..self.slot_len])?;
+        self.push_message(0, len, false, None, Some(from));
         Ok(1)
     }
+}
+
+/// The segment size of a GRO super-datagram, from its `UDP_GRO` control message.
+#[cfg(target_os = "linux")]
+fn gro_segment(m: &libc::msghdr) -> Option<usize> {
+    if m.msg_control.is_null() || m.msg_controllen < std::mem::size_of::<libc::cmsghdr>() as _ {
+        return None;
+    }
+    // SAFETY: after recvmmsg, `msg_control`/`msg_controllen` describe the part of our
+    // control buffer the kernel filled; CMSG_FIRSTHDR/CMSG_NXTHDR only return headers
+    // inside it (or null), and the data read is the `int` the kernel put after the
+    // UDP_GRO header (read unaligned).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(m);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return usize::try_from(v).ok().filter(|&s| s > 0);
+            }
+            c = libc::CMSG_NXTHDR(m, c);
+        }
+    }
+    None
 }
 
 #[cfg(target_os = "linux")]
@@ -148,42 +349,161 @@ pub struct SendOutcome {
     pub sent: usize,
     /// Bytes of those datagrams.
     pub bytes: usize,
-    /// Datagrams that failed (each failure skips only that datagram).
+    /// Datagrams that failed (each failure skips only that datagram, or that GSO run).
     pub failed: usize,
+    /// Messages that carried a GSO run of two datagrams or more.
+    pub gso_runs: usize,
 }
 
-/// Send every `(datagram, destination)` pair, batching system calls. A failed datagram
-/// (unreachable, no buffer space, refused) is counted and skipped: the others are
-/// still sent.
-#[cfg(target_os = "linux")]
-pub fn send_batch(sock: &UdpSocket, items: &[(&[u8], SocketAddr)]) -> SendOutcome {
-    use std::os::fd::AsRawFd;
-    let mut out = SendOutcome::default();
-    let addrs: Vec<socket2::SockAddr> = items
+impl SendOutcome {
+    fn add(&mut self, o: SendOutcome) {
+        self.sent += o.sent;
+        self.bytes += o.bytes;
+        self.failed += o.failed;
+        self.gso_runs += o.gso_runs;
+    }
+}
+
+/// One message of a send: `count` datagrams from position `first` of the send order,
+/// cut at `seg` bytes (all but the last are `seg` bytes long; the last may be shorter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    first: usize,
+    count: usize,
+    seg: usize,
+}
+
+/// The send order (indices into `items`) and its runs. Without GSO: the given order,
+/// one datagram per message. With GSO: grouped by destination (stable, so each
+/// destination gets its datagrams in the given order), then cut into runs of one size.
+fn plan_runs(
+    items: &[(&[u8], SocketAddr)],
+    gso: bool,
+    order: &mut Vec<usize>,
+    runs: &mut Vec<Run>,
+) {
+    order.clear();
+    order.extend(0..items.len());
+    runs.clear();
+    if !gso {
+        runs.extend((0..items.len()).map(|i| Run {
+            first: i,
+            count: 1,
+            seg: items[i].0.len(),
+        }));
+        return;
+    }
+    // Counting sort by destination, in order of first appearance: linear in the
+    // number of datagrams (a fan-out round can hold hundreds of thousands).
+    let mut ids: std::collections::HashMap<SocketAddr, usize> = Default::default();
+    let mut last: Option<(SocketAddr, usize)> = None;
+    let dest: Vec<usize> = items
         .iter()
-        .map(|(_, a)| socket2::SockAddr::from(*a))
-        .collect();
-    let mut iovs: Vec<libc::iovec> = items
-        .iter()
-        .map(|(d, _)| libc::iovec {
-            iov_base: d.as_ptr() as *mut libc::c_void,
-            iov_len: d.len(),
+        .map(|&(_, a)| match last {
+            Some((l, id)) if l == a => id,
+            _ => {
+                let fresh = ids.len();
+                let id = *ids.entry(a).or_insert(fresh);
+                last = Some((a, id));
+                id
+            }
         })
         .collect();
+    let mut next = vec![0usize; ids.len() + 1];
+    for &d in &dest {
+        next[d + 1] += 1;
+    }
+    for k in 1..next.len() {
+        next[k] += next[k - 1];
+    }
+    for (i, &d) in dest.iter().enumerate() {
+        order[next[d]] = i;
+        next[d] += 1;
+    }
+    let mut k = 0;
+    while k < order.len() {
+        let (d0, to) = items[order[k]];
+        let seg = d0.len();
+        let mut count = 1;
+        let mut bytes = seg;
+        while seg > 0 && count < MAX_GSO_SEGMENTS {
+            let Some(&next) = order.get(k + count) else {
+                break;
+            };
+            let (d, a) = items[next];
+            if a != to || d.is_empty() || d.len() > seg || bytes + d.len() > MAX_GSO_BYTES {
+                break;
+            }
+            count += 1;
+            bytes += d.len();
+            if d.len() < seg {
+                // A shorter datagram can only end a run.
+                break;
+            }
+        }
+        runs.push(Run {
+            first: k,
+            count,
+            seg,
+        });
+        k += count;
+    }
+}
+
+/// Send every `(datagram, destination)` pair, batching system calls, with GSO where the
+/// kernel offers it ([`offload`]). Each destination receives its datagrams in the given
+/// order (with GSO, datagrams to different destinations may be reordered among each
+/// other). A failed datagram (unreachable, no buffer space, refused) is counted and
+/// skipped: the others are still sent.
+pub fn send_batch(sock: &UdpSocket, items: &[(&[u8], SocketAddr)]) -> SendOutcome {
+    send_batch_with(sock, items, offload().gso)
+}
+
+/// As [`send_batch`], with GSO on or off as told (`false` forces the plain path). A GSO
+/// message the kernel refuses is sent again as plain datagrams; if it was refused with
+/// `EIO` (a device that cannot segment), GSO is off for the rest of the process.
+#[cfg(target_os = "linux")]
+pub fn send_batch_with(sock: &UdpSocket, items: &[(&[u8], SocketAddr)], gso: bool) -> SendOutcome {
+    use std::os::fd::AsRawFd;
+    let mut out = SendOutcome::default();
+    let mut order = Vec::new();
+    let mut runs = Vec::new();
+    plan_runs(items, gso, &mut order, &mut runs);
+    let addrs: Vec<socket2::SockAddr> = runs
+        .iter()
+        .map(|r| socket2::SockAddr::from(items[order[r.first]].1))
+        .collect();
+    let mut iovs: Vec<libc::iovec> = order
+        .iter()
+        .map(|&i| libc::iovec {
+            iov_base: items[i].0.as_ptr() as *mut libc::c_void,
+            iov_len: items[i].0.len(),
+        })
+        .collect();
+    // One control buffer per GSO message only (none on the plain path).
+    let mut control: Vec<ControlBuf> = vec![[0; 8]; runs.iter().filter(|r| r.count > 1).count()];
+    let mut ctls = control.iter_mut();
     // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
-    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; items.len()];
-    for ((m, iov), a) in msgs.iter_mut().zip(iovs.iter_mut()).zip(addrs.iter()) {
-        m.msg_hdr.msg_iov = iov;
-        m.msg_hdr.msg_iovlen = 1;
+    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; runs.len()];
+    let iov_base = iovs.as_mut_ptr();
+    for ((m, r), a) in msgs.iter_mut().zip(runs.iter()).zip(addrs.iter()) {
+        m.msg_hdr.msg_iov = iov_base.wrapping_add(r.first);
+        m.msg_hdr.msg_iovlen = r.count as _;
         m.msg_hdr.msg_name = a.as_ptr() as *mut libc::c_void;
         m.msg_hdr.msg_namelen = a.len();
+        if r.count > 1 {
+            if let Some(ctl) = ctls.next() {
+                set_segment(&mut m.msg_hdr, ctl, r.seg as u16);
+            }
+        }
     }
     let mut start = 0;
     while start < msgs.len() {
         let rest = &mut msgs[start..];
         let chunk = rest.len().min(1024);
-        // SAFETY: the headers point into `iovs`, `addrs` and the caller's datagrams, all
-        // alive and unmoved for the duration of the call; sendmmsg only reads them.
+        // SAFETY: the headers point into `iovs`, `addrs`, `control` and the caller's
+        // datagrams, all alive and unmoved for the duration of the call; sendmmsg only
+        // reads them.
         let r = unsafe {
             libc::sendmmsg(
                 sock.as_raw_fd(),
@@ -193,24 +513,61 @@ pub fn send_batch(sock: &UdpSocket, items: &[(&[u8], SocketAddr)]) -> SendOutcom
             )
         };
         if r <= 0 {
-            // The first datagram of this chunk failed: count it, skip it, go on.
-            out.failed += 1;
+            // The first message of this chunk failed.
+            let err = io::Error::last_os_error();
+            let run = runs[start];
+            if run.count > 1 {
+                // The kernel refused the GSO message: send its datagrams plainly.
+                if err.raw_os_error() == Some(libc::EIO) {
+                    GSO_BROKEN.store(true, Ordering::Relaxed);
+                }
+                let plain: Vec<(&[u8], SocketAddr)> = order[run.first..run.first + run.count]
+                    .iter()
+                    .map(|&i| items[i])
+                    .collect();
+                out.add(send_batch_with(sock, &plain, false));
+            } else {
+                out.failed += 1;
+            }
             start += 1;
             continue;
         }
-        let r = r as usize;
-        for (d, _) in &items[start..start + r] {
-            out.bytes += d.len();
+        for run in &runs[start..start + r as usize] {
+            out.sent += run.count;
+            out.bytes += order[run.first..run.first + run.count]
+                .iter()
+                .map(|&i| items[i].0.len())
+                .sum::<usize>();
+            if run.count > 1 {
+                out.gso_runs += 1;
+            }
         }
-        out.sent += r;
-        start += r;
+        start += r as usize;
     }
     out
 }
 
+/// Attach a `UDP_SEGMENT` control message (segment size `seg`) to `m`, in `ctl`.
+#[cfg(target_os = "linux")]
+fn set_segment(m: &mut libc::msghdr, ctl: &mut ControlBuf, seg: u16) {
+    m.msg_control = ctl.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    m.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
+    // SAFETY: `msg_control` points to `ctl` (64 bytes, 8-aligned), longer than the
+    // CMSG_SPACE(2) bytes announced, so CMSG_FIRSTHDR returns a non-null header inside
+    // it; the header and the 2 data bytes written after it stay within `ctl`.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(m);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = libc::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
+    }
+}
+
 /// Send every pair, one system call each (platforms without `sendmmsg`).
 #[cfg(not(target_os = "linux"))]
-pub fn send_batch(sock: &UdpSocket, items: &[(&[u8], SocketAddr)]) -> SendOutcome {
+pub fn send_batch_with(sock: &UdpSocket, items: &[(&[u8], SocketAddr)], _gso: bool) -> SendOutcome {
     let mut out = SendOutcome::default();
     for (d, a) in items {
         match sock.send_to(d, a) {
@@ -274,5 +631,205 @@ mod tests {
             n += batch.recv(&rx).expect("both good datagrams arrive");
         }
         assert_eq!(n, 2);
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn runs_group_by_destination_keep_order_and_end_at_a_shorter_datagram() {
+        let big = [1u8; 1000];
+        let small = [2u8; 300];
+        let (a, b) = (addr(1), addr(2));
+        // Datagram-major order, as the forwarder queues them: d0→a, d0→b, d1→a, ...
+        let items = [
+            (&big[..], a),
+            (&big[..], b),
+            (&big[..], a),
+            (&big[..], b),
+            (&small[..], a),
+            (&small[..], b),
+            (&big[..], a),
+        ];
+        let (mut order, mut runs) = (Vec::new(), Vec::new());
+        plan_runs(&items, true, &mut order, &mut runs);
+        assert_eq!(order, vec![0, 2, 4, 6, 1, 3, 5]);
+        let expect = [
+            Run {
+                first: 0,
+                count: 3,
+                seg: 1000,
+            },
+            Run {
+                first: 3,
+                count: 1,
+                seg: 1000,
+            },
+            Run {
+                first: 4,
+                count: 3,
+                seg: 1000,
+            },
+        ];
+        assert_eq!(runs, expect);
+        plan_runs(&items, false, &mut order, &mut runs);
+        assert_eq!(order, (0..7).collect::<Vec<_>>());
+        assert!(runs.iter().all(|r| r.count == 1));
+    }
+
+    #[test]
+    fn runs_respect_the_segment_and_byte_limits() {
+        let d = [0u8; 100];
+        let items: Vec<(&[u8], SocketAddr)> = (0..150).map(|_| (&d[..], addr(1))).collect();
+        let (mut order, mut runs) = (Vec::new(), Vec::new());
+        plan_runs(&items, true, &mut order, &mut runs);
+        let counts: Vec<usize> = runs.iter().map(|r| r.count).collect();
+        assert_eq!(counts, vec![64, 64, 22]);
+        let d = [0u8; 1400];
+        let items: Vec<(&[u8], SocketAddr)> = (0..60).map(|_| (&d[..], addr(1))).collect();
+        plan_runs(&items, true, &mut order, &mut runs);
+        assert!(runs.iter().all(|r| r.count * 1400 <= MAX_GSO_BYTES));
+        assert_eq!(runs.iter().map(|r| r.count).sum::<usize>(), 60);
+    }
+
+    /// Datagrams of two sizes to `to`: 40 of 1200 bytes then one of 333, numbered.
+    fn numbered_run() -> Vec<Vec<u8>> {
+        let mut data: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 1200]).collect();
+        data.push(vec![40; 333]);
+        data
+    }
+
+    #[test]
+    fn a_gso_run_arrives_as_ordinary_datagrams_at_a_plain_socket() {
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        rx.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = rx.local_addr().expect("addr");
+        let data = numbered_run();
+        let items: Vec<(&[u8], SocketAddr)> = data.iter().map(|d| (d.as_slice(), to)).collect();
+        let out = send_batch_with(&tx, &items, true);
+        assert_eq!(out.sent, data.len());
+        assert_eq!(out.failed, 0);
+        assert_eq!(out.bytes, data.iter().map(Vec::len).sum::<usize>());
+        if offload().gso {
+            assert!(out.gso_runs >= 1, "GSO offered but not used: {out:?}");
+        }
+        // One recv_from per datagram: each arrives alone, with its own size.
+        let mut buf = [0u8; 65536];
+        for d in &data {
+            let (n, from) = rx.recv_from(&mut buf).expect("datagram");
+            assert_eq!(from, tx.local_addr().expect("addr"));
+            assert_eq!(&buf[..n], d.as_slice());
+        }
+    }
+
+    #[test]
+    fn gro_receive_splits_super_datagrams_and_keeps_senders() {
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        rx.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut batch = RecvBatch::with_offload(8, &rx, true);
+        assert_eq!(batch.gro(), offload().gro);
+        let to = rx.local_addr().expect("addr");
+        let tx1 = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let tx2 = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let data1 = numbered_run();
+        let data2: Vec<Vec<u8>> = (100..120u8).map(|i| vec![i; 900]).collect();
+        let items1: Vec<(&[u8], SocketAddr)> = data1.iter().map(|d| (d.as_slice(), to)).collect();
+        let items2: Vec<(&[u8], SocketAddr)> = data2.iter().map(|d| (d.as_slice(), to)).collect();
+        assert_eq!(send_batch_with(&tx1, &items1, true).sent, data1.len());
+        assert_eq!(send_batch_with(&tx2, &items2, true).sent, data2.len());
+        let (a1, a2) = (
+            tx1.local_addr().expect("addr"),
+            tx2.local_addr().expect("addr"),
+        );
+        let (mut got1, mut got2) = (Vec::new(), Vec::new());
+        while got1.len() + got2.len() < data1.len() + data2.len() {
+            batch.recv(&rx).expect("receive");
+            for i in 0..batch.len() {
+                match batch.get(i).expect("datagram") {
+                    (d, Some(a)) if a == a1 => got1.push(d.to_vec()),
+                    (d, Some(a)) if a == a2 => got2.push(d.to_vec()),
+                    (_, from) => panic!("datagram from {from:?}"),
+                }
+            }
+        }
+        assert_eq!(got1, data1);
+        assert_eq!(got2, data2);
+        if offload().gso && offload().gro {
+            // Loopback hands a GSO message to a GRO socket whole.
+            assert!(batch.coalesced() >= 2, "no super-datagram seen");
+        }
+    }
+
+    #[test]
+    fn split_marks_oversized_segments_empty() {
+        let mut b = RecvBatch::with_slots(2, GRO_BUF_LEN, true);
+        b.push_message(0, 5000, false, Some(2500), None);
+        b.push_message(1, 2100, false, Some(1000), None);
+        let lens: Vec<usize> = (0..b.len())
+            .map(|i| b.get(i).map_or(9, |d| d.0.len()))
+            .collect();
+        assert_eq!(lens, vec![0, 0, 1000, 1000, 100]);
+        assert_eq!(
+            b.get(3)
+                .map(|d| d.0.as_ptr() as usize - b.buf.as_ptr() as usize),
+            Some(GRO_BUF_LEN + 1000)
+        );
+    }
+
+    #[test]
+    fn forced_plain_path_and_refused_gso_both_deliver_everything() {
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        rx.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        // GRO forced off: each message is one datagram in a small buffer.
+        let mut batch = RecvBatch::with_offload(64, &rx, false);
+        assert!(!batch.gro());
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        // A socket without UDP checksums cannot use GSO: the kernel refuses every GSO
+        // message (EINVAL), and the runs go again as plain datagrams.
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            const SO_NO_CHECK: libc::c_int = 11;
+            let one: libc::c_int = 1;
+            // SAFETY: `one` is a live c_int; the kernel reads sizeof(c_int) bytes.
+            let r = unsafe {
+                libc::setsockopt(
+                    tx.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    SO_NO_CHECK,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0);
+        }
+        let to = rx.local_addr().expect("addr");
+        let data = numbered_run();
+        let items: Vec<(&[u8], SocketAddr)> = data.iter().map(|d| (d.as_slice(), to)).collect();
+        let refused = send_batch_with(&tx, &items, true);
+        assert_eq!(
+            (refused.sent, refused.failed, refused.gso_runs),
+            (data.len(), 0, 0)
+        );
+        let plain = send_batch_with(&tx, &items, false);
+        assert_eq!(
+            (plain.sent, plain.failed, plain.gso_runs),
+            (data.len(), 0, 0)
+        );
+        let mut got = Vec::new();
+        while got.len() < 2 * data.len() {
+            batch.recv(&rx).expect("receive");
+            for i in 0..batch.len() {
+                got.push(batch.get(i).expect("datagram").0.to_vec());
+            }
+        }
+        assert_eq!(batch.coalesced(), 0);
+        assert_eq!(&got[..data.len()], data.as_slice());
+        assert_eq!(&got[data.len()..], data.as_slice());
     }
 }

@@ -234,6 +234,7 @@ impl Forwarder {
         counters: Arc<Counters>,
     ) -> Self {
         let data_port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
+        let batch = RecvBatch::with_gro(BATCH, &sock);
         Self {
             gate: keying.gate(),
             sender: keying.sealer("data", incarnation),
@@ -242,7 +243,7 @@ impl Forwarder {
             keying,
             sock,
             counters,
-            batch: RecvBatch::new(BATCH),
+            batch,
             plan: Vec::with_capacity(BATCH * 4),
             nacks: Vec::new(),
             data_port,

@@ -26,6 +26,7 @@ use ott_datapath::{Counters as CoreCounters, DataPath, Payload};
 use ott_media::{Clip, ClipSource, Packetizer, TimedFrame};
 use ott_proto::{MediaKind, Message, NackRange};
 
+use crate::batch;
 use crate::counters::{add, Counters};
 use crate::dataplane::{self, DataCmd, DataSnapshot, ForwarderConfig, StreamTraffic};
 use crate::keying::{Keying, Refused};
@@ -220,25 +221,25 @@ struct Out {
 impl Out {
     /// Send what the core queued; `Payload::Input` tokens index `inputs`.
     fn flush(&mut self, inputs: &[Bytes]) {
-        while let Some(t) = self.core.poll_transmit() {
-            let bytes: &[u8] = match &t.payload {
-                Payload::Input { token, len } => {
-                    match inputs.get(*token).and_then(|d| d.get(..*len)) {
-                        Some(d) => d,
-                        None => continue,
-                    }
-                }
-                Payload::Bytes(b) => b,
+        let plan: Vec<_> = std::iter::from_fn(|| self.core.poll_transmit()).collect();
+        let items: Vec<(&[u8], SocketAddr)> = plan
+            .iter()
+            .filter_map(|t| match &t.payload {
+                Payload::Input { token, len } => inputs
+                    .get(*token)
+                    .and_then(|d| d.get(..*len))
+                    .map(|d| (d, t.to)),
+                Payload::Bytes(b) => Some((b.as_ref(), t.to)),
                 // The server has no upstream: it never NACKs.
-                Payload::Nack { .. } => continue,
-            };
-            match self.sock.send_to(bytes, t.to) {
-                Ok(n) => self.counters.tx(n),
-                Err(e) => {
-                    tracing::debug!(to = %t.to, error = %e, "media send failed");
-                    add(&self.counters.send_errors, 1);
-                }
-            }
+                Payload::Nack { .. } => None,
+            })
+            .collect();
+        let out = batch::send_batch(&self.sock, &items);
+        add(&self.counters.packets_out, out.sent as u64);
+        add(&self.counters.bytes_out, out.bytes as u64);
+        if out.failed > 0 {
+            tracing::debug!(failed = out.failed, "media sends failed");
+            add(&self.counters.send_errors, out.failed as u64);
         }
         dataplane::publish(&self.counters, &mut self.published, self.core.counters());
     }

@@ -21,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ott_apps::batch::{send_batch, RecvBatch};
+use ott_apps::batch::{offload, send_batch, send_batch_with, RecvBatch};
 use ott_apps::keying::Keying;
 use ott_apps::launcher::{http_get, wait_for};
 use ott_proto::auth::OverlayKey;
@@ -43,6 +43,9 @@ pub(crate) struct BenchArgs {
     /// older build, to compare).
     #[arg(long, value_name = "DIR")]
     bin_dir: Option<std::path::PathBuf>,
+    /// Run the relay with UDP GSO/GRO turned off (`OTT_NO_OFFLOAD`), to compare.
+    #[arg(long)]
+    no_offload: bool,
 }
 
 const NET: u8 = 99;
@@ -174,6 +177,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         ])
         .args(&key_args)
         .env("RUST_LOG", "warn")
+        .envs(args.no_offload.then_some(("OTT_NO_OFFLOAD", "1")))
         .stdout(log("r1.log")?)
         .stderr(log("r1.err")?)
         .spawn()
@@ -205,7 +209,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     let key = key.as_ref();
 
     // Subscribers: client joins at the relay, refreshed.
-    let subs: Vec<UdpSocket> = (0..10u8)
+    let subs: Vec<UdpSocket> = (0..100u8)
         .map(|i| {
             ott_apps::net::bind_udp(SocketAddr::new(
                 IpAddr::V4(Ipv4Addr::new(127, NET, 1, i + 1)),
@@ -229,7 +233,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     )?;
 
     let mut rows: Vec<Row> = Vec::new();
-    for n in [1usize, 10] {
+    for n in [1usize, 10, 100] {
         joined.store(n as u64, Ordering::SeqCst);
         wait_for(
             Duration::from_secs(20),
@@ -264,7 +268,17 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     let _ = join_thread.join();
     let _ = ctrl_thread.join();
     drop(procs);
-    print_table(&rows, &lat, prototype, !args.no_key);
+    let o = offload();
+    let offloads = if args.no_offload {
+        "off (--no-offload)".to_string()
+    } else {
+        format!(
+            "GSO {}, GRO {} (kernel probe; the baseline uses neither)",
+            if o.gso { "on" } else { "unavailable" },
+            if o.gro { "on" } else { "unavailable" }
+        )
+    };
+    print_table(&rows, &lat, prototype, !args.no_key, &offloads);
     Ok(())
 }
 
@@ -487,6 +501,7 @@ fn spawn_baseline(
     let addr = sock.local_addr()?;
     let h = thread::spawn(move || {
         let cpu_path = thread_cpu_path();
+        // Plain on purpose: no GRO, no GSO (the socket calls of a minimal batched relay).
         let mut batch = RecvBatch::new(64);
         let mut sent = 0u64;
         let cpu0 = proc_cpu(&cpu_path).unwrap_or(0.0);
@@ -502,7 +517,7 @@ fn spawn_baseline(
                     }
                 }
             }
-            sent += send_batch(&sock, &items).sent as u64;
+            sent += send_batch_with(&sock, &items, false).sent as u64;
         }
         (sent, proc_cpu(&cpu_path).unwrap_or(0.0) - cpu0)
     });
@@ -709,12 +724,18 @@ struct Row {
     base: Throughput,
 }
 
-fn print_table(rows: &[Row], lat: &Latency, prototype: Option<Throughput>, keyed: bool) {
+fn print_table(
+    rows: &[Row],
+    lat: &Latency,
+    prototype: Option<Throughput>,
+    keyed: bool,
+    offloads: &str,
+) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "\nrelay forwarding on loopback, {PAYLOAD}-byte payloads (ours = ott-node, baseline = recvmmsg/sendmmsg loop)");
     let _ = writeln!(
         out,
-        "overlay key: {}\n",
+        "overlay key: {}",
         if keyed {
             "yes (the relay checks a 16-byte tag on every datagram)"
         } else {
@@ -723,7 +744,11 @@ fn print_table(rows: &[Row], lat: &Latency, prototype: Option<Throughput>, keyed
     );
     let _ = writeln!(
         out,
-        "{:<12} {:>12} {:>12} {:>10} {:>10} {:>12} {:>12} {:>8}",
+        "relay UDP offload: {offloads}; generator sends with send_batch (GSO when on)\n"
+    );
+    let _ = writeln!(
+        out,
+        "{:<12} {:>12} {:>12} {:>10} {:>10} {:>12} {:>12} {:>8} {:>10}",
         "subscribers",
         "ours pkt/s",
         "base pkt/s",
@@ -731,7 +756,8 @@ fn print_table(rows: &[Row], lat: &Latency, prototype: Option<Throughput>, keyed
         "base Mb/s",
         "ours cpu/GB",
         "base cpu/GB",
-        "ratio"
+        "ratio",
+        "cpu ratio"
     );
     for r in rows {
         let ratio = if r.base.pps > 0.0 {
@@ -739,9 +765,14 @@ fn print_table(rows: &[Row], lat: &Latency, prototype: Option<Throughput>, keyed
         } else {
             0.0
         };
+        let cpu_ratio = if r.base.cpu_s_per_gb > 0.0 {
+            r.ours.cpu_s_per_gb / r.base.cpu_s_per_gb
+        } else {
+            0.0
+        };
         let _ = writeln!(
             out,
-            "{:<12} {:>12.0} {:>12.0} {:>10.0} {:>10.0} {:>11.2}s {:>11.2}s {:>8.2}",
+            "{:<12} {:>12.0} {:>12.0} {:>10.0} {:>10.0} {:>11.2}s {:>11.2}s {:>8.2} {:>10.2}",
             r.subscribers,
             r.ours.pps,
             r.base.pps,
@@ -749,7 +780,8 @@ fn print_table(rows: &[Row], lat: &Latency, prototype: Option<Throughput>, keyed
             r.base.mbit,
             r.ours.cpu_s_per_gb,
             r.base.cpu_s_per_gb,
-            ratio
+            ratio,
+            cpu_ratio
         );
     }
     let _ = writeln!(
