@@ -83,6 +83,7 @@ impl Relay {
 }
 
 /// utime + stime of a /proc stat file, seconds.
+#[allow(unsafe_code)] // sysconf(_SC_CLK_TCK): std has no way to read the tick rate.
 fn proc_cpu(path: &str) -> anyhow::Result<f64> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
     let after = text
@@ -103,6 +104,7 @@ fn proc_cpu(path: &str) -> anyhow::Result<f64> {
     Ok(ticks / hz)
 }
 
+#[allow(unsafe_code)] // gettid: std has no way to read the kernel thread id.
 fn thread_cpu_path() -> String {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) };

@@ -1,4 +1,5 @@
 //! `ott-node`: an overlay relay or PoP.
+#![deny(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::time::Duration;

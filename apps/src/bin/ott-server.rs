@@ -1,4 +1,5 @@
 //! `ott-server`: the root of the overlay; streams every clip of a directory and live inputs.
+#![deny(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
