@@ -550,6 +550,8 @@ impl Neighbours {
 }
 
 #[cfg(test)]
+// Tests take the real clock as an arbitrary origin of fake time, and read sample files.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

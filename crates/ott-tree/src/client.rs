@@ -1013,6 +1013,8 @@ fn later(t: Instant, d: Duration) -> Instant {
 }
 
 #[cfg(test)]
+// Tests take the real clock as an arbitrary origin of fake time, and read sample files.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

@@ -1867,6 +1867,8 @@ impl Node {
 }
 
 #[cfg(test)]
+// Tests take the real clock as an arbitrary origin of fake time, and read sample files.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use ott_proto::MediaKind;
