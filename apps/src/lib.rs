@@ -23,7 +23,7 @@ pub mod keying;
 pub mod launcher;
 pub mod live;
 pub mod net;
-pub mod overlay;
+pub mod node_runtime;
 // `IP_PKTINFO` (the local address a datagram came to) needs `recvmsg`/`sendmsg` with
 // control messages, which neither std nor socket2 wrap: raw libc calls.
 #[allow(unsafe_code)]

@@ -295,7 +295,7 @@ fn spawn_server_control(
     sock.set_read_timeout(Some(Duration::from_millis(10)))?;
     let relay_ctrl = SocketAddr::new(IpAddr::V4(ip(2)), ott_overlay::CONTROL_PORT);
     let keying = Keying::new(key, "s1", [relay_ctrl.ip()], false);
-    let mut sender = keying.sealer("ctrl", ott_apps::overlay::incarnation());
+    let mut sender = keying.sealer("ctrl", ott_apps::node_runtime::incarnation());
     let mut gate = keying.gate();
     Ok(thread::spawn(move || {
         let now = Instant::now();
