@@ -38,4 +38,4 @@ pub use client::{Client, ClientConfig, ClientEvent, ClientStatus};
 pub use node::{
     Event, NeighbourStatus, Node, NodeConfig, NodeStats, NodeStatus, RouteStatus, StreamStatus,
 };
-pub use ott_overlay::{Role, Transmit};
+pub use ott_overlay::{ControlTransmit, Role};
