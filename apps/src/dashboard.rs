@@ -33,7 +33,7 @@ use ott_proto::report::{decode_report, NeighbourReport, StateReport};
 use ott_proto::untrusted;
 use serde::{Deserialize, Serialize};
 
-use crate::httpd::{self, HttpStats, Limits, Response, Router};
+use crate::httpd::{self, HttpResponse, HttpStats, Limits, Router};
 
 /// How long a node may stay silent before it is shown dead, by default.
 pub const DEFAULT_DEAD_AFTER: Duration = Duration::from_millis(1500);
@@ -785,7 +785,7 @@ fn router(table: Arc<Mutex<Table>>, stats: Arc<HttpStats>, extra: Option<ExtraMe
     let for_tree = table.clone();
     Router::new()
         .get("/", |_| {
-            Response::new(200, "text/html; charset=utf-8", PAGE)
+            HttpResponse::new(200, "text/html; charset=utf-8", PAGE)
                 .with_header(
                     "Content-Security-Policy",
                     "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; img-src 'self'; frame-ancestors 'none'",
@@ -794,12 +794,12 @@ fn router(table: Arc<Mutex<Table>>, stats: Arc<HttpStats>, extra: Option<ExtraMe
                 .into()
         })
         .get("/dashboard.js", |_| {
-            Response::new(200, "text/javascript; charset=utf-8", SCRIPT).into()
+            HttpResponse::new(200, "text/javascript; charset=utf-8", SCRIPT).into()
         })
         .get("/api/tree", move |_| {
             let tree = lock(&for_tree).tree(Instant::now());
             let body = serde_json::to_string(&tree).unwrap_or_else(|_| "{}".into());
-            Response::new(200, "application/json", body).into()
+            HttpResponse::new(200, "application/json", body).into()
         })
         .get("/metrics", move |_| {
             let now = Instant::now();
@@ -812,7 +812,7 @@ fn router(table: Arc<Mutex<Table>>, stats: Arc<HttpStats>, extra: Option<ExtraMe
             if let Some(extra) = &extra {
                 text.push_str(&extra());
             }
-            Response::new(200, "text/plain; version=0.0.4", text).into()
+            HttpResponse::new(200, "text/plain; version=0.0.4", text).into()
         })
 }
 

@@ -38,7 +38,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use ott_media::hls::{self, HlsConfig, Lookup, Segmenter};
 use ott_proto::{untrusted, MediaKind, StreamInfo};
 
-use crate::httpd::{self, HttpStats, Limits, Reply, Request, Response, Router, StreamConn};
+use crate::httpd::{self, HttpRequest, HttpResponse, HttpStats, Limits, Reply, Router, StreamConn};
 use crate::status::StatusSource;
 
 /// Frames queued per streaming response before frames are dropped for it.
@@ -74,8 +74,8 @@ enum Player {
 }
 
 impl Player {
-    fn of(req: &Request) -> Self {
-        match Request::form_value(&req.query, "s") {
+    fn of(req: &HttpRequest) -> Self {
+        match HttpRequest::form_value(&req.query, "s") {
             Some(t)
                 if !t.is_empty()
                     && t.len() <= 32
@@ -694,7 +694,7 @@ impl Refusal {
     }
 
     fn reply(&self) -> Reply {
-        Response::text(self.status, format!("{}\n", self.message)).into()
+        HttpResponse::text(self.status, format!("{}\n", self.message)).into()
     }
 }
 
@@ -847,10 +847,10 @@ pub fn router(source: Arc<dyn Source>) -> Router {
 
 /// Call `f` with the stream name after `prefix` in the path (percent-decoded), or
 /// answer 404 for an empty or malformed one.
-fn with_name(req: &Request, prefix: &str, f: impl FnOnce(&str) -> Reply) -> Reply {
+fn with_name(req: &HttpRequest, prefix: &str, f: impl FnOnce(&str) -> Reply) -> Reply {
     match req.path.strip_prefix(prefix).and_then(path_decode) {
         Some(name) if !name.is_empty() => f(&name),
-        _ => Response::text(404, format!("{prefix}NAME: which stream? see /\n")).into(),
+        _ => HttpResponse::text(404, format!("{prefix}NAME: which stream? see /\n")).into(),
     }
 }
 
@@ -909,7 +909,7 @@ fn streams_json(source: &dyn Source) -> Reply {
             "watch": format!("/watch/{}", path_encode(&c.name)),
         })).collect::<Vec<_>>(),
     });
-    Response::new(200, "application/json", v.to_string()).into()
+    HttpResponse::new(200, "application/json", v.to_string()).into()
 }
 
 fn facts(source: &dyn Source, name: &str) -> Reply {
@@ -922,38 +922,39 @@ fn facts(source: &dyn Source, name: &str) -> Reply {
         o.insert("pop".into(), source.pop().into());
         o.insert("extra".into(), source.extra_facts());
     }
-    Response::new(200, "application/json", v.to_string()).into()
+    HttpResponse::new(200, "application/json", v.to_string()).into()
 }
 
-fn hls_route(source: &dyn Source, req: &Request) -> Reply {
+fn hls_route(source: &dyn Source, req: &HttpRequest) -> Reply {
     let rest = req.path.strip_prefix("/hls/").unwrap_or_default();
     let Some((name, file)) = rest.split_once('/') else {
-        return Response::text(404, "use /hls/NAME/index.m3u8\n").into();
+        return HttpResponse::text(404, "use /hls/NAME/index.m3u8\n").into();
     };
     let Some(name) = path_decode(name).filter(|n| !n.is_empty()) else {
-        return Response::text(404, "use /hls/NAME/index.m3u8\n").into();
+        return HttpResponse::text(404, "use /hls/NAME/index.m3u8\n").into();
     };
     let feed = match source.open(&name) {
         Ok(f) => f,
         Err(r) => return r.reply(),
     };
     if feed.info.kind != MediaKind::Ts {
-        return Response::text(409, format!("{}\n", not_ts(&feed.info))).into();
+        return HttpResponse::text(409, format!("{}\n", not_ts(&feed.info))).into();
     }
     let _busy = feed.busy();
     tracing::debug!(peer = %req.peer, path = %untrusted(&req.path), query = %untrusted(&req.query), "hls request");
     if file == "index.m3u8" {
-        let q = |k: &str| Request::form_value(&req.query, k).and_then(|v| v.parse::<u64>().ok());
+        let q =
+            |k: &str| HttpRequest::form_value(&req.query, k).and_then(|v| v.parse::<u64>().ok());
         let block = q("_HLS_msn").map(|msn| (msn, q("_HLS_part")));
         let window = q("window").map_or(HLS.window, |w| (w as usize).clamp(1, HLS.window));
         return match feed.playlist(block, window, &Player::of(req)) {
-            Ok(text) => Response::new(200, "application/vnd.apple.mpegurl", text).into(),
-            Err((status, why)) => Response::text(status, format!("{why}\n")).into(),
+            Ok(text) => HttpResponse::new(200, "application/vnd.apple.mpegurl", text).into(),
+            Err((status, why)) => HttpResponse::text(status, format!("{why}\n")).into(),
         };
     }
     match feed.segment(file) {
-        Ok(b) => Response::new(200, "video/mp2t", b.to_vec()).into(),
-        Err((status, why)) => Response::text(status, format!("{why}\n")).into(),
+        Ok(b) => HttpResponse::new(200, "video/mp2t", b.to_vec()).into(),
+        Err((status, why)) => HttpResponse::text(status, format!("{why}\n")).into(),
     }
 }
 
@@ -967,7 +968,7 @@ fn stream_named(source: &dyn Source, name: &str, kind: MediaKind) -> Reply {
             MediaKind::Mjpeg => "mjpeg",
             MediaKind::Ts => "ts",
         };
-        return Response::text(
+        return HttpResponse::text(
             409,
             format!(
                 "{} is {}: use /{other}/{}\n",
@@ -987,10 +988,10 @@ fn stream_named(source: &dyn Source, name: &str, kind: MediaKind) -> Reply {
 
 fn stream_watched(hub: &Hub, want: Option<MediaKind>) -> Reply {
     let Some(feed) = hub.feed() else {
-        return Response::text(409, "no stream is being watched yet\n").into();
+        return HttpResponse::text(409, "no stream is being watched yet\n").into();
     };
     if want.is_some_and(|k| k != feed.info.kind) {
-        return Response::text(
+        return HttpResponse::text(
             409,
             format!(
                 "stream {} is {}, not that kind\n",
@@ -1036,29 +1037,29 @@ fn stream_to(mut conn: StreamConn, kind: MediaKind, rx: &Receiver<Msg>) -> io::R
     }
 }
 
-fn switch_to(source: &dyn Source, req: &Request) -> Reply {
+fn switch_to(source: &dyn Source, req: &HttpRequest) -> Reply {
     let Some(switch) = source.switcher() else {
-        return Response::text(404, "nothing to switch here\n").into();
+        return HttpResponse::text(404, "nothing to switch here\n").into();
     };
     if let Err(why) = httpd::check_same_origin(req) {
         tracing::info!(peer = %req.peer, %why, "switch refused");
-        return Response::text(403, format!("switch refused: {why}\n")).into();
+        return HttpResponse::text(403, format!("switch refused: {why}\n")).into();
     }
     let form = String::from_utf8_lossy(&req.body);
-    let name = Request::form_value(&form, "stream").unwrap_or_default();
+    let name = HttpRequest::form_value(&form, "stream").unwrap_or_default();
     let name = name.trim();
     if name.is_empty() {
-        return Response::text(400, "missing stream=NAME\n").into();
+        return HttpResponse::text(400, "missing stream=NAME\n").into();
     }
     if lookup_info(source, name).is_none() {
-        return Response::text(404, format!("no stream called {}\n", untrusted(name))).into();
+        return HttpResponse::text(404, format!("no stream called {}\n", untrusted(name))).into();
     }
     tracing::info!(stream = %untrusted(name), "switch requested over http");
     match switch.try_send(name.to_string()) {
-        Ok(()) => Response::text(303, "")
+        Ok(()) => HttpResponse::text(303, "")
             .with_header("Location", format!("/watch/{}", path_encode(name)))
             .into(),
-        Err(_) => Response::text(503, "the client is busy switching, retry\n").into(),
+        Err(_) => HttpResponse::text(503, "the client is busy switching, retry\n").into(),
     }
 }
 
@@ -1079,7 +1080,7 @@ fn html_page(title: &str, body: &str) -> Reply {
     let page = format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\n<title>ott: {title}</title>\n<style>{STYLE}</style>\n</head><body><main>\n{body}\n</main></body></html>\n"
     );
-    Response::new(200, "text/html; charset=utf-8", page)
+    HttpResponse::new(200, "text/html; charset=utf-8", page)
         .with_header("Content-Security-Policy", "frame-ancestors 'none'")
         .with_header("X-Frame-Options", "DENY")
         .into()
@@ -1147,9 +1148,9 @@ fn watch(source: &dyn Source, name: &str) -> Reply {
     let Some(info) = lookup_info(source, name) else {
         let known = source.catalogue();
         if known.is_empty() {
-            return Response::text(503, "no stream list yet: retry in a moment\n").into();
+            return HttpResponse::text(503, "no stream list yet: retry in a moment\n").into();
         }
-        return Response::text(
+        return HttpResponse::text(
             404,
             format!("no stream called {}: see /\n", untrusted(name)),
         )

@@ -20,7 +20,7 @@
 //!
 //! # Routing
 //! A [`Router`] maps exact paths and methods to handlers (404 lists the GET paths, 405
-//! says which methods are allowed). A handler returns a [`Reply`]: a whole [`Response`],
+//! says which methods are allowed). A handler returns a [`Reply`]: a whole [`HttpResponse`],
 //! or a streaming closure that gets the socket as a [`StreamConn`] with a write deadline.
 //!
 //! # Threads
@@ -258,7 +258,7 @@ pub fn prometheus(servers: &[&HttpStats]) -> String {
 
 /// A request read whole.
 #[derive(Debug, Clone)]
-pub struct Request {
+pub struct HttpRequest {
     /// `GET`, `POST`, ...
     pub method: String,
     /// The target up to `?`.
@@ -273,7 +273,7 @@ pub struct Request {
     pub peer: SocketAddr,
 }
 
-impl Request {
+impl HttpRequest {
     /// The first header called `name` (any case).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -294,7 +294,7 @@ impl Request {
 
 /// A whole response.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
+pub struct HttpResponse {
     /// Status code.
     pub status: u16,
     /// Headers besides `Content-Length`, `Connection`, `Cache-Control` and
@@ -304,7 +304,7 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
-impl Response {
+impl HttpResponse {
     /// A response of `content_type`.
     pub fn new(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Self {
         Self {
@@ -329,15 +329,15 @@ impl Response {
 /// What a handler answers.
 pub enum Reply {
     /// A whole response, written within the write timeout.
-    Full(Response),
+    Full(HttpResponse),
     /// A streaming response: the closure writes the head and the body on the
     /// connection's thread, and ends the response by returning. An error of kind
     /// [`ErrorKind::TimedOut`] counts the reader as too slow.
     Stream(Box<dyn FnOnce(StreamConn) -> io::Result<()> + Send>),
 }
 
-impl From<Response> for Reply {
-    fn from(r: Response) -> Self {
+impl From<HttpResponse> for Reply {
+    fn from(r: HttpResponse) -> Self {
         Reply::Full(r)
     }
 }
@@ -377,7 +377,7 @@ impl StreamConn {
 }
 
 /// A request handler.
-pub type Handler = Box<dyn Fn(&Request) -> Reply + Send + Sync>;
+pub type Handler = Box<dyn Fn(&HttpRequest) -> Reply + Send + Sync>;
 
 struct Route {
     method: &'static str,
@@ -404,7 +404,7 @@ impl Router {
         mut self,
         method: &'static str,
         path: &str,
-        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+        handler: impl Fn(&HttpRequest) -> Reply + Send + Sync + 'static,
     ) -> Self {
         self.routes.push(Route {
             method,
@@ -416,11 +416,11 @@ impl Router {
     }
 
     /// Route `GET` on every path under `prefix` (e.g. `/watch/`), when no exact route
-    /// matches; the handler reads the rest of [`Request::path`].
+    /// matches; the handler reads the rest of [`HttpRequest::path`].
     pub fn get_under(
         mut self,
         prefix: &str,
-        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+        handler: impl Fn(&HttpRequest) -> Reply + Send + Sync + 'static,
     ) -> Self {
         self.routes.push(Route {
             method: "GET",
@@ -432,17 +432,25 @@ impl Router {
     }
 
     /// Route `GET` on `path`.
-    pub fn get(self, path: &str, h: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> Self {
+    pub fn get(
+        self,
+        path: &str,
+        h: impl Fn(&HttpRequest) -> Reply + Send + Sync + 'static,
+    ) -> Self {
         self.route("GET", path, h)
     }
 
     /// Route `POST` on `path`.
-    pub fn post(self, path: &str, h: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> Self {
+    pub fn post(
+        self,
+        path: &str,
+        h: impl Fn(&HttpRequest) -> Reply + Send + Sync + 'static,
+    ) -> Self {
         self.route("POST", path, h)
     }
 
     /// The handler's reply, or a 404 (listing the GET paths) or 405 (with `Allow`).
-    pub fn dispatch(&self, req: &Request) -> Reply {
+    pub fn dispatch(&self, req: &HttpRequest) -> Reply {
         let mut allowed = Vec::new();
         let exact = self
             .routes
@@ -471,10 +479,11 @@ impl Router {
                     }
                 })
                 .collect();
-            return Response::text(404, format!("not found: try {}\n", paths.join(", "))).into();
+            return HttpResponse::text(404, format!("not found: try {}\n", paths.join(", ")))
+                .into();
         }
         let allow = allowed.join(", ");
-        Response::text(
+        HttpResponse::text(
             405,
             format!(
                 "method {} not allowed on {}: use {allow}\n",
@@ -671,7 +680,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, stop: &AtomicBool) 
 
 /// A 503 written without waiting (the socket's send buffer is empty), then close.
 fn busy(stream: &TcpStream, text: &str) {
-    let resp = Response::text(503, text).with_header("Retry-After", "1");
+    let resp = HttpResponse::text(503, text).with_header("Retry-After", "1");
     let _ = write_response(stream, &resp, Instant::now() + BUSY_WRITE);
     let _ = stream.shutdown(Shutdown::Write);
     // Drop what the peer already sent, without waiting: closing with unread bytes
@@ -867,7 +876,7 @@ fn connection(shared: &Shared, id: u64, stream: TcpStream, peer: SocketAddr, acc
             };
             bump(counter);
             tracing::debug!(server = %stats.name(), %peer, error = %e, "bad HTTP request");
-            Reply::Full(Response::text(e.status(), format!("{e}\n")))
+            Reply::Full(HttpResponse::text(e.status(), format!("{e}\n")))
         }
     };
     match reply {
@@ -980,7 +989,7 @@ fn header_value(v: &str) -> String {
     v.chars().filter(|c| *c != '\r' && *c != '\n').collect()
 }
 
-fn write_response(stream: &TcpStream, resp: &Response, deadline: Instant) -> io::Result<()> {
+fn write_response(stream: &TcpStream, resp: &HttpResponse, deadline: Instant) -> io::Result<()> {
     let mut head = format!("HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status));
     for (k, v) in &resp.headers {
         let _ = write!(head, "{}: {}\r\n", header_value(k), header_value(v));
@@ -1074,13 +1083,13 @@ fn read_err(e: io::Error) -> HeadError {
 /// would read it: `Err` (with the status it would be answered with, and why) for
 /// anything malformed, too large, cut short or unsupported. Never panics; what the
 /// fuzz target `http_head` checks.
-pub fn parse_request(bytes: &[u8], limits: &Limits) -> Result<Request, (u16, String)> {
+pub fn parse_request(bytes: &[u8], limits: &Limits) -> Result<HttpRequest, (u16, String)> {
     let peer = SocketAddr::from(([127, 0, 0, 1], 0));
     read_request(&mut &bytes[..], limits, peer).map_err(|e| (e.status(), e.to_string()))
 }
 
 /// Read one request from `r`: never more than `max_head` bytes of head, then the body.
-fn read_request(r: &mut impl Read, l: &Limits, peer: SocketAddr) -> Result<Request, HeadError> {
+fn read_request(r: &mut impl Read, l: &Limits, peer: SocketAddr) -> Result<HttpRequest, HeadError> {
     let mut buf: Vec<u8> = Vec::with_capacity(1024.min(l.max_head));
     let mut chunk = [0u8; 2048];
     loop {
@@ -1136,7 +1145,7 @@ fn read_request(r: &mut impl Read, l: &Limits, peer: SocketAddr) -> Result<Reque
     }
 }
 
-fn head_of(p: &httparse::Request<'_, '_>, peer: SocketAddr) -> Result<Request, HeadError> {
+fn head_of(p: &httparse::Request<'_, '_>, peer: SocketAddr) -> Result<HttpRequest, HeadError> {
     let (Some(method), Some(target)) = (p.method, p.path) else {
         return Err(HeadError::Bad("incomplete request line".into()));
     };
@@ -1147,7 +1156,7 @@ fn head_of(p: &httparse::Request<'_, '_>, peer: SocketAddr) -> Result<Request, H
         )));
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    Ok(Request {
+    Ok(HttpRequest {
         method: method.to_string(),
         path: path.to_string(),
         query: query.to_string(),
@@ -1166,7 +1175,7 @@ fn head_of(p: &httparse::Request<'_, '_>, peer: SocketAddr) -> Result<Request, H
     })
 }
 
-fn body_length(req: &Request) -> Result<usize, HeadError> {
+fn body_length(req: &HttpRequest) -> Result<usize, HeadError> {
     if req.header("transfer-encoding").is_some() {
         return Err(HeadError::Unsupported(
             "Transfer-Encoding (send Content-Length)",
@@ -1260,7 +1269,7 @@ pub fn json_for_script(v: &impl Serialize) -> String {
 /// - The `Host` must be an IP address or `localhost` (with any port): a page of another
 ///   name that resolves to this server (DNS rebinding) is its own origin, so it is
 ///   refused.
-pub fn check_same_origin(req: &Request) -> Result<(), String> {
+pub fn check_same_origin(req: &HttpRequest) -> Result<(), String> {
     let origin = match (req.header("origin"), req.header("referer")) {
         (Some(o), _) => o.trim().to_string(),
         (None, Some(r)) => {
@@ -1329,7 +1338,7 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], 4242))
     }
 
-    fn parse(text: &[u8]) -> Result<Request, HeadError> {
+    fn parse(text: &[u8]) -> Result<HttpRequest, HeadError> {
         read_request(&mut &text[..], &limits(), peer())
     }
 
@@ -1359,7 +1368,7 @@ mod tests {
         assert_eq!(r.header("HOST"), Some("a:1"));
         assert_eq!(r.body, b"stream=ab");
         assert_eq!(
-            Request::form_value("a=1&stream=x%2By+z", "stream").as_deref(),
+            HttpRequest::form_value("a=1&stream=x%2By+z", "stream").as_deref(),
             Some("x+y z")
         );
         let r = parse(b"GET / HTTP/1.0\r\n\r\n").expect("HTTP/1.0 without Host");
@@ -1402,8 +1411,8 @@ mod tests {
         assert_eq!(e.status(), 431, "{e}");
     }
 
-    fn req(headers: &[(&str, &str)]) -> Request {
-        Request {
+    fn req(headers: &[(&str, &str)]) -> HttpRequest {
+        HttpRequest {
             method: "POST".into(),
             path: "/switch".into(),
             query: String::new(),
@@ -1468,8 +1477,8 @@ mod tests {
     #[test]
     fn test_router() {
         let r = Router::new()
-            .get("/a", |_| Response::text(200, "a").into())
-            .post("/b", |_| Response::text(200, "b").into());
+            .get("/a", |_| HttpResponse::text(200, "a").into())
+            .post("/b", |_| HttpResponse::text(200, "b").into());
         let mut q = req(&[]);
         let status = |reply: Reply| match reply {
             Reply::Full(r) => (r.status, r.headers),
@@ -1485,8 +1494,8 @@ mod tests {
         q.path = "/a".into();
         assert_eq!(status(r.dispatch(&q)).0, 200);
         let r = Router::new()
-            .get("/w/x", |_| Response::text(201, "exact").into())
-            .get_under("/w/", |_| Response::text(200, "under").into());
+            .get("/w/x", |_| HttpResponse::text(201, "exact").into())
+            .get_under("/w/", |_| HttpResponse::text(200, "under").into());
         for (path, want) in [("/w/x", 201), ("/w/y/z", 200), ("/w/", 200), ("/w", 404)] {
             q.path = path.into();
             assert_eq!(status(r.dispatch(&q)).0, want, "{path}");

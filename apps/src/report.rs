@@ -310,7 +310,7 @@ pub fn start(
             return None;
         }
     };
-    let mut reporter = Reporter::new(sock, to, id, crate::overlay::incarnation());
+    let mut reporter = Reporter::new(sock, to, id, crate::node_runtime::incarnation());
     if let Some(seal) = seal {
         reporter = reporter.with_seal(seal);
     }

@@ -157,7 +157,7 @@ pub fn spawn_source_keyed(
 /// server's copy of the same stream lives in another number space, so receivers tell
 /// the two apart (see `dedup::StreamDedup`).
 fn packetizer(id: u32, kind: MediaKind) -> Packetizer {
-    let r = splitmix64(crate::overlay::incarnation() ^ u64::from(id));
+    let r = splitmix64(crate::node_runtime::incarnation() ^ u64::from(id));
     Packetizer::for_kind_at(id, kind, r as u32, (r >> 32) as u32)
 }
 

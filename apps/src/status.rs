@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::httpd::{self, HttpStats, Limits, Response, Router};
+use crate::httpd::{self, HttpResponse, HttpStats, Limits, Router};
 
 /// What the endpoint serves; called on a connection thread for each request.
 pub trait StatusSource: Send + Sync + 'static {
@@ -50,7 +50,7 @@ fn router(source: Arc<dyn StatusSource>, stats: Arc<HttpStats>) -> Router {
         .get("/status", move |_| {
             let body =
                 serde_json::to_string_pretty(&for_status.status()).unwrap_or_else(|_| "{}".into());
-            Response::new(200, "application/json", body).into()
+            HttpResponse::new(200, "application/json", body).into()
         })
         .get("/metrics", move |_| {
             let mut text = source.metrics();
@@ -59,7 +59,7 @@ fn router(source: Arc<dyn StatusSource>, stats: Arc<HttpStats>) -> Router {
             let mut servers: Vec<&HttpStats> = vec![&stats];
             servers.extend(others.iter().map(|s| s.as_ref()));
             text.push_str(&httpd::prometheus(&servers));
-            Response::new(200, "text/plain; version=0.0.4", text).into()
+            HttpResponse::new(200, "text/plain; version=0.0.4", text).into()
         })
 }
 

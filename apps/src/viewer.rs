@@ -237,7 +237,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let req = Request::Client {
         id: opts.id.clone(),
     };
-    let a = crate::overlay::bootstrap(opts.bootstrap, req, opts.bootstrap_wait)?;
+    let a = crate::node_runtime::bootstrap(opts.bootstrap, req, opts.bootstrap_wait)?;
     if a.pops.is_empty() {
         anyhow::bail!("the bootstrapper knows no PoP in topology {}", a.topology);
     }
@@ -249,7 +249,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let shutdown = crate::signals::shutdown_channel();
     let epoch = Instant::now();
     let config = ClientConfig {
-        seed: crate::overlay::incarnation(),
+        seed: crate::node_runtime::incarnation(),
         ..ClientConfig::default()
     };
     // A PoP is known by every address the bootstrapper gave for it: it may answer from
@@ -362,7 +362,7 @@ pub fn run_embedded(
     let rx = spawn_receiver(sock.try_clone()?, "edge-rx", counters.clone())?;
     let epoch = Instant::now();
     let config = ClientConfig {
-        seed: crate::overlay::incarnation(),
+        seed: crate::node_runtime::incarnation(),
         ..ClientConfig::default()
     };
     let opts = Options {

@@ -86,6 +86,7 @@ impl Relay {
 }
 
 /// utime + stime of a /proc stat file, seconds.
+#[allow(unsafe_code)] // sysconf(_SC_CLK_TCK): std has no way to read the tick rate.
 fn proc_cpu(path: &str) -> anyhow::Result<f64> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
     let after = text
@@ -106,6 +107,7 @@ fn proc_cpu(path: &str) -> anyhow::Result<f64> {
     Ok(ticks / hz)
 }
 
+#[allow(unsafe_code)] // gettid: std has no way to read the kernel thread id.
 fn thread_cpu_path() -> String {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) };
@@ -307,7 +309,7 @@ fn spawn_server_control(
     sock.set_read_timeout(Some(Duration::from_millis(10)))?;
     let relay_ctrl = SocketAddr::new(IpAddr::V4(ip(2)), ott_overlay::CONTROL_PORT);
     let keying = Keying::new(key, "s1", [relay_ctrl.ip()], false);
-    let mut sender = keying.sealer("ctrl", ott_apps::overlay::incarnation());
+    let mut sender = keying.sealer("ctrl", ott_apps::node_runtime::incarnation());
     let mut gate = keying.gate();
     Ok(thread::spawn(move || {
         let now = Instant::now();

@@ -10,6 +10,8 @@
 //!   convergence, loops, failover.
 //! - `tree`: the overlay's current trees from a bootstrapper's dashboard, as text, DOT or SVG.
 
+#![deny(unsafe_code)]
+
 mod bench;
 mod core;
 mod demo;

@@ -444,11 +444,11 @@ mod tests {
 
     #[test]
     fn fetch_reads_a_dashboard_and_names_a_wrong_address() {
-        use ott_apps::httpd::{self, HttpStats, Limits, Response, Router};
+        use ott_apps::httpd::{self, HttpResponse, HttpStats, Limits, Router};
         use std::sync::Arc;
         let body = serde_json::to_string(&sample()).expect("serializes");
         let router = Router::new().get("/api/tree", move |_| {
-            Response::new(200, "application/json", body.clone()).into()
+            HttpResponse::new(200, "application/json", body.clone()).into()
         });
         let stats = Arc::new(HttpStats::new("test"));
         let server = httpd::serve(

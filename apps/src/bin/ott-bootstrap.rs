@@ -1,4 +1,5 @@
 //! `ott-bootstrap`: tells each overlay node its role, address and neighbours.
+#![deny(unsafe_code)]
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;

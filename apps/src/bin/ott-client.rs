@@ -1,4 +1,5 @@
 //! `ott-client`: picks the best PoP, joins a stream and writes or plays what it receives.
+#![deny(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

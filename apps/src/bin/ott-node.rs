@@ -1,4 +1,5 @@
 //! `ott-node`: an overlay relay or PoP.
+#![deny(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -46,7 +47,7 @@ struct Args {
     )]
     bootstrap_wait_secs: u64,
     #[command(flatten)]
-    tuning: ott_apps::overlay::Tuning,
+    tuning: ott_apps::node_runtime::Tuning,
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,7 +66,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         id: args.id.clone(),
     };
     let key = ott_apps::keying::key_from_flag(args.key_file.as_deref())?;
-    let a = ott_apps::overlay::bootstrap_keyed(
+    let a = ott_apps::node_runtime::bootstrap_keyed(
         args.bootstrap,
         req,
         key.as_ref(),
@@ -86,11 +87,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             a.role
         );
     }
-    let tuning = ott_apps::overlay::Tuning {
+    let tuning = ott_apps::node_runtime::Tuning {
         report: args.tuning.report.or_bootstrapper(args.bootstrap),
         ..args.tuning
     };
-    ott_apps::overlay::run_keyed(
+    ott_apps::node_runtime::run_keyed(
         a,
         args.status,
         Vec::new(),
@@ -101,7 +102,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             ott_apps::dataplane::spawn_forwarder_keyed(
                 config,
                 data_keying,
-                ott_apps::overlay::incarnation(),
+                ott_apps::node_runtime::incarnation(),
                 sock,
                 counters,
                 cmds,

@@ -1,4 +1,5 @@
 //! `ott-server`: the root of the overlay; streams every clip of a directory and live inputs.
+#![deny(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,7 +46,7 @@ struct Args {
     )]
     bootstrap_wait_secs: u64,
     #[command(flatten)]
-    tuning: ott_apps::overlay::Tuning,
+    tuning: ott_apps::node_runtime::Tuning,
 }
 
 fn main() -> std::process::ExitCode {
@@ -93,7 +94,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         id: args.id.clone(),
     };
     let key = ott_apps::keying::key_from_flag(args.key_file.as_deref())?;
-    let a = ott_apps::overlay::bootstrap_keyed(
+    let a = ott_apps::node_runtime::bootstrap_keyed(
         args.bootstrap,
         req,
         key.as_ref(),
@@ -108,11 +109,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             a.role
         );
     }
-    let tuning = ott_apps::overlay::Tuning {
+    let tuning = ott_apps::node_runtime::Tuning {
         report: args.tuning.report.or_bootstrapper(args.bootstrap),
         ..args.tuning
     };
-    ott_apps::overlay::run_keyed(
+    ott_apps::node_runtime::run_keyed(
         a,
         args.status,
         catalogue,

@@ -11,8 +11,10 @@ use ott_proto::{flags, MediaKind, StreamInfo};
 
 use crate::error::{ClipError, FramingError};
 use crate::mjpeg;
-use crate::pacer::CLOCK_RATE;
 use crate::ts::{self, Restamp, TsFramer, PTS_WRAP};
+
+/// Ticks per second of media timestamps.
+pub const CLOCK_RATE: u64 = 90_000;
 
 /// Frame rate of a clip without a sidecar.
 pub const DEFAULT_FPS: f64 = 25.0;
@@ -61,6 +63,8 @@ impl Clip {
     /// Errors name the file and the problem: unreadable, empty, not valid MJPEG, no
     /// frame, bad sidecar. `.ts` files (and any other extension) give
     /// [`ClipError::Unsupported`].
+    // The file reads of this crate (clips from disk for ott-server); the rest works on bytes.
+    #[allow(clippy::disallowed_methods)]
     pub fn load(path: &Path) -> Result<Self, ClipError> {
         let ext = path
             .extension()
@@ -336,6 +340,8 @@ fn stream_name(path: &Path) -> Result<String, ClipError> {
     }
 }
 
+// The file reads of this crate (clips from disk for ott-server); the rest works on bytes.
+#[allow(clippy::disallowed_methods)]
 fn read_sidecar(path: &Path) -> Result<f64, ClipError> {
     let bad = |reason: String| ClipError::BadSidecar {
         path: path.to_owned(),
@@ -363,6 +369,8 @@ fn read_sidecar(path: &Path) -> Result<f64, ClipError> {
 /// clip that loads is an error naming the path. A bad clip (empty, garbled, a bad `.fps`
 /// sidecar, a stream name taken by another clip) is skipped with a warning naming it and
 /// why, and the others are served; a truncated last JPEG is dropped, not the file.
+// The file reads of this crate (clips from disk for ott-server); the rest works on bytes.
+#[allow(clippy::disallowed_methods)]
 pub fn load_dir(dir: &Path) -> Result<Vec<Clip>, ClipError> {
     let read_err = |source| ClipError::Read {
         path: dir.to_owned(),
@@ -554,6 +562,8 @@ impl ClipSource {
 }
 
 #[cfg(test)]
+// Tests take the real clock as an arbitrary origin of fake time, and read sample files.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

@@ -12,7 +12,6 @@
 //!   [`ott_proto::MAX_DATAGRAM_LEN`] bytes with an [`ott_proto::MediaHeader`];
 //! - [`Reassembler`]: rebuild frames from the datagrams of one stream, in order, with
 //!   bounded memory, counting what it drops;
-//! - [`Pacer`]: when each frame is due and its 90 kHz timestamp, without drift;
 //! - [`arq`]: per-hop loss recovery (a bounded retransmission buffer, a NACK scheduler);
 //! - [`PlayoutBuffer`]: frames released in order within a latency budget;
 //! - [`hls`]: HTTP Live Streaming of TS units (playlist and segments, with LL-HLS parts).
@@ -50,15 +49,15 @@ mod clip;
 mod error;
 pub mod hls;
 pub mod mjpeg;
-mod pacer;
 mod packet;
 mod playout;
 mod reassembly;
 pub mod ts;
 
-pub use clip::{load_dir, Clip, ClipSource, TimedFrame, TsTiming, DEFAULT_FPS, MAX_FPS};
+pub use clip::{
+    load_dir, Clip, ClipSource, TimedFrame, TsTiming, CLOCK_RATE, DEFAULT_FPS, MAX_FPS,
+};
 pub use error::{ClipError, FramingError};
-pub use pacer::{Pacer, CLOCK_RATE, MIN_FPS};
 pub use packet::{Packetizer, MAX_FRAME_LEN};
 pub use playout::{PlayoutBuffer, PlayoutConfig, PlayoutStats};
 pub use reassembly::{Frame, Reassembler, ReassemblerConfig, ReassemblyStats};

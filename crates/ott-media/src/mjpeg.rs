@@ -202,6 +202,8 @@ fn skip_entropy_coded(data: &[u8], mut pos: usize) -> Option<usize> {
 }
 
 #[cfg(test)]
+// Tests take the real clock as an arbitrary origin of fake time, and read sample files.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

@@ -12,5 +12,5 @@ pub mod neighbours;
 pub mod topology;
 pub use addr::{peer_addrs, AddressPlan, Endpoint, PeerAddrs, CONTROL_PORT, DATA_PORT};
 pub use error::{TopologyError, TopologyProblem};
-pub use neighbours::{LivenessConfig, NeighbourEvent, NeighbourInfo, Neighbours, Transmit};
+pub use neighbours::{ControlTransmit, LivenessConfig, NeighbourEvent, NeighbourInfo, Neighbours};
 pub use topology::{Link, Node, Role, Topology};

@@ -42,7 +42,7 @@ use crate::addr::PeerAddrs;
 /// A control message to send to one address.
 #[must_use]
 #[derive(Debug, Clone, PartialEq)]
-pub struct Transmit {
+pub struct ControlTransmit {
     /// Destination (the peer's control address).
     pub to: SocketAddr,
     /// The message.
@@ -171,7 +171,7 @@ pub struct Neighbours {
     next_heartbeat: Instant,
     hb_seq: u64,
     sent: VecDeque<(u64, u64)>,
-    transmits: VecDeque<Transmit>,
+    transmits: VecDeque<ControlTransmit>,
     events: VecDeque<NeighbourEvent>,
     unknown: u64,
     refused_incarnations: u64,
@@ -341,7 +341,7 @@ impl Neighbours {
                 incarnation,
             } => {
                 if self.heard(now, from, id, *incarnation).is_some() {
-                    self.transmits.push_back(Transmit {
+                    self.transmits.push_back(ControlTransmit {
                         to: from,
                         msg: Message::HeartbeatAck {
                             from: self.own_id.clone(),
@@ -470,7 +470,7 @@ impl Neighbours {
                 p.window.pop_front();
             }
             p.window.push_back((self.hb_seq, false));
-            self.transmits.push_back(Transmit {
+            self.transmits.push_back(ControlTransmit {
                 to: p.addrs.preferred,
                 msg: Message::Heartbeat {
                     from: self.own_id.clone(),
@@ -512,7 +512,7 @@ impl Neighbours {
     pub fn shutdown(&mut self) {
         self.shut = true;
         for p in &self.peers {
-            self.transmits.push_back(Transmit {
+            self.transmits.push_back(ControlTransmit {
                 to: p.addrs.preferred,
                 msg: Message::Bye {
                     from: self.own_id.clone(),
@@ -522,7 +522,7 @@ impl Neighbours {
     }
 
     /// The next message to send. Changed by every `handle*`, `shutdown` and `new`.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+    pub fn poll_transmit(&mut self) -> Option<ControlTransmit> {
         self.transmits.pop_front()
     }
 
@@ -550,6 +550,8 @@ impl Neighbours {
 }
 
 #[cfg(test)]
+// Tests take the real clock as an arbitrary origin of fake time, and read sample files.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 
@@ -570,7 +572,7 @@ mod tests {
         (n, t0)
     }
 
-    fn drain(n: &mut Neighbours) -> (Vec<Transmit>, Vec<NeighbourEvent>) {
+    fn drain(n: &mut Neighbours) -> (Vec<ControlTransmit>, Vec<NeighbourEvent>) {
         let t = std::iter::from_fn(|| n.poll_transmit()).collect();
         let e = std::iter::from_fn(|| n.poll_event()).collect();
         (t, e)
@@ -608,7 +610,7 @@ mod tests {
         assert_eq!(ev, vec![NeighbourEvent::Up("b".into())]);
         assert_eq!(
             tx,
-            vec![Transmit {
+            vec![ControlTransmit {
                 to: addr(2),
                 msg: Message::HeartbeatAck {
                     from: "a".into(),

@@ -291,6 +291,9 @@ fn link_param(
 
 impl Topology {
     /// Reads and parses a topology file; errors name the file as given.
+    // The one file read of the protocol crates: a convenience for the programs and xtask,
+    // never called by the protocol itself ([`Topology::parse`] is the sans-IO entry).
+    #[allow(clippy::disallowed_methods)]
     pub fn load(path: &Path) -> Result<Self, TopologyError> {
         let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
             path: path.to_owned(),

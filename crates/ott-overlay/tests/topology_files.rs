@@ -1,4 +1,6 @@
 //! Every file under `topologies/` loads, and its addresses are consistent.
+// Tests may read the clock (an origin for fake time) and files (samples).
+#![allow(clippy::disallowed_methods)]
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;

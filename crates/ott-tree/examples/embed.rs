@@ -7,6 +7,8 @@
 //! forwarding set once a client has joined a stream.
 //!
 //! Run with `cargo run -p ott-tree --example embed`.
+// An example program: it reads the clock once, for the origin of its fake time.
+#![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -62,7 +62,7 @@ const MIN_PERIOD: Duration = Duration::from_millis(1);
 
 /// A control message to send, the same type as the overlay's: the caller encodes `msg`
 /// with [`ott_proto::encode`] and sends it to `to`.
-pub use ott_overlay::Transmit;
+pub use ott_overlay::ControlTransmit;
 
 /// Tuning of a [`Client`]. [`Default`] gives the values of SPEC §6.
 #[derive(Debug, Clone, PartialEq)]
@@ -282,7 +282,7 @@ pub struct Client {
     shut_down: bool,
     pop_switches: u64,
     stats: ClientStats,
-    transmits: VecDeque<Transmit>,
+    transmits: VecDeque<ControlTransmit>,
     events: VecDeque<ClientEvent>,
 }
 
@@ -537,7 +537,7 @@ impl Client {
             if let (Some(cur), Some(stream)) = (self.current, self.watching.as_ref()) {
                 let to = self.pops[cur].addr;
                 let msg = self.join_msg(cur, stream);
-                self.transmits.push_back(Transmit { to, msg });
+                self.transmits.push_back(ControlTransmit { to, msg });
                 self.next_join = Some(later(now, self.join_interval()));
             } else {
                 self.next_join = None;
@@ -556,7 +556,7 @@ impl Client {
         self.send_leaves(|_| true);
         if let (Some(cur), Some(stream)) = (self.current, self.watching.as_ref()) {
             let msg = self.leave_msg(cur, stream);
-            self.transmits.push_back(Transmit {
+            self.transmits.push_back(ControlTransmit {
                 to: self.pops[cur].addr,
                 msg,
             });
@@ -567,7 +567,7 @@ impl Client {
 
     /// The next message to send, if any. Changes after `new`, every `handle*`,
     /// `select_stream` and `shutdown`.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+    pub fn poll_transmit(&mut self) -> Option<ControlTransmit> {
         self.transmits.pop_front()
     }
 
@@ -722,7 +722,7 @@ impl Client {
                 urgent,
             });
             self.stats.probes_sent += 1;
-            self.transmits.push_back(Transmit {
+            self.transmits.push_back(ControlTransmit {
                 to: self.pops[idx].addr,
                 msg: Message::Probe { nonce, sent_us },
             });
@@ -763,7 +763,7 @@ impl Client {
             return;
         };
         self.stats.list_requests += 1;
-        self.transmits.push_back(Transmit {
+        self.transmits.push_back(ControlTransmit {
             to: self.pops[cur].addr,
             msg: Message::ListStreams,
         });
@@ -833,7 +833,7 @@ impl Client {
             // Make before break: join at the new PoP, leave the old one `leave_after`
             // later (unless we come back to it before).
             let join = self.join_msg(new, stream);
-            self.transmits.push_back(Transmit {
+            self.transmits.push_back(ControlTransmit {
                 to: new_addr,
                 msg: join,
             });
@@ -898,10 +898,10 @@ impl Client {
         self.send_leaves(|_| true);
         if let Some(old) = self.watching.take() {
             let msg = self.leave_msg(cur, &old);
-            self.transmits.push_back(Transmit { to, msg });
+            self.transmits.push_back(ControlTransmit { to, msg });
         }
         let msg = self.join_msg(cur, &info);
-        self.transmits.push_back(Transmit { to, msg });
+        self.transmits.push_back(ControlTransmit { to, msg });
         self.admitted = false;
         self.next_join = Some(later(now, self.join_interval()));
         self.last_media = None;
@@ -928,7 +928,7 @@ impl Client {
             if due(self.leaving[i].0) {
                 let (_, pop, stream) = self.leaving.swap_remove(i);
                 let msg = self.leave_msg(pop, &stream);
-                self.transmits.push_back(Transmit {
+                self.transmits.push_back(ControlTransmit {
                     to: self.pops[pop].addr,
                     msg,
                 });
@@ -984,7 +984,7 @@ impl Client {
         if let (Some(s), true) = (watching, joined_here) {
             let msg = self.join_msg(idx, &s);
             let to = self.pops[idx].addr;
-            self.transmits.push_back(Transmit { to, msg });
+            self.transmits.push_back(ControlTransmit { to, msg });
             self.next_join = Some(later(now, self.join_interval()));
         }
     }
@@ -1013,6 +1013,8 @@ fn later(t: Instant, d: Duration) -> Instant {
 }
 
 #[cfg(test)]
+// Tests take the real clock as an arbitrary origin of fake time, and read sample files.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

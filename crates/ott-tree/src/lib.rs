@@ -30,10 +30,12 @@
 
 pub mod client;
 mod node;
+// The simulator reads the clock once, for an arbitrary origin of its virtual time.
+#[allow(clippy::disallowed_methods)]
 pub mod sim;
 
 pub use client::{Client, ClientConfig, ClientEvent, ClientStatus};
 pub use node::{
     Event, NeighbourStatus, Node, NodeConfig, NodeStats, NodeStatus, RouteStatus, StreamStatus,
 };
-pub use ott_overlay::{Role, Transmit};
+pub use ott_overlay::{ControlTransmit, Role};

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ott_overlay::{LivenessConfig, NeighbourEvent, Neighbours, PeerAddrs, Role, Transmit};
+use ott_overlay::{ControlTransmit, LivenessConfig, NeighbourEvent, Neighbours, PeerAddrs, Role};
 use ott_proto::auth::{viewer_cookie, SessionKey};
 use ott_proto::{Message, NodeId, StreamId, StreamInfo};
 use serde::Serialize;
@@ -369,7 +369,7 @@ pub struct Node {
     next_announce: Option<Instant>,
     routes: BTreeMap<String, Route>,
     streams: BTreeMap<StreamId, StreamState>,
-    transmits: VecDeque<Transmit>,
+    transmits: VecDeque<ControlTransmit>,
     events: VecDeque<Event>,
     stats: NodeStats,
     shut: bool,
@@ -584,7 +584,7 @@ impl Node {
                 self.stats.probes_in += 1;
                 let (lat, hops) = self.best_route_metric();
                 let viewers = self.viewers();
-                self.transmits.push_back(Transmit {
+                self.transmits.push_back(ControlTransmit {
                     to: from,
                     msg: Message::ProbeReply {
                         nonce,
@@ -596,7 +596,7 @@ impl Node {
                     },
                 });
             }
-            Message::ListStreams => self.transmits.push_back(Transmit {
+            Message::ListStreams => self.transmits.push_back(ControlTransmit {
                 to: from,
                 msg: Message::Streams {
                     streams: self.catalogue(),
@@ -778,7 +778,7 @@ impl Node {
         if let (Some(msg), Some(to)) = (self.announce_msg(server), self.nb.addr_of(&n)) {
             self.stats.announces_out += 1;
             self.stats.triggered_announces += 1;
-            self.transmits.push_back(Transmit { to, msg });
+            self.transmits.push_back(ControlTransmit { to, msg });
         }
         if route_seq < seq && hops_left > 1 {
             // Our route is too old to be feasible for it: ask upstream for a newer one,
@@ -820,7 +820,7 @@ impl Node {
             .collect();
         for addr in to {
             self.stats.route_requests_out += 1;
-            self.transmits.push_back(Transmit {
+            self.transmits.push_back(ControlTransmit {
                 to: addr,
                 msg: msg.clone(),
             });
@@ -897,7 +897,7 @@ impl Node {
             self.stats.ignored += 1;
             if child_node.is_none() {
                 self.stats.errors_out += 1;
-                self.transmits.push_back(Transmit {
+                self.transmits.push_back(ControlTransmit {
                     to: from,
                     msg: Message::Error {
                         reason: format!("unknown stream {stream:#010x}"),
@@ -926,7 +926,7 @@ impl Node {
         }
         self.stats.ignored += 1;
         self.stats.errors_out += 1;
-        self.transmits.push_back(Transmit {
+        self.transmits.push_back(ControlTransmit {
             to: from,
             msg: Message::Error {
                 reason: format!("unknown stream {stream:#010x}"),
@@ -955,7 +955,7 @@ impl Node {
     fn send_cookie(&mut self, now: Instant, data: SocketAddr, stream: StreamId) {
         self.stats.cookies_out += 1;
         let cookie = viewer_cookie(&self.config.admission_secret, data, self.bucket(now));
-        self.transmits.push_back(Transmit {
+        self.transmits.push_back(ControlTransmit {
             to: data,
             msg: Message::Cookie {
                 stream,
@@ -1045,7 +1045,7 @@ impl Node {
                 );
             }
         }
-        self.transmits.push_back(Transmit {
+        self.transmits.push_back(ControlTransmit {
             to: data,
             msg: Message::Admitted {
                 stream,
@@ -1060,7 +1060,7 @@ impl Node {
 
     fn refuse_viewer(&mut self, to: SocketAddr, reason: &str) {
         self.stats.errors_out += 1;
-        self.transmits.push_back(Transmit {
+        self.transmits.push_back(ControlTransmit {
             to,
             msg: Message::Error {
                 reason: reason.to_owned(),
@@ -1104,7 +1104,7 @@ impl Node {
                 };
                 for info in self.nb.iter() {
                     self.stats.announces_out += 1;
-                    self.transmits.push_back(Transmit {
+                    self.transmits.push_back(ControlTransmit {
                         to: info.addr,
                         msg: msg.clone(),
                     });
@@ -1124,7 +1124,7 @@ impl Node {
             if let Some(up) = st.upstream.take() {
                 if let Some(addr) = self.nb.addr_of(&up) {
                     self.stats.leaves_out += 1;
-                    self.transmits.push_back(Transmit {
+                    self.transmits.push_back(ControlTransmit {
                         to: addr,
                         msg: Message::Leave {
                             stream: *stream,
@@ -1140,7 +1140,7 @@ impl Node {
     }
 
     /// The next control message to send. Changed by every `handle*`, command and `new`.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+    pub fn poll_transmit(&mut self) -> Option<ControlTransmit> {
         self.transmits.pop_front()
     }
 
@@ -1369,7 +1369,7 @@ impl Node {
         for s in servers {
             if let Some(msg) = self.announce_msg(&s) {
                 self.stats.announces_out += 1;
-                self.transmits.push_back(Transmit { to: addr, msg });
+                self.transmits.push_back(ControlTransmit { to: addr, msg });
             }
         }
     }
@@ -1413,13 +1413,13 @@ impl Node {
         for info in self.nb.iter() {
             if Some(&info.id) == parent.as_ref() {
                 self.stats.withdraws_out += 1;
-                self.transmits.push_back(Transmit {
+                self.transmits.push_back(ControlTransmit {
                     to: info.addr,
                     msg: withdraw(&self.config.id, server, seq),
                 });
             } else {
                 self.stats.announces_out += 1;
-                self.transmits.push_back(Transmit {
+                self.transmits.push_back(ControlTransmit {
                     to: info.addr,
                     msg: msg.clone(),
                 });
@@ -1612,7 +1612,7 @@ impl Node {
         let seq = r.offers.values().map(|o| o.seq).max().unwrap_or(0);
         for info in self.nb.iter() {
             self.stats.withdraws_out += 1;
-            self.transmits.push_back(Transmit {
+            self.transmits.push_back(ControlTransmit {
                 to: info.addr,
                 msg: withdraw(&self.config.id, server, seq),
             });
@@ -1645,7 +1645,7 @@ impl Node {
                     if c.node.is_none() {
                         let to = SocketAddr::new(addr.ip(), c.ctrl_port);
                         self.stats.withdraws_out += 1;
-                        self.transmits.push_back(Transmit {
+                        self.transmits.push_back(ControlTransmit {
                             to,
                             // To a viewer: no server in particular, every path is gone.
                             msg: withdraw(&me, "", 0),
@@ -1657,7 +1657,7 @@ impl Node {
                 if let Some(new) = &desired {
                     if let Some(addr) = self.nb.addr_of(new) {
                         self.stats.joins_out += 1;
-                        self.transmits.push_back(Transmit {
+                        self.transmits.push_back(ControlTransmit {
                             to: addr,
                             msg: Message::Join {
                                 stream: id,
@@ -1675,7 +1675,7 @@ impl Node {
                 if let Some(old) = st.upstream.take() {
                     if let Some(addr) = self.nb.addr_of(&old) {
                         self.stats.leaves_out += 1;
-                        self.transmits.push_back(Transmit {
+                        self.transmits.push_back(ControlTransmit {
                             to: addr,
                             msg: Message::Leave {
                                 stream: id,
@@ -1689,7 +1689,7 @@ impl Node {
                 if now >= t {
                     if let Some(addr) = self.nb.addr_of(up) {
                         self.stats.joins_out += 1;
-                        self.transmits.push_back(Transmit {
+                        self.transmits.push_back(ControlTransmit {
                             to: addr,
                             msg: Message::Join {
                                 stream: id,
@@ -1867,6 +1867,8 @@ impl Node {
 }
 
 #[cfg(test)]
+// Tests take the real clock as an arbitrary origin of fake time, and read sample files.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use ott_proto::MediaKind;
@@ -1875,7 +1877,7 @@ mod tests {
         SocketAddr::from(([10, 0, 0, n], 7000))
     }
 
-    fn drain(n: &mut Node) -> Vec<Transmit> {
+    fn drain(n: &mut Node) -> Vec<ControlTransmit> {
         while n.poll_event().is_some() {}
         std::iter::from_fn(|| n.poll_transmit()).collect()
     }
@@ -1903,7 +1905,7 @@ mod tests {
         let tx = drain(&mut n);
         assert!(matches!(
             &tx[..],
-            [Transmit {
+            [ControlTransmit {
                 msg: Message::ProbeReply {
                     nonce: 3,
                     echo_us: 77,
@@ -1922,7 +1924,7 @@ mod tests {
         let tx = drain(&mut n);
         assert!(matches!(
             &tx[..],
-            [Transmit {
+            [ControlTransmit {
                 msg: Message::Error { .. },
                 ..
             }]
@@ -2221,7 +2223,7 @@ mod tests {
             children: vec![data],
             sessions: vec![(data, key.clone())],
         }));
-        let tx: Vec<Transmit> = std::iter::from_fn(|| n.poll_transmit()).collect();
+        let tx: Vec<ControlTransmit> = std::iter::from_fn(|| n.poll_transmit()).collect();
         assert!(tx.iter().any(|t| t.to == addr(1)
             && t.msg
                 == Message::Join {

@@ -1,4 +1,6 @@
 //! Scenario tests of the client's PoP choice, on a virtual clock with fake PoPs.
+// Tests may read the clock (an origin for fake time) and files (samples).
+#![allow(clippy::disallowed_methods)]
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

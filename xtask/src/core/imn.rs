@@ -1,5 +1,5 @@
 //! CORE's legacy `.imn` format (read and written by CORE's GUI up to 7.5): a writer for
-//! our [`Scenario`] and a reader for the subset it uses, which also reads CORE's own
+//! our [`CoreScenario`] and a reader for the subset it uses, which also reads CORE's own
 //! sample files.
 //!
 //! The shape follows CORE 7.5.2's files: `node nK { type, model, network-config {...},
@@ -15,10 +15,10 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context};
 
-use super::Scenario;
+use super::CoreScenario;
 
 /// Writes `s` as an `.imn` file.
-pub(crate) fn render(s: &Scenario) -> String {
+pub(crate) fn render(s: &CoreScenario) -> String {
     let imn_id: HashMap<&str, String> = s
         .nodes
         .iter()

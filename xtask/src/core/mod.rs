@@ -1,6 +1,6 @@
 //! `cargo xtask core-launch`: a topology as a CORE scenario.
 //!
-//! [`Scenario::build`] turns a [`Topology`] into CORE's model (nodes with interfaces,
+//! [`CoreScenario::build`] turns a [`Topology`] into CORE's model (nodes with interfaces,
 //! addresses, canvas positions, services and a per-node startup script; links with
 //! their parameters in CORE's units). [`imn`] writes and reads it as CORE's legacy
 //! `.imn` (CORE up to 7.5), [`xml`] as the scenario XML of CORE 8 and later.
@@ -36,7 +36,7 @@ pub(crate) struct CoreArgs {
     out: Option<PathBuf>,
     /// `imn` (CORE up to 7.5) or `xml` (CORE 8 and later).
     #[arg(long, default_value = "imn")]
-    format: Format,
+    format: CoreFormat,
     /// Directory holding the four programs, as seen from inside CORE's nodes.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -47,7 +47,7 @@ pub(crate) struct CoreArgs {
 
 /// The two file formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum Format {
+pub(crate) enum CoreFormat {
     /// CORE's Tcl scenario format, read by CORE up to 7.5.
     Imn,
     /// CORE's scenario XML, read by CORE 8 and later.
@@ -129,25 +129,25 @@ fn export(args: CoreArgs) -> anyhow::Result<Vec<String>> {
     let topology_path = root.join(&args.topology);
     let topology_text = std::fs::read_to_string(&topology_path)
         .with_context(|| format!("cannot read {}", topology_path.display()))?;
-    let opts = Options {
+    let opts = CoreOptions {
         bin_dir,
         videos,
         streams,
         topology_text,
     };
-    let scenario = Scenario::build(&topology, &opts)?;
+    let scenario = CoreScenario::build(&topology, &opts)?;
     let (text, ext) = match args.format {
-        Format::Imn => (imn::render(&scenario), "imn"),
-        Format::Xml => (xml::render(&scenario), "xml"),
+        CoreFormat::Imn => (imn::render(&scenario), "imn"),
+        CoreFormat::Xml => (xml::render(&scenario), "xml"),
     };
     // Read the file back with the subset reader: a cheap guard against writing
     // something CORE would choke on.
     let (nodes, links) = match args.format {
-        Format::Imn => {
+        CoreFormat::Imn => {
             let doc = imn::parse(&text).context("the generated .imn does not read back")?;
             (doc.nodes.len(), doc.links.len())
         }
-        Format::Xml => {
+        CoreFormat::Xml => {
             let doc = xml::parse(&text).context("the generated XML does not read back")?;
             let count = |a: &str, b: &str| {
                 doc.child(a).map_or(0, |d| {
@@ -189,7 +189,7 @@ fn export(args: CoreArgs) -> anyhow::Result<Vec<String>> {
 
 /// Where the programs and clips are, as seen from inside CORE's nodes.
 #[derive(Debug, Clone)]
-pub(crate) struct Options {
+pub(crate) struct CoreOptions {
     pub(crate) bin_dir: PathBuf,
     pub(crate) videos: PathBuf,
     /// Stream names; clients watch them in turn.
@@ -250,16 +250,16 @@ pub(crate) struct CoreLink {
 
 /// A whole CORE scenario.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Scenario {
+pub(crate) struct CoreScenario {
     pub(crate) name: String,
     pub(crate) nodes: Vec<CoreNode>,
     pub(crate) links: Vec<CoreLink>,
 }
 
-impl Scenario {
+impl CoreScenario {
     /// CORE's model of `t`: addresses from the links plan, a layered layout, and per-node
     /// startup of our programs.
-    pub(crate) fn build(t: &Topology, opts: &Options) -> anyhow::Result<Self> {
+    pub(crate) fn build(t: &Topology, opts: &CoreOptions) -> anyhow::Result<Self> {
         let positions = layout(t);
         // Interface names: eth<k> in the order of the node's links.
         let mut if_names: HashMap<(usize, usize), String> = HashMap::new();
@@ -353,7 +353,7 @@ fn startup_script(
     n: &ott_overlay::Node,
     ifaces: &[Iface],
     boot_ip: Ipv4Addr,
-    opts: &Options,
+    opts: &CoreOptions,
     stream: Option<&str>,
 ) -> Option<String> {
     let bin = |name: &str| sh_quote(&opts.bin_dir.join(name));
@@ -491,17 +491,17 @@ pub(crate) fn layout(t: &Topology) -> Vec<(f64, f64)> {
 mod tests {
     use super::*;
 
-    pub(crate) fn seed() -> (Topology, Scenario) {
+    pub(crate) fn seed() -> (Topology, CoreScenario) {
         let root = crate::project_root();
         let t = Topology::load(&root.join("topologies/seed.toml")).expect("seed topology");
-        let opts = Options {
+        let opts = CoreOptions {
             bin_dir: PathBuf::from("/opt/ott/bin"),
             videos: PathBuf::from("/opt/ott/videos"),
             streams: vec!["bars".into(), "countdown".into()],
             topology_text: std::fs::read_to_string(root.join("topologies/seed.toml"))
                 .expect("seed text"),
         };
-        let s = Scenario::build(&t, &opts).expect("builds");
+        let s = CoreScenario::build(&t, &opts).expect("builds");
         (t, s)
     }
 
@@ -536,7 +536,7 @@ mod tests {
         let warnings = export(CoreArgs {
             topology: PathBuf::from("topologies/seed.toml"),
             out: Some(out.clone()),
-            format: Format::Imn,
+            format: CoreFormat::Imn,
             bin_dir: Some(PathBuf::from("/nonexistent")),
             videos: None,
         })

@@ -1,4 +1,4 @@
-//! CORE's scenario XML (CORE 8 and later): a writer for our [`Scenario`] and a small
+//! CORE's scenario XML (CORE 8 and later): a writer for our [`CoreScenario`] and a small
 //! reader for the elements it writes.
 //!
 //! The shape follows CORE's own files: `<scenario>` holding `<networks/>`, `<devices>`
@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 
 use anyhow::{bail, Context};
 
-use super::Scenario;
+use super::CoreScenario;
 
 /// Escapes text for an XML attribute or element.
 fn esc(s: &str) -> String {
@@ -40,7 +40,7 @@ fn unesc(s: &str) -> String {
 }
 
 /// Writes `s` as CORE scenario XML.
-pub(crate) fn render(s: &Scenario) -> String {
+pub(crate) fn render(s: &CoreScenario) -> String {
     let id = |name: &str| {
         s.nodes
             .iter()

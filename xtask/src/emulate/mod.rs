@@ -16,7 +16,11 @@
 //! on an error, a panic or Ctrl-C. Namespaces of a crashed run are removed by the next
 //! run ([`netns::cleanup_stale`]).
 
+// The link forwarder polls TAP file descriptors and builds a socketpair: libc calls.
+#[allow(unsafe_code)]
 pub(crate) mod link;
+// Namespaces and TAP devices (`setns`, `ioctl(TUNSETIFF)`) have no safe wrapper.
+#[allow(unsafe_code)]
 pub(crate) mod netns;
 pub(crate) mod plot;
 pub(crate) mod random;
@@ -25,6 +29,8 @@ pub(crate) mod routes;
 pub(crate) mod scenario;
 pub(crate) mod sweep;
 #[cfg(test)]
+// The tests skip unless root: `geteuid`.
+#[allow(unsafe_code)]
 mod tests;
 
 /// Timing-sensitive tests (emulations, link measurements) run one at a time: they share
@@ -218,6 +224,7 @@ fn write_report(report: &Report, path: &Path) -> anyhow::Result<()> {
 }
 
 /// Fails unless we can create namespaces.
+#[allow(unsafe_code)] // geteuid: std has no way to ask for the effective uid.
 pub(crate) fn check_root() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -299,6 +306,7 @@ struct Proc {
 }
 
 impl Proc {
+    #[allow(unsafe_code)] // kill(2) with SIGTERM: std only sends SIGKILL.
     fn terminate(&mut self, grace: Duration) {
         // SAFETY: kill(2) on the pid of a child we started and have not reaped.
         unsafe {

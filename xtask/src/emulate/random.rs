@@ -863,20 +863,20 @@ mod tests {
 
     #[test]
     fn generated_topologies_round_trip_through_cores_imn_and_xml() {
-        use crate::core::{imn, xml, Options, Scenario};
+        use crate::core::{imn, xml, CoreOptions, CoreScenario};
         use ott_overlay::AddressPlan;
         let sparse = (0..50).find(|&s| is_sparse(s, 16)).expect("a sparse seed");
         let dense = (0..50).find(|&s| !is_sparse(s, 16)).expect("a dense seed");
         for (seed, n) in [(dense, 16), (sparse, 16), (3, 8), (11, 40)] {
             let text = generate(seed, n);
             let t = Topology::parse(&text, "generated").expect("valid");
-            let opts = Options {
+            let opts = CoreOptions {
                 bin_dir: PathBuf::from("/opt/ott/bin"),
                 videos: PathBuf::from("/opt/ott/videos"),
                 streams: vec!["bars".into(), "countdown".into()],
                 topology_text: text.clone(),
             };
-            let s = Scenario::build(&t, &opts).expect("builds");
+            let s = CoreScenario::build(&t, &opts).expect("builds");
             let doc = imn::parse(&imn::render(&s)).expect("our .imn reads back");
             assert_eq!(doc.nodes.len(), t.nodes.len(), "seed {seed}");
             assert_eq!(doc.links.len(), t.links.len(), "seed {seed}");

@@ -1,4 +1,4 @@
-//! Start-up shared by `ott-node` and `ott-server`: bootstrap, sockets, threads.
+//! The run-time of `ott-node` and `ott-server`: bootstrap, sockets, threads, control loop.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
