@@ -248,30 +248,56 @@ fn adjacency(sim: &Sim) -> Adjacency {
     adj
 }
 
-/// Whether killing `victim` would leave some running PoP that now reaches a server
-/// with no path to any server (through running nodes and up links).
-fn would_cut_off_a_pop(sim: &Sim, adj: &Adjacency, victim: &str, servers: &[String]) -> bool {
-    let reach = |without: Option<&str>| {
-        let mut seen: BTreeSet<String> = servers
-            .iter()
-            .filter(|s| sim.is_running(s) && Some(s.as_str()) != without)
-            .cloned()
-            .collect();
-        let mut queue: VecDeque<String> = seen.iter().cloned().collect();
-        while let Some(x) = queue.pop_front() {
-            for y in adj.get(&x).into_iter().flatten() {
-                if Some(y.as_str()) != without
-                    && sim.is_running(y)
-                    && sim.link_is_up(&x, y)
-                    && seen.insert(y.clone())
-                {
-                    queue.push_back(y.clone());
-                }
+/// The running nodes that reach a running server (through running nodes and up links),
+/// leaving `without` out.
+fn reach_servers(
+    sim: &Sim,
+    adj: &Adjacency,
+    servers: &[String],
+    without: Option<&str>,
+) -> BTreeSet<String> {
+    let mut seen: BTreeSet<String> = servers
+        .iter()
+        .filter(|s| sim.is_running(s) && Some(s.as_str()) != without)
+        .cloned()
+        .collect();
+    let mut queue: VecDeque<String> = seen.iter().cloned().collect();
+    while let Some(x) = queue.pop_front() {
+        for y in adj.get(&x).into_iter().flatten() {
+            if Some(y.as_str()) != without
+                && sim.is_running(y)
+                && sim.link_is_up(&x, y)
+                && seen.insert(y.clone())
+            {
+                queue.push_back(y.clone());
             }
         }
-        seen
-    };
-    let (now, after) = (reach(None), reach(Some(victim)));
+    }
+    seen
+}
+
+/// Whether killing `victim` would leave some running PoP that now reaches a server
+/// with no path to any server (through running nodes and up links).
+#[cfg(test)]
+fn would_cut_off_a_pop(sim: &Sim, adj: &Adjacency, victim: &str, servers: &[String]) -> bool {
+    cuts_off_a_pop(
+        sim,
+        adj,
+        &reach_servers(sim, adj, servers, None),
+        victim,
+        servers,
+    )
+}
+
+/// [`would_cut_off_a_pop`] given `now`, what [`reach_servers`] gives without a kill.
+fn cuts_off_a_pop(
+    sim: &Sim,
+    adj: &Adjacency,
+    now: &BTreeSet<String>,
+    victim: &str,
+    servers: &[String],
+) -> bool {
+    let after = reach_servers(sim, adj, servers, Some(victim));
     sim.pop_ids()
         .iter()
         .any(|p| now.contains(p) && !after.contains(p))
@@ -449,9 +475,10 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
         }
         // Prefer a relay whose loss leaves every PoP a path to a server: a failover to
         // measure, not a partition.
+        let reach_now = reach_servers(&sim, &adj, &servers_ids, None);
         let safe: Vec<String> = active
             .iter()
-            .filter(|r| !would_cut_off_a_pop(&sim, &adj, r, &servers_ids))
+            .filter(|r| !cuts_off_a_pop(&sim, &adj, &reach_now, r, &servers_ids))
             .cloned()
             .collect();
         let pool = if safe.is_empty() { &active } else { &safe };
@@ -479,9 +506,11 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
         sim.kill(&victim);
         report.killed.push(victim.clone());
         // Nodes the kill cut off from every server cannot repair: counted apart.
+        // (Reaching a server is `Sim::connected` to one, computed once for all.)
+        let reach_after = reach_servers(&sim, &adj, &servers_ids, None);
         let (mut pending, cut): (Vec<String>, Vec<String>) = affected_nodes
             .into_iter()
-            .partition(|n| servers_ids.iter().any(|s| sim.connected(n, s)));
+            .partition(|n| reach_after.contains(n));
         report.nodes_cut_off.extend(cut);
         while sim.elapsed() < at + Duration::from_secs(3) && !pending.is_empty() {
             sim.run_for(Duration::from_millis(10));
@@ -503,10 +532,7 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
         for c in affected_clients {
             // A viewer none of whose PoPs reaches a server any more cannot recover: it
             // is counted apart, not as a 3 s outage.
-            let reachable = sim
-                .pops_of(&c)
-                .iter()
-                .any(|p| servers_ids.iter().any(|s| sim.connected(p, s)));
+            let reachable = sim.pops_of(&c).iter().any(|p| reach_after.contains(p));
             if reachable {
                 outages.push(sim.longest_gap(&c, stream, at, at + Duration::from_secs(3)));
             } else {

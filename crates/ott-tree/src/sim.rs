@@ -175,6 +175,130 @@ pub struct SimStats {
     pub loop_violations: u64,
 }
 
+/// Which parent-pointer forest an edge belongs to: a server's tree or a stream's
+/// subscription chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum ForestKey {
+    /// Parent pointers towards the server with this host index.
+    Server(usize),
+    /// Upstream pointers of this stream.
+    Stream(StreamId),
+}
+
+/// Incremental cycle detection over parent pointers (one forest per [`ForestKey`]).
+///
+/// The structure mirrors every running node's pointers. When a pointer changes, only
+/// the chain from the node that changed is walked: if the forests were free of cycles
+/// before, a new cycle must use the new edge, so it goes through that node. The walk
+/// marks hosts with a per-walk epoch, so it costs the length of the chain, not its
+/// square, and allocates nothing.
+#[derive(Debug, Default)]
+struct Forests {
+    parent: HashMap<ForestKey, Vec<Option<usize>>>,
+    /// Per host, the keys under which it has a pointer (sorted).
+    keys: Vec<Vec<ForestKey>>,
+    mark: Vec<u64>,
+    epoch: u64,
+}
+
+impl Forests {
+    fn grow(&mut self, n: usize) {
+        if self.mark.len() < n {
+            self.mark.resize(n, 0);
+            self.keys.resize_with(n, Vec::new);
+        }
+    }
+
+    /// Set every pointer of `host` (the pairs not given become none); on a cycle, the
+    /// hosts along it, the repeated one last.
+    fn set_all(
+        &mut self,
+        host: usize,
+        now: &mut [(ForestKey, usize)],
+    ) -> Result<(), (ForestKey, Vec<usize>)> {
+        self.grow(host + 1);
+        now.sort_unstable();
+        let gone: Vec<ForestKey> = self.keys[host]
+            .iter()
+            .filter(|k| now.binary_search_by(|(x, _)| x.cmp(k)).is_err())
+            .copied()
+            .collect();
+        for k in gone {
+            // Removing a pointer cannot make a loop.
+            let _ = self.set(k, host, None);
+        }
+        let mut result = Ok(());
+        for &(k, p) in now.iter() {
+            if let Err(e) = self.set(k, host, Some(p)) {
+                if result.is_ok() {
+                    result = Err((k, e));
+                }
+            }
+        }
+        result
+    }
+
+    /// Set one pointer; walks from `host` only if it changed.
+    fn set(&mut self, k: ForestKey, host: usize, p: Option<usize>) -> Result<(), Vec<usize>> {
+        let n = self.mark.len().max(host + 1).max(p.map_or(0, |p| p + 1));
+        self.grow(n);
+        let v = self.parent.entry(k).or_default();
+        if v.len() < n {
+            v.resize(n, None);
+        }
+        if v[host] == p {
+            return Ok(());
+        }
+        v[host] = p;
+        let keys = &mut self.keys[host];
+        match (keys.binary_search(&k), p) {
+            (Err(at), Some(_)) => keys.insert(at, k),
+            (Ok(at), None) => {
+                keys.remove(at);
+            }
+            _ => {}
+        }
+        if p.is_none() {
+            return Ok(());
+        }
+        self.epoch += 1;
+        let mut cur = host;
+        loop {
+            self.mark[cur] = self.epoch;
+            match v.get(cur).copied().flatten() {
+                None => return Ok(()),
+                Some(next) if self.mark[next] == self.epoch => {
+                    // Name the cycle: from `next` round to `next` again.
+                    let mut cycle = vec![next];
+                    let mut at = next;
+                    while let Some(q) = v.get(at).copied().flatten() {
+                        cycle.push(q);
+                        if q == next || cycle.len() > v.len() + 1 {
+                            break;
+                        }
+                        at = q;
+                    }
+                    return Err(cycle);
+                }
+                Some(next) => cur = next,
+            }
+        }
+    }
+
+    /// Forget every pointer of `host` (it died or restarts with a fresh state).
+    fn clear(&mut self, host: usize) {
+        if let Some(keys) = self.keys.get_mut(host) {
+            for k in std::mem::take(keys) {
+                if let Some(v) = self.parent.get_mut(&k) {
+                    if let Some(x) = v.get_mut(host) {
+                        *x = None;
+                    }
+                }
+            }
+        }
+    }
+}
+
 type Hook = Box<dyn FnMut(&Sim)>;
 
 /// The simulated network. See the module docs.
@@ -201,6 +325,11 @@ pub struct Sim {
     hook: Option<Hook>,
     check_loops: bool,
     first_violation: Option<String>,
+    /// Mirror of every running node's parent and upstream pointers, for the
+    /// incremental loop check.
+    forests: Forests,
+    /// Host index by id (the sorted `index` is for ordered walks).
+    ids: HashMap<String, usize>,
     /// Most steps a single `run_until` may take before it panics.
     pub max_steps: u64,
     /// Template for node configurations (id, role, data port and seed are overwritten).
@@ -343,6 +472,8 @@ impl Sim {
             hook: None,
             check_loops: false,
             first_violation: None,
+            forests: Forests::default(),
+            ids: HashMap::new(),
             max_steps: 50_000_000,
             node_config: NodeConfig::new("", Role::Relay, DATA_PORT),
             client_config: ClientConfig::default(),
@@ -501,6 +632,50 @@ impl Sim {
     /// first one is kept ([`Sim::first_loop_violation`]).
     pub fn check_loops_each_step(&mut self, on: bool) {
         self.check_loops = on;
+        if on {
+            // Bring the mirror of every pointer up to date, checking each node.
+            for i in 0..self.hosts.len() {
+                if self.hosts[i].role.is_some() {
+                    self.recheck(i);
+                }
+            }
+        }
+    }
+
+    /// Loop freedom after host `i` changed: its own invariants, and a walk from it in
+    /// each forest where one of its pointers changed (see [`Forests`]).
+    fn recheck(&mut self, i: usize) {
+        self.stats.loop_checks += 1;
+        let mut pairs: Vec<(ForestKey, usize)> = Vec::new();
+        let mut result = Ok(());
+        if let Some(Machine::Node(n)) = &self.hosts[i].machine {
+            result = n.check_invariants();
+            for s in n.servers() {
+                if let (Some(si), Some(p)) = (self.idx(&s), n.parent(&s).and_then(|p| self.idx(p)))
+                {
+                    pairs.push((ForestKey::Server(si), p));
+                }
+            }
+            for st in n.stream_ids() {
+                if let Some(p) = n.upstream(st).and_then(|p| self.idx(p)) {
+                    pairs.push((ForestKey::Stream(st), p));
+                }
+            }
+        }
+        if let Err((k, cycle)) = self.forests.set_all(i, &mut pairs) {
+            let names: Vec<&str> = cycle.iter().map(|&c| self.hosts[c].id.as_str()).collect();
+            let what = match k {
+                ForestKey::Server(s) => format!("loop towards {}", self.hosts[s].id),
+                ForestKey::Stream(st) => format!("subscription loop for {st:#x}"),
+            };
+            result = result.and(Err(format!("{what}: {}", names.join(" -> "))));
+        }
+        if let Err(e) = result {
+            self.stats.loop_violations += 1;
+            if self.first_violation.is_none() {
+                self.first_violation = Some(format!("at {:?}: {e}", self.elapsed()));
+            }
+        }
     }
 
     /// The first violation found by [`Sim::check_loops_each_step`], with its time.
@@ -509,7 +684,7 @@ impl Sim {
     }
 
     fn idx(&self, id: &str) -> Option<usize> {
-        self.index.get(id).copied()
+        self.ids.get(id).copied()
     }
 
     fn host(&self, id: &str) -> Option<&Host> {
@@ -523,6 +698,7 @@ impl Sim {
         let idx = self.hosts.len();
         self.by_ip.insert(ip, idx);
         self.index.insert(id.to_owned(), idx);
+        self.ids.insert(id.to_owned(), idx);
         self.hosts.push(Host {
             id: id.to_owned(),
             ip,
@@ -746,6 +922,7 @@ impl Sim {
             h.machine = None;
             h.next_timeout = None;
             h.forwarding.clear();
+            self.forests.clear(i);
         }
     }
 
@@ -1011,10 +1188,9 @@ impl Sim {
         }
         self.now = self.now.max(next);
         self.stats.steps += 1;
-        let mut touched = None;
         if wire == Some(next) {
             if let Some(Reverse(f)) = self.wire.pop() {
-                touched = self.deliver(f);
+                self.deliver(f);
             }
         } else if let Some((t, i)) = timer.filter(|(t, _)| *t == next) {
             self.timers.pop();
@@ -1025,20 +1201,8 @@ impl Sim {
                 None => {}
             }
             self.drain(i);
-            touched = Some(i);
         } else {
             self.media_tick();
-        }
-        if self.check_loops {
-            if let Some(i) = touched.filter(|&i| self.hosts[i].role.is_some()) {
-                self.stats.loop_checks += 1;
-                if let Err(e) = self.check_from(i) {
-                    self.stats.loop_violations += 1;
-                    if self.first_violation.is_none() {
-                        self.first_violation = Some(format!("at {:?}: {e}", self.elapsed()));
-                    }
-                }
-            }
         }
         if let Some(mut hook) = self.hook.take() {
             hook(self);
@@ -1289,6 +1453,9 @@ impl Sim {
             }
         }
         self.hosts[i].log.extend(log);
+        if self.check_loops && self.hosts[i].role.is_some() {
+            self.recheck(i);
+        }
         if let Some(t) = after {
             if before != after {
                 self.timers.push(Reverse((t, i)));
@@ -1502,6 +1669,110 @@ ends = ["s1", "r1"]
         let d = &sim.links[&key(sim.index["s1"], sim.index["r1"])].params;
         assert_eq!(d.latency, Duration::from_millis(4));
         assert_eq!(sim.links().len(), 2, "only the overlay pairs are links");
+    }
+
+    /// Whether the pointers `p` (host -> parent) have a cycle: the naive full check.
+    fn has_cycle(p: &[Option<usize>]) -> bool {
+        (0..p.len()).any(|start| {
+            let mut cur = start;
+            for _ in 0..=p.len() {
+                match p[cur] {
+                    Some(next) if next == start => return true,
+                    Some(next) => cur = next,
+                    None => return false,
+                }
+            }
+            false
+        })
+    }
+
+    #[test]
+    fn the_incremental_check_finds_a_constructed_loop() {
+        let k = ForestKey::Server(0);
+        let mut f = Forests::default();
+        // 1 -> 2 -> 3 -> 0: a chain, no loop.
+        assert_eq!(f.set(k, 1, Some(2)), Ok(()));
+        assert_eq!(f.set(k, 2, Some(3)), Ok(()));
+        assert_eq!(f.set(k, 3, Some(0)), Ok(()));
+        // Another forest is independent.
+        assert_eq!(f.set(ForestKey::Stream(7), 0, Some(1)), Ok(()));
+        // 0 -> 1 closes the loop 0 -> 1 -> 2 -> 3 -> 0 in the server's forest.
+        let mut full = vec![Some(1), Some(2), Some(3), Some(0)];
+        assert!(has_cycle(&full), "the full check sees it");
+        assert_eq!(f.set(k, 0, Some(1)), Err(vec![0, 1, 2, 3, 0]));
+        // Breaking it (3 dies) makes the next change clean again.
+        f.clear(3);
+        full[3] = None;
+        assert!(!has_cycle(&full));
+        assert_eq!(f.set(k, 0, Some(2)), Ok(()));
+        // A pointer set again to the same parent walks nothing and stays clean.
+        assert_eq!(f.set(k, 0, Some(2)), Ok(()));
+        // set_all drops the pointers not given and reports the forest of a loop.
+        let mut now = vec![(k, 1)];
+        assert_eq!(f.set_all(2, &mut now), Err((k, vec![2, 1, 2])));
+    }
+
+    #[test]
+    fn the_incremental_check_agrees_with_the_full_check_on_random_changes() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let n = 9;
+        let keys = [ForestKey::Server(0), ForestKey::Stream(5)];
+        let mut f = Forests::default();
+        let mut full: Vec<Vec<Option<usize>>> = vec![vec![None; n]; keys.len()];
+        let (mut loops, mut clean) = (0, 0);
+        for _ in 0..20_000 {
+            let ki = rng.usize(..keys.len());
+            let host = rng.usize(..n);
+            let p = if rng.u8(..4) == 0 {
+                None
+            } else {
+                Some(rng.usize(..n))
+            };
+            let before = full[ki][host];
+            full[ki][host] = p;
+            let expect = has_cycle(&full[ki]);
+            let got = f.set(keys[ki], host, p);
+            assert_eq!(
+                got.is_err(),
+                expect,
+                "host {host} -> {p:?} in {:?}",
+                full[ki]
+            );
+            if expect {
+                loops += 1;
+                // Undo, so that the forests are loop free before each change (the
+                // precondition of the incremental check, as in the simulator).
+                full[ki][host] = before;
+                assert_eq!(f.set(keys[ki], host, before), Ok(()));
+            } else {
+                clean += 1;
+            }
+        }
+        assert!(loops > 1000 && clean > 1000, "{loops} loops, {clean} clean");
+    }
+
+    #[test]
+    fn the_incremental_check_agrees_with_the_full_check_over_a_random_run() {
+        let mut p = RandomOverlay::new(40, 3, 5);
+        p.clients = 6;
+        let mut sim = Sim::random(&p);
+        sim.set_media_period(Duration::from_millis(50));
+        sim.check_loops_each_step(true);
+        sim.start();
+        let relays = sim.ids_with_role(Role::Relay);
+        for (k, r) in relays.iter().take(4).enumerate() {
+            sim.run_for(Duration::from_secs(2));
+            assert!(sim.check_loop_free().is_ok());
+            assert_eq!(sim.stats().loop_violations, 0);
+            sim.kill(r);
+            if k % 2 == 1 {
+                sim.restart(&relays[k - 1]);
+            }
+        }
+        sim.run_for(Duration::from_secs(3));
+        assert_eq!(sim.check_loop_free(), Ok(()));
+        assert_eq!(sim.first_loop_violation(), None);
+        assert!(sim.stats().loop_checks > 10_000, "{:?}", sim.stats());
     }
 
     #[test]
