@@ -226,6 +226,11 @@ pub enum Message {
         hops: u32,
         /// Number of viewers attached to the PoP.
         viewers: u32,
+        /// The PoP's tree path from that server, node ids from the server to the PoP
+        /// inclusive; empty without a path or when it would not fit the reply's
+        /// budget ([`MAX_PROBE_PATH_BYTES`]). A viewer with two paths
+        /// (`ott-client --paths 2`) picks two PoPs whose paths share no node.
+        path: Vec<NodeId>,
     },
     /// Ask a PoP for the stream catalogue.
     ListStreams,
@@ -306,8 +311,14 @@ pub fn request_padding(msg: &Message) -> Option<usize> {
 
 /// A viewer's `Join`, `ViewerJoin`, `ViewerLeave`: a `Cookie` or an `Error` fits.
 const PAD_JOIN: usize = 96;
-/// A `Probe`: the `ProbeReply` fits with a PoP id of up to about 80 bytes.
-const PAD_PROBE: usize = 128;
+/// A `Probe`: the `ProbeReply` fits with a PoP id of up to about 64 bytes and a path of
+/// up to [`MAX_PROBE_PATH_BYTES`].
+const PAD_PROBE: usize = 256;
+
+/// Most bytes of node ids a PoP puts in a [`Message::ProbeReply`]'s `path` (with one
+/// byte of overhead per id); a longer path is sent empty, so the reply stays within the
+/// probe's padding.
+pub const MAX_PROBE_PATH_BYTES: usize = 112;
 /// `ListStreams`: a catalogue of about 30 streams fits (as a QUIC Initial, one
 /// ordinary datagram).
 const PAD_LIST_STREAMS: usize = 1200;
@@ -436,6 +447,7 @@ mod tests {
             path_latency_us: Some(u64::MAX),
             hops: u32::MAX,
             viewers: u32::MAX,
+            path: (0..8).map(|i| format!("relay-{i:07}")).collect(),
         };
         let streams = Message::Streams {
             streams: (0..20)
@@ -624,6 +636,7 @@ mod tests {
                         path_latency_us,
                         hops,
                         viewers: 3,
+                        path: vec!["s".into(), "p".into()],
                     }
                 }),
             Just(Message::ListStreams),

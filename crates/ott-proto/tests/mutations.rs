@@ -137,6 +137,7 @@ fn message() -> impl Strategy<Value = Message> {
                     path_latency_us,
                     hops,
                     viewers,
+                    path: vec!["s1".into()],
                 }
             }),
         Just(Message::ListStreams),

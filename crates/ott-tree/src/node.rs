@@ -584,6 +584,7 @@ impl Node {
                 self.stats.probes_in += 1;
                 let (lat, hops) = self.best_route_metric();
                 let viewers = self.viewers();
+                let path = self.probe_path();
                 self.transmits.push_back(ControlTransmit {
                     to: from,
                     msg: Message::ProbeReply {
@@ -593,6 +594,7 @@ impl Node {
                         path_latency_us: lat,
                         hops: hops.unwrap_or(0),
                         viewers,
+                        path,
                     },
                 });
             }
@@ -1301,6 +1303,24 @@ impl Node {
             .filter_map(|s| self.route_metric(s))
             .min()
             .map_or((None, None), |(l, h)| (Some(l), Some(h)))
+    }
+
+    /// The path from the best server to this node, inclusive, for a `ProbeReply`:
+    /// empty without a route or when its ids exceed [`ott_proto::MAX_PROBE_PATH_BYTES`].
+    fn probe_path(&self) -> Vec<NodeId> {
+        let path = if self.config.role == Role::Server {
+            vec![self.config.id.clone()]
+        } else {
+            self.best_server()
+                .map(|s| self.route_status(&s).path)
+                .unwrap_or_default()
+        };
+        let bytes: usize = path.iter().map(|id| id.len() + 1).sum();
+        if bytes > ott_proto::MAX_PROBE_PATH_BYTES {
+            Vec::new()
+        } else {
+            path
+        }
     }
 
     fn best_server(&self) -> Option<String> {
