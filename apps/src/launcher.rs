@@ -472,6 +472,10 @@ pub struct Verification {
     pub intact: usize,
     /// Whether the intact frames follow the clip's order (allowing the loop and gaps).
     pub in_order: bool,
+    /// Frames of the clip missing between the first and the last intact frame: the sum
+    /// of the forward gaps between consecutive intact frames (the clip's frames are
+    /// distinct; a gap of half the clip or more is not counted, it is out of order).
+    pub missing: usize,
 }
 
 /// Compare a received MJPEG file with the source clip's frames.
@@ -492,6 +496,7 @@ pub fn verify_mjpeg(received: &[u8], clip: &ott_media::Clip) -> anyhow::Result<V
         frames: ranges.len(),
         intact: 0,
         in_order: true,
+        missing: 0,
     };
     let mut last: Option<usize> = None;
     for r in ranges {
@@ -504,6 +509,8 @@ pub fn verify_mjpeg(received: &[u8], clip: &ott_media::Clip) -> anyhow::Result<V
             let ahead = (i + n - prev) % n;
             if ahead == 0 || ahead > n / 2 {
                 v.in_order = false;
+            } else {
+                v.missing += ahead - 1;
             }
         }
         last = Some(i);
@@ -528,6 +535,32 @@ pub fn parse_summary(out: &str) -> std::collections::HashMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verification_counts_the_frames_missing_between_intact_ones() {
+        // Ten distinct minimal JPEGs (SOI, a one-byte comment, EOI).
+        let frames: Vec<bytes::Bytes> = (0..10u8)
+            .map(|i| bytes::Bytes::from(vec![0xFF, 0xD8, 0xFF, 0xFE, 0x00, 0x03, i, 0xFF, 0xD9]))
+            .collect();
+        let clip = ott_media::Clip {
+            name: "t".into(),
+            kind: ott_proto::MediaKind::Mjpeg,
+            fps: 25.0,
+            frames: frames.clone(),
+            ts: None,
+        };
+        let file =
+            |idx: &[usize]| -> Vec<u8> { idx.iter().flat_map(|&i| frames[i].to_vec()).collect() };
+        // 7, 8, 9, 0, 1 (looped): nothing missing.
+        let v = verify_mjpeg(&file(&[7, 8, 9, 0, 1]), &clip).expect("frames");
+        assert_eq!((v.frames, v.intact, v.missing, v.in_order), (5, 5, 0, true));
+        // 1, 2, 5, 6: frames 3 and 4 missing.
+        let v = verify_mjpeg(&file(&[1, 2, 5, 6]), &clip).expect("frames");
+        assert_eq!((v.missing, v.in_order), (2, true));
+        // Backwards is out of order, not missing.
+        let v = verify_mjpeg(&file(&[5, 4]), &clip).expect("frames");
+        assert_eq!((v.missing, v.in_order), (0, false));
+    }
 
     #[test]
     fn loopback_rewrite_keeps_every_address_of_a_node() {

@@ -53,6 +53,8 @@ pub struct Options {
     pub latency: Duration,
     /// Ask the PoP to resend lost datagrams.
     pub nack: bool,
+    /// Paths to receive the stream over, 1 or 2 ([`ClientConfig::paths`]).
+    pub paths: u8,
 }
 
 /// Reception statistics of a run, printed as the summary line.
@@ -250,6 +252,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let epoch = Instant::now();
     let config = ClientConfig {
         seed: crate::node_runtime::incarnation(),
+        paths: opts.paths,
         ..ClientConfig::default()
     };
     // A PoP is known by every address the bootstrapper gave for it: it may answer from
@@ -378,6 +381,7 @@ pub fn run_embedded(
         bootstrap_wait: Duration::ZERO,
         latency: Duration::from_millis(300),
         nack: true,
+        paths: 1,
     };
     let client = Client::new(config, vec![pop], local.port(), epoch, epoch);
     let mut v = Viewer {
