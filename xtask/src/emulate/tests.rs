@@ -44,6 +44,7 @@ fn run_with(topology: &str, scenario: &str, duration: Option<f64>, recovery: boo
         work_dir: root.join("target").join("emulate-tests"),
         stop: Arc::new(AtomicBool::new(false)),
         recovery,
+        paths: 1,
     };
     let report = run_scenario(&opts).expect("the emulation runs");
     eprintln!("{}", report.text());
