@@ -253,7 +253,26 @@ pub enum Message {
         /// What was wrong, for a human.
         reason: String,
     },
+    /// "Bring me `stream` over a path that goes through none of `avoid`": soft state
+    /// attached to the sender's subscription (the child at the sender's IP address and
+    /// `data_port`), repeated with each of its `Join`s and forgotten with it. A viewer
+    /// sends it to the PoP of its second path (`ott-client --paths 2`) with the nodes
+    /// of its first path; a node passes the union of its children's sets, plus its own
+    /// id, to its upstream, so no subscription chain can loop. A node takes the stream
+    /// from the best feasible neighbour whose announced path avoids the set, or from its
+    /// parent when none does. At most [`MAX_AVOID`] ids are heeded.
+    Avoid {
+        /// The stream.
+        stream: StreamId,
+        /// UDP port of the matching `Join`.
+        data_port: u16,
+        /// Node ids the stream's path should not go through.
+        avoid: Vec<NodeId>,
+    },
 }
+
+/// Most node ids of an [`Message::Avoid`] a node heeds (and passes on).
+pub const MAX_AVOID: usize = 64;
 
 impl Message {
     /// Short name of the variant, for logs and counters.
@@ -277,6 +296,7 @@ impl Message {
             Self::Streams { .. } => "streams",
             Self::Nack { .. } => "nack",
             Self::Error { .. } => "error",
+            Self::Avoid { .. } => "avoid",
         }
     }
 }
@@ -655,6 +675,16 @@ mod tests {
                 }
             ),
             ".{0,40}".prop_map(|reason| Message::Error { reason }),
+            (
+                any::<u32>(),
+                any::<u16>(),
+                proptest::collection::vec("[a-z0-9]{1,8}", 0..5)
+            )
+                .prop_map(|(stream, data_port, avoid)| Message::Avoid {
+                    stream,
+                    data_port,
+                    avoid,
+                }),
         ]
     }
 

@@ -156,6 +156,16 @@ fn message() -> impl Strategy<Value = Message> {
                     .collect(),
             }),
         ".{0,24}".prop_map(|reason| Message::Error { reason }),
+        (
+            any::<u32>(),
+            any::<u16>(),
+            proptest::collection::vec(id(), 0..4)
+        )
+            .prop_map(|(stream, data_port, avoid)| Message::Avoid {
+                stream,
+                data_port,
+                avoid
+            }),
     ]
 }
 

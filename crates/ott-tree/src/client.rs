@@ -592,10 +592,8 @@ impl Client {
             }
         }
         if self.next_join2.is_some_and(|t| now >= t) {
-            if let (Some(second), Some(stream)) = (self.second, self.watching.as_ref()) {
-                let to = self.pops[second].addr;
-                let msg = self.join_msg(second, stream);
-                self.transmits.push_back(ControlTransmit { to, msg });
+            if let (Some(second), Some(stream)) = (self.second, self.watching.clone()) {
+                self.join_second(second, &stream);
                 self.next_join2 = Some(later(now, self.join2_interval()));
             } else {
                 self.next_join2 = None;
@@ -1036,8 +1034,7 @@ impl Client {
                 let msg = self.leave_msg(second, old);
                 self.transmits.push_back(ControlTransmit { to: to2, msg });
             }
-            let msg = self.join_msg(second, &info);
-            self.transmits.push_back(ControlTransmit { to: to2, msg });
+            self.join_second(second, &info);
             self.second_admitted = false;
             self.next_join2 = Some(later(now, self.config.join_retry));
         }
@@ -1099,11 +1096,7 @@ impl Client {
         self.second_admitted = false;
         if let Some(stream) = self.watching.clone() {
             self.leaving.retain(|l| l.1 != new);
-            let msg = self.join_msg(new, &stream);
-            self.transmits.push_back(ControlTransmit {
-                to: self.pops[new].addr,
-                msg,
-            });
+            self.join_second(new, &stream);
             self.next_join2 = Some(later(now, self.config.join_retry));
         }
         tracing::info!(
@@ -1111,6 +1104,29 @@ impl Client {
             disjoint = ?disjoint(&self.pops[cur].path, &self.pops[new].path),
             "second path"
         );
+    }
+
+    /// Send the `Join` of `stream` to the second PoP, with an `Avoid` of the nodes of the
+    /// current PoP's path but its server (so the second PoP's path can keep clear of
+    /// them where the overlay allows).
+    fn join_second(&mut self, second: usize, stream: &StreamInfo) {
+        let to = self.pops[second].addr;
+        let msg = self.join_msg(second, stream);
+        self.transmits.push_back(ControlTransmit { to, msg });
+        let avoid: Vec<String> = self
+            .current
+            .map(|c| self.pops[c].path.iter().skip(1).cloned().collect())
+            .unwrap_or_default();
+        if !avoid.is_empty() && self.pops[second].cookie.is_some() {
+            self.transmits.push_back(ControlTransmit {
+                to,
+                msg: Message::Avoid {
+                    stream: stream.id,
+                    data_port: self.data_port,
+                    avoid,
+                },
+            });
+        }
     }
 
     /// Stop using the second PoP: leave the watched stream there `leave_after` later.
@@ -1205,9 +1221,7 @@ impl Client {
             self.transmits.push_back(ControlTransmit { to, msg });
             self.next_join = Some(later(now, self.join_interval()));
         } else if self.second == Some(idx) {
-            let msg = self.join_msg(idx, &s);
-            let to = self.pops[idx].addr;
-            self.transmits.push_back(ControlTransmit { to, msg });
+            self.join_second(idx, &s);
             self.next_join2 = Some(later(now, self.join2_interval()));
         }
     }
