@@ -291,6 +291,7 @@ fn run_random(
         work_dir: root.join("target").join("emulate-tests"),
         stop: Arc::new(AtomicBool::new(false)),
         recovery: true,
+        paths: 1,
     };
     let (report, line) = sweep::run_one(&opts, seed, nodes, shape, faults)
         .unwrap_or_else(|e| panic!("seed {seed}: the emulation runs: {e:#}"));
