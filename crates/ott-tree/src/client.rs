@@ -57,6 +57,11 @@ use serde::Serialize;
 /// Probe loss up to this fraction of the window is not held against a PoP.
 pub const LOSS_FREE: f64 = 0.25;
 
+/// A second path that is still not disjoint from the first this long after it was
+/// taken (its PoP had the time to move the stream off the first path's nodes, and to
+/// say so in a probe reply) is traded for another PoP not tried yet.
+const SECOND_TRIAL: Duration = Duration::from_secs(3);
+
 /// Shortest period accepted in a [`ClientConfig`].
 const MIN_PERIOD: Duration = Duration::from_millis(1);
 
@@ -309,6 +314,13 @@ pub struct Client {
     second_admitted: bool,
     /// When the watched stream's `Join` to the second PoP is due.
     next_join2: Option<Instant>,
+    /// When the second PoP was taken.
+    second_since: Option<Instant>,
+    /// PoPs tried as the second path with the current first one, which never became
+    /// disjoint from it.
+    tried: Vec<usize>,
+    /// The current PoP the `tried` list is about.
+    tried_for: Option<usize>,
     /// When the last media datagram of the watched stream arrived.
     last_media: Option<Instant>,
     /// Since when media is silent, once the silence was reported (logged once per
@@ -407,6 +419,9 @@ impl Client {
             second: None,
             second_admitted: false,
             next_join2: None,
+            second_since: None,
+            tried: Vec::new(),
+            tried_for: None,
             last_media: None,
             silent_since: None,
             urgent_not_before: now,
@@ -1063,6 +1078,11 @@ impl Client {
             self.drop_second(now);
             return;
         };
+        if self.tried_for != Some(cur) {
+            self.tried.clear();
+            self.tried_for = Some(cur);
+        }
+        let mut tried = std::mem::take(&mut self.tried);
         let rank = |i: usize| -> Option<(bool, f64)> {
             if i == cur {
                 return None;
@@ -1084,7 +1104,31 @@ impl Client {
             (Some((s, _)), None) => Some(s),
             (None, _) => None,
         };
+        // No PoP's path is disjoint from the first as the tree stands; a second PoP asked
+        // to avoid the first path's nodes may find a way round them. One that did not
+        // within SECOND_TRIAL is traded for the best PoP not tried yet.
+        let stuck = keep.filter(|&s| {
+            rank(s).is_some_and(|(d, _)| !d)
+                && self
+                    .second_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= SECOND_TRIAL)
+        });
+        let keep = match stuck {
+            Some(s) => {
+                if !tried.contains(&s) {
+                    tried.push(s);
+                }
+                let untried = (0..self.pops.len())
+                    .filter(|i| !tried.contains(i))
+                    .filter_map(|i| rank(i).map(|r| (i, r.1)))
+                    .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+                    .map(|(i, _)| i);
+                untried.or(Some(s))
+            }
+            None => keep,
+        };
         let want = keep.or(best.map(|b| b.0));
+        self.tried = tried;
         if want == self.second {
             return;
         }
@@ -1094,6 +1138,7 @@ impl Client {
         };
         self.second = Some(new);
         self.second_admitted = false;
+        self.second_since = Some(now);
         if let Some(stream) = self.watching.clone() {
             self.leaving.retain(|l| l.1 != new);
             self.join_second(new, &stream);

@@ -780,3 +780,32 @@ fn a_second_path_that_stops_being_disjoint_is_replaced_by_a_disjoint_one() {
     );
     assert_eq!(disjoint(&[], &path(&["s"])), None);
 }
+
+#[test]
+fn a_second_pop_that_never_gets_disjoint_is_traded_for_an_untried_one_once() {
+    // Every PoP hangs off r1 as the tree stands; p3 can get round it once asked
+    // (here: its path changes once it is the second), p2 cannot.
+    let mut p1 = FakePop::new(1, 10, 1_000);
+    p1.path = path(&["s", "r1", "p1"]);
+    let mut p2 = FakePop::new(2, 20, 1_000);
+    p2.path = path(&["s", "r1", "p2"]);
+    let mut p3 = FakePop::new(3, 30, 1_000);
+    p3.path = path(&["s", "r1", "p3"]);
+    let mut w = World::with_config(two_paths(), vec![p1, p2, p3]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(ms(2_000));
+    let news = stream_id_for("news");
+    assert_eq!(joined_at(&w, news), vec!["p1".to_owned(), "p2".to_owned()]);
+    // p2 stays on r1: after the trial time the client moves its second path to p3.
+    w.run_until(ms(6_000));
+    assert_eq!(joined_at(&w, news), vec!["p1".to_owned(), "p3".to_owned()]);
+    assert_eq!(w.client.status().disjoint, Some(false));
+    // Every other PoP was tried: no endless round; p3 stays.
+    w.run_until(ms(12_000));
+    assert_eq!(joined_at(&w, news), vec!["p1".to_owned(), "p3".to_owned()]);
+    // p3's stream moves round r1: the paths are disjoint now, and p3 is kept.
+    w.pop_mut("p3").path = path(&["s", "r2", "p3"]);
+    w.run_until(ms(15_000));
+    assert_eq!(joined_at(&w, news), vec!["p1".to_owned(), "p3".to_owned()]);
+    assert_eq!(w.client.status().disjoint, Some(true));
+}
