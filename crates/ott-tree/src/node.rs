@@ -171,6 +171,9 @@ pub struct NodeStats {
     pub joins_in: u64,
     /// Joins sent (refreshes included).
     pub joins_out: u64,
+    /// Silence hints ignored because the parent was heard from within about a
+    /// heartbeat interval (alive: the break is further up the path).
+    pub upstream_silent_parent_alive: u64,
     /// `Avoid` messages received (see [`Message::Avoid`]).
     pub avoids_in: u64,
     /// `Avoid` messages sent to an upstream.
@@ -403,6 +406,10 @@ pub struct Node {
 const RR_RETRY: Duration = Duration::from_millis(250);
 /// ... for this long after losing the route.
 const RR_GIVE_UP: Duration = Duration::from_secs(3);
+
+/// How much longer than a heartbeat interval a parent may be unheard and still count as
+/// alive when its media stops (see [`Node::handle_upstream_silent`]).
+const PARENT_HEARD_SLACK: Duration = Duration::from_millis(20);
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -874,6 +881,19 @@ impl Node {
             st.upstream.as_deref() == Some(parent) && st.joined_at.is_none_or(|j| since >= j)
         });
         if !relevant || self.suspects.contains_key(parent) {
+            return;
+        }
+        // A parent we heard from within about a heartbeat interval is alive: the break
+        // is further up, where the node below it repairs (every node below a dead one
+        // seeing the silence at once and moving would scatter the tree onto paths that
+        // go through the dead node too). The hint comes again while the silence lasts.
+        let alive_within = self.config.liveness.heartbeat_interval + PARENT_HEARD_SLACK;
+        if self
+            .nb
+            .last_heard(parent)
+            .is_some_and(|t| now.saturating_duration_since(t) < alive_within)
+        {
+            self.stats.upstream_silent_parent_alive += 1;
             return;
         }
         tracing::info!(node = %self.config.id, parent, stream, "upstream silent, parent suspected");
@@ -2336,6 +2356,14 @@ mod tests {
         let t1 = t0 + Duration::from_millis(200);
         n.handle_upstream_silent(t1, "b", news, t0);
         assert_eq!(n.stats().suspect_parents, 0);
+        // A parent heard from 30 ms ago is alive: the break is further up, not moved.
+        n.handle(t1 - Duration::from_millis(30), addr(1), hb("a", 1));
+        n.handle_upstream_silent(t1, "a", news, t0);
+        assert_eq!(n.stats().suspect_parents, 0);
+        assert_eq!(n.stats().upstream_silent_parent_alive, 1);
+        assert_eq!(n.parent("s"), Some("a"));
+        // Unheard for over a heartbeat interval while its media is silent: suspected.
+        let t1 = t1 + Duration::from_millis(150);
         n.handle_upstream_silent(t1, "a", news, t0);
         assert_eq!(n.stats().suspect_parents, 1);
         // b's offer (5 ms) is feasible: the node moves there at once, not after the
