@@ -56,6 +56,8 @@ pub enum DataCmd {
     Route {
         /// The stream.
         stream: u32,
+        /// Its name, for logs.
+        name: String,
         /// Data addresses to send it to; empty removes the route (and every piece of
         /// state of the stream).
         children: Vec<SocketAddr>,
@@ -223,6 +225,8 @@ struct Forwarder {
     keying: Keying,
     gate: ControlGate,
     sender: ControlSender,
+    /// Names of the routed streams, for logs.
+    names: std::collections::HashMap<u32, String>,
 }
 
 impl Forwarder {
@@ -247,6 +251,7 @@ impl Forwarder {
             plan: Vec::with_capacity(BATCH * 4),
             nacks: Vec::new(),
             data_port,
+            names: std::collections::HashMap::new(),
         }
     }
 
@@ -256,13 +261,20 @@ impl Forwarder {
                 match cmds.try_recv() {
                     Ok(DataCmd::Route {
                         stream,
+                        name,
                         children,
                         sessions,
                     }) => {
+                        if children.is_empty() {
+                            self.names.remove(&stream);
+                        } else {
+                            self.names.insert(stream, name.clone());
+                        }
                         let children = children_of(&self.keying, &children, &sessions);
                         if !self.core.set_route(Instant::now(), stream, children) {
+                            self.names.remove(&stream);
                             tracing::warn!(
-                                stream,
+                                stream = %name,
                                 max = MAX_STREAMS,
                                 "stream cap reached: route refused"
                             );
@@ -311,7 +323,8 @@ impl Forwarder {
                     // Its tag verified: a member's address, which our NACKs are sealed for.
                     Event::Upstream { from, .. } => self.keying.learn(from),
                     Event::SourceSwitched { stream } => {
-                        tracing::info!(stream, "stream source changed");
+                        let name = self.names.get(&stream).map_or("?", String::as_str);
+                        tracing::info!(stream = %name, "stream source changed");
                     }
                 }
             }

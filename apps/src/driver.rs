@@ -328,9 +328,16 @@ impl NodeLoop {
                     children,
                     sessions,
                 } => {
-                    tracing::debug!(stream, children = children.len(), "forwarding changed");
+                    let name = self
+                        .node
+                        .catalogue()
+                        .into_iter()
+                        .find(|s| s.id == stream)
+                        .map_or_else(|| format!("{stream:#010x}"), |s| s.name);
+                    tracing::debug!(stream = %name, children = children.len(), "forwarding changed");
                     let _ = self.data.send(DataCmd::Route {
                         stream,
+                        name,
                         children,
                         sessions,
                     });

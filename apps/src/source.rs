@@ -261,7 +261,7 @@ fn source_loop(
         select! {
             recv(cmds) -> cmd => match cmd {
                 Ok(DataCmd::Route {
-                    stream, children, sessions,
+                    stream, children, sessions, ..
                 }) => {
                     if let Some(f) = feeds.iter().find(|f| f.id == stream) {
                         tracing::info!(stream = %f.name, children = children.len(), "stream route changed");

@@ -691,7 +691,7 @@ impl Viewer {
         while let Some(ev) = self.data.poll_event() {
             if let Event::SourceSwitched { .. } = ev {
                 // Another server's copy: its frame numbers are unrelated to the old ones.
-                tracing::info!(stream = ?self.rec.stream, "stream source changed");
+                tracing::info!(stream = %self.rec.stream.as_deref().unwrap_or("?"), "stream source changed");
                 self.playout.reset();
                 self.rec.source_switches += 1;
                 // A TS copy from another server continues from its next keyframe.

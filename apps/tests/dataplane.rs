@@ -62,6 +62,7 @@ fn setup(n_children: usize) -> Setup {
         .collect();
     cmds.send(DataCmd::Route {
         stream: 42,
+        name: "test".into(),
         children: addrs,
         sessions: Vec::new(),
     })
@@ -166,6 +167,7 @@ fn a_viewer_gets_session_tagged_media_and_an_unrouted_stream_costs_nothing() {
     let v = viewer.local_addr().expect("addr");
     cmds.send(DataCmd::Route {
         stream: 42,
+        name: "test".into(),
         children: vec![v],
         sessions: vec![(v, key.clone())],
     })
@@ -192,6 +194,7 @@ fn a_viewer_gets_session_tagged_media_and_an_unrouted_stream_costs_nothing() {
     // The route goes, and the stream's state with it.
     cmds.send(DataCmd::Route {
         stream: 42,
+        name: "test".into(),
         children: Vec::new(),
         sessions: Vec::new(),
     })

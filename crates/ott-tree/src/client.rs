@@ -1146,7 +1146,11 @@ impl Client {
         }
         tracing::info!(
             pop = %self.pops[new].id,
-            disjoint = ?disjoint(&self.pops[cur].path, &self.pops[new].path),
+            disjoint = match disjoint(&self.pops[cur].path, &self.pops[new].path) {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "unknown",
+            },
             "second path"
         );
     }
