@@ -321,6 +321,9 @@ pub struct Client {
     tried: Vec<usize>,
     /// The current PoP the `tried` list is about.
     tried_for: Option<usize>,
+    /// Every second PoP was tried and none got round the first path: the first PoP
+    /// is asked to avoid the second's path instead (its own path may have a way round).
+    avoid_on_first: bool,
     /// When the last media datagram of the watched stream arrived.
     last_media: Option<Instant>,
     /// Since when media is silent, once the silence was reported (logged once per
@@ -422,6 +425,7 @@ impl Client {
             second_since: None,
             tried: Vec::new(),
             tried_for: None,
+            avoid_on_first: false,
             last_media: None,
             silent_since: None,
             urgent_not_before: now,
@@ -597,10 +601,8 @@ impl Client {
         }
         self.send_leaves(|t| t <= now);
         if self.next_join.is_some_and(|t| now >= t) {
-            if let (Some(cur), Some(stream)) = (self.current, self.watching.as_ref()) {
-                let to = self.pops[cur].addr;
-                let msg = self.join_msg(cur, stream);
-                self.transmits.push_back(ControlTransmit { to, msg });
+            if let (Some(cur), Some(stream)) = (self.current, self.watching.clone()) {
+                self.join_first(cur, &stream);
                 self.next_join = Some(later(now, self.join_interval()));
             } else {
                 self.next_join = None;
@@ -1081,6 +1083,7 @@ impl Client {
         if self.tried_for != Some(cur) {
             self.tried.clear();
             self.tried_for = Some(cur);
+            self.avoid_on_first = false;
         }
         let mut tried = std::mem::take(&mut self.tried);
         let rank = |i: usize| -> Option<(bool, f64)> {
@@ -1123,6 +1126,10 @@ impl Client {
                     .filter_map(|i| rank(i).map(|r| (i, r.1)))
                     .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
                     .map(|(i, _)| i);
+                if untried.is_none() && !self.avoid_on_first {
+                    self.avoid_on_first = true;
+                    tracing::info!(pop = %self.pops[cur].id, "no second PoP got round the first path: asking the first to avoid the second's");
+                }
                 untried.or(Some(s))
             }
             None => keep,
@@ -1132,6 +1139,7 @@ impl Client {
         if want == self.second {
             return;
         }
+        self.avoid_on_first = false;
         self.drop_second(now);
         let Some(new) = want else {
             return;
@@ -1164,9 +1172,34 @@ impl Client {
         self.transmits.push_back(ControlTransmit { to, msg });
         let avoid: Vec<String> = self
             .current
+            .filter(|_| !self.avoid_on_first)
             .map(|c| self.pops[c].path.iter().skip(1).cloned().collect())
             .unwrap_or_default();
         if !avoid.is_empty() && self.pops[second].cookie.is_some() {
+            self.transmits.push_back(ControlTransmit {
+                to,
+                msg: Message::Avoid {
+                    stream: stream.id,
+                    data_port: self.data_port,
+                    avoid,
+                },
+            });
+        }
+    }
+
+    /// Send the `Join` of `stream` to the current PoP, with an `Avoid` of the second
+    /// path's nodes but its server when the second PoP could not get round the first
+    /// path (see `avoid_on_first`).
+    fn join_first(&mut self, cur: usize, stream: &StreamInfo) {
+        let to = self.pops[cur].addr;
+        let msg = self.join_msg(cur, stream);
+        self.transmits.push_back(ControlTransmit { to, msg });
+        let avoid: Vec<String> = self
+            .second
+            .filter(|_| self.avoid_on_first)
+            .map(|s| self.pops[s].path.iter().skip(1).cloned().collect())
+            .unwrap_or_default();
+        if !avoid.is_empty() && self.pops[cur].cookie.is_some() {
             self.transmits.push_back(ControlTransmit {
                 to,
                 msg: Message::Avoid {
@@ -1265,9 +1298,7 @@ impl Client {
             return;
         };
         if self.current == Some(idx) {
-            let msg = self.join_msg(idx, &s);
-            let to = self.pops[idx].addr;
-            self.transmits.push_back(ControlTransmit { to, msg });
+            self.join_first(idx, &s);
             self.next_join = Some(later(now, self.join_interval()));
         } else if self.second == Some(idx) {
             self.join_second(idx, &s);

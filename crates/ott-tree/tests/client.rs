@@ -40,6 +40,8 @@ struct FakePop {
     got: Vec<(Duration, Message)>,
     /// Its tree path from the server, as its probe replies give it.
     path: Vec<String>,
+    /// Answer a first `Join` with a `Cookie` and a `ViewerJoin` with `Admitted`.
+    admits: bool,
 }
 
 impl FakePop {
@@ -53,6 +55,7 @@ impl FakePop {
             drop_lists: 0,
             got: Vec::new(),
             path: Vec::new(),
+            admits: false,
         }
     }
 }
@@ -134,6 +137,22 @@ impl World {
                 }
                 Message::ListStreams => Some(Message::Streams {
                     streams: catalogue(),
+                }),
+                Message::Join {
+                    stream,
+                    data_port,
+                    from: None,
+                } if pop.admits => Some(Message::Cookie {
+                    stream,
+                    data_port,
+                    cookie: 7,
+                }),
+                Message::ViewerJoin {
+                    stream, data_port, ..
+                } if pop.admits => Some(Message::Admitted {
+                    stream,
+                    data_port,
+                    session_key: [1; 32],
                 }),
                 _ => None,
             };
@@ -808,4 +827,52 @@ fn a_second_pop_that_never_gets_disjoint_is_traded_for_an_untried_one_once() {
     w.run_until(ms(15_000));
     assert_eq!(joined_at(&w, news), vec!["p1".to_owned(), "p3".to_owned()]);
     assert_eq!(w.client.status().disjoint, Some(true));
+}
+
+/// The `Avoid` sets the client sent to `pop`, in order.
+fn avoids_to(w: &World, pop: &str) -> Vec<Vec<String>> {
+    w.sent
+        .iter()
+        .filter(|(to, _)| to == pop)
+        .filter_map(|(_, m)| match m {
+            Message::Avoid { avoid, .. } => Some(avoid.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_second_pop_is_asked_to_avoid_the_first_path_then_the_first_the_seconds() {
+    // p2 can only be reached through r1, which p1's path crosses too.
+    let mut p1 = FakePop::new(1, 10, 1_000);
+    p1.path = path(&["s", "r1", "p1"]);
+    let mut p2 = FakePop::new(2, 20, 1_000);
+    p2.path = path(&["s", "r1", "p2"]);
+    for p in [&mut p1, &mut p2] {
+        p.admits = true;
+    }
+    let mut w = World::with_config(two_paths(), vec![p1, p2]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(ms(2_000));
+    // Admitted at both; the second is asked to avoid r1 and p1, the first nothing.
+    let st = w.client.status();
+    assert!(st.paths.iter().all(|p| p.admitted), "{st:?}");
+    let to_p2 = avoids_to(&w, "p2");
+    assert!(!to_p2.is_empty());
+    assert!(to_p2.iter().all(|a| *a == path(&["r1", "p1"])), "{to_p2:?}");
+    assert!(avoids_to(&w, "p1").is_empty());
+    // p2 never gets round r1 and no other PoP is left to try: now the first PoP is
+    // asked to avoid the second's path (r1, p2), and the second no longer.
+    w.run_until(ms(5_000));
+    let n2 = avoids_to(&w, "p2").len();
+    w.run_until(ms(8_000));
+    let to_p1 = avoids_to(&w, "p1");
+    assert!(!to_p1.is_empty(), "the first PoP is asked to avoid");
+    assert!(to_p1.iter().all(|a| *a == path(&["r1", "p2"])), "{to_p1:?}");
+    assert_eq!(avoids_to(&w, "p2").len(), n2, "no more Avoid to the second");
+    // p1 finds a way round through r2: disjoint.
+    w.pop_mut("p1").path = path(&["s", "r2", "p1"]);
+    w.run_until(ms(11_000));
+    assert_eq!(w.client.status().disjoint, Some(true));
+    assert_eq!(w.client.pop(), Some("p1"));
 }
