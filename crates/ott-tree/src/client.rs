@@ -1154,7 +1154,7 @@ impl Client {
         }
         tracing::info!(
             pop = %self.pops[new].id,
-            disjoint = match disjoint(&self.pops[cur].path, &self.pops[new].path) {
+            disjoint = %match disjoint(&self.pops[cur].path, &self.pops[new].path) {
                 Some(true) => "yes",
                 Some(false) => "no",
                 None => "unknown",
