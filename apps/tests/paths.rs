@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ott_apps::launcher::{http_get, parse_summary, verify_mjpeg, wait_for};
 use ott_overlay::Role;
+use ott_testkit::{http_get, parse_summary, verify_mjpeg, wait_for};
 
 /// The viewer's `/status`, parsed.
 fn status(addr: std::net::SocketAddr) -> Option<serde_json::Value> {

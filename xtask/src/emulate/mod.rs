@@ -1096,7 +1096,7 @@ fn describe_change(c: scenario::LinkChange) -> String {
 /// `GET /status` at `addr`: its `parent`, and how many stream children it has (over
 /// all its streams).
 fn poll_status(addr: SocketAddr) -> anyhow::Result<(Option<String>, usize)> {
-    let body = ott_apps::launcher::http_get(addr, "/status")?;
+    let body = ott_testkit::http_get(addr, "/status")?;
     let v: serde_json::Value = serde_json::from_str(&body)?;
     let parent = v.get("parent").and_then(|p| p.as_str()).map(String::from);
     let children = v
