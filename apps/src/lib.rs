@@ -13,7 +13,9 @@ pub mod args;
 #[allow(unsafe_code)]
 pub mod batch;
 pub mod counters;
+pub mod ctrlio;
 pub mod dashboard;
+pub mod datacmd;
 pub mod dataplane;
 pub mod dedup;
 pub mod driver;

@@ -28,7 +28,8 @@ use ott_proto::{MediaKind, Message, NackRange};
 
 use crate::batch;
 use crate::counters::{add, Counters};
-use crate::dataplane::{self, DataCmd, DataSnapshot, ForwarderConfig, StreamTraffic};
+use crate::datacmd::{DataCmd, DataSnapshot, StreamTraffic};
+use crate::dataplane::{self, ForwarderConfig};
 use crate::keying::{Keying, Refused};
 use crate::live::LiveFrame;
 

@@ -20,7 +20,7 @@ use ott_tree::client::{Client, ClientConfig, ClientEvent};
 use serde::Serialize;
 
 use crate::counters::{add, Counters};
-use crate::driver::{send_msg, spawn_receiver, Datagram, StatusQuery};
+use crate::ctrlio::{send_msg, spawn_receiver, Datagram, StatusQuery};
 use crate::http::Hub;
 
 /// A gap between two frames longer than this counts as a stall.
@@ -308,7 +308,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         crate::status::serve(
             addr,
             crate::http::with_hub(
-                Arc::new(crate::driver::LoopStatus {
+                Arc::new(crate::ctrlio::LoopStatus {
                     id: opts.id.clone().unwrap_or_else(|| "client".into()),
                     queries: status_tx,
                     counters: v.counters.clone(),
