@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, TryRecvError};
 use ott_datapath::{
-    Child, ChildKind, Config, Counters as CoreCounters, DataPath, Drop as DropReason, Event,
-    Payload, Transmit,
+    Child, ChildKind, Config, DataPath, DataPathCounters as CoreCounters, DataPathEvent as Event,
+    Drop as DropReason, Payload, Transmit,
 };
 use ott_proto::auth::SessionKey;
 use ott_proto::{MediaHeader, Message};

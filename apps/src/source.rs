@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{select, Receiver, Sender};
-use ott_datapath::{Counters as CoreCounters, DataPath, Payload};
+use ott_datapath::{DataPath, DataPathCounters as CoreCounters, Payload};
 use ott_media::{Clip, ClipSource, Packetizer, TimedFrame};
 use ott_proto::{MediaKind, Message, NackRange};
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use crossbeam_channel::{select, Receiver};
 use ott_bootstrap::Request;
-use ott_datapath::{Config as DataConfig, DataPath, Drop as DropReason, Event, Payload};
+use ott_datapath::{Config as DataConfig, DataPath, DataPathEvent, Drop as DropReason, Payload};
 use ott_media::arq::NackConfig;
 use ott_media::{Frame, PlayoutBuffer, PlayoutConfig};
 use ott_proto::{flags, MediaKind, Message, StreamInfo, HEADER_LEN};
@@ -689,7 +689,7 @@ impl Viewer {
             }
         };
         while let Some(ev) = self.data.poll_event() {
-            if let Event::SourceSwitched { .. } = ev {
+            if let DataPathEvent::SourceSwitched { .. } = ev {
                 // Another server's copy: its frame numbers are unrelated to the old ones.
                 tracing::info!(stream = %self.rec.stream.as_deref().unwrap_or("?"), "stream source changed");
                 self.playout.reset();
