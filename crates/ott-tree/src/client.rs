@@ -321,9 +321,12 @@ pub struct Client {
     tried: Vec<usize>,
     /// The current PoP the `tried` list is about.
     tried_for: Option<usize>,
-    /// Every second PoP was tried and none got round the first path: the first PoP
-    /// is asked to avoid the second's path instead (its own path may have a way round).
-    avoid_on_first: bool,
+    /// The one of the two PoPs that is asked to `Avoid` the other's path: the second
+    /// at first; the first when every second PoP was tried and none got round the
+    /// first path (its own path may have a way round). It keeps the part when it
+    /// becomes the first PoP (its path is the one that was moved: leaving it would
+    /// bring both paths together again).
+    avoider: Option<usize>,
     /// When the last media datagram of the watched stream arrived.
     last_media: Option<Instant>,
     /// Since when media is silent, once the silence was reported (logged once per
@@ -425,7 +428,7 @@ impl Client {
             second_since: None,
             tried: Vec::new(),
             tried_for: None,
-            avoid_on_first: false,
+            avoider: None,
             last_media: None,
             silent_since: None,
             urgent_not_before: now,
@@ -1083,7 +1086,6 @@ impl Client {
         if self.tried_for != Some(cur) {
             self.tried.clear();
             self.tried_for = Some(cur);
-            self.avoid_on_first = false;
         }
         let mut tried = std::mem::take(&mut self.tried);
         let rank = |i: usize| -> Option<(bool, f64)> {
@@ -1126,8 +1128,8 @@ impl Client {
                     .filter_map(|i| rank(i).map(|r| (i, r.1)))
                     .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
                     .map(|(i, _)| i);
-                if untried.is_none() && !self.avoid_on_first {
-                    self.avoid_on_first = true;
+                if untried.is_none() && self.avoider != Some(cur) {
+                    self.avoider = Some(cur);
                     tracing::info!(pop = %self.pops[cur].id, "no second PoP got round the first path: asking the first to avoid the second's");
                 }
                 untried.or(Some(s))
@@ -1137,10 +1139,18 @@ impl Client {
         let want = keep.or(best.map(|b| b.0));
         self.tried = tried;
         if want == self.second {
+            if self
+                .avoider
+                .is_none_or(|a| a != cur && Some(a) != self.second)
+            {
+                self.avoider = self.second;
+            }
             return;
         }
-        self.avoid_on_first = false;
         self.drop_second(now);
+        if self.avoider != Some(cur) {
+            self.avoider = want;
+        }
         let Some(new) = want else {
             return;
         };
@@ -1172,7 +1182,7 @@ impl Client {
         self.transmits.push_back(ControlTransmit { to, msg });
         let avoid: Vec<String> = self
             .current
-            .filter(|_| !self.avoid_on_first)
+            .filter(|_| self.avoider == Some(second))
             .map(|c| self.pops[c].path.iter().skip(1).cloned().collect())
             .unwrap_or_default();
         if !avoid.is_empty() && self.pops[second].cookie.is_some() {
@@ -1189,14 +1199,14 @@ impl Client {
 
     /// Send the `Join` of `stream` to the current PoP, with an `Avoid` of the second
     /// path's nodes but its server when the second PoP could not get round the first
-    /// path (see `avoid_on_first`).
+    /// path, or it was the second and took the first's place (see `avoider`).
     fn join_first(&mut self, cur: usize, stream: &StreamInfo) {
         let to = self.pops[cur].addr;
         let msg = self.join_msg(cur, stream);
         self.transmits.push_back(ControlTransmit { to, msg });
         let avoid: Vec<String> = self
             .second
-            .filter(|_| self.avoid_on_first)
+            .filter(|_| self.avoider == Some(cur))
             .map(|s| self.pops[s].path.iter().skip(1).cloned().collect())
             .unwrap_or_default();
         if !avoid.is_empty() && self.pops[cur].cookie.is_some() {

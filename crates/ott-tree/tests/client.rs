@@ -876,3 +876,37 @@ fn the_second_pop_is_asked_to_avoid_the_first_path_then_the_first_the_seconds() 
     assert_eq!(w.client.status().disjoint, Some(true));
     assert_eq!(w.client.pop(), Some("p1"));
 }
+
+#[test]
+fn a_second_pop_that_takes_the_first_place_keeps_avoiding_the_other_path() {
+    let mut p1 = FakePop::new(1, 10, 1_000);
+    p1.path = path(&["s", "r1", "p1"]);
+    let mut p2 = FakePop::new(2, 20, 1_000);
+    p2.path = path(&["s", "r2", "p2"]);
+    let mut p3 = FakePop::new(3, 30, 1_000);
+    p3.path = path(&["s", "r1", "p3"]);
+    for p in [&mut p1, &mut p2, &mut p3] {
+        p.admits = true;
+    }
+    let mut w = World::with_config(two_paths(), vec![p1, p2, p3]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(ms(2_000));
+    assert_eq!(w.client.status().disjoint, Some(true));
+    assert!(!avoids_to(&w, "p2").is_empty());
+    // p1 dies: p2 takes its place, p3 becomes the second; p2 (whose path is the one
+    // that was moved) is still the one asked to avoid, now p3's path.
+    w.pop_mut("p1").alive = false;
+    let before = avoids_to(&w, "p2").len();
+    for t in (2_000..9_000).step_by(40) {
+        w.run_until(ms(t));
+        w.client.media_received(w.now);
+    }
+    assert_eq!(w.client.pop(), Some("p2"));
+    let st = w.client.status();
+    let pops: Vec<&str> = st.paths.iter().map(|p| p.pop.as_str()).collect();
+    assert_eq!(pops, vec!["p2", "p3"]);
+    let to_p2 = avoids_to(&w, "p2");
+    assert!(to_p2.len() > before, "p2 is still asked to avoid");
+    assert_eq!(to_p2.last(), Some(&path(&["r1", "p3"])));
+    assert!(avoids_to(&w, "p3").is_empty(), "the new second is not");
+}
