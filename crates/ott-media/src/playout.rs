@@ -8,12 +8,15 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use ott_proto::{flags, MediaHeader, MAX_PAYLOAD_LEN};
 
-use crate::Frame;
+use crate::{Frame, CLOCK_RATE};
 
 /// Limits of a [`PlayoutBuffer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlayoutConfig {
-    /// How long a frame may wait for its missing datagrams, from its first datagram.
+    /// How long a frame may wait for its missing datagrams, from its first datagram; a
+    /// frame never seen at all, from when it was due (one frame interval, by the media
+    /// timestamps, after the frame before it arrived): after an outage the frames that
+    /// fell into it are not waited for again from the moment media comes back.
     pub budget: Duration,
     /// Most frames held at once; beyond that the oldest is given up.
     pub max_pending: usize,
@@ -85,7 +88,12 @@ pub struct PlayoutBuffer {
     newest: Option<u64>,
     pending: BTreeMap<u64, Pending>,
     stats: PlayoutStats,
+    /// When the last frame released or given up was first seen, and its timestamp.
+    last: Option<(Instant, u32)>,
 }
+
+/// Longest frame interval believed from the timestamps when dating a missing frame.
+const MAX_INTERVAL: Duration = Duration::from_secs(1);
 
 impl PlayoutBuffer {
     /// An empty buffer.
@@ -97,6 +105,7 @@ impl PlayoutBuffer {
             newest: None,
             pending: BTreeMap::new(),
             stats: PlayoutStats::default(),
+            last: None,
         }
     }
 
@@ -106,6 +115,7 @@ impl PlayoutBuffer {
         self.released = None;
         self.newest = None;
         self.pending.clear();
+        self.last = None;
     }
 
     /// The counters.
@@ -195,11 +205,28 @@ impl PlayoutBuffer {
         p.flags |= h.flags & !flags::RETRANSMIT;
     }
 
+    /// Until when the frame at the head (number `n`) may wait: its budget from its first
+    /// datagram, or, when frames before it were never seen, from when the first of those
+    /// was due (the last frame's arrival plus one frame interval, the interval from the
+    /// timestamps), whichever is earlier.
+    fn deadline(&self, n: u64, head: &Pending) -> Instant {
+        let seen = head.first_seen;
+        let due = match (self.released, self.last) {
+            (Some(r), Some((at, ts))) if n > r + 1 => {
+                let ticks = u64::from(head.timestamp.wrapping_sub(ts));
+                let per_frame = Duration::from_micros(ticks * 1_000_000 / CLOCK_RATE / (n - r));
+                (per_frame <= MAX_INTERVAL).then(|| at + per_frame)
+            }
+            _ => None,
+        };
+        due.map_or(seen, |d| d.min(seen)) + self.config.budget
+    }
+
     /// The next frame to play, if one is ready now.
     pub fn poll_frame(&mut self, now: Instant) -> Option<Frame> {
         loop {
             let (&n, head) = self.pending.first_key_value()?;
-            let deadline = head.first_seen + self.config.budget;
+            let deadline = self.deadline(n, head);
             let Some(released) = self.released else {
                 // Start-up: play the first complete frame. An incomplete frame without its
                 // first fragment began before we joined: skip it as soon as a later frame
@@ -223,9 +250,11 @@ impl PlayoutBuffer {
                 return self.release(n, !in_order);
             }
             if !head.complete() && now >= deadline {
+                let (seen, ts) = (head.first_seen, head.timestamp);
                 self.pending.pop_first();
                 self.stats.incomplete_dropped += n - released;
                 self.released = Some(n);
+                self.last = Some((seen, ts));
                 continue;
             }
             return None;
@@ -235,6 +264,7 @@ impl PlayoutBuffer {
     fn release(&mut self, n: u64, waited: bool) -> Option<Frame> {
         let p = self.pending.remove(&n)?;
         self.released = Some(n);
+        self.last = Some((p.first_seen, p.timestamp));
         self.stats.frames += 1;
         if waited {
             self.stats.waited += 1;
@@ -260,7 +290,72 @@ impl PlayoutBuffer {
     /// When [`PlayoutBuffer::poll_frame`] may next have a frame without a new datagram:
     /// the budget deadline of the frame at the head, if it blocks.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let (_, head) = self.pending.first_key_value()?;
-        Some(head.first_seen + self.config.budget)
+        let (&n, head) = self.pending.first_key_value()?;
+        Some(self.deadline(n, head))
+    }
+}
+
+#[cfg(test)]
+// Tests read the clock once, as an origin for fake time.
+#[allow(clippy::disallowed_methods)]
+mod tests {
+    use super::*;
+
+    /// Frame `n` of a 25 fps stream (3,600 ticks a frame), one datagram.
+    fn header(n: u32) -> MediaHeader {
+        MediaHeader {
+            flags: 0,
+            stream: 7,
+            seq: n,
+            frame: n,
+            frag_index: 0,
+            frag_count: 1,
+            timestamp: n * 3_600,
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Frames 0..=4 arrive every 40 ms from `t0`, then nothing until frame `resume`
+    /// arrives at `t0 + at`; returns the buffer after frame 4 was played.
+    fn after_gap(t0: Instant, resume: u32, at: Duration) -> PlayoutBuffer {
+        let mut b = PlayoutBuffer::new(PlayoutConfig::default());
+        for n in 0..5 {
+            let t = t0 + ms(40 * u64::from(n));
+            b.push(t, &header(n), b"x");
+            assert_eq!(b.poll_frame(t).map(|f| f.number), Some(n));
+        }
+        b.push(t0 + at, &header(resume), b"y");
+        b
+    }
+
+    #[test]
+    fn frames_never_seen_are_waited_for_from_when_they_were_due() {
+        let t0 = Instant::now();
+        // An outage: frames 5..=9 never come; frame 10 arrives 250 ms after frame 4.
+        let mut b = after_gap(t0, 10, ms(160 + 250));
+        // Frame 5 was due at 200 ms: it is waited for until 500 ms, not 300 ms after
+        // frame 10 came (710 ms).
+        assert_eq!(b.poll_timeout(), Some(t0 + ms(500)));
+        assert!(b.poll_frame(t0 + ms(499)).is_none());
+        assert_eq!(b.poll_frame(t0 + ms(500)).map(|f| f.number), Some(10));
+        assert_eq!(b.stats().incomplete_dropped, 5);
+        // An outage longer than the budget: frame 10 plays as soon as it comes.
+        let mut b = after_gap(t0, 15, ms(160 + 600));
+        assert_eq!(b.poll_frame(t0 + ms(760)).map(|f| f.number), Some(15));
+        // One frame lost in a flowing stream: waited for its budget from when it was
+        // due (200 ms), about as long as from the next frame's arrival.
+        let mut b = after_gap(t0, 6, ms(240));
+        assert_eq!(b.poll_timeout(), Some(t0 + ms(500)));
+        assert_eq!(b.poll_frame(t0 + ms(500)).map(|f| f.number), Some(6));
+        // A frame seen incomplete keeps its budget from its first datagram.
+        let mut b = after_gap(t0, 5, ms(200));
+        let mut two = header(6);
+        two.frag_count = 2;
+        b.push(t0 + ms(240), &two, b"a");
+        assert_eq!(b.poll_frame(t0 + ms(240)).map(|f| f.number), Some(5));
+        assert_eq!(b.poll_timeout(), Some(t0 + ms(540)));
     }
 }
