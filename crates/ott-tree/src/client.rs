@@ -93,6 +93,10 @@ pub struct ClientConfig {
     /// ... and by at least this much (default 1 ms), so that microsecond noise on a
     /// fast network (loopback, a LAN) does not make the client hop between PoPs.
     pub switch_margin_abs: Duration,
+    /// ... and by at least this many times the sum of the two PoPs' measured spreads
+    /// (the mean deviation of each one's score over its probe replies; default 2), so
+    /// that jitter on the paths does not make the client hop between PoPs either.
+    pub switch_spread: f64,
     /// `ListStreams` is repeated this often until a `Streams` answer arrives (default 300 ms).
     pub request_retry: Duration,
     /// The catalogue is asked for again this often once known (default 5 s).
@@ -135,6 +139,7 @@ impl Default for ClientConfig {
             loss_window: 20,
             switch_margin: 0.2,
             switch_margin_abs: Duration::from_millis(1),
+            switch_spread: 2.0,
             request_retry: Duration::from_millis(300),
             catalogue_refresh: Duration::from_secs(5),
             max_lost_in_a_row: 3,
@@ -259,6 +264,8 @@ struct Pop {
     /// Every address of the PoP: a message from any of them is the PoP's.
     addrs: PeerAddrs,
     srtt: Option<Duration>,
+    /// Mean deviation of the score's base (RTT plus path latency) over the replies, µs.
+    dev_us: f64,
     path_latency_us: Option<u64>,
     /// Outcomes of the last `loss_window` resolved probes, `true` = answered.
     history: VecDeque<bool>,
@@ -395,6 +402,7 @@ impl Client {
                 addr: addrs.preferred,
                 addrs,
                 srtt: None,
+                dev_us: 0.0,
                 path_latency_us: None,
                 history: VecDeque::new(),
                 lost_in_a_row: 0,
@@ -774,6 +782,11 @@ impl Client {
         let sample = now.saturating_duration_since(probe.sent_at);
         let window = self.config.loss_window;
         let pop = &mut self.pops[idx];
+        let inst = sample.as_secs_f64() * 1e6 + path_latency_us.unwrap_or(0) as f64;
+        if let Some(s) = pop.srtt {
+            let prev = s.as_secs_f64() * 1e6 + pop.path_latency_us.unwrap_or(0) as f64;
+            pop.dev_us = (pop.dev_us * 3.0 + (inst - prev).abs()) / 4.0;
+        }
         pop.srtt = Some(match pop.srtt {
             None => sample,
             // EWMA with gain 1/4: a few probes follow a real change of the path.
@@ -927,7 +940,9 @@ impl Client {
             }
             (Some((b, bs)), Some(c), Some(cs)) => {
                 self.no_pop_reported = false;
-                let abs = self.config.switch_margin_abs.as_secs_f64() * 1e6;
+                let spread = self.config.switch_spread.max(0.0)
+                    * (self.pops[b].dev_us + self.pops[c].dev_us);
+                let abs = (self.config.switch_margin_abs.as_secs_f64() * 1e6).max(spread);
                 if b != c && bs < cs * (1.0 - self.config.switch_margin) && cs - bs >= abs {
                     self.switch_to(now, b);
                 }

@@ -42,6 +42,9 @@ struct FakePop {
     path: Vec<String>,
     /// Answer a first `Join` with a `Cookie` and a `ViewerJoin` with `Admitted`.
     admits: bool,
+    /// Each reply is delayed by `rtt` plus up to this much more or less (uniform,
+    /// from a fixed-seed generator).
+    jitter: Duration,
 }
 
 impl FakePop {
@@ -56,6 +59,7 @@ impl FakePop {
             got: Vec::new(),
             path: Vec::new(),
             admits: false,
+            jitter: Duration::ZERO,
         }
     }
 }
@@ -75,6 +79,7 @@ struct World {
     /// Every message the client sent, in order, with its destination PoP id.
     sent: Vec<(String, Message)>,
     events: Vec<(Duration, ClientEvent)>,
+    rng: fastrand::Rng,
 }
 
 impl World {
@@ -96,6 +101,7 @@ impl World {
             seq: 0,
             sent: Vec::new(),
             events: Vec::new(),
+            rng: fastrand::Rng::with_seed(5),
         };
         w.drain();
         w
@@ -157,7 +163,12 @@ impl World {
                 _ => None,
             };
             if let Some(r) = reply {
-                let at = self.now + pop.rtt;
+                let mut delay = pop.rtt;
+                if !pop.jitter.is_zero() {
+                    let j = pop.jitter.as_secs_f64() * (self.rng.f64() * 2.0 - 1.0);
+                    delay = Duration::from_secs_f64((delay.as_secs_f64() + j).max(0.0));
+                }
+                let at = self.now + delay;
                 let bytes = ott_proto::encode(&r).expect("replies encode");
                 self.seq += 1;
                 self.wire.push(Reverse((at, self.seq, i, bytes)));
@@ -909,4 +920,35 @@ fn a_second_pop_that_takes_the_first_place_keeps_avoiding_the_other_path() {
     assert!(to_p2.len() > before, "p2 is still asked to avoid");
     assert_eq!(to_p2.last(), Some(&path(&["r1", "p3"])));
     assert!(avoids_to(&w, "p3").is_empty(), "the new second is not");
+}
+
+#[test]
+fn jitter_on_the_paths_does_not_make_the_client_hop_between_pops() {
+    // Two PoPs 5 ms apart, each reply ±20 ms: noise, not a better PoP.
+    let mut p1 = FakePop::new(1, 45, 1_000);
+    let mut p2 = FakePop::new(2, 40, 1_000);
+    for p in [&mut p1, &mut p2] {
+        p.jitter = ms(20);
+    }
+    let mut w = World::new(vec![p1, p2]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(Duration::from_secs(300));
+    assert!(
+        w.client.pop_switches() <= 2,
+        "{} PoP switches in 5 minutes of jitter",
+        w.client.pop_switches()
+    );
+    // A PoP really better by far more than the jitter still wins.
+    let mut p1 = FakePop::new(1, 150, 1_000);
+    let mut p2 = FakePop::new(2, 40, 1_000);
+    for p in [&mut p1, &mut p2] {
+        p.jitter = ms(20);
+    }
+    p2.alive = false;
+    let mut w = World::new(vec![p1, p2]);
+    w.run_until(Duration::from_secs(5));
+    assert_eq!(w.client.pop(), Some("p1"));
+    w.pop_mut("p2").alive = true;
+    w.run_until(Duration::from_secs(40));
+    assert_eq!(w.client.pop(), Some("p2"));
 }

@@ -119,3 +119,24 @@ fn viewers_keep_their_pop_under_5_percent_loss() {
         );
     }
 }
+
+#[test]
+fn viewers_keep_their_pop_under_20_ms_of_jitter() {
+    for seed in [1, 2] {
+        let mut sim = seed_with(seed, 20, 0.0);
+        sim.start();
+        sim.run_for(Duration::from_secs(20));
+        let before: Vec<u64> = ["v1", "v2"]
+            .iter()
+            .map(|c| sim.client(c).pop_switches())
+            .collect();
+        sim.run_for(Duration::from_secs(300));
+        for (c, b) in ["v1", "v2"].iter().zip(before) {
+            let switches = sim.client(c).pop_switches() - b;
+            assert!(
+                switches <= 5,
+                "seed {seed}: {c} switched PoP {switches} times in 5 minutes of ±20 ms jitter"
+            );
+        }
+    }
+}
