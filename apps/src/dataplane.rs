@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use ott_datapath::{
-    Child, ChildKind, Config, Counters as CoreCounters, DataPath, Drop as DropReason, Event,
-    Payload, StreamStats, Transmit,
+    Child, Config, Counters as CoreCounters, DataPath, Drop as DropReason, Event, Payload,
+    StreamStats, Transmit,
 };
 use ott_proto::auth::SessionKey;
 use ott_proto::{MediaHeader, Message};
@@ -131,17 +131,7 @@ pub(crate) fn children_of(
     children: &[SocketAddr],
     sessions: &[(SocketAddr, SessionKey)],
 ) -> Vec<Child> {
-    children
-        .iter()
-        .map(|c| Child {
-            addr: *c,
-            kind: match sessions.iter().find(|(a, _)| a == c) {
-                Some((_, k)) => ChildKind::Session(k.clone()),
-                None if keying.is_member(*c) => ChildKind::Member,
-                None => ChildKind::Strip,
-            },
-        })
-        .collect()
+    ott_datapath::children_from(children, sessions, |c| keying.is_member(c))
 }
 
 /// The core's limits for a forwarder.
