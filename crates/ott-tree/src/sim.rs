@@ -61,49 +61,6 @@ use ott_proto::{flags, MediaHeader, Message, StreamId, StreamInfo, HEADER_LEN};
 
 use crate::{Client, ClientConfig, ClientEvent, Event, Node, NodeConfig, Role};
 
-/// A hash map with a fast, fixed hash (the simulator's keys are its own small
-/// integers and ids, not an adversary's): lookups on every datagram stay cheap, and
-/// iteration order depends on nothing but the contents.
-type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
-
-/// A multiply-rotate hasher (as in rustc's FxHash).
-#[derive(Debug, Default, Clone, Copy)]
-struct FastHasher(u64);
-
-impl std::hash::Hasher for FastHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            self.write_u64(u64::from_le_bytes(w));
-        }
-        for &b in chunks.remainder() {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u8(&mut self, n: u8) {
-        self.write_u64(u64::from(n));
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-}
-
 /// Control port of every simulated host.
 pub const CONTROL_PORT: u16 = 7000;
 /// Data port of every simulated node.
@@ -275,6 +232,18 @@ struct InFlight {
     payload: Payload,
 }
 
+impl Ord for InFlight {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+impl PartialOrd for InFlight {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 /// Copies of one stream carried over one directed link.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Copies {
@@ -332,7 +301,7 @@ enum ForestKey {
 /// square, and allocates nothing.
 #[derive(Debug, Default)]
 struct Forests {
-    parent: FastMap<ForestKey, Vec<Option<usize>>>,
+    parent: HashMap<ForestKey, Vec<Option<usize>>>,
     /// Per host, the keys under which it has a pointer (sorted).
     keys: Vec<Vec<ForestKey>>,
     mark: Vec<u64>,
@@ -447,13 +416,9 @@ pub struct Sim {
     seed: u64,
     hosts: Vec<Host>,
     index: BTreeMap<String, usize>,
-    by_ip: FastMap<Ipv4Addr, usize>,
-    links: FastMap<(usize, usize), SimLink>,
-    /// Datagrams in flight: the heap orders small keys (arrival, sequence number, slot),
-    /// the slab holds the datagrams (sifting the heap moves 32 bytes, not a datagram).
-    wire: BinaryHeap<Reverse<(Instant, u64, u32)>>,
-    in_flight: Vec<Option<InFlight>>,
-    free_slots: Vec<u32>,
+    by_ip: HashMap<Ipv4Addr, usize>,
+    links: HashMap<(usize, usize), SimLink>,
+    wire: BinaryHeap<Reverse<InFlight>>,
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     seq: u64,
     started: bool,
@@ -462,9 +427,9 @@ pub struct Sim {
     silence_hint: Option<Duration>,
     next_media: Option<Instant>,
     tick: u64,
-    copies: FastMap<(usize, usize, StreamId), Copies>,
+    copies: HashMap<(usize, usize, StreamId), Copies>,
     /// When each frame was made (since the start), by stream and frame number.
-    frame_sent: FastMap<(StreamId, u32), Duration>,
+    frame_sent: HashMap<(StreamId, u32), Duration>,
     /// Per stream, when a frame of it was made (once per period, however many servers
     /// offer it).
     frame_times: BTreeMap<StreamId, Vec<Duration>>,
@@ -478,7 +443,7 @@ pub struct Sim {
     /// incremental loop check.
     forests: Forests,
     /// Host index by id (the sorted `index` is for ordered walks).
-    ids: FastMap<String, usize>,
+    ids: HashMap<String, usize>,
     /// Most steps a single `run_until` may take before it panics.
     pub max_steps: u64,
     /// Template for node configurations (id, role, data port and seed are overwritten).
@@ -606,11 +571,9 @@ impl Sim {
             seed,
             hosts: Vec::new(),
             index: BTreeMap::new(),
-            by_ip: FastMap::default(),
-            links: FastMap::default(),
+            by_ip: HashMap::new(),
+            links: HashMap::new(),
             wire: BinaryHeap::new(),
-            in_flight: Vec::new(),
-            free_slots: Vec::new(),
             timers: BinaryHeap::new(),
             seq: 0,
             started: false,
@@ -618,8 +581,8 @@ impl Sim {
             silence_hint: None,
             next_media: None,
             tick: 0,
-            copies: FastMap::default(),
-            frame_sent: FastMap::default(),
+            copies: HashMap::new(),
+            frame_sent: HashMap::new(),
             frame_times: BTreeMap::new(),
             routed: std::collections::BTreeSet::new(),
             stats: SimStats::default(),
@@ -627,7 +590,7 @@ impl Sim {
             check_loops: false,
             first_violation: None,
             forests: Forests::default(),
-            ids: FastMap::default(),
+            ids: HashMap::new(),
             max_steps: 50_000_000,
             node_config: NodeConfig::new("", Role::Relay, DATA_PORT),
             client_config: ClientConfig::default(),
@@ -1428,7 +1391,7 @@ impl Sim {
     /// One step: deliver the earliest datagram, or fire the earliest timer, or the media
     /// tick, if it is not after `end`. Returns false when nothing is left before `end`.
     fn step(&mut self, end: Instant) -> bool {
-        let wire = self.wire.peek().map(|Reverse((at, _, _))| *at);
+        let wire = self.wire.peek().map(|Reverse(f)| f.at);
         let timer = self.next_timer();
         let media = self.next_media;
         let next = [wire, timer.map(|(t, _)| t), media]
@@ -1444,12 +1407,8 @@ impl Sim {
         self.now = self.now.max(next);
         self.stats.steps += 1;
         if wire == Some(next) {
-            if let Some(Reverse((_, _, slot))) = self.wire.pop() {
-                let f = self.in_flight.get_mut(slot as usize).and_then(Option::take);
-                self.free_slots.push(slot);
-                if let Some(f) = f {
-                    self.deliver(f);
-                }
+            if let Some(Reverse(f)) = self.wire.pop() {
+                self.deliver(f);
             }
         } else if let Some((t, i)) = timer.filter(|(t, _)| *t == next) {
             self.timers.pop();
@@ -1701,26 +1660,14 @@ impl Sim {
             params.jitter.mul_f64(self.rng.f64())
         };
         self.seq += 1;
-        let f = InFlight {
+        self.wire.push(Reverse(InFlight {
             at: self.now + params.latency + jitter,
             seq: self.seq,
             from: from_addr,
             to,
             src: from,
             payload: p,
-        };
-        let key = (f.at, f.seq);
-        let slot = match self.free_slots.pop() {
-            Some(k) => {
-                self.in_flight[k as usize] = Some(f);
-                k
-            }
-            None => {
-                self.in_flight.push(Some(f));
-                u32::try_from(self.in_flight.len() - 1).unwrap_or(u32::MAX)
-            }
-        };
-        self.wire.push(Reverse((key.0, key.1, slot)));
+        }));
     }
 
     /// Deliver one datagram; returns the host whose tree state machine it changed.
