@@ -292,7 +292,7 @@ fn ms(us: Option<u64>) -> Option<f64> {
 impl Table {
     /// A table for the overlay nodes of `topology`, whose addresses follow `plan`.
     pub fn new(topology: &Topology, plan: AddressPlan, config: TableConfig) -> Self {
-        let overlay: Vec<&ott_overlay::Node> = topology
+        let overlay: Vec<&ott_overlay::NodeSpec> = topology
             .nodes
             .iter()
             .filter(|n| n.role.is_overlay())

@@ -15,24 +15,23 @@
 //! upstream sealed. A failed send to one child is counted and never stops forwarding to
 //! the others.
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, TryRecvError};
 use ott_datapath::{
-    Child, Config, Counters as CoreCounters, DataPath, Drop as DropReason, Event, Payload,
-    StreamStats, Transmit,
+    Child, Config, DataPath, DataPathCounters as CoreCounters, DataPathEvent as Event,
+    Drop as DropReason, Payload, Transmit,
 };
 use ott_proto::auth::SessionKey;
 use ott_proto::{MediaHeader, Message};
-use serde::Serialize;
 
 use crate::batch::{send_batch, RecvBatch};
 use crate::counters::{add, Counters};
+use crate::datacmd::{DataCmd, StreamTraffic};
 use crate::keying::{ControlGate, ControlSender, Keying, Refused};
 
 /// Datagrams read per system call.
@@ -48,80 +47,6 @@ pub const MAX_STREAMS: usize = 256;
 pub const RESEND_BYTES_PER_SEC: u64 = 4 << 20;
 /// ...and the most it may save up (a burst).
 pub const RESEND_BURST_BYTES: u64 = 1 << 20;
-
-/// Commands from the control loop to the forwarding thread.
-#[derive(Debug)]
-pub enum DataCmd {
-    /// Replace the children of a stream.
-    Route {
-        /// The stream.
-        stream: u32,
-        /// Data addresses to send it to; empty removes the route (and every piece of
-        /// state of the stream).
-        children: Vec<SocketAddr>,
-        /// The children that are viewers, with their session keys: what they get is
-        /// tagged with it (see [`ott_proto::auth::SessionKey`]).
-        sessions: Vec<(SocketAddr, SessionKey)>,
-    },
-    /// Answer with the per-stream traffic.
-    Snapshot(Sender<DataSnapshot>),
-    /// End the thread.
-    Stop,
-}
-
-/// Media traffic of one stream at this node.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct StreamTraffic {
-    /// Media datagrams received (duplicates included).
-    pub packets_in: u64,
-    /// Bytes of those.
-    pub bytes_in: u64,
-    /// Frames received (first fragments).
-    pub frames_in: u64,
-    /// Media datagrams sent to children.
-    pub packets_out: u64,
-    /// Duplicates dropped.
-    pub duplicates: u64,
-    /// Another source's datagrams dropped (one source at a time).
-    pub other_source: u64,
-    /// Current number of children.
-    pub children: usize,
-    /// NACK messages sent upstream.
-    pub nacks_sent: u64,
-    /// NACK messages received from children.
-    pub nacks_received: u64,
-    /// NACKs from children answered with at least one datagram.
-    pub nacks_answered: u64,
-    /// Datagrams resent to children answering their NACKs.
-    pub retransmitted: u64,
-    /// Missing datagrams given up (not recovered within the budget).
-    pub given_up: u64,
-    /// Milliseconds since the last live (not resent) media datagram, if any came.
-    pub idle_ms: Option<u64>,
-}
-
-impl From<StreamStats> for StreamTraffic {
-    fn from(s: StreamStats) -> Self {
-        Self {
-            packets_in: s.datagrams_in,
-            bytes_in: s.bytes_in,
-            frames_in: s.frames_in,
-            packets_out: s.datagrams_out,
-            duplicates: s.duplicates,
-            other_source: s.other_source,
-            children: s.children,
-            nacks_sent: s.nacks_sent,
-            nacks_received: s.nacks_received,
-            nacks_answered: s.nacks_answered,
-            retransmitted: s.retransmitted,
-            given_up: s.given_up,
-            idle_ms: None,
-        }
-    }
-}
-
-/// Per-stream traffic, keyed by stream id.
-pub type DataSnapshot = HashMap<u32, StreamTraffic>;
 
 /// How each child of a route gets the media: a viewer with a session gets it sealed
 /// with its session key; an overlay member as received; anyone else without the overlay
@@ -213,6 +138,8 @@ struct Forwarder {
     keying: Keying,
     gate: ControlGate,
     sender: ControlSender,
+    /// Names of the routed streams, for logs.
+    names: std::collections::HashMap<u32, String>,
 }
 
 impl Forwarder {
@@ -237,6 +164,7 @@ impl Forwarder {
             plan: Vec::with_capacity(BATCH * 4),
             nacks: Vec::new(),
             data_port,
+            names: std::collections::HashMap::new(),
         }
     }
 
@@ -246,13 +174,20 @@ impl Forwarder {
                 match cmds.try_recv() {
                     Ok(DataCmd::Route {
                         stream,
+                        name,
                         children,
                         sessions,
                     }) => {
+                        if children.is_empty() {
+                            self.names.remove(&stream);
+                        } else {
+                            self.names.insert(stream, name.clone());
+                        }
                         let children = children_of(&self.keying, &children, &sessions);
                         if !self.core.set_route(Instant::now(), stream, children) {
+                            self.names.remove(&stream);
                             tracing::warn!(
-                                stream,
+                                stream = %name,
                                 max = MAX_STREAMS,
                                 "stream cap reached: route refused"
                             );
@@ -301,7 +236,8 @@ impl Forwarder {
                     // Its tag verified: a member's address, which our NACKs are sealed for.
                     Event::Upstream { from, .. } => self.keying.learn(from),
                     Event::SourceSwitched { stream } => {
-                        tracing::info!(stream, "stream source changed");
+                        let name = self.names.get(&stream).map_or("?", String::as_str);
+                        tracing::info!(stream = %name, "stream source changed");
                     }
                 }
             }
@@ -420,13 +356,4 @@ pub fn retransmission(datagram: &[u8]) -> Bytes {
     let mut d = datagram.to_vec();
     MediaHeader::mark_retransmit(&mut d);
     Bytes::from(d)
-}
-
-/// Ask the forwarding thread for its per-stream traffic (empty if it does not answer in time).
-pub fn snapshot(cmds: &Sender<DataCmd>) -> DataSnapshot {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    if cmds.send(DataCmd::Snapshot(tx)).is_err() {
-        return DataSnapshot::new();
-    }
-    rx.recv_timeout(Duration::from_secs(1)).unwrap_or_default()
 }

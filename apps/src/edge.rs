@@ -30,7 +30,7 @@ use anyhow::Context;
 use crossbeam_channel::{Receiver, Sender};
 use ott_proto::{untrusted, StreamInfo};
 
-use crate::driver::StatusQuery;
+use crate::ctrlio::StatusQuery;
 use crate::http::{Feed, Hub, Refusal, Source};
 use crate::httpd::{self, HttpStats, Limits};
 use crate::status::StatusSource;

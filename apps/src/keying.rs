@@ -270,6 +270,7 @@ pub fn is_viewer_message(msg: &Message) -> bool {
             | Message::ViewerLeave { .. }
             | Message::Leave { .. }
             | Message::Nack { .. }
+            | Message::Avoid { .. }
     )
 }
 

@@ -2,8 +2,9 @@
 //!
 //! The protocol lives in the sans-IO crates (`ott-tree`, `ott-overlay`, `ott-media`,
 //! `ott-proto`); this crate owns what they deliberately leave out: sockets, threads,
-//! the clock, signals, the `--status` HTTP endpoint, and the launcher that runs a whole
-//! topology on loopback for the demo and the integration tests.
+//! the clock, signals, the `--status` HTTP endpoint, and the placing of a topology on
+//! loopback. The launcher that runs a whole topology for the demo and the integration
+//! tests is in the `ott-testkit` crate.
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
@@ -12,7 +13,9 @@ pub mod args;
 #[allow(unsafe_code)]
 pub mod batch;
 pub mod counters;
+pub mod ctrlio;
 pub mod dashboard;
+pub mod datacmd;
 pub mod dataplane;
 pub mod dedup;
 pub mod driver;
@@ -20,8 +23,8 @@ pub mod edge;
 pub mod http;
 pub mod httpd;
 pub mod keying;
-pub mod launcher;
 pub mod live;
+pub mod loopback;
 pub mod net;
 pub mod node_runtime;
 // `IP_PKTINFO` (the local address a datagram came to) needs `recvmsg`/`sendmsg` with

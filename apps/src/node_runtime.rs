@@ -14,8 +14,9 @@ use ott_proto::StreamInfo;
 use ott_tree::{Node, NodeConfig};
 
 use crate::counters::Counters;
-use crate::dataplane::DataCmd;
-use crate::driver::{spawn_receivers, LoopStatus, NodeLoop};
+use crate::ctrlio::{spawn_receivers, LoopStatus};
+use crate::datacmd::DataCmd;
+use crate::driver::NodeLoop;
 use crate::keying::Keying;
 use crate::net::{bind_udp, ControlSockets};
 

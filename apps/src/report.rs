@@ -22,7 +22,7 @@ use crossbeam_channel::Sender;
 use ott_proto::report::{NeighbourReport, RouteReport, StateReport, StreamReport};
 use serde::Deserialize;
 
-use crate::driver::StatusQuery;
+use crate::ctrlio::StatusQuery;
 
 /// Default period of state reports, ms.
 pub const DEFAULT_REPORT_MS: u64 = 500;

@@ -22,13 +22,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{select, Receiver, Sender};
-use ott_datapath::{Counters as CoreCounters, DataPath, Payload};
+use ott_datapath::{DataPath, DataPathCounters as CoreCounters, Payload};
 use ott_media::{Clip, ClipSource, Packetizer, TimedFrame};
 use ott_proto::{MediaKind, Message, NackRange};
 
 use crate::batch;
 use crate::counters::{add, Counters};
-use crate::dataplane::{self, DataCmd, DataSnapshot, ForwarderConfig, StreamTraffic};
+use crate::datacmd::{DataCmd, DataSnapshot, StreamTraffic};
+use crate::dataplane::{self, ForwarderConfig};
 use crate::keying::{Keying, Refused};
 use crate::live::LiveFrame;
 
@@ -261,7 +262,7 @@ fn source_loop(
         select! {
             recv(cmds) -> cmd => match cmd {
                 Ok(DataCmd::Route {
-                    stream, children, sessions,
+                    stream, children, sessions, ..
                 }) => {
                     if let Some(f) = feeds.iter().find(|f| f.id == stream) {
                         tracing::info!(stream = %f.name, children = children.len(), "stream route changed");

@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use crossbeam_channel::{select, Receiver};
 use ott_bootstrap::Request;
-use ott_datapath::{Config as DataConfig, DataPath, Drop as DropReason, Event, Payload};
+use ott_datapath::{Config as DataConfig, DataPath, DataPathEvent, Drop as DropReason, Payload};
 use ott_media::{Frame, PlayoutBuffer, PlayoutConfig};
 use ott_proto::{flags, MediaKind, Message, StreamInfo, HEADER_LEN};
 use ott_tree::client::{Client, ClientConfig, ClientEvent};
 use serde::Serialize;
 
 use crate::counters::{add, Counters};
-use crate::driver::{send_msg, spawn_receiver, Datagram, StatusQuery};
+use crate::ctrlio::{send_msg, spawn_receiver, Datagram, StatusQuery};
 use crate::http::Hub;
 
 /// A gap between two frames longer than this counts as a stall.
@@ -52,6 +52,8 @@ pub struct Options {
     pub latency: Duration,
     /// Ask the PoP to resend lost datagrams.
     pub nack: bool,
+    /// Paths to receive the stream over, 1 or 2 ([`ClientConfig::paths`]).
+    pub paths: u8,
 }
 
 /// Reception statistics of a run, printed as the summary line.
@@ -241,6 +243,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let epoch = Instant::now();
     let config = ClientConfig {
         seed: crate::node_runtime::incarnation(),
+        paths: opts.paths,
         ..ClientConfig::default()
     };
     // A PoP is known by every address the bootstrapper gave for it: it may answer from
@@ -296,7 +299,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         crate::status::serve(
             addr,
             crate::http::with_hub(
-                Arc::new(crate::driver::LoopStatus {
+                Arc::new(crate::ctrlio::LoopStatus {
                     id: opts.id.clone().unwrap_or_else(|| "client".into()),
                     queries: status_tx,
                     counters: v.counters.clone(),
@@ -369,6 +372,7 @@ pub fn run_embedded(
         bootstrap_wait: Duration::ZERO,
         latency: Duration::from_millis(300),
         nack: true,
+        paths: 1,
     };
     let client = Client::new(config, vec![pop], local.port(), epoch, epoch);
     let mut v = Viewer {
@@ -676,9 +680,9 @@ impl Viewer {
             }
         };
         while let Some(ev) = self.data.poll_event() {
-            if let Event::SourceSwitched { .. } = ev {
+            if let DataPathEvent::SourceSwitched { .. } = ev {
                 // Another server's copy: its frame numbers are unrelated to the old ones.
-                tracing::info!(stream = ?self.rec.stream, "stream source changed");
+                tracing::info!(stream = %self.rec.stream.as_deref().unwrap_or("?"), "stream source changed");
                 self.playout.reset();
                 self.rec.source_switches += 1;
                 // A TS copy from another server continues from its next keyframe.

@@ -10,9 +10,9 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::{bin_dir, clips, root, work_dir, ONE_AT_A_TIME};
-use ott_apps::launcher::{verify_mjpeg, wait_for, Cluster, KeyMode, LaunchOptions};
 use ott_overlay::{AddressPlan, CONTROL_PORT, DATA_PORT};
 use ott_proto::{flags, MediaHeader, Message};
+use ott_testkit::{verify_mjpeg, wait_for, Cluster, KeyMode, LaunchOptions};
 
 fn ip_of(c: &Cluster, id: &str) -> IpAddr {
     IpAddr::V4(

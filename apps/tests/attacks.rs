@@ -16,9 +16,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket}
 use std::time::{Duration, Instant};
 
 use common::{bin_dir, clips, out_file, root, work_dir, ONE_AT_A_TIME};
-use ott_apps::launcher::{parse_summary, verify_mjpeg, wait_for, Cluster, KeyMode, LaunchOptions};
 use ott_overlay::{AddressPlan, CONTROL_PORT, DATA_PORT};
 use ott_proto::{flags, MediaHeader, Message, NackRange, StreamInfo};
+use ott_testkit::{parse_summary, verify_mjpeg, wait_for, Cluster, KeyMode, LaunchOptions};
 use spoof::Spoofer;
 
 /// The network of this file: every address is 127.93.x.y.
@@ -533,8 +533,7 @@ fn attack_bootstrapper(c: &Cluster) {
         Duration::from_secs(10),
         "the bootstrapper counts the flood",
         || {
-            metrics =
-                ott_apps::launcher::http_get(c.dashboard_addr(), "/metrics").unwrap_or_default();
+            metrics = ott_testkit::http_get(c.dashboard_addr(), "/metrics").unwrap_or_default();
             let n = |r: &str| -> u64 {
                 metrics
                     .lines()

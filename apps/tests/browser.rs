@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{bin_dir, launch, work_dir, ONE_AT_A_TIME};
-use ott_apps::launcher::{http_get, wait_for, Cluster};
+use ott_testkit::{http_get, wait_for, Cluster};
 
 /// A child process killed (by its pid) when dropped, also when a test fails.
 struct Guard(Child);
@@ -627,7 +627,7 @@ fn measure_first_picture_and_latency() {
                     .expect("copy clip");
             }
             eprintln!("measure: testcard with a keyframe every {gop} frames");
-            let c = Cluster::start(ott_apps::launcher::LaunchOptions {
+            let c = Cluster::start(ott_testkit::LaunchOptions {
                 bin_dir: bin_dir(),
                 topology: common::root().join("topologies/line.toml"),
                 videos,

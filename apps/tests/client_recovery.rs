@@ -110,6 +110,7 @@ fn run(net: u8, nack: bool) -> (Vec<u8>, Vec<Vec<u8>>, u64) {
                     path_latency_us: Some(1000),
                     hops: 1,
                     viewers: 0,
+                    path: Vec::new(),
                 }),
                 Ok(Message::ListStreams) => Some(Message::Streams {
                     streams: vec![info.clone()],

@@ -12,8 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ott_apps::launcher::{http_get, wait_for, Cluster};
 use ott_apps::status::parse_exposition;
+use ott_testkit::{http_get, wait_for, Cluster};
 use serde_json::Value;
 
 /// `/api/tree`, parsed.

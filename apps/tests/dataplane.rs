@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ott_apps::counters::Counters;
-use ott_apps::dataplane::{spawn_forwarder, DataCmd};
+use ott_apps::datacmd::DataCmd;
+use ott_apps::dataplane::spawn_forwarder;
 use ott_proto::{flags, MediaHeader, Message, NackRange};
 
 fn datagram(seq: u32) -> Vec<u8> {
@@ -62,12 +63,13 @@ fn setup(n_children: usize) -> Setup {
         .collect();
     cmds.send(DataCmd::Route {
         stream: 42,
+        name: "test".into(),
         children: addrs,
         sessions: Vec::new(),
     })
     .expect("route");
     // Commands are applied in order: once the snapshot answers, the route is in place.
-    let snap = ott_apps::dataplane::snapshot(&cmds);
+    let snap = ott_apps::datacmd::snapshot(&cmds);
     assert_eq!(snap.get(&42).map(|t| t.children), Some(n_children));
     let upstream = UdpSocket::bind("127.0.0.1:0").expect("bind");
     upstream
@@ -166,11 +168,12 @@ fn a_viewer_gets_session_tagged_media_and_an_unrouted_stream_costs_nothing() {
     let v = viewer.local_addr().expect("addr");
     cmds.send(DataCmd::Route {
         stream: 42,
+        name: "test".into(),
         children: vec![v],
         sessions: vec![(v, key.clone())],
     })
     .expect("route");
-    assert!(ott_apps::dataplane::snapshot(&cmds).contains_key(&42));
+    assert!(ott_apps::datacmd::snapshot(&cmds).contains_key(&42));
     // A stream nobody routed: counted, and no state appears for it.
     let mut other = datagram(1);
     other[4..8].copy_from_slice(&7u32.to_be_bytes());
@@ -186,19 +189,20 @@ fn a_viewer_gets_session_tagged_media_and_an_unrouted_stream_costs_nothing() {
         let body = key.open(&buf[..len]).expect("the session tag verifies");
         assert_eq!(body, &datagram(seq)[..]);
     }
-    let snap = ott_apps::dataplane::snapshot(&cmds);
+    let snap = ott_apps::datacmd::snapshot(&cmds);
     assert_eq!(snap.keys().copied().collect::<Vec<_>>(), vec![42]);
     assert_eq!(counters.snapshot().unrouted, 10);
     // The route goes, and the stream's state with it.
     cmds.send(DataCmd::Route {
         stream: 42,
+        name: "test".into(),
         children: Vec::new(),
         sessions: Vec::new(),
     })
     .expect("route");
-    assert!(ott_apps::dataplane::snapshot(&cmds).is_empty());
+    assert!(ott_apps::datacmd::snapshot(&cmds).is_empty());
     upstream.send_to(&datagram(9), relay).expect("send");
-    let _ = ott_apps::dataplane::snapshot(&cmds);
+    let _ = ott_apps::datacmd::snapshot(&cmds);
     assert!(wait_counter(&counters, 11));
     let _ = cmds.send(DataCmd::Stop);
 }

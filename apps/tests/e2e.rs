@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use ott_apps::launcher::{parse_summary, verify_mjpeg, wait_for};
+use ott_testkit::{parse_summary, verify_mjpeg, wait_for};
 
 #[test]
 fn two_clients_two_streams_receive_intact_frames_at_the_clip_rate() {

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use ott_apps::launcher::{parse_summary, verify_mjpeg, wait_for, Cluster};
 use ott_overlay::Role;
+use ott_testkit::{parse_summary, verify_mjpeg, wait_for, Cluster};
 
 /// The PoP serving a viewer of `stream` (a `client@` child in its status), if any.
 fn pop_of(c: &Cluster, stream: &str) -> Option<String> {

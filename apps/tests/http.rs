@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ott_apps::http::{self, Hub};
 use ott_apps::httpd::{Limits, Server};
-use ott_apps::launcher::wait_for;
 use ott_apps::status::{self, StatusSource};
 use ott_proto::{MediaKind, StreamInfo};
+use ott_testkit::wait_for;
 use socket2::{Domain, Socket, Type};
 
 /// Generous bound for a test-side wait; never reached when things work.

@@ -9,9 +9,9 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::{bin_dir, clips, launch, out_file, root, work_dir, ONE_AT_A_TIME};
-use ott_apps::launcher::{verify_mjpeg, wait_for, Cluster, KeyMode, LaunchOptions};
 use ott_overlay::{AddressPlan, CONTROL_PORT, DATA_PORT};
 use ott_proto::{flags, MediaHeader, Message, StreamInfo};
+use ott_testkit::{verify_mjpeg, wait_for, Cluster, KeyMode, LaunchOptions};
 
 fn ip_of(c: &Cluster, id: &str) -> IpAddr {
     IpAddr::V4(
@@ -230,7 +230,7 @@ fn without_a_key_the_overlay_runs_with_one_warning() {
     let out = c
         .wait_client("viewer", Duration::from_secs(30))
         .expect("client ends cleanly");
-    let frames: u64 = ott_apps::launcher::parse_summary(&out)
+    let frames: u64 = ott_testkit::parse_summary(&out)
         .get("frames")
         .and_then(|f| f.parse().ok())
         .unwrap_or(0);

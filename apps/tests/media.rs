@@ -14,8 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{bin_dir, root, ONE_AT_A_TIME};
-use ott_apps::launcher::{http_get, parse_summary, verify_mjpeg, wait_for, Cluster, LaunchOptions};
 use ott_media::{mjpeg, ts};
+use ott_testkit::{http_get, parse_summary, verify_mjpeg, wait_for, Cluster, LaunchOptions};
 
 /// Keyframe interval of videos/testcard.ts: `-g 50` at 25 fps.
 const TESTCARD_GOP: Duration = Duration::from_secs(2);

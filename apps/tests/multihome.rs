@@ -13,9 +13,9 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ott_apps::launcher::{parse_summary, verify_mjpeg, Cluster, LaunchOptions};
 use ott_bootstrap::Request;
 use ott_proto::Message;
+use ott_testkit::{parse_summary, verify_mjpeg, Cluster, LaunchOptions};
 
 const TOPOLOGY: &str = r#"
 name = "multihome"

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ott_apps::batch::{offload, send_batch, send_batch_with, RecvBatch};
 use ott_apps::keying::Keying;
-use ott_apps::launcher::{http_get, wait_for};
 use ott_proto::auth::OverlayKey;
 use ott_proto::{flags, MediaHeader, MediaKind, Message, StreamInfo};
+use ott_testkit::{http_get, wait_for};
 use ott_tree::{Event, Node, NodeConfig, Role};
 
 #[derive(clap::Args)]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use ott_apps::launcher::{parse_summary, verify_mjpeg, Cluster, KeyMode, LaunchOptions};
+use ott_testkit::{parse_summary, verify_mjpeg, Cluster, KeyMode, LaunchOptions};
 
 #[derive(clap::Args)]
 pub(crate) struct DemoArgs {

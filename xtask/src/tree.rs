@@ -52,7 +52,7 @@ pub(crate) fn run(args: TreeArgs) -> anyhow::Result<()> {
 
 /// `/api/tree` of the dashboard at `addr`.
 pub(crate) fn fetch(addr: SocketAddr) -> anyhow::Result<Tree> {
-    let body = ott_apps::launcher::http_get(addr, "/api/tree").with_context(|| {
+    let body = ott_testkit::http_get(addr, "/api/tree").with_context(|| {
         format!("no /api/tree at {addr}: is it the bootstrapper's --http address?")
     })?;
     serde_json::from_str(&body).with_context(|| format!("/api/tree at {addr} is not a tree"))

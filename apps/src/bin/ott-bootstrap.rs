@@ -72,7 +72,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(n) => {
             let text = std::fs::read_to_string(&args.topology)
                 .with_context(|| format!("cannot read {}", args.topology.display()))?;
-            let placed = ott_apps::launcher::with_loopback_addresses(&text, n)?;
+            let placed = ott_apps::loopback::with_loopback_addresses(&text, n)?;
             Topology::parse(&placed, &args.topology.display().to_string())?
         }
         None => topology,

@@ -61,6 +61,12 @@ struct Args {
     /// Do not ask the PoP to resend lost datagrams (loss recovery off; for comparisons).
     #[arg(long)]
     no_nack: bool,
+    /// Receive the stream over this many paths (1 or 2). With 2 the client also joins
+    /// a second PoP whose tree path from the server shares no relay with the first's
+    /// (where the topology has one) and keeps the first copy of each datagram, so that
+    /// losing one relay, PoP or link costs no frame.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=2))]
+    paths: u8,
 }
 
 fn main() -> std::process::ExitCode {
@@ -79,6 +85,7 @@ fn main() -> std::process::ExitCode {
         bootstrap_wait: Duration::from_secs(args.bootstrap_wait_secs),
         latency: Duration::from_millis(args.latency_ms),
         nack: !args.no_nack,
+        paths: args.paths,
     };
     match ott_apps::viewer::run(opts) {
         Ok(()) => std::process::ExitCode::SUCCESS,

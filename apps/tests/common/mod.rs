@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ott_apps::launcher::{Cluster, LaunchOptions};
+use ott_testkit::{Cluster, LaunchOptions};
 
 /// Keeps at most one cluster of a test file running at a time, so timings stay
 /// realistic on small machines.

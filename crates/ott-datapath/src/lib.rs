@@ -19,7 +19,7 @@
 //! - **Per-child delivery.** An overlay member gets the bytes as received; a viewer
 //!   without a session gets them without the overlay tag; a viewer with a session gets
 //!   them sealed with its [`SessionKey`].
-//! - **Counters** ([`Counters`], [`StreamStats`]) for every datagram and every drop.
+//! - **Counters** ([`DataPathCounters`], [`StreamStats`]) for every datagram and every drop.
 //!
 //! # Driving it
 //!
@@ -57,12 +57,12 @@ use start_cache::StartCache;
 pub struct Config {
     /// NACK the upstream for missing datagrams. Answering children's NACKs is always on.
     pub nack: bool,
-    /// Most streams with state; routes past it are refused ([`Counters::stream_cap`]).
+    /// Most streams with state; routes past it are refused ([`DataPathCounters::stream_cap`]).
     pub max_streams: usize,
-    /// Most children of one stream; the rest of a route is cut ([`Counters::child_cap`]).
+    /// Most children of one stream; the rest of a route is cut ([`DataPathCounters::child_cap`]).
     pub max_children: usize,
     /// Most children of one stream at one IP address (above the tree's cap on viewers
-    /// per IP, as a second line); the rest are cut ([`Counters::child_cap`]).
+    /// per IP, as a second line); the rest are cut ([`DataPathCounters::child_cap`]).
     pub max_children_per_ip: usize,
     /// Datagrams of each stream kept for retransmission.
     pub retransmit_depth: usize,
@@ -193,7 +193,7 @@ pub struct Transmit {
 
 /// Something the caller may act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+pub enum DataPathEvent {
     /// Live data of `stream` now comes from `from`, whose tag checked (when keyed): an
     /// overlay member's address.
     Upstream {
@@ -227,7 +227,7 @@ pub enum Drop {
 
 /// Node-wide counters of a [`DataPath`]; each cap has one, counted when it bites.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
+pub struct DataPathCounters {
     /// Media datagrams received.
     pub datagrams_in: u64,
     /// Their bytes.
@@ -386,8 +386,8 @@ pub struct DataPath {
     sessions: Option<VecDeque<SessionKey>>,
     streams: HashMap<u32, Stream>,
     transmits: VecDeque<Transmit>,
-    events: VecDeque<Event>,
-    counters: Counters,
+    events: VecDeque<DataPathEvent>,
+    counters: DataPathCounters,
 }
 
 impl std::fmt::Debug for DataPath {
@@ -409,7 +409,7 @@ impl DataPath {
             streams: HashMap::new(),
             transmits: VecDeque::with_capacity(256),
             events: VecDeque::new(),
-            counters: Counters::default(),
+            counters: DataPathCounters::default(),
         }
     }
 
@@ -447,7 +447,7 @@ impl DataPath {
     }
 
     /// Node-wide counters.
-    pub fn counters(&self) -> Counters {
+    pub fn counters(&self) -> DataPathCounters {
         self.counters
     }
 
@@ -669,7 +669,7 @@ impl DataPath {
                 st.cache.clear();
                 st.gaps = GapTracker::new(self.config.nack_config);
                 st.buffer = RetransmitBuffer::new(self.config.retransmit_depth);
-                self.events.push_back(Event::SourceSwitched {
+                self.events.push_back(DataPathEvent::SourceSwitched {
                     stream: header.stream,
                 });
             }
@@ -694,7 +694,7 @@ impl DataPath {
         if live && from.is_some() && st.upstream != from {
             st.upstream = from;
             if let Some(from) = from {
-                self.events.push_back(Event::Upstream {
+                self.events.push_back(DataPathEvent::Upstream {
                     stream: header.stream,
                     from,
                 });
@@ -836,7 +836,7 @@ impl DataPath {
     }
 
     /// The next event.
-    pub fn poll_event(&mut self) -> Option<Event> {
+    pub fn poll_event(&mut self) -> Option<DataPathEvent> {
         self.events.pop_front()
     }
 }

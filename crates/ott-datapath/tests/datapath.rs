@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ott_datapath::{Child, ChildKind, Config, DataPath, Drop, Event, Payload};
+use ott_datapath::{Child, ChildKind, Config, DataPath, DataPathEvent as Event, Drop, Payload};
 use ott_proto::auth::{OverlayKey, SessionKey};
 use ott_proto::{flags, MediaHeader, NackRange, HEADER_LEN};
 

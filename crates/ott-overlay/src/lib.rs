@@ -13,4 +13,4 @@ pub mod topology;
 pub use addr::{peer_addrs, AddressPlan, Endpoint, PeerAddrs, CONTROL_PORT, DATA_PORT};
 pub use error::{TopologyError, TopologyProblem};
 pub use neighbours::{ControlTransmit, LivenessConfig, NeighbourEvent, NeighbourInfo, Neighbours};
-pub use topology::{Link, Node, Role, Topology};
+pub use topology::{Link, NodeSpec, Role, Topology};

@@ -285,6 +285,15 @@ impl Neighbours {
         self.find(id).is_some_and(|p| p.alive)
     }
 
+    /// When neighbour `id` was last heard from (a heartbeat or an acknowledgement from
+    /// one of its addresses), if ever.
+    pub fn last_heard(&self, id: &str) -> Option<Instant> {
+        self.peers
+            .iter()
+            .find(|p| p.addrs.id == id)
+            .and_then(|p| p.last_heard)
+    }
+
     /// Smoothed RTT to `id` (RFC 6298 SRTT, alpha 1/8; the first sample is taken as is).
     pub fn rtt(&self, id: &str) -> Option<Duration> {
         self.find(id).and_then(|p| p.srtt)

@@ -101,7 +101,7 @@ impl FromStr for Role {
 
 /// One node of the topology.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Node {
+pub struct NodeSpec {
     /// Unique id (letters, digits, `-`, `_`, `.`).
     pub id: String,
     /// What the node does.
@@ -164,7 +164,7 @@ pub struct Topology {
     /// Id of the node that hosts the bootstrapper.
     pub bootstrapper: String,
     /// Every node, in file order.
-    pub nodes: Vec<Node>,
+    pub nodes: Vec<NodeSpec>,
     /// Every link, in file order; a link's index is its position here.
     pub links: Vec<Link>,
     /// Explicit overlay neighbour pairs, if the file has `[[overlay]]` entries.
@@ -402,7 +402,7 @@ impl Topology {
                 addresses.insert(ip, id.clone());
             }
             first_line.insert(id.clone(), line);
-            nodes.push(Node {
+            nodes.push(NodeSpec {
                 id,
                 role,
                 addresses: own,
@@ -654,7 +654,7 @@ impl Topology {
     }
 
     /// The node with this id.
-    pub fn node(&self, id: &str) -> Option<&Node> {
+    pub fn node(&self, id: &str) -> Option<&NodeSpec> {
         self.nodes.iter().find(|n| n.id == id)
     }
 
@@ -677,22 +677,22 @@ impl Topology {
     }
 
     /// Nodes with a given role, in file order.
-    pub fn with_role(&self, role: Role) -> Vec<&Node> {
+    pub fn with_role(&self, role: Role) -> Vec<&NodeSpec> {
         self.nodes.iter().filter(|n| n.role == role).collect()
     }
 
     /// Every server, in file order.
-    pub fn servers(&self) -> Vec<&Node> {
+    pub fn servers(&self) -> Vec<&NodeSpec> {
         self.with_role(Role::Server)
     }
 
     /// Every pop, in file order.
-    pub fn pops(&self) -> Vec<&Node> {
+    pub fn pops(&self) -> Vec<&NodeSpec> {
         self.with_role(Role::Pop)
     }
 
     /// Every client, in file order.
-    pub fn clients(&self) -> Vec<&Node> {
+    pub fn clients(&self) -> Vec<&NodeSpec> {
         self.with_role(Role::Client)
     }
 

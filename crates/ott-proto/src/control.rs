@@ -226,6 +226,11 @@ pub enum Message {
         hops: u32,
         /// Number of viewers attached to the PoP.
         viewers: u32,
+        /// The PoP's tree path from that server, node ids from the server to the PoP
+        /// inclusive; empty without a path or when it would not fit the reply's
+        /// budget ([`MAX_PROBE_PATH_BYTES`]). A viewer with two paths
+        /// (`ott-client --paths 2`) picks two PoPs whose paths share no node.
+        path: Vec<NodeId>,
     },
     /// Ask a PoP for the stream catalogue.
     ListStreams,
@@ -248,7 +253,26 @@ pub enum Message {
         /// What was wrong, for a human.
         reason: String,
     },
+    /// "Bring me `stream` over a path that goes through none of `avoid`": soft state
+    /// attached to the sender's subscription (the child at the sender's IP address and
+    /// `data_port`), repeated with each of its `Join`s and forgotten with it. A viewer
+    /// sends it to the PoP of its second path (`ott-client --paths 2`) with the nodes
+    /// of its first path; a node passes the union of its children's sets, plus its own
+    /// id, to its upstream, so no subscription chain can loop. A node takes the stream
+    /// from the best feasible neighbour whose announced path avoids the set, or from its
+    /// parent when none does. At most [`MAX_AVOID`] ids are heeded.
+    Avoid {
+        /// The stream.
+        stream: StreamId,
+        /// UDP port of the matching `Join`.
+        data_port: u16,
+        /// Node ids the stream's path should not go through.
+        avoid: Vec<NodeId>,
+    },
 }
+
+/// Most node ids of an [`Message::Avoid`] a node heeds (and passes on).
+pub const MAX_AVOID: usize = 64;
 
 impl Message {
     /// Short name of the variant, for logs and counters.
@@ -272,6 +296,7 @@ impl Message {
             Self::Streams { .. } => "streams",
             Self::Nack { .. } => "nack",
             Self::Error { .. } => "error",
+            Self::Avoid { .. } => "avoid",
         }
     }
 }
@@ -306,8 +331,14 @@ pub fn request_padding(msg: &Message) -> Option<usize> {
 
 /// A viewer's `Join`, `ViewerJoin`, `ViewerLeave`: a `Cookie` or an `Error` fits.
 const PAD_JOIN: usize = 96;
-/// A `Probe`: the `ProbeReply` fits with a PoP id of up to about 80 bytes.
-const PAD_PROBE: usize = 128;
+/// A `Probe`: the `ProbeReply` fits with a PoP id of up to about 64 bytes and a path of
+/// up to [`MAX_PROBE_PATH_BYTES`].
+const PAD_PROBE: usize = 256;
+
+/// Most bytes of node ids a PoP puts in a [`Message::ProbeReply`]'s `path` (with one
+/// byte of overhead per id); a longer path is sent empty, so the reply stays within the
+/// probe's padding.
+pub const MAX_PROBE_PATH_BYTES: usize = 112;
 /// `ListStreams`: a catalogue of about 30 streams fits (as a QUIC Initial, one
 /// ordinary datagram).
 const PAD_LIST_STREAMS: usize = 1200;
@@ -436,6 +467,7 @@ mod tests {
             path_latency_us: Some(u64::MAX),
             hops: u32::MAX,
             viewers: u32::MAX,
+            path: (0..8).map(|i| format!("relay-{i:07}")).collect(),
         };
         let streams = Message::Streams {
             streams: (0..20)
@@ -624,6 +656,7 @@ mod tests {
                         path_latency_us,
                         hops,
                         viewers: 3,
+                        path: vec!["s".into(), "p".into()],
                     }
                 }),
             Just(Message::ListStreams),
@@ -642,6 +675,16 @@ mod tests {
                 }
             ),
             ".{0,40}".prop_map(|reason| Message::Error { reason }),
+            (
+                any::<u32>(),
+                any::<u16>(),
+                proptest::collection::vec("[a-z0-9]{1,8}", 0..5)
+            )
+                .prop_map(|(stream, data_port, avoid)| Message::Avoid {
+                    stream,
+                    data_port,
+                    avoid,
+                }),
         ]
     }
 

@@ -25,7 +25,8 @@ mod untrusted;
 
 pub use control::{
     decode, encode, request_padding, stream_id_for, Envelope, MediaKind, Message, NackRange,
-    NodeId, StreamId, StreamInfo, MAX_CONTROL_LEN, PROTOCOL_VERSION,
+    NodeId, StreamId, StreamInfo, MAX_AVOID, MAX_CONTROL_LEN, MAX_PROBE_PATH_BYTES,
+    PROTOCOL_VERSION,
 };
 pub use error::{DecodeError, EncodeError, HeaderError};
 pub use media::{

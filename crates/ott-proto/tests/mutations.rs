@@ -137,6 +137,7 @@ fn message() -> impl Strategy<Value = Message> {
                     path_latency_us,
                     hops,
                     viewers,
+                    path: vec!["s1".into()],
                 }
             }),
         Just(Message::ListStreams),
@@ -155,6 +156,16 @@ fn message() -> impl Strategy<Value = Message> {
                     .collect(),
             }),
         ".{0,24}".prop_map(|reason| Message::Error { reason }),
+        (
+            any::<u32>(),
+            any::<u16>(),
+            proptest::collection::vec(id(), 0..4)
+        )
+            .prop_map(|(stream, data_port, avoid)| Message::Avoid {
+                stream,
+                data_port,
+                avoid
+            }),
     ]
 }
 

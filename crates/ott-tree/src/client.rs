@@ -38,7 +38,7 @@
 //! // The PoP answers 10 ms later: the client attaches and asks for the catalogue.
 //! let now = epoch + Duration::from_millis(10);
 //! client.handle(now, pop, Message::ProbeReply {
-//!     nonce, echo_us: sent_us, pop: "n5".into(), path_latency_us: Some(2_000), hops: 2, viewers: 0,
+//!     nonce, echo_us: sent_us, pop: "n5".into(), path_latency_us: Some(2_000), hops: 2, viewers: 0, path: vec![],
 //! });
 //! assert_eq!(client.pop(), Some("n5"));
 //! assert!(matches!(client.poll_event(), Some(ClientEvent::PopChanged { old: None, .. })));
@@ -56,6 +56,11 @@ use serde::Serialize;
 
 /// Probe loss up to this fraction of the window is not held against a PoP.
 pub const LOSS_FREE: f64 = 0.25;
+
+/// A second path that is still not disjoint from the first this long after it was
+/// taken (its PoP had the time to move the stream off the first path's nodes, and to
+/// say so in a probe reply) is traded for another PoP not tried yet.
+const SECOND_TRIAL: Duration = Duration::from_secs(3);
 
 /// Shortest period accepted in a [`ClientConfig`].
 const MIN_PERIOD: Duration = Duration::from_millis(1);
@@ -110,6 +115,14 @@ pub struct ClientConfig {
     pub leave_after: Duration,
     /// Seed of the nonce generator, so that a run can be replayed.
     pub seed: u64,
+    /// Paths to receive the stream over (default 1; at most 2). With 2, the client
+    /// also joins the watched stream at a second PoP, chosen so that its tree path from
+    /// the server shares no node with the current PoP's where such a PoP is usable
+    /// (else the best other PoP), and the application keeps the first copy of each
+    /// datagram (SMPTE ST 2022-7 style). A second PoP that becomes unusable, or that is
+    /// not disjoint while a disjoint one is usable, is replaced in the background; when
+    /// the current PoP fails the second one takes its place at once.
+    pub paths: u8,
 }
 
 impl Default for ClientConfig {
@@ -129,6 +142,7 @@ impl Default for ClientConfig {
             urgent_probe_timeout: Duration::from_millis(150),
             leave_after: Duration::from_secs(2),
             seed: 0x07c1_1e47,
+            paths: 1,
         }
     }
 }
@@ -198,6 +212,20 @@ pub struct PopStatus {
     pub score: Option<f64>,
     /// Whether the client would attach to it.
     pub usable: bool,
+    /// The PoP's tree path from its server, node ids inclusive, from its last reply
+    /// (empty when unknown).
+    pub path: Vec<String>,
+}
+
+/// One path the watched stream comes over, part of [`ClientStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PathStatus {
+    /// The PoP the stream is joined at.
+    pub pop: String,
+    /// Its tree path from the server, node ids inclusive (empty when unknown).
+    pub path: Vec<String>,
+    /// Whether the PoP admitted us for the watched stream since the last join.
+    pub admitted: bool,
 }
 
 /// A snapshot of the client for `/status` (serialises to JSON).
@@ -211,6 +239,14 @@ pub struct ClientStatus {
     pub pop_switches: u64,
     /// Every PoP, in the order given to [`Client::new`].
     pub pops: Vec<PopStatus>,
+    /// Paths configured ([`ClientConfig::paths`]).
+    pub paths_wanted: u8,
+    /// The paths the watched stream is joined over: the current PoP's first, then the
+    /// second PoP's with `--paths 2` (empty when not watching).
+    pub paths: Vec<PathStatus>,
+    /// Whether the two paths share no node but their server: `None` with fewer than
+    /// two paths or when a path is unknown.
+    pub disjoint: Option<bool>,
     /// What was ignored.
     pub stats: ClientStats,
 }
@@ -233,6 +269,8 @@ struct Pop {
     cookie: Option<u64>,
     /// The session key the PoP tags our media with.
     session: Option<[u8; 32]>,
+    /// Its tree path from its server, from its last probe reply (empty: unknown).
+    path: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -270,6 +308,25 @@ pub struct Client {
     next_join: Option<Instant>,
     /// The current PoP confirmed the watched stream (`Admitted`) since the last join.
     admitted: bool,
+    /// The PoP of the second path (`paths` = 2), never the current one.
+    second: Option<usize>,
+    /// The second PoP confirmed the watched stream since its last join.
+    second_admitted: bool,
+    /// When the watched stream's `Join` to the second PoP is due.
+    next_join2: Option<Instant>,
+    /// When the second PoP was taken.
+    second_since: Option<Instant>,
+    /// PoPs tried as the second path with the current first one, which never became
+    /// disjoint from it.
+    tried: Vec<usize>,
+    /// The current PoP the `tried` list is about.
+    tried_for: Option<usize>,
+    /// The one of the two PoPs that is asked to `Avoid` the other's path: the second
+    /// at first; the first when every second PoP was tried and none got round the
+    /// first path (its own path may have a way round). It keeps the part when it
+    /// becomes the first PoP (its path is the one that was moved: leaving it would
+    /// bring both paths together again).
+    avoider: Option<usize>,
     /// When the last media datagram of the watched stream arrived.
     last_media: Option<Instant>,
     /// Since when media is silent, once the silence was reported (logged once per
@@ -329,6 +386,7 @@ impl Client {
             *d = (*d).max(MIN_PERIOD);
         }
         config.loss_window = config.loss_window.max(1);
+        config.paths = config.paths.clamp(1, 2);
         let rng = fastrand::Rng::with_seed(config.seed);
         let pops = pops
             .into_iter()
@@ -343,6 +401,7 @@ impl Client {
                 urgent_lost: false,
                 cookie: None,
                 session: None,
+                path: Vec::new(),
             })
             .collect();
         let mut client = Self {
@@ -363,6 +422,13 @@ impl Client {
             next_list: None,
             next_join: None,
             admitted: false,
+            second: None,
+            second_admitted: false,
+            next_join2: None,
+            second_since: None,
+            tried: Vec::new(),
+            tried_for: None,
+            avoider: None,
             last_media: None,
             silent_since: None,
             urgent_not_before: now,
@@ -422,8 +488,9 @@ impl Client {
                 nonce,
                 echo_us,
                 path_latency_us,
+                path,
                 ..
-            } => self.on_probe_reply(now, idx, nonce, echo_us, path_latency_us),
+            } => self.on_probe_reply(now, idx, nonce, echo_us, path_latency_us, path),
             Message::Streams { streams } => self.on_streams(now, idx, streams),
             Message::Cookie {
                 stream,
@@ -439,10 +506,12 @@ impl Client {
                     self.stats.unexpected += 1;
                     return;
                 }
-                if self.current == Some(idx)
-                    && self.watching.as_ref().is_some_and(|s| s.id == stream)
-                {
-                    self.admitted = true;
+                if self.watching.as_ref().is_some_and(|s| s.id == stream) {
+                    if self.current == Some(idx) {
+                        self.admitted = true;
+                    } else if self.second == Some(idx) {
+                        self.second_admitted = true;
+                    }
                 }
                 if self.pops[idx].session != Some(session_key) {
                     self.pops[idx].session = Some(session_key);
@@ -484,8 +553,9 @@ impl Client {
                 let ms = now.saturating_duration_since(t).as_millis() as u64;
                 tracing::info!(silent_ms = ms, "media back after a silence");
             }
-            if let Some(c) = self.current {
-                // Media from it: the PoP is alive, whatever probes were lost.
+            if let Some(c) = self.current.filter(|_| self.config.paths == 1) {
+                // Media from it: the PoP is alive, whatever probes were lost. (Over two
+                // paths the media may come from the other PoP only: probes decide.)
                 self.pops[c].urgent_lost = false;
                 self.pops[c].lost_in_a_row = 0;
             }
@@ -534,13 +604,19 @@ impl Client {
         }
         self.send_leaves(|t| t <= now);
         if self.next_join.is_some_and(|t| now >= t) {
-            if let (Some(cur), Some(stream)) = (self.current, self.watching.as_ref()) {
-                let to = self.pops[cur].addr;
-                let msg = self.join_msg(cur, stream);
-                self.transmits.push_back(ControlTransmit { to, msg });
+            if let (Some(cur), Some(stream)) = (self.current, self.watching.clone()) {
+                self.join_first(cur, &stream);
                 self.next_join = Some(later(now, self.join_interval()));
             } else {
                 self.next_join = None;
+            }
+        }
+        if self.next_join2.is_some_and(|t| now >= t) {
+            if let (Some(second), Some(stream)) = (self.second, self.watching.clone()) {
+                self.join_second(second, &stream);
+                self.next_join2 = Some(later(now, self.join2_interval()));
+            } else {
+                self.next_join2 = None;
             }
         }
         self.evaluate(now);
@@ -554,12 +630,14 @@ impl Client {
             return;
         }
         self.send_leaves(|_| true);
-        if let (Some(cur), Some(stream)) = (self.current, self.watching.as_ref()) {
-            let msg = self.leave_msg(cur, stream);
-            self.transmits.push_back(ControlTransmit {
-                to: self.pops[cur].addr,
-                msg,
-            });
+        if let Some(stream) = self.watching.as_ref() {
+            for p in self.current.into_iter().chain(self.second) {
+                let msg = self.leave_msg(p, stream);
+                self.transmits.push_back(ControlTransmit {
+                    to: self.pops[p].addr,
+                    msg,
+                });
+            }
         }
         self.shut_down = true;
         self.pending.clear();
@@ -589,6 +667,7 @@ impl Client {
             .chain(probes)
             .chain(self.next_list)
             .chain(self.next_join)
+            .chain(self.next_join2)
             .chain(self.leaving.iter().map(|l| l.0))
             .chain(self.silence_deadline())
             .min()
@@ -633,14 +712,38 @@ impl Client {
                     path_latency_ms: p.path_latency_us.map(|us| us as f64 / 1e3),
                     score: score.map(|s| s / 1e3),
                     usable: score.is_some(),
+                    path: p.path.clone(),
                 }
             })
             .collect();
+        let paths: Vec<PathStatus> = if self.watching.is_some() {
+            let cur = self.current.map(|c| (c, self.admitted));
+            let second = self.second.map(|s| (s, self.second_admitted));
+            cur.into_iter()
+                .chain(second)
+                .map(|(i, admitted)| PathStatus {
+                    pop: self.pops[i].id.clone(),
+                    path: self.pops[i].path.clone(),
+                    admitted,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let disjoint = match (self.current, self.second) {
+            (Some(c), Some(s)) if self.watching.is_some() => {
+                disjoint(&self.pops[c].path, &self.pops[s].path)
+            }
+            _ => None,
+        };
         ClientStatus {
             pop: self.pop().map(str::to_owned),
             stream: self.watching.as_ref().map(|s| s.name.clone()),
             pop_switches: self.pop_switches,
             pops,
+            paths_wanted: self.config.paths,
+            paths,
+            disjoint,
             stats: self.stats.clone(),
         }
     }
@@ -654,6 +757,7 @@ impl Client {
         nonce: u64,
         echo_us: u64,
         path_latency_us: Option<u64>,
+        path: Vec<String>,
     ) {
         let Some(pos) = self
             .pending
@@ -676,6 +780,7 @@ impl Client {
             Some(s) => (s * 3 + sample) / 4,
         });
         pop.path_latency_us = path_latency_us;
+        pop.path = path;
         pop.lost_in_a_row = 0;
         pop.urgent_lost = false;
         push_outcome(&mut pop.history, window, true);
@@ -787,7 +892,15 @@ impl Client {
         Some(base * (1.0 + 4.0 * (loss(p) - LOSS_FREE).max(0.0)))
     }
 
+    /// Choose the current PoP and, over two paths, the second one.
     fn evaluate(&mut self, now: Instant) {
+        self.evaluate_current(now);
+        if self.config.paths > 1 {
+            self.choose_second(now);
+        }
+    }
+
+    fn evaluate_current(&mut self, now: Instant) {
         let best = self
             .pops
             .iter()
@@ -829,6 +942,36 @@ impl Client {
         }
         self.current = Some(new);
         let new_addr = self.pops[new].addr;
+        if self.second == Some(new) {
+            // The second path becomes the first: it is joined (and maybe admitted)
+            // already, so nothing is lost while a new second path is found.
+            self.second = None;
+            let admitted = std::mem::take(&mut self.second_admitted);
+            if let Some(stream) = &self.watching {
+                self.leaving.retain(|l| l.1 != new);
+                if let Some(o) = old {
+                    self.leaving
+                        .push((later(now, self.config.leave_after), o, stream.clone()));
+                }
+                self.admitted = admitted;
+                self.next_join = self.next_join2.take();
+                if self.next_join.is_none() {
+                    self.next_join = Some(later(now, self.join_interval()));
+                }
+            }
+            self.next_join2 = None;
+            self.pop_switches += 1;
+            self.urgent_not_before = later(now, self.config.media_silence);
+            let old_id = old.map(|o| self.pops[o].id.clone());
+            let new_id = self.pops[new].id.clone();
+            tracing::info!(old = %old_id.as_deref().unwrap_or("none"), new = %new_id, "pop changed to the second path's");
+            self.events.push_back(ClientEvent::PopChanged {
+                old: old_id,
+                new: new_id,
+            });
+            self.next_list = Some(later(now, self.config.catalogue_refresh));
+            return;
+        }
         if let Some(stream) = &self.watching {
             // Make before break: join at the new PoP, leave the old one `leave_after`
             // later (unless we come back to it before).
@@ -896,19 +1039,201 @@ impl Client {
         let to = self.pops[cur].addr;
         // The old stream is of no use anywhere now.
         self.send_leaves(|_| true);
-        if let Some(old) = self.watching.take() {
-            let msg = self.leave_msg(cur, &old);
+        let old = self.watching.take();
+        if let Some(old) = &old {
+            let msg = self.leave_msg(cur, old);
             self.transmits.push_back(ControlTransmit { to, msg });
         }
         let msg = self.join_msg(cur, &info);
         self.transmits.push_back(ControlTransmit { to, msg });
         self.admitted = false;
         self.next_join = Some(later(now, self.join_interval()));
+        if let Some(second) = self.second {
+            let to2 = self.pops[second].addr;
+            if let Some(old) = &old {
+                let msg = self.leave_msg(second, old);
+                self.transmits.push_back(ControlTransmit { to: to2, msg });
+            }
+            self.join_second(second, &info);
+            self.second_admitted = false;
+            self.next_join2 = Some(later(now, self.config.join_retry));
+        }
         self.last_media = None;
         self.silent_since = None;
         tracing::info!(stream = %info.name, "watching");
         self.events.push_back(ClientEvent::Watching(info.clone()));
         self.watching = Some(info);
+    }
+
+    /// How long until the watched stream's next `Join` to the second PoP.
+    fn join2_interval(&self) -> Duration {
+        if self.second_admitted {
+            self.config.join_refresh
+        } else {
+            self.config.join_retry
+        }
+    }
+
+    /// Over two paths: keep, take or replace the second PoP. The best usable PoP other
+    /// than the current one whose path is disjoint from the current PoP's is preferred,
+    /// else the best usable other one; a usable second PoP is only replaced by one that
+    /// is disjoint when it is not (no flapping on scores).
+    fn choose_second(&mut self, now: Instant) {
+        let Some(cur) = self.current else {
+            self.drop_second(now);
+            return;
+        };
+        if self.tried_for != Some(cur) {
+            self.tried.clear();
+            self.tried_for = Some(cur);
+        }
+        let mut tried = std::mem::take(&mut self.tried);
+        let rank = |i: usize| -> Option<(bool, f64)> {
+            if i == cur {
+                return None;
+            }
+            let score = self.score(&self.pops[i])?;
+            let d = disjoint(&self.pops[cur].path, &self.pops[i].path) == Some(true);
+            Some((d, score))
+        };
+        let best = (0..self.pops.len())
+            .filter_map(|i| rank(i).map(|r| (i, r)))
+            .min_by(|a, b| {
+                b.1 .0
+                    .cmp(&a.1 .0)
+                    .then(a.1 .1.total_cmp(&b.1 .1))
+                    .then(a.0.cmp(&b.0))
+            });
+        let keep = match (self.second.and_then(|s| rank(s).map(|r| (s, r))), best) {
+            (Some((s, (d, _))), Some((_, (bd, _)))) => (d || !bd).then_some(s),
+            (Some((s, _)), None) => Some(s),
+            (None, _) => None,
+        };
+        // No PoP's path is disjoint from the first as the tree stands; a second PoP asked
+        // to avoid the first path's nodes may find a way round them. One that did not
+        // within SECOND_TRIAL is traded for the best PoP not tried yet.
+        let stuck = keep.filter(|&s| {
+            rank(s).is_some_and(|(d, _)| !d)
+                && self
+                    .second_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= SECOND_TRIAL)
+        });
+        let keep = match stuck {
+            Some(s) => {
+                if !tried.contains(&s) {
+                    tried.push(s);
+                }
+                let untried = (0..self.pops.len())
+                    .filter(|i| !tried.contains(i))
+                    .filter_map(|i| rank(i).map(|r| (i, r.1)))
+                    .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+                    .map(|(i, _)| i);
+                if untried.is_none() && self.avoider != Some(cur) {
+                    self.avoider = Some(cur);
+                    tracing::info!(pop = %self.pops[cur].id, "no second PoP got round the first path: asking the first to avoid the second's");
+                }
+                untried.or(Some(s))
+            }
+            None => keep,
+        };
+        let want = keep.or(best.map(|b| b.0));
+        self.tried = tried;
+        if want == self.second {
+            if self
+                .avoider
+                .is_none_or(|a| a != cur && Some(a) != self.second)
+            {
+                self.avoider = self.second;
+            }
+            return;
+        }
+        self.drop_second(now);
+        if self.avoider != Some(cur) {
+            self.avoider = want;
+        }
+        let Some(new) = want else {
+            return;
+        };
+        self.second = Some(new);
+        self.second_admitted = false;
+        self.second_since = Some(now);
+        if let Some(stream) = self.watching.clone() {
+            self.leaving.retain(|l| l.1 != new);
+            self.join_second(new, &stream);
+            self.next_join2 = Some(later(now, self.config.join_retry));
+        }
+        tracing::info!(
+            pop = %self.pops[new].id,
+            disjoint = %match disjoint(&self.pops[cur].path, &self.pops[new].path) {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "unknown",
+            },
+            "second path"
+        );
+    }
+
+    /// Send the `Join` of `stream` to the second PoP, with an `Avoid` of the nodes of the
+    /// current PoP's path but its server (so the second PoP's path can keep clear of
+    /// them where the overlay allows).
+    fn join_second(&mut self, second: usize, stream: &StreamInfo) {
+        let to = self.pops[second].addr;
+        let msg = self.join_msg(second, stream);
+        self.transmits.push_back(ControlTransmit { to, msg });
+        let avoid: Vec<String> = self
+            .current
+            .filter(|_| self.avoider == Some(second))
+            .map(|c| self.pops[c].path.iter().skip(1).cloned().collect())
+            .unwrap_or_default();
+        if !avoid.is_empty() && self.pops[second].cookie.is_some() {
+            self.transmits.push_back(ControlTransmit {
+                to,
+                msg: Message::Avoid {
+                    stream: stream.id,
+                    data_port: self.data_port,
+                    avoid,
+                },
+            });
+        }
+    }
+
+    /// Send the `Join` of `stream` to the current PoP, with an `Avoid` of the second
+    /// path's nodes but its server when the second PoP could not get round the first
+    /// path, or it was the second and took the first's place (see `avoider`).
+    fn join_first(&mut self, cur: usize, stream: &StreamInfo) {
+        let to = self.pops[cur].addr;
+        let msg = self.join_msg(cur, stream);
+        self.transmits.push_back(ControlTransmit { to, msg });
+        let avoid: Vec<String> = self
+            .second
+            .filter(|_| self.avoider == Some(cur))
+            .map(|s| self.pops[s].path.iter().skip(1).cloned().collect())
+            .unwrap_or_default();
+        if !avoid.is_empty() && self.pops[cur].cookie.is_some() {
+            self.transmits.push_back(ControlTransmit {
+                to,
+                msg: Message::Avoid {
+                    stream: stream.id,
+                    data_port: self.data_port,
+                    avoid,
+                },
+            });
+        }
+    }
+
+    /// Stop using the second PoP: leave the watched stream there `leave_after` later.
+    fn drop_second(&mut self, now: Instant) {
+        let Some(old) = self.second.take() else {
+            return;
+        };
+        self.second_admitted = false;
+        self.next_join2 = None;
+        if Some(old) != self.current {
+            if let Some(stream) = self.watching.clone() {
+                self.leaving
+                    .push((later(now, self.config.leave_after), old, stream));
+            }
+        }
     }
 
     /// How long until the watched stream's next `Join` to the current PoP: a refresh
@@ -979,15 +1304,27 @@ impl Client {
             return;
         }
         self.pops[idx].cookie = Some(cookie);
-        let watching = self.watching.as_ref().filter(|s| s.id == stream).cloned();
-        let joined_here = self.current == Some(idx);
-        if let (Some(s), true) = (watching, joined_here) {
-            let msg = self.join_msg(idx, &s);
-            let to = self.pops[idx].addr;
-            self.transmits.push_back(ControlTransmit { to, msg });
+        let Some(s) = self.watching.as_ref().filter(|s| s.id == stream).cloned() else {
+            return;
+        };
+        if self.current == Some(idx) {
+            self.join_first(idx, &s);
             self.next_join = Some(later(now, self.join_interval()));
+        } else if self.second == Some(idx) {
+            self.join_second(idx, &s);
+            self.next_join2 = Some(later(now, self.join2_interval()));
         }
     }
+}
+
+/// Whether two tree paths (node ids from the server, inclusive) share no node but a
+/// common server at their root; `None` when either is unknown.
+pub fn disjoint(a: &[String], b: &[String]) -> Option<bool> {
+    let (Some(ra), Some(rb)) = (a.first(), b.first()) else {
+        return None;
+    };
+    let skip = usize::from(ra == rb);
+    Some(!a[skip..].iter().any(|x| b[skip..].contains(x)))
 }
 
 fn push_outcome(history: &mut VecDeque<bool>, window: usize, answered: bool) {
@@ -1044,6 +1381,7 @@ mod tests {
             path_latency_us: Some(1_000),
             hops: 1,
             viewers: 0,
+            path: Vec::new(),
         };
         // From a stranger: ignored.
         c.handle(t0, addr("10.0.9.9:7000"), reply.clone());
@@ -1084,6 +1422,7 @@ mod tests {
                 path_latency_us: Some(1_000),
                 hops: 1,
                 viewers: 0,
+                path: Vec::new(),
             },
         );
         let news = StreamInfo::new("news", ott_proto::MediaKind::Mjpeg, 25_000);
@@ -1177,6 +1516,7 @@ mod tests {
                 path_latency_us: Some(1_000),
                 hops: 1,
                 viewers: 0,
+                path: Vec::new(),
             },
         );
         let news = StreamInfo::new("news", ott_proto::MediaKind::Mjpeg, 25_000);

@@ -171,6 +171,16 @@ pub struct NodeStats {
     pub joins_in: u64,
     /// Joins sent (refreshes included).
     pub joins_out: u64,
+    /// Silence hints ignored because the parent was heard from within about a
+    /// heartbeat interval (alive: the break is further up the path).
+    pub upstream_silent_parent_alive: u64,
+    /// `Avoid` messages received (see [`Message::Avoid`]).
+    pub avoids_in: u64,
+    /// `Avoid` messages sent to an upstream.
+    pub avoids_out: u64,
+    /// Streams taken from a neighbour other than the parent because the parent's path
+    /// went through a node a child asked to avoid (counted at each such choice).
+    pub avoiding_upstreams: u64,
     /// Leaves received.
     pub leaves_in: u64,
     /// Leaves sent.
@@ -323,6 +333,12 @@ struct Child {
     ctrl_port: u16,
     /// A viewer's session key (`None` for overlay members).
     session: Option<SessionKey>,
+    /// Nodes the stream's path to this child should not go through ([`Message::Avoid`];
+    /// sorted, at most [`ott_proto::MAX_AVOID`]), held as long as the subscription.
+    avoid: Vec<NodeId>,
+    /// Until when `avoid` holds: each `Avoid` (repeated with each `Join`) renews it
+    /// for the join expiry.
+    avoid_until: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -333,6 +349,8 @@ struct StreamState {
     joined_at: Option<Instant>,
     next_refresh: Option<Instant>,
     last_forwarding: Vec<SocketAddr>,
+    /// The avoid set last sent to the upstream (empty: none).
+    sent_avoid: Vec<NodeId>,
 }
 
 /// "`from` has no path to `server` any more (as of announcement `seq`)."
@@ -388,6 +406,10 @@ pub struct Node {
 const RR_RETRY: Duration = Duration::from_millis(250);
 /// ... for this long after losing the route.
 const RR_GIVE_UP: Duration = Duration::from_secs(3);
+
+/// How much longer than a heartbeat interval a parent may be unheard and still count as
+/// alive when its media stops (see [`Node::handle_upstream_silent`]).
+const PARENT_HEARD_SLACK: Duration = Duration::from_millis(20);
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -528,6 +550,11 @@ impl Node {
                 data_port,
                 from: node,
             } => self.on_join(now, from, stream, data_port, node),
+            Message::Avoid {
+                stream,
+                data_port,
+                avoid,
+            } => self.on_avoid(now, from, stream, data_port, avoid),
             Message::Leave { stream, data_port } => {
                 self.stats.leaves_in += 1;
                 // Only a neighbour leaves this way (a viewer proves its address with its
@@ -584,6 +611,7 @@ impl Node {
                 self.stats.probes_in += 1;
                 let (lat, hops) = self.best_route_metric();
                 let viewers = self.viewers();
+                let path = self.probe_path(from);
                 self.transmits.push_back(ControlTransmit {
                     to: from,
                     msg: Message::ProbeReply {
@@ -593,6 +621,7 @@ impl Node {
                         path_latency_us: lat,
                         hops: hops.unwrap_or(0),
                         viewers,
+                        path,
                     },
                 });
             }
@@ -854,6 +883,19 @@ impl Node {
         if !relevant || self.suspects.contains_key(parent) {
             return;
         }
+        // A parent we heard from within about a heartbeat interval is alive: the break
+        // is further up, where the node below it repairs (every node below a dead one
+        // seeing the silence at once and moving would scatter the tree onto paths that
+        // go through the dead node too). The hint comes again while the silence lasts.
+        let alive_within = self.config.liveness.heartbeat_interval + PARENT_HEARD_SLACK;
+        if self
+            .nb
+            .last_heard(parent)
+            .is_some_and(|t| now.saturating_duration_since(t) < alive_within)
+        {
+            self.stats.upstream_silent_parent_alive += 1;
+            return;
+        }
         tracing::info!(node = %self.config.id, parent, stream, "upstream silent, parent suspected");
         self.stats.suspect_parents += 1;
         self.suspects
@@ -908,15 +950,57 @@ impl Node {
         }
         let key = SocketAddr::new(from.ip(), data_port);
         let expires = now + self.config.join_expiry;
-        self.streams.entry(stream).or_default().children.insert(
+        let children = &mut self.streams.entry(stream).or_default().children;
+        // A refresh keeps what the child asked to avoid.
+        let (avoid, avoid_until) = children
+            .get(&key)
+            .filter(|c| c.node == child_node)
+            .map(|c| (c.avoid.clone(), c.avoid_until))
+            .unwrap_or_default();
+        children.insert(
             key,
             Child {
                 node: child_node,
                 expires,
                 ctrl_port: from.port(),
                 session: None,
+                avoid,
+                avoid_until,
             },
         );
+    }
+
+    /// A child's [`Message::Avoid`]: only for an existing subscription at the sender's
+    /// IP address and `data_port` (a node's from its own address; a viewer's once
+    /// admitted).
+    fn on_avoid(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        stream: StreamId,
+        data_port: u16,
+        mut avoid: Vec<NodeId>,
+    ) {
+        self.stats.avoids_in += 1;
+        let key = SocketAddr::new(from.ip(), data_port);
+        let sender = self.nb.id_of(from).map(str::to_owned);
+        let Some(c) = self
+            .streams
+            .get_mut(&stream)
+            .and_then(|st| st.children.get_mut(&key))
+        else {
+            self.stats.ignored += 1;
+            return;
+        };
+        if c.node.is_some() && c.node != sender {
+            self.stats.ignored += 1;
+            return;
+        }
+        avoid.sort();
+        avoid.dedup();
+        avoid.truncate(ott_proto::MAX_AVOID);
+        c.avoid = avoid;
+        c.avoid_until = Some(now + self.config.join_expiry);
     }
 
     /// Answer an unknown stream with an error (to the sender); `true` if it was unknown.
@@ -1041,6 +1125,8 @@ impl Node {
                         expires,
                         ctrl_port: from.port(),
                         session: Some(session),
+                        avoid: Vec::new(),
+                        avoid_until: None,
                     },
                 );
             }
@@ -1301,6 +1387,50 @@ impl Node {
             .filter_map(|s| self.route_metric(s))
             .min()
             .map_or((None, None), |(l, h)| (Some(l), Some(h)))
+    }
+
+    /// The path a stream we take from upstream `up` comes over: the announced path of
+    /// `up`'s offer carrying it, then us.
+    fn stream_path(&self, stream: StreamId, up: &str) -> Option<Vec<NodeId>> {
+        let o = self
+            .routes
+            .values()
+            .filter_map(|r| r.offers.get(up))
+            .filter(|o| o.catalogue.iter().any(|s| s.id == stream))
+            .min_by_key(|o| (o.latency_us, o.path.len()))?;
+        let mut path = o.path.clone();
+        path.push(self.config.id.clone());
+        Some(path)
+    }
+
+    /// The path to put in a `ProbeReply` to `from`: the path of the stream a viewer at
+    /// `from`'s IP address receives from us, else the path from the best server to this
+    /// node, inclusive; empty without a route or when its ids exceed
+    /// [`ott_proto::MAX_PROBE_PATH_BYTES`].
+    fn probe_path(&self, from: SocketAddr) -> Vec<NodeId> {
+        let watched = self.streams.iter().find_map(|(id, st)| {
+            let viewer_here = st
+                .children
+                .iter()
+                .any(|(a, c)| c.node.is_none() && a.ip() == from.ip());
+            let up = st.upstream.as_deref().filter(|_| viewer_here)?;
+            self.stream_path(*id, up)
+        });
+        let path = if self.config.role == Role::Server {
+            vec![self.config.id.clone()]
+        } else if let Some(p) = watched {
+            p
+        } else {
+            self.best_server()
+                .map(|s| self.route_status(&s).path)
+                .unwrap_or_default()
+        };
+        let bytes: usize = path.iter().map(|id| id.len() + 1).sum();
+        if bytes > ott_proto::MAX_PROBE_PATH_BYTES {
+            Vec::new()
+        } else {
+            path
+        }
     }
 
     fn best_server(&self) -> Option<String> {
@@ -1619,10 +1749,88 @@ impl Node {
         }
     }
 
+    /// The union of what the live children of `stream` ask to avoid, plus our own id
+    /// when not empty (so no chain of subscriptions can come back through us).
+    fn avoid_set(&self, now: Instant, stream: StreamId) -> Vec<NodeId> {
+        let Some(st) = self.streams.get(&stream) else {
+            return Vec::new();
+        };
+        let mut set: Vec<NodeId> = st
+            .children
+            .values()
+            .filter(|c| c.expires > now && c.avoid_until.is_some_and(|t| t > now))
+            .flat_map(|c| c.avoid.iter().cloned())
+            .collect();
+        if set.is_empty() {
+            return set;
+        }
+        set.push(self.config.id.clone());
+        set.sort();
+        set.dedup();
+        set.truncate(ott_proto::MAX_AVOID);
+        set
+    }
+
+    /// Whether neighbour `n` offers `stream` over a path through none of `avoid` (the
+    /// server at its root excepted); its (latency, hops) if so.
+    fn offer_avoiding(&self, n: &str, stream: StreamId, avoid: &[NodeId]) -> Option<(u64, u32)> {
+        self.routes
+            .values()
+            .filter_map(|r| {
+                let o = r.offers.get(n)?;
+                if !o.catalogue.iter().any(|s| s.id == stream) {
+                    return None;
+                }
+                if o.path
+                    .iter()
+                    .skip(1)
+                    .any(|x| avoid.binary_search(x).is_ok())
+                {
+                    return None;
+                }
+                self.eligible(n, o)
+            })
+            .min()
+    }
+
+    /// Where to take `stream` from given the children's avoid set: the usual source
+    /// when its path avoids the set (or the set is empty), else the current upstream if
+    /// it still does, else the best neighbour that does, else the usual source.
+    fn upstream_for(&mut self, now: Instant, stream: StreamId) -> (Option<String>, Vec<NodeId>) {
+        let usual = self.source_of(stream).flatten();
+        let avoid = self.avoid_set(now, stream);
+        let Some(parent) = usual.clone() else {
+            return (usual, avoid);
+        };
+        if avoid.is_empty() || self.offer_avoiding(&parent, stream, &avoid).is_some() {
+            return (usual, avoid);
+        }
+        let current = self.streams.get(&stream).and_then(|st| st.upstream.clone());
+        if let Some(c) = current.filter(|c| self.offer_avoiding(c, stream, &avoid).is_some()) {
+            return (Some(c), avoid);
+        }
+        let best = self
+            .nb
+            .iter()
+            .filter_map(|info| {
+                self.offer_avoiding(&info.id, stream, &avoid)
+                    .map(|m| (m, info.id.clone()))
+            })
+            .min()
+            .map(|(_, n)| n);
+        match best {
+            Some(n) => {
+                self.stats.avoiding_upstreams += 1;
+                (Some(n), avoid)
+            }
+            None => (usual, avoid),
+        }
+    }
+
     fn reconcile_streams(&mut self, now: Instant) {
         let ids: Vec<StreamId> = self.streams.keys().copied().collect();
         for id in ids {
-            let desired = self.source_of(id).flatten();
+            let (desired, avoid) = self.upstream_for(now, id);
             let Some(st) = self.streams.get_mut(&id) else {
                 continue;
             };
@@ -1668,6 +1876,7 @@ impl Node {
                     }
                     st.next_refresh = Some(now + self.config.join_refresh);
                     st.joined_at = Some(now);
+                    st.sent_avoid.clear();
                 } else {
                     st.next_refresh = None;
                     st.joined_at = None;
@@ -1699,6 +1908,25 @@ impl Node {
                         });
                     }
                     st.next_refresh = Some(now + self.config.join_refresh);
+                    // Repeated with each Join, as soft state.
+                    st.sent_avoid.clear();
+                }
+            }
+            // What our children avoid, our upstream must avoid too (with us in it).
+            if let Some(up) = st.upstream.as_deref() {
+                if avoid != st.sent_avoid && !(avoid.is_empty() && st.sent_avoid.is_empty()) {
+                    if let Some(addr) = self.nb.addr_of(up) {
+                        self.stats.avoids_out += 1;
+                        self.transmits.push_back(ControlTransmit {
+                            to: addr,
+                            msg: Message::Avoid {
+                                stream: id,
+                                data_port,
+                                avoid: avoid.clone(),
+                            },
+                        });
+                    }
+                    st.sent_avoid = avoid;
                 }
             }
             let fwd: Vec<SocketAddr> = st.children.keys().copied().collect();
@@ -2128,12 +2356,111 @@ mod tests {
         let t1 = t0 + Duration::from_millis(200);
         n.handle_upstream_silent(t1, "b", news, t0);
         assert_eq!(n.stats().suspect_parents, 0);
+        // A parent heard from 30 ms ago is alive: the break is further up, not moved.
+        n.handle(t1 - Duration::from_millis(30), addr(1), hb("a", 1));
+        n.handle_upstream_silent(t1, "a", news, t0);
+        assert_eq!(n.stats().suspect_parents, 0);
+        assert_eq!(n.stats().upstream_silent_parent_alive, 1);
+        assert_eq!(n.parent("s"), Some("a"));
+        // Unheard for over a heartbeat interval while its media is silent: suspected.
+        let t1 = t1 + Duration::from_millis(150);
         n.handle_upstream_silent(t1, "a", news, t0);
         assert_eq!(n.stats().suspect_parents, 1);
         // b's offer (5 ms) is feasible: the node moves there at once, not after the
         // 400 ms a dead parent takes to be declared dead.
         assert_eq!(n.parent("s"), Some("b"), "a suspected parent is left");
         assert_eq!(n.stats().failovers, 1);
+    }
+
+    #[test]
+    fn test_a_childs_avoid_set_moves_the_stream_to_a_path_clear_of_it_and_is_passed_on() {
+        let t0 = Instant::now();
+        let cfg = NodeConfig::new("p", Role::Relay, 7001);
+        let peers = vec![
+            ("a".to_owned(), addr(1)),
+            ("b".to_owned(), addr(2)),
+            ("c".to_owned(), addr(3)),
+        ];
+        let mut n = Node::new(cfg, peers, t0, t0);
+        for (id, a) in [("a", addr(1)), ("b", addr(2)), ("c", addr(3))] {
+            n.handle(t0, a, hb(id, 1));
+            let ack = Message::HeartbeatAck {
+                from: id.into(),
+                seq: 1,
+                echo_us: 0,
+                incarnation: 1,
+            };
+            n.handle(t0 + Duration::from_millis(2), a, ack);
+        }
+        let offer = |via: &str, mid: &str, lat: u64| Message::Announce {
+            server: "s".into(),
+            seq: 1,
+            path: vec!["s".into(), mid.into(), via.into()],
+            latency_us: lat,
+            catalogue: vec![StreamInfo::new("news", MediaKind::Mjpeg, 25_000)],
+        };
+        n.handle(t0, addr(1), offer("a", "x", 1_000));
+        n.handle(t0, addr(2), offer("b", "y", 5_000));
+        assert_eq!(n.parent("s"), Some("a"));
+        let news = ott_proto::stream_id_for("news");
+        let join = Message::Join {
+            stream: news,
+            data_port: 7001,
+            from: Some("c".into()),
+        };
+        n.handle(t0, addr(3), join.clone());
+        drain(&mut n);
+        assert_eq!(n.upstream(news), Some("a"));
+        // An Avoid for no subscription of the sender's is ignored.
+        let avoid = |set: &[&str]| Message::Avoid {
+            stream: news,
+            data_port: 7001,
+            avoid: set.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        let ignored = n.stats().ignored;
+        n.handle(t0, SocketAddr::from(([10, 9, 9, 9], 5555)), avoid(&["x"]));
+        assert_eq!(n.stats().ignored, ignored + 1);
+        assert_eq!(n.upstream(news), Some("a"));
+        // c asks to avoid x, which a's path goes through: the stream moves to b, which
+        // is told to avoid x and us.
+        n.handle(t0, addr(3), avoid(&["x"]));
+        let tx = drain(&mut n);
+        assert_eq!(n.upstream(news), Some("b"));
+        assert_eq!(n.parent("s"), Some("a"), "the tree itself does not move");
+        assert!(tx
+            .iter()
+            .any(|t| t.to == addr(2) && matches!(t.msg, Message::Join { .. })));
+        assert!(tx
+            .iter()
+            .any(|t| t.to == addr(1) && matches!(t.msg, Message::Leave { .. })));
+        let passed: Vec<&Message> = tx
+            .iter()
+            .filter(|t| t.to == addr(2) && matches!(t.msg, Message::Avoid { .. }))
+            .map(|t| &t.msg)
+            .collect();
+        assert_eq!(passed, vec![&avoid(&["p", "x"])]);
+        assert_eq!(n.stats().avoiding_upstreams, 1);
+        // Refreshed with c's Joins and Avoids, it holds; a refresh of the Join alone
+        // keeps the set until the join expiry, then the stream comes back to the parent.
+        let t1 = t0 + Duration::from_millis(900);
+        n.handle(t1, addr(3), join.clone());
+        n.handle(t1, addr(3), avoid(&["x"]));
+        drain(&mut n);
+        assert_eq!(n.upstream(news), Some("b"));
+        let expiry = NodeConfig::new("p", Role::Relay, 7001).join_expiry;
+        let mut t = t1;
+        while t < t1 + expiry + Duration::from_millis(100) {
+            t += Duration::from_millis(500);
+            for (id, a) in [("a", addr(1)), ("b", addr(2)), ("c", addr(3))] {
+                n.handle(t, a, hb(id, 1));
+            }
+            n.handle(t, addr(1), offer("a", "x", 1_000));
+            n.handle(t, addr(2), offer("b", "y", 5_000));
+            n.handle(t, addr(3), join.clone());
+            n.handle_timeout(t);
+            drain(&mut n);
+        }
+        assert_eq!(n.upstream(news), Some("a"), "the avoid set expired");
     }
 
     #[test]

@@ -54,7 +54,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ott_datapath::{DataPath, Event as DataEvent, Payload as DataPayload};
+use ott_datapath::{DataPath, DataPathEvent as DataEvent, Payload as DataPayload};
 use ott_media::{Packetizer, PlayoutBuffer, PlayoutConfig};
 use ott_overlay::Topology;
 use ott_proto::{flags, MediaHeader, Message, StreamId, StreamInfo, HEADER_LEN};

@@ -38,6 +38,10 @@ struct FakePop {
     drop_lists: u32,
     /// Every message received, with the time.
     got: Vec<(Duration, Message)>,
+    /// Its tree path from the server, as its probe replies give it.
+    path: Vec<String>,
+    /// Answer a first `Join` with a `Cookie` and a `ViewerJoin` with `Admitted`.
+    admits: bool,
 }
 
 impl FakePop {
@@ -50,6 +54,8 @@ impl FakePop {
             alive: true,
             drop_lists: 0,
             got: Vec::new(),
+            path: Vec::new(),
+            admits: false,
         }
     }
 }
@@ -123,6 +129,7 @@ impl World {
                     path_latency_us: pop.path_latency_us,
                     hops: 2,
                     viewers: 0,
+                    path: pop.path.clone(),
                 }),
                 Message::ListStreams if pop.drop_lists > 0 => {
                     pop.drop_lists -= 1;
@@ -130,6 +137,22 @@ impl World {
                 }
                 Message::ListStreams => Some(Message::Streams {
                     streams: catalogue(),
+                }),
+                Message::Join {
+                    stream,
+                    data_port,
+                    from: None,
+                } if pop.admits => Some(Message::Cookie {
+                    stream,
+                    data_port,
+                    cookie: 7,
+                }),
+                Message::ViewerJoin {
+                    stream, data_port, ..
+                } if pop.admits => Some(Message::Admitted {
+                    stream,
+                    data_port,
+                    session_key: [1; 32],
                 }),
                 _ => None,
             };
@@ -495,6 +518,7 @@ fn garbage_and_unknown_senders_are_ignored_and_counted() {
             path_latency_us: Some(0),
             hops: 0,
             viewers: 0,
+            path: Vec::new(),
         },
     );
     w.client
@@ -513,6 +537,7 @@ fn garbage_and_unknown_senders_are_ignored_and_counted() {
                 path_latency_us: Some(0),
                 hops: u32::MAX,
                 viewers: u32::MAX,
+                path: vec!["x".repeat(64)],
             },
         );
     }
@@ -607,4 +632,281 @@ fn moving_back_before_the_old_pop_is_left_keeps_it_joined() {
         .filter(|s| **s == ("p2".to_owned(), "leave", news))
         .count();
     assert_eq!(p2_leaves, 1, "{subs:?}");
+}
+
+fn path(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// PoP ids joined (their last subscription message a `Join`) for `stream`.
+fn joined_at(w: &World, stream: u32) -> Vec<String> {
+    let mut last: std::collections::BTreeMap<String, &str> = Default::default();
+    for (to, kind, s) in w.subscriptions() {
+        if s == stream {
+            last.insert(to, kind);
+        }
+    }
+    last.into_iter()
+        .filter(|(_, k)| *k == "join")
+        .map(|(p, _)| p)
+        .collect()
+}
+
+fn two_paths() -> ClientConfig {
+    ClientConfig {
+        paths: 2,
+        ..ClientConfig::default()
+    }
+}
+
+#[test]
+fn two_paths_join_a_second_pop_whose_path_is_disjoint_even_if_it_scores_worse() {
+    // p1 is best; p2 is next but hangs off the same relay r1; p3 goes through r2.
+    let mut p1 = FakePop::new(1, 10, 1_000);
+    p1.path = path(&["s", "r1", "p1"]);
+    let mut p2 = FakePop::new(2, 12, 1_000);
+    p2.path = path(&["s", "r1", "p2"]);
+    let mut p3 = FakePop::new(3, 40, 1_000);
+    p3.path = path(&["s", "r2", "p3"]);
+    let mut w = World::with_config(two_paths(), vec![p1, p2, p3]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(ms(2_500));
+    let news = stream_id_for("news");
+    assert_eq!(w.client.pop(), Some("p1"));
+    assert_eq!(joined_at(&w, news), vec!["p1".to_owned(), "p3".to_owned()]);
+    let st = w.client.status();
+    assert_eq!(st.paths_wanted, 2);
+    let pops: Vec<&str> = st.paths.iter().map(|p| p.pop.as_str()).collect();
+    assert_eq!(pops, vec!["p1", "p3"]);
+    assert_eq!(st.paths[1].path, path(&["s", "r2", "p3"]));
+    assert_eq!(st.disjoint, Some(true));
+    // The second PoP's Join is refreshed like the first's.
+    let p3_joins = w
+        .subscriptions()
+        .iter()
+        .filter(|(to, k, _)| to == "p3" && *k == "join")
+        .count();
+    assert!(p3_joins >= 3, "only {p3_joins} joins at p3");
+}
+
+#[test]
+fn one_path_joins_one_pop_only() {
+    let mut p1 = FakePop::new(1, 10, 1_000);
+    p1.path = path(&["s", "r1", "p1"]);
+    let mut p2 = FakePop::new(2, 40, 1_000);
+    p2.path = path(&["s", "r2", "p2"]);
+    let mut w = World::new(vec![p1, p2]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(ms(3_000));
+    assert_eq!(joined_at(&w, stream_id_for("news")), vec!["p1".to_owned()]);
+    let st = w.client.status();
+    assert_eq!(st.paths.len(), 1);
+    assert_eq!(st.disjoint, None);
+}
+
+#[test]
+fn without_a_disjoint_pop_the_best_other_is_the_second_and_status_says_so() {
+    let mut p1 = FakePop::new(1, 10, 1_000);
+    p1.path = path(&["s", "r1", "p1"]);
+    let mut p2 = FakePop::new(2, 30, 1_000);
+    p2.path = path(&["s", "r1", "p2"]);
+    let mut w = World::with_config(two_paths(), vec![p1, p2]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(ms(2_500));
+    assert_eq!(
+        joined_at(&w, stream_id_for("news")),
+        vec!["p1".to_owned(), "p2".to_owned()]
+    );
+    assert_eq!(w.client.status().disjoint, Some(false));
+}
+
+#[test]
+fn when_the_first_pop_dies_the_second_carries_on_and_a_new_second_is_found() {
+    let mut p1 = FakePop::new(1, 10, 1_000);
+    p1.path = path(&["s", "r1", "p1"]);
+    let mut p2 = FakePop::new(2, 20, 1_000);
+    p2.path = path(&["s", "r2", "p2"]);
+    let mut p3 = FakePop::new(3, 30, 1_000);
+    p3.path = path(&["s", "r3", "p3"]);
+    let mut w = World::with_config(two_paths(), vec![p1, p2, p3]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(ms(2_500));
+    let news = stream_id_for("news");
+    assert_eq!(joined_at(&w, news), vec!["p1".to_owned(), "p2".to_owned()]);
+    let joins_before = w.subscriptions().len();
+    w.pop_mut("p1").alive = false;
+    // Over two paths media keeps flowing from p2, so the client hears no silence:
+    // probes find p1 dead, and p2 (joined already) takes its place.
+    let died = w.elapsed();
+    for t in (0..8_000).step_by(40) {
+        w.run_until(died + ms(t));
+        w.client.media_received(w.now);
+    }
+    assert_eq!(w.client.pop(), Some("p2"));
+    let st = w.client.status();
+    let pops: Vec<&str> = st.paths.iter().map(|p| p.pop.as_str()).collect();
+    assert_eq!(pops, vec!["p2", "p3"], "{st:?}");
+    assert_eq!(st.disjoint, Some(true));
+    // p2 was not joined again from scratch (it was joined); p1 is left.
+    let after = &w.subscriptions()[joins_before..];
+    assert!(
+        after.contains(&("p3".to_owned(), "join", news)),
+        "{after:?}"
+    );
+    assert!(
+        after.contains(&("p1".to_owned(), "leave", news)),
+        "{after:?}"
+    );
+    assert_eq!(joined_at(&w, news), vec!["p2".to_owned(), "p3".to_owned()]);
+}
+
+#[test]
+fn a_second_path_that_stops_being_disjoint_is_replaced_by_a_disjoint_one() {
+    let mut p1 = FakePop::new(1, 10, 1_000);
+    p1.path = path(&["s", "r1", "p1"]);
+    let mut p2 = FakePop::new(2, 20, 1_000);
+    p2.path = path(&["s", "r2", "p2"]);
+    let mut p3 = FakePop::new(3, 30, 1_000);
+    p3.path = path(&["s", "r1", "p3"]);
+    let mut w = World::with_config(two_paths(), vec![p1, p2, p3]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(ms(2_500));
+    let news = stream_id_for("news");
+    assert_eq!(joined_at(&w, news), vec!["p1".to_owned(), "p2".to_owned()]);
+    // The tree moves p2 under r1 and p3 under r3: the next probe replies say so.
+    w.pop_mut("p2").path = path(&["s", "r1", "p2"]);
+    w.pop_mut("p3").path = path(&["s", "r3", "p3"]);
+    w.run_until(ms(6_000));
+    assert_eq!(joined_at(&w, news), vec!["p1".to_owned(), "p3".to_owned()]);
+    assert_eq!(w.client.status().disjoint, Some(true));
+    // Paths through a shared relay are not disjoint; a common server is.
+    use ott_tree::client::disjoint;
+    assert_eq!(
+        disjoint(&path(&["s", "a", "p"]), &path(&["s", "b", "q"])),
+        Some(true)
+    );
+    assert_eq!(
+        disjoint(&path(&["s", "a", "p"]), &path(&["s", "a", "q"])),
+        Some(false)
+    );
+    assert_eq!(
+        disjoint(&path(&["s", "p"]), &path(&["s", "p", "q"])),
+        Some(false)
+    );
+    assert_eq!(
+        disjoint(&path(&["s1", "a"]), &path(&["s2", "b"])),
+        Some(true)
+    );
+    assert_eq!(disjoint(&[], &path(&["s"])), None);
+}
+
+#[test]
+fn a_second_pop_that_never_gets_disjoint_is_traded_for_an_untried_one_once() {
+    // Every PoP hangs off r1 as the tree stands; p3 can get round it once asked
+    // (here: its path changes once it is the second), p2 cannot.
+    let mut p1 = FakePop::new(1, 10, 1_000);
+    p1.path = path(&["s", "r1", "p1"]);
+    let mut p2 = FakePop::new(2, 20, 1_000);
+    p2.path = path(&["s", "r1", "p2"]);
+    let mut p3 = FakePop::new(3, 30, 1_000);
+    p3.path = path(&["s", "r1", "p3"]);
+    let mut w = World::with_config(two_paths(), vec![p1, p2, p3]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(ms(2_000));
+    let news = stream_id_for("news");
+    assert_eq!(joined_at(&w, news), vec!["p1".to_owned(), "p2".to_owned()]);
+    // p2 stays on r1: after the trial time the client moves its second path to p3.
+    w.run_until(ms(6_000));
+    assert_eq!(joined_at(&w, news), vec!["p1".to_owned(), "p3".to_owned()]);
+    assert_eq!(w.client.status().disjoint, Some(false));
+    // Every other PoP was tried: no endless round; p3 stays.
+    w.run_until(ms(12_000));
+    assert_eq!(joined_at(&w, news), vec!["p1".to_owned(), "p3".to_owned()]);
+    // p3's stream moves round r1: the paths are disjoint now, and p3 is kept.
+    w.pop_mut("p3").path = path(&["s", "r2", "p3"]);
+    w.run_until(ms(15_000));
+    assert_eq!(joined_at(&w, news), vec!["p1".to_owned(), "p3".to_owned()]);
+    assert_eq!(w.client.status().disjoint, Some(true));
+}
+
+/// The `Avoid` sets the client sent to `pop`, in order.
+fn avoids_to(w: &World, pop: &str) -> Vec<Vec<String>> {
+    w.sent
+        .iter()
+        .filter(|(to, _)| to == pop)
+        .filter_map(|(_, m)| match m {
+            Message::Avoid { avoid, .. } => Some(avoid.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_second_pop_is_asked_to_avoid_the_first_path_then_the_first_the_seconds() {
+    // p2 can only be reached through r1, which p1's path crosses too.
+    let mut p1 = FakePop::new(1, 10, 1_000);
+    p1.path = path(&["s", "r1", "p1"]);
+    let mut p2 = FakePop::new(2, 20, 1_000);
+    p2.path = path(&["s", "r1", "p2"]);
+    for p in [&mut p1, &mut p2] {
+        p.admits = true;
+    }
+    let mut w = World::with_config(two_paths(), vec![p1, p2]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(ms(2_000));
+    // Admitted at both; the second is asked to avoid r1 and p1, the first nothing.
+    let st = w.client.status();
+    assert!(st.paths.iter().all(|p| p.admitted), "{st:?}");
+    let to_p2 = avoids_to(&w, "p2");
+    assert!(!to_p2.is_empty());
+    assert!(to_p2.iter().all(|a| *a == path(&["r1", "p1"])), "{to_p2:?}");
+    assert!(avoids_to(&w, "p1").is_empty());
+    // p2 never gets round r1 and no other PoP is left to try: now the first PoP is
+    // asked to avoid the second's path (r1, p2), and the second no longer.
+    w.run_until(ms(5_000));
+    let n2 = avoids_to(&w, "p2").len();
+    w.run_until(ms(8_000));
+    let to_p1 = avoids_to(&w, "p1");
+    assert!(!to_p1.is_empty(), "the first PoP is asked to avoid");
+    assert!(to_p1.iter().all(|a| *a == path(&["r1", "p2"])), "{to_p1:?}");
+    assert_eq!(avoids_to(&w, "p2").len(), n2, "no more Avoid to the second");
+    // p1 finds a way round through r2: disjoint.
+    w.pop_mut("p1").path = path(&["s", "r2", "p1"]);
+    w.run_until(ms(11_000));
+    assert_eq!(w.client.status().disjoint, Some(true));
+    assert_eq!(w.client.pop(), Some("p1"));
+}
+
+#[test]
+fn a_second_pop_that_takes_the_first_place_keeps_avoiding_the_other_path() {
+    let mut p1 = FakePop::new(1, 10, 1_000);
+    p1.path = path(&["s", "r1", "p1"]);
+    let mut p2 = FakePop::new(2, 20, 1_000);
+    p2.path = path(&["s", "r2", "p2"]);
+    let mut p3 = FakePop::new(3, 30, 1_000);
+    p3.path = path(&["s", "r1", "p3"]);
+    for p in [&mut p1, &mut p2, &mut p3] {
+        p.admits = true;
+    }
+    let mut w = World::with_config(two_paths(), vec![p1, p2, p3]);
+    w.client.select_stream(w.now, "news");
+    w.run_until(ms(2_000));
+    assert_eq!(w.client.status().disjoint, Some(true));
+    assert!(!avoids_to(&w, "p2").is_empty());
+    // p1 dies: p2 takes its place, p3 becomes the second; p2 (whose path is the one
+    // that was moved) is still the one asked to avoid, now p3's path.
+    w.pop_mut("p1").alive = false;
+    let before = avoids_to(&w, "p2").len();
+    for t in (2_000..9_000).step_by(40) {
+        w.run_until(ms(t));
+        w.client.media_received(w.now);
+    }
+    assert_eq!(w.client.pop(), Some("p2"));
+    let st = w.client.status();
+    let pops: Vec<&str> = st.paths.iter().map(|p| p.pop.as_str()).collect();
+    assert_eq!(pops, vec!["p2", "p3"]);
+    let to_p2 = avoids_to(&w, "p2");
+    assert!(to_p2.len() > before, "p2 is still asked to avoid");
+    assert_eq!(to_p2.last(), Some(&path(&["r1", "p3"])));
+    assert!(avoids_to(&w, "p3").is_empty(), "the new second is not");
 }

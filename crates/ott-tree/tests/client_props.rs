@@ -46,6 +46,7 @@ fn arb_msg() -> impl Strategy<Value = Message> {
                 path_latency_us,
                 hops: 1,
                 viewers: 0,
+                path: Vec::new(),
             }),
         ".{0,20}".prop_map(|reason| Message::Error { reason }),
         Just(Message::ListStreams),
@@ -105,6 +106,7 @@ proptest! {
                             path_latency_us: path.map(u64::from),
                             hops: 1,
                             viewers: 0,
+                            path: Vec::new(),
                         });
                     }
                 }

@@ -350,7 +350,7 @@ fn sh_quote(p: &Path) -> String {
 /// The `ott.sh` a node runs at start-up, or `None` for a router.
 fn startup_script(
     t: &Topology,
-    n: &ott_overlay::Node,
+    n: &ott_overlay::NodeSpec,
     ifaces: &[Iface],
     boot_ip: Ipv4Addr,
     opts: &CoreOptions,

@@ -118,6 +118,10 @@ pub(crate) struct EmulateArgs {
     /// PoPs below it, preferring those whose loss cuts no PoP off from the servers.
     #[arg(long)]
     kill_relay: bool,
+    /// Paths every viewer receives its stream over (`ott-client --paths`): 2 joins a
+    /// second PoP whose tree path is disjoint from the first's where there is one.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=2))]
+    paths: u8,
 }
 
 /// What one run needs.
@@ -134,6 +138,8 @@ pub(crate) struct RunOptions {
     pub(crate) stop: Arc<AtomicBool>,
     /// Loss recovery on (NACKs); off passes `--no-nack` to every node and client.
     pub(crate) recovery: bool,
+    /// `--paths` of every client.
+    pub(crate) paths: u8,
 }
 
 pub(crate) fn run(args: EmulateArgs) -> anyhow::Result<()> {
@@ -164,6 +170,7 @@ pub(crate) fn run(args: EmulateArgs) -> anyhow::Result<()> {
         work_dir: root.join("target").join("emulate"),
         stop,
         recovery: !args.no_recovery,
+        paths: args.paths,
     };
     let faults = sweep::Faults {
         loss_pct: args.loss,
@@ -384,6 +391,8 @@ pub(crate) struct Emulation {
     started: Vec<u32>,
     /// Loss recovery on; off passes `--no-nack` to nodes and clients.
     recovery: bool,
+    /// `--paths` of every client.
+    paths: u8,
     /// The overlay key of this run (given to every overlay program; removed on drop).
     key_file: PathBuf,
 }
@@ -426,6 +435,7 @@ impl Emulation {
             stop: opts.stop.clone(),
             started: Vec::new(),
             recovery: opts.recovery,
+            paths: opts.paths,
             key_file,
         };
         emu.build_network()?;
@@ -759,6 +769,7 @@ impl Emulation {
         .arg(&output)
         .args(["--status", &format!("0.0.0.0:{}", plot::VIEWER_STATUS_PORT)])
         .args((!self.recovery).then_some("--no-nack"))
+        .args(["--paths", &self.paths.to_string()])
         .stdin(Stdio::piped())
         .stdout(File::create(&stdout)?);
         let child = c
@@ -1085,7 +1096,7 @@ fn describe_change(c: scenario::LinkChange) -> String {
 /// `GET /status` at `addr`: its `parent`, and how many stream children it has (over
 /// all its streams).
 fn poll_status(addr: SocketAddr) -> anyhow::Result<(Option<String>, usize)> {
-    let body = ott_apps::launcher::http_get(addr, "/status")?;
+    let body = ott_testkit::http_get(addr, "/status")?;
     let v: serde_json::Value = serde_json::from_str(&body)?;
     let parent = v.get("parent").and_then(|p| p.as_str()).map(String::from);
     let children = v

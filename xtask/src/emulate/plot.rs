@@ -69,7 +69,7 @@ pub(crate) fn spawn_viewer_poller(
 }
 
 fn read_viewer(addr: SocketAddr, at: Instant) -> Option<ViewerSample> {
-    let body = ott_apps::launcher::http_get(addr, "/status").ok()?;
+    let body = ott_testkit::http_get(addr, "/status").ok()?;
     let v: serde_json::Value = serde_json::from_str(&body).ok()?;
     let rec = &v["reception"];
     Some(ViewerSample {

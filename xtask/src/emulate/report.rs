@@ -146,6 +146,29 @@ pub(crate) struct Report {
 }
 
 impl Report {
+    /// Parent changes per overlay node per minute and PoP switches per viewer per
+    /// minute over the run (issue 11's stillness figures).
+    pub(crate) fn rates(&self) -> String {
+        let minutes = (self.duration_s / 60.0).max(1e-9);
+        let nodes = self.initial_parents.len().max(1) as f64;
+        let mut per_node: BTreeMap<&str, u64> = BTreeMap::new();
+        for c in &self.parent_changes {
+            *per_node.entry(c.node.as_str()).or_default() += 1;
+        }
+        let max_node = per_node.values().copied().max().unwrap_or(0) as f64 / minutes;
+        let mean_node = self.parent_changes.len() as f64 / nodes / minutes;
+        let switches: Vec<f64> = self
+            .clients
+            .iter()
+            .map(|c| c.pop_switches as f64 / minutes)
+            .collect();
+        let mean_sw = switches.iter().sum::<f64>() / switches.len().max(1) as f64;
+        let max_sw = switches.iter().copied().fold(0.0, f64::max);
+        format!(
+            "per minute: parent changes per node {mean_node:.2} mean, {max_node:.2} max; PoP switches per viewer {mean_sw:.2} mean, {max_sw:.2} max"
+        )
+    }
+
     /// Pretty JSON.
     pub(crate) fn json(&self) -> anyhow::Result<String> {
         Ok(serde_json::to_string_pretty(self)?)
@@ -240,6 +263,7 @@ impl Report {
                 );
             }
         }
+        let _ = writeln!(o, "{}", self.rates());
         let dropped: Vec<String> = self
             .links
             .iter()
@@ -688,5 +712,11 @@ mod tests {
         assert!(r.text().contains("n7    n8 → n9"));
         assert_eq!(v["events"][0]["what"], "kill n12");
         assert!(r.text().contains("t=  6000 ms  kill n12"));
+        // One change in one second at one node (of none known: counted as one), one
+        // viewer without switches.
+        assert_eq!(
+            r.rates(),
+            "per minute: parent changes per node 60.00 mean, 60.00 max; PoP switches per viewer 0.00 mean, 0.00 max"
+        );
     }
 }

@@ -146,7 +146,7 @@ impl Action {
 
 /// One timed event.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-pub(crate) struct Event {
+pub(crate) struct ScenarioEvent {
     pub(crate) at_s: f64,
     #[serde(flatten)]
     pub(crate) action: Action,
@@ -165,7 +165,7 @@ pub(crate) struct Scenario {
     #[serde(default, rename = "client")]
     pub(crate) clients: Vec<ClientSpec>,
     #[serde(default, rename = "event")]
-    pub(crate) events: Vec<Event>,
+    pub(crate) events: Vec<ScenarioEvent>,
 }
 
 fn default_duration() -> f64 {
@@ -225,7 +225,7 @@ impl Scenario {
         let mut events = Vec::new();
         let mut what = vec![format!("a viewer on each of {} clients", t.clients().len())];
         if let Some(loss) = loss_pct {
-            events.push(Event {
+            events.push(ScenarioEvent {
                 at_s: 0.0,
                 action: Action::AllLinks {
                     delay_ms: None,
@@ -237,7 +237,7 @@ impl Scenario {
             what.push(format!("{loss} % loss on every link"));
         }
         if let Some(at_s) = kill_relay_at_s {
-            events.push(Event {
+            events.push(ScenarioEvent {
                 at_s,
                 action: Action::KillActiveRelay,
             });

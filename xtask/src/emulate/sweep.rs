@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::random::{self, Shape};
 use super::report::{ClientReport, Report};
-use super::scenario::{Action, Event, Scenario};
+use super::scenario::{Action, Scenario, ScenarioEvent};
 use super::{run_scenario_with, RunOptions};
 
 /// How long the viewers of a generated topology watch unless `--duration` says.
@@ -50,7 +50,7 @@ impl Faults {
         if let Some(loss) = self.loss_pct {
             s.events.insert(
                 0,
-                Event {
+                ScenarioEvent {
                     at_s: 0.0,
                     action: Action::AllLinks {
                         delay_ms: None,
@@ -65,7 +65,7 @@ impl Faults {
             }
         }
         if self.kill_relay {
-            s.events.push(Event {
+            s.events.push(ScenarioEvent {
                 at_s: s.duration_s / 2.0,
                 action: Action::KillActiveRelay,
             });

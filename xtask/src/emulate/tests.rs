@@ -44,6 +44,7 @@ fn run_with(topology: &str, scenario: &str, duration: Option<f64>, recovery: boo
         work_dir: root.join("target").join("emulate-tests"),
         stop: Arc::new(AtomicBool::new(false)),
         recovery,
+        paths: 1,
     };
     let report = run_scenario(&opts).expect("the emulation runs");
     eprintln!("{}", report.text());
@@ -290,6 +291,7 @@ fn run_random(
         work_dir: root.join("target").join("emulate-tests"),
         stop: Arc::new(AtomicBool::new(false)),
         recovery: true,
+        paths: 1,
     };
     let (report, line) = sweep::run_one(&opts, seed, nodes, shape, faults)
         .unwrap_or_else(|e| panic!("seed {seed}: the emulation runs: {e:#}"));

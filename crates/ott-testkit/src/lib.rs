@@ -1,6 +1,7 @@
-//! Runs a whole topology on loopback: the bootstrapper, every server, relay and PoP as
-//! real processes, each on its own 127.x.y.z address. Used by `cargo xtask demo` and
-//! by the integration tests. Every process it starts is stopped when the [`Cluster`]
+//! Test and demo support, not part of the product (`publish = false`): runs a whole
+//! topology on loopback, the bootstrapper, every server, relay and PoP as real
+//! processes, each on its own 127.x.y.z address, and checks what viewers received.
+//! Used by `cargo xtask demo`, the other xtasks and the integration tests. Every process it starts is stopped when the [`Cluster`]
 //! is dropped, also when a test fails.
 //!
 //! By default a run makes its own overlay key (32 random bytes in the work directory,
@@ -102,7 +103,7 @@ impl Cluster {
         Topology::load(&opts.topology)?;
         let text = std::fs::read_to_string(&opts.topology)
             .with_context(|| format!("cannot read {}", opts.topology.display()))?;
-        let rewritten = with_loopback_addresses(&text, opts.net)?;
+        let rewritten = ott_apps::loopback::with_loopback_addresses(&text, opts.net)?;
         let topo_path = opts.work_dir.join("topology.toml");
         std::fs::write(&topo_path, &rewritten)
             .with_context(|| format!("cannot write {}", topo_path.display()))?;
@@ -114,7 +115,7 @@ impl Cluster {
         let key_file = match key {
             KeyMode::Generated => {
                 let path = opts.work_dir.join("overlay.key");
-                crate::keying::write_key_file(&path)?;
+                ott_apps::keying::write_key_file(&path)?;
                 Some(path)
             }
             KeyMode::None => None,
@@ -414,55 +415,6 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
-/// Rewrite a topology so that every node has explicit addresses in 127.`net`.0.0/16.
-///
-/// A node whose given addresses all lie in 127.`net`.0.0/16 already keeps them (a test
-/// can place a multi-homed node and its clients precisely). Every other node at index
-/// `i` gets 127.`net`.`i / 250`.`i % 250 + 1`, and a node with several `addresses` gets
-/// as many, its `k`-th one in 127.`net`.`64 k + i / 250`.`i % 250 + 1`.
-pub fn with_loopback_addresses(text: &str, net: u8) -> anyhow::Result<String> {
-    let mut doc: toml::Table = text.parse().context("topology is not TOML")?;
-    let nodes = doc
-        .get_mut("node")
-        .and_then(|n| n.as_array_mut())
-        .context("topology has no [[node]]")?;
-    let in_run = |v: &toml::Value| {
-        v.as_str()
-            .and_then(|s| s.parse::<Ipv4Addr>().ok())
-            .is_some_and(|ip| ip.octets()[..2] == [127, net])
-    };
-    for (i, node) in nodes.iter_mut().enumerate() {
-        let table = node.as_table_mut().context("a [[node]] is not a table")?;
-        let given: Vec<toml::Value> = match (table.get("address"), table.get("addresses")) {
-            (Some(a), _) => vec![a.clone()],
-            (None, Some(list)) => list.as_array().cloned().unwrap_or_default(),
-            (None, None) => Vec::new(),
-        };
-        if !given.is_empty() && given.iter().all(in_run) {
-            continue;
-        }
-        let hi = u8::try_from(i / 250).context("too many nodes for one loopback /16")?;
-        let lo = (i % 250 + 1) as u8;
-        let ips: Vec<toml::Value> = (0..given.len().max(1))
-            .map(|k| {
-                let third = u8::try_from(64 * k + usize::from(hi))
-                    .ok()
-                    .filter(|_| hi < 64)
-                    .context("too many addresses for the loopback launcher (at most 4 a node)")?;
-                Ok(toml::Value::String(
-                    Ipv4Addr::new(127, net, third, lo).to_string(),
-                ))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        if table.contains_key("addresses") {
-            table.insert("addresses".into(), toml::Value::Array(ips));
-        } else if let Some(first) = ips.into_iter().next() {
-            table.insert("address".into(), first);
-        }
-    }
-    Ok(toml::to_string(&doc)?)
-}
-
 /// How a received MJPEG file compares with the clip it came from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Verification {
@@ -472,6 +424,10 @@ pub struct Verification {
     pub intact: usize,
     /// Whether the intact frames follow the clip's order (allowing the loop and gaps).
     pub in_order: bool,
+    /// Frames of the clip missing between the first and the last intact frame: the sum
+    /// of the forward gaps between consecutive intact frames (the clip's frames are
+    /// distinct; a gap of half the clip or more is not counted, it is out of order).
+    pub missing: usize,
 }
 
 /// Compare a received MJPEG file with the source clip's frames.
@@ -492,6 +448,7 @@ pub fn verify_mjpeg(received: &[u8], clip: &ott_media::Clip) -> anyhow::Result<V
         frames: ranges.len(),
         intact: 0,
         in_order: true,
+        missing: 0,
     };
     let mut last: Option<usize> = None;
     for r in ranges {
@@ -504,6 +461,8 @@ pub fn verify_mjpeg(received: &[u8], clip: &ott_media::Clip) -> anyhow::Result<V
             let ahead = (i + n - prev) % n;
             if ahead == 0 || ahead > n / 2 {
                 v.in_order = false;
+            } else {
+                v.missing += ahead - 1;
             }
         }
         last = Some(i);
@@ -530,43 +489,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loopback_rewrite_keeps_every_address_of_a_node() {
-        let text = r#"
-name = "t"
-bootstrapper = "s"
-[[node]]
-id = "s"
-role = "server"
-address = "10.9.9.9"
-[[node]]
-id = "p"
-role = "pop"
-addresses = ["10.0.0.1", "10.0.2.1"]
-[[node]]
-id = "c"
-role = "client"
-[[node]]
-id = "q"
-role = "pop"
-addresses = ["127.61.0.4", "127.61.1.4"]
-[[link]]
-ends = ["s", "p"]
-[[link]]
-ends = ["p", "c"]
-[[link]]
-ends = ["s", "q"]
-"#;
-        let out = with_loopback_addresses(text, 61).expect("rewritten");
-        let t = Topology::parse(&out, "out.toml").expect("still valid");
-        let ips = |id: &str| -> Vec<String> {
-            t.node(id)
-                .map(|n| n.addresses.iter().map(|a| a.to_string()).collect())
-                .unwrap_or_default()
+    fn verification_counts_the_frames_missing_between_intact_ones() {
+        // Ten distinct minimal JPEGs (SOI, a one-byte comment, EOI).
+        let frames: Vec<bytes::Bytes> = (0..10u8)
+            .map(|i| bytes::Bytes::from(vec![0xFF, 0xD8, 0xFF, 0xFE, 0x00, 0x03, i, 0xFF, 0xD9]))
+            .collect();
+        let clip = ott_media::Clip {
+            name: "t".into(),
+            kind: ott_proto::MediaKind::Mjpeg,
+            fps: 25.0,
+            frames: frames.clone(),
+            ts: None,
         };
-        assert_eq!(ips("s"), ["127.61.0.1"]);
-        assert_eq!(ips("p"), ["127.61.0.2", "127.61.64.2"]);
-        assert_eq!(ips("c"), ["127.61.0.3"]);
-        // Already in the run's range: kept.
-        assert_eq!(ips("q"), ["127.61.0.4", "127.61.1.4"]);
+        let file =
+            |idx: &[usize]| -> Vec<u8> { idx.iter().flat_map(|&i| frames[i].to_vec()).collect() };
+        // 7, 8, 9, 0, 1 (looped): nothing missing.
+        let v = verify_mjpeg(&file(&[7, 8, 9, 0, 1]), &clip).expect("frames");
+        assert_eq!((v.frames, v.intact, v.missing, v.in_order), (5, 5, 0, true));
+        // 1, 2, 5, 6: frames 3 and 4 missing.
+        let v = verify_mjpeg(&file(&[1, 2, 5, 6]), &clip).expect("frames");
+        assert_eq!((v.missing, v.in_order), (2, true));
+        // Backwards is out of order, not missing.
+        let v = verify_mjpeg(&file(&[5, 4]), &clip).expect("frames");
+        assert_eq!((v.missing, v.in_order), (0, false));
     }
 }
