@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, TryRecvError};
 use ott_datapath::{
-    Child, ChildKind, Config, DataPath, DataPathCounters as CoreCounters, DataPathEvent as Event,
+    Child, Config, DataPath, DataPathCounters as CoreCounters, DataPathEvent as Event,
     Drop as DropReason, Payload, Transmit,
 };
 use ott_proto::auth::SessionKey;
@@ -56,17 +56,7 @@ pub(crate) fn children_of(
     children: &[SocketAddr],
     sessions: &[(SocketAddr, SessionKey)],
 ) -> Vec<Child> {
-    children
-        .iter()
-        .map(|c| Child {
-            addr: *c,
-            kind: match sessions.iter().find(|(a, _)| a == c) {
-                Some((_, k)) => ChildKind::Session(k.clone()),
-                None if keying.is_member(*c) => ChildKind::Member,
-                None => ChildKind::Strip,
-            },
-        })
-        .collect()
+    ott_datapath::children_from(children, sessions, |c| keying.is_member(c))
 }
 
 /// The core's limits for a forwarder.

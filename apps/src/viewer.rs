@@ -13,7 +13,6 @@ use anyhow::Context;
 use crossbeam_channel::{select, Receiver};
 use ott_bootstrap::Request;
 use ott_datapath::{Config as DataConfig, DataPath, DataPathEvent, Drop as DropReason, Payload};
-use ott_media::arq::NackConfig;
 use ott_media::{Frame, PlayoutBuffer, PlayoutConfig};
 use ott_proto::{flags, MediaKind, Message, StreamInfo, HEADER_LEN};
 use ott_tree::client::{Client, ClientConfig, ClientEvent};
@@ -220,15 +219,7 @@ struct Viewer {
 /// The data-plane core of a viewer: media only with a session tag, NACKs given up after
 /// the latency budget, nothing kept for retransmission (a viewer forwards nothing).
 fn viewer_data(opts: &Options) -> DataPath {
-    DataPath::for_viewer(DataConfig {
-        nack: opts.nack,
-        retransmit_depth: 1,
-        nack_config: NackConfig {
-            give_up_after: opts.latency,
-            ..NackConfig::default()
-        },
-        ..DataConfig::default()
-    })
+    DataPath::for_viewer(DataConfig::viewer(opts.nack, opts.latency))
 }
 
 /// Run the client until its duration ends, a signal arrives, or an error.

@@ -7,7 +7,10 @@
 //! stream paths one after the other (never a server or a PoP; preferably a relay whose
 //! loss leaves every PoP a path to a server), checking loop freedom after every step,
 //! and prints convergence time, loop checks, failover times (median, p99, max) and
-//! control messages per node per second. Nodes and viewers a kill cuts off from every
+//! control messages per node per second. Media runs through the real data plane (see
+//! `ott_tree::sim`): the server makes a frame of two datagrams every `--frame-ms`, and
+//! the report gives the frames the viewers played intact against those made while they
+//! were attached, the longest gap in played frames and the frames lost per kill. Nodes and viewers a kill cuts off from every
 //! server are counted apart. When no relay is on a viewer's path (a tiny overlay, a
 //! topology without relays or viewers) it says so and kills nothing.
 
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ott_overlay::Topology;
 use ott_proto::stream_id_for;
-use ott_tree::sim::{RandomOverlay, Sim, SIM_STREAM};
+use ott_tree::sim::{MediaParams, RandomOverlay, Sim, SIM_STREAM};
 use ott_tree::Role;
 
 /// Viewers of the random overlay when `--clients` is not given.
@@ -63,6 +66,10 @@ pub(crate) struct SimArgs {
     /// plane's silence hint); 0 turns the hint off.
     #[arg(long, value_name = "MS", default_value_t = 100)]
     silence_ms: u64,
+    /// Time between two frames of the stream (each of two datagrams, through the real
+    /// packetizer, data planes and playout buffers); outages are measured to this.
+    #[arg(long, value_name = "MS", default_value_t = 20)]
+    frame_ms: u64,
 }
 
 impl Default for SimArgs {
@@ -78,6 +85,7 @@ impl Default for SimArgs {
             loss_pct: 0.0,
             stability_s: 0,
             silence_ms: 100,
+            frame_ms: 20,
         }
     }
 }
@@ -102,6 +110,12 @@ pub(crate) struct Report {
     pub(crate) loop_violations: u64,
     /// What the final whole-network check found, if anything.
     pub(crate) final_violation: Option<String>,
+    /// Frames played intact by the viewers, and frames made while they were attached.
+    pub(crate) frames: (u64, u64),
+    /// Viewers that played media.
+    pub(crate) media_viewers: usize,
+    /// Frames each affected viewer (with media) lost to each kill.
+    pub(crate) frames_lost: Vec<u64>,
 }
 
 /// `1 relay`, `3 relays`.
@@ -307,8 +321,12 @@ fn cuts_off_a_pop(
 pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Report> {
     let wall = Instant::now();
     let (mut sim, what) = build(args)?;
-    // Fine-grained media, so that outages are measured to 20 ms.
-    sim.set_media_period(Duration::from_millis(20));
+    // Fine-grained media, so that outages are measured to a frame (20 ms by default).
+    let frame = Duration::from_millis(args.frame_ms.max(1));
+    sim.set_media(MediaParams {
+        period: frame,
+        ..MediaParams::default()
+    });
     sim.set_silence_hint((args.silence_ms > 0).then(|| Duration::from_millis(args.silence_ms)));
     if args.jitter_ms > 0.0 || args.loss_pct > 0.0 {
         let extra_jitter = Duration::from_secs_f64(2.0 * args.jitter_ms.max(0.0) / 1e3);
@@ -420,6 +438,9 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
     let mut rng = fastrand_like(args.seed);
     let mut tree_repair = Vec::new();
     let mut outages = Vec::new();
+    // (viewer, time of the kill): frames lost are counted at the end, once every frame
+    // of the window has arrived or been given up.
+    let mut hit: Vec<(String, Duration)> = Vec::new();
     let nothing_to_kill = if args.failures == 0 {
         Some("--failures 0".to_owned())
     } else if relays == 0 {
@@ -534,7 +555,10 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
             // is counted apart, not as a 3 s outage.
             let reachable = sim.pops_of(&c).iter().any(|p| reach_after.contains(p));
             if reachable {
-                outages.push(sim.longest_gap(&c, stream, at, at + Duration::from_secs(3)));
+                if sim.received(&c, stream) > 0 {
+                    outages.push(sim.longest_gap(&c, stream, at, at + Duration::from_secs(3)));
+                    hit.push((c, at));
+                }
             } else {
                 report.cut_off.insert(c);
             }
@@ -552,6 +576,55 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
     }
     print_dist(out, "tree repair (nodes below the dead)", &mut tree_repair)?;
     print_dist(out, "viewer outage (affected viewers)", &mut outages)?;
+    // Frames made in the last second may still be on their way: not counted.
+    let settled = sim.elapsed().saturating_sub(Duration::from_secs(1));
+    for (c, at) in &hit {
+        let (intact, expected) =
+            sim.frames_intact(c, stream, *at, (*at + Duration::from_secs(2)).min(settled));
+        report.frames_lost.push(expected - intact);
+    }
+    if report.frames_lost.is_empty() {
+        writeln!(
+            out,
+            "{:<34} none affected",
+            "frames lost per kill (per viewer)"
+        )?;
+    } else {
+        let mut v = report.frames_lost.clone();
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        writeln!(
+            out,
+            "{:<34} n={:<5} median={:>6} p99={:>6} max={:>6} (of the frames made in the 2 s after the kill)",
+            "frames lost per kill (per viewer)",
+            v.len(),
+            at(0.5),
+            at(0.99),
+            v[v.len() - 1]
+        )?;
+    }
+    for c in sim.client_ids() {
+        let (intact, expected) = sim.frames_intact(&c, stream, Duration::ZERO, settled);
+        if expected > 0 {
+            report.media_viewers += 1;
+        }
+        report.frames.0 += intact;
+        report.frames.1 += expected;
+    }
+    let m = sim.media();
+    let st = sim.stats();
+    writeln!(
+        out,
+        "media: {} of {} frames intact at {} viewers ({:.1} %; a frame every {} ms of {} bytes in 2 datagrams; {} media datagrams, {} NACKs sent)",
+        report.frames.0,
+        report.frames.1,
+        report.media_viewers,
+        100.0 * report.frames.0 as f64 / report.frames.1.max(1) as f64,
+        m.period.as_millis(),
+        m.frame_len,
+        st.media_sent,
+        st.nacks_sent
+    )?;
     if !report.nodes_cut_off.is_empty() || !report.cut_off.is_empty() {
         writeln!(
             out,
@@ -861,6 +934,62 @@ mod tests {
         assert!(!would_cut_off_a_pop(&diamond, &adj, "rb", &s1));
         diamond.kill("ra");
         assert!(would_cut_off_a_pop(&diamond, &adj, "rb", &s1));
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_output_media_included() {
+        let args = SimArgs {
+            nodes: 60,
+            seed: 4,
+            failures: 3,
+            clients: Some(8),
+            loss_pct: 1.0,
+            jitter_ms: 2.0,
+            ..SimArgs::default()
+        };
+        // Everything but the wall time of the last line.
+        let run = || {
+            let (r, text) = run_to_text(&args);
+            let r = r.unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+            let text: Vec<String> = text
+                .lines()
+                .map(|l| match l.find(" s in ") {
+                    Some(k) if l.starts_with("simulated ") => l[..k].to_owned(),
+                    _ => l.to_owned(),
+                })
+                .collect();
+            (r, text.join("\n"))
+        };
+        let (r, a) = run();
+        let (_, b) = run();
+        assert_eq!(a, b);
+        check("--nodes 60 --seed 4", &r, &a);
+        let line = a
+            .lines()
+            .find(|l| l.starts_with("media: "))
+            .unwrap_or_else(|| panic!("no media line\n{a}"));
+        assert!(line.contains(" frames intact at 8 viewers"), "{a}");
+        let (intact, expected) = r.frames;
+        assert!(expected > 8 * 500, "{a}");
+        // 1 % loss on every link: NACKs bring back nearly everything.
+        assert!(intact * 100 >= expected * 95, "{a}");
+        assert!(a.contains("frames lost per kill (per viewer)"), "{a}");
+    }
+
+    #[test]
+    fn without_loss_or_kills_every_frame_is_intact() {
+        let args = SimArgs {
+            nodes: 40,
+            seed: 2,
+            failures: 0,
+            clients: Some(6),
+            ..SimArgs::default()
+        };
+        let (r, text) = run_to_text(&args);
+        let r = r.unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+        assert_eq!(r.media_viewers, 6, "{text}");
+        assert!(r.frames.1 > 6 * 200, "{text}");
+        assert_eq!(r.frames.0, r.frames.1, "{text}");
     }
 
     #[test]

@@ -92,6 +92,45 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// A viewer's data path: NACKs to where the stream comes from (if `nack`), missing
+    /// datagrams given up after the playout `latency` budget, nothing kept for
+    /// retransmission (a viewer forwards nothing). Use with [`DataPath::for_viewer`].
+    pub fn viewer(nack: bool, latency: std::time::Duration) -> Self {
+        Self {
+            nack,
+            retransmit_depth: 1,
+            nack_config: NackConfig {
+                give_up_after: latency,
+                ..NackConfig::default()
+            },
+            ..Self::default()
+        }
+    }
+}
+
+/// The children of a route as the tree gives them (data addresses, and the session key
+/// of each viewer among them) as [`DataPath::set_route`] takes them: a viewer with a
+/// session gets the media sealed with its key, an overlay member (`is_member`) as
+/// received, anyone else without the overlay tag.
+pub fn children_from(
+    children: &[SocketAddr],
+    sessions: &[(SocketAddr, SessionKey)],
+    is_member: impl Fn(SocketAddr) -> bool,
+) -> Vec<Child> {
+    children
+        .iter()
+        .map(|c| Child {
+            addr: *c,
+            kind: match sessions.iter().find(|(a, _)| a == c) {
+                Some((_, k)) => ChildKind::Session(k.clone()),
+                None if is_member(*c) => ChildKind::Member,
+                None => ChildKind::Strip,
+            },
+        })
+        .collect()
+}
+
 /// How a child gets a stream.
 #[derive(Debug, Clone)]
 pub enum ChildKind {

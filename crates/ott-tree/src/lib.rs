@@ -12,7 +12,8 @@
 //!   is [`Event::Forwarding`]: the set of data addresses each stream goes to.
 //! - [`Client`] (module [`client`]): a viewer's choice of PoP and stream.
 //! - [`sim`]: a deterministic discrete-event network that runs many nodes and clients
-//!   over simulated links, for tests and `cargo xtask sim`.
+//!   over simulated links, each with the real data plane (`ott-datapath`, `ott-media`)
+//!   beside it, for tests and `cargo xtask sim`.
 //!
 //! # Driving a state machine
 //!
@@ -24,7 +25,8 @@
 //! and `poll_event`, then read `poll_timeout` and call `handle_timeout` when it is
 //! reached. See `examples/embed.rs`.
 //!
-//! This crate does not move media: it only tells the data plane where each stream goes.
+//! The state machines do not move media: they only tell the data plane where each stream
+//! goes (the simulator runs that data plane too).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -6,12 +6,24 @@
 //! `fastrand::Rng`; in-flight datagrams sit in a heap ordered by (arrival, sequence
 //! number), so a run depends on nothing but the seed and the script. Every control
 //! message is encoded with `ott_proto::encode` and decoded again on arrival (failures
-//! are dropped and counted). A minimal data plane moves one "media token" per stream
-//! and [`Sim::media_period`] from each server along the [`Event::Forwarding`] sets, so
-//! tests can check who receives what, when, and how many copies each link carries.
+//! are dropped and counted).
+//!
+//! Media runs through the real data plane. Every host has an [`ott_datapath::DataPath`]
+//! beside its tree state machine, configured as the programs configure theirs: a
+//! server's (streams pinned, no NACKs), a relay's or PoP's, a viewer's (media accepted
+//! only with its session key, NACKs to its PoP, the real [`ott_media::PlayoutBuffer`]).
+//! Each [`Event::Forwarding`] becomes the data path's route (children and viewers'
+//! session keys, through [`ott_datapath::children_from`], as `ott-apps` does); each
+//! client's session key and stream go to its data path. Every [`MediaParams::period`]
+//! each server makes a synthetic frame of each stream, cut into datagrams by the real
+//! [`ott_media::Packetizer`]; the datagrams, the retransmissions, the start-cache
+//! replays and the NACKs travel the simulated links like control messages (same delay,
+//! jitter, loss). Tests can check who played which frame intact, when, and how many
+//! copies each link carried.
 //!
 //! The simulation is event-driven: a step delivers the earliest datagram, or fires the
-//! earliest timer of one host (timers sit in a heap too), or the media tick, so a step
+//! earliest timer of one host (its tree state machine's or its data plane's: NACKs,
+//! playout deadlines; timers sit in a heap too), or the media tick, so a step
 //! costs the same with ten hosts or ten thousand and only the hosts with something to do
 //! run. Each step changes the state of at most one host, so [`Sim::check_loops_each_step`]
 //! checks loop freedom after every step by walking the parent and subscription chains
@@ -41,8 +53,11 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use ott_datapath::{DataPath, DataPathEvent as DataEvent, Payload as DataPayload};
+use ott_media::{Packetizer, PlayoutBuffer, PlayoutConfig};
 use ott_overlay::Topology;
-use ott_proto::{Message, StreamId, StreamInfo};
+use ott_proto::{flags, MediaHeader, Message, StreamId, StreamInfo, HEADER_LEN};
 
 use crate::{Client, ClientConfig, ClientEvent, Event, Node, NodeConfig, Role};
 
@@ -90,11 +105,94 @@ enum Machine {
 /// Media reception of one stream at one host.
 #[derive(Debug, Clone, Default)]
 struct Reception {
+    /// Nodes: frames started (first fragments accepted by the data path). Clients:
+    /// frames played (released whole by the playout buffer).
     count: u64,
-    /// Arrival times (since the start) of every token, clients only.
+    /// Clients: when each frame was played (since the start).
     arrivals: Vec<Duration>,
-    /// When the last token arrived.
-    last: Option<Instant>,
+    /// Clients: when the server sent each frame played (since the start), in play order.
+    played_sent: Vec<Duration>,
+    /// Clients: frames played whose bytes were not the ones the server sent.
+    corrupt: u64,
+}
+
+/// The data plane of one running host: the real [`DataPath`] (a server's, a relay's or
+/// a viewer's) and, for a viewer, the real playout buffer.
+struct Data {
+    path: DataPath,
+    /// A viewer's: the frames of the stream watched, rebuilt and released in order.
+    playout: Option<PlayoutBuffer>,
+    /// A viewer's: the stream watched.
+    watching: Option<StreamId>,
+    /// A server's: one packetizer per stream of its catalogue.
+    packetizers: Vec<(StreamId, Packetizer)>,
+}
+
+impl std::fmt::Debug for Data {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Data")
+            .field("path", &self.path)
+            .field("watching", &self.watching)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Data {
+    fn poll_timeout(&self) -> Option<Instant> {
+        let p = self.playout.as_ref().and_then(PlayoutBuffer::poll_timeout);
+        [self.path.poll_timeout(), p].into_iter().flatten().min()
+    }
+}
+
+/// How the servers of a simulation make media ([`Sim::set_media`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MediaParams {
+    /// Time between two frames of each stream.
+    pub period: Duration,
+    /// Bytes of each synthetic frame (more than one datagram's payload makes frames of
+    /// several datagrams, which the viewers reassemble).
+    pub frame_len: usize,
+    /// Every this many frames is a keyframe (a new child starts from the last one).
+    pub keyframe_every: u32,
+    /// Playout latency budget of the viewers (and their NACK give-up time).
+    pub latency: Duration,
+}
+
+impl Default for MediaParams {
+    fn default() -> Self {
+        Self {
+            period: Duration::from_millis(100),
+            frame_len: ott_proto::MAX_PAYLOAD_LEN + 200,
+            keyframe_every: 10,
+            latency: Duration::from_millis(300),
+        }
+    }
+}
+
+/// SplitMix64: a well-mixed 64-bit value from a seed.
+fn splitmix64(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The data port a host sends media and NACKs from.
+fn data_port_of(h: &Host) -> u16 {
+    if h.role.is_some() {
+        DATA_PORT
+    } else {
+        CLIENT_DATA_PORT
+    }
+}
+
+/// The bytes of synthetic frame `number` of `len` bytes: its number, then a pattern.
+fn synthetic_frame(number: u32, len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..len).map(|k| (k as u32 ^ number) as u8).collect();
+    for (d, b) in v.iter_mut().zip(number.to_be_bytes()) {
+        *d = b;
+    }
+    v
 }
 
 #[derive(Debug)]
@@ -109,6 +207,7 @@ struct Host {
     catalogue: Vec<StreamInfo>,
     forwarding: BTreeMap<StreamId, Vec<SocketAddr>>,
     received: BTreeMap<StreamId, Reception>,
+    data: Option<Data>,
     control_sent: u64,
     log: Vec<String>,
     selected: Option<String>,
@@ -116,8 +215,10 @@ struct Host {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Payload {
+    /// An encoded control message (to a control port), or a NACK (to a data port).
     Control(Vec<u8>),
-    Media { stream: StreamId, tick: u64 },
+    /// A media datagram.
+    Media(Bytes),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -147,9 +248,11 @@ impl PartialOrd for InFlight {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Copies {
     total: u64,
-    last_tick: u64,
-    in_last_tick: u64,
-    max_per_tick: u64,
+    /// Sequence number of the last live (not resent, not cached) datagram...
+    last_seq: Option<u32>,
+    /// ... and how many times in a row it was sent.
+    in_a_row: u64,
+    max_per_datagram: u64,
 }
 
 /// Counters of the whole simulated network.
@@ -157,8 +260,12 @@ struct Copies {
 pub struct SimStats {
     /// Control datagrams put on a link.
     pub control_sent: u64,
-    /// Media tokens put on a link.
+    /// Media datagrams put on a link (live, resent and replayed from start caches).
     pub media_sent: u64,
+    /// NACKs put on a link (by relays and viewers).
+    pub nacks_sent: u64,
+    /// Frames the servers made (one per stream per media period).
+    pub frames_made: u64,
     /// Datagrams lost to link loss.
     pub lost: u64,
     /// Datagrams dropped because there is no link or it is down.
@@ -315,12 +422,19 @@ pub struct Sim {
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     seq: u64,
     started: bool,
-    media_period: Duration,
+    media: MediaParams,
     /// Hint nodes of an upstream silence this long ([`Sim::set_silence_hint`]).
     silence_hint: Option<Duration>,
     next_media: Option<Instant>,
     tick: u64,
     copies: HashMap<(usize, usize, StreamId), Copies>,
+    /// When each frame was made (since the start), by stream and frame number.
+    frame_sent: HashMap<(StreamId, u32), Duration>,
+    /// Per stream, when a frame of it was made (once per period, however many servers
+    /// offer it).
+    frame_times: BTreeMap<StreamId, Vec<Duration>>,
+    /// Nodes with a route (a stream with children): where the silence hint looks.
+    routed: std::collections::BTreeSet<usize>,
     stats: SimStats,
     hook: Option<Hook>,
     check_loops: bool,
@@ -463,11 +577,14 @@ impl Sim {
             timers: BinaryHeap::new(),
             seq: 0,
             started: false,
-            media_period: Duration::from_millis(100),
+            media: MediaParams::default(),
             silence_hint: None,
             next_media: None,
             tick: 0,
             copies: HashMap::new(),
+            frame_sent: HashMap::new(),
+            frame_times: BTreeMap::new(),
+            routed: std::collections::BTreeSet::new(),
             stats: SimStats::default(),
             hook: None,
             check_loops: false,
@@ -604,19 +721,34 @@ impl Sim {
         self.now
     }
 
-    /// Period of media tokens sent by servers (default 100 ms).
+    /// Period of the frames servers make (default 100 ms).
     pub fn media_period(&self) -> Duration {
-        self.media_period
+        self.media.period
     }
 
-    /// Change the period of media tokens.
+    /// Change the period of the frames servers make.
     pub fn set_media_period(&mut self, d: Duration) {
-        self.media_period = d.max(Duration::from_millis(1));
+        self.media.period = d.max(Duration::from_millis(1));
     }
 
-    /// Play the data plane's silence detector: at every media tick, a node whose
-    /// stream's upstream sent no token for `after` (since its last token) is told with
-    /// [`Node::handle_upstream_silent`]. Off (`None`) by default.
+    /// How the servers make media and the viewers play it (before [`Sim::start`]).
+    pub fn media(&self) -> MediaParams {
+        self.media
+    }
+
+    /// Change how the servers make media and the viewers play it (before
+    /// [`Sim::start`]; viewers started later get the new latency budget).
+    pub fn set_media(&mut self, m: MediaParams) {
+        self.media = MediaParams {
+            period: m.period.max(Duration::from_millis(1)),
+            keyframe_every: m.keyframe_every.max(1),
+            ..m
+        };
+    }
+
+    /// Play the silence detector of the programs' control loop: at every media tick, a
+    /// node whose data path received no live datagram of a stream for `after` is told
+    /// with [`Node::handle_upstream_silent`]. Off (`None`) by default.
     pub fn set_silence_hint(&mut self, after: Option<Duration>) {
         self.silence_hint = after;
     }
@@ -710,6 +842,7 @@ impl Sim {
             catalogue: Vec::new(),
             forwarding: BTreeMap::new(),
             received: BTreeMap::new(),
+            data: None,
             control_sent: 0,
             log: Vec::new(),
             selected: None,
@@ -839,7 +972,7 @@ impl Sim {
     /// Create every state machine at the current time.
     pub fn start(&mut self) {
         self.started = true;
-        self.next_media = Some(self.now + self.media_period);
+        self.next_media = Some(self.now + self.media.period);
         let order: Vec<usize> = self.index.values().copied().collect();
         for i in order {
             self.boot(i);
@@ -887,7 +1020,9 @@ impl Sim {
             .collect();
         let mut node_cfg = self.node_config.clone();
         let mut client_cfg = self.client_config.clone();
+        let media = self.media;
         let h = &mut self.hosts[i];
+        h.data = Some(Self::new_data(h.role, media));
         let machine = match h.role {
             Some(role) => {
                 node_cfg.id = id;
@@ -912,7 +1047,39 @@ impl Sim {
         };
         h.machine = Some(machine);
         h.forwarding.clear();
+        self.routed.remove(&i);
         self.drain(i);
+    }
+
+    /// The data plane of a host starting afresh: a server's (its streams pinned, so the
+    /// start cache fills while nobody watches, no NACKs: it has no upstream), a relay's
+    /// or PoP's (NACKs upstream), or a viewer's (media only with a session key, NACKs to
+    /// its PoP, the playout buffer), as the programs configure them.
+    fn new_data(role: Option<Role>, m: MediaParams) -> Data {
+        let path = match role {
+            Some(Role::Server) => ott_datapath::DataPath::new(
+                ott_datapath::Config {
+                    nack: false,
+                    ..ott_datapath::Config::default()
+                },
+                None,
+            ),
+            Some(_) => ott_datapath::DataPath::new(ott_datapath::Config::default(), None),
+            None => {
+                ott_datapath::DataPath::for_viewer(ott_datapath::Config::viewer(true, m.latency))
+            }
+        };
+        Data {
+            path,
+            playout: role.is_none().then(|| {
+                PlayoutBuffer::new(PlayoutConfig {
+                    budget: m.latency,
+                    ..PlayoutConfig::default()
+                })
+            }),
+            watching: None,
+            packetizers: Vec::new(),
+        }
     }
 
     /// Crash a host: it stops at once, without a word to anyone.
@@ -920,8 +1087,10 @@ impl Sim {
         if let Some(i) = self.idx(id) {
             let h = &mut self.hosts[i];
             h.machine = None;
+            h.data = None;
             h.next_timeout = None;
             h.forwarding.clear();
+            self.routed.remove(&i);
             self.forests.clear(i);
         }
     }
@@ -1063,30 +1232,32 @@ impl Sim {
         self.host(id).map_or(0, |h| h.control_sent)
     }
 
-    /// Media tokens of `stream` received by host `id` (client or node).
+    /// Media of `stream` received by host `id`: frames played (released whole by the
+    /// playout buffer) for a client, frames started (first fragments accepted by the data
+    /// path) for a node.
     pub fn received(&self, id: &str, stream: StreamId) -> u64 {
         self.host(id)
             .and_then(|h| h.received.get(&stream))
             .map_or(0, |r| r.count)
     }
 
-    /// When client `id` received each token of `stream`, as times since the start.
+    /// When client `id` played each frame of `stream`, as times since the start.
     pub fn arrivals(&self, id: &str, stream: StreamId) -> &[Duration] {
         self.host(id)
             .and_then(|h| h.received.get(&stream))
             .map_or(&[], |r| r.arrivals.as_slice())
     }
 
-    /// The first time client `id` received a token of `stream` at or after `t` (since
-    /// the start).
+    /// The first time client `id` played a frame of `stream` at or after `t` (since the
+    /// start).
     pub fn first_arrival_after(&self, id: &str, stream: StreamId, t: Duration) -> Option<Duration> {
         let a = self.arrivals(id, stream);
         let i = a.partition_point(|x| *x < t);
         a.get(i).copied()
     }
 
-    /// The longest time client `id` went without a token of `stream` between `from` and
-    /// `to` (since the start); `to - from` if it got none.
+    /// The longest time client `id` went without playing a frame of `stream` between
+    /// `from` and `to` (since the start); `to - from` if it played none.
     pub fn longest_gap(
         &self,
         id: &str,
@@ -1109,7 +1280,7 @@ impl Sim {
         worst.max(to.saturating_sub(last))
     }
 
-    /// Media tokens of `stream` sent from `from` to `to` so far.
+    /// Media datagrams of `stream` sent from `from` to `to` so far.
     pub fn media_sent(&self, from: &str, to: &str, stream: StreamId) -> u64 {
         match (self.idx(from), self.idx(to)) {
             (Some(a), Some(b)) => self.copies.get(&(a, b, stream)).map_or(0, |c| c.total),
@@ -1117,13 +1288,60 @@ impl Sim {
         }
     }
 
-    /// The largest number of copies of one media token any directed link carried.
+    /// The largest number of copies of one live media datagram (not resent, not
+    /// replayed from a start cache) any directed link carried.
     pub fn max_copies_per_link(&self) -> u64 {
         self.copies
             .values()
-            .map(|c| c.max_per_tick)
+            .map(|c| c.max_per_datagram)
             .max()
             .unwrap_or(0)
+    }
+
+    /// Frames of `stream` made between `from` and `to` (since the start) that client
+    /// `id` played whole, and how many were made then while it was attached (from the
+    /// making of the first frame it played on): `(intact, expected)`. Frames still on
+    /// their way or waiting in the playout buffer count as missing, so leave them time
+    /// (a path's delay and the latency budget) before `to`.
+    pub fn frames_intact(
+        &self,
+        id: &str,
+        stream: StreamId,
+        from: Duration,
+        to: Duration,
+    ) -> (u64, u64) {
+        let Some(r) = self.host(id).and_then(|h| h.received.get(&stream)) else {
+            return (0, 0);
+        };
+        let Some(&first) = r.played_sent.first() else {
+            return (0, 0);
+        };
+        let from = from.max(first);
+        if to <= from {
+            return (0, 0);
+        }
+        let made = self.frame_times.get(&stream).map_or(&[][..], Vec::as_slice);
+        let expected = made.iter().filter(|t| (from..to).contains(*t)).count() as u64;
+        let intact = r
+            .played_sent
+            .iter()
+            .filter(|t| (from..to).contains(*t))
+            .count() as u64;
+        // Two servers' copies of one period both played (a source switch) count once.
+        (intact.min(expected), expected)
+    }
+
+    /// Frames client `id` played whose bytes were not those the server made (always 0
+    /// unless the data plane corrupts media).
+    pub fn frames_corrupt(&self, id: &str, stream: StreamId) -> u64 {
+        self.host(id)
+            .and_then(|h| h.received.get(&stream))
+            .map_or(0, |r| r.corrupt)
+    }
+
+    /// The data plane of running host `id` (`None` for a dead or unknown host).
+    pub fn data_path(&self, id: &str) -> Option<&DataPath> {
+        self.host(id).and_then(|h| h.data.as_ref()).map(|d| &d.path)
     }
 
     /// Control messages a client sent, as `"<kind> <to>"` lines (e.g. `"join n5"`).
@@ -1195,12 +1413,31 @@ impl Sim {
         } else if let Some((t, i)) = timer.filter(|(t, _)| *t == next) {
             self.timers.pop();
             let now = self.now.max(t);
-            match &mut self.hosts[i].machine {
-                Some(Machine::Node(n)) => n.handle_timeout(now),
-                Some(Machine::Client(c)) => c.handle_timeout(now),
-                None => {}
+            let due = |x: Option<Instant>| x.is_some_and(|x| x <= now);
+            let h = &mut self.hosts[i];
+            // The host's timer is the earliest of its state machines' timers: fire those
+            // that are due.
+            let mut control = false;
+            match &mut h.machine {
+                Some(Machine::Node(n)) if due(n.poll_timeout()) => {
+                    n.handle_timeout(now);
+                    control = true;
+                }
+                Some(Machine::Client(c)) if due(c.poll_timeout()) => c.handle_timeout(now),
+                _ => {}
             }
-            self.drain(i);
+            if let Some(d) = &mut h.data {
+                if due(d.path.poll_timeout()) {
+                    d.path.handle_timeout(now);
+                }
+            }
+            self.play(i);
+            if control || self.hosts[i].role.is_none() {
+                self.drain(i);
+            } else {
+                self.flush_data(i, &[]);
+                self.rearm(i);
+            }
         } else {
             self.media_tick();
         }
@@ -1211,38 +1448,84 @@ impl Sim {
         true
     }
 
+    /// Every server makes one frame of each stream of its catalogue (the real
+    /// packetizer cuts it into datagrams, its data path keeps them for retransmission
+    /// and its start cache and queues them to the stream's children); then the silence
+    /// hint, if on.
     fn media_tick(&mut self) {
         self.tick += 1;
-        self.next_media = Some(self.now + self.media_period);
-        let mut sends = Vec::new();
-        for (i, h) in self.hosts.iter().enumerate() {
-            if h.machine.is_none() || h.role != Some(Role::Server) {
+        self.next_media = Some(self.now + self.media.period);
+        let now = self.now;
+        let elapsed = self.elapsed();
+        let m = self.media;
+        for i in 0..self.hosts.len() {
+            let h = &mut self.hosts[i];
+            if h.role != Some(Role::Server) || h.machine.is_none() {
                 continue;
             }
+            let Some(d) = &mut h.data else {
+                continue;
+            };
+            let mut made: Vec<Bytes> = Vec::new();
             for s in &h.catalogue {
-                for to in h.forwarding.get(&s.id).into_iter().flatten() {
-                    sends.push((i, *to, s.id));
+                let p = match d.packetizers.iter().position(|(id, _)| *id == s.id) {
+                    Some(k) => &mut d.packetizers[k].1,
+                    None => {
+                        d.path.pin_stream(s.id);
+                        // Another server's copy, or a restarted server's, lives in another
+                        // number space (as the programs' random first numbers make it).
+                        let r = splitmix64(
+                            self.seed ^ (i as u64) << 20 ^ h.incarnation ^ u64::from(s.id),
+                        );
+                        let p = Packetizer::for_kind_at(s.id, s.kind, r as u32, (r >> 40) as u32);
+                        d.packetizers.push((s.id, p));
+                        let last = d.packetizers.len() - 1;
+                        &mut d.packetizers[last].1
+                    }
+                };
+                let number = p.next_frame();
+                let fl = if number % m.keyframe_every == 0 {
+                    flags::KEYFRAME
+                } else {
+                    0
+                };
+                let Ok(datagrams) = p.packetize(
+                    &synthetic_frame(number, m.frame_len),
+                    number.wrapping_mul(3600),
+                    fl,
+                ) else {
+                    continue;
+                };
+                self.frame_sent.insert((s.id, number), elapsed);
+                let times = self.frame_times.entry(s.id).or_default();
+                if times.last() != Some(&elapsed) {
+                    times.push(elapsed);
                 }
+                self.stats.frames_made += 1;
+                let base = made.len();
+                for (k, dg) in datagrams.iter().enumerate() {
+                    let _ = d.path.handle_local(now, dg, base + k);
+                }
+                made.extend(datagrams);
             }
-        }
-        let tick = self.tick;
-        for (from, to, stream) in sends {
-            self.send_media(from, to, stream, tick);
+            self.flush_data(i, &made);
+            self.rearm(i);
         }
         let Some(after) = self.silence_hint else {
             return;
         };
-        let now = self.now;
         let mut hinted = Vec::new();
-        for (i, h) in self.hosts.iter_mut().enumerate() {
-            let Some(Machine::Node(n)) = &mut h.machine else {
+        let routed: Vec<usize> = self.routed.iter().copied().collect();
+        for i in routed {
+            let h = &mut self.hosts[i];
+            let (Some(Machine::Node(n)), Some(d)) = (&mut h.machine, &h.data) else {
                 continue;
             };
             for stream in n.stream_ids() {
                 let Some(up) = n.upstream(stream).map(str::to_owned) else {
                     continue;
                 };
-                let Some(last) = h.received.get(&stream).and_then(|r| r.last) else {
+                let Some(last) = d.path.stream(stream).and_then(|s| s.last_live_in) else {
                     continue;
                 };
                 if now.saturating_duration_since(last) >= after {
@@ -1257,23 +1540,94 @@ impl Sim {
         }
     }
 
-    fn send_media(&mut self, from: usize, to: SocketAddr, stream: StreamId, tick: u64) {
+    /// Put a media datagram from host `from` on the link to `to`, counting copies.
+    fn send_media(&mut self, from: usize, to: SocketAddr, datagram: Bytes) {
         let Some(dst) = self.dest(to) else {
             self.stats.dead_dest += 1;
             return;
         };
-        let c = self.copies.entry((from, dst, stream)).or_default();
-        c.total += 1;
-        if c.last_tick == tick {
-            c.in_last_tick += 1;
-        } else {
-            c.last_tick = tick;
-            c.in_last_tick = 1;
+        if let Ok(h) = MediaHeader::parse(&datagram) {
+            let c = self.copies.entry((from, dst, h.stream)).or_default();
+            c.total += 1;
+            if !h.has(flags::RETRANSMIT) && !h.has(flags::CACHED) {
+                if c.last_seq == Some(h.seq) {
+                    c.in_a_row += 1;
+                } else {
+                    c.last_seq = Some(h.seq);
+                    c.in_a_row = 1;
+                }
+                c.max_per_datagram = c.max_per_datagram.max(c.in_a_row);
+            }
         }
-        c.max_per_tick = c.max_per_tick.max(c.in_last_tick);
         self.stats.media_sent += 1;
-        let from_addr = SocketAddr::new(IpAddr::V4(self.hosts[from].ip), DATA_PORT);
-        self.put_on_wire(from, from_addr, to, Payload::Media { stream, tick });
+        let from_addr = SocketAddr::new(
+            IpAddr::V4(self.hosts[from].ip),
+            data_port_of(&self.hosts[from]),
+        );
+        self.put_on_wire(from, from_addr, to, Payload::Media(datagram));
+    }
+
+    /// Send what host `i`'s data path queued: media (`inputs` are the datagrams its
+    /// [`ott_datapath::Payload::Input`] tokens name) and NACKs, encoded as the programs
+    /// encode them, from its data address.
+    fn flush_data(&mut self, i: usize, inputs: &[Bytes]) {
+        let Some(d) = self.hosts[i].data.as_mut() else {
+            return;
+        };
+        let out: Vec<ott_datapath::Transmit> = d.path.drain_transmits().collect();
+        if out.is_empty() {
+            return;
+        }
+        let port = data_port_of(&self.hosts[i]);
+        let from_addr = SocketAddr::new(IpAddr::V4(self.hosts[i].ip), port);
+        for t in out {
+            match t.payload {
+                DataPayload::Input { token, len } => {
+                    if let Some(b) = inputs.get(token) {
+                        self.send_media(i, t.to, b.slice(..len.min(b.len())));
+                    }
+                }
+                DataPayload::Bytes(b) => self.send_media(i, t.to, b),
+                DataPayload::Nack { stream, ranges } => {
+                    let msg = Message::Nack {
+                        stream,
+                        data_port: port,
+                        ranges,
+                    };
+                    let Ok(bytes) = ott_proto::encode(&msg) else {
+                        self.stats.codec_errors += 1;
+                        continue;
+                    };
+                    self.stats.nacks_sent += 1;
+                    self.put_on_wire(i, from_addr, t.to, Payload::Control(bytes));
+                }
+            }
+        }
+    }
+
+    /// A viewer plays what its playout buffer releases.
+    fn play(&mut self, i: usize) {
+        let now = self.now;
+        let elapsed = self.elapsed();
+        let len = self.media.frame_len;
+        let h = &mut self.hosts[i];
+        let Some(d) = &mut h.data else {
+            return;
+        };
+        let (Some(p), Some(stream)) = (&mut d.playout, d.watching) else {
+            return;
+        };
+        while let Some(frame) = p.poll_frame(now) {
+            let r = h.received.entry(stream).or_default();
+            r.count += 1;
+            r.arrivals.push(elapsed);
+            if let Some(&t) = self.frame_sent.get(&(stream, frame.number)) {
+                r.played_sent.push(t);
+            }
+            if frame.data[..] != synthetic_frame(frame.number, len)[..] {
+                r.corrupt += 1;
+            }
+        }
     }
 
     fn dest(&self, to: SocketAddr) -> Option<usize> {
@@ -1282,7 +1636,6 @@ impl Sim {
             IpAddr::V6(_) => None,
         }
     }
-
     fn put_on_wire(&mut self, from: usize, from_addr: SocketAddr, to: SocketAddr, p: Payload) {
         let Some(dst) = self.dest(to) else {
             self.stats.dead_dest += 1;
@@ -1317,10 +1670,9 @@ impl Sim {
         }));
     }
 
-    /// Deliver one datagram; returns the host whose state machine it changed.
+    /// Deliver one datagram; returns the host whose tree state machine it changed.
     fn deliver(&mut self, f: InFlight) -> Option<usize> {
         let now = self.now;
-        let elapsed = self.elapsed();
         let Some(i) = self.dest(f.to) else {
             self.stats.dead_dest += 1;
             return None;
@@ -1330,62 +1682,120 @@ impl Sim {
             self.stats.no_route += 1;
             return None;
         }
+        if self.hosts[i].machine.is_none() {
+            self.stats.dead_dest += 1;
+            return None;
+        }
         match f.payload {
             Payload::Control(bytes) => {
                 let Ok(msg) = ott_proto::decode(&bytes) else {
                     self.stats.codec_errors += 1;
                     return None;
                 };
+                if let Message::Nack { stream, ranges, .. } = &msg {
+                    // A NACK from a child, for the data path (which answers only its
+                    // current children).
+                    if let Some(d) = &mut self.hosts[i].data {
+                        d.path.handle_nack(now, f.from, *stream, ranges);
+                    }
+                    self.flush_data(i, &[]);
+                    self.rearm(i);
+                    return None;
+                }
                 match &mut self.hosts[i].machine {
                     Some(Machine::Node(n)) => n.handle(now, f.from, msg),
                     Some(Machine::Client(c)) => c.handle(now, f.from, msg),
-                    None => {
-                        self.stats.dead_dest += 1;
-                        return None;
-                    }
+                    None => {}
                 }
                 self.drain(i);
                 Some(i)
             }
-            Payload::Media { stream, tick } => {
+            Payload::Media(bytes) => {
                 let h = &mut self.hosts[i];
-                let r = h.received.entry(stream).or_default();
-                r.last = Some(now);
-                match &mut h.machine {
-                    None => {
-                        self.stats.dead_dest += 1;
-                        return None;
-                    }
-                    Some(Machine::Client(c)) => {
-                        r.count += 1;
-                        r.arrivals.push(elapsed);
-                        if c.stream().is_some_and(|s| s.id == stream) {
-                            c.media_received(now);
+                let Some(d) = &mut h.data else {
+                    self.stats.dead_dest += 1;
+                    return None;
+                };
+                let accepted = d.path.handle_media(now, Some(f.from), &bytes, 0);
+                while let Some(ev) = d.path.poll_event() {
+                    if let DataEvent::SourceSwitched { .. } = ev {
+                        // Another server's copy: its frame numbers are unrelated.
+                        if let Some(p) = &mut d.playout {
+                            p.reset();
                         }
-                        self.drain(i);
-                        return Some(i);
                     }
-                    Some(Machine::Node(_)) => r.count += 1,
                 }
-                let fwd = h.forwarding.get(&stream).cloned().unwrap_or_default();
-                for to in fwd {
-                    self.send_media(i, to, stream, tick);
+                if let Ok(a) = accepted {
+                    match &mut d.playout {
+                        Some(p) => {
+                            let body = bytes.get(HEADER_LEN..a.len).unwrap_or_default();
+                            p.push(now, &a.header, body);
+                        }
+                        None if a.header.frag_index == 0 => {
+                            h.received.entry(a.header.stream).or_default().count += 1;
+                        }
+                        None => {}
+                    }
+                    if let Some(Machine::Client(c)) = &mut h.machine {
+                        c.media_received(now);
+                    }
+                }
+                let client = h.role.is_none();
+                self.play(i);
+                self.flush_data(i, std::slice::from_ref(&bytes));
+                if client {
+                    self.drain(i);
+                } else {
+                    self.rearm(i);
                 }
                 None
             }
         }
     }
 
-    /// Drain a host's outputs onto the wire (drain rule), then re-arm its timer.
+    /// Re-arm host `i`'s timer: the earliest of its tree state machine's and its data
+    /// plane's.
+    fn rearm(&mut self, i: usize) {
+        let h = &mut self.hosts[i];
+        let before = h.next_timeout;
+        let machine = match &h.machine {
+            Some(Machine::Node(n)) => n.poll_timeout(),
+            Some(Machine::Client(c)) => c.poll_timeout(),
+            None => {
+                h.next_timeout = None;
+                return;
+            }
+        };
+        let after = [machine, h.data.as_ref().and_then(Data::poll_timeout)]
+            .into_iter()
+            .flatten()
+            .min();
+        h.next_timeout = after;
+        if let Some(t) = after {
+            if before != after {
+                self.timers.push(Reverse((t, i)));
+            }
+        }
+    }
+
+    /// Drain a host's outputs (drain rule): control messages onto the wire; a node's
+    /// routes into its data path (as the programs' control loop hands them to the
+    /// forwarder), a viewer's session keys and stream into its data path (as the client
+    /// program does); then what the data path queued; then re-arm its timer.
     fn drain(&mut self, i: usize) {
+        let now = self.now;
         let mut out: Vec<(SocketAddr, Message)> = Vec::new();
-        let mut fwd: Vec<(StreamId, Vec<SocketAddr>)> = Vec::new();
+        type Route = (
+            StreamId,
+            Vec<SocketAddr>,
+            Vec<(SocketAddr, ott_proto::auth::SessionKey)>,
+        );
+        let mut fwd: Vec<Route> = Vec::new();
         let mut log: Vec<String> = Vec::new();
         let Some(h) = self.hosts.get_mut(i) else {
             return;
         };
         let mut pop_targets: Vec<(usize, SocketAddr)> = Vec::new();
-        let before = h.next_timeout;
         match &mut h.machine {
             Some(Machine::Node(n)) => {
                 while let Some(t) = n.poll_transmit() {
@@ -1393,13 +1803,14 @@ impl Sim {
                 }
                 while let Some(ev) = n.poll_event() {
                     if let Event::Forwarding {
-                        stream, children, ..
+                        stream,
+                        children,
+                        sessions,
                     } = ev
                     {
-                        fwd.push((stream, children));
+                        fwd.push((stream, children, sessions));
                     }
                 }
-                h.next_timeout = n.poll_timeout();
             }
             Some(Machine::Client(c)) => {
                 while let Some(t) = c.poll_transmit() {
@@ -1416,27 +1827,54 @@ impl Sim {
                     out.push((t.to, t.msg));
                 }
                 while let Some(ev) = c.poll_event() {
-                    if let ClientEvent::Watching(s) = &ev {
-                        log.push(format!("watching {}", s.name));
-                    } else if let ClientEvent::PopChanged { new, .. } = &ev {
-                        log.push(format!("pop {new}"));
+                    match ev {
+                        ClientEvent::Watching(s) => {
+                            log.push(format!("watching {}", s.name));
+                            if let Some(d) = &mut h.data {
+                                // Nothing of the old stream is played after this point.
+                                if let Some(p) = &mut d.playout {
+                                    p.reset();
+                                }
+                                if let Some(old) = d.watching.take() {
+                                    d.path.remove_stream(old);
+                                }
+                                d.path.pin_stream(s.id);
+                                d.watching = Some(s.id);
+                            }
+                        }
+                        ClientEvent::PopChanged { new, .. } => log.push(format!("pop {new}")),
+                        ClientEvent::Session { key, .. } => {
+                            if let Some(d) = &mut h.data {
+                                d.path.add_session(key);
+                            }
+                        }
+                        _ => {}
                     }
                 }
-                h.next_timeout = c.poll_timeout();
             }
             None => {
                 h.next_timeout = None;
                 return;
             }
         }
-        for (stream, children) in fwd {
+        for (stream, children, sessions) in fwd {
+            if let Some(d) = &mut h.data {
+                // Unkeyed: every child gets the bytes as received, a viewer with a
+                // session sealed with its key.
+                let to = ott_datapath::children_from(&children, &sessions, |_| true);
+                d.path.set_route(now, stream, to);
+            }
             if children.is_empty() {
                 h.forwarding.remove(&stream);
             } else {
                 h.forwarding.insert(stream, children);
             }
         }
-        let after = h.next_timeout;
+        if h.forwarding.is_empty() {
+            self.routed.remove(&i);
+        } else {
+            self.routed.insert(i);
+        }
         let ip = h.ip;
         h.control_sent += out.len() as u64;
         // Name the PoP of each logged join/leave.
@@ -1456,11 +1894,8 @@ impl Sim {
         if self.check_loops && self.hosts[i].role.is_some() {
             self.recheck(i);
         }
-        if let Some(t) = after {
-            if before != after {
-                self.timers.push(Reverse((t, i)));
-            }
-        }
+        self.flush_data(i, &[]);
+        self.rearm(i);
         let from_addr = SocketAddr::new(IpAddr::V4(ip), CONTROL_PORT);
         for (to, msg) in out {
             let Ok(bytes) = ott_proto::encode(&msg) else {
@@ -1815,5 +2250,136 @@ ends = ["s1", "r1"]
         assert_eq!(sim.ids_with_role(Role::Relay), ["r1"]);
         assert_eq!(sim.pops_of("c1"), ["p1"]);
         assert!(sim.pops_of("p1").is_empty());
+    }
+
+    /// A random overlay with viewers, run for `secs`; loss on every link if given.
+    fn media_run(seed: u64, loss: f64, secs: u64) -> Sim {
+        let mut p = RandomOverlay::new(30, 3, seed);
+        p.clients = 6;
+        let mut sim = Sim::random(&p);
+        sim.set_media(MediaParams {
+            period: Duration::from_millis(40),
+            ..MediaParams::default()
+        });
+        if loss > 0.0 {
+            for (a, b) in sim.links() {
+                if let Some(mut l) = sim.link_params(&a, &b) {
+                    l.loss = loss;
+                    sim.set_link(&a, &b, l);
+                }
+            }
+        }
+        sim.check_loops_each_step(true);
+        sim.start();
+        sim.run_for(Duration::from_secs(secs));
+        sim
+    }
+
+    /// Sum of (intact, expected) over the viewers, frames made up to 1 s before the end.
+    fn intact(sim: &Sim) -> (u64, u64) {
+        let id = stream_id_for(SIM_STREAM);
+        let to = sim.elapsed() - Duration::from_secs(1);
+        sim.client_ids().iter().fold((0, 0), |(i, e), c| {
+            let (a, b) = sim.frames_intact(c, id, Duration::ZERO, to);
+            (i + a, e + b)
+        })
+    }
+
+    #[test]
+    fn without_loss_every_viewer_plays_every_frame_intact() {
+        for seed in [1, 2] {
+            let sim = media_run(seed, 0.0, 8);
+            let id = stream_id_for(SIM_STREAM);
+            for c in sim.client_ids() {
+                let to = sim.elapsed() - Duration::from_secs(1);
+                let (i, e) = sim.frames_intact(&c, id, Duration::ZERO, to);
+                assert!(
+                    e > 100,
+                    "{c} was attached for {e} frames\n{}",
+                    sim.dump_tree()
+                );
+                assert_eq!(i, e, "{c}: {i} of {e} frames intact");
+                assert_eq!(sim.frames_corrupt(&c, id), 0);
+            }
+            assert_eq!(sim.stats().nacks_sent, 0);
+            assert_eq!(sim.stats().loop_violations, 0);
+            // Live data crosses each link once (the data path drops duplicates).
+            assert_eq!(sim.max_copies_per_link(), 1);
+        }
+    }
+
+    #[test]
+    fn under_loss_nacks_recover_most_frames() {
+        let sim = media_run(3, 0.03, 10);
+        let (i, e) = intact(&sim);
+        eprintln!("3 % loss: {i} of {e} frames intact, {:?}", sim.stats());
+        assert!(e > 6 * 150, "{e} frames expected");
+        let st = sim.stats();
+        assert!(st.nacks_sent > 20 && st.lost > 100, "{st:?}");
+        // About 2 datagrams x 4 links a frame at 3 % loss each: without NACKs a frame in
+        // five would be lost.
+        assert!(
+            i * 100 >= e * 98,
+            "{i} of {e} frames intact under 3 % loss, {st:?}"
+        );
+        let resent: u64 = sim
+            .node_ids()
+            .iter()
+            .filter_map(|n| sim.data_path(n))
+            .map(|d| d.counters().retransmitted)
+            .sum();
+        assert!(resent > 20, "{resent} retransmissions");
+    }
+
+    #[test]
+    fn a_relay_kill_costs_a_bounded_number_of_frames() {
+        // s1 - r1 - p1 and s1 - r2 - p1 (slower): p1's viewer takes the stream via r1
+        // until r1 dies.
+        let mut sim = Sim::new(5);
+        sim.add_node("s1", Role::Server);
+        sim.add_node("r1", Role::Relay);
+        sim.add_node("r2", Role::Relay);
+        sim.add_node("p1", Role::Pop);
+        let l = |ms| LinkParams::new(Duration::from_millis(ms));
+        sim.add_link("s1", "r1", l(2));
+        sim.add_link("r1", "p1", l(2));
+        sim.add_link("s1", "r2", l(5));
+        sim.add_link("r2", "p1", l(5));
+        sim.set_catalogue(
+            "s1",
+            vec![StreamInfo::new(
+                SIM_STREAM,
+                ott_proto::MediaKind::Mjpeg,
+                25_000,
+            )],
+        );
+        sim.set_media(MediaParams {
+            period: Duration::from_millis(20),
+            ..MediaParams::default()
+        });
+        sim.set_silence_hint(Some(Duration::from_millis(100)));
+        sim.add_client("v", &["p1"]);
+        sim.select_stream("v", SIM_STREAM);
+        sim.start();
+        sim.run_for(Duration::from_secs(4));
+        let id = stream_id_for(SIM_STREAM);
+        assert_eq!(sim.stream_path("p1", id), ["p1", "r1", "s1"]);
+        let at = sim.elapsed();
+        sim.kill("r1");
+        sim.run_for(Duration::from_secs(4));
+        assert_eq!(sim.stream_path("p1", id), ["p1", "r2", "s1"]);
+        let (i, e) = sim.frames_intact("v", id, at, at + Duration::from_secs(2));
+        assert_eq!(e, 100);
+        eprintln!("kill: {} of {e} frames lost", e - i);
+        // The silence hint moves p1 within about 100 ms + an RTT: at most half a second
+        // of frames is lost.
+        assert!(e - i <= 25, "lost {} frames to the kill", e - i);
+        let (i, e) = sim.frames_intact(
+            "v",
+            id,
+            at + Duration::from_secs(2),
+            sim.elapsed() - Duration::from_secs(1),
+        );
+        assert_eq!(i, e, "every frame after the repair");
     }
 }
