@@ -930,7 +930,11 @@ fn jitter_on_the_paths_does_not_make_the_client_hop_between_pops() {
     for p in [&mut p1, &mut p2] {
         p.jitter = ms(20);
     }
-    let mut w = World::new(vec![p1, p2]);
+    let spread = ClientConfig {
+        switch_spread: 2.0,
+        ..ClientConfig::default()
+    };
+    let mut w = World::with_config(spread.clone(), vec![p1, p2]);
     w.client.select_stream(w.now, "news");
     w.run_until(Duration::from_secs(300));
     assert!(
@@ -945,7 +949,7 @@ fn jitter_on_the_paths_does_not_make_the_client_hop_between_pops() {
         p.jitter = ms(20);
     }
     p2.alive = false;
-    let mut w = World::new(vec![p1, p2]);
+    let mut w = World::with_config(spread, vec![p1, p2]);
     w.run_until(Duration::from_secs(5));
     assert_eq!(w.client.pop(), Some("p1"));
     w.pop_mut("p2").alive = true;
