@@ -378,8 +378,12 @@ fn random_topologies_with_client_facing_pops_survive_loss_and_a_killed_relay() {
     };
     for (seed, nodes) in [(dense, 14), (sparse, 16)] {
         let (r, line) = run_random(seed, nodes, shape, faults, 12.0);
-        // A lost TCP SYN to the bootstrapper costs 1 s, two cost 3 s.
-        every_viewer_got_intact_frames(&r, &line, 6000);
+        // A lost TCP SYN to the bootstrapper costs 1 s, two cost 3 s, three 7 s; with
+        // 3 % loss on each of the 4-8 links a SYN and its answer cross, an attempt fails
+        // about one time in five, so two in a row (3 s, plus the probes, catalogue and
+        // admission under the same loss: 6.8 s seen in CI) are not rare. 10 s allows
+        // three.
+        every_viewer_got_intact_frames(&r, &line, 10_000);
         // The loss was on every link, and the kill ran halfway.
         // 3 % of 500 frames: a busy link that lost none would not have been lossy.
         let busy = r
