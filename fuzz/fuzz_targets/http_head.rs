@@ -29,7 +29,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(req.body.len() <= limits.max_body);
             assert!(req.method.len() + req.path.len() + req.query.len() <= limits.max_head);
             let escaped = httpd::escape_html(&httpd::url_decode(&req.query));
-            assert!(!escaped.contains('<') && !escaped.contains('"'), "{escaped}");
+            assert!(
+                !escaped.contains('<') && !escaped.contains('"'),
+                "{escaped}"
+            );
             let _ = httpd::check_same_origin(&req);
             for (k, v) in &req.headers {
                 assert_eq!(k, &k.to_ascii_lowercase());
