@@ -215,6 +215,8 @@ pub enum ArbMsg {
         hops: u32,
         /// Its viewers.
         viewers: u32,
+        /// Its tree path.
+        path: Vec<ArbId>,
     },
     /// [`Message::ListStreams`].
     ListStreams,
@@ -236,6 +238,15 @@ pub enum ArbMsg {
     Error {
         /// Reason.
         reason: String,
+    },
+    /// [`Message::Avoid`].
+    Avoid {
+        /// Stream.
+        stream: ArbStream,
+        /// Data port.
+        data_port: u16,
+        /// Nodes to avoid.
+        avoid: Vec<ArbId>,
     },
 }
 
@@ -322,6 +333,7 @@ impl ArbMsg {
                 path_latency_us,
                 hops,
                 viewers,
+                path,
             } => {
                 let (last_nonce, last_sent) = last_probe.unwrap_or_default();
                 Message::ProbeReply {
@@ -331,6 +343,7 @@ impl ArbMsg {
                     path_latency_us: *path_latency_us,
                     hops: *hops,
                     viewers: *viewers,
+                    path: path.iter().map(|p| p.pick(ids)).collect(),
                 }
             }
             Self::ListStreams => Message::ListStreams,
@@ -351,6 +364,15 @@ impl ArbMsg {
             },
             Self::Error { reason } => Message::Error {
                 reason: reason.clone(),
+            },
+            Self::Avoid {
+                stream,
+                data_port,
+                avoid,
+            } => Message::Avoid {
+                stream: stream.id(),
+                data_port: *data_port,
+                avoid: avoid.iter().map(|p| p.pick(ids)).collect(),
             },
         }
     }
