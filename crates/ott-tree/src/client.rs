@@ -1193,43 +1193,31 @@ impl Client {
         );
     }
 
-    /// Send the `Join` of `stream` to the second PoP, with an `Avoid` of the nodes of the
-    /// current PoP's path but its server (so the second PoP's path can keep clear of
-    /// them where the overlay allows).
+    /// Send the `Join` of `stream` to the second PoP, with an `Avoid` of the current
+    /// PoP's path when the second is the `avoider`.
     fn join_second(&mut self, second: usize, stream: &StreamInfo) {
-        let to = self.pops[second].addr;
-        let msg = self.join_msg(second, stream);
-        self.transmits.push_back(ControlTransmit { to, msg });
-        let avoid: Vec<String> = self
-            .current
-            .filter(|_| self.avoider == Some(second))
-            .map(|c| self.pops[c].path.iter().skip(1).cloned().collect())
-            .unwrap_or_default();
-        if !avoid.is_empty() && self.pops[second].cookie.is_some() {
-            self.transmits.push_back(ControlTransmit {
-                to,
-                msg: Message::Avoid {
-                    stream: stream.id,
-                    data_port: self.data_port,
-                    avoid,
-                },
-            });
-        }
+        self.join_avoiding(second, self.current, stream);
     }
 
     /// Send the `Join` of `stream` to the current PoP, with an `Avoid` of the second
-    /// path's nodes but its server when the second PoP could not get round the first
-    /// path, or it was the second and took the first's place (see `avoider`).
+    /// path when the current PoP is the `avoider` (the second could not get round the
+    /// first path, or it was the second and took the first's place).
     fn join_first(&mut self, cur: usize, stream: &StreamInfo) {
-        let to = self.pops[cur].addr;
-        let msg = self.join_msg(cur, stream);
+        self.join_avoiding(cur, self.second, stream);
+    }
+
+    /// Send the `Join` of `stream` to PoP `pop` and, when `pop` is the `avoider` and has
+    /// given us a cookie, an `Avoid` of the nodes of `other`'s path but its server (so
+    /// the two paths can keep clear of each other where the overlay allows).
+    fn join_avoiding(&mut self, pop: usize, other: Option<usize>, stream: &StreamInfo) {
+        let to = self.pops[pop].addr;
+        let msg = self.join_msg(pop, stream);
         self.transmits.push_back(ControlTransmit { to, msg });
-        let avoid: Vec<String> = self
-            .second
-            .filter(|_| self.avoider == Some(cur))
-            .map(|s| self.pops[s].path.iter().skip(1).cloned().collect())
+        let avoid: Vec<String> = other
+            .filter(|_| self.avoider == Some(pop))
+            .map(|o| self.pops[o].path.iter().skip(1).cloned().collect())
             .unwrap_or_default();
-        if !avoid.is_empty() && self.pops[cur].cookie.is_some() {
+        if !avoid.is_empty() && self.pops[pop].cookie.is_some() {
             self.transmits.push_back(ControlTransmit {
                 to,
                 msg: Message::Avoid {
