@@ -56,6 +56,8 @@ pub struct StreamTraffic {
     pub nacks_received: u64,
     /// NACKs from children answered with at least one datagram.
     pub nacks_answered: u64,
+    /// Children's NACKs for datagrams from before this node had the stream, passed upstream.
+    pub nacks_relayed: u64,
     /// Datagrams resent to children answering their NACKs.
     pub retransmitted: u64,
     /// Missing datagrams given up (not recovered within the budget).
@@ -77,6 +79,7 @@ impl From<StreamStats> for StreamTraffic {
             nacks_sent: s.nacks_sent,
             nacks_received: s.nacks_received,
             nacks_answered: s.nacks_answered,
+            nacks_relayed: s.nacks_relayed,
             retransmitted: s.retransmitted,
             given_up: s.given_up,
             idle_ms: None,

@@ -272,7 +272,7 @@ fn node_metrics(st: &serde_json::Value) -> String {
         "Overlay nodes the node forwards the stream to",
     );
     let mut viewers = Family::gauge("ott_stream_viewers", "Viewers the node sends the stream to");
-    let traffic_rows: [(&str, &'static str, &'static str); 11] = [
+    let traffic_rows: [(&str, &'static str, &'static str); 12] = [
         (
             "packets_in",
             "ott_stream_datagrams_received_total",
@@ -327,6 +327,11 @@ fn node_metrics(st: &serde_json::Value) -> String {
             "nacks_answered",
             "ott_stream_nacks_answered_total",
             "NACKs from children answered with a retransmission",
+        ),
+        (
+            "nacks_relayed",
+            "ott_stream_nacks_relayed_total",
+            "Children's NACKs for datagrams from before the node had the stream, passed upstream",
         ),
     ];
     let mut traffic: Vec<Family> = traffic_rows

@@ -256,6 +256,9 @@ pub struct DataPathCounters {
     pub nacks_answered: u64,
     /// NACKs sent upstream.
     pub nacks_sent: u64,
+    /// Children's NACKs for datagrams from before this node had the stream, passed on
+    /// upstream ([`ott_media::arq::GapTracker::want_older`]).
+    pub nacks_relayed: u64,
     /// Datagrams resent.
     pub retransmitted: u64,
     /// Retransmissions refused by the per-NACK cap or a child's byte budget.
@@ -289,6 +292,8 @@ pub struct StreamStats {
     pub nacks_received: u64,
     /// NACKs answered with at least one datagram.
     pub nacks_answered: u64,
+    /// Children's NACKs for datagrams from before this node had the stream, passed on upstream.
+    pub nacks_relayed: u64,
     /// Datagrams resent to children.
     pub retransmitted: u64,
     /// Missing datagrams given up.
@@ -764,8 +769,12 @@ impl DataPath {
             self.counters.resend_budget += 1;
         }
         let mut answered = false;
+        let mut oldest_unknown: Option<u32> = None;
         for seq in nacked_seqs(ranges, limit) {
             let Some(d) = st.buffer.get(seq) else {
+                if oldest_unknown.is_none() {
+                    oldest_unknown = Some(seq);
+                }
                 continue;
             };
             if !c.budget.take(
@@ -788,6 +797,15 @@ impl DataPath {
         if answered {
             st.stats.nacks_answered += 1;
             self.counters.nacks_answered += 1;
+        }
+        // Asked for what passed before this node took the stream (it moved to us, or we
+        // to a new parent, while an upstream was dying): ask our upstream in turn; what
+        // comes back goes to every child, the asker among them.
+        if let Some(seq) = oldest_unknown {
+            if self.config.nack && st.upstream.is_some() && st.gaps.want_older(now, seq) {
+                st.stats.nacks_relayed += 1;
+                self.counters.nacks_relayed += 1;
+            }
         }
     }
 

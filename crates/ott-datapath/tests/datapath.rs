@@ -430,3 +430,61 @@ fn test_children_per_address_are_capped() {
     assert_eq!(dp.stream(S).map(|s| s.children), Some(3));
     assert_eq!(dp.counters().child_cap, 3);
 }
+
+/// A node that took the stream late (its new child lost what passed while the child's
+/// old parent was dying) passes a NACK for older datagrams upstream, and the
+/// retransmissions reach the child as ordinary forwarding.
+#[test]
+fn test_nack_for_datagrams_before_our_first_is_passed_upstream() {
+    let (mut dp, t0) = routed(&[2001]);
+    let up = addr(1000);
+    let first: Vec<Vec<u8>> = (100..104).map(|s| media(S, s, s, false, 50)).collect();
+    for (i, d) in first.iter().enumerate() {
+        assert!(dp.handle_media(t0, Some(up), d, i).is_ok());
+    }
+    let _ = sent(&mut dp, &first);
+    // The child asks for 96..102: 100 and 101 are here, 96..100 never were.
+    dp.handle_nack(
+        t0,
+        addr(2001),
+        S,
+        &[NackRange {
+            first: 96,
+            count: 6,
+        }],
+    );
+    let out = sent(&mut dp, &[]);
+    assert_eq!(out.len(), 2, "100 and 101 resent at once");
+    assert_eq!(dp.counters().nacks_relayed, 1);
+    assert_eq!(dp.stream(S).map(|s| s.nacks_relayed), Some(1));
+    // After the reorder delay the node NACKs its own upstream for 96..100.
+    let t = t0 + Duration::from_millis(10);
+    assert!(dp.poll_timeout().is_some_and(|w| w <= t));
+    dp.handle_timeout(t);
+    let out = sent(&mut dp, &[]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, up);
+    let nack = String::from_utf8_lossy(&out[0].1).into_owned();
+    assert!(nack.contains("first: 96, count: 4"), "{nack}");
+    // What comes back is forwarded to the child like any new datagram.
+    let mut back = media(S, 97, 97, false, 50);
+    let h = MediaHeader {
+        flags: flags::RETRANSMIT,
+        ..MediaHeader::parse(&back).expect("media")
+    };
+    back[0..HEADER_LEN].copy_from_slice(&h.to_bytes());
+    assert!(dp.handle_media(t, Some(up), &back, 0).is_ok());
+    let out = sent(&mut dp, std::slice::from_ref(&back));
+    assert_eq!(out, vec![(addr(2001), back.clone())]);
+    // A NACK for what this node received and still holds is not passed on.
+    dp.handle_nack(
+        t,
+        addr(2001),
+        S,
+        &[NackRange {
+            first: 102,
+            count: 2,
+        }],
+    );
+    assert_eq!(dp.counters().nacks_relayed, 1);
+}

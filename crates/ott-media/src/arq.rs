@@ -202,6 +202,27 @@ impl GapTracker {
         filled
     }
 
+    /// A downstream node asked for `seq`, which is older than anything this tracker has
+    /// seen (this node joined the stream after it passed): mark `seq` up to the oldest
+    /// seen as missing so that it is NACKed upstream in turn, and reaches the asker
+    /// with the other children when it comes back. This is how a node that moved to a
+    /// new parent recovers what it missed while the parent it lost was dying, even when
+    /// the new parent took the stream only now. Returns whether anything was marked:
+    /// nothing is for a number not older than the oldest seen (then it was received,
+    /// or is missing already), nor for one over `max_missing` below it.
+    pub fn want_older(&mut self, now: Instant, seq: u32) -> bool {
+        let Some(oldest) = self.oldest else {
+            return false;
+        };
+        let s = self.unwrap_seq(seq);
+        if s >= oldest || oldest - s > self.config.max_missing as u64 {
+            return false;
+        }
+        self.add_missing(now, s, oldest);
+        self.oldest = Some(s);
+        true
+    }
+
     /// Remove `s` from the run holding it, if any, splitting the run.
     fn fill(&mut self, s: u64) -> bool {
         let Some((&start, &gap)) = self.gaps.range(..=s).next_back() else {

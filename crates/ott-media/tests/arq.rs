@@ -379,3 +379,38 @@ fn a_run_of_missing_datagrams_is_one_entry_split_when_one_arrives() {
         "not again before the retry interval"
     );
 }
+
+/// A node that took the stream late is asked for numbers from before its first: they
+/// become missing (NACKed upstream at once), are filled when they come, and numbers it
+/// received, or too far back, are not asked for.
+#[test]
+fn numbers_older_than_the_first_seen_are_asked_upstream_for_a_child() {
+    let t0 = Instant::now();
+    let config = NackConfig::default();
+    let mut g = GapTracker::new(config);
+    assert!(!g.want_older(t0, 5), "nothing seen yet: nothing to extend");
+    for s in 100..110u32 {
+        g.on_datagram(t0, s);
+    }
+    assert!(!g.want_older(t0, 100), "received");
+    assert!(!g.want_older(t0, 105), "received");
+    let far = 100u32.wrapping_sub(config.max_missing as u32 + 1);
+    assert!(!g.want_older(t0, far), "too far back");
+    assert!(g.want_older(t0, 90));
+    assert_eq!(g.missing(), 10);
+    let due = t0 + config.reorder_delay;
+    let ranges = g.poll_nack(due).expect("a NACK for 90..100");
+    let asked: Vec<u32> = nacked_seqs(&ranges, 1000).collect();
+    assert_eq!(asked, (90..100).collect::<Vec<_>>());
+    // Asked again for part of it: already missing, nothing new.
+    assert!(!g.want_older(due, 95));
+    for s in 90..100u32 {
+        assert!(g.on_datagram(due, s), "{s} fills the run");
+    }
+    assert_eq!(g.missing(), 0);
+    // Older still, across the wrap of u32 sequence numbers.
+    let mut w = GapTracker::new(config);
+    w.on_datagram(t0, 3);
+    assert!(w.want_older(t0, u32::MAX - 1));
+    assert_eq!(w.missing(), 5);
+}
