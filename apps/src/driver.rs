@@ -23,7 +23,7 @@ use crate::keying::{ControlGate, ControlSender, Refused};
 use crate::net::ControlSockets;
 
 /// How often the data plane is asked how long each stream has been silent ...
-const SILENCE_CHECK: Duration = Duration::from_millis(50);
+const SILENCE_CHECK: Duration = Duration::from_millis(25);
 /// ... and how long a silence makes the node suspect its parent.
 const SILENT_AFTER: Duration = Duration::from_millis(100);
 

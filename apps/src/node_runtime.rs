@@ -55,11 +55,11 @@ pub type DataPlane =
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct Tuning {
     /// Heartbeat period to each neighbour, ms.
-    #[arg(long, default_value_t = 100, value_name = "MS")]
+    #[arg(long, default_value_t = Tuning::default().heartbeat_ms, value_name = "MS")]
     pub heartbeat_ms: u64,
     /// A neighbour silent for this long is declared dead and routed around, ms.
     /// Failover takes about this long; raise it on lossy or slow links.
-    #[arg(long, default_value_t = 400, value_name = "MS")]
+    #[arg(long, default_value_t = Tuning::default().dead_after_ms, value_name = "MS")]
     pub dead_after_ms: u64,
     /// State reports to the bootstrapper's dashboard.
     #[command(flatten)]

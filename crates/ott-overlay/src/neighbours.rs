@@ -49,19 +49,25 @@ pub struct ControlTransmit {
     pub msg: Message,
 }
 
+/// The smoothed RTT of a neighbour moves by 1/n of each new sample, n being this
+/// span over the heartbeat interval (8 samples at 100 ms, 16 at the default 50 ms).
+const RTT_SMOOTHING: Duration = Duration::from_millis(800);
+
 /// Timing of heartbeats and death detection.
 ///
-/// The defaults (a heartbeat every 100 ms, dead after 400 ms of silence) detect a crashed
-/// neighbour in at most 400 ms, so that a failover stays well under a second, while a
-/// neighbour is only declared dead after about eight messages in a row from it were lost
-/// (its heartbeats and its answers to ours): with 5 % random loss that happens about once
-/// in two days per neighbour. Each node sends `2 / heartbeat_interval` liveness messages
-/// per second per neighbour (heartbeats and acks), 20 with the defaults.
+/// The defaults (a heartbeat every 50 ms, dead after 200 ms of silence) detect a crashed
+/// neighbour in at most 200 ms, so that every neighbour of a dead relay, not only the
+/// one its media went to, routes around it within the 300 ms a viewer's playout buffer
+/// bridges, while a neighbour is only declared dead after about eight messages in a row
+/// from it were lost (its heartbeats and its answers to ours): with 5 % random loss that
+/// happens about once a day per neighbour. Each node sends `2 / heartbeat_interval`
+/// liveness messages per second per neighbour (heartbeats and acks), 40 with the
+/// defaults (each about 40 bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LivenessConfig {
-    /// Period of heartbeats to each neighbour (default 100 ms).
+    /// Period of heartbeats to each neighbour (default 50 ms).
     pub heartbeat_interval: Duration,
-    /// A neighbour silent for this long is declared dead (default 400 ms).
+    /// A neighbour silent for this long is declared dead (default 200 ms).
     pub dead_after: Duration,
     /// Every message handed to [`Neighbours::handle`] passed a MAC check with the
     /// overlay key (default false). Then a neighbour's incarnation moves as soon as it
@@ -73,8 +79,8 @@ pub struct LivenessConfig {
 impl Default for LivenessConfig {
     fn default() -> Self {
         Self {
-            heartbeat_interval: Duration::from_millis(100),
-            dead_after: Duration::from_millis(400),
+            heartbeat_interval: Duration::from_millis(50),
+            dead_after: Duration::from_millis(200),
             keyed: false,
         }
     }
@@ -379,10 +385,16 @@ impl Neighbours {
                     let genuine = self.sent.iter().any(|&(s, t)| s == *seq && t == *echo_us);
                     if genuine && *echo_us <= now_us {
                         let sample = Duration::from_micros(now_us - *echo_us);
+                        // Smoothed over about RTT_SMOOTHING of samples whatever the
+                        // heartbeat rate, so the tree and the clients see the same
+                        // steadiness at any --heartbeat-ms.
+                        let n = (RTT_SMOOTHING.as_micros()
+                            / self.config.heartbeat_interval.as_micros().max(1))
+                        .clamp(1, 64) as u32;
                         if let Some(p) = self.peers.get_mut(i) {
                             p.srtt = Some(match p.srtt {
                                 None => sample,
-                                Some(s) => (s * 7 + sample) / 8,
+                                Some(s) => (s * (n - 1) + sample) / n,
                             });
                         }
                     }
@@ -696,8 +708,9 @@ mod tests {
         n.handle(t0 + Duration::from_millis(10), addr(2), &ack(0, 1));
         assert_eq!(n.rtt("b"), Some(Duration::from_millis(10)));
         n.handle_timeout(t0 + Duration::from_millis(250));
-        n.handle(t0 + Duration::from_millis(268), addr(2), &ack(250_000, 2));
-        // 7/8 * 10 + 1/8 * 18 = 11 ms
+        n.handle(t0 + Duration::from_millis(276), addr(2), &ack(250_000, 2));
+        // 50 ms heartbeats: smoothed over 16 samples, 15/16 * 10 + 1/16 * 26 = 11 ms
+        assert_eq!(n.config.heartbeat_interval, Duration::from_millis(50));
         assert_eq!(n.rtt("b"), Some(Duration::from_millis(11)));
         // A forged echo that matches no heartbeat of ours gives no sample.
         n.handle(t0 + Duration::from_millis(300), addr(2), &ack(1, 2));
