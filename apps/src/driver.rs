@@ -224,6 +224,7 @@ impl NodeLoop {
                 serde_json::json!({
                     "unknown_sender": nb.unknown_sender_count(),
                     "refused_incarnation": nb.refused_incarnation_count(),
+                    "stalls": nb.stall_count(),
                 }),
             );
             // Heartbeat loss and counts of each neighbour, next to its RTT.

@@ -182,6 +182,11 @@ pub struct Neighbours {
     unknown: u64,
     refused_incarnations: u64,
     shut: bool,
+    /// No neighbour is declared dead before this instant: this node itself was not
+    /// run for a while (see [`Neighbours::handle_timeout`]).
+    grace_until: Option<Instant>,
+    /// Deaths put off because this node was late.
+    stalls: u64,
 }
 
 impl Neighbours {
@@ -240,6 +245,8 @@ impl Neighbours {
             unknown: 0,
             refused_incarnations: 0,
             shut: false,
+            grace_until: None,
+            stalls: 0,
         };
         me.send_heartbeats(now);
         me
@@ -334,6 +341,13 @@ impl Neighbours {
     /// a key: an older one).
     pub fn refused_incarnation_count(&self) -> u64 {
         self.refused_incarnations
+    }
+
+    /// Number of times [`Neighbours::handle_timeout`] was called more than a heartbeat
+    /// interval late (this node was not run), putting off neighbours' deaths by an
+    /// interval.
+    pub fn stall_count(&self) -> u64 {
+        self.stalls
     }
 
     /// Consume a [`Message::Heartbeat`], [`Message::HeartbeatAck`] or [`Message::Bye`]
@@ -511,8 +525,24 @@ impl Neighbours {
         if self.shut {
             return;
         }
+        // Called more than a heartbeat interval after a heartbeat was due: this node
+        // was not run (a stalled host, a loaded machine), and what its neighbours sent
+        // meanwhile may still wait in its sockets. Their silence proves nothing until
+        // it had one interval to read them.
+        let late = now.saturating_duration_since(self.next_heartbeat);
+        if late > self.config.heartbeat_interval {
+            self.stalls += 1;
+            self.grace_until = Some(now + self.config.heartbeat_interval);
+            tracing::debug!(
+                late_ms = late.as_millis() as u64,
+                "this node was not run: neighbours' deaths put off"
+            );
+        }
         if now >= self.next_heartbeat {
             self.send_heartbeats(now);
+        }
+        if self.grace_until.is_some_and(|g| now < g) {
+            return;
         }
         for p in &mut self.peers {
             if !p.alive {
@@ -564,7 +594,7 @@ impl Neighbours {
             .iter()
             .filter(|p| p.alive)
             .filter_map(|p| p.last_heard)
-            .map(|t| t + self.config.dead_after)
+            .map(|t| (t + self.config.dead_after).max(self.grace_until.unwrap_or(t)))
             .min();
         Some(dead.map_or(self.next_heartbeat, |d| d.min(self.next_heartbeat)))
     }
@@ -740,6 +770,38 @@ mod tests {
         assert_eq!(drain(&mut n).1, vec![NeighbourEvent::Up("b".into())]);
     }
 
+    #[test]
+    fn test_a_node_that_was_not_run_reads_before_it_declares_deaths() {
+        let (mut n, t0) = setup();
+        n.handle(t0, addr(2), &hb("b", 1, 0, 1));
+        drain(&mut n);
+        let config = LivenessConfig::default();
+        // Not run for a whole second: the neighbour's heartbeats wait in the socket.
+        let late = t0 + Duration::from_secs(1);
+        n.handle_timeout(late);
+        assert!(n.is_alive("b"), "not dead on waking up late");
+        assert_eq!(n.stall_count(), 1);
+        assert!(n
+            .poll_timeout()
+            .is_some_and(|w| w >= late + config.heartbeat_interval));
+        // What it sent meanwhile is read: alive, and dead only after a real silence.
+        n.handle(late, addr(2), &hb("b", 2, 0, 1));
+        let mut t = late;
+        let mut down_at = None;
+        while t < late + Duration::from_secs(2) {
+            t = n.poll_timeout().expect("running");
+            n.handle_timeout(t);
+            if drain(&mut n).1.contains(&NeighbourEvent::Down("b".into())) {
+                down_at = Some(t);
+                break;
+            }
+        }
+        assert_eq!(down_at, Some(late + config.dead_after));
+        assert_eq!(n.stall_count(), 1, "on time since");
+        // Silent while the node kept running: dead as before, even after one late tick.
+        assert!(!n.is_alive("b"));
+    }
+
     /// A neighbour `b` with two addresses, the table at time `t0`.
     fn multihomed() -> (Neighbours, Instant) {
         let t0 = Instant::now();
@@ -788,8 +850,13 @@ mod tests {
         n.handle(t0, addr(2), &hb("b", 1, 0, 1));
         drain(&mut n);
         let t = t0 + Duration::from_secs(1);
-        n.handle_timeout(t);
-        assert!(drain(&mut n).1.contains(&NeighbourEvent::Down("b".into())));
+        // Run on time until then (a late tick would put the death off).
+        let mut events = Vec::new();
+        while let Some(w) = n.poll_timeout().filter(|w| *w <= t) {
+            n.handle_timeout(w);
+            events.extend(drain(&mut n).1);
+        }
+        assert!(events.contains(&NeighbourEvent::Down("b".into())));
         // Back with a lower incarnation (its clock went back): recognised too.
         n.handle(t, addr(2), &hb("b", 1, 0, 0));
         let ev = drain(&mut n).1;
