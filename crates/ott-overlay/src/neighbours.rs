@@ -63,6 +63,11 @@ const RTT_SMOOTHING: Duration = Duration::from_millis(800);
 /// happens about once a day per neighbour. Each node sends `2 / heartbeat_interval`
 /// liveness messages per second per neighbour (heartbeats and acks), 40 with the
 /// defaults (each about 40 bytes).
+///
+/// A neighbour that came back from a silence is given twice that silence (at most four
+/// times `dead_after`) for the next 10 s: on a host or link that stalls now and then
+/// (an overloaded machine, an emulator starved of CPU) a stall is not taken for a
+/// death each time, while a steady neighbour's crash is seen at the configured speed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LivenessConfig {
     /// Period of heartbeats to each neighbour (default 50 ms).
@@ -157,10 +162,31 @@ struct Peer {
     srtt: Option<Duration>,
     incarnation: Option<u64>,
     last_heard: Option<Instant>,
+    /// The longest silence it came back from while alive, and when it ended: for
+    /// [`GAP_MEMORY`] the neighbour is declared dead only after twice that silence.
+    survived: Option<(Duration, Instant)>,
     /// The last heartbeats sent to it (seq, acknowledged), oldest first.
     window: VecDeque<(u64, bool)>,
     hb_sent: u64,
     hb_acked: u64,
+}
+
+/// How long a neighbour's longest survived silence is remembered.
+const GAP_MEMORY: Duration = Duration::from_secs(10);
+
+impl Peer {
+    /// How long a silence makes this neighbour dead at `now`: the configured time, or
+    /// twice the longest silence it came back from within [`GAP_MEMORY`], at most four
+    /// times the configured time (a loaded host or link that stalls now and then is not
+    /// taken for dead at each stall; a steady one is detected at the configured speed).
+    fn dead_after(&self, config: &LivenessConfig, now: Instant) -> Duration {
+        match self.survived {
+            Some((gap, at)) if now.saturating_duration_since(at) < GAP_MEMORY => {
+                config.dead_after.max((gap * 2).min(config.dead_after * 4))
+            }
+            _ => config.dead_after,
+        }
+    }
 }
 
 /// Number of recent heartbeats remembered to validate echoed timestamps.
@@ -224,6 +250,7 @@ impl Neighbours {
                 addrs,
                 alive: false,
                 srtt: None,
+                survived: None,
                 incarnation: None,
                 last_heard: None,
                 window: VecDeque::with_capacity(LOSS_WINDOW),
@@ -482,6 +509,16 @@ impl Neighbours {
                 .push_back(NeighbourEvent::Restarted(p.addrs.id.clone()));
         }
         p.incarnation = Some(incarnation);
+        if let (true, Some(t)) = (p.alive, p.last_heard) {
+            let gap = now.saturating_duration_since(t);
+            let longest = p
+                .survived
+                .filter(|(_, at)| now.saturating_duration_since(*at) < GAP_MEMORY)
+                .map_or(Duration::ZERO, |(g, _)| g);
+            if gap >= longest {
+                p.survived = Some((gap, now));
+            }
+        }
         p.last_heard = Some(now);
         if !p.alive {
             p.alive = true;
@@ -544,12 +581,13 @@ impl Neighbours {
         if self.grace_until.is_some_and(|g| now < g) {
             return;
         }
+        let config = self.config;
         for p in &mut self.peers {
             if !p.alive {
                 continue;
             }
             if let Some(t) = p.last_heard {
-                if now.saturating_duration_since(t) >= self.config.dead_after {
+                if now.saturating_duration_since(t) >= p.dead_after(&config, now) {
                     p.alive = false;
                     tracing::debug!(peer = %p.addrs.id, "neighbour silent, declared dead");
                     self.events
@@ -593,8 +631,10 @@ impl Neighbours {
             .peers
             .iter()
             .filter(|p| p.alive)
-            .filter_map(|p| p.last_heard)
-            .map(|t| (t + self.config.dead_after).max(self.grace_until.unwrap_or(t)))
+            .filter_map(|p| {
+                let t = p.last_heard?;
+                Some((t + p.dead_after(&self.config, t)).max(self.grace_until.unwrap_or(t)))
+            })
             .min();
         Some(dead.map_or(self.next_heartbeat, |d| d.min(self.next_heartbeat)))
     }
@@ -796,10 +836,57 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(down_at, Some(late + config.dead_after));
+        // It came back from a second's silence (as this node saw it): for a while it
+        // is given four times the usual time.
+        assert_eq!(down_at, Some(late + config.dead_after * 4));
         assert_eq!(n.stall_count(), 1, "on time since");
         // Silent while the node kept running: dead as before, even after one late tick.
         assert!(!n.is_alive("b"));
+    }
+
+    #[test]
+    fn test_a_neighbour_that_came_back_from_a_silence_gets_twice_that_for_a_while() {
+        let (mut n, t0) = setup();
+        let config = LivenessConfig::default();
+        let mut seq = 0;
+        let mut hb_at = |n: &mut Neighbours, t: Instant| {
+            seq += 1;
+            n.handle(t, addr(2), &hb("b", seq, 0, 1));
+            drain(n);
+        };
+        // Heard every interval, then once after 150 ms of silence.
+        hb_at(&mut n, t0);
+        let mut t = t0;
+        let tick = |n: &mut Neighbours, until: Instant| -> Option<Instant> {
+            while let Some(w) = n.poll_timeout().filter(|w| *w <= until) {
+                n.handle_timeout(w);
+                if drain(n).1.contains(&NeighbourEvent::Down("b".into())) {
+                    return Some(w);
+                }
+            }
+            None
+        };
+        let silence = Duration::from_millis(150);
+        assert!(silence < config.dead_after);
+        assert_eq!(tick(&mut n, t + silence), None);
+        t += silence;
+        hb_at(&mut n, t);
+        // Now silent: dead after 300 ms, not 200.
+        let down = tick(&mut n, t + Duration::from_secs(1));
+        assert_eq!(down, Some(t + silence * 2));
+        // Back, steady for longer than the memory: then the usual 200 ms again.
+        let mut t = t + Duration::from_secs(1);
+        hb_at(&mut n, t);
+        let end = t + GAP_MEMORY + Duration::from_secs(1);
+        while t < end {
+            assert_eq!(tick(&mut n, t), None);
+            t += config.heartbeat_interval;
+            hb_at(&mut n, t);
+        }
+        assert_eq!(
+            tick(&mut n, t + Duration::from_secs(1)),
+            Some(t + config.dead_after)
+        );
     }
 
     /// A neighbour `b` with two addresses, the table at time `t0`.
