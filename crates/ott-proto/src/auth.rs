@@ -237,12 +237,15 @@ fn truncate(h: blake3::Hash) -> [u8; TAG_LEN] {
 /// Length of a BLAKE3 chunk: inputs longer than one and at most two chunks (every
 /// full-size media datagram) are the ones [`keyed_tags_many`] hashes side by side.
 const CHUNK_LEN: usize = 1024;
+/// Length of a BLAKE3 block.
+const BLOCK_LEN: usize = 64;
 
-/// BLAKE3's domain flags for a keyed-hash chunk (`KEYED_HASH`, `CHUNK_START`,
-/// `CHUNK_END`, from the BLAKE3 specification).
-const FLAG_KEYED_HASH: u8 = 1 << 4;
+/// BLAKE3's domain flags (from the BLAKE3 specification).
 const FLAG_CHUNK_START: u8 = 1 << 0;
 const FLAG_CHUNK_END: u8 = 1 << 1;
+const FLAG_PARENT: u8 = 1 << 2;
+const FLAG_ROOT: u8 = 1 << 3;
+const FLAG_KEYED_HASH: u8 = 1 << 4;
 
 /// The media tag (or session tag: the same function) of each of `datagrams` under `key`,
 /// in order, into `tags` (cleared first): keyed BLAKE3 of the datagram with the
@@ -251,28 +254,29 @@ const FLAG_CHUNK_END: u8 = 1 << 1;
 /// The result is exactly that of one [`blake3::keyed_hash`] per datagram; only the
 /// order of work differs. An input of more than one and at most two BLAKE3 chunks (1,025
 /// to 2,048 bytes: a full-size media datagram) is a tree of two chunks under one root.
-/// The first chunks of all such inputs are hashed together with the SIMD "many inputs"
-/// routine of the `blake3` crate (8 inputs side by side with AVX2, 16 with AVX-512),
-/// which the crate itself only uses for the chunks of one long input; the second chunk
-/// and the root of each go through the crate's documented `hazmat` API. Other inputs,
-/// and any whose header carries hop flags, take the one-at-a-time path.
+/// Its three parts are computed for all such inputs together with the SIMD "many
+/// inputs" routine of the `blake3` crate (8 inputs side by side with AVX2, 16 with
+/// AVX-512), which the crate itself only uses for the chunks of one long input: the
+/// first chunks; the full blocks of the second chunks (grouped by their number), whose
+/// last block is then compressed one by one; and the roots. Other inputs, and any whose
+/// header carries hop flags, take the one-at-a-time path. The tests compare both.
 fn keyed_tags_many(key: &[u8; 32], datagrams: &[&[u8]], tags: &mut Vec<[u8; TAG_LEN]>) {
-    use blake3::hazmat::{merge_subtrees_root, HasherExt, Mode};
+    use blake3::platform::{le_bytes_from_words_32, words_from_le_bytes_32, Platform};
     tags.clear();
     let plain = |d: &[u8]| d.len() < HEADER_LEN || d[3] & HOP_FLAGS == 0;
-    let two_chunks = |d: &[u8]| d.len() > CHUNK_LEN && d.len() <= 2 * CHUNK_LEN && plain(d);
-    let firsts: Vec<&[u8; CHUNK_LEN]> = datagrams
+    let two: Vec<&[u8]> = datagrams
         .iter()
-        .filter(|d| two_chunks(d))
-        .filter_map(|d| d.first_chunk::<CHUNK_LEN>())
+        .copied()
+        .filter(|d| d.len() > CHUNK_LEN && d.len() <= 2 * CHUNK_LEN && plain(d))
         .collect();
-    let mut cvs = vec![0u8; 32 * firsts.len()];
-    if !firsts.is_empty() {
-        let mut words = [0u32; 8];
-        for (w, b) in words.iter_mut().zip(key.chunks_exact(4)) {
-            *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
-        blake3::platform::Platform::detect().hash_many(
+    let platform = Platform::detect();
+    let words = words_from_le_bytes_32(key);
+    // Per input: the parent block, first chunk's CV then second chunk's.
+    let mut parents = vec![[0u8; BLOCK_LEN]; two.len()];
+    if !two.is_empty() {
+        let firsts: Vec<&[u8; CHUNK_LEN]> = two.iter().filter_map(|d| d.first_chunk()).collect();
+        let mut cvs = vec![0u8; 32 * two.len()];
+        platform.hash_many(
             &firsts,
             &words,
             0,
@@ -282,17 +286,63 @@ fn keyed_tags_many(key: &[u8; 32], datagrams: &[&[u8]], tags: &mut Vec<[u8; TAG_
             FLAG_CHUNK_END,
             &mut cvs,
         );
+        for (p, cv) in parents.iter_mut().zip(cvs.chunks_exact(32)) {
+            p[..32].copy_from_slice(cv);
+        }
+        // The second chunk: `full` whole blocks, then a last block of 1 to 64 bytes.
+        let full = |d: &[u8]| (d.len() - CHUNK_LEN - 1) / BLOCK_LEN;
+        let mut cv1 = vec![words; two.len()];
+        let mut group: Vec<usize> = Vec::with_capacity(two.len());
+        for blocks in 1..CHUNK_LEN / BLOCK_LEN {
+            group.clear();
+            group.extend((0..two.len()).filter(|&j| full(two[j]) == blocks));
+            if !group.is_empty() {
+                second_chunk_blocks(platform, &words, &two, &group, blocks, &mut cv1);
+            }
+        }
+        for ((d, cv), p) in two.iter().zip(cv1.iter_mut()).zip(parents.iter_mut()) {
+            let start = CHUNK_LEN + full(d) * BLOCK_LEN;
+            let last = &d[start..];
+            let mut block = [0u8; BLOCK_LEN];
+            block[..last.len()].copy_from_slice(last);
+            let first = if start == CHUNK_LEN {
+                FLAG_CHUNK_START
+            } else {
+                0
+            };
+            platform.compress_in_place(
+                cv,
+                &block,
+                last.len() as u8,
+                1,
+                FLAG_KEYED_HASH | FLAG_CHUNK_END | first,
+            );
+            p[32..].copy_from_slice(&le_bytes_from_words_32(cv));
+        }
     }
-    let mut next = cvs.chunks_exact(32);
+    // The roots: one parent node each, compressed as the root.
+    let mut roots = vec![0u8; 32 * two.len()];
+    if !two.is_empty() {
+        let blocks: Vec<&[u8; BLOCK_LEN]> = parents.iter().collect();
+        platform.hash_many(
+            &blocks,
+            &words,
+            0,
+            blake3::IncrementCounter::No,
+            FLAG_KEYED_HASH | FLAG_PARENT | FLAG_ROOT,
+            0,
+            0,
+            &mut roots,
+        );
+    }
+    let mut next = roots.chunks_exact(32);
     for d in datagrams {
-        let cv0 = if two_chunks(d) { next.next() } else { None };
-        let tag = match cv0.and_then(|c| <[u8; 32]>::try_from(c).ok()) {
-            Some(cv0) => {
-                let mut second = blake3::Hasher::new_keyed(key);
-                second.set_input_offset(CHUNK_LEN as u64);
-                second.update(&d[CHUNK_LEN..]);
-                let cv1 = second.finalize_non_root();
-                truncate(merge_subtrees_root(&cv0, &cv1, Mode::KeyedHash(key)))
+        let batched = d.len() > CHUNK_LEN && d.len() <= 2 * CHUNK_LEN && plain(d);
+        let tag = match batched.then(|| next.next()).flatten() {
+            Some(root) => {
+                let mut t = [0u8; TAG_LEN];
+                t.copy_from_slice(&root[..TAG_LEN]);
+                t
             }
             None if plain(d) => truncate(blake3::keyed_hash(key, d)),
             None => {
@@ -307,6 +357,65 @@ fn keyed_tags_many(key: &[u8; 32], datagrams: &[&[u8]], tags: &mut Vec<[u8; TAG_
         };
         tags.push(tag);
     }
+}
+
+/// The whole blocks (`blocks` of them, 1 to 15) before the last block of the second
+/// chunk of the inputs `two[j]`, `j` in `group`, side by side: each CV in `cv1` becomes
+/// the chaining value after them.
+fn second_chunk_blocks(
+    platform: blake3::platform::Platform,
+    words: &[u32; 8],
+    two: &[&[u8]],
+    group: &[usize],
+    blocks: usize,
+    cv1: &mut [[u32; 8]],
+) {
+    fn run<const N: usize>(
+        platform: blake3::platform::Platform,
+        words: &[u32; 8],
+        two: &[&[u8]],
+        group: &[usize],
+        cv1: &mut [[u32; 8]],
+    ) {
+        let inputs: Vec<&[u8; N]> = group
+            .iter()
+            .filter_map(|&j| two[j].get(CHUNK_LEN..).and_then(|r| r.first_chunk()))
+            .collect();
+        let mut out = vec![0u8; 32 * inputs.len()];
+        platform.hash_many(
+            &inputs,
+            words,
+            1,
+            blake3::IncrementCounter::No,
+            FLAG_KEYED_HASH,
+            FLAG_CHUNK_START,
+            0,
+            &mut out,
+        );
+        for (&j, cv) in group.iter().zip(out.chunks_exact(32)) {
+            if let (Some(slot), Ok(cv)) = (cv1.get_mut(j), <&[u8; 32]>::try_from(cv)) {
+                *slot = blake3::platform::words_from_le_bytes_32(cv);
+            }
+        }
+    }
+    let f = match blocks {
+        1 => run::<64>,
+        2 => run::<128>,
+        3 => run::<192>,
+        4 => run::<256>,
+        5 => run::<320>,
+        6 => run::<384>,
+        7 => run::<448>,
+        8 => run::<512>,
+        9 => run::<576>,
+        10 => run::<640>,
+        11 => run::<704>,
+        12 => run::<768>,
+        13 => run::<832>,
+        14 => run::<896>,
+        _ => run::<960>,
+    };
+    f(platform, words, two, group, cv1);
 }
 
 /// Constant-time comparison of two tags.
