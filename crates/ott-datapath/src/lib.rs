@@ -25,7 +25,8 @@
 //!
 //! Nothing here opens a socket, spawns a thread or reads the clock. The caller feeds
 //! received media with [`DataPath::handle_media`] (tagging each with a `token`, e.g. its
-//! slot in a receive batch), NACKs it decoded with [`DataPath::handle_nack`], routes with
+//! slot in a receive batch; or a whole receive batch with
+//! [`DataPath::handle_media_batch`], which checks and seals its tags together), NACKs it decoded with [`DataPath::handle_nack`], routes with
 //! [`DataPath::set_route`], and calls [`DataPath::handle_timeout`] when
 //! [`DataPath::poll_timeout`] is reached. After each call it drains
 //! [`DataPath::poll_transmit`] (sending each [`Transmit`]; [`Payload::Input`] refers to
