@@ -376,11 +376,31 @@ struct Run {
 /// The send order (indices into `items`) and its runs. Without GSO: the given order,
 /// one datagram per message. With GSO: grouped by destination (stable, so each
 /// destination gets its datagrams in the given order), then cut into runs of one size.
+#[cfg(test)]
 fn plan_runs(
     items: &[(&[u8], SocketAddr)],
     gso: bool,
     order: &mut Vec<usize>,
     runs: &mut Vec<Run>,
+) {
+    plan_runs_in(items, gso, order, runs, &mut Grouping::default());
+}
+
+/// What [`plan_runs_in`] needs besides its results, kept between calls.
+#[derive(Default)]
+struct Grouping {
+    ids: std::collections::HashMap<SocketAddr, usize>,
+    dest: Vec<usize>,
+    next: Vec<usize>,
+}
+
+/// [`plan_runs`] with its working memory in `g`.
+fn plan_runs_in(
+    items: &[(&[u8], SocketAddr)],
+    gso: bool,
+    order: &mut Vec<usize>,
+    runs: &mut Vec<Run>,
+    g: &mut Grouping,
 ) {
     order.clear();
     order.extend(0..items.len());
@@ -395,22 +415,22 @@ fn plan_runs(
     }
     // Counting sort by destination, in order of first appearance: linear in the
     // number of datagrams (a fan-out round can hold hundreds of thousands).
-    let mut ids: std::collections::HashMap<SocketAddr, usize> = Default::default();
+    let Grouping { ids, dest, next } = g;
+    ids.clear();
+    dest.clear();
+    next.clear();
     let mut last: Option<(SocketAddr, usize)> = None;
-    let dest: Vec<usize> = items
-        .iter()
-        .map(|&(_, a)| match last {
-            Some((l, id)) if l == a => id,
-            _ => {
-                let fresh = ids.len();
-                let id = *ids.entry(a).or_insert(fresh);
-                last = Some((a, id));
-                id
-            }
-        })
-        .collect();
-    let mut next = vec![0usize; ids.len() + 1];
-    for &d in &dest {
+    dest.extend(items.iter().map(|&(_, a)| match last {
+        Some((l, id)) if l == a => id,
+        _ => {
+            let fresh = ids.len();
+            let id = *ids.entry(a).or_insert(fresh);
+            last = Some((a, id));
+            id
+        }
+    }));
+    next.resize(ids.len() + 1, 0);
+    for &d in dest.iter() {
         next[d + 1] += 1;
     }
     for k in 1..next.len() {
@@ -464,27 +484,72 @@ pub fn send_batch(sock: &UdpSocket, items: &[(&[u8], SocketAddr)]) -> SendOutcom
 /// `EIO` (a device that cannot segment), GSO is off for the rest of the process.
 #[cfg(target_os = "linux")]
 pub fn send_batch_with(sock: &UdpSocket, items: &[(&[u8], SocketAddr)], gso: bool) -> SendOutcome {
+    // The thread's buffers, taken for the call (a nested call for a refused GSO message
+    // finds none and makes its own) and put back after: a fan-out round can hold many
+    // thousand datagrams, whose arrays would otherwise be allocated and freed per call.
+    let mut scratch = SEND_SCRATCH.with(|s| s.take()).unwrap_or_default();
+    let out = send_batch_in(sock, items, gso, &mut scratch);
+    SEND_SCRATCH.with(|s| s.set(Some(scratch)));
+    out
+}
+
+/// The arrays of one [`send_batch_with`] call. Between calls the `iovec`s and headers
+/// hold stale pointers, which nothing reads: every call clears and refills them.
+#[cfg(target_os = "linux")]
+#[derive(Default)]
+struct SendScratch {
+    order: Vec<usize>,
+    runs: Vec<Run>,
+    grouping: Grouping,
+    addrs: Vec<socket2::SockAddr>,
+    iovs: Vec<libc::iovec>,
+    control: Vec<ControlBuf>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+#[cfg(target_os = "linux")]
+thread_local! {
+    static SEND_SCRATCH: std::cell::Cell<Option<Box<SendScratch>>> =
+        const { std::cell::Cell::new(None) };
+}
+
+#[cfg(target_os = "linux")]
+fn send_batch_in(
+    sock: &UdpSocket,
+    items: &[(&[u8], SocketAddr)],
+    gso: bool,
+    scratch: &mut SendScratch,
+) -> SendOutcome {
     use std::os::fd::AsRawFd;
     let mut out = SendOutcome::default();
-    let mut order = Vec::new();
-    let mut runs = Vec::new();
-    plan_runs(items, gso, &mut order, &mut runs);
-    let addrs: Vec<socket2::SockAddr> = runs
-        .iter()
-        .map(|r| socket2::SockAddr::from(items[order[r.first]].1))
-        .collect();
-    let mut iovs: Vec<libc::iovec> = order
-        .iter()
-        .map(|&i| libc::iovec {
-            iov_base: items[i].0.as_ptr() as *mut libc::c_void,
-            iov_len: items[i].0.len(),
-        })
-        .collect();
+    let SendScratch {
+        order,
+        runs,
+        grouping,
+        addrs,
+        iovs,
+        control,
+        msgs,
+    } = scratch;
+    plan_runs_in(items, gso, order, runs, grouping);
+    let (order, runs) = (&*order, &*runs);
+    addrs.clear();
+    addrs.extend(
+        runs.iter()
+            .map(|r| socket2::SockAddr::from(items[order[r.first]].1)),
+    );
+    iovs.clear();
+    iovs.extend(order.iter().map(|&i| libc::iovec {
+        iov_base: items[i].0.as_ptr() as *mut libc::c_void,
+        iov_len: items[i].0.len(),
+    }));
     // One control buffer per GSO message only (none on the plain path).
-    let mut control: Vec<ControlBuf> = vec![[0; 8]; runs.iter().filter(|r| r.count > 1).count()];
+    control.clear();
+    control.resize(runs.iter().filter(|r| r.count > 1).count(), [0; 8]);
     let mut ctls = control.iter_mut();
+    msgs.clear();
     // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
-    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; runs.len()];
+    msgs.resize(runs.len(), unsafe { std::mem::zeroed() });
     let iov_base = iovs.as_mut_ptr();
     for ((m, r), a) in msgs.iter_mut().zip(runs.iter()).zip(addrs.iter()) {
         m.msg_hdr.msg_iov = iov_base.wrapping_add(r.first);

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, TryRecvError};
 use ott_datapath::{
     Child, Config, DataPath, DataPathCounters as CoreCounters, DataPathEvent as Event,
-    Drop as DropReason, Payload, Transmit,
+    Drop as DropReason, MediaIn, Payload, Transmit,
 };
 use ott_proto::auth::SessionKey;
 use ott_proto::{MediaHeader, Message};
@@ -134,6 +134,8 @@ struct Forwarder {
     plan: Vec<Transmit>,
     /// Encoded NACKs of one round (reused).
     nacks: Vec<(usize, Vec<u8>)>,
+    /// The core's drops of one run of media datagrams (reused).
+    drops: Vec<(usize, DropReason)>,
     data_port: u16,
     keying: Keying,
     gate: ControlGate,
@@ -163,6 +165,7 @@ impl Forwarder {
             batch,
             plan: Vec::with_capacity(BATCH * 4),
             nacks: Vec::new(),
+            drops: Vec::new(),
             data_port,
             names: std::collections::HashMap::new(),
         }
@@ -227,9 +230,7 @@ impl Forwarder {
                 }
             }
             let now = Instant::now();
-            for i in 0..self.batch.len() {
-                self.on_datagram(now, i);
-            }
+            self.on_batch(now);
             self.core.handle_timeout(now);
             while let Some(ev) = self.core.poll_event() {
                 match ev {
@@ -246,36 +247,58 @@ impl Forwarder {
         }
     }
 
-    fn on_datagram(&mut self, now: Instant, i: usize) {
-        let Some((datagram, from)) = self.batch.get(i) else {
-            return;
-        };
-        self.counters.rx(datagram.len());
-        if ott_datapath::is_media(datagram) {
-            if let Err(why) = self.core.handle_media(now, from, datagram, i) {
-                if matches!(why, DropReason::Auth | DropReason::Malformed) {
-                    tracing::debug!(?from, ?why, "media datagram refused");
+    /// The datagrams of the last receive: each run of media datagrams goes to the core
+    /// in one call (its tags are checked together), NACKs in between one by one, all in
+    /// the order received.
+    fn on_batch(&mut self, now: Instant) {
+        let Self {
+            batch,
+            core,
+            counters,
+            gate,
+            drops,
+            ..
+        } = self;
+        let mut media: Vec<MediaIn<'_>> = Vec::with_capacity(batch.len());
+        let (mut packets, mut bytes) = (0u64, 0u64);
+        for i in 0..batch.len() {
+            let Some((datagram, from)) = batch.get(i) else {
+                continue;
+            };
+            packets += 1;
+            bytes += datagram.len() as u64;
+            if ott_datapath::is_media(datagram) {
+                media.push(MediaIn {
+                    from,
+                    datagram,
+                    token: i,
+                });
+                continue;
+            }
+            // Not media: a NACK from a child, or garbage. The media before it first.
+            media_run(core, now, &mut media, drops);
+            match (gate.open(from, datagram), from) {
+                (Ok(Message::Nack { stream, ranges, .. }), Some(from)) => {
+                    core.handle_nack(now, from, stream, &ranges)
+                }
+                (Ok(other), _) => {
+                    tracing::debug!(kind = other.kind(), "unexpected message on the data socket");
+                    add(&counters.dropped, 1);
+                }
+                (Err(Refused::Auth(why)), _) => {
+                    tracing::debug!(?from, %why, "data socket: overlay key check failed");
+                    add(&counters.auth_failed, 1);
+                }
+                (Err(Refused::Malformed(e)), _) => {
+                    tracing::debug!(error = %e, "malformed datagram on the data socket");
+                    add(&counters.malformed, 1);
                 }
             }
-            return;
         }
-        // Not media: a NACK from a child, or garbage.
-        match (self.gate.open(from, datagram), from) {
-            (Ok(Message::Nack { stream, ranges, .. }), Some(from)) => {
-                self.core.handle_nack(now, from, stream, &ranges)
-            }
-            (Ok(other), _) => {
-                tracing::debug!(kind = other.kind(), "unexpected message on the data socket");
-                add(&self.counters.dropped, 1);
-            }
-            (Err(Refused::Auth(why)), _) => {
-                tracing::debug!(?from, %why, "data socket: overlay key check failed");
-                add(&self.counters.auth_failed, 1);
-            }
-            (Err(Refused::Malformed(e)), _) => {
-                tracing::debug!(error = %e, "malformed datagram on the data socket");
-                add(&self.counters.malformed, 1);
-            }
+        media_run(core, now, &mut media, drops);
+        if packets > 0 {
+            add(&counters.packets_in, packets);
+            add(&counters.bytes_in, bytes);
         }
     }
 
@@ -330,6 +353,26 @@ impl Forwarder {
         }
         self.plan.clear();
     }
+}
+
+/// Hand a run of media datagrams to the core, and empty it.
+fn media_run(
+    core: &mut DataPath,
+    now: Instant,
+    media: &mut Vec<MediaIn<'_>>,
+    drops: &mut Vec<(usize, DropReason)>,
+) {
+    if media.is_empty() {
+        return;
+    }
+    core.handle_media_batch(now, media, drops);
+    for &(i, why) in drops.iter() {
+        if matches!(why, DropReason::Auth | DropReason::Malformed) {
+            let from = media.get(i).and_then(|m| m.from);
+            tracing::debug!(?from, ?why, "media datagram refused");
+        }
+    }
+    media.clear();
 }
 
 /// Add what a core counted since `was` (then set to `now`) to the node's counters.

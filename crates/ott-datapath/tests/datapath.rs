@@ -5,7 +5,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ott_datapath::{Child, ChildKind, Config, DataPath, DataPathEvent as Event, Drop, Payload};
+use ott_datapath::{
+    Child, ChildKind, Config, DataPath, DataPathEvent as Event, Drop, MediaIn, Payload,
+};
 use ott_proto::auth::{OverlayKey, SessionKey};
 use ott_proto::{flags, MediaHeader, NackRange, HEADER_LEN};
 
@@ -487,4 +489,98 @@ fn test_nack_for_datagrams_before_our_first_is_passed_upstream() {
         }],
     );
     assert_eq!(dp.counters().nacks_relayed, 1);
+}
+
+/// A keyed relay with members, strip children and viewers of two streams, fed the same
+/// datagrams (full-size and short, bad tags, duplicates, another source, unrouted,
+/// resent copies) one at a time and as batches: same drops, transmits, events, counters.
+#[test]
+fn test_a_batch_is_handled_as_its_datagrams_one_at_a_time() {
+    let t0 = Instant::now();
+    let key = OverlayKey::from_bytes(&[7; 32]).expect("key");
+    let children = |base: u16| {
+        vec![
+            Child {
+                addr: addr(base),
+                kind: ChildKind::Session(SessionKey::from_bytes([base as u8; 32])),
+            },
+            Child::member(addr(base + 1)),
+            Child {
+                addr: addr(base + 2),
+                kind: ChildKind::Strip,
+            },
+            Child {
+                addr: addr(base + 3),
+                kind: ChildKind::Session(SessionKey::from_bytes([base as u8 + 1; 32])),
+            },
+        ]
+    };
+    let mut inputs: Vec<Vec<u8>> = Vec::new();
+    for seq in 1..200u32 {
+        let stream = if seq % 3 == 0 { S + 1 } else { S };
+        let len = if seq % 7 == 0 { 100 } else { 1316 };
+        let mut d = media(stream, seq, seq / 4, seq % 20 == 1, len);
+        if seq % 11 == 0 {
+            d[3] |= flags::RETRANSMIT;
+        }
+        key.seal_media(&mut d);
+        match seq % 13 {
+            0 => {
+                let n = d.len();
+                d[n - 1] ^= 1; // a bad tag
+            }
+            5 => inputs.push(d.clone()), // a duplicate
+            _ => {}
+        }
+        inputs.push(d);
+        if seq % 17 == 0 {
+            let mut other = media(S, seq + 5_000_000, 1, false, 1316); // another source
+            key.seal_media(&mut other);
+            inputs.push(other);
+            let mut unrouted = media(S + 9, seq, 1, false, 50);
+            key.seal_media(&mut unrouted);
+            inputs.push(unrouted);
+            inputs.push(vec![b'O', b'T', 1]); // too short
+        }
+    }
+    let new = || {
+        let mut dp = DataPath::new(Config::default(), Some(key.clone()));
+        assert!(dp.set_route(t0, S, children(3000)));
+        assert!(dp.set_route(t0, S + 1, children(4000)));
+        dp
+    };
+    let from = Some(addr(1000));
+    let mut one = new();
+    let mut batched = new();
+    for (b, chunk) in inputs.chunks(37).enumerate() {
+        let now = t0 + Duration::from_millis(b as u64);
+        let base = b * 37;
+        let mut want_drops = Vec::new();
+        for (i, d) in chunk.iter().enumerate() {
+            if let Err(why) = one.handle_media(now, from, d, base + i) {
+                want_drops.push((i, why));
+            }
+        }
+        let batch: Vec<MediaIn<'_>> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, d)| MediaIn {
+                from,
+                datagram: d,
+                token: base + i,
+            })
+            .collect();
+        let mut drops = Vec::new();
+        batched.handle_media_batch(now, &batch, &mut drops);
+        assert_eq!(drops, want_drops);
+        assert_eq!(sent(&mut batched, &inputs), sent(&mut one, &inputs));
+        while let Some(e) = one.poll_event() {
+            assert_eq!(batched.poll_event(), Some(e));
+        }
+        assert_eq!(batched.poll_event(), None);
+    }
+    assert_eq!(batched.counters(), one.counters());
+    assert!(one.counters().auth_failed > 0 && one.counters().duplicates > 0);
+    assert!(one.counters().other_source > 0 && one.counters().unrouted > 0);
+    assert_eq!(batched.stream(S), one.stream(S));
 }
