@@ -144,9 +144,19 @@ pub const LOSS_WINDOW: usize = 50;
 /// The newest heartbeats left out of the loss ratio: their acks may still be on the way.
 const IN_FLIGHT: usize = 2;
 
+/// A cheap fingerprint of a node id (FNV-1a), so that finding a neighbour by id
+/// compares one integer per neighbour and the bytes of the one that matches only.
+fn fingerprint(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 #[derive(Debug)]
 struct Peer {
     addrs: PeerAddrs,
+    /// [`fingerprint`] of `addrs.id`.
+    fp: u64,
     alive: bool,
     srtt: Option<Duration>,
     incarnation: Option<u64>,
@@ -210,6 +220,7 @@ impl Neighbours {
         let peers = peers
             .into_iter()
             .map(|addrs| Peer {
+                fp: fingerprint(&addrs.id),
                 addrs,
                 alive: false,
                 srtt: None,
@@ -255,7 +266,8 @@ impl Neighbours {
     }
 
     fn find(&self, id: &str) -> Option<&Peer> {
-        self.peers.iter().find(|p| p.addrs.id == id)
+        let fp = fingerprint(id);
+        self.peers.iter().find(|p| p.fp == fp && p.addrs.id == id)
     }
 
     /// Position of the neighbour owning `addr`: the first whose preferred address it is,
@@ -288,10 +300,7 @@ impl Neighbours {
     /// When neighbour `id` was last heard from (a heartbeat or an acknowledgement from
     /// one of its addresses), if ever.
     pub fn last_heard(&self, id: &str) -> Option<Instant> {
-        self.peers
-            .iter()
-            .find(|p| p.addrs.id == id)
-            .and_then(|p| p.last_heard)
+        self.find(id).and_then(|p| p.last_heard)
     }
 
     /// Smoothed RTT to `id` (RFC 6298 SRTT, alpha 1/8; the first sample is taken as is).
@@ -414,9 +423,10 @@ impl Neighbours {
     /// Position of the neighbour that sent a message claiming to be `id` from `addr`:
     /// `addr` must be one of its addresses.
     fn sender(&self, addr: SocketAddr, id: &str) -> Option<usize> {
+        let fp = fingerprint(id);
         self.peers
             .iter()
-            .position(|p| p.addrs.id == id && p.addrs.owns(addr))
+            .position(|p| p.fp == fp && p.addrs.id == id && p.addrs.owns(addr))
     }
 
     /// Record that neighbour `id` was heard from `addr` with `incarnation`; its

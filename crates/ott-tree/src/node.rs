@@ -1326,7 +1326,10 @@ impl Node {
 
     /// Effective latency (µs) and hops of `n`'s offer, if usable as a parent.
     fn eligible(&self, n: &str, o: &Offer) -> Option<(u64, u32)> {
-        if !self.nb.is_alive(n) || o.path.contains(&self.config.id) {
+        // No stored offer has a path through us: `on_announce` drops those (and the
+        // neighbour's older offer with them), so the path need not be searched here.
+        debug_assert!(!o.path.contains(&self.config.id));
+        if !self.nb.is_alive(n) {
             return None;
         }
         let rtt = self.nb.rtt(n)?;
@@ -1582,32 +1585,34 @@ impl Node {
             return;
         };
         let fd = r.fd;
-        // (effective latency, hops), spread, id of every feasible offer.
-        let all: Vec<((u64, u32), u64, String)> = r
+        // (effective latency, hops), spread, id of every feasible offer (borrowed: this
+        // runs after every input, and allocates one vector).
+        let mut cands: Vec<((u64, u32), u64, &str)> = r
             .offers
             .iter()
             .filter(|(_, o)| Self::feasible(fd, o))
-            .filter_map(|(n, o)| self.eligible(n, o).map(|m| (m, o.dev_us, n.clone())))
+            .filter_map(|(n, o)| self.eligible(n, o).map(|m| (m, o.dev_us, n.as_str())))
             .collect();
         // A suspected neighbour is no parent while there is another way.
-        let trusted: Vec<_> = all
-            .iter()
-            .filter(|(_, _, n)| !self.suspects.contains_key(n))
-            .cloned()
-            .collect();
-        let mut cands = if trusted.is_empty() { all } else { trusted };
+        if !self.suspects.is_empty()
+            && cands
+                .iter()
+                .any(|(_, _, n)| !self.suspects.contains_key(*n))
+        {
+            cands.retain(|(_, _, n)| !self.suspects.contains_key(*n));
+        }
         // Equal metrics are broken at random (seeded), then by id.
-        cands.sort();
-        let best = cands.first().cloned();
+        cands.sort_unstable();
+        let best = cands.first().copied();
         let current = r
             .parent
-            .as_ref()
-            .and_then(|p| cands.iter().find(|(_, _, n)| n == p).cloned());
+            .as_deref()
+            .and_then(|p| cands.iter().find(|(_, _, n)| *n == p).copied());
         let held = r
             .changed_at
             .is_some_and(|t| now.saturating_duration_since(t) < self.config.parent_hold);
-        let mut better = None;
-        let new = match (current, best) {
+        let mut better: Option<(&str, Instant)> = None;
+        let new: Option<&str> = match (current, best) {
             (Some(cur), Some(best)) => {
                 let cur_lat = cur.0 .0;
                 // The smaller of the two spreads: a real change of the parent's path
@@ -1618,10 +1623,10 @@ impl Node {
                     .max(spread as u64);
                 if best.0 .0.saturating_add(margin) < cur_lat {
                     let since = match &r.better {
-                        Some((n, t)) if *n == best.2 => *t,
+                        Some((n, t)) if n.as_str() == best.2 => *t,
                         _ => now,
                     };
-                    better = Some((best.2.clone(), since));
+                    better = Some((best.2, since));
                     // A gain of twice the margin is no jitter: no need to wait.
                     let clear = best.0 .0.saturating_add(2 * margin) < cur_lat;
                     let waited = now.saturating_duration_since(since) >= self.config.better_for;
@@ -1635,14 +1640,11 @@ impl Node {
                 }
             }
             (None, Some(best)) => {
-                let ties: Vec<&String> = cands
-                    .iter()
-                    .take_while(|(m, _, _)| *m == best.0)
-                    .map(|(_, _, n)| n)
-                    .collect();
-                let pick = if ties.len() > 1 {
-                    ties.get(self.rng.usize(..ties.len()))
-                        .map_or(best.2.clone(), |s| (*s).clone())
+                let ties = cands.iter().take_while(|(m, _, _)| *m == best.0).count();
+                let pick = if ties > 1 {
+                    cands
+                        .get(self.rng.usize(..ties))
+                        .map_or(best.2, |(_, _, n)| *n)
                 } else {
                     best.2
                 };
@@ -1650,32 +1652,33 @@ impl Node {
             }
             (_, None) => None,
         };
-        let Some(r) = self.routes.get(server) else {
-            return;
-        };
-        let old = r.parent.clone();
-        let failed = old
-            .as_ref()
-            .is_some_and(|p| !cands.iter().any(|(_, _, n)| n == p));
+        let old = r.parent.as_deref();
+        let failed = old.is_some_and(|p| !cands.iter().any(|(_, _, n)| *n == p));
         // Record the feasibility distance of the route taken (kept or new).
         let taken = new
-            .as_ref()
             .and_then(|p| r.offers.get(p))
             .map(|o| (o.seq, u32::try_from(o.path.len()).unwrap_or(u32::MAX)));
+        let better = better
+            .filter(|(n, _)| new != Some(*n))
+            .map(|(n, t)| (n.to_owned(), t));
+        let had_parent = old.is_some();
+        let lost = new.is_none();
+        // Owned copies only when the parent changes.
+        let change = (new != old).then(|| (old.map(str::to_owned), new.map(str::to_owned)));
         if let (Some((seq, hops)), Some(r)) = (taken, self.routes.get_mut(server)) {
             r.fd = Some(advance_fd(r.fd, seq, hops));
         }
         if let Some(r) = self.routes.get_mut(server) {
-            r.better = better.filter(|(n, _)| new.as_ref() != Some(n));
+            r.better = better;
         }
-        if new.is_none() {
-            self.request_route(now, server, old.is_some());
+        if lost {
+            self.request_route(now, server, had_parent);
         } else if let Some(r) = self.routes.get_mut(server) {
             r.lost_at = None;
         }
-        if new == old {
+        let Some((old, new)) = change else {
             return;
-        }
+        };
         tracing::debug!(node = %self.config.id, server, ?old, ?new, "parent changed");
         self.stats.parent_changes += 1;
         if old.is_some() && new.is_none() {

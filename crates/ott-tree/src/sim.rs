@@ -223,8 +223,6 @@ enum Payload {
 
 #[derive(Debug, PartialEq, Eq)]
 struct InFlight {
-    at: Instant,
-    seq: u64,
     from: SocketAddr,
     to: SocketAddr,
     /// Index of the sending host.
@@ -232,17 +230,104 @@ struct InFlight {
     payload: Payload,
 }
 
-impl Ord for InFlight {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
+/// The datagrams in flight: a heap of small keys (arrival, sequence number, slot)
+/// ordered like the datagrams, and the datagrams themselves in reusable slots, so that
+/// the heap moves 32 bytes per level, not whole datagrams.
+#[derive(Debug, Default)]
+struct Wire {
+    heap: BinaryHeap<Reverse<(Instant, u64, usize)>>,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+}
+
+impl Wire {
+    fn push(&mut self, at: Instant, seq: u64, f: InFlight) {
+        let slot = match self.free.pop() {
+            Some(k) => {
+                self.slots[k] = Some(f);
+                k
+            }
+            None => {
+                self.slots.push(Some(f));
+                self.slots.len() - 1
+            }
+        };
+        self.heap.push(Reverse((at, seq, slot)));
+    }
+
+    /// Arrival time of the earliest datagram.
+    fn peek(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    fn pop(&mut self) -> Option<InFlight> {
+        let Reverse((_, _, slot)) = self.heap.pop()?;
+        let f = self.slots.get_mut(slot)?.take();
+        self.free.push(slot);
+        f
     }
 }
 
-impl PartialOrd for InFlight {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
+/// A fast hasher for the simulator's own maps (host indices, stream ids, short ids):
+/// their keys come from the simulator, not from an adversary, so SipHash's protection
+/// buys nothing and costs a large part of every step. Nothing iterates these maps in
+/// an order that matters (every walk over them is sorted or order-free).
+#[derive(Debug, Default, Clone, Copy)]
+struct FastHasher(u64);
+
+impl FastHasher {
+    #[inline]
+    fn add(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
     }
 }
+
+impl std::hash::Hasher for FastHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        // Spread the high bits (where the multiplications put the entropy) down.
+        let z = self.0 ^ (self.0 >> 29);
+        z.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (z >> 32)
+    }
+
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 56));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
 
 /// Copies of one stream carried over one directed link.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -301,7 +386,7 @@ enum ForestKey {
 /// square, and allocates nothing.
 #[derive(Debug, Default)]
 struct Forests {
-    parent: HashMap<ForestKey, Vec<Option<usize>>>,
+    parent: FastMap<ForestKey, Vec<Option<usize>>>,
     /// Per host, the keys under which it has a pointer (sorted).
     keys: Vec<Vec<ForestKey>>,
     mark: Vec<u64>,
@@ -416,9 +501,12 @@ pub struct Sim {
     seed: u64,
     hosts: Vec<Host>,
     index: BTreeMap<String, usize>,
-    by_ip: HashMap<Ipv4Addr, usize>,
-    links: HashMap<(usize, usize), SimLink>,
-    wire: BinaryHeap<Reverse<InFlight>>,
+    links: FastMap<(usize, usize), SimLink>,
+    /// Per host, the hosts it has a link to (each once): the keys of `links` by end.
+    adj: Vec<Vec<usize>>,
+    /// Hosts with the server role, in index order (the media tick's makers).
+    server_hosts: Vec<usize>,
+    wire: Wire,
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     seq: u64,
     started: bool,
@@ -427,9 +515,9 @@ pub struct Sim {
     silence_hint: Option<Duration>,
     next_media: Option<Instant>,
     tick: u64,
-    copies: HashMap<(usize, usize, StreamId), Copies>,
+    copies: FastMap<(usize, usize, StreamId), Copies>,
     /// When each frame was made (since the start), by stream and frame number.
-    frame_sent: HashMap<(StreamId, u32), Duration>,
+    frame_sent: FastMap<(StreamId, u32), Duration>,
     /// Per stream, when a frame of it was made (once per period, however many servers
     /// offer it).
     frame_times: BTreeMap<StreamId, Vec<Duration>>,
@@ -443,7 +531,9 @@ pub struct Sim {
     /// incremental loop check.
     forests: Forests,
     /// Host index by id (the sorted `index` is for ordered walks).
-    ids: HashMap<String, usize>,
+    ids: FastMap<String, usize>,
+    /// Reused buffer of the control messages a host queued (see [`Sim::drain`]).
+    out_buf: Vec<(SocketAddr, Message)>,
     /// Most steps a single `run_until` may take before it panics.
     pub max_steps: u64,
     /// Template for node configurations (id, role, data port and seed are overwritten).
@@ -571,9 +661,10 @@ impl Sim {
             seed,
             hosts: Vec::new(),
             index: BTreeMap::new(),
-            by_ip: HashMap::new(),
-            links: HashMap::new(),
-            wire: BinaryHeap::new(),
+            links: FastMap::default(),
+            adj: Vec::new(),
+            server_hosts: Vec::new(),
+            wire: Wire::default(),
             timers: BinaryHeap::new(),
             seq: 0,
             started: false,
@@ -581,8 +672,8 @@ impl Sim {
             silence_hint: None,
             next_media: None,
             tick: 0,
-            copies: HashMap::new(),
-            frame_sent: HashMap::new(),
+            copies: FastMap::default(),
+            frame_sent: FastMap::default(),
             frame_times: BTreeMap::new(),
             routed: std::collections::BTreeSet::new(),
             stats: SimStats::default(),
@@ -590,7 +681,8 @@ impl Sim {
             check_loops: false,
             first_violation: None,
             forests: Forests::default(),
-            ids: HashMap::new(),
+            ids: FastMap::default(),
+            out_buf: Vec::new(),
             max_steps: 50_000_000,
             node_config: NodeConfig::new("", Role::Relay, DATA_PORT),
             client_config: ClientConfig::default(),
@@ -828,9 +920,12 @@ impl Sim {
         let i = u32::try_from(self.hosts.len() + 1).unwrap_or(u32::MAX);
         let ip = Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8);
         let idx = self.hosts.len();
-        self.by_ip.insert(ip, idx);
         self.index.insert(id.to_owned(), idx);
         self.ids.insert(id.to_owned(), idx);
+        self.adj.push(Vec::new());
+        if role == Some(Role::Server) {
+            self.server_hosts.push(idx);
+        }
         self.hosts.push(Host {
             id: id.to_owned(),
             ip,
@@ -861,13 +956,11 @@ impl Sim {
         let me = self.hosts.len() - 1;
         for p in pops {
             if let Some(pi) = self.idx(p) {
-                self.links.insert(
-                    key(me, pi),
-                    SimLink {
-                        params: self.access_link,
-                        up: true,
-                    },
-                );
+                let link = SimLink {
+                    params: self.access_link,
+                    up: true,
+                };
+                self.connect(me, pi, link);
             }
         }
         if self.started {
@@ -880,7 +973,17 @@ impl Sim {
         let (Some(ia), Some(ib)) = (self.idx(a), self.idx(b)) else {
             panic!("add_link: unknown host {a} or {b}");
         };
-        self.links.insert(key(ia, ib), SimLink { params, up: true });
+        self.connect(ia, ib, SimLink { params, up: true });
+    }
+
+    /// Put `link` between hosts `a` and `b` (replacing the one there was, if any).
+    fn connect(&mut self, a: usize, b: usize, link: SimLink) {
+        if self.links.insert(key(a, b), link).is_none() {
+            self.adj[a].push(b);
+            if a != b {
+                self.adj[b].push(a);
+            }
+        }
     }
 
     fn link_mut(&mut self, a: &str, b: &str) -> Option<&mut SimLink> {
@@ -974,8 +1077,8 @@ impl Sim {
         self.started = true;
         self.next_media = Some(self.now + self.media.period);
         let order: Vec<usize> = self.index.values().copied().collect();
-        for i in order {
-            self.boot(i);
+        for (rank, i) in order.into_iter().enumerate() {
+            self.boot_ranked(i, rank as u64);
         }
     }
 
@@ -983,17 +1086,9 @@ impl Sim {
         let Some(me) = self.idx(id) else {
             return Vec::new();
         };
-        let mut v: Vec<(String, SocketAddr)> = self
-            .links
-            .keys()
-            .filter_map(|&(a, b)| {
-                let other = if a == me {
-                    b
-                } else if b == me {
-                    a
-                } else {
-                    return None;
-                };
+        let mut v: Vec<(String, SocketAddr)> = self.adj[me]
+            .iter()
+            .filter_map(|&other| {
                 let h = &self.hosts[other];
                 h.role?;
                 Some((
@@ -1007,10 +1102,18 @@ impl Sim {
     }
 
     fn boot(&mut self, i: usize) {
+        // The host's rank among the ids in sorted order.
+        let id = self.hosts[i].id.as_str();
+        let below = (std::ops::Bound::Unbounded, std::ops::Bound::Excluded(id));
+        let rank = self.index.range::<str, _>(below).count() as u64;
+        self.boot_ranked(i, rank);
+    }
+
+    /// [`Sim::boot`] given host `i`'s rank among the ids in sorted order.
+    fn boot_ranked(&mut self, i: usize, rank: u64) {
         let now = self.now;
         let epoch = self.epoch;
         let id = self.hosts[i].id.clone();
-        let rank = self.index.keys().position(|k| *k == id).unwrap_or(0) as u64;
         let seed = self.seed ^ rank;
         let neighbours = self.overlay_neighbours(&id);
         let pops: Vec<(String, SocketAddr)> = self.hosts[i]
@@ -1391,7 +1494,7 @@ impl Sim {
     /// One step: deliver the earliest datagram, or fire the earliest timer, or the media
     /// tick, if it is not after `end`. Returns false when nothing is left before `end`.
     fn step(&mut self, end: Instant) -> bool {
-        let wire = self.wire.peek().map(|Reverse(f)| f.at);
+        let wire = self.wire.peek();
         let timer = self.next_timer();
         let media = self.next_media;
         let next = [wire, timer.map(|(t, _)| t), media]
@@ -1407,7 +1510,7 @@ impl Sim {
         self.now = self.now.max(next);
         self.stats.steps += 1;
         if wire == Some(next) {
-            if let Some(Reverse(f)) = self.wire.pop() {
+            if let Some(f) = self.wire.pop() {
                 self.deliver(f);
             }
         } else if let Some((t, i)) = timer.filter(|(t, _)| *t == next) {
@@ -1458,7 +1561,8 @@ impl Sim {
         let now = self.now;
         let elapsed = self.elapsed();
         let m = self.media;
-        for i in 0..self.hosts.len() {
+        for k in 0..self.server_hosts.len() {
+            let i = self.server_hosts[k];
             let h = &mut self.hosts[i];
             if h.role != Some(Role::Server) || h.machine.is_none() {
                 continue;
@@ -1630,9 +1734,20 @@ impl Sim {
         }
     }
 
+    /// The host with address `ip`: host `k` has `10.a.b.c` with `a.b.c` = `k + 1` (see
+    /// [`Sim::add_host`]), so no map is needed.
+    fn by_ip(&self, ip: Ipv4Addr) -> Option<usize> {
+        let [ten, a, b, c] = ip.octets();
+        if ten != 10 {
+            return None;
+        }
+        let k = ((usize::from(a) << 16) | (usize::from(b) << 8) | usize::from(c)).checked_sub(1)?;
+        self.hosts.get(k).filter(|h| h.ip == ip).map(|_| k)
+    }
+
     fn dest(&self, to: SocketAddr) -> Option<usize> {
         match to.ip() {
-            IpAddr::V4(ip) => self.by_ip.get(&ip).copied(),
+            IpAddr::V4(ip) => self.by_ip(ip),
             IpAddr::V6(_) => None,
         }
     }
@@ -1660,14 +1775,16 @@ impl Sim {
             params.jitter.mul_f64(self.rng.f64())
         };
         self.seq += 1;
-        self.wire.push(Reverse(InFlight {
-            at: self.now + params.latency + jitter,
-            seq: self.seq,
-            from: from_addr,
-            to,
-            src: from,
-            payload: p,
-        }));
+        self.wire.push(
+            self.now + params.latency + jitter,
+            self.seq,
+            InFlight {
+                from: from_addr,
+                to,
+                src: from,
+                payload: p,
+            },
+        );
     }
 
     /// Deliver one datagram; returns the host whose tree state machine it changed.
@@ -1784,7 +1901,8 @@ impl Sim {
     /// program does); then what the data path queued; then re-arm its timer.
     fn drain(&mut self, i: usize) {
         let now = self.now;
-        let mut out: Vec<(SocketAddr, Message)> = Vec::new();
+        let mut out = std::mem::take(&mut self.out_buf);
+        out.clear();
         type Route = (
             StreamId,
             Vec<SocketAddr>,
@@ -1881,9 +1999,8 @@ impl Sim {
         for (k, to) in pop_targets {
             let name = match to.ip() {
                 IpAddr::V4(v4) => self
-                    .by_ip
-                    .get(&v4)
-                    .map_or_else(|| to.to_string(), |&j| self.hosts[j].id.clone()),
+                    .by_ip(v4)
+                    .map_or_else(|| to.to_string(), |j| self.hosts[j].id.clone()),
                 IpAddr::V6(_) => to.to_string(),
             };
             if let Some(l) = log.get_mut(k) {
@@ -1897,14 +2014,26 @@ impl Sim {
         self.flush_data(i, &[]);
         self.rearm(i);
         let from_addr = SocketAddr::new(IpAddr::V4(ip), CONTROL_PORT);
-        for (to, msg) in out {
-            let Ok(bytes) = ott_proto::encode(&msg) else {
+        // The same message to several neighbours in a row (heartbeats, announcements)
+        // is encoded once: encoding is a pure function of the message.
+        let mut last: Option<(Message, Option<Vec<u8>>)> = None;
+        for (to, msg) in out.drain(..) {
+            let bytes = match &last {
+                Some((m, b)) if *m == msg => b.clone(),
+                _ => {
+                    let b = ott_proto::encode(&msg).ok();
+                    last = Some((msg, b.clone()));
+                    b
+                }
+            };
+            let Some(bytes) = bytes else {
                 self.stats.codec_errors += 1;
                 continue;
             };
             self.stats.control_sent += 1;
             self.put_on_wire(i, from_addr, to, Payload::Control(bytes));
         }
+        self.out_buf = out;
     }
 
     fn running_node(&self, id: &str) -> Option<&Node> {
