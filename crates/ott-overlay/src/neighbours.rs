@@ -379,7 +379,9 @@ impl Neighbours {
             } => {
                 if let Some(i) = self.heard(now, from, id, *incarnation) {
                     if let Some(p) = self.peers.get_mut(i) {
-                        if let Some(e) = p.window.iter_mut().find(|(s, a)| s == seq && !a) {
+                        // Seqs in the window are distinct and the newest is the one
+                        // usually acked: search from the back.
+                        if let Some(e) = p.window.iter_mut().rev().find(|(s, a)| s == seq && !a) {
                             e.1 = true;
                             p.hb_acked += 1;
                         }

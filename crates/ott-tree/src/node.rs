@@ -1304,6 +1304,22 @@ impl Node {
         self.routes.keys().cloned().collect()
     }
 
+    /// Every server we have a parent towards, with that parent, sorted by server (what
+    /// [`Node::servers`] and [`Node::parent`] give, without copying).
+    pub fn parents(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.routes
+            .iter()
+            .filter_map(|(s, r)| Some((s.as_str(), r.parent.as_deref()?)))
+    }
+
+    /// Every stream joined upstream, with its upstream, sorted by stream id (what
+    /// [`Node::stream_ids`] and [`Node::upstream`] give, without copying).
+    pub fn upstreams(&self) -> impl Iterator<Item = (StreamId, &str)> + '_ {
+        self.streams
+            .iter()
+            .filter_map(|(id, st)| Some((*id, st.upstream.as_deref()?)))
+    }
+
     /// The parent `stream` is joined at, if any.
     pub fn upstream(&self, stream: StreamId) -> Option<&str> {
         self.streams
@@ -1568,13 +1584,27 @@ impl Node {
     fn update(&mut self, now: Instant) {
         self.suspects.retain(|_, until| *until > now);
         let expiry = self.config.route_expiry;
+        let fresh = |o: &Offer| now.saturating_duration_since(o.at) < expiry;
         for r in self.routes.values_mut() {
-            r.offers
-                .retain(|_, o| now.saturating_duration_since(o.at) < expiry);
+            // Looking is cheaper than `retain`, and offers rarely expire.
+            if !r.offers.values().all(fresh) {
+                r.offers.retain(|_, o| fresh(o));
+            }
         }
-        let servers: Vec<String> = self.routes.keys().cloned().collect();
-        for s in servers {
-            self.select_parent(&s);
+        match self.routes.len() {
+            0 => {}
+            // The usual case, a single server: no copy of the ids.
+            1 => {
+                if let Some(s) = self.routes.keys().next().cloned() {
+                    self.select_parent(&s);
+                }
+            }
+            _ => {
+                let servers: Vec<String> = self.routes.keys().cloned().collect();
+                for s in servers {
+                    self.select_parent(&s);
+                }
+            }
         }
         self.reconcile_streams(now);
     }

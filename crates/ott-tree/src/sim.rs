@@ -534,6 +534,8 @@ pub struct Sim {
     ids: FastMap<String, usize>,
     /// Reused buffer of the control messages a host queued (see [`Sim::drain`]).
     out_buf: Vec<(SocketAddr, Message)>,
+    /// Reused buffer of a host's pointers (see [`Sim::recheck`]).
+    pairs_buf: Vec<(ForestKey, usize)>,
     /// Most steps a single `run_until` may take before it panics.
     pub max_steps: u64,
     /// Template for node configurations (id, role, data port and seed are overwritten).
@@ -683,6 +685,7 @@ impl Sim {
             forests: Forests::default(),
             ids: FastMap::default(),
             out_buf: Vec::new(),
+            pairs_buf: Vec::new(),
             max_steps: 50_000_000,
             node_config: NodeConfig::new("", Role::Relay, DATA_PORT),
             client_config: ClientConfig::default(),
@@ -870,23 +873,25 @@ impl Sim {
     /// each forest where one of its pointers changed (see [`Forests`]).
     fn recheck(&mut self, i: usize) {
         self.stats.loop_checks += 1;
-        let mut pairs: Vec<(ForestKey, usize)> = Vec::new();
+        let mut pairs = std::mem::take(&mut self.pairs_buf);
+        pairs.clear();
         let mut result = Ok(());
         if let Some(Machine::Node(n)) = &self.hosts[i].machine {
             result = n.check_invariants();
-            for s in n.servers() {
-                if let (Some(si), Some(p)) = (self.idx(&s), n.parent(&s).and_then(|p| self.idx(p)))
-                {
+            for (s, p) in n.parents() {
+                if let (Some(si), Some(p)) = (self.idx(s), self.idx(p)) {
                     pairs.push((ForestKey::Server(si), p));
                 }
             }
-            for st in n.stream_ids() {
-                if let Some(p) = n.upstream(st).and_then(|p| self.idx(p)) {
+            for (st, p) in n.upstreams() {
+                if let Some(p) = self.idx(p) {
                     pairs.push((ForestKey::Stream(st), p));
                 }
             }
         }
-        if let Err((k, cycle)) = self.forests.set_all(i, &mut pairs) {
+        let set = self.forests.set_all(i, &mut pairs);
+        self.pairs_buf = pairs;
+        if let Err((k, cycle)) = set {
             let names: Vec<&str> = cycle.iter().map(|&c| self.hosts[c].id.as_str()).collect();
             let what = match k {
                 ForestKey::Server(s) => format!("loop towards {}", self.hosts[s].id),
