@@ -230,18 +230,39 @@ struct InFlight {
     payload: Payload,
 }
 
-/// The datagrams in flight: a heap of small keys (arrival, sequence number, slot)
-/// ordered like the datagrams, and the datagrams themselves in reusable slots, so that
-/// the heap moves 32 bytes per level, not whole datagrams.
+/// Width of one bucket of [`Wire`]'s calendar, in nanoseconds of virtual time (about
+/// 0.26 ms).
+const BUCKET_NS: u64 = 1 << 18;
+/// Buckets of the calendar (about 67 ms ahead; later datagrams wait in a heap).
+const BUCKETS: u64 = 256;
+
+/// The datagrams in flight, delivered in order of (arrival, sequence number).
+///
+/// A calendar queue: the keys (arrival in ns since the epoch, sequence number, slot of
+/// the datagram) of the current bucket are in a small heap; those of the next
+/// [`BUCKETS`] buckets in unsorted lists, made a heap when their turn comes; later ones
+/// in an overflow heap. A network of thousands of nodes has tens of thousands of
+/// datagrams in flight, and one big heap costs a cache miss per level at every step;
+/// the current bucket's heap stays small. The datagrams themselves sit in reusable
+/// slots, so that nothing but 24-byte keys moves.
 #[derive(Debug, Default)]
 struct Wire {
-    heap: BinaryHeap<Reverse<(Instant, u64, usize)>>,
+    /// Bucket number of `cur`: every key in `cur` has a bucket at or before it, every
+    /// key in `ring` and `overflow` one after it.
+    base: u64,
+    cur: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    /// Keys of buckets `base + 1 .. base + BUCKETS`, at their bucket modulo `BUCKETS`.
+    ring: Vec<Vec<(u64, u64, usize)>>,
+    in_ring: usize,
+    overflow: BinaryHeap<Reverse<(u64, u64, usize)>>,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
 }
 
 impl Wire {
-    fn push(&mut self, at: Instant, seq: u64, f: InFlight) {
+    /// Queue `f` to arrive at `at` ns since the epoch, after the datagrams queued
+    /// before it for the same time (`seq` grows with every call).
+    fn push(&mut self, at: u64, seq: u64, f: InFlight) {
         let slot = match self.free.pop() {
             Some(k) => {
                 self.slots[k] = Some(f);
@@ -252,16 +273,51 @@ impl Wire {
                 self.slots.len() - 1
             }
         };
-        self.heap.push(Reverse((at, seq, slot)));
+        let key = (at, seq, slot);
+        let bucket = at / BUCKET_NS;
+        if bucket <= self.base {
+            self.cur.push(Reverse(key));
+        } else if bucket < self.base + BUCKETS {
+            if self.ring.is_empty() {
+                self.ring.resize_with(BUCKETS as usize, Vec::new);
+            }
+            self.ring[(bucket % BUCKETS) as usize].push(key);
+            self.in_ring += 1;
+        } else {
+            self.overflow.push(Reverse(key));
+        }
     }
 
-    /// Arrival time of the earliest datagram.
-    fn peek(&self) -> Option<Instant> {
-        self.heap.peek().map(|Reverse((at, _, _))| *at)
+    /// Arrival (ns since the epoch) of the earliest datagram.
+    fn peek(&mut self) -> Option<u64> {
+        loop {
+            if let Some(Reverse((at, _, _))) = self.cur.peek() {
+                return Some(*at);
+            }
+            // Move on to the next bucket with something in it.
+            if self.in_ring == 0 {
+                let Reverse((at, _, _)) = self.overflow.peek()?;
+                self.base = self.base.max(at / BUCKET_NS);
+            } else {
+                self.base += 1;
+                let list = &mut self.ring[(self.base % BUCKETS) as usize];
+                self.in_ring -= list.len();
+                self.cur.extend(list.drain(..).map(Reverse));
+            }
+            while let Some(&Reverse(key)) = self.overflow.peek() {
+                if key.0 / BUCKET_NS > self.base {
+                    break;
+                }
+                self.overflow.pop();
+                self.cur.push(Reverse(key));
+            }
+        }
     }
 
+    /// The earliest datagram.
     fn pop(&mut self) -> Option<InFlight> {
-        let Reverse((_, _, slot)) = self.heap.pop()?;
+        self.peek()?;
+        let Reverse((_, _, slot)) = self.cur.pop()?;
         let f = self.slots.get_mut(slot)?.take();
         self.free.push(slot);
         f
@@ -1499,7 +1555,8 @@ impl Sim {
     /// One step: deliver the earliest datagram, or fire the earliest timer, or the media
     /// tick, if it is not after `end`. Returns false when nothing is left before `end`.
     fn step(&mut self, end: Instant) -> bool {
-        let wire = self.wire.peek();
+        let epoch = self.epoch;
+        let wire = self.wire.peek().map(|ns| epoch + Duration::from_nanos(ns));
         let timer = self.next_timer();
         let media = self.next_media;
         let next = [wire, timer.map(|(t, _)| t), media]
@@ -1780,8 +1837,11 @@ impl Sim {
             params.jitter.mul_f64(self.rng.f64())
         };
         self.seq += 1;
+        let at = self.now + params.latency + jitter;
+        let at_ns =
+            u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
         self.wire.push(
-            self.now + params.latency + jitter,
+            at_ns,
             self.seq,
             InFlight {
                 from: from_addr,
