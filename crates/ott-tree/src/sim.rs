@@ -51,6 +51,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -213,15 +214,49 @@ struct Host {
     selected: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 enum Payload {
     /// An encoded control message (to a control port), or a NACK (to a data port).
-    Control(Vec<u8>),
+    Control(Rc<ControlDatagram>),
     /// A media datagram.
     Media(Bytes),
 }
 
-#[derive(Debug, PartialEq, Eq)]
+/// The bytes of one encoded control message, shared by its copies to several
+/// neighbours, and what decoding them gives, once one has arrived: decoding is a pure
+/// function of the bytes, so the later copies take a clone of the message (and count a
+/// codec error each if it failed, as decoding again would).
+#[derive(Debug)]
+struct ControlDatagram {
+    bytes: Vec<u8>,
+    decoded: std::cell::OnceCell<Option<Message>>,
+}
+
+impl ControlDatagram {
+    fn new(bytes: Vec<u8>) -> Rc<Self> {
+        Rc::new(Self {
+            bytes,
+            decoded: std::cell::OnceCell::new(),
+        })
+    }
+
+    /// The message, decoded (once for all copies); `None` if it does not decode.
+    fn decode(this: Rc<Self>) -> Option<Message> {
+        match Rc::try_unwrap(this) {
+            // The last copy, never decoded: no need to keep the message.
+            Ok(d) => match d.decoded.into_inner() {
+                Some(m) => m,
+                None => ott_proto::decode(&d.bytes).ok(),
+            },
+            Err(shared) => shared
+                .decoded
+                .get_or_init(|| ott_proto::decode(&shared.bytes).ok())
+                .clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
 struct InFlight {
     from: SocketAddr,
     to: SocketAddr,
@@ -1765,7 +1800,8 @@ impl Sim {
                         continue;
                     };
                     self.stats.nacks_sent += 1;
-                    self.put_on_wire(i, from_addr, t.to, Payload::Control(bytes));
+                    let d = ControlDatagram::new(bytes);
+                    self.put_on_wire(i, from_addr, t.to, Payload::Control(d));
                 }
             }
         }
@@ -1869,8 +1905,8 @@ impl Sim {
             return None;
         }
         match f.payload {
-            Payload::Control(bytes) => {
-                let Ok(msg) = ott_proto::decode(&bytes) else {
+            Payload::Control(d) => {
+                let Some(msg) = ControlDatagram::decode(d) else {
                     self.stats.codec_errors += 1;
                     return None;
                 };
@@ -2081,12 +2117,12 @@ impl Sim {
         let from_addr = SocketAddr::new(IpAddr::V4(ip), CONTROL_PORT);
         // The same message to several neighbours in a row (heartbeats, announcements)
         // is encoded once: encoding is a pure function of the message.
-        let mut last: Option<(Message, Option<Vec<u8>>)> = None;
+        let mut last: Option<(Message, Option<Rc<ControlDatagram>>)> = None;
         for (to, msg) in out.drain(..) {
             let bytes = match &last {
                 Some((m, b)) if *m == msg => b.clone(),
                 _ => {
-                    let b = ott_proto::encode(&msg).ok();
+                    let b = ott_proto::encode(&msg).ok().map(ControlDatagram::new);
                     last = Some((msg, b.clone()));
                     b
                 }
