@@ -303,6 +303,12 @@ impl Neighbours {
         self.find(id).and_then(|p| p.last_heard)
     }
 
+    /// [`Neighbours::rtt`] of `id` if it is also [`Neighbours::is_alive`]: one lookup
+    /// for the two questions a parent choice asks of every offer.
+    pub fn rtt_if_alive(&self, id: &str) -> Option<Duration> {
+        self.find(id).filter(|p| p.alive).and_then(|p| p.srtt)
+    }
+
     /// Smoothed RTT to `id` (RFC 6298 SRTT, alpha 1/8; the first sample is taken as is).
     pub fn rtt(&self, id: &str) -> Option<Duration> {
         self.find(id).and_then(|p| p.srtt)
