@@ -2269,6 +2269,49 @@ mod tests {
     use super::*;
     use ott_proto::stream_id_for;
 
+    /// The calendar queue gives the datagrams in the order one heap of (arrival,
+    /// sequence number) gives them, whatever the delays (none, within the calendar,
+    /// beyond it) and however pushes and pops interleave.
+    #[test]
+    fn the_wire_delivers_in_arrival_then_sequence_order() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut wire = Wire::default();
+        let mut reference: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
+        let (mut now, mut seq) = (0u64, 0u64);
+        let addr = SocketAddr::from(([10, 0, 0, 1], CONTROL_PORT));
+        for _ in 0..20_000 {
+            if rng.u8(..3) > 0 {
+                let delay = match rng.u8(..4) {
+                    0 => 0,
+                    1 => rng.u64(..BUCKET_NS),
+                    2 => rng.u64(..BUCKET_NS * BUCKETS),
+                    _ => rng.u64(..BUCKET_NS * BUCKETS * 3),
+                };
+                seq += 1;
+                let f = InFlight {
+                    from: addr,
+                    to: addr,
+                    src: seq as usize,
+                    payload: Payload::Media(Bytes::new()),
+                };
+                wire.push(now + delay, seq, f);
+                reference.push(Reverse((now + delay, seq)));
+            } else {
+                let want = reference.pop().map(|Reverse(k)| k);
+                assert_eq!(wire.peek(), want.map(|(at, _)| at));
+                let got = wire.pop().map(|f| f.src as u64);
+                assert_eq!(got, want.map(|(_, s)| s));
+                if let Some((at, _)) = want {
+                    now = at;
+                }
+            }
+        }
+        while let Some(Reverse((_, s))) = reference.pop() {
+            assert_eq!(wire.pop().map(|f| f.src as u64), Some(s));
+        }
+        assert!(wire.pop().is_none());
+    }
+
     /// s1 and p1 are overlay neighbours three router hops apart by the short way
     /// (1 + 2 + 3 ms, 10 % loss on one hop) and two hops by a slow way (20 + 20 ms).
     const SPARSE: &str = r#"
