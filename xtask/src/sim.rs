@@ -92,7 +92,7 @@ impl Default for SimArgs {
 
 /// What a run found, for the exit status and the tests.
 #[derive(Debug, Default)]
-pub(crate) struct Report {
+pub(crate) struct SimReport {
     /// Overlay nodes by role.
     pub(crate) roles: BTreeMap<String, Role>,
     /// Viewers watching the stream.
@@ -205,23 +205,24 @@ fn build(args: &SimArgs) -> anyhow::Result<(Sim, String)> {
 }
 
 /// For every node, the servers it reaches over the overlay links (all up).
-fn reachable_servers(
-    sim: &Sim,
-    adj: &Adjacency,
-    nodes: &[String],
-) -> BTreeMap<String, Vec<String>> {
+fn reachable_servers(sim: &Sim, adj: &Adjacency) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for s in sim.ids_with_role(Role::Server) {
-        let mut seen = BTreeSet::from([s.clone()]);
-        let mut queue = VecDeque::from([s.clone()]);
+        let Some(&si) = adj.index.get(&s) else {
+            continue;
+        };
+        let mut seen = vec![false; adj.ids.len()];
+        seen[si] = true;
+        let mut queue = VecDeque::from([si]);
         while let Some(x) = queue.pop_front() {
-            for y in adj.get(&x).into_iter().flatten() {
-                if seen.insert(y.clone()) {
-                    queue.push_back(y.clone());
+            for &y in &adj.next[x] {
+                if !seen[y] {
+                    seen[y] = true;
+                    queue.push_back(y);
                 }
             }
         }
-        for n in nodes.iter().filter(|n| seen.contains(*n)) {
+        for (n, _) in adj.ids.iter().zip(&seen).filter(|(_, &r)| r) {
             out.entry(n.clone()).or_default().push(s.clone());
         }
     }
@@ -247,78 +248,117 @@ fn relays_on_viewer_paths(sim: &Sim) -> BTreeSet<String> {
     active
 }
 
-/// Overlay adjacency of the nodes (clients left out), built once: `Sim::neighbours_of`
-/// scans every link.
-type Adjacency = HashMap<String, Vec<String>>;
-
-fn adjacency(sim: &Sim) -> Adjacency {
-    let mut adj = Adjacency::new();
-    for (a, b) in sim.links() {
-        if sim.role(&a).is_some() && sim.role(&b).is_some() {
-            adj.entry(a.clone()).or_default().push(b.clone());
-            adj.entry(b).or_default().push(a);
-        }
-    }
-    adj
+/// Overlay adjacency of the nodes (clients left out), by index into `ids` (the sorted
+/// node ids), built once: `Sim::neighbours_of` scans every link, and walks over sets of
+/// ids cost a string comparison per step.
+struct Adjacency {
+    ids: Vec<String>,
+    index: HashMap<String, usize>,
+    next: Vec<Vec<usize>>,
 }
 
-/// The running nodes that reach a running server (through running nodes and up links),
-/// leaving `without` out.
-fn reach_servers(
-    sim: &Sim,
-    adj: &Adjacency,
-    servers: &[String],
-    without: Option<&str>,
-) -> BTreeSet<String> {
-    let mut seen: BTreeSet<String> = servers
+fn adjacency(sim: &Sim) -> Adjacency {
+    let ids = sim.node_ids();
+    let index: HashMap<String, usize> = ids
         .iter()
-        .filter(|s| sim.is_running(s) && Some(s.as_str()) != without)
-        .cloned()
+        .enumerate()
+        .map(|(i, id)| (id.clone(), i))
         .collect();
-    let mut queue: VecDeque<String> = seen.iter().cloned().collect();
-    while let Some(x) = queue.pop_front() {
-        for y in adj.get(&x).into_iter().flatten() {
-            if Some(y.as_str()) != without
-                && sim.is_running(y)
-                && sim.link_is_up(&x, y)
-                && seen.insert(y.clone())
-            {
-                queue.push_back(y.clone());
-            }
+    let mut next = vec![Vec::new(); ids.len()];
+    for (a, b) in sim.links() {
+        if let (Some(&x), Some(&y)) = (index.get(&a), index.get(&b)) {
+            next[x].push(y);
+            next[y].push(x);
         }
     }
-    seen
+    Adjacency { ids, index, next }
+}
+
+/// Which nodes run and which links are up, at one moment (`up[x][k]` is the link from
+/// `x` to `next[x][k]`).
+struct Live {
+    running: Vec<bool>,
+    up: Vec<Vec<bool>>,
+}
+
+impl Adjacency {
+    fn indices(&self, ids: &[String]) -> Vec<usize> {
+        ids.iter()
+            .filter_map(|id| self.index.get(id).copied())
+            .collect()
+    }
+
+    fn live(&self, sim: &Sim) -> Live {
+        Live {
+            running: self.ids.iter().map(|id| sim.is_running(id)).collect(),
+            up: self
+                .next
+                .iter()
+                .enumerate()
+                .map(|(x, ys)| {
+                    ys.iter()
+                        .map(|&y| sim.link_is_up(&self.ids[x], &self.ids[y]))
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// The running nodes that reach a running server (through running nodes and up
+    /// links), leaving `without` out.
+    fn reach_servers(&self, live: &Live, servers: &[usize], without: Option<usize>) -> Vec<bool> {
+        let mut seen = vec![false; self.ids.len()];
+        let mut queue = VecDeque::new();
+        for &s in servers {
+            if live.running[s] && Some(s) != without && !seen[s] {
+                seen[s] = true;
+                queue.push_back(s);
+            }
+        }
+        while let Some(x) = queue.pop_front() {
+            for (k, &y) in self.next[x].iter().enumerate() {
+                if Some(y) != without && live.running[y] && live.up[x][k] && !seen[y] {
+                    seen[y] = true;
+                    queue.push_back(y);
+                }
+            }
+        }
+        seen
+    }
+
+    /// Whether `id` is in `set` (a result of [`Adjacency::reach_servers`]).
+    fn contains(&self, set: &[bool], id: &str) -> bool {
+        self.index.get(id).is_some_and(|&i| set[i])
+    }
+
+    /// Whether killing `victim` would leave some running PoP of `pops` that reaches a
+    /// server in `now` (what [`Adjacency::reach_servers`] gives without a kill) with no
+    /// path to any server.
+    fn cuts_off_a_pop(
+        &self,
+        live: &Live,
+        now: &[bool],
+        victim: &str,
+        servers: &[usize],
+        pops: &[usize],
+    ) -> bool {
+        let after = self.reach_servers(live, servers, self.index.get(victim).copied());
+        pops.iter().any(|&p| now[p] && !after[p])
+    }
 }
 
 /// Whether killing `victim` would leave some running PoP that now reaches a server
 /// with no path to any server (through running nodes and up links).
 #[cfg(test)]
 fn would_cut_off_a_pop(sim: &Sim, adj: &Adjacency, victim: &str, servers: &[String]) -> bool {
-    cuts_off_a_pop(
-        sim,
-        adj,
-        &reach_servers(sim, adj, servers, None),
-        victim,
-        servers,
-    )
-}
-
-/// [`would_cut_off_a_pop`] given `now`, what [`reach_servers`] gives without a kill.
-fn cuts_off_a_pop(
-    sim: &Sim,
-    adj: &Adjacency,
-    now: &BTreeSet<String>,
-    victim: &str,
-    servers: &[String],
-) -> bool {
-    let after = reach_servers(sim, adj, servers, Some(victim));
-    sim.pop_ids()
-        .iter()
-        .any(|p| now.contains(p) && !after.contains(p))
+    let live = adj.live(sim);
+    let servers = adj.indices(servers);
+    let now = adj.reach_servers(&live, &servers, None);
+    adj.cuts_off_a_pop(&live, &now, victim, &servers, &adj.indices(&sim.pop_ids()))
 }
 
 /// Run the experiment, writing the report to `out`.
-pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Report> {
+pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<SimReport> {
     let wall = Instant::now();
     let (mut sim, what) = build(args)?;
     // Fine-grained media, so that outages are measured to a frame (20 ms by default).
@@ -348,13 +388,13 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
     }
     sim.check_loops_each_step(true);
     let nodes: Vec<String> = sim.node_ids();
-    let mut report = Report {
+    let mut report = SimReport {
         roles: nodes
             .iter()
             .filter_map(|n| Some((n.clone(), sim.role(n)?)))
             .collect(),
         viewers: sim.client_ids().len(),
-        ..Report::default()
+        ..SimReport::default()
     };
     let count = |r: Role| report.roles.values().filter(|&&x| x == r).count();
     let (servers, relays, pops) = (count(Role::Server), count(Role::Relay), count(Role::Pop));
@@ -376,7 +416,8 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
         args.seed
     )?;
     let stream = stream_id_for(SIM_STREAM);
-    let reach = reachable_servers(&sim, &adjacency(&sim), &nodes);
+    let adj = adjacency(&sim);
+    let reach = reachable_servers(&sim, &adj);
     let no_servers = Vec::new();
     let server_of = |n: &String| reach.get(n).unwrap_or(&no_servers);
     sim.start();
@@ -474,8 +515,8 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
             args.failures
         )?,
     }
-    let servers_ids = sim.ids_with_role(Role::Server);
-    let adj = adjacency(&sim);
+    let servers_ids = adj.indices(&sim.ids_with_role(Role::Server));
+    let pop_ids = adj.indices(&sim.pop_ids());
     for k in 0..args.failures {
         if nothing_to_kill.is_some() {
             break;
@@ -496,10 +537,11 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
         }
         // Prefer a relay whose loss leaves every PoP a path to a server: a failover to
         // measure, not a partition.
-        let reach_now = reach_servers(&sim, &adj, &servers_ids, None);
+        let live = adj.live(&sim);
+        let reach_now = adj.reach_servers(&live, &servers_ids, None);
         let safe: Vec<String> = active
             .iter()
-            .filter(|r| !cuts_off_a_pop(&sim, &adj, &reach_now, r, &servers_ids))
+            .filter(|r| !adj.cuts_off_a_pop(&live, &reach_now, r, &servers_ids, &pop_ids))
             .cloned()
             .collect();
         let pool = if safe.is_empty() { &active } else { &safe };
@@ -528,10 +570,10 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
         report.killed.push(victim.clone());
         // Nodes the kill cut off from every server cannot repair: counted apart.
         // (Reaching a server is `Sim::connected` to one, computed once for all.)
-        let reach_after = reach_servers(&sim, &adj, &servers_ids, None);
+        let reach_after = adj.reach_servers(&adj.live(&sim), &servers_ids, None);
         let (mut pending, cut): (Vec<String>, Vec<String>) = affected_nodes
             .into_iter()
-            .partition(|n| reach_after.contains(n));
+            .partition(|n| adj.contains(&reach_after, n));
         report.nodes_cut_off.extend(cut);
         while sim.elapsed() < at + Duration::from_secs(3) && !pending.is_empty() {
             sim.run_for(Duration::from_millis(10));
@@ -553,7 +595,10 @@ pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<Re
         for c in affected_clients {
             // A viewer none of whose PoPs reaches a server any more cannot recover: it
             // is counted apart, not as a 3 s outage.
-            let reachable = sim.pops_of(&c).iter().any(|p| reach_after.contains(p));
+            let reachable = sim
+                .pops_of(&c)
+                .iter()
+                .any(|p| adj.contains(&reach_after, p));
             if reachable {
                 if sim.received(&c, stream) > 0 {
                     outages.push(sim.longest_gap(&c, stream, at, at + Duration::from_secs(3)));
@@ -721,14 +766,14 @@ fn fastrand_like(seed: u64) -> impl FnMut() -> u64 {
 mod tests {
     use super::*;
 
-    fn run_to_text(args: &SimArgs) -> (anyhow::Result<Report>, String) {
+    fn run_to_text(args: &SimArgs) -> (anyhow::Result<SimReport>, String) {
         let mut out = Vec::new();
         let r = simulate(args, &mut out);
         (r, String::from_utf8_lossy(&out).into_owned())
     }
 
     /// Every kill is a relay, the tree stayed loop free, the report is complete.
-    fn check(what: &str, r: &Report, text: &str) {
+    fn check(what: &str, r: &SimReport, text: &str) {
         for k in &r.killed {
             assert_eq!(
                 r.roles.get(k),

@@ -155,9 +155,33 @@ pub const LOSS_WINDOW: usize = 50;
 /// The newest heartbeats left out of the loss ratio: their acks may still be on the way.
 const IN_FLIGHT: usize = 2;
 
+/// A cheap fingerprint of a node id (its length and its bytes mixed eight at a time),
+/// so that finding a neighbour by id compares one integer per neighbour and the bytes
+/// of the one that matches only.
+fn fingerprint(id: &str) -> u64 {
+    let mix = |h: u64, w: u64| (h.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    let bytes = id.as_bytes();
+    let mut chunks = bytes.chunks_exact(8);
+    let mut h = bytes.len() as u64;
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        h = mix(h, u64::from_le_bytes(w));
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut w = [0u8; 8];
+        w[..rest.len()].copy_from_slice(rest);
+        h = mix(h, u64::from_le_bytes(w));
+    }
+    h
+}
+
 #[derive(Debug)]
 struct Peer {
     addrs: PeerAddrs,
+    /// [`fingerprint`] of `addrs.id`.
+    fp: u64,
     alive: bool,
     srtt: Option<Duration>,
     incarnation: Option<u64>,
@@ -247,6 +271,7 @@ impl Neighbours {
         let peers = peers
             .into_iter()
             .map(|addrs| Peer {
+                fp: fingerprint(&addrs.id),
                 addrs,
                 alive: false,
                 srtt: None,
@@ -295,7 +320,8 @@ impl Neighbours {
     }
 
     fn find(&self, id: &str) -> Option<&Peer> {
-        self.peers.iter().find(|p| p.addrs.id == id)
+        let fp = fingerprint(id);
+        self.peers.iter().find(|p| p.fp == fp && p.addrs.id == id)
     }
 
     /// Position of the neighbour owning `addr`: the first whose preferred address it is,
@@ -328,10 +354,13 @@ impl Neighbours {
     /// When neighbour `id` was last heard from (a heartbeat or an acknowledgement from
     /// one of its addresses), if ever.
     pub fn last_heard(&self, id: &str) -> Option<Instant> {
-        self.peers
-            .iter()
-            .find(|p| p.addrs.id == id)
-            .and_then(|p| p.last_heard)
+        self.find(id).and_then(|p| p.last_heard)
+    }
+
+    /// [`Neighbours::rtt`] of `id` if it is also [`Neighbours::is_alive`]: one lookup
+    /// for the two questions a parent choice asks of every offer.
+    pub fn rtt_if_alive(&self, id: &str) -> Option<Duration> {
+        self.find(id).filter(|p| p.alive).and_then(|p| p.srtt)
     }
 
     /// Smoothed RTT to `id` (RFC 6298 SRTT, alpha 1/8; the first sample is taken as is).
@@ -417,7 +446,9 @@ impl Neighbours {
             } => {
                 if let Some(i) = self.heard(now, from, id, *incarnation) {
                     if let Some(p) = self.peers.get_mut(i) {
-                        if let Some(e) = p.window.iter_mut().find(|(s, a)| s == seq && !a) {
+                        // Seqs in the window are distinct and the newest is the one
+                        // usually acked: search from the back.
+                        if let Some(e) = p.window.iter_mut().rev().find(|(s, a)| s == seq && !a) {
                             e.1 = true;
                             p.hb_acked += 1;
                         }
@@ -467,9 +498,10 @@ impl Neighbours {
     /// Position of the neighbour that sent a message claiming to be `id` from `addr`:
     /// `addr` must be one of its addresses.
     fn sender(&self, addr: SocketAddr, id: &str) -> Option<usize> {
+        let fp = fingerprint(id);
         self.peers
             .iter()
-            .position(|p| p.addrs.id == id && p.addrs.owns(addr))
+            .position(|p| p.fp == fp && p.addrs.id == id && p.addrs.owns(addr))
     }
 
     /// Record that neighbour `id` was heard from `addr` with `incarnation`; its

@@ -288,6 +288,10 @@ pub struct NodeStatus {
 #[derive(Debug, Clone)]
 struct Offer {
     path: Vec<NodeId>,
+    /// Whether `path` holds our id, found once when the offer is stored (`path` never
+    /// changes after): the loop check reads it after every step, and walking the path
+    /// there cost a cache miss per hop.
+    through_us: bool,
     latency_us: u64,
     seq: u64,
     at: Instant,
@@ -410,6 +414,15 @@ const RR_GIVE_UP: Duration = Duration::from_secs(3);
 /// How much longer than a heartbeat interval a parent may be unheard and still count as
 /// alive when its media stops (see [`Node::handle_upstream_silent`]).
 const PARENT_HEARD_SLACK: Duration = Duration::from_millis(20);
+
+/// `a == b` for node ids, looking at the last byte before the rest: ids of one overlay
+/// often have the same length and prefix (`r0412`, `r0413`), where a plain comparison
+/// is a call to `memcmp` for every pair.
+#[inline]
+fn same_id(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.last() == b.last() && a == b
+}
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -670,7 +683,7 @@ impl Node {
         }
         let rtt_half = self.nb.rtt(&n).map_or(0, |r| micros(r) / 2);
         let route = self.routes.entry(server.clone()).or_default();
-        if path.contains(&self.config.id) {
+        if path.iter().any(|x| same_id(x, &self.config.id)) {
             // The neighbour now reaches the server through us: its old offer is void.
             route.offers.remove(&n);
             self.stats.ignored += 1;
@@ -718,6 +731,7 @@ impl Node {
         route.offers.insert(
             n.clone(),
             Offer {
+                through_us: path.iter().any(|x| same_id(x, &self.config.id)),
                 path,
                 latency_us,
                 seq,
@@ -1304,6 +1318,22 @@ impl Node {
         self.routes.keys().cloned().collect()
     }
 
+    /// Every server we have a parent towards, with that parent, sorted by server (what
+    /// [`Node::servers`] and [`Node::parent`] give, without copying).
+    pub fn parents(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.routes
+            .iter()
+            .filter_map(|(s, r)| Some((s.as_str(), r.parent.as_deref()?)))
+    }
+
+    /// Every stream joined upstream, with its upstream, sorted by stream id (what
+    /// [`Node::stream_ids`] and [`Node::upstream`] give, without copying).
+    pub fn upstreams(&self) -> impl Iterator<Item = (StreamId, &str)> + '_ {
+        self.streams
+            .iter()
+            .filter_map(|(id, st)| Some((*id, st.upstream.as_deref()?)))
+    }
+
     /// The parent `stream` is joined at, if any.
     pub fn upstream(&self, stream: StreamId) -> Option<&str> {
         self.streams
@@ -1326,10 +1356,10 @@ impl Node {
 
     /// Effective latency (µs) and hops of `n`'s offer, if usable as a parent.
     fn eligible(&self, n: &str, o: &Offer) -> Option<(u64, u32)> {
-        if !self.nb.is_alive(n) || o.path.contains(&self.config.id) {
-            return None;
-        }
-        let rtt = self.nb.rtt(n)?;
+        // No stored offer has a path through us: `on_announce` drops those (and the
+        // neighbour's older offer with them), so the path need not be searched here.
+        debug_assert!(!o.through_us);
+        let rtt = self.nb.rtt_if_alive(n)?;
         let hops = u32::try_from(o.path.len()).unwrap_or(u32::MAX);
         Some((o.latency_us.saturating_add(micros(rtt) / 2), hops))
     }
@@ -1565,13 +1595,27 @@ impl Node {
     fn update(&mut self, now: Instant) {
         self.suspects.retain(|_, until| *until > now);
         let expiry = self.config.route_expiry;
+        let fresh = |o: &Offer| now.saturating_duration_since(o.at) < expiry;
         for r in self.routes.values_mut() {
-            r.offers
-                .retain(|_, o| now.saturating_duration_since(o.at) < expiry);
+            // Looking is cheaper than `retain`, and offers rarely expire.
+            if !r.offers.values().all(fresh) {
+                r.offers.retain(|_, o| fresh(o));
+            }
         }
-        let servers: Vec<String> = self.routes.keys().cloned().collect();
-        for s in servers {
-            self.select_parent(&s);
+        match self.routes.len() {
+            0 => {}
+            // The usual case, a single server: no copy of the ids.
+            1 => {
+                if let Some(s) = self.routes.keys().next().cloned() {
+                    self.select_parent(&s);
+                }
+            }
+            _ => {
+                let servers: Vec<String> = self.routes.keys().cloned().collect();
+                for s in servers {
+                    self.select_parent(&s);
+                }
+            }
         }
         self.reconcile_streams(now);
     }
@@ -1582,32 +1626,34 @@ impl Node {
             return;
         };
         let fd = r.fd;
-        // (effective latency, hops), spread, id of every feasible offer.
-        let all: Vec<((u64, u32), u64, String)> = r
+        // (effective latency, hops), spread, id of every feasible offer (borrowed: this
+        // runs after every input, and allocates one vector).
+        let mut cands: Vec<((u64, u32), u64, &str)> = r
             .offers
             .iter()
             .filter(|(_, o)| Self::feasible(fd, o))
-            .filter_map(|(n, o)| self.eligible(n, o).map(|m| (m, o.dev_us, n.clone())))
+            .filter_map(|(n, o)| self.eligible(n, o).map(|m| (m, o.dev_us, n.as_str())))
             .collect();
         // A suspected neighbour is no parent while there is another way.
-        let trusted: Vec<_> = all
-            .iter()
-            .filter(|(_, _, n)| !self.suspects.contains_key(n))
-            .cloned()
-            .collect();
-        let mut cands = if trusted.is_empty() { all } else { trusted };
+        if !self.suspects.is_empty()
+            && cands
+                .iter()
+                .any(|(_, _, n)| !self.suspects.contains_key(*n))
+        {
+            cands.retain(|(_, _, n)| !self.suspects.contains_key(*n));
+        }
         // Equal metrics are broken at random (seeded), then by id.
-        cands.sort();
-        let best = cands.first().cloned();
+        cands.sort_unstable();
+        let best = cands.first().copied();
         let current = r
             .parent
-            .as_ref()
-            .and_then(|p| cands.iter().find(|(_, _, n)| n == p).cloned());
+            .as_deref()
+            .and_then(|p| cands.iter().find(|(_, _, n)| same_id(n, p)).copied());
         let held = r
             .changed_at
             .is_some_and(|t| now.saturating_duration_since(t) < self.config.parent_hold);
-        let mut better = None;
-        let new = match (current, best) {
+        let mut better: Option<(&str, Instant)> = None;
+        let new: Option<&str> = match (current, best) {
             (Some(cur), Some(best)) => {
                 let cur_lat = cur.0 .0;
                 // The smaller of the two spreads: a real change of the parent's path
@@ -1618,10 +1664,10 @@ impl Node {
                     .max(spread as u64);
                 if best.0 .0.saturating_add(margin) < cur_lat {
                     let since = match &r.better {
-                        Some((n, t)) if *n == best.2 => *t,
+                        Some((n, t)) if n.as_str() == best.2 => *t,
                         _ => now,
                     };
-                    better = Some((best.2.clone(), since));
+                    better = Some((best.2, since));
                     // A gain of twice the margin is no jitter: no need to wait.
                     let clear = best.0 .0.saturating_add(2 * margin) < cur_lat;
                     let waited = now.saturating_duration_since(since) >= self.config.better_for;
@@ -1635,14 +1681,11 @@ impl Node {
                 }
             }
             (None, Some(best)) => {
-                let ties: Vec<&String> = cands
-                    .iter()
-                    .take_while(|(m, _, _)| *m == best.0)
-                    .map(|(_, _, n)| n)
-                    .collect();
-                let pick = if ties.len() > 1 {
-                    ties.get(self.rng.usize(..ties.len()))
-                        .map_or(best.2.clone(), |s| (*s).clone())
+                let ties = cands.iter().take_while(|(m, _, _)| *m == best.0).count();
+                let pick = if ties > 1 {
+                    cands
+                        .get(self.rng.usize(..ties))
+                        .map_or(best.2, |(_, _, n)| *n)
                 } else {
                     best.2
                 };
@@ -1650,32 +1693,33 @@ impl Node {
             }
             (_, None) => None,
         };
-        let Some(r) = self.routes.get(server) else {
-            return;
-        };
-        let old = r.parent.clone();
-        let failed = old
-            .as_ref()
-            .is_some_and(|p| !cands.iter().any(|(_, _, n)| n == p));
+        let old = r.parent.as_deref();
+        let failed = old.is_some_and(|p| !cands.iter().any(|(_, _, n)| same_id(n, p)));
         // Record the feasibility distance of the route taken (kept or new).
         let taken = new
-            .as_ref()
             .and_then(|p| r.offers.get(p))
             .map(|o| (o.seq, u32::try_from(o.path.len()).unwrap_or(u32::MAX)));
+        let better = better
+            .filter(|(n, _)| new != Some(*n))
+            .map(|(n, t)| (n.to_owned(), t));
+        let had_parent = old.is_some();
+        let lost = new.is_none();
+        // Owned copies only when the parent changes.
+        let change = (new != old).then(|| (old.map(str::to_owned), new.map(str::to_owned)));
         if let (Some((seq, hops)), Some(r)) = (taken, self.routes.get_mut(server)) {
             r.fd = Some(advance_fd(r.fd, seq, hops));
         }
         if let Some(r) = self.routes.get_mut(server) {
-            r.better = better.filter(|(n, _)| new.as_ref() != Some(n));
+            r.better = better;
         }
-        if new.is_none() {
-            self.request_route(now, server, old.is_some());
+        if lost {
+            self.request_route(now, server, had_parent);
         } else if let Some(r) = self.routes.get_mut(server) {
             r.lost_at = None;
         }
-        if new == old {
+        let Some((old, new)) = change else {
             return;
-        }
+        };
         tracing::debug!(node = %self.config.id, server, ?old, ?new, "parent changed");
         self.stats.parent_changes += 1;
         if old.is_some() && new.is_none() {
@@ -2061,7 +2105,7 @@ impl Node {
                     .offers
                     .get(p)
                     .ok_or_else(|| format!("{me}: parent {p} for {server} has no offer"))?;
-                if o.path.iter().any(|x| x == me) {
+                if o.through_us {
                     return Err(format!(
                         "{me}: parent {p} for {server} has a path through us"
                     ));

@@ -51,6 +51,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -213,18 +214,50 @@ struct Host {
     selected: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 enum Payload {
     /// An encoded control message (to a control port), or a NACK (to a data port).
-    Control(Vec<u8>),
+    Control(Rc<ControlDatagram>),
     /// A media datagram.
     Media(Bytes),
 }
 
-#[derive(Debug, PartialEq, Eq)]
+/// The bytes of one encoded control message, shared by its copies to several
+/// neighbours, and what decoding them gives, once one has arrived: decoding is a pure
+/// function of the bytes, so the later copies take a clone of the message (and count a
+/// codec error each if it failed, as decoding again would).
+#[derive(Debug)]
+struct ControlDatagram {
+    bytes: Vec<u8>,
+    decoded: std::cell::OnceCell<Option<Message>>,
+}
+
+impl ControlDatagram {
+    fn new(bytes: Vec<u8>) -> Rc<Self> {
+        Rc::new(Self {
+            bytes,
+            decoded: std::cell::OnceCell::new(),
+        })
+    }
+
+    /// The message, decoded (once for all copies); `None` if it does not decode.
+    fn decode(this: Rc<Self>) -> Option<Message> {
+        match Rc::try_unwrap(this) {
+            // The last copy, never decoded: no need to keep the message.
+            Ok(d) => match d.decoded.into_inner() {
+                Some(m) => m,
+                None => ott_proto::decode(&d.bytes).ok(),
+            },
+            Err(shared) => shared
+                .decoded
+                .get_or_init(|| ott_proto::decode(&shared.bytes).ok())
+                .clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
 struct InFlight {
-    at: Instant,
-    seq: u64,
     from: SocketAddr,
     to: SocketAddr,
     /// Index of the sending host.
@@ -232,17 +265,160 @@ struct InFlight {
     payload: Payload,
 }
 
-impl Ord for InFlight {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
+/// Width of one bucket of [`Wire`]'s calendar, in nanoseconds of virtual time (about
+/// 0.26 ms).
+const BUCKET_NS: u64 = 1 << 18;
+/// Buckets of the calendar (about 67 ms ahead; later datagrams wait in a heap).
+const BUCKETS: u64 = 256;
+
+/// The datagrams in flight, delivered in order of (arrival, sequence number).
+///
+/// A calendar queue: the keys (arrival in ns since the epoch, sequence number, slot of
+/// the datagram) of the current bucket are in a small heap; those of the next
+/// [`BUCKETS`] buckets in unsorted lists, made a heap when their turn comes; later ones
+/// in an overflow heap. A network of thousands of nodes has tens of thousands of
+/// datagrams in flight, and one big heap costs a cache miss per level at every step;
+/// the current bucket's heap stays small. The datagrams themselves sit in reusable
+/// slots, so that nothing but 24-byte keys moves.
+#[derive(Debug, Default)]
+struct Wire {
+    /// Bucket number of `cur`: every key in `cur` has a bucket at or before it, every
+    /// key in `ring` and `overflow` one after it.
+    base: u64,
+    cur: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    /// Keys of buckets `base + 1 .. base + BUCKETS`, at their bucket modulo `BUCKETS`.
+    ring: Vec<Vec<(u64, u64, usize)>>,
+    in_ring: usize,
+    overflow: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+}
+
+impl Wire {
+    /// Queue `f` to arrive at `at` ns since the epoch, after the datagrams queued
+    /// before it for the same time (`seq` grows with every call).
+    fn push(&mut self, at: u64, seq: u64, f: InFlight) {
+        let slot = match self.free.pop() {
+            Some(k) => {
+                self.slots[k] = Some(f);
+                k
+            }
+            None => {
+                self.slots.push(Some(f));
+                self.slots.len() - 1
+            }
+        };
+        let key = (at, seq, slot);
+        let bucket = at / BUCKET_NS;
+        if bucket <= self.base {
+            self.cur.push(Reverse(key));
+        } else if bucket < self.base + BUCKETS {
+            if self.ring.is_empty() {
+                self.ring.resize_with(BUCKETS as usize, Vec::new);
+            }
+            self.ring[(bucket % BUCKETS) as usize].push(key);
+            self.in_ring += 1;
+        } else {
+            self.overflow.push(Reverse(key));
+        }
+    }
+
+    /// Arrival (ns since the epoch) of the earliest datagram.
+    fn peek(&mut self) -> Option<u64> {
+        loop {
+            if let Some(Reverse((at, _, _))) = self.cur.peek() {
+                return Some(*at);
+            }
+            // Move on to the next bucket with something in it.
+            if self.in_ring == 0 {
+                let Reverse((at, _, _)) = self.overflow.peek()?;
+                self.base = self.base.max(at / BUCKET_NS);
+            } else {
+                self.base += 1;
+                let list = &mut self.ring[(self.base % BUCKETS) as usize];
+                self.in_ring -= list.len();
+                self.cur.extend(list.drain(..).map(Reverse));
+            }
+            while let Some(&Reverse(key)) = self.overflow.peek() {
+                if key.0 / BUCKET_NS > self.base {
+                    break;
+                }
+                self.overflow.pop();
+                self.cur.push(Reverse(key));
+            }
+        }
+    }
+
+    /// The earliest datagram.
+    fn pop(&mut self) -> Option<InFlight> {
+        self.peek()?;
+        let Reverse((_, _, slot)) = self.cur.pop()?;
+        let f = self.slots.get_mut(slot)?.take();
+        self.free.push(slot);
+        f
     }
 }
 
-impl PartialOrd for InFlight {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
+/// A fast hasher for the simulator's own maps (host indices, stream ids, short ids):
+/// their keys come from the simulator, not from an adversary, so SipHash's protection
+/// buys nothing and costs a large part of every step. Nothing iterates these maps in
+/// an order that matters (every walk over them is sorted or order-free).
+#[derive(Debug, Default, Clone, Copy)]
+struct FastHasher(u64);
+
+impl FastHasher {
+    #[inline]
+    fn add(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
     }
 }
+
+impl std::hash::Hasher for FastHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        // Spread the high bits (where the multiplications put the entropy) down.
+        let z = self.0 ^ (self.0 >> 29);
+        z.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (z >> 32)
+    }
+
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 56));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
 
 /// Copies of one stream carried over one directed link.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -301,7 +477,7 @@ enum ForestKey {
 /// square, and allocates nothing.
 #[derive(Debug, Default)]
 struct Forests {
-    parent: HashMap<ForestKey, Vec<Option<usize>>>,
+    parent: FastMap<ForestKey, Vec<Option<usize>>>,
     /// Per host, the keys under which it has a pointer (sorted).
     keys: Vec<Vec<ForestKey>>,
     mark: Vec<u64>,
@@ -416,9 +592,12 @@ pub struct Sim {
     seed: u64,
     hosts: Vec<Host>,
     index: BTreeMap<String, usize>,
-    by_ip: HashMap<Ipv4Addr, usize>,
-    links: HashMap<(usize, usize), SimLink>,
-    wire: BinaryHeap<Reverse<InFlight>>,
+    links: FastMap<(usize, usize), SimLink>,
+    /// Per host, the hosts it has a link to (each once): the keys of `links` by end.
+    adj: Vec<Vec<usize>>,
+    /// Hosts with the server role, in index order (the media tick's makers).
+    server_hosts: Vec<usize>,
+    wire: Wire,
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     seq: u64,
     started: bool,
@@ -427,9 +606,9 @@ pub struct Sim {
     silence_hint: Option<Duration>,
     next_media: Option<Instant>,
     tick: u64,
-    copies: HashMap<(usize, usize, StreamId), Copies>,
+    copies: FastMap<(usize, usize, StreamId), Copies>,
     /// When each frame was made (since the start), by stream and frame number.
-    frame_sent: HashMap<(StreamId, u32), Duration>,
+    frame_sent: FastMap<(StreamId, u32), Duration>,
     /// Per stream, when a frame of it was made (once per period, however many servers
     /// offer it).
     frame_times: BTreeMap<StreamId, Vec<Duration>>,
@@ -443,7 +622,11 @@ pub struct Sim {
     /// incremental loop check.
     forests: Forests,
     /// Host index by id (the sorted `index` is for ordered walks).
-    ids: HashMap<String, usize>,
+    ids: FastMap<String, usize>,
+    /// Reused buffer of the control messages a host queued (see [`Sim::drain`]).
+    out_buf: Vec<(SocketAddr, Message)>,
+    /// Reused buffer of a host's pointers (see [`Sim::recheck`]).
+    pairs_buf: Vec<(ForestKey, usize)>,
     /// Most steps a single `run_until` may take before it panics.
     pub max_steps: u64,
     /// Template for node configurations (id, role, data port and seed are overwritten).
@@ -571,9 +754,10 @@ impl Sim {
             seed,
             hosts: Vec::new(),
             index: BTreeMap::new(),
-            by_ip: HashMap::new(),
-            links: HashMap::new(),
-            wire: BinaryHeap::new(),
+            links: FastMap::default(),
+            adj: Vec::new(),
+            server_hosts: Vec::new(),
+            wire: Wire::default(),
             timers: BinaryHeap::new(),
             seq: 0,
             started: false,
@@ -581,8 +765,8 @@ impl Sim {
             silence_hint: None,
             next_media: None,
             tick: 0,
-            copies: HashMap::new(),
-            frame_sent: HashMap::new(),
+            copies: FastMap::default(),
+            frame_sent: FastMap::default(),
             frame_times: BTreeMap::new(),
             routed: std::collections::BTreeSet::new(),
             stats: SimStats::default(),
@@ -590,7 +774,9 @@ impl Sim {
             check_loops: false,
             first_violation: None,
             forests: Forests::default(),
-            ids: HashMap::new(),
+            ids: FastMap::default(),
+            out_buf: Vec::new(),
+            pairs_buf: Vec::new(),
             max_steps: 50_000_000,
             node_config: NodeConfig::new("", Role::Relay, DATA_PORT),
             client_config: ClientConfig::default(),
@@ -778,23 +964,25 @@ impl Sim {
     /// each forest where one of its pointers changed (see [`Forests`]).
     fn recheck(&mut self, i: usize) {
         self.stats.loop_checks += 1;
-        let mut pairs: Vec<(ForestKey, usize)> = Vec::new();
+        let mut pairs = std::mem::take(&mut self.pairs_buf);
+        pairs.clear();
         let mut result = Ok(());
         if let Some(Machine::Node(n)) = &self.hosts[i].machine {
             result = n.check_invariants();
-            for s in n.servers() {
-                if let (Some(si), Some(p)) = (self.idx(&s), n.parent(&s).and_then(|p| self.idx(p)))
-                {
+            for (s, p) in n.parents() {
+                if let (Some(si), Some(p)) = (self.idx(s), self.idx(p)) {
                     pairs.push((ForestKey::Server(si), p));
                 }
             }
-            for st in n.stream_ids() {
-                if let Some(p) = n.upstream(st).and_then(|p| self.idx(p)) {
+            for (st, p) in n.upstreams() {
+                if let Some(p) = self.idx(p) {
                     pairs.push((ForestKey::Stream(st), p));
                 }
             }
         }
-        if let Err((k, cycle)) = self.forests.set_all(i, &mut pairs) {
+        let set = self.forests.set_all(i, &mut pairs);
+        self.pairs_buf = pairs;
+        if let Err((k, cycle)) = set {
             let names: Vec<&str> = cycle.iter().map(|&c| self.hosts[c].id.as_str()).collect();
             let what = match k {
                 ForestKey::Server(s) => format!("loop towards {}", self.hosts[s].id),
@@ -828,9 +1016,12 @@ impl Sim {
         let i = u32::try_from(self.hosts.len() + 1).unwrap_or(u32::MAX);
         let ip = Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8);
         let idx = self.hosts.len();
-        self.by_ip.insert(ip, idx);
         self.index.insert(id.to_owned(), idx);
         self.ids.insert(id.to_owned(), idx);
+        self.adj.push(Vec::new());
+        if role == Some(Role::Server) {
+            self.server_hosts.push(idx);
+        }
         self.hosts.push(Host {
             id: id.to_owned(),
             ip,
@@ -861,13 +1052,11 @@ impl Sim {
         let me = self.hosts.len() - 1;
         for p in pops {
             if let Some(pi) = self.idx(p) {
-                self.links.insert(
-                    key(me, pi),
-                    SimLink {
-                        params: self.access_link,
-                        up: true,
-                    },
-                );
+                let link = SimLink {
+                    params: self.access_link,
+                    up: true,
+                };
+                self.connect(me, pi, link);
             }
         }
         if self.started {
@@ -880,7 +1069,17 @@ impl Sim {
         let (Some(ia), Some(ib)) = (self.idx(a), self.idx(b)) else {
             panic!("add_link: unknown host {a} or {b}");
         };
-        self.links.insert(key(ia, ib), SimLink { params, up: true });
+        self.connect(ia, ib, SimLink { params, up: true });
+    }
+
+    /// Put `link` between hosts `a` and `b` (replacing the one there was, if any).
+    fn connect(&mut self, a: usize, b: usize, link: SimLink) {
+        if self.links.insert(key(a, b), link).is_none() {
+            self.adj[a].push(b);
+            if a != b {
+                self.adj[b].push(a);
+            }
+        }
     }
 
     fn link_mut(&mut self, a: &str, b: &str) -> Option<&mut SimLink> {
@@ -974,8 +1173,8 @@ impl Sim {
         self.started = true;
         self.next_media = Some(self.now + self.media.period);
         let order: Vec<usize> = self.index.values().copied().collect();
-        for i in order {
-            self.boot(i);
+        for (rank, i) in order.into_iter().enumerate() {
+            self.boot_ranked(i, rank as u64);
         }
     }
 
@@ -983,17 +1182,9 @@ impl Sim {
         let Some(me) = self.idx(id) else {
             return Vec::new();
         };
-        let mut v: Vec<(String, SocketAddr)> = self
-            .links
-            .keys()
-            .filter_map(|&(a, b)| {
-                let other = if a == me {
-                    b
-                } else if b == me {
-                    a
-                } else {
-                    return None;
-                };
+        let mut v: Vec<(String, SocketAddr)> = self.adj[me]
+            .iter()
+            .filter_map(|&other| {
                 let h = &self.hosts[other];
                 h.role?;
                 Some((
@@ -1007,10 +1198,18 @@ impl Sim {
     }
 
     fn boot(&mut self, i: usize) {
+        // The host's rank among the ids in sorted order.
+        let id = self.hosts[i].id.as_str();
+        let below = (std::ops::Bound::Unbounded, std::ops::Bound::Excluded(id));
+        let rank = self.index.range::<str, _>(below).count() as u64;
+        self.boot_ranked(i, rank);
+    }
+
+    /// [`Sim::boot`] given host `i`'s rank among the ids in sorted order.
+    fn boot_ranked(&mut self, i: usize, rank: u64) {
         let now = self.now;
         let epoch = self.epoch;
         let id = self.hosts[i].id.clone();
-        let rank = self.index.keys().position(|k| *k == id).unwrap_or(0) as u64;
         let seed = self.seed ^ rank;
         let neighbours = self.overlay_neighbours(&id);
         let pops: Vec<(String, SocketAddr)> = self.hosts[i]
@@ -1391,7 +1590,8 @@ impl Sim {
     /// One step: deliver the earliest datagram, or fire the earliest timer, or the media
     /// tick, if it is not after `end`. Returns false when nothing is left before `end`.
     fn step(&mut self, end: Instant) -> bool {
-        let wire = self.wire.peek().map(|Reverse(f)| f.at);
+        let epoch = self.epoch;
+        let wire = self.wire.peek().map(|ns| epoch + Duration::from_nanos(ns));
         let timer = self.next_timer();
         let media = self.next_media;
         let next = [wire, timer.map(|(t, _)| t), media]
@@ -1407,7 +1607,7 @@ impl Sim {
         self.now = self.now.max(next);
         self.stats.steps += 1;
         if wire == Some(next) {
-            if let Some(Reverse(f)) = self.wire.pop() {
+            if let Some(f) = self.wire.pop() {
                 self.deliver(f);
             }
         } else if let Some((t, i)) = timer.filter(|(t, _)| *t == next) {
@@ -1458,7 +1658,8 @@ impl Sim {
         let now = self.now;
         let elapsed = self.elapsed();
         let m = self.media;
-        for i in 0..self.hosts.len() {
+        for k in 0..self.server_hosts.len() {
+            let i = self.server_hosts[k];
             let h = &mut self.hosts[i];
             if h.role != Some(Role::Server) || h.machine.is_none() {
                 continue;
@@ -1599,7 +1800,8 @@ impl Sim {
                         continue;
                     };
                     self.stats.nacks_sent += 1;
-                    self.put_on_wire(i, from_addr, t.to, Payload::Control(bytes));
+                    let d = ControlDatagram::new(bytes);
+                    self.put_on_wire(i, from_addr, t.to, Payload::Control(d));
                 }
             }
         }
@@ -1630,9 +1832,20 @@ impl Sim {
         }
     }
 
+    /// The host with address `ip`: host `k` has `10.a.b.c` with `a.b.c` = `k + 1` (see
+    /// [`Sim::add_host`]), so no map is needed.
+    fn by_ip(&self, ip: Ipv4Addr) -> Option<usize> {
+        let [ten, a, b, c] = ip.octets();
+        if ten != 10 {
+            return None;
+        }
+        let k = ((usize::from(a) << 16) | (usize::from(b) << 8) | usize::from(c)).checked_sub(1)?;
+        self.hosts.get(k).filter(|h| h.ip == ip).map(|_| k)
+    }
+
     fn dest(&self, to: SocketAddr) -> Option<usize> {
         match to.ip() {
-            IpAddr::V4(ip) => self.by_ip.get(&ip).copied(),
+            IpAddr::V4(ip) => self.by_ip(ip),
             IpAddr::V6(_) => None,
         }
     }
@@ -1660,14 +1873,19 @@ impl Sim {
             params.jitter.mul_f64(self.rng.f64())
         };
         self.seq += 1;
-        self.wire.push(Reverse(InFlight {
-            at: self.now + params.latency + jitter,
-            seq: self.seq,
-            from: from_addr,
-            to,
-            src: from,
-            payload: p,
-        }));
+        let at = self.now + params.latency + jitter;
+        let at_ns =
+            u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        self.wire.push(
+            at_ns,
+            self.seq,
+            InFlight {
+                from: from_addr,
+                to,
+                src: from,
+                payload: p,
+            },
+        );
     }
 
     /// Deliver one datagram; returns the host whose tree state machine it changed.
@@ -1687,8 +1905,8 @@ impl Sim {
             return None;
         }
         match f.payload {
-            Payload::Control(bytes) => {
-                let Ok(msg) = ott_proto::decode(&bytes) else {
+            Payload::Control(d) => {
+                let Some(msg) = ControlDatagram::decode(d) else {
                     self.stats.codec_errors += 1;
                     return None;
                 };
@@ -1784,7 +2002,8 @@ impl Sim {
     /// program does); then what the data path queued; then re-arm its timer.
     fn drain(&mut self, i: usize) {
         let now = self.now;
-        let mut out: Vec<(SocketAddr, Message)> = Vec::new();
+        let mut out = std::mem::take(&mut self.out_buf);
+        out.clear();
         type Route = (
             StreamId,
             Vec<SocketAddr>,
@@ -1881,9 +2100,8 @@ impl Sim {
         for (k, to) in pop_targets {
             let name = match to.ip() {
                 IpAddr::V4(v4) => self
-                    .by_ip
-                    .get(&v4)
-                    .map_or_else(|| to.to_string(), |&j| self.hosts[j].id.clone()),
+                    .by_ip(v4)
+                    .map_or_else(|| to.to_string(), |j| self.hosts[j].id.clone()),
                 IpAddr::V6(_) => to.to_string(),
             };
             if let Some(l) = log.get_mut(k) {
@@ -1897,14 +2115,26 @@ impl Sim {
         self.flush_data(i, &[]);
         self.rearm(i);
         let from_addr = SocketAddr::new(IpAddr::V4(ip), CONTROL_PORT);
-        for (to, msg) in out {
-            let Ok(bytes) = ott_proto::encode(&msg) else {
+        // The same message to several neighbours in a row (heartbeats, announcements)
+        // is encoded once: encoding is a pure function of the message.
+        let mut last: Option<(Message, Option<Rc<ControlDatagram>>)> = None;
+        for (to, msg) in out.drain(..) {
+            let bytes = match &last {
+                Some((m, b)) if *m == msg => b.clone(),
+                _ => {
+                    let b = ott_proto::encode(&msg).ok().map(ControlDatagram::new);
+                    last = Some((msg, b.clone()));
+                    b
+                }
+            };
+            let Some(bytes) = bytes else {
                 self.stats.codec_errors += 1;
                 continue;
             };
             self.stats.control_sent += 1;
             self.put_on_wire(i, from_addr, to, Payload::Control(bytes));
         }
+        self.out_buf = out;
     }
 
     fn running_node(&self, id: &str) -> Option<&Node> {
@@ -2038,6 +2268,49 @@ impl Sim {
 mod tests {
     use super::*;
     use ott_proto::stream_id_for;
+
+    /// The calendar queue gives the datagrams in the order one heap of (arrival,
+    /// sequence number) gives them, whatever the delays (none, within the calendar,
+    /// beyond it) and however pushes and pops interleave.
+    #[test]
+    fn the_wire_delivers_in_arrival_then_sequence_order() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut wire = Wire::default();
+        let mut reference: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
+        let (mut now, mut seq) = (0u64, 0u64);
+        let addr = SocketAddr::from(([10, 0, 0, 1], CONTROL_PORT));
+        for _ in 0..20_000 {
+            if rng.u8(..3) > 0 {
+                let delay = match rng.u8(..4) {
+                    0 => 0,
+                    1 => rng.u64(..BUCKET_NS),
+                    2 => rng.u64(..BUCKET_NS * BUCKETS),
+                    _ => rng.u64(..BUCKET_NS * BUCKETS * 3),
+                };
+                seq += 1;
+                let f = InFlight {
+                    from: addr,
+                    to: addr,
+                    src: seq as usize,
+                    payload: Payload::Media(Bytes::new()),
+                };
+                wire.push(now + delay, seq, f);
+                reference.push(Reverse((now + delay, seq)));
+            } else {
+                let want = reference.pop().map(|Reverse(k)| k);
+                assert_eq!(wire.peek(), want.map(|(at, _)| at));
+                let got = wire.pop().map(|f| f.src as u64);
+                assert_eq!(got, want.map(|(_, s)| s));
+                if let Some((at, _)) = want {
+                    now = at;
+                }
+            }
+        }
+        while let Some(Reverse((_, s))) = reference.pop() {
+            assert_eq!(wire.pop().map(|f| f.src as u64), Some(s));
+        }
+        assert!(wire.pop().is_none());
+    }
 
     /// s1 and p1 are overlay neighbours three router hops apart by the short way
     /// (1 + 2 + 3 ms, 10 % loss on one hop) and two hops by a slow way (20 + 20 ms).
