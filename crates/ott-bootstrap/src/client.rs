@@ -16,6 +16,11 @@ use crate::{read_frame_body, write_frame, Assignment, BootstrapError, Request, R
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(200);
 /// Longest single attempt of [`request_until`].
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// First connection timeout of [`request_until`]; it doubles after each failed
+/// attempt up to [`ATTEMPT_TIMEOUT`]. A lost SYN is then sent again by a new attempt
+/// within about a second, instead of by the kernel after 1, 3 and 7 s (on a lossy path
+/// three lost SYNs in a row kept a viewer from starting for over ten seconds).
+const FIRST_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Longest wait between attempts while the bootstrapper says it is busy: the wait
 /// doubles from [`RETRY_INTERVAL`] up to this, so that a crowd of programs started at
 /// once does not keep it busy.
@@ -52,9 +57,21 @@ pub fn request_keyed(
     key: Option<&OverlayKey>,
     timeout: Duration,
 ) -> Result<Assignment, BootstrapError> {
+    request_timed(addr, req, key, timeout, timeout)
+}
+
+/// [`request_keyed`] with its own timeout for the connection.
+fn request_timed(
+    addr: SocketAddr,
+    req: &Request,
+    key: Option<&OverlayKey>,
+    connect_timeout: Duration,
+    timeout: Duration,
+) -> Result<Assignment, BootstrapError> {
     // A zero timeout is refused by the standard library; take it as "as short as can be".
     let timeout = timeout.max(Duration::from_millis(1));
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    let connect_timeout = connect_timeout.max(Duration::from_millis(1));
+    let mut stream = TcpStream::connect_timeout(&addr, connect_timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let _ = stream.set_nodelay(true);
@@ -123,6 +140,7 @@ fn request_until_with(
 ) -> Result<Assignment, BootstrapError> {
     let mut last: Option<BootstrapError> = None;
     let mut busy_wait = RETRY_INTERVAL;
+    let mut connect_timeout = FIRST_CONNECT_TIMEOUT;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
@@ -133,9 +151,13 @@ fn request_until_with(
                 ))
             }));
         }
-        let wait = match request_keyed(addr, req, key, remaining.min(ATTEMPT_TIMEOUT)) {
+        let attempt = remaining.min(ATTEMPT_TIMEOUT);
+        let wait = match request_timed(addr, req, key, connect_timeout.min(attempt), attempt) {
             Err(BootstrapError::Io(e)) => {
                 debug!(%addr, error = %e, "bootstrapper not reachable yet, retrying");
+                if e.kind() == ErrorKind::TimedOut || e.kind() == ErrorKind::WouldBlock {
+                    connect_timeout = (connect_timeout * 2).min(ATTEMPT_TIMEOUT);
+                }
                 last = Some(BootstrapError::Io(e));
                 RETRY_INTERVAL
             }
