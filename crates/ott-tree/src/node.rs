@@ -352,6 +352,9 @@ struct StreamState {
     /// When we joined the current upstream: silence before media could flow is no hint.
     joined_at: Option<Instant>,
     next_refresh: Option<Instant>,
+    /// Refreshes still to come after [`JOIN_RETRY`] rather than the refresh period: a
+    /// `Join` lost on the way to a new parent costs that, not a whole period of media.
+    quick_joins: u8,
     last_forwarding: Vec<SocketAddr>,
     /// The avoid set last sent to the upstream (empty: none).
     sent_avoid: Vec<NodeId>,
@@ -414,6 +417,13 @@ const RR_GIVE_UP: Duration = Duration::from_secs(3);
 /// How much longer than a heartbeat interval a parent may be unheard and still count as
 /// alive when its media stops (see [`Node::handle_upstream_silent`]).
 const PARENT_HEARD_SLACK: Duration = Duration::from_millis(20);
+
+/// After a `Join` at a new parent, it is repeated this soon ([`QUICK_JOINS`] times in
+/// all) before the refresh period takes over: on a lossy link a lost first `Join` held
+/// a PoP's media up for a whole refresh period (1 s), the parent being alive.
+const JOIN_RETRY: Duration = Duration::from_millis(200);
+/// `Join`s sent [`JOIN_RETRY`] apart at a new parent.
+const QUICK_JOINS: u8 = 3;
 
 /// `a == b` for node ids, looking at the last byte before the rest: ids of one overlay
 /// often have the same length and prefix (`r0412`, `r0413`), where a plain comparison
@@ -1918,7 +1928,8 @@ impl Node {
                             },
                         });
                     }
-                    st.next_refresh = Some(now + self.config.join_refresh);
+                    st.next_refresh = Some(now + JOIN_RETRY.min(self.config.join_refresh));
+                    st.quick_joins = QUICK_JOINS - 1;
                     st.joined_at = Some(now);
                     st.sent_avoid.clear();
                 } else {
@@ -1951,7 +1962,12 @@ impl Node {
                             },
                         });
                     }
-                    st.next_refresh = Some(now + self.config.join_refresh);
+                    st.next_refresh = Some(if st.quick_joins > 0 {
+                        st.quick_joins -= 1;
+                        now + JOIN_RETRY.min(self.config.join_refresh)
+                    } else {
+                        now + self.config.join_refresh
+                    });
                     // Repeated with each Join, as soft state.
                     st.sent_avoid.clear();
                 }
