@@ -296,9 +296,10 @@ struct Offer {
     seq: u64,
     at: Instant,
     catalogue: Vec<StreamInfo>,
-    /// Smoothed effective latency (offer plus half the link RTT) over its
-    /// announcements, µs, and its mean deviation: the measured spread.
-    mean_us: u64,
+    /// The last effective latency (offer plus half the link RTT) sampled at an
+    /// announcement, µs (none before the link's RTT was measured), and the smoothed
+    /// difference between successive samples: the measured spread.
+    last_us: Option<u64>,
     dev_us: u64,
 }
 
@@ -691,7 +692,7 @@ impl Node {
             self.stats.ignored += 1;
             return;
         }
-        let rtt_half = self.nb.rtt(&n).map_or(0, |r| micros(r) / 2);
+        let rtt_half = self.nb.rtt(&n).map(|r| micros(r) / 2);
         let route = self.routes.entry(server.clone()).or_default();
         if path.iter().any(|x| same_id(x, &self.config.id)) {
             // The neighbour now reaches the server through us: its old offer is void.
@@ -718,24 +719,30 @@ impl Node {
         if route.newest.is_none_or(|(newest, _)| seq > newest) {
             route.newest = Some((seq, now));
         }
-        // The measured spread of this neighbour's route: EWMA (1/8) of the effective
-        // latency and of its absolute deviation, one sample per announcement.
-        let sample = latency_us.saturating_add(rtt_half);
-        let (mean_us, dev_us) = match route.offers.get(&n) {
-            Some(o) => {
-                let diff = sample.abs_diff(o.mean_us);
-                let mean = if sample >= o.mean_us {
-                    o.mean_us + diff / 8
-                } else {
-                    o.mean_us - diff / 8
-                };
-                let dev = if diff >= o.dev_us {
-                    o.dev_us + (diff - o.dev_us) / 8
-                } else {
-                    o.dev_us - (o.dev_us - diff) / 8
-                };
-                (mean, dev)
-            }
+        // The measured spread of this neighbour's route: EWMA (1/8) of the difference
+        // between successive samples of its effective latency, one sample per
+        // announcement. Successive differences, not deviations from a running mean: a
+        // mean lags behind the slow drift of a forming tree (every node's RTTs and
+        // offers settle over seconds), and that lag read as spread kept margins wide
+        // for tens of seconds. A sample taken before the link's RTT is measured is no
+        // sample, and a new path is a new route (the step to it is no jitter); the
+        // spread measured so far is kept as the link's noise.
+        let sample = rtt_half.map(|h| latency_us.saturating_add(h));
+        let (last_us, dev_us) = match route.offers.get(&n) {
+            Some(o) if o.path != path => (sample, o.dev_us),
+            Some(o) => match (o.last_us, sample) {
+                (Some(last), Some(sample)) => {
+                    let diff = sample.abs_diff(last);
+                    let dev = if diff >= o.dev_us {
+                        o.dev_us + (diff - o.dev_us) / 8
+                    } else {
+                        o.dev_us - (o.dev_us - diff) / 8
+                    };
+                    (Some(sample), dev)
+                }
+                (last, None) => (last, o.dev_us),
+                (None, sample) => (sample, o.dev_us),
+            },
             None => (sample, 0),
         };
         route.offers.insert(
@@ -747,7 +754,7 @@ impl Node {
                 seq,
                 at: now,
                 catalogue,
-                mean_us,
+                last_us,
                 dev_us,
             },
         );
