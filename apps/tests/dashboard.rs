@@ -168,19 +168,37 @@ fn api_tree_shows_every_parent_and_a_killed_relay_dead_within_3_s() {
     )
     .expect("viewer metrics");
 
-    // Kill the relay a PoP with another way out takes its tree from.
-    let t = tree(&c).expect("tree");
-    let (pop, relay) = c
-        .topology
-        .pops()
-        .iter()
-        .filter(|p| c.topology.overlay_neighbours(&p.id).len() >= 2)
-        .find_map(|p| {
-            let parent = node(&t, &p.id)?["parent"].as_str()?.to_owned();
-            let role = node(&t, &parent)?["role"].as_str()?;
-            (role == "relay").then(|| (p.id.clone(), parent))
-        })
-        .expect("a PoP with two neighbours under a relay");
+    // Kill the relay a PoP with another way out takes its tree from. The dashboard's
+    // tree is as old as the last reports: the PoP's own /status must still name that
+    // relay as its parent just before the kill (a PoP that moved to a better route
+    // meanwhile, as one did on a loaded CI machine, would lose nothing to the kill).
+    let mut picked = None;
+    wait_for(
+        Duration::from_secs(5),
+        "a PoP with two neighbours under a relay, by its own /status",
+        || {
+            let Some(t) = tree(&c) else { return false };
+            picked = c
+                .topology
+                .pops()
+                .iter()
+                .filter(|p| c.topology.overlay_neighbours(&p.id).len() >= 2)
+                .find_map(|p| {
+                    let parent = node(&t, &p.id)?["parent"].as_str()?.to_owned();
+                    let role = node(&t, &parent)?["role"].as_str()?;
+                    (role == "relay").then(|| (p.id.clone(), parent))
+                })
+                .filter(|(pop, relay)| {
+                    c.status_addr(pop)
+                        .and_then(|a| http_get(a, "/status").ok())
+                        .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+                        .is_some_and(|st| st["parent"].as_str() == Some(relay.as_str()))
+                });
+            picked.is_some()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; /api/tree: {:?}", tree(&c)));
+    let (pop, relay) = picked.expect("picked when the wait succeeded");
     c.kill_node(&relay).expect("kill relay");
     let killed = Instant::now();
     wait_for(
