@@ -94,13 +94,13 @@ pub struct ClientConfig {
     /// fast network (loopback, a LAN) does not make the client hop between PoPs.
     pub switch_margin_abs: Duration,
     /// ... and by at least this many times the sum of the two PoPs' measured spreads
-    /// (the mean deviation of each one's score over its probe replies), so that jitter
-    /// on the paths does not make the client hop between PoPs either. Default 0 (off):
-    /// 2 keeps viewers on their PoP under ±20 ms of jitter (0.5 instead of 2.5 switches
-    /// a minute in the seed emulation), but the PoPs it then keeps route the stream
-    /// through relays whose links carry it, and the tree's own hysteresis, which grows
-    /// with the spread that media adds to a link's measured latency, then took 5.7 s
-    /// instead of under 2 s to follow a real 20 ms change (`tests/stability.rs`).
+    /// (the smoothed difference between successive samples of each one's score), so
+    /// that jitter on the paths does not make the client hop between PoPs either
+    /// (default 2: 0.5 instead of 2.5 switches a minute under ±20 ms of jitter in the
+    /// seed emulation; 0 turns it off). It was off while the tree's own spread was
+    /// measured against a lagging mean: the PoPs it keeps route the stream through
+    /// relays whose spread was overstated, and a real 20 ms change took 5.7 s to move
+    /// the tree (`tests/stability.rs`).
     pub switch_spread: f64,
     /// `ListStreams` is repeated this often until a `Streams` answer arrives (default 300 ms).
     pub request_retry: Duration,
@@ -144,7 +144,7 @@ impl Default for ClientConfig {
             loss_window: 20,
             switch_margin: 0.2,
             switch_margin_abs: Duration::from_millis(1),
-            switch_spread: 0.0,
+            switch_spread: 2.0,
             request_retry: Duration::from_millis(300),
             catalogue_refresh: Duration::from_secs(5),
             max_lost_in_a_row: 3,
