@@ -47,7 +47,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use ott_media::arq::{nacked_seqs, GapTracker, NackConfig, RetransmitBuffer};
-use ott_proto::auth::{OverlayKey, SessionKey, TAG_LEN};
+use ott_proto::auth::{media_digests_many, OverlayKey, SessionKey, DIGEST_LEN, TAG_LEN};
 use ott_proto::{flags, MediaHeader, NackRange, HEADER_LEN, MAGIC};
 
 use dedup::{StreamDedup, Verdict};
@@ -395,9 +395,7 @@ pub struct MediaIn<'a> {
 struct PendingSeal {
     /// Its place in the transmit queue.
     at: usize,
-    /// Which viewer: stream and position among its children (the sort key)...
-    child: u64,
-    /// ...and its key.
+    /// The viewer's key.
     key: SessionKey,
     /// Which datagram of the batch, and its length without the overlay tag.
     input: usize,
@@ -424,7 +422,9 @@ pub struct DataPath {
     pending: Option<(Vec<PendingSeal>, usize)>,
     /// Reused buffers of [`DataPath::handle_media_batch`].
     scratch_ok: Vec<bool>,
-    scratch_tags: Vec<[u8; TAG_LEN]>,
+    /// The media digest of each datagram of the batch when keyed, else of each one
+    /// sealed for viewers.
+    scratch_digests: Vec<[u8; DIGEST_LEN]>,
 }
 
 impl std::fmt::Debug for DataPath {
@@ -449,7 +449,7 @@ impl DataPath {
             counters: DataPathCounters::default(),
             pending: None,
             scratch_ok: Vec::new(),
-            scratch_tags: Vec::new(),
+            scratch_digests: Vec::new(),
         }
     }
 
@@ -699,7 +699,7 @@ impl DataPath {
         let mut ok = std::mem::take(&mut self.scratch_ok);
         if let Some(k) = &self.key {
             let datagrams: Vec<&[u8]> = batch.iter().map(|m| m.datagram).collect();
-            k.check_media_many(&datagrams, &mut ok);
+            k.check_media_many(&datagrams, &mut ok, &mut self.scratch_digests);
         }
         let keyed = self.key.is_some();
         self.pending = Some((Vec::new(), 0));
@@ -727,35 +727,54 @@ impl DataPath {
         }
     }
 
-    /// Make the seals [`DataPath::accept`] left for the end of a batch: per viewer, all
-    /// its datagrams of the batch at once.
-    fn seal_pending(&mut self, batch: &[MediaIn<'_>], mut seals: Vec<PendingSeal>) {
+    /// Make the seals [`DataPath::accept`] left for the end of a batch. Each datagram's
+    /// bytes are hashed once, whatever the number of viewers (its digest from the
+    /// overlay tag's check when keyed, else the digests of the datagrams sealed, side by
+    /// side), and each seal is one compression of that digest with the viewer's key.
+    fn seal_pending(&mut self, batch: &[MediaIn<'_>], seals: Vec<PendingSeal>) {
         if seals.is_empty() {
             return;
         }
-        // Stable: a viewer's datagrams stay in order (not that it matters: each goes
-        // back to its own place in the queue).
-        seals.sort_by_key(|p| p.child);
-        let mut tags = std::mem::take(&mut self.scratch_tags);
-        let mut bodies: Vec<&[u8]> = Vec::new();
-        for group in seals.chunk_by(|a, b| a.child == b.child && a.key == b.key) {
-            bodies.clear();
-            bodies.extend(
-                group
-                    .iter()
-                    .map(|p| batch.get(p.input).map_or(&[][..], |m| &m.datagram[..p.len])),
-            );
-            group[0].key.tags_many(&bodies, &mut tags);
-            for ((p, body), tag) in group.iter().zip(&bodies).zip(&tags) {
+        let keyed = self.key.is_some();
+        let mut digests = std::mem::take(&mut self.scratch_digests);
+        // Unkeyed: the digests of the inputs sealed, each once (their seals come in
+        // input order, as `accept` queued them).
+        if !keyed {
+            let bodies: Vec<&[u8]> = seals
+                .chunk_by(|a, b| a.input == b.input)
+                .map(|g| {
+                    batch
+                        .get(g[0].input)
+                        .map_or(&[][..], |m| &m.datagram[..g[0].len])
+                })
+                .collect();
+            media_digests_many(&bodies, &mut digests);
+        }
+        let mut next = 0;
+        for group in seals.chunk_by(|a, b| a.input == b.input) {
+            let Some(m) = batch.get(group[0].input) else {
+                continue;
+            };
+            let digest = if keyed {
+                digests.get(group[0].input)
+            } else {
+                next += 1;
+                digests.get(next - 1)
+            };
+            let Some(digest) = digest else {
+                continue;
+            };
+            let body = &m.datagram[..group[0].len];
+            for p in group {
                 let mut sealed = Vec::with_capacity(body.len() + TAG_LEN);
                 sealed.extend_from_slice(body);
-                sealed.extend_from_slice(tag);
+                sealed.extend_from_slice(&p.key.tag_of(digest));
                 if let Some(t) = self.transmits.get_mut(p.at) {
                     t.payload = Payload::Bytes(Bytes::from(sealed));
                 }
             }
         }
-        self.scratch_tags = tags;
+        self.scratch_digests = digests;
     }
 
     /// A media datagram this node made (a server's, tagged when keyed) at `now`: kept
@@ -849,7 +868,7 @@ impl DataPath {
         };
         st.cache.observe(now, &header, &copy);
         st.buffer.insert(header.seq, copy);
-        for (n, c) in st.children.iter().enumerate() {
+        for c in st.children.iter() {
             let payload = match &c.child.kind {
                 ChildKind::Member => Payload::Input {
                     token,
@@ -864,7 +883,6 @@ impl DataPath {
                     Some((seals, input)) => {
                         seals.push(PendingSeal {
                             at: self.transmits.len(),
-                            child: (u64::from(header.stream) << 32) | n as u64,
                             key: k.clone(),
                             input: *input,
                             len: untagged,

@@ -16,7 +16,11 @@
 //!   but the hop-local flag bits [`HOP_FLAGS`] (retransmission, cached replay), which
 //!   relays set on copies they resend; so a relay forwards, resends and replays a
 //!   server's datagram without making a new tag. Replays of media are left to duplicate
-//!   suppression by sequence number.
+//!   suppression by sequence number. Hash, then MAC: the datagram is hashed once into a
+//!   32-byte [`media_digest`] (BLAKE3 under a public key, collision resistant like
+//!   BLAKE3), and each tag is a keyed BLAKE3 of that digest alone, one compression: a
+//!   PoP that checks a datagram's overlay tag and seals it for ten viewers
+//!   ([`SessionKey`]) hashes its bytes once, not eleven times.
 //! - **Bootstrap** requests and answers carry a tag over their body and a nonce
 //!   ([`OverlayKey::bootstrap_tag`]).
 //!
@@ -57,6 +61,47 @@ const CONTEXT_CONTROL: &str = "ott overlay key v1: control datagram tag";
 const CONTEXT_MEDIA: &str = "ott overlay key v1: media datagram tag";
 const CONTEXT_BOOTSTRAP: &str = "ott overlay key v1: bootstrap message tag";
 const CONTEXT_SENDER: &str = "ott overlay v1: sender id";
+/// Length of a [`media_digest`], bytes.
+pub const DIGEST_LEN: usize = 32;
+/// The public key of [`media_digest`]: `blake3::derive_key("ott overlay v1: media
+/// digest", b"")`, fixed so that the digest is a plain (if domain-separated) hash.
+const DIGEST_CONTEXT: &str = "ott overlay v1: media digest";
+
+/// The digest every media tag is made from: BLAKE3, keyed with a public constant (a
+/// domain separation, no secret), of the datagram (header and payload, without a tag)
+/// with the [`HOP_FLAGS`] bits of its header masked; a datagram shorter than the header
+/// is hashed as it is. Tags ([`OverlayKey::media_tag_of`], [`SessionKey::tag_of`]) are
+/// keyed hashes of these 32 bytes, so one digest serves any number of tags.
+pub fn media_digest(datagram: &[u8]) -> [u8; DIGEST_LEN] {
+    let key = digest_key();
+    if datagram.len() < HEADER_LEN || datagram[3] & HOP_FLAGS == 0 {
+        return *blake3::keyed_hash(&key, datagram).as_bytes();
+    }
+    let mut h = blake3::Hasher::new_keyed(&key);
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(&datagram[..HEADER_LEN]);
+    header[3] &= !HOP_FLAGS;
+    h.update(&header);
+    h.update(&datagram[HEADER_LEN..]);
+    *h.finalize().as_bytes()
+}
+
+/// [`media_digest`] of each of `datagrams`, in order, into `digests` (cleared first):
+/// the same bytes, computed side by side (see [`keyed_hashes_many`]).
+pub fn media_digests_many(datagrams: &[&[u8]], digests: &mut Vec<[u8; DIGEST_LEN]>) {
+    keyed_hashes_many(&digest_key(), datagrams, digests);
+}
+
+fn digest_key() -> [u8; 32] {
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    *KEY.get_or_init(|| blake3::derive_key(DIGEST_CONTEXT, b""))
+}
+
+/// The 16-byte tag of a digest under `key`: keyed BLAKE3 of the 32 bytes, one
+/// compression.
+fn tag_of(key: &[u8; 32], digest: &[u8; DIGEST_LEN]) -> [u8; TAG_LEN] {
+    truncate(blake3::keyed_hash(key, digest))
+}
 
 /// Why key material was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -121,9 +166,9 @@ impl fmt::Debug for OverlayKey {
 }
 
 /// The key of one viewer's session with a PoP: the PoP tags every media datagram it
-/// sends to that viewer with it (a 16-byte trailer, keyed BLAKE3 over the header and
-/// payload with the [`HOP_FLAGS`] bits masked, as [`OverlayKey::media_tag`]), and the
-/// viewer writes nothing whose tag does not verify.
+/// sends to that viewer with it (a 16-byte trailer, keyed BLAKE3 of the datagram's
+/// [`media_digest`], as [`OverlayKey::media_tag`]), and the viewer writes nothing whose
+/// tag does not verify.
 ///
 /// The PoP derives it from a secret of its own and the viewer's address
 /// ([`SessionKey::derive`]) and sends it only to that address, after the viewer proved it
@@ -162,24 +207,23 @@ impl SessionKey {
 
     /// The tag of `datagram` (header and payload, without a tag).
     pub fn tag(&self, datagram: &[u8]) -> [u8; TAG_LEN] {
-        let mut h = blake3::Hasher::new_keyed(&self.0);
-        if datagram.len() >= HEADER_LEN {
-            let mut header = [0u8; HEADER_LEN];
-            header.copy_from_slice(&datagram[..HEADER_LEN]);
-            header[3] &= !HOP_FLAGS;
-            h.update(&header);
-            h.update(&datagram[HEADER_LEN..]);
-        } else {
-            h.update(datagram);
-        }
-        truncate(h.finalize())
+        self.tag_of(&media_digest(datagram))
+    }
+
+    /// The tag of a datagram whose [`media_digest`] is `digest`: one compression.
+    pub fn tag_of(&self, digest: &[u8; DIGEST_LEN]) -> [u8; TAG_LEN] {
+        tag_of(&self.0, digest)
     }
 
     /// The tags of many datagrams (header and payload, without a tag) at once, in
     /// order: `tags` is cleared and gets `self.tag(d)` for each `d`. Faster than one
-    /// [`SessionKey::tag`] per datagram (see [`keyed_tags_many`]).
+    /// [`SessionKey::tag`] per datagram (the digests side by side, see
+    /// [`media_digests_many`]).
     pub fn tags_many(&self, datagrams: &[&[u8]], tags: &mut Vec<[u8; TAG_LEN]>) {
-        keyed_tags_many(&self.0, datagrams, tags);
+        let mut digests = Vec::with_capacity(datagrams.len());
+        media_digests_many(datagrams, &mut digests);
+        tags.clear();
+        tags.extend(digests.iter().map(|d| self.tag_of(d)));
     }
 
     /// `datagram` (header and payload) with its tag appended.
@@ -235,7 +279,7 @@ fn truncate(h: blake3::Hash) -> [u8; TAG_LEN] {
 }
 
 /// Length of a BLAKE3 chunk: inputs longer than one and at most two chunks (every
-/// full-size media datagram) are the ones [`keyed_tags_many`] hashes side by side.
+/// full-size media datagram) are the ones [`keyed_hashes_many`] hashes side by side.
 const CHUNK_LEN: usize = 1024;
 /// Length of a BLAKE3 block.
 const BLOCK_LEN: usize = 64;
@@ -247,9 +291,9 @@ const FLAG_PARENT: u8 = 1 << 2;
 const FLAG_ROOT: u8 = 1 << 3;
 const FLAG_KEYED_HASH: u8 = 1 << 4;
 
-/// The media tag (or session tag: the same function) of each of `datagrams` under `key`,
-/// in order, into `tags` (cleared first): keyed BLAKE3 of the datagram with the
-/// [`HOP_FLAGS`] bits of its header masked, truncated to [`TAG_LEN`] bytes.
+/// The keyed BLAKE3 hash under `key` of each of `datagrams` with the [`HOP_FLAGS`] bits
+/// of its header masked, in order, into `out` (cleared first): [`media_digest`] when
+/// `key` is its public key.
 ///
 /// The result is exactly that of one [`blake3::keyed_hash`] per datagram; only the
 /// order of work differs. An input of more than one and at most two BLAKE3 chunks (1,025
@@ -260,9 +304,9 @@ const FLAG_KEYED_HASH: u8 = 1 << 4;
 /// first chunks; the full blocks of the second chunks (grouped by their number), whose
 /// last block is then compressed one by one; and the roots. Other inputs, and any whose
 /// header carries hop flags, take the one-at-a-time path. The tests compare both.
-fn keyed_tags_many(key: &[u8; 32], datagrams: &[&[u8]], tags: &mut Vec<[u8; TAG_LEN]>) {
+fn keyed_hashes_many(key: &[u8; 32], datagrams: &[&[u8]], out: &mut Vec<[u8; DIGEST_LEN]>) {
     use blake3::platform::{le_bytes_from_words_32, words_from_le_bytes_32, Platform};
-    tags.clear();
+    out.clear();
     let plain = |d: &[u8]| d.len() < HEADER_LEN || d[3] & HOP_FLAGS == 0;
     let two: Vec<&[u8]> = datagrams
         .iter()
@@ -338,13 +382,13 @@ fn keyed_tags_many(key: &[u8; 32], datagrams: &[&[u8]], tags: &mut Vec<[u8; TAG_
     let mut next = roots.chunks_exact(32);
     for d in datagrams {
         let batched = d.len() > CHUNK_LEN && d.len() <= 2 * CHUNK_LEN && plain(d);
-        let tag = match batched.then(|| next.next()).flatten() {
+        let hash = match batched.then(|| next.next()).flatten() {
             Some(root) => {
-                let mut t = [0u8; TAG_LEN];
-                t.copy_from_slice(&root[..TAG_LEN]);
+                let mut t = [0u8; DIGEST_LEN];
+                t.copy_from_slice(root);
                 t
             }
-            None if plain(d) => truncate(blake3::keyed_hash(key, d)),
+            None if plain(d) => *blake3::keyed_hash(key, d).as_bytes(),
             None => {
                 let mut h = blake3::Hasher::new_keyed(key);
                 let mut header = [0u8; HEADER_LEN];
@@ -352,10 +396,10 @@ fn keyed_tags_many(key: &[u8; 32], datagrams: &[&[u8]], tags: &mut Vec<[u8; TAG_
                 header[3] &= !HOP_FLAGS;
                 h.update(&header);
                 h.update(&d[HEADER_LEN..]);
-                truncate(h.finalize())
+                *h.finalize().as_bytes()
             }
         };
-        tags.push(tag);
+        out.push(hash);
     }
 }
 
@@ -443,24 +487,15 @@ impl OverlayKey {
         })
     }
 
-    /// The media tag of `datagram` (header and payload, without a tag).
-    ///
-    /// The header's [`HOP_FLAGS`] bits are left out. A datagram shorter than the header
-    /// is tagged as it is.
+    /// The media tag of `datagram` (header and payload, without a tag): keyed BLAKE3
+    /// of its [`media_digest`] (which leaves the header's [`HOP_FLAGS`] bits out).
     pub fn media_tag(&self, datagram: &[u8]) -> [u8; TAG_LEN] {
-        if datagram.len() < HEADER_LEN || datagram[3] & HOP_FLAGS == 0 {
-            // The common case (live data): nothing to mask, one pass over the bytes.
-            return truncate(blake3::keyed_hash(&self.media, datagram));
-        }
-        let mut h = blake3::Hasher::new_keyed(&self.media);
-        {
-            let mut header = [0u8; HEADER_LEN];
-            header.copy_from_slice(&datagram[..HEADER_LEN]);
-            header[3] &= !HOP_FLAGS;
-            h.update(&header);
-            h.update(&datagram[HEADER_LEN..]);
-        }
-        truncate(h.finalize())
+        self.media_tag_of(&media_digest(datagram))
+    }
+
+    /// The media tag of a datagram whose [`media_digest`] is `digest`: one compression.
+    pub fn media_tag_of(&self, digest: &[u8; DIGEST_LEN]) -> [u8; TAG_LEN] {
+        tag_of(&self.media, digest)
     }
 
     /// Append the media tag to a datagram (header and payload).
@@ -487,10 +522,17 @@ impl OverlayKey {
 
     /// Check the trailing tags of many media datagrams at once: `ok` is cleared and
     /// gets, for each datagram, whether [`OverlayKey::open_media`] accepts it (then its
-    /// body is the datagram without its last [`TAG_LEN`] bytes). Faster than one
-    /// `open_media` per datagram (see [`keyed_tags_many`]); the same check, tags
-    /// compared in constant time.
-    pub fn check_media_many(&self, datagrams: &[&[u8]], ok: &mut Vec<bool>) {
+    /// body is the datagram without its last [`TAG_LEN`] bytes), and `digests` the
+    /// [`media_digest`] of each body (of an empty one for a datagram too short to carry
+    /// a tag), for the tags to be made from it next ([`SessionKey::tag_of`]). Faster
+    /// than one `open_media` per datagram (see [`media_digests_many`]); the same check,
+    /// tags compared in constant time.
+    pub fn check_media_many(
+        &self,
+        datagrams: &[&[u8]],
+        ok: &mut Vec<bool>,
+        digests: &mut Vec<[u8; DIGEST_LEN]>,
+    ) {
         ok.clear();
         let mut bodies: Vec<&[u8]> = Vec::with_capacity(datagrams.len());
         for d in datagrams {
@@ -499,11 +541,10 @@ impl OverlayKey {
                 None => bodies.push(&[]),
             }
         }
-        let mut tags = Vec::with_capacity(datagrams.len());
-        keyed_tags_many(&self.media, &bodies, &mut tags);
-        for ((d, body), tag) in datagrams.iter().zip(&bodies).zip(&tags) {
+        media_digests_many(&bodies, digests);
+        for ((d, body), digest) in datagrams.iter().zip(&bodies).zip(digests.iter()) {
             // An empty body stands for a datagram too short to carry a tag.
-            ok.push(!body.is_empty() && tags_equal(tag, &d[body.len()..]));
+            ok.push(!body.is_empty() && tags_equal(&self.media_tag_of(digest), &d[body.len()..]));
         }
     }
 
@@ -1049,8 +1090,11 @@ mod tests {
                 s.tags_many(batch, &mut tags);
                 let one: Vec<[u8; TAG_LEN]> = batch.iter().map(|d| s.tag(d)).collect();
                 assert_eq!(tags, one, "batch of {n}");
-                let mut media = Vec::new();
-                keyed_tags_many(&k.media, batch, &mut media);
+                let mut digests = Vec::new();
+                media_digests_many(batch, &mut digests);
+                let one: Vec<[u8; DIGEST_LEN]> = batch.iter().map(|d| media_digest(d)).collect();
+                assert_eq!(digests, one, "batch of {n}");
+                let media: Vec<[u8; TAG_LEN]> = digests.iter().map(|d| k.media_tag_of(d)).collect();
                 let one: Vec<[u8; TAG_LEN]> = batch.iter().map(|d| k.media_tag(d)).collect();
                 assert_eq!(media, one, "batch of {n}");
             }
@@ -1076,12 +1120,18 @@ mod tests {
         }
         data.push(media(&[1; 1316], 0));
         let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
-        let mut ok = Vec::new();
-        k.check_media_many(&refs, &mut ok);
+        let (mut ok, mut digests) = (Vec::new(), Vec::new());
+        k.check_media_many(&refs, &mut ok, &mut digests);
         let one: Vec<bool> = refs.iter().map(|d| k.open_media(d).is_ok()).collect();
         assert_eq!(ok, one);
         assert!(ok.iter().any(|&o| o) && ok.iter().any(|&o| !o));
-        key(6).check_media_many(&refs, &mut ok);
+        // The digests are those of the bodies, for the seals made next.
+        for ((d, digest), ok) in refs.iter().zip(&digests).zip(&ok) {
+            if *ok {
+                assert_eq!(*digest, media_digest(&d[..d.len() - TAG_LEN]));
+            }
+        }
+        key(6).check_media_many(&refs, &mut ok, &mut digests);
         assert!(ok.iter().all(|&o| !o));
     }
 
