@@ -94,6 +94,12 @@ pub struct PlayoutBuffer {
 
 /// Longest frame interval believed from the timestamps when dating a missing frame.
 const MAX_INTERVAL: Duration = Duration::from_secs(1);
+/// At start-up, how long an incomplete frame without its first fragment is kept after
+/// its first datagram, even once a later frame is complete, before it is taken for one
+/// that began before we joined and skipped: a start cache's replay comes as a burst of
+/// datagrams that may arrive out of order, and a frame skipped there for a missing
+/// first fragment still on its way was lost for good (its other fragments gone with it).
+const START_REORDER_WAIT: Duration = Duration::from_millis(30);
 
 impl PlayoutBuffer {
     /// An empty buffer.
@@ -229,13 +235,17 @@ impl PlayoutBuffer {
             let deadline = self.deadline(n, head);
             let Some(released) = self.released else {
                 // Start-up: play the first complete frame. An incomplete frame without its
-                // first fragment began before we joined: skip it as soon as a later frame
-                // is complete; one with its first fragment waits for its budget.
+                // first fragment began before we joined: skip it once a later frame is
+                // complete and its first fragment had a moment to come out of order
+                // ([`START_REORDER_WAIT`]); one with its first fragment waits for its
+                // budget.
                 if head.complete() {
                     return self.release(n, false);
                 }
                 let began_before_us = head.frags.first().is_some_and(Option::is_none);
-                if (began_before_us && self.pending.values().any(Pending::complete))
+                if (began_before_us
+                    && now >= head.first_seen + START_REORDER_WAIT
+                    && self.pending.values().any(Pending::complete))
                     || now >= deadline
                 {
                     self.pending.pop_first();
@@ -291,7 +301,12 @@ impl PlayoutBuffer {
     /// the budget deadline of the frame at the head, if it blocks.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let (&n, head) = self.pending.first_key_value()?;
-        Some(self.deadline(n, head))
+        let deadline = self.deadline(n, head);
+        let began_before_us = head.frags.first().is_some_and(Option::is_none);
+        if self.released.is_none() && began_before_us {
+            return Some(deadline.min(head.first_seen + START_REORDER_WAIT));
+        }
+        Some(deadline)
     }
 }
 
@@ -357,5 +372,42 @@ mod tests {
         b.push(t0 + ms(240), &two, b"a");
         assert_eq!(b.poll_frame(t0 + ms(240)).map(|f| f.number), Some(5));
         assert_eq!(b.poll_timeout(), Some(t0 + ms(540)));
+    }
+
+    /// Fragment `i` of two of frame `n`.
+    fn half(n: u32, i: u16) -> MediaHeader {
+        MediaHeader {
+            frag_index: i,
+            frag_count: 2,
+            ..header(n)
+        }
+    }
+
+    #[test]
+    fn a_start_burst_out_of_order_plays_every_frame() {
+        // A start cache's replay of frames 10 to 12 (two datagrams each) arrives out of
+        // order: frame 11's second half first, frame 12 whole before frame 10.
+        let t0 = Instant::now();
+        let mut b = PlayoutBuffer::new(PlayoutConfig::default());
+        let mut played = Vec::new();
+        let order = [(11, 1), (12, 0), (12, 1), (10, 0), (11, 0), (10, 1)];
+        for (k, (n, i)) in order.into_iter().enumerate() {
+            let t = t0 + Duration::from_micros(100 * k as u64);
+            b.push(t, &half(n, i), b"x");
+            while let Some(f) = b.poll_frame(t) {
+                played.push(f.number);
+            }
+        }
+        assert_eq!(played, [10, 11, 12], "{:?}", b.stats());
+        // A frame that really began before we joined (its first half never comes) is
+        // skipped once a later one is complete, after a short wait, not its budget.
+        let mut b = PlayoutBuffer::new(PlayoutConfig::default());
+        b.push(t0, &half(20, 1), b"x");
+        b.push(t0, &half(21, 0), b"x");
+        b.push(t0, &half(21, 1), b"x");
+        assert!(b.poll_frame(t0).is_none());
+        let wait = b.poll_timeout().expect("a wait");
+        assert!(wait > t0 && wait < t0 + ms(100), "{wait:?}");
+        assert_eq!(b.poll_frame(wait).map(|f| f.number), Some(21));
     }
 }
