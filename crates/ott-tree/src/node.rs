@@ -52,7 +52,7 @@ pub struct NodeConfig {
     pub hysteresis_abs: Duration,
     /// Spread hysteresis: a better route must also gain more than this many times the
     /// measured spread (mean deviation) of the current or the better route's latency,
-    /// whichever is smaller (default 4.0), so that jitter alone does not move the tree.
+    /// whichever is smaller (default 5.0), so that jitter alone does not move the tree.
     pub hysteresis_spread: f64,
     /// After a parent change the new parent is kept this long unless it fails
     /// (default 300 ms).
@@ -102,7 +102,7 @@ impl NodeConfig {
             route_expiry: Duration::from_millis(3500),
             hysteresis_rel: 0.10,
             hysteresis_abs: Duration::from_millis(1),
-            hysteresis_spread: 4.0,
+            hysteresis_spread: 5.0,
             parent_hold: Duration::from_millis(300),
             better_for: Duration::from_millis(500),
             suspect_for: Duration::from_secs(1),
