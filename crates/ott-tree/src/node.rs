@@ -209,8 +209,14 @@ pub struct NodeStats {
     /// Parent changes made because the parent failed (died, withdrew, went stale or
     /// was suspected), as opposed to moves to a better route.
     pub failovers: u64,
-    /// Parents suspected after a silence of their media ([`Node::handle_upstream_silent`]).
+    /// Parents suspected after a silence of their media ([`Node::handle_upstream_silent`]),
+    /// or on a neighbour's route request while they were quiet.
     pub suspect_parents: u64,
+    /// Of those, suspected on a neighbour's route request (the parent had not been
+    /// heard for a heartbeat interval).
+    pub suspect_on_request: u64,
+    /// Route requests sent because a suspected parent was still the only way.
+    pub suspect_route_requests: u64,
     /// Silence hints received from the data plane.
     pub upstream_silent_hints: u64,
     /// [`Message::RouteRequest`]s sent (our own and forwarded ones).
@@ -801,6 +807,9 @@ impl Node {
             self.stats.route_requests_limited += 1;
             return;
         }
+        if server != self.config.id {
+            self.suspect_quiet_parent(now, server);
+        }
         if server == self.config.id {
             if self.config.role != Role::Server {
                 self.stats.ignored += 1;
@@ -932,6 +941,59 @@ impl Node {
         self.suspects
             .insert(parent.to_owned(), now + self.config.suspect_for);
         self.update(now);
+        self.ask_around_suspect(now, parent);
+    }
+
+    /// Every server whose route still runs through the suspected `parent` (no other
+    /// feasible way yet): ask the neighbours for a route. A neighbour whose own route
+    /// runs through the same silent node then suspects it too
+    /// ([`Node::suspect_quiet_parent`]) and moves at once instead of at the dead-after
+    /// time, and the request brings a fresh announcement that makes its new way
+    /// feasible for us. At most once per [`RR_RETRY`] per server.
+    fn ask_around_suspect(&mut self, now: Instant, parent: &str) {
+        let stuck: Vec<(String, u64)> = self
+            .routes
+            .iter()
+            .filter(|(_, r)| r.parent.as_deref().is_some_and(|p| same_id(p, parent)))
+            .filter(|(_, r)| {
+                r.requested
+                    .is_none_or(|(t, _)| now.saturating_duration_since(t) >= RR_RETRY)
+            })
+            .filter_map(|(server, r)| r.fd.map(|(seq, _)| (server.clone(), seq)))
+            .collect();
+        for (server, fd_seq) in stuck {
+            self.stats.suspect_route_requests += 1;
+            let hops = self.config.route_request_hops;
+            self.send_route_request(now, &server, fd_seq.saturating_add(1), hops, None);
+        }
+    }
+
+    /// A neighbour asked for a route to `server`: it lost its own. If ours runs through
+    /// a parent we have not heard from for about a heartbeat interval, the same break is
+    /// likely ours (a node that carries no stream gets no silence hint and would wait
+    /// for the dead-after time): the parent is suspected as on a silence hint.
+    fn suspect_quiet_parent(&mut self, now: Instant, server: &str) {
+        let Some(parent) = self.routes.get(server).and_then(|r| r.parent.clone()) else {
+            return;
+        };
+        if self.suspects.contains_key(&parent) {
+            return;
+        }
+        let alive_within = self.config.liveness.heartbeat_interval + PARENT_HEARD_SLACK;
+        if self
+            .nb
+            .last_heard(&parent)
+            .is_none_or(|t| now.saturating_duration_since(t) < alive_within)
+        {
+            return;
+        }
+        tracing::info!(node = %self.config.id, parent = %parent, server, "route request while the parent is quiet, parent suspected");
+        self.stats.suspect_parents += 1;
+        self.stats.suspect_on_request += 1;
+        self.suspects
+            .insert(parent.clone(), now + self.config.suspect_for);
+        self.update(now);
+        self.ask_around_suspect(now, &parent);
     }
 
     fn on_join(
@@ -2437,6 +2499,101 @@ mod tests {
         // 400 ms a dead parent takes to be declared dead.
         assert_eq!(n.parent("s"), Some("b"), "a suspected parent is left");
         assert_eq!(n.stats().failovers, 1);
+    }
+
+    /// A node `me` of `role` with neighbours a, b and c (heartbeats answered at t0),
+    /// offered routes to s by a (1 ms, path `a_path`) and b (5 ms, path `b_path`).
+    fn three_neighbours(me: &str, role: Role, a_path: &[&str], b_path: &[&str]) -> (Node, Instant) {
+        let t0 = Instant::now();
+        let cfg = NodeConfig::new(me, role, 7001);
+        let peers = vec![
+            ("a".to_owned(), addr(1)),
+            ("b".to_owned(), addr(2)),
+            ("c".to_owned(), addr(3)),
+        ];
+        let mut n = Node::new(cfg, peers, t0, t0);
+        for (id, a) in [("a", addr(1)), ("b", addr(2)), ("c", addr(3))] {
+            n.handle(t0, a, hb(id, 1));
+            let ack = Message::HeartbeatAck {
+                from: id.into(),
+                seq: 1,
+                echo_us: 0,
+                incarnation: 1,
+            };
+            n.handle(t0 + Duration::from_millis(2), a, ack);
+        }
+        let offer = |path: &[&str], lat: u64| Message::Announce {
+            server: "s".into(),
+            seq: 1,
+            path: path.iter().map(|&p| p.into()).collect(),
+            latency_us: lat,
+            catalogue: vec![StreamInfo::new("news", MediaKind::Mjpeg, 25_000)],
+        };
+        n.handle(t0, addr(1), offer(a_path, 1_000));
+        n.handle(t0, addr(2), offer(b_path, 5_000));
+        assert_eq!(n.parent("s"), Some("a"));
+        drain(&mut n);
+        (n, t0)
+    }
+
+    #[test]
+    fn test_a_route_request_while_the_parent_is_quiet_moves_the_node() {
+        // A relay that carries no stream (so no silence hint) under a, with a way round
+        // through b; c, whose route also ran through a, asks for a route.
+        let (mut n, t0) = three_neighbours("r", Role::Relay, &["s", "a"], &["s", "b"]);
+        // a heard 30 ms ago: alive, nothing happens.
+        let t1 = t0 + Duration::from_millis(200);
+        n.handle(t1 - Duration::from_millis(30), addr(1), hb("a", 1));
+        n.handle(t1, addr(3), route_request("c", 2));
+        assert_eq!(n.stats().suspect_on_request, 0);
+        assert_eq!(n.parent("s"), Some("a"));
+        // a silent for 150 ms (over a heartbeat interval) when c asks: suspected, and
+        // the relay moves to b at once, long before a is declared dead.
+        let t2 = t1 + Duration::from_millis(120);
+        n.handle(t2, addr(3), route_request("c", 2));
+        assert_eq!(n.stats().suspect_on_request, 1);
+        assert_eq!(n.stats().suspect_parents, 1);
+        assert_eq!(n.parent("s"), Some("b"));
+        // It answers c with its new route, and passes the request on to b for a fresh
+        // seq (its route, seq 1, is older than the 2 asked for).
+        let tx = drain(&mut n);
+        assert!(tx.iter().any(|t| t.to == addr(3)
+            && matches!(&t.msg, Message::Announce { path, .. } if path.len() == 3 && path[1] == "b")));
+        assert!(tx
+            .iter()
+            .any(|t| t.to == addr(2) && matches!(t.msg, Message::RouteRequest { .. })));
+    }
+
+    #[test]
+    fn test_a_suspected_parent_without_a_way_round_makes_the_node_ask_around() {
+        // b's route runs through a too (infeasible for us): the suspected parent stays,
+        // and a route request goes to the neighbours, once per retry period.
+        let (mut n, t0) = three_neighbours("p", Role::Pop, &["s", "a"], &["s", "a", "b"]);
+        let news = ott_proto::stream_id_for("news");
+        n.handle(
+            t0,
+            addr(3),
+            Message::Join {
+                stream: news,
+                data_port: 7001,
+                from: Some("c".into()),
+            },
+        );
+        drain(&mut n);
+        let t1 = t0 + Duration::from_millis(200);
+        n.handle_upstream_silent(t1, "a", news, t0);
+        assert_eq!(n.stats().suspect_parents, 1);
+        assert_eq!(n.parent("s"), Some("a"), "no feasible way round yet");
+        assert_eq!(n.stats().suspect_route_requests, 1);
+        let asked: Vec<SocketAddr> = drain(&mut n)
+            .into_iter()
+            .filter(|t| matches!(t.msg, Message::RouteRequest { seq: 2, .. }))
+            .map(|t| t.to)
+            .collect();
+        assert!(
+            asked.contains(&addr(2)) && asked.contains(&addr(3)),
+            "{asked:?}"
+        );
     }
 
     #[test]
