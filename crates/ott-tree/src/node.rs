@@ -217,6 +217,9 @@ pub struct NodeStats {
     pub suspect_on_request: u64,
     /// Route requests sent because a suspected parent was still the only way.
     pub suspect_route_requests: u64,
+    /// Viewers told that their stream's path is lost (a `Withdraw`) because its
+    /// suspected parent was still the only way, so that they move to another PoP.
+    pub viewers_warned: u64,
     /// Silence hints received from the data plane.
     pub upstream_silent_hints: u64,
     /// [`Message::RouteRequest`]s sent (our own and forwarded ones).
@@ -942,6 +945,36 @@ impl Node {
             .insert(parent.to_owned(), now + self.config.suspect_for);
         self.update(now);
         self.ask_around_suspect(now, parent);
+        // No way round yet: this stream's viewers hear it now (a `Withdraw`, as when
+        // every path is lost) and move to another PoP at once instead of after their
+        // own media silence; should a way round come first, their move costs nothing
+        // (make before break).
+        let stuck = self
+            .streams
+            .get(&stream)
+            .is_some_and(|st| st.upstream.as_deref().is_some_and(|u| same_id(u, parent)));
+        if stuck {
+            self.warn_viewers(stream);
+        }
+    }
+
+    /// Tell the viewers of `stream` that its path is lost (a `Withdraw` naming no
+    /// server).
+    fn warn_viewers(&mut self, stream: StreamId) {
+        let Some(st) = self.streams.get(&stream) else {
+            return;
+        };
+        let me = self.config.id.clone();
+        for (addr, c) in &st.children {
+            if c.node.is_none() {
+                self.stats.withdraws_out += 1;
+                self.stats.viewers_warned += 1;
+                self.transmits.push_back(ControlTransmit {
+                    to: SocketAddr::new(addr.ip(), c.ctrl_port),
+                    msg: withdraw(&me, "", 0),
+                });
+            }
+        }
     }
 
     /// Every server whose route still runs through the suspected `parent` (no other
@@ -2580,13 +2613,27 @@ mod tests {
             },
         );
         drain(&mut n);
+        // A viewer of the stream.
+        let client = SocketAddr::from(([10, 9, 9, 9], 5555));
+        let cookie = cookie_from(&mut n, t0, client, news, 9000);
+        n.handle(
+            t0,
+            client,
+            Message::ViewerJoin {
+                stream: news,
+                data_port: 9000,
+                cookie,
+            },
+        );
+        drain(&mut n);
         let t1 = t0 + Duration::from_millis(200);
         n.handle_upstream_silent(t1, "a", news, t0);
         assert_eq!(n.stats().suspect_parents, 1);
         assert_eq!(n.parent("s"), Some("a"), "no feasible way round yet");
         assert_eq!(n.stats().suspect_route_requests, 1);
-        let asked: Vec<SocketAddr> = drain(&mut n)
-            .into_iter()
+        let tx = drain(&mut n);
+        let asked: Vec<SocketAddr> = tx
+            .iter()
             .filter(|t| matches!(t.msg, Message::RouteRequest { seq: 2, .. }))
             .map(|t| t.to)
             .collect();
@@ -2594,6 +2641,11 @@ mod tests {
             asked.contains(&addr(2)) && asked.contains(&addr(3)),
             "{asked:?}"
         );
+        // The viewer is told at once that the path is lost, so that it moves.
+        assert!(tx
+            .iter()
+            .any(|t| t.to == client && matches!(t.msg, Message::Withdraw { .. })));
+        assert_eq!(n.stats().viewers_warned, 1);
     }
 
     #[test]
