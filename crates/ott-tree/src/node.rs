@@ -945,16 +945,19 @@ impl Node {
             .insert(parent.to_owned(), now + self.config.suspect_for);
         self.update(now);
         self.ask_around_suspect(now, parent);
-        // No way round yet: this stream's viewers hear it now (a `Withdraw`, as when
-        // every path is lost) and move to another PoP at once instead of after their
-        // own media silence; should a way round come first, their move costs nothing
-        // (make before break).
-        let stuck = self
+        // No way round yet: the viewers of every stream still taken from the suspected
+        // parent hear it now (a `Withdraw`, as when every path is lost; the hint came
+        // for one stream, and a parent already suspected takes no more hints) and move
+        // to another PoP at once instead of after their own media silence; should a
+        // way round come first, their move costs nothing (make before break).
+        let stuck: Vec<StreamId> = self
             .streams
-            .get(&stream)
-            .is_some_and(|st| st.upstream.as_deref().is_some_and(|u| same_id(u, parent)));
-        if stuck {
-            self.warn_viewers(stream);
+            .iter()
+            .filter(|(_, st)| st.upstream.as_deref().is_some_and(|u| same_id(u, parent)))
+            .map(|(id, _)| *id)
+            .collect();
+        for s in stuck {
+            self.warn_viewers(s);
         }
     }
 
