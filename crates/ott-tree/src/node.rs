@@ -2537,9 +2537,9 @@ mod tests {
         assert_eq!(n.stats().failovers, 1);
     }
 
-    /// A node `me` of `role` with neighbours a, b and c (heartbeats answered at t0),
-    /// offered routes to s by a (1 ms, path `a_path`) and b (5 ms, path `b_path`).
-    fn three_neighbours(me: &str, role: Role, a_path: &[&str], b_path: &[&str]) -> (Node, Instant) {
+    /// A node `me` of `role` with neighbours a, b and c, each one's heartbeat answered
+    /// at t0.
+    fn with_three_neighbours(me: &str, role: Role) -> (Node, Instant) {
         let t0 = Instant::now();
         let cfg = NodeConfig::new(me, role, 7001);
         let peers = vec![
@@ -2558,6 +2558,13 @@ mod tests {
             };
             n.handle(t0 + Duration::from_millis(2), a, ack);
         }
+        (n, t0)
+    }
+
+    /// A node `me` of `role` with neighbours a, b and c (heartbeats answered at t0),
+    /// offered routes to s by a (1 ms, path `a_path`) and b (5 ms, path `b_path`).
+    fn three_neighbours(me: &str, role: Role, a_path: &[&str], b_path: &[&str]) -> (Node, Instant) {
+        let (mut n, t0) = with_three_neighbours(me, role);
         let offer = |path: &[&str], lat: u64| Message::Announce {
             server: "s".into(),
             seq: 1,
@@ -2653,24 +2660,7 @@ mod tests {
 
     #[test]
     fn test_a_childs_avoid_set_moves_the_stream_to_a_path_clear_of_it_and_is_passed_on() {
-        let t0 = Instant::now();
-        let cfg = NodeConfig::new("p", Role::Relay, 7001);
-        let peers = vec![
-            ("a".to_owned(), addr(1)),
-            ("b".to_owned(), addr(2)),
-            ("c".to_owned(), addr(3)),
-        ];
-        let mut n = Node::new(cfg, peers, t0, t0);
-        for (id, a) in [("a", addr(1)), ("b", addr(2)), ("c", addr(3))] {
-            n.handle(t0, a, hb(id, 1));
-            let ack = Message::HeartbeatAck {
-                from: id.into(),
-                seq: 1,
-                echo_us: 0,
-                incarnation: 1,
-            };
-            n.handle(t0 + Duration::from_millis(2), a, ack);
-        }
+        let (mut n, t0) = with_three_neighbours("p", Role::Relay);
         let offer = |via: &str, mid: &str, lat: u64| Message::Announce {
             server: "s".into(),
             seq: 1,
