@@ -61,6 +61,12 @@ pub struct NodeConfig {
     /// parent changes (default 500 ms), unless it is better by twice the margin: a
     /// spike of jitter does not last.
     pub better_for: Duration,
+    /// Flap damping: for this long after a node left a parent for a route better by
+    /// less than twice the margin (default 60 s), going back to that parent needs twice
+    /// the margin. Two routes of about the same
+    /// latency under jitter would otherwise trade places every few seconds; a clear
+    /// gain (a real change, the tree forming) is no flap and damps nothing.
+    pub flap_window: Duration,
     /// A parent suspected by [`Node::handle_upstream_silent`] is not taken as a parent
     /// for this long (default 1 s) unless it is the only way to the server.
     pub suspect_for: Duration,
@@ -105,6 +111,7 @@ impl NodeConfig {
             hysteresis_spread: 5.0,
             parent_hold: Duration::from_millis(300),
             better_for: Duration::from_millis(500),
+            flap_window: Duration::from_secs(60),
             suspect_for: Duration::from_secs(1),
             route_requests_per_s: 64,
             route_request_hops: 16,
@@ -333,6 +340,9 @@ struct Route {
     /// The neighbour that has offered a better route than the parent's since when (for
     /// [`NodeConfig::better_for`]).
     better: Option<(String, Instant)>,
+    /// The parent last left for a marginally better route, and when (for
+    /// [`NodeConfig::flap_window`]).
+    left: Option<(String, Instant)>,
     /// When the route was lost (no feasible offer), while it is lost.
     lost_at: Option<Instant>,
     /// When we last sent a route request for this server (ours or forwarded), and its seq.
@@ -1768,15 +1778,26 @@ impl Node {
             .changed_at
             .is_some_and(|t| now.saturating_duration_since(t) < self.config.parent_hold);
         let mut better: Option<(&str, Instant)> = None;
+        // A move for a gain under twice the margin (it had to last `better_for`).
+        let mut marginal = false;
         let new: Option<&str> = match (current, best) {
             (Some(cur), Some(best)) => {
                 let cur_lat = cur.0 .0;
                 // The smaller of the two spreads: a real change of the parent's path
                 // shows as spread too, and must not hold the parent in place.
                 let spread = cur.1.min(best.1) as f64 * self.config.hysteresis_spread;
-                let margin = micros(self.config.hysteresis_abs)
+                let mut margin = micros(self.config.hysteresis_abs)
                     .max((cur_lat as f64 * self.config.hysteresis_rel) as u64)
                     .max(spread as u64);
+                // Going back to the parent we just left for a marginal gain: a flap
+                // unless the gain is clear.
+                let back = r.left.as_ref().is_some_and(|(n, t)| {
+                    same_id(n, best.2)
+                        && now.saturating_duration_since(*t) < self.config.flap_window
+                });
+                if back {
+                    margin = margin.saturating_mul(2);
+                }
                 if best.0 .0.saturating_add(margin) < cur_lat {
                     let since = match &r.better {
                         Some((n, t)) if n.as_str() == best.2 => *t,
@@ -1787,6 +1808,7 @@ impl Node {
                     let clear = best.0 .0.saturating_add(2 * margin) < cur_lat;
                     let waited = now.saturating_duration_since(since) >= self.config.better_for;
                     if !held && (waited || clear) {
+                        marginal = !clear;
                         Some(best.2)
                     } else {
                         Some(cur.2)
@@ -1846,6 +1868,9 @@ impl Node {
             r.parent = new.clone();
             r.sent_seq = None;
             r.changed_at = Some(now);
+            if let (Some(o), true) = (&old, marginal) {
+                r.left = Some((o.clone(), now));
+            }
         }
         self.events.push_back(Event::ParentChanged {
             server: server.to_owned(),
