@@ -62,6 +62,11 @@ pub const LOSS_FREE: f64 = 0.25;
 /// say so in a probe reply) is traded for another PoP not tried yet.
 const SECOND_TRIAL: Duration = Duration::from_secs(3);
 
+/// An unanswered `Join` is repeated after twice the PoP's RTT plus this ...
+const QUICK_RETRY_SLACK: Duration = Duration::from_millis(10);
+/// ... and not sooner than this (see `Client::quick_retry`).
+const QUICK_RETRY_MIN: Duration = Duration::from_millis(20);
+
 /// Shortest period accepted in a [`ClientConfig`].
 const MIN_PERIOD: Duration = Duration::from_millis(1);
 
@@ -1090,7 +1095,9 @@ impl Client {
         if self.second_admitted {
             self.config.join_refresh
         } else {
-            self.config.join_retry
+            self.config
+                .join_retry
+                .min(self.second.map_or(Duration::MAX, |c| self.quick_retry(c)))
         }
     }
 
@@ -1250,8 +1257,21 @@ impl Client {
         if self.admitted {
             self.config.join_refresh
         } else {
-            self.config.join_retry
+            self.config
+                .join_retry
+                .min(self.current.map_or(Duration::MAX, |c| self.quick_retry(c)))
         }
+    }
+
+    /// How soon an unanswered `Join` at PoP `p` is repeated when its round trip is
+    /// known: twice the smoothed RTT plus [`QUICK_RETRY_SLACK`] (at least
+    /// [`QUICK_RETRY_MIN`]). Under a few percent of loss on every link a lost `Join`,
+    /// cookie or `Admitted` cost [`ClientConfig::join_retry`] of media after a PoP
+    /// change; a round trip is all it needs to cost.
+    fn quick_retry(&self, p: usize) -> Duration {
+        self.pops[p].srtt.map_or(self.config.join_retry, |rtt| {
+            (rtt * 2 + QUICK_RETRY_SLACK).max(QUICK_RETRY_MIN)
+        })
     }
 
     /// Send the pending `Leave`s whose time `due` accepts.
@@ -1514,6 +1534,8 @@ mod tests {
         let Message::Probe { nonce, sent_us } = c.poll_transmit().expect("probe").msg else {
             panic!("a probe")
         };
+        // A round trip of 50 ms.
+        let t0 = t0 + Duration::from_millis(50);
         c.handle(
             t0,
             pop,
@@ -1541,12 +1563,23 @@ mod tests {
                 .count()
         };
         assert_eq!(joins(&mut c), 1);
-        // The Join was lost: it goes again after the retry period, not a refresh period.
-        let retry = ClientConfig::default().join_retry;
-        c.handle_timeout(t0 + retry - Duration::from_millis(1));
+        // The Join was lost: it goes again after two round trips and a little (110 ms),
+        // not a refresh period (nor the 200 ms retry period).
+        let quick = Duration::from_millis(110);
+        c.handle_timeout(t0 + quick - Duration::from_millis(1));
         assert_eq!(joins(&mut c), 0);
-        c.handle_timeout(t0 + retry);
+        c.handle_timeout(t0 + quick);
         assert_eq!(joins(&mut c), 1);
+        let retry = ClientConfig {
+            join_retry: Duration::from_millis(150),
+            ..ClientConfig::default()
+        };
+        assert_eq!(
+            Client::new(retry, vec![("p".into(), pop)], 9000, t0, t0).join_interval(),
+            Duration::from_millis(150),
+            "no round trip known: the retry period"
+        );
+        let retry = quick;
         // Admitted: from here on only refreshes.
         let t1 = t0 + retry;
         c.handle(

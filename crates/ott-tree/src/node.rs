@@ -63,7 +63,8 @@ pub struct NodeConfig {
     pub better_for: Duration,
     /// Flap damping: for this long after a node left a parent for a route better by
     /// less than twice the margin (default 60 s), going back to that parent needs twice
-    /// the margin. Two routes of about the same
+    /// the margin, unless the route taken got worse by more than the margin since (a
+    /// real change). Two routes of about the same
     /// latency under jitter would otherwise trade places every few seconds; a clear
     /// gain (a real change, the tree forming) is no flap and damps nothing.
     pub flap_window: Duration,
@@ -342,7 +343,8 @@ struct Route {
     better: Option<(String, Instant)>,
     /// The parent last left for a marginally better route, and when (for
     /// [`NodeConfig::flap_window`]).
-    left: Option<(String, Instant)>,
+    /// With the effective latency (µs) of the route taken then.
+    left: Option<(String, Instant, u64)>,
     /// When the route was lost (no feasible offer), while it is lost.
     lost_at: Option<Instant>,
     /// When we last sent a route request for this server (ours or forwarded), and its seq.
@@ -442,8 +444,15 @@ const PARENT_HEARD_SLACK: Duration = Duration::from_millis(20);
 /// all) before the refresh period takes over: on a lossy link a lost first `Join` held
 /// a PoP's media up for a whole refresh period (1 s), the parent being alive.
 const JOIN_RETRY: Duration = Duration::from_millis(200);
-/// `Join`s sent [`JOIN_RETRY`] apart at a new parent.
-const QUICK_JOINS: u8 = 3;
+/// `Join`s sent at a new parent before the refresh period takes over: the first, one
+/// after about a round trip (twice the link's RTT plus [`QUICK_JOIN_SLACK`], at least
+/// [`QUICK_JOIN_MIN`]), then [`JOIN_RETRY`] apart. A repeated `Join` costs the parent
+/// nothing: a child already served is not sent the start cache again.
+const QUICK_JOINS: u8 = 4;
+/// See [`QUICK_JOINS`].
+const QUICK_JOIN_SLACK: Duration = Duration::from_millis(10);
+/// See [`QUICK_JOINS`].
+const QUICK_JOIN_MIN: Duration = Duration::from_millis(20);
 
 /// `a == b` for node ids, looking at the last byte before the rest: ids of one overlay
 /// often have the same length and prefix (`r0412`, `r0413`), where a plain comparison
@@ -1779,7 +1788,7 @@ impl Node {
             .is_some_and(|t| now.saturating_duration_since(t) < self.config.parent_hold);
         let mut better: Option<(&str, Instant)> = None;
         // A move for a gain under twice the margin (it had to last `better_for`).
-        let mut marginal = false;
+        let mut marginal: Option<u64> = None;
         let new: Option<&str> = match (current, best) {
             (Some(cur), Some(best)) => {
                 let cur_lat = cur.0 .0;
@@ -1791,24 +1800,30 @@ impl Node {
                     .max(spread as u64);
                 // Going back to the parent we just left for a marginal gain: a flap
                 // unless the gain is clear.
-                let back = r.left.as_ref().is_some_and(|(n, t)| {
+                // Not when our route got worse since: that is a real change.
+                let back = r.left.as_ref().is_some_and(|(n, t, lat)| {
                     same_id(n, best.2)
                         && now.saturating_duration_since(*t) < self.config.flap_window
+                        && cur_lat <= lat.saturating_add(margin)
                 });
                 if back {
                     margin = margin.saturating_mul(2);
                 }
-                if best.0 .0.saturating_add(margin) < cur_lat {
+                // The wait starts once the gain passes half the margin, and the move
+                // needs the whole margin at its end: a real change grows as the RTT
+                // average follows it, through the jitter of both routes.
+                if best.0 .0.saturating_add(margin / 2) < cur_lat {
                     let since = match &r.better {
                         Some((n, t)) if n.as_str() == best.2 => *t,
                         _ => now,
                     };
                     better = Some((best.2, since));
+                    let gain = best.0 .0.saturating_add(margin) < cur_lat;
                     // A gain of twice the margin is no jitter: no need to wait.
                     let clear = best.0 .0.saturating_add(2 * margin) < cur_lat;
                     let waited = now.saturating_duration_since(since) >= self.config.better_for;
-                    if !held && (waited || clear) {
-                        marginal = !clear;
+                    if !held && gain && (waited || clear) {
+                        marginal = (!clear).then_some(best.0 .0);
                         Some(best.2)
                     } else {
                         Some(cur.2)
@@ -1868,8 +1883,8 @@ impl Node {
             r.parent = new.clone();
             r.sent_seq = None;
             r.changed_at = Some(now);
-            if let (Some(o), true) = (&old, marginal) {
-                r.left = Some((o.clone(), now));
+            if let (Some(o), Some(lat)) = (&old, marginal) {
+                r.left = Some((o.clone(), now, lat));
             }
         }
         self.events.push_back(Event::ParentChanged {
@@ -2058,7 +2073,12 @@ impl Node {
                             },
                         });
                     }
-                    st.next_refresh = Some(now + JOIN_RETRY.min(self.config.join_refresh));
+                    // The first repeat comes after about a round trip: a `Join` lost
+                    // on a lossy path then costs that, not [`JOIN_RETRY`].
+                    let first = self.nb.rtt_if_alive(new).map_or(JOIN_RETRY, |rtt| {
+                        (rtt * 2 + QUICK_JOIN_SLACK).clamp(QUICK_JOIN_MIN, JOIN_RETRY)
+                    });
+                    st.next_refresh = Some(now + first.min(self.config.join_refresh));
                     st.quick_joins = QUICK_JOINS - 1;
                     st.joined_at = Some(now);
                     st.sent_avoid.clear();

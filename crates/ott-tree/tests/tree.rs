@@ -103,42 +103,48 @@ fn hysteresis_small_change_keeps_parent_large_change_switches() {
     sim.check_loop_free().unwrap();
 }
 
-/// s1 -2ms- a -1ms- x ; s1 -3.5ms- b -1ms- x: two routes of two hops.
+/// s1 -4ms- a -1ms- x ; s1 -5.5ms- b -1ms- x: two routes of two hops.
 fn two_ways() -> Sim {
     let mut sim = Sim::new(3);
     sim.add_node("s1", Role::Server);
     sim.add_node("a", Role::Relay);
     sim.add_node("b", Role::Relay);
     sim.add_node("x", Role::Pop);
-    sim.add_link("s1", "a", link(2));
+    sim.add_link("s1", "a", link(4));
     sim.add_link("a", "x", link(1));
-    sim.add_link("s1", "b", LinkParams::new(Duration::from_micros(3_500)));
+    sim.add_link("s1", "b", LinkParams::new(Duration::from_micros(5_500)));
     sim.add_link("b", "x", link(1));
     sim.set_catalogue("s1", vec![news()]);
     sim
 }
 
-#[test]
-fn going_back_to_a_parent_just_left_for_a_small_gain_needs_twice_the_margin() {
-    let mut sim = two_ways();
+fn set_delay(sim: &mut Sim, a: &str, b: &str, us: u64) {
+    sim.set_link(a, b, LinkParams::new(Duration::from_micros(us)));
+}
+
+/// x leaves a for b for a gain of 1.5 ms (over the 1 ms margin, under twice it), then
+/// a becomes better than b by as much again, b staying as it was: a flap.
+fn flap_back(sim: &mut Sim) {
     sim.start();
     sim.run_for(secs(4));
     assert_eq!(sim.node("x").parent("s1"), Some("a"));
-    // b's side becomes 1.5 ms against a's 3 ms: better by 1.5 ms, over the 1 ms margin
-    // but under twice it. x moves once the gain has lasted.
-    sim.set_link("s1", "b", LinkParams::new(Duration::from_micros(500)));
+    set_delay(sim, "s1", "b", 2_500);
     sim.run_for(secs(4));
     assert_eq!(sim.node("x").parent("s1"), Some("b"), "{}", sim.dump_tree());
+    sim.run_for(secs(16));
+    set_delay(sim, "s1", "a", 1_000);
+}
+
+#[test]
+fn going_back_to_a_parent_just_left_for_a_small_gain_needs_twice_the_margin() {
+    let mut sim = two_ways();
+    flap_back(&mut sim);
     let moves = sim.node("x").stats().parent_changes;
-    // Back to 4.5 ms: a is better by the same 1.5 ms. Going back to a so soon would be
-    // a flap: x stays.
-    sim.set_link("s1", "b", LinkParams::new(Duration::from_micros(3_500)));
     sim.run_for(secs(20));
     assert_eq!(sim.node("x").parent("s1"), Some("b"), "{}", sim.dump_tree());
     assert_eq!(sim.node("x").stats().parent_changes, moves);
-    // A gain of over twice that margin is no flap: x goes back within 2 s (the link's
-    // RTT is smoothed over 800 ms).
-    sim.set_link("s1", "b", LinkParams::new(Duration::from_micros(6_500)));
+    // A gain over twice the margin (2.3 ms) takes x back.
+    set_delay(&mut sim, "s1", "a", 200);
     sim.run_for(secs(2));
     assert_eq!(sim.node("x").parent("s1"), Some("a"), "{}", sim.dump_tree());
     sim.check_loop_free().unwrap();
@@ -147,18 +153,27 @@ fn going_back_to_a_parent_just_left_for_a_small_gain_needs_twice_the_margin() {
 #[test]
 fn a_small_gain_moves_back_once_the_flap_window_is_over() {
     let mut sim = two_ways();
-    sim.start();
-    sim.run_for(secs(4));
-    sim.set_link("s1", "b", LinkParams::new(Duration::from_micros(500)));
-    sim.run_for(secs(4));
+    flap_back(&mut sim);
+    sim.run_for(secs(20));
     assert_eq!(sim.node("x").parent("s1"), Some("b"), "{}", sim.dump_tree());
-    sim.set_link("s1", "b", LinkParams::new(Duration::from_micros(3_500)));
-    sim.run_for(secs(50));
-    assert_eq!(sim.node("x").parent("s1"), Some("b"), "{}", sim.dump_tree());
-    // A minute after x left a, the ordinary margin applies again.
-    sim.run_for(secs(12));
+    // A minute after x left a (at 4.5 to 8 s), the ordinary margin applies again.
+    sim.run_for(secs(26));
     assert_eq!(sim.node("x").parent("s1"), Some("a"), "{}", sim.dump_tree());
     sim.check_loop_free().unwrap();
+}
+
+#[test]
+fn a_route_that_got_worse_is_left_for_the_parent_just_left() {
+    let mut sim = two_ways();
+    sim.start();
+    sim.run_for(secs(4));
+    set_delay(&mut sim, "s1", "b", 2_500);
+    sim.run_for(secs(4));
+    assert_eq!(sim.node("x").parent("s1"), Some("b"), "{}", sim.dump_tree());
+    // b's side 1.5 ms slower than a's: a real change, no flap.
+    set_delay(&mut sim, "s1", "b", 5_500);
+    sim.run_for(secs(3));
+    assert_eq!(sim.node("x").parent("s1"), Some("a"), "{}", sim.dump_tree());
 }
 
 #[test]
