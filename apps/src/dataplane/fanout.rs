@@ -19,7 +19,7 @@
 //!
 //! Helpers are started the first time a round reaches the threshold, each with its own
 //! clone of the data socket (same address and port, so children see one sender), and
-//! are stopped and joined when the [`Fanout`] is dropped.
+//! are stopped and joined when the `Fanout` is dropped.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
