@@ -356,7 +356,8 @@ pub struct SendOutcome {
 }
 
 impl SendOutcome {
-    fn add(&mut self, o: SendOutcome) {
+    /// Add the figures of another send to these.
+    pub fn add(&mut self, o: SendOutcome) {
         self.sent += o.sent;
         self.bytes += o.bytes;
         self.failed += o.failed;

@@ -14,6 +14,14 @@
 //! answers only current children within their byte budgets. NACKs the core asks for go
 //! upstream sealed. A failed send to one child is counted and never stops forwarding to
 //! the others.
+//!
+//! With many children, a round's sends are split over a few sender threads by
+//! destination ([`fanout`]): each child is always sent to by the same thread, and a
+//! round is wholly handed to the kernel before the next batch is received, so no stream
+//! is reordered to a child. Viewers' copies are sealed by the core before the round
+//! reaches this shell, so the split changes who sends them, never what is sent.
+
+pub mod fanout;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -78,11 +86,31 @@ pub struct ForwarderConfig {
     /// NACK the upstream for missing datagrams (per-hop loss recovery). Answering
     /// children's NACKs is always on.
     pub nack: bool,
+    /// Most threads that send a round's datagrams, the forwarding thread included (1:
+    /// it sends everything itself). Never more than the cores the process may use
+    /// ([`fanout::available_cores`]). Default: [`fanout::default_threads`].
+    pub fanout_threads: usize,
+    /// Fewest distinct destinations in one round for its sends to be split over the
+    /// threads; below it the forwarding thread sends the round itself, with no thread
+    /// hop. Default: [`fanout::DEFAULT_MIN_CHILDREN`].
+    pub fanout_min_children: usize,
 }
 
 impl Default for ForwarderConfig {
     fn default() -> Self {
-        Self { nack: true }
+        Self {
+            nack: true,
+            fanout_threads: fanout::default_threads(),
+            fanout_min_children: fanout::DEFAULT_MIN_CHILDREN,
+        }
+    }
+}
+
+impl ForwarderConfig {
+    /// The sender threads a forwarder with this configuration uses for a large round:
+    /// `fanout_threads`, at most the cores available, at least 1.
+    pub fn effective_fanout_threads(&self) -> usize {
+        self.fanout_threads.clamp(1, fanout::available_cores())
     }
 }
 
@@ -129,9 +157,17 @@ struct Forwarder {
     core: DataPath,
     /// The core's counters already added to `counters`.
     published: CoreCounters,
-    batch: RecvBatch,
+    /// The receive buffers, shared with the sender threads during a split round (and
+    /// only then: see [`Forwarder::recv`]).
+    batch: Arc<RecvBatch>,
     /// The core's transmits of one round (reused).
     plan: Vec<Transmit>,
+    /// The transmits of a split round that this thread sends itself (reused).
+    local: Vec<Transmit>,
+    /// Spare buffer for the slices of a round (empty between rounds).
+    refs: Vec<(&'static [u8], SocketAddr)>,
+    /// The other sender threads.
+    fanout: fanout::Fanout,
     /// Encoded NACKs of one round (reused).
     nacks: Vec<(usize, Vec<u8>)>,
     /// The core's drops of one run of media datagrams (reused).
@@ -153,7 +189,7 @@ impl Forwarder {
         counters: Arc<Counters>,
     ) -> Self {
         let data_port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
-        let batch = RecvBatch::with_gro(BATCH, &sock);
+        let batch = Arc::new(RecvBatch::with_gro(BATCH, &sock));
         Self {
             gate: keying.gate(),
             sender: keying.sealer("data", incarnation),
@@ -164,6 +200,12 @@ impl Forwarder {
             counters,
             batch,
             plan: Vec::with_capacity(BATCH * 4),
+            local: Vec::new(),
+            refs: Vec::new(),
+            fanout: fanout::Fanout::new(
+                config.effective_fanout_threads(),
+                config.fanout_min_children,
+            ),
             nacks: Vec::new(),
             drops: Vec::new(),
             data_port,
@@ -216,7 +258,7 @@ impl Forwarder {
                     Err(TryRecvError::Empty) => break,
                 }
             }
-            match self.batch.recv(&self.sock) {
+            match self.recv() {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
@@ -302,15 +344,57 @@ impl Forwarder {
         }
     }
 
+    /// Receive the next batch. Every round is sent in full before this is called, so
+    /// no sender thread holds the buffers any more; if one did (a helper that died
+    /// mid-round), fresh buffers take their place.
+    fn recv(&mut self) -> std::io::Result<usize> {
+        if Arc::get_mut(&mut self.batch).is_none() {
+            tracing::warn!("receive buffers still shared: new ones allocated");
+            self.batch = Arc::new(RecvBatch::with_gro(BATCH, &self.sock));
+        }
+        match Arc::get_mut(&mut self.batch) {
+            Some(b) => b.recv(&self.sock),
+            None => Ok(0),
+        }
+    }
+
     /// Add what the core counted since the last call to the node's counters.
     fn publish(&mut self) {
         publish(&self.counters, &mut self.published, self.core.counters());
     }
 
+    /// Send the round the core queued: from this thread alone, or split by destination
+    /// over the sender threads when it reaches enough children ([`fanout`]).
     fn flush(&mut self) {
         self.plan.extend(self.core.drain_transmits());
         if self.plan.is_empty() {
             return;
+        }
+        let split = self
+            .fanout
+            .splits(&self.sock, self.plan.iter().map(|t| t.to));
+        if split {
+            // The helpers' shares leave the plan (their `Bytes` moved, not copied);
+            // what stays is this thread's share and the NACKs upstream.
+            for t in self.plan.drain(..) {
+                let thread = match t.payload {
+                    Payload::Nack { .. } => 0,
+                    _ => self.fanout.sender_of(&t.to),
+                };
+                let d = match t.payload {
+                    Payload::Input { token, len } if thread > 0 => {
+                        fanout::Datagram::Input { token, len }
+                    }
+                    Payload::Bytes(b) if thread > 0 => fanout::Datagram::Bytes(b),
+                    payload => {
+                        self.local.push(Transmit { to: t.to, payload });
+                        continue;
+                    }
+                };
+                self.fanout.push(thread, d, t.to);
+            }
+            std::mem::swap(&mut self.plan, &mut self.local);
+            self.fanout.dispatch(&self.sock, &self.batch);
         }
         self.nacks.clear();
         for (i, t) in self.plan.iter().enumerate() {
@@ -326,13 +410,11 @@ impl Forwarder {
                 }
             }
         }
-        let batch = &self.batch;
+        let batch = &*self.batch;
         let nacks = &self.nacks;
-        let items: Vec<(&[u8], SocketAddr)> = self
-            .plan
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| match &t.payload {
+        let mut items = fanout::recycle(std::mem::take(&mut self.refs));
+        items.extend(self.plan.iter().enumerate().filter_map(|(i, t)| {
+            match &t.payload {
                 Payload::Input { token, len } => batch
                     .get(*token)
                     .and_then(|(d, _)| d.get(..*len))
@@ -342,9 +424,13 @@ impl Forwarder {
                     .iter()
                     .find(|(j, _)| *j == i)
                     .map(|(_, b)| (b.as_slice(), t.to)),
-            })
-            .collect();
-        let out = send_batch(&self.sock, &items);
+            }
+        }));
+        let mut out = send_batch(&self.sock, &items);
+        self.refs = fanout::recycle(items);
+        if split {
+            out.add(self.fanout.wait());
+        }
         add(&self.counters.packets_out, out.sent as u64);
         add(&self.counters.bytes_out, out.bytes as u64);
         if out.failed > 0 {

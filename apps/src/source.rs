@@ -137,7 +137,10 @@ pub fn spawn_source_keyed(
                     }
                 })
                 .collect();
-            let config = dataplane::core_config(ForwarderConfig { nack: false });
+            let config = dataplane::core_config(ForwarderConfig {
+                nack: false,
+                ..ForwarderConfig::default()
+            });
             let mut out = Out {
                 core: DataPath::new(config, keying.key().cloned()),
                 published: CoreCounters::default(),

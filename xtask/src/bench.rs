@@ -46,6 +46,10 @@ pub(crate) struct BenchArgs {
     /// Run the relay with UDP GSO/GRO turned off (`OTT_NO_OFFLOAD`), to compare.
     #[arg(long)]
     no_offload: bool,
+    /// Pass `--fanout-threads N` to the relay (how many threads send a round to many
+    /// subscribers; 1: the forwarding thread alone). Without it, the relay's default.
+    #[arg(long, value_name = "N")]
+    fanout_threads: Option<u16>,
 }
 
 const NET: u8 = 99;
@@ -188,6 +192,11 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             &status.to_string(),
         ])
         .args(&key_args)
+        .args(
+            args.fanout_threads
+                .iter()
+                .flat_map(|n| ["--fanout-threads".to_string(), n.to_string()]),
+        )
         .env("RUST_LOG", "warn")
         .envs(args.no_offload.then_some(("OTT_NO_OFFLOAD", "1")))
         .stdout(log("r1.log")?)
@@ -278,6 +287,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     // of losing the throughput table.
     let lat = measure_latency(&relay, &server_data, key, &subs[0]).map_err(|e| format!("{e:#}"));
 
+    // The relay's sender threads, counted while it runs (its helpers start at the
+    // first round to many subscribers, so the 100-subscriber row has started them).
+    let helpers = threads_named(relay.pid, "data-send-");
     stop.store(true, Ordering::SeqCst);
     let _ = join_thread.join();
     let _ = ctrl_thread.join();
@@ -292,8 +304,29 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             if o.gro { "on" } else { "unavailable" }
         )
     };
-    print_table(&rows, &lat, prototype, !args.no_key, &offloads);
+    let fanout = format!(
+        "{} sender thread{} for large rounds ({}; {} cores here)",
+        helpers + 1,
+        if helpers == 0 { "" } else { "s" },
+        match args.fanout_threads {
+            Some(n) => format!("--fanout-threads {n}"),
+            None => "the relay's default".to_string(),
+        },
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    );
+    print_table(&rows, &lat, prototype, !args.no_key, &offloads, &fanout);
     Ok(())
+}
+
+/// How many threads of process `pid` have a name starting with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
 }
 
 /// The run's key file, removed when the run ends however it ends.
@@ -754,6 +787,7 @@ fn print_table(
     prototype: Option<Throughput>,
     keyed: bool,
     offloads: &str,
+    fanout: &str,
 ) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "\nrelay forwarding on loopback, {PAYLOAD}-byte payloads (ours = ott-node, baseline = recvmmsg/sendmmsg loop)");
@@ -768,8 +802,9 @@ fn print_table(
     );
     let _ = writeln!(
         out,
-        "relay UDP offload: {offloads}; generator sends with send_batch (GSO when on)\n"
+        "relay UDP offload: {offloads}; generator sends with send_batch (GSO when on)"
     );
+    let _ = writeln!(out, "relay fan-out: {fanout}\n");
     let _ = writeln!(
         out,
         "{:<12} {:>12} {:>12} {:>10} {:>10} {:>12} {:>12} {:>8} {:>10}",

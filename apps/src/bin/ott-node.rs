@@ -32,6 +32,12 @@ struct Args {
     /// for comparisons). Children's requests are still answered.
     #[arg(long)]
     no_nack: bool,
+    /// Threads that send media when a batch goes to many children (8 or more): each
+    /// child is always sent to by the same thread, so its stream keeps its order. 1
+    /// sends everything from the forwarding thread. Default: the cores available, at
+    /// most 4 (never more than the cores).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    fanout_threads: Option<u16>,
     /// The overlay's shared key: a file of at least 32 random bytes (e.g.
     /// `head -c 32 /dev/urandom > overlay.key`), the same for every server, relay, PoP
     /// and the bootstrapper. Without it the overlay's datagrams carry no tags (a warning).
@@ -98,6 +104,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         Box::new(move |sock, counters, cmds| {
             let config = ott_apps::dataplane::ForwarderConfig {
                 nack: !args.no_nack,
+                fanout_threads: args
+                    .fanout_threads
+                    .map_or_else(ott_apps::dataplane::fanout::default_threads, usize::from),
+                ..ott_apps::dataplane::ForwarderConfig::default()
             };
             ott_apps::dataplane::spawn_forwarder_keyed(
                 config,
