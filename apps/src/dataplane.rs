@@ -94,6 +94,8 @@ pub struct ForwarderConfig {
     /// threads; below it the forwarding thread sends the round itself, with no thread
     /// hop. Default: [`fanout::DEFAULT_MIN_CHILDREN`].
     pub fanout_min_children: usize,
+    /// ... and fewest sends (default [`fanout::MIN_SENDS`]).
+    pub fanout_min_sends: usize,
 }
 
 impl Default for ForwarderConfig {
@@ -102,6 +104,7 @@ impl Default for ForwarderConfig {
             nack: true,
             fanout_threads: fanout::default_threads(),
             fanout_min_children: fanout::DEFAULT_MIN_CHILDREN,
+            fanout_min_sends: fanout::MIN_SENDS,
         }
     }
 }
@@ -205,6 +208,7 @@ impl Forwarder {
             fanout: fanout::Fanout::new(
                 config.effective_fanout_threads(),
                 config.fanout_min_children,
+                config.fanout_min_sends,
             ),
             nacks: Vec::new(),
             drops: Vec::new(),

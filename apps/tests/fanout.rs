@@ -118,6 +118,8 @@ fn many_children_over_two_sender_threads_get_every_datagram_in_order() {
     let config = ForwarderConfig {
         fanout_threads: 2,
         fanout_min_children: 8,
+        // Every round splits, single datagrams too (by default only rounds of 64 sends).
+        fanout_min_sends: 1,
         ..ForwarderConfig::default()
     };
     let threads = config.effective_fanout_threads();

@@ -1,6 +1,7 @@
 //! Fan-out over several sender threads, for a forwarder with many children.
 //!
-//! When one round's transmits reach at least `min_children` distinct destinations, the
+//! When one round's transmits reach at least `min_children` distinct destinations (and
+//! [`MIN_SENDS`] sends), the
 //! forwarder splits them by destination: [`sender_of`] (a fixed hash of the address)
 //! names the thread that sends to each child, share 0 being the forwarder's own thread
 //! and shares 1.. the helpers'. A child's datagrams are therefore always sent by one
@@ -38,6 +39,11 @@ pub const DEFAULT_MAX_THREADS: usize = 4;
 /// Fewest distinct destinations in one round for it to be split, by default. Below it
 /// the forwarder sends the round itself, as with one thread.
 pub const DEFAULT_MIN_CHILDREN: usize = 8;
+
+/// Fewest sends in one round for it to be split, by default: a round of a datagram or two (a live
+/// stream's usual batch) costs less to send than to hand over to another thread, and
+/// would only add the hand-over to its delay.
+pub const MIN_SENDS: usize = 64;
 
 /// The cores this process may use (1 when unknown).
 pub fn available_cores() -> usize {
@@ -144,6 +150,7 @@ pub(crate) struct Fanout {
     /// Sender threads in all, the forwarder's own included (1: never split).
     threads: usize,
     min_children: usize,
+    min_sends: usize,
     /// `threads - 1` once started.
     helpers: Vec<Helper>,
     /// Set when starting the helpers failed: every round is sent by the forwarder.
@@ -157,11 +164,12 @@ pub(crate) struct Fanout {
 
 impl Fanout {
     /// Up to `threads` sender threads (the forwarder's included), used for rounds with
-    /// at least `min_children` destinations.
-    pub(crate) fn new(threads: usize, min_children: usize) -> Self {
+    /// at least `min_children` destinations and `min_sends` sends.
+    pub(crate) fn new(threads: usize, min_children: usize, min_sends: usize) -> Self {
         Self {
             threads: threads.max(1),
             min_children,
+            min_sends,
             helpers: Vec::new(),
             off: false,
             seen: HashSet::new(),
@@ -184,9 +192,9 @@ impl Fanout {
     pub(crate) fn splits(
         &mut self,
         sock: &UdpSocket,
-        dests: impl Iterator<Item = SocketAddr>,
+        dests: impl ExactSizeIterator<Item = SocketAddr>,
     ) -> bool {
-        if self.threads < 2 || self.off {
+        if self.threads < 2 || self.off || dests.len() < self.min_sends {
             return false;
         }
         if !distinct_at_least(dests, self.min_children, &mut self.seen) {
@@ -460,7 +468,7 @@ mod tests {
             .iter()
             .map(|c| c.local_addr().expect("addr"))
             .collect();
-        let mut f = Fanout::new(3, 8);
+        let mut f = Fanout::new(3, 8, 1);
         let batch = Arc::new(RecvBatch::new(1));
         let rounds = 20u32;
         let mut local_sent = 0;
@@ -508,10 +516,17 @@ mod tests {
     fn one_thread_or_few_children_never_split() {
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let many: Vec<SocketAddr> = (0..20).map(|i| addr(i, 9)).collect();
-        let mut one = Fanout::new(1, 8);
+        let mut one = Fanout::new(1, 8, 1);
         assert!(!one.splits(&sock, many.iter().copied()));
-        let mut f = Fanout::new(2, 8);
+        let mut f = Fanout::new(2, 8, 1);
         assert!(!f.splits(&sock, many[..7].iter().copied()));
+        let mut few_sends = Fanout::new(2, 8, 64);
+        assert!(
+            !few_sends.splits(&sock, many.iter().copied()),
+            "20 sends < 64"
+        );
+        let sixty_four: Vec<SocketAddr> = many.iter().cycle().take(64).copied().collect();
+        assert!(few_sends.splits(&sock, sixty_four.into_iter()));
         assert_eq!(
             f.active_threads(),
             1,
