@@ -218,11 +218,15 @@ pub struct NodeStats {
     /// was suspected), as opposed to moves to a better route.
     pub failovers: u64,
     /// Parents suspected after a silence of their media ([`Node::handle_upstream_silent`]),
-    /// or on a neighbour's route request while they were quiet.
+    /// or on a neighbour's route request or a first child's `Join` while they were quiet.
     pub suspect_parents: u64,
     /// Of those, suspected on a neighbour's route request (the parent had not been
     /// heard for a heartbeat interval).
     pub suspect_on_request: u64,
+    /// Of those, suspected when a first child (a viewer moving here, a node) subscribed
+    /// a stream that would come through them (the parent had not been heard for a
+    /// heartbeat interval).
+    pub suspect_on_join: u64,
     /// Route requests sent because a suspected parent was still the only way.
     pub suspect_route_requests: u64,
     /// Viewers told that their stream's path is lost (a `Withdraw`) because its
@@ -830,7 +834,9 @@ impl Node {
             return;
         }
         if server != self.config.id {
-            self.suspect_quiet_parent(now, server);
+            if self.suspect_quiet_parent(now, server) {
+                self.stats.suspect_on_request += 1;
+            }
         }
         if server == self.config.id {
             if self.config.role != Role::Server {
@@ -1027,12 +1033,13 @@ impl Node {
     /// a parent we have not heard from for about a heartbeat interval, the same break is
     /// likely ours (a node that carries no stream gets no silence hint and would wait
     /// for the dead-after time): the parent is suspected as on a silence hint.
-    fn suspect_quiet_parent(&mut self, now: Instant, server: &str) {
+    /// Whether the parent was suspected.
+    fn suspect_quiet_parent(&mut self, now: Instant, server: &str) -> bool {
         let Some(parent) = self.routes.get(server).and_then(|r| r.parent.clone()) else {
-            return;
+            return false;
         };
         if self.suspects.contains_key(&parent) {
-            return;
+            return false;
         }
         let alive_within = self.config.liveness.heartbeat_interval + PARENT_HEARD_SLACK;
         if self
@@ -1040,15 +1047,15 @@ impl Node {
             .last_heard(&parent)
             .is_none_or(|t| now.saturating_duration_since(t) < alive_within)
         {
-            return;
+            return false;
         }
-        tracing::info!(node = %self.config.id, parent = %parent, server, "route request while the parent is quiet, parent suspected");
+        tracing::info!(node = %self.config.id, parent = %parent, server, "parent quiet when asked for a route or a new stream, parent suspected");
         self.stats.suspect_parents += 1;
-        self.stats.suspect_on_request += 1;
         self.suspects
             .insert(parent.clone(), now + self.config.suspect_for);
         self.update(now);
         self.ask_around_suspect(now, &parent);
+        true
     }
 
     fn on_join(
@@ -1098,6 +1105,7 @@ impl Node {
         }
         let key = SocketAddr::new(from.ip(), data_port);
         let expires = now + self.config.join_expiry;
+        let fresh = self.not_carried(stream);
         let children = &mut self.streams.entry(stream).or_default().children;
         // A refresh keeps what the child asked to avoid.
         let (avoid, avoid_until) = children
@@ -1116,6 +1124,9 @@ impl Node {
                 avoid_until,
             },
         );
+        if fresh {
+            self.suspect_quiet_parent_of(now, stream);
+        }
     }
 
     /// A child's [`Message::Avoid`]: only for an existing subscription at the sender's
@@ -1254,6 +1265,7 @@ impl Node {
         let session = SessionKey::derive(&self.config.admission_secret, data);
         let session_key = session.bytes();
         let expires = now + self.config.join_expiry;
+        let fresh = self.not_carried(stream);
         let st = self.streams.entry(stream).or_default();
         match st.children.get_mut(&data) {
             Some(c) if c.node.is_some() => {
@@ -1289,6 +1301,32 @@ impl Node {
         });
         if age > 0 {
             self.send_cookie(now, data, stream);
+        }
+        if fresh {
+            self.suspect_quiet_parent_of(now, stream);
+        }
+    }
+
+    /// Whether `stream` has no upstream yet (a first child subscribes it).
+    fn not_carried(&self, stream: StreamId) -> bool {
+        self.streams
+            .get(&stream)
+            .is_none_or(|st| st.upstream.is_none())
+    }
+
+    /// A first child subscribed `stream`, which must now come through our parent for its
+    /// server. A viewer moves here when its PoP lost its path, and our path may run
+    /// through the same dead node: if the parent has been quiet for over a heartbeat
+    /// interval, it is suspected as on a route request, instead of the viewer waiting
+    /// for the dead-after time (a node that carried no stream had no silence hint).
+    fn suspect_quiet_parent_of(&mut self, now: Instant, stream: StreamId) {
+        if self.own_catalogue.iter().any(|s| s.id == stream) {
+            return;
+        }
+        if let Some(server) = self.source_route(stream).map(|(s, _)| s.to_owned()) {
+            if self.suspect_quiet_parent(now, &server) {
+                self.stats.suspect_on_join += 1;
+            }
         }
     }
 
@@ -1526,6 +1564,11 @@ impl Node {
         if self.own_catalogue.iter().any(|s| s.id == stream) {
             return Some(None);
         }
+        self.source_route(stream).map(|(_, p)| Some(p.to_owned()))
+    }
+
+    /// The server and parent of the best route to a server offering `stream`.
+    fn source_route(&self, stream: StreamId) -> Option<(&str, &str)> {
         self.routes
             .iter()
             .filter_map(|(server, r)| {
@@ -1535,10 +1578,10 @@ impl Node {
                     return None;
                 }
                 let (lat, hops) = self.eligible(p, o)?;
-                Some(((lat, hops, server.clone()), p.clone()))
+                Some(((lat, hops, server.as_str()), p.as_str()))
             })
             .min()
-            .map(|(_, p)| Some(p))
+            .map(|((_, _, server), p)| (server, p))
     }
 
     /// (latency µs, hops) of the best route to any server; (0, 0) on a server.
@@ -2622,6 +2665,50 @@ mod tests {
         assert_eq!(n.parent("s"), Some("a"));
         drain(&mut n);
         (n, t0)
+    }
+
+    #[test]
+    fn test_a_first_join_while_the_parent_is_quiet_moves_the_node() {
+        // A relay that carries nothing under a, with a way round through b; c subscribes
+        // a stream (a viewer moving here because its PoP lost its path would too).
+        let (mut n, t0) = three_neighbours("r", Role::Relay, &["s", "a"], &["s", "b"]);
+        let news = ott_proto::stream_id_for("news");
+        let join = |n: &mut Node, t: Instant| {
+            n.handle(
+                t,
+                addr(3),
+                Message::Join {
+                    stream: news,
+                    data_port: 9,
+                    from: Some("c".into()),
+                },
+            )
+        };
+        // a heard 30 ms ago: alive, the stream is taken from it.
+        let t1 = t0 + Duration::from_millis(200);
+        n.handle(t1 - Duration::from_millis(30), addr(1), hb("a", 1));
+        join(&mut n, t1);
+        assert_eq!(n.stats().suspect_on_join, 0);
+        assert_eq!(n.upstream(news), Some("a"));
+        // A refresh of a carried stream is no first join, however quiet a is.
+        join(&mut n, t1 + Duration::from_millis(60));
+        assert_eq!(n.stats().suspect_on_join, 0);
+        // The stream dropped (its child gone), then subscribed again while a has been
+        // quiet for over a heartbeat interval: a is suspected and the stream comes
+        // through b at once, long before a is declared dead.
+        n.handle(
+            t1 + Duration::from_millis(70),
+            addr(3),
+            Message::Leave {
+                stream: news,
+                data_port: 9,
+            },
+        );
+        assert_eq!(n.upstream(news), None);
+        join(&mut n, t1 + Duration::from_millis(80));
+        assert_eq!(n.stats().suspect_on_join, 1);
+        assert_eq!(n.parent("s"), Some("b"));
+        assert_eq!(n.upstream(news), Some("b"));
     }
 
     #[test]
