@@ -833,10 +833,8 @@ impl Node {
             self.stats.route_requests_limited += 1;
             return;
         }
-        if server != self.config.id {
-            if self.suspect_quiet_parent(now, server) {
-                self.stats.suspect_on_request += 1;
-            }
+        if server != self.config.id && self.suspect_quiet_parent(now, server) {
+            self.stats.suspect_on_request += 1;
         }
         if server == self.config.id {
             if self.config.role != Role::Server {
