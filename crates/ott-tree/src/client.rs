@@ -81,8 +81,9 @@ pub struct ClientConfig {
     pub probe_interval: Duration,
     /// A probe unanswered after this long counts as lost (default 1 s).
     pub probe_timeout: Duration,
-    /// The `Join` of the watched stream is repeated this often (default 1 s): the PoP
-    /// holds subscriptions as soft state.
+    /// The `Join` of the watched stream is repeated this often (default 500 ms): the PoP
+    /// holds subscriptions as soft state (3.5 s), and seven refreshes per expiry keep
+    /// one under loss.
     pub join_refresh: Duration,
     /// Until the current PoP confirms the watched stream with `Admitted`, the `Join` is
     /// repeated this often instead (default 200 ms): a lost `Join`, `Cookie` or echo costs
@@ -144,7 +145,7 @@ impl Default for ClientConfig {
         Self {
             probe_interval: Duration::from_secs(1),
             probe_timeout: Duration::from_secs(1),
-            join_refresh: Duration::from_secs(1),
+            join_refresh: Duration::from_millis(500),
             join_retry: Duration::from_millis(200),
             loss_window: 20,
             switch_margin: 0.2,

@@ -39,7 +39,10 @@ pub struct NodeConfig {
     pub seq_slack: Duration,
     /// Servers only: period of announcements (default 1 s).
     pub announce_interval: Duration,
-    /// Period of `Join` refreshes sent upstream (default 1 s).
+    /// Period of `Join` refreshes sent upstream (default 500 ms: seven refreshes per
+    /// [`NodeConfig::join_expiry`]; with one a second, three lost in a row on an
+    /// overlay link that crosses several lossy underlay links dropped a subscription
+    /// now and then, and the media with it, with its parent alive).
     pub join_refresh: Duration,
     /// A child whose `Join` is not refreshed for this long is dropped (default 3.5 s).
     pub join_expiry: Duration,
@@ -104,7 +107,7 @@ impl NodeConfig {
             liveness: LivenessConfig::default(),
             seq_slack: Duration::from_secs(2),
             announce_interval: Duration::from_secs(1),
-            join_refresh: Duration::from_secs(1),
+            join_refresh: Duration::from_millis(500),
             join_expiry: Duration::from_millis(3500),
             route_expiry: Duration::from_millis(3500),
             hysteresis_rel: 0.10,
