@@ -9,7 +9,7 @@
 //! topology gives that node. When the control loop has ended, one last report says the
 //! node is leaving.
 //!
-//! **Overlay key.** Every datagram passes through [`Reporter::seal`] just before it is
+//! **Overlay key.** Every datagram passes through `Reporter::seal` just before it is
 //! sent: the one place where sealing with the overlay key wraps the report (the
 //! bootstrapper unwraps in [`crate::dashboard::Opener`] before decoding).
 
