@@ -87,7 +87,7 @@ pub fn media_digest(datagram: &[u8]) -> [u8; DIGEST_LEN] {
 }
 
 /// [`media_digest`] of each of `datagrams`, in order, into `digests` (cleared first):
-/// the same bytes, computed side by side (see [`keyed_hashes_many`]).
+/// the same bytes, computed side by side (see `keyed_hashes_many`).
 pub fn media_digests_many(datagrams: &[&[u8]], digests: &mut Vec<[u8; DIGEST_LEN]>) {
     keyed_hashes_many(&digest_key(), datagrams, digests);
 }

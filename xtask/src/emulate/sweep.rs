@@ -1,5 +1,5 @@
 //! `emulate --random SEED` and `--random-sweep K`: generated topologies
-//! ([`random::generate`](super::random::generate)) in namespaces with a viewer on every
+//! ([`super::random::generate`]) in namespaces with a viewer on every
 //! client node, optional loss on every link and a relay killed halfway, and one line per
 //! seed: viewers, frames intact (the worst viewer and all together), longest stall and a
 //! verdict against SPEC §9 (every frame without faults, 99.9 % with loss or a kill).
