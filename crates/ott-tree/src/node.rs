@@ -67,9 +67,9 @@ pub struct NodeConfig {
     /// Flap damping: for this long after a node left a parent for a route better by
     /// less than twice the margin (default 60 s), going back to that parent needs twice
     /// the margin, unless the route taken got worse by more than the margin since (a
-    /// real change). Two routes of about the same
-    /// latency under jitter would otherwise trade places every few seconds; a clear
-    /// gain (a real change, the tree forming) is no flap and damps nothing.
+    /// real change). Two routes of about the same latency under jitter would otherwise
+    /// trade places every few seconds; a move for a gain of twice the margin or more (a
+    /// real change, the tree forming) is no flap and damps nothing.
     pub flap_window: Duration,
     /// A parent suspected by [`Node::handle_upstream_silent`] is not taken as a parent
     /// for this long (default 1 s) unless it is the only way to the server.
@@ -1842,9 +1842,9 @@ impl Node {
                 let mut margin = micros(self.config.hysteresis_abs)
                     .max((cur_lat as f64 * self.config.hysteresis_rel) as u64)
                     .max(spread as u64);
-                // Going back to the parent we just left for a marginal gain: a flap
-                // unless the gain is clear.
-                // Not when our route got worse since: that is a real change.
+                // Going back to the parent we just left for a marginal gain is a flap
+                // unless the gain is twice the margin; not when our route got worse
+                // since (by more than the margin): that is a real change.
                 let back = r.left.as_ref().is_some_and(|(n, t, lat)| {
                     same_id(n, best.2)
                         && now.saturating_duration_since(*t) < self.config.flap_window
