@@ -389,6 +389,24 @@ struct StreamState {
     sent_avoid: Vec<NodeId>,
 }
 
+/// Queue a `Withdraw` naming no server (every path to the stream is gone, or about to
+/// be) to each viewer among `children`; returns how many.
+fn withdraw_to_viewers(
+    children: &BTreeMap<SocketAddr, Child>,
+    me: &str,
+    transmits: &mut VecDeque<ControlTransmit>,
+) -> u64 {
+    let mut sent = 0;
+    for (addr, c) in children.iter().filter(|(_, c)| c.node.is_none()) {
+        transmits.push_back(ControlTransmit {
+            to: SocketAddr::new(addr.ip(), c.ctrl_port),
+            msg: withdraw(me, "", 0),
+        });
+        sent += 1;
+    }
+    sent
+}
+
 /// "`from` has no path to `server` any more (as of announcement `seq`)."
 fn withdraw(from: &str, server: &str, seq: u64) -> Message {
     Message::Withdraw {
@@ -993,17 +1011,9 @@ impl Node {
         let Some(st) = self.streams.get(&stream) else {
             return;
         };
-        let me = self.config.id.clone();
-        for (addr, c) in &st.children {
-            if c.node.is_none() {
-                self.stats.withdraws_out += 1;
-                self.stats.viewers_warned += 1;
-                self.transmits.push_back(ControlTransmit {
-                    to: SocketAddr::new(addr.ip(), c.ctrl_port),
-                    msg: withdraw(&me, "", 0),
-                });
-            }
-        }
+        let sent = withdraw_to_viewers(&st.children, &self.config.id, &mut self.transmits);
+        self.stats.withdraws_out += sent;
+        self.stats.viewers_warned += sent;
     }
 
     /// Every server whose route still runs through the suspected `parent` (no other
@@ -2092,17 +2102,8 @@ impl Node {
             if desired.is_none() && st.upstream.is_some() {
                 // Every path to the stream is lost: tell the viewers at once, so they
                 // move to another PoP instead of waiting for the silence to show.
-                for (addr, c) in &st.children {
-                    if c.node.is_none() {
-                        let to = SocketAddr::new(addr.ip(), c.ctrl_port);
-                        self.stats.withdraws_out += 1;
-                        self.transmits.push_back(ControlTransmit {
-                            to,
-                            // To a viewer: no server in particular, every path is gone.
-                            msg: withdraw(&me, "", 0),
-                        });
-                    }
-                }
+                self.stats.withdraws_out +=
+                    withdraw_to_viewers(&st.children, &me, &mut self.transmits);
             }
             if desired != st.upstream {
                 if let Some(new) = &desired {
