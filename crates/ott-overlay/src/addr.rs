@@ -270,7 +270,7 @@ impl Topology {
                 continue;
             };
             // Delays are validated finite and not negative.
-            let cost = (l.delay_ms * 1000.0).round() as u64 + 1;
+            let cost = ((l.delay_ms * 1000.0).round() as u64).saturating_add(1);
             adj[a].push((b, k, cost));
             adj[b].push((a, k, cost));
         }
