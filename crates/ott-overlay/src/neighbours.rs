@@ -184,6 +184,9 @@ struct Peer {
     fp: u64,
     alive: bool,
     srtt: Option<Duration>,
+    /// Mean deviation of the RTT samples from `srtt` (RFC 6298 RTTVAR, beta 1/4): it
+    /// follows a change in the link's jitter within a few heartbeats.
+    rttvar: Duration,
     incarnation: Option<u64>,
     last_heard: Option<Instant>,
     /// The longest silence it came back from while alive, and when it ended: for
@@ -275,6 +278,7 @@ impl Neighbours {
                 addrs,
                 alive: false,
                 srtt: None,
+                rttvar: Duration::ZERO,
                 survived: None,
                 incarnation: None,
                 last_heard: None,
@@ -363,7 +367,27 @@ impl Neighbours {
         self.find(id).filter(|p| p.alive).and_then(|p| p.srtt)
     }
 
-    /// Smoothed RTT to `id` (RFC 6298 SRTT, alpha 1/8; the first sample is taken as is).
+    /// [`Neighbours::rtt_if_alive`] and how much that smoothed RTT itself wanders
+    /// under the link's jitter: the samples' mean deviation scaled by the smoothing
+    /// (an average of n samples varies about 1/√(2n−1) as much as one sample). The
+    /// spread rises within a few heartbeats of jitter starting, long before a route's
+    /// announced latencies can show it.
+    pub fn rtt_and_spread_if_alive(&self, id: &str) -> Option<(Duration, Duration)> {
+        let p = self.find(id).filter(|p| p.alive)?;
+        let srtt = p.srtt?;
+        let n = self.smoothing_samples();
+        let root = f64::from(2 * n - 1).sqrt();
+        Some((srtt, p.rttvar.div_f64(root)))
+    }
+
+    /// How many samples the smoothed RTT averages over, at this heartbeat interval.
+    fn smoothing_samples(&self) -> u32 {
+        (RTT_SMOOTHING.as_micros() / self.config.heartbeat_interval.as_micros().max(1)).clamp(1, 64)
+            as u32
+    }
+
+    /// Smoothed RTT to `id` (RFC 6298 SRTT, alpha 1/n with n samples over 800 ms; the
+    /// first sample is taken as is).
     pub fn rtt(&self, id: &str) -> Option<Duration> {
         self.find(id).and_then(|p| p.srtt)
     }
@@ -460,10 +484,12 @@ impl Neighbours {
                         // Smoothed over about RTT_SMOOTHING of samples whatever the
                         // heartbeat rate, so the tree and the clients see the same
                         // steadiness at any --heartbeat-ms.
-                        let n = (RTT_SMOOTHING.as_micros()
-                            / self.config.heartbeat_interval.as_micros().max(1))
-                        .clamp(1, 64) as u32;
+                        let n = self.smoothing_samples();
                         if let Some(p) = self.peers.get_mut(i) {
+                            if let Some(s) = p.srtt {
+                                let dev = sample.abs_diff(s);
+                                p.rttvar = (p.rttvar * 3 + dev) / 4;
+                            }
                             p.srtt = Some(match p.srtt {
                                 None => sample,
                                 Some(s) => (s * (n - 1) + sample) / n,
@@ -537,6 +563,7 @@ impl Neighbours {
             }
             tracing::info!(peer = %id, old, new = incarnation, "neighbour restarted");
             p.srtt = None;
+            p.rttvar = Duration::ZERO;
             self.events
                 .push_back(NeighbourEvent::Restarted(p.addrs.id.clone()));
         }

@@ -416,6 +416,12 @@ fn withdraw(from: &str, server: &str, seq: u64) -> Message {
     }
 }
 
+/// A route's (effective latency µs, hops).
+type Metric = (u64, u32);
+/// A route's measured spreads, µs: of its announced latency, and of its first link's
+/// half RTT.
+type Spreads = (u64, u64);
+
 /// The feasibility distance after taking or advertising a route of (`seq`, `hops`): it
 /// only ever moves to a newer seq, or to fewer hops at the same seq.
 fn advance_fd(fd: Option<(u64, u32)>, seq: u64, hops: u32) -> (u64, u32) {
@@ -753,7 +759,14 @@ impl Node {
             self.stats.ignored += 1;
             return;
         }
-        if route.offers.get(&n).is_some_and(|o| o.seq > seq) {
+        // Older than what we have, or stale at the same seq: a node takes a route at the
+        // same seq only if it is strictly shorter (the feasibility condition), so at one
+        // seq the paths a neighbour announces only get shorter. A longer or equally long
+        // other path at the seq we hold is an announcement overtaken on the way (jitter
+        // reorders datagrams); taking it would make our own route look unfeasible.
+        if route.offers.get(&n).is_some_and(|o| {
+            o.seq > seq || (o.seq == seq && o.path != path && path.len() >= o.path.len())
+        }) {
             self.stats.ignored += 1;
             return;
         }
@@ -1814,13 +1827,19 @@ impl Node {
             return;
         };
         let fd = r.fd;
-        // (effective latency, hops), spread, id of every feasible offer (borrowed: this
-        // runs after every input, and allocates one vector).
-        let mut cands: Vec<((u64, u32), u64, &str)> = r
+        // (effective latency, hops), spreads (route, link), id of every feasible offer
+        // (borrowed: this runs after every input, and allocates one vector).
+        let mut cands: Vec<(Metric, Spreads, &str)> = r
             .offers
             .iter()
             .filter(|(_, o)| Self::feasible(fd, o))
-            .filter_map(|(n, o)| self.eligible(n, o).map(|m| (m, o.dev_us, n.as_str())))
+            .filter_map(|(n, o)| {
+                let (rtt, spread) = self.nb.rtt_and_spread_if_alive(n)?;
+                debug_assert!(!o.through_us);
+                let hops = u32::try_from(o.path.len()).unwrap_or(u32::MAX);
+                let lat = o.latency_us.saturating_add(micros(rtt) / 2);
+                Some(((lat, hops), (o.dev_us, micros(spread) / 2), n.as_str()))
+            })
             .collect();
         // A suspected neighbour is no parent while there is another way.
         if !self.suspects.is_empty()
@@ -1846,12 +1865,16 @@ impl Node {
         let new: Option<&str> = match (current, best) {
             (Some(cur), Some(best)) => {
                 let cur_lat = cur.0 .0;
-                // The smaller of the two spreads: a real change of the parent's path
-                // shows as spread too, and must not hold the parent in place.
-                let spread = cur.1.min(best.1) as f64 * self.config.hysteresis_spread;
+                // The smaller of the two spreads, of the routes (measured from their
+                // announcements) or of the links (from the heartbeats, whichever is
+                // wider): a real change of the parent's path shows as spread too, and
+                // must not hold the parent in place.
+                let k = self.config.hysteresis_spread;
+                let ((cur_dev, cur_link), (best_dev, best_link)) = (cur.1, best.1);
+                let spread = cur_dev.min(best_dev).max(cur_link.min(best_link));
                 let mut margin = micros(self.config.hysteresis_abs)
                     .max((cur_lat as f64 * self.config.hysteresis_rel) as u64)
-                    .max(spread as u64);
+                    .max((spread as f64 * k) as u64);
                 // Going back to the parent we just left for a marginal gain is a flap
                 // unless the gain is twice the margin; not when our route got worse
                 // since (by more than the margin): that is a real change.
@@ -1873,8 +1896,11 @@ impl Node {
                     };
                     better = Some((best.2, since));
                     let gain = best.0 .0.saturating_add(margin) < cur_lat;
-                    // A gain of twice the margin is no jitter: no need to wait.
-                    let clear = best.0 .0.saturating_add(2 * margin) < cur_lat;
+                    // A gain of twice the margin is no jitter: no need to wait. Not
+                    // without the wait while either link is jittery: where jitter
+                    // starts, one link's RTT jumps before the other's spread shows it.
+                    let wide = (cur_link.max(best_link) as f64 * k) as u64;
+                    let clear = best.0 .0.saturating_add(2 * margin.max(wide)) < cur_lat;
                     let waited = now.saturating_duration_since(since) >= self.config.better_for;
                     if !held && gain && (waited || clear) {
                         marginal = (!clear).then_some(best.0 .0);
@@ -2667,6 +2693,41 @@ mod tests {
         assert_eq!(n.parent("s"), Some("a"));
         drain(&mut n);
         (n, t0)
+    }
+
+    #[test]
+    fn test_an_announcement_overtaken_at_the_same_seq_is_stale() {
+        // a reaches s through x (2 hops), then moves to a direct link and announces the
+        // same seq with the shorter path; jitter delivers the older, longer one last.
+        let (mut n, t0) = with_three_neighbours("p", Role::Pop);
+        let offer = |path: &[&str]| Message::Announce {
+            server: "s".into(),
+            seq: 7,
+            path: path.iter().map(|&p| p.into()).collect(),
+            latency_us: 1_000,
+            catalogue: vec![StreamInfo::new("news", MediaKind::Mjpeg, 25_000)],
+        };
+        n.handle(t0, addr(1), offer(&["s", "a"]));
+        assert_eq!(n.parent("s"), Some("a"));
+        assert_eq!(n.status().hops, Some(2));
+        let ignored = n.stats().ignored;
+        n.handle(t0, addr(1), offer(&["s", "x", "a"]));
+        // Taken, it would have made our own route unfeasible (at seq 7 we were two
+        // hops away): the node would have dropped its parent and asked for a route.
+        assert_eq!(n.stats().ignored, ignored + 1);
+        assert_eq!(n.parent("s"), Some("a"));
+        assert_eq!(n.status().path, ["s", "a", "p"]);
+        assert_eq!(n.stats().parent_changes, 1);
+        // A newer seq with the longer path is news, not a stale copy.
+        let newer = Message::Announce {
+            server: "s".into(),
+            seq: 8,
+            path: vec!["s".into(), "x".into(), "a".into()],
+            latency_us: 1_000,
+            catalogue: vec![StreamInfo::new("news", MediaKind::Mjpeg, 25_000)],
+        };
+        n.handle(t0, addr(1), newer);
+        assert_eq!(n.status().path, ["s", "x", "a", "p"]);
     }
 
     #[test]

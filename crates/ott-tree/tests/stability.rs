@@ -26,9 +26,9 @@ fn seed_with(seed: u64, jitter_ms: u64, loss: f64) -> Sim {
         sim.add_client(c, &pops);
         sim.select_stream(c, SIM_STREAM);
     }
+    add_jitter(&mut sim, jitter_ms);
     for (a, b) in sim.links() {
         let mut p = sim.link_params(&a, &b).expect("listed link exists");
-        p.jitter += Duration::from_millis(2 * jitter_ms);
         p.loss = 1.0 - (1.0 - p.loss) * (1.0 - loss);
         sim.set_link(&a, &b, p);
     }
@@ -64,6 +64,42 @@ fn jitter_of_20_ms_on_every_link_moves_no_parent_more_than_once_a_minute() {
             );
         }
         sim.check_loop_free().expect("loop free");
+    }
+}
+
+/// Jitter that starts on every link at once, after the tree formed without any: the
+/// spreads measured so far are near zero, and the first jittered heartbeat of one link
+/// must not move a node before the other links' jitter shows.
+#[test]
+fn jitter_starting_after_the_tree_formed_moves_no_parent_more_than_once_a_minute() {
+    for seed in [1, 2, 14, 17] {
+        let mut sim = seed_with(seed, 0, 0.0);
+        sim.start();
+        sim.run_for(Duration::from_secs(20));
+        add_jitter(&mut sim, 20);
+        let before = parent_changes(&sim);
+        sim.run_for(Duration::from_secs(60));
+        let after = parent_changes(&sim);
+        for (n, b) in &before {
+            let moves = after[n] - b;
+            // The simulator's jitter is an extra delay of 0 to 2×20 ms: it raises the
+            // mean, more on longer paths, so one move is a real change.
+            assert!(
+                moves <= 1,
+                "seed {seed}: {n} changed parent {moves} times in the first minute of jitter ({:?})",
+                sim.node(n).stats()
+            );
+        }
+        sim.check_loop_free().expect("loop free");
+    }
+}
+
+/// Add ±`jitter_ms` (a uniform extra 0 to 2×`jitter_ms`) to every link.
+fn add_jitter(sim: &mut Sim, jitter_ms: u64) {
+    for (a, b) in sim.links() {
+        let mut p = sim.link_params(&a, &b).expect("listed link exists");
+        p.jitter += Duration::from_millis(2 * jitter_ms);
+        sim.set_link(&a, &b, p);
     }
 }
 
@@ -213,5 +249,42 @@ fn sweep_of_seeds_jitter_and_a_real_change() {
     }
     println!(
         "n14 moved within 2 s: at 20 s on {early_within} of {n} seeds (slowest {early_slowest:?}), at 140 s on {late_within} of {n} (slowest {late_slowest:?}); most in 2 min of jitter: parent changes of a node {most_moves}, PoP switches of a viewer {most_switches}"
+    );
+}
+
+/// Jitter that starts after the tree formed without it, as in the emulation scenario
+/// `seed-jitter20` (the spreads measured so far are near zero when it starts): the most
+/// parent changes of any node in the first minute of ±20 ms, for each seed (not a CI
+/// test: `cargo test --release -p ott-tree --test stability -- --ignored --nocapture
+/// jitter_onset`). Seeds 1 to 24, or only seed N with `SEEDS=N`.
+#[test]
+#[ignore = "a measurement, printed; run by hand"]
+fn sweep_of_seeds_jitter_onset() {
+    let seeds = std::env::var("SEEDS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or(1..=24, |s| s..=s);
+    let mut worst = 0;
+    let mut over = 0;
+    let n = seeds.clone().count();
+    for seed in seeds {
+        let mut sim = seed_with(seed, 0, 0.0);
+        sim.start();
+        sim.run_for(Duration::from_secs(20));
+        add_jitter(&mut sim, 20);
+        let before = parent_changes(&sim);
+        sim.run_for(Duration::from_secs(60));
+        let after = parent_changes(&sim);
+        let (node, moves) = before
+            .iter()
+            .map(|(k, b)| (k.clone(), after[k] - b))
+            .max_by_key(|(_, m)| *m)
+            .unwrap_or_default();
+        worst = worst.max(moves);
+        over += usize::from(moves > 1);
+        println!("seed {seed}: most parent changes of a node in the first minute of jitter {moves} ({node})");
+    }
+    println!(
+        "jitter onset: {over} of {n} seeds had a node change parent more than once; most {worst}"
     );
 }
