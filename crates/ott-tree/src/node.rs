@@ -67,7 +67,7 @@ pub struct NodeConfig {
     /// Flap damping: for this long after a node left a parent for a route better by
     /// less than twice the margin (default 60 s), going back to that parent needs twice
     /// the margin, unless the route taken got worse by more than the margin since (a
-    /// real change). Two routes of about the same latency under jitter would otherwise
+    /// real change; measured from the route's slow mean when it was taken). Two routes of about the same latency under jitter would otherwise
     /// trade places every few seconds; a move for a gain of twice the margin or more (a
     /// real change, the tree forming) is no flap and damps nothing.
     pub flap_window: Duration,
@@ -325,6 +325,9 @@ struct Offer {
     /// difference between successive samples: the measured spread.
     last_us: Option<u64>,
     dev_us: u64,
+    /// The slow mean of those samples (1/8 per announcement), µs: the level a route
+    /// taken at a low of its jitter drifts back to.
+    avg_us: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -811,6 +814,19 @@ impl Node {
             },
             None => (sample, 0),
         };
+        // The route's level: a slow mean (1/8 per announcement) of the same samples,
+        // started over on a new path.
+        let avg_us = match (route.offers.get(&n), sample) {
+            (Some(o), Some(sample)) if o.path == path => Some(o.avg_us.map_or(sample, |a| {
+                if sample >= a {
+                    a + (sample - a) / 8
+                } else {
+                    a - (a - sample) / 8
+                }
+            })),
+            (Some(o), None) if o.path == path => o.avg_us,
+            _ => sample,
+        };
         route.offers.insert(
             n.clone(),
             Offer {
@@ -822,6 +838,7 @@ impl Node {
                 catalogue,
                 last_us,
                 dev_us,
+                avg_us,
             },
         );
         let from_parent = route.parent.as_deref() == Some(n.as_str());
@@ -1860,6 +1877,8 @@ impl Node {
             .changed_at
             .is_some_and(|t| now.saturating_duration_since(t) < self.config.parent_hold);
         let mut better: Option<(&str, Instant)> = None;
+        // For the log: (current latency, best latency, margin, clear margin), µs.
+        let mut weighed: Option<(u64, u64, u64, u64)> = None;
         // A move for a gain under twice the margin (it had to last `better_for`).
         let mut marginal: Option<u64> = None;
         let new: Option<&str> = match (current, best) {
@@ -1877,7 +1896,10 @@ impl Node {
                     .max((spread as f64 * k) as u64);
                 // Going back to the parent we just left for a marginal gain is a flap
                 // unless the gain is twice the margin; not when our route got worse
-                // since (by more than the margin): that is a real change.
+                // since (by more than the margin): that is a real change. "Since" is
+                // from where the route stood when we took it (see `marginal`), not
+                // from its latency then: the move was made at a low of the jitter, and
+                // the route drifts back up from there.
                 let back = r.left.as_ref().is_some_and(|(n, t, lat)| {
                     same_id(n, best.2)
                         && now.saturating_duration_since(*t) < self.config.flap_window
@@ -1901,9 +1923,15 @@ impl Node {
                     // starts, one link's RTT jumps before the other's spread shows it.
                     let wide = (cur_link.max(best_link) as f64 * k) as u64;
                     let clear = best.0 .0.saturating_add(2 * margin.max(wide)) < cur_lat;
+                    weighed = Some((cur_lat, best.0 .0, margin, margin.max(wide)));
                     let waited = now.saturating_duration_since(since) >= self.config.better_for;
                     if !held && gain && (waited || clear) {
-                        marginal = (!clear).then_some(best.0 .0);
+                        // Where the route taken stands: its slow mean, or while that
+                        // lags (jitter just started) halfway into the gain, where two
+                        // routes of equal mean meet on average.
+                        let mid = best.0 .0.saturating_add(margin / 2);
+                        let level = r.offers.get(best.2).and_then(|o| o.avg_us);
+                        marginal = (!clear).then_some(level.unwrap_or(mid).max(mid));
                         Some(best.2)
                     } else {
                         Some(cur.2)
@@ -1952,7 +1980,7 @@ impl Node {
         let Some((old, new)) = change else {
             return;
         };
-        tracing::debug!(node = %self.config.id, server, ?old, ?new, "parent changed");
+        tracing::debug!(node = %self.config.id, server, ?old, ?new, ?marginal, ?weighed, "parent changed");
         self.stats.parent_changes += 1;
         if old.is_some() && new.is_none() {
             self.stats.routes_lost += 1;
