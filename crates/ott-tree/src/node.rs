@@ -230,6 +230,11 @@ pub struct NodeStats {
     /// a stream that would come through them (the parent had not been heard for a
     /// heartbeat interval).
     pub suspect_on_join: u64,
+    /// Of those, suspected because the parent itself asked us for a route: it lost
+    /// its own, or suspects its parent and has no way round. Heartbeats still come
+    /// from it, and its media stopped: without this, the nodes and viewers below it
+    /// would wait until the dead node is declared dead.
+    pub suspect_parent_asking: u64,
     /// Route requests sent because a suspected parent was still the only way.
     pub suspect_route_requests: u64,
     /// Viewers told that their stream's path is lost (a `Withdraw`) because its
@@ -916,8 +921,9 @@ impl Node {
             return;
         };
         if parent == n {
-            // It is our parent: our route runs through it, it is no use to it.
-            self.stats.ignored += 1;
+            // Our parent asks: our route runs through its, which is lost or suspected
+            // with no way round. Ours is no use to it, and just as broken.
+            self.suspect_parent_asking(now, &n);
             return;
         }
         self.stats.route_requests_answered += 1;
@@ -1014,6 +1020,24 @@ impl Node {
             return;
         }
         tracing::info!(node = %self.config.id, parent, stream, "upstream silent, parent suspected");
+        self.suspect_and_warn(now, parent);
+    }
+
+    /// Our parent asked us for a route (see [`NodeStats::suspect_parent_asking`]): it
+    /// is suspected as on a silence hint, once while the suspicion lasts.
+    fn suspect_parent_asking(&mut self, now: Instant, parent: &str) {
+        if self.suspects.contains_key(parent) {
+            self.stats.ignored += 1;
+            return;
+        }
+        tracing::info!(node = %self.config.id, parent, "parent asked for a route, parent suspected");
+        self.stats.suspect_parent_asking += 1;
+        self.suspect_and_warn(now, parent);
+    }
+
+    /// Suspect `parent` for [`NodeConfig::suspect_for`]: move at once to a feasible
+    /// way round where there is one, else ask around and warn the viewers.
+    fn suspect_and_warn(&mut self, now: Instant, parent: &str) {
         self.stats.suspect_parents += 1;
         self.suspects
             .insert(parent.to_owned(), now + self.config.suspect_for);
@@ -2828,6 +2852,55 @@ mod tests {
         assert!(tx
             .iter()
             .any(|t| t.to == addr(2) && matches!(t.msg, Message::RouteRequest { .. })));
+    }
+
+    #[test]
+    fn test_a_route_request_from_the_parent_moves_the_node_or_warns_its_viewers() {
+        // A relay under a with a way round through b: a asks for a route (it suspects
+        // its own parent, whose heartbeats stopped; a's still come): r moves at once.
+        let (mut n, t0) = three_neighbours("r", Role::Relay, &["s", "a"], &["s", "b"]);
+        let t1 = t0 + Duration::from_millis(100);
+        n.handle(t1 - Duration::from_millis(10), addr(1), hb("a", 1));
+        n.handle(t1, addr(1), route_request("a", 2));
+        assert_eq!(n.stats().suspect_parent_asking, 1);
+        assert_eq!(n.parent("s"), Some("b"));
+        // A PoP whose only other offer runs through a too: it stays, warns its viewer
+        // (who moves to another PoP now, not when a's death is declared below it)
+        // and asks around.
+        let (mut n, t0) = three_neighbours("p", Role::Pop, &["s", "a"], &["s", "a", "b"]);
+        let news = ott_proto::stream_id_for("news");
+        let client = SocketAddr::from(([10, 9, 9, 9], 5555));
+        let cookie = cookie_from(&mut n, t0, client, news, 9000);
+        n.handle(
+            t0,
+            client,
+            Message::ViewerJoin {
+                stream: news,
+                data_port: 9000,
+                cookie,
+            },
+        );
+        drain(&mut n);
+        let t1 = t0 + Duration::from_millis(100);
+        n.handle(t1 - Duration::from_millis(10), addr(1), hb("a", 1));
+        n.handle(t1, addr(1), route_request("a", 2));
+        assert_eq!(n.stats().suspect_parent_asking, 1);
+        assert_eq!(n.parent("s"), Some("a"), "no way round");
+        let tx = drain(&mut n);
+        assert!(tx
+            .iter()
+            .any(|t| t.to == client && matches!(t.msg, Message::Withdraw { .. })));
+        assert!(tx
+            .iter()
+            .any(|t| t.to == addr(2) && matches!(t.msg, Message::RouteRequest { .. })));
+        // Asked again while suspected: nothing more.
+        n.handle(
+            t1 + Duration::from_millis(20),
+            addr(1),
+            route_request("a", 2),
+        );
+        assert_eq!(n.stats().suspect_parent_asking, 1);
+        assert_eq!(n.stats().viewers_warned, 1);
     }
 
     #[test]
