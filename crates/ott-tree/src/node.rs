@@ -389,9 +389,11 @@ struct StreamState {
     /// When we joined the current upstream: silence before media could flow is no hint.
     joined_at: Option<Instant>,
     next_refresh: Option<Instant>,
-    /// Refreshes still to come after [`JOIN_RETRY`] rather than the refresh period: a
+    /// Refreshes still to come after `quick_every` rather than the refresh period: a
     /// `Join` lost on the way to a new parent costs that, not a whole period of media.
     quick_joins: u8,
+    /// About a round trip to the upstream (see [`QUICK_JOINS`]).
+    quick_every: Duration,
     last_forwarding: Vec<SocketAddr>,
     /// The avoid set last sent to the upstream (empty: none).
     sent_avoid: Vec<NodeId>,
@@ -483,11 +485,13 @@ const PARENT_HEARD_SLACK: Duration = Duration::from_millis(20);
 /// all) before the refresh period takes over: on a lossy link a lost first `Join` held
 /// a PoP's media up for a whole refresh period (1 s), the parent being alive.
 const JOIN_RETRY: Duration = Duration::from_millis(200);
-/// `Join`s sent at a new parent before the refresh period takes over: the first, one
-/// after about a round trip (twice the link's RTT plus [`QUICK_JOIN_SLACK`], at least
-/// [`QUICK_JOIN_MIN`]), then [`JOIN_RETRY`] apart. A repeated `Join` costs the parent
-/// nothing: a child already served is not sent the start cache again.
-const QUICK_JOINS: u8 = 4;
+/// `Join`s sent at a new parent before the refresh period takes over: the first, then
+/// one every round trip or so (twice the link's RTT plus [`QUICK_JOIN_SLACK`], at least
+/// [`QUICK_JOIN_MIN`], at most [`JOIN_RETRY`]). A repeated `Join` costs the parent
+/// nothing: a child already served is not sent the start cache again. With 3 % loss on
+/// each of the underlay links an overlay link crosses, two `Join`s in a row are lost
+/// often enough that a repeat 200 ms later held a stream up past the viewers' budget.
+const QUICK_JOINS: u8 = 5;
 /// See [`QUICK_JOINS`].
 const QUICK_JOIN_SLACK: Duration = Duration::from_millis(10);
 /// See [`QUICK_JOINS`].
@@ -2203,6 +2207,7 @@ impl Node {
                     });
                     st.next_refresh = Some(now + first.min(self.config.join_refresh));
                     st.quick_joins = QUICK_JOINS - 1;
+                    st.quick_every = first;
                     st.joined_at = Some(now);
                     st.sent_avoid.clear();
                 } else {
@@ -2235,10 +2240,11 @@ impl Node {
                             },
                         });
                     }
-                    st.next_refresh = Some(if st.quick_joins > 0 {
+                    st.next_refresh = Some(if st.quick_joins > 1 {
                         st.quick_joins -= 1;
-                        now + JOIN_RETRY.min(self.config.join_refresh)
+                        now + st.quick_every.min(self.config.join_refresh)
                     } else {
+                        st.quick_joins = 0;
                         now + self.config.join_refresh
                     });
                     // Repeated with each Join, as soft state.
