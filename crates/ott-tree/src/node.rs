@@ -237,6 +237,10 @@ pub struct NodeStats {
     pub suspect_parent_asking: u64,
     /// Route requests sent because a suspected parent was still the only way.
     pub suspect_route_requests: u64,
+    /// Viewers not told at once when their stream's parent was suspected, because a
+    /// neighbour offered a way round it that was not feasible yet (see
+    /// `viewers_warned`), counted per stream.
+    pub warnings_held: u64,
     /// Viewers told that their stream's path is lost (a `Withdraw`) because its
     /// suspected parent was still the only way, so that they move to another PoP.
     pub viewers_warned: u64,
@@ -1052,6 +1056,12 @@ impl Node {
         // for one stream, and a parent already suspected takes no more hints) and move
         // to another PoP at once instead of after their own media silence; should a
         // way round come first, their move costs nothing (make before break).
+        // Not while a live neighbour offers a way that does not cross the suspect but
+        // is not feasible yet: the route request just sent makes it feasible within a
+        // round trip to the server, and viewers sent away now would move to other PoPs
+        // that may be cut off by the same break (seed 8 of the loss-and-kill sweep:
+        // two viewers swapped PoPs, one onto a dead end). Should it stay unfeasible,
+        // the viewers hear it when the parent is declared dead and the route is lost.
         let stuck: Vec<StreamId> = self
             .streams
             .iter()
@@ -1059,8 +1069,29 @@ impl Node {
             .map(|(id, _)| *id)
             .collect();
         for s in stuck {
-            self.warn_viewers(s);
+            if self.way_round_coming(s, parent) {
+                self.stats.warnings_held += 1;
+            } else {
+                self.warn_viewers(s);
+            }
         }
+    }
+
+    /// Whether a live, unsuspected neighbour offers `stream`'s server over a path that
+    /// does not cross `suspect` (feasible or not).
+    fn way_round_coming(&self, stream: StreamId, suspect: &str) -> bool {
+        let Some((server, _)) = self.source_route(stream) else {
+            return false;
+        };
+        let Some(r) = self.routes.get(server) else {
+            return false;
+        };
+        r.offers.iter().any(|(n, o)| {
+            !same_id(n, suspect)
+                && !self.suspects.contains_key(n)
+                && self.nb.is_alive(n)
+                && !o.path.iter().any(|x| same_id(x, suspect))
+        })
     }
 
     /// Tell the viewers of `stream` that its path is lost (a `Withdraw` naming no
@@ -2907,6 +2938,53 @@ mod tests {
         );
         assert_eq!(n.stats().suspect_parent_asking, 1);
         assert_eq!(n.stats().viewers_warned, 1);
+    }
+
+    #[test]
+    fn test_viewers_stay_while_a_way_round_is_only_not_feasible_yet() {
+        // b offers a path clear of a, but with an older seq than the route taken: not
+        // feasible until a fresh announcement comes.
+        let (mut n, t0) = with_three_neighbours("p", Role::Pop);
+        let offer = |seq: u64, path: &[&str]| Message::Announce {
+            server: "s".into(),
+            seq,
+            path: path.iter().map(|&p| p.into()).collect(),
+            latency_us: 1_000,
+            catalogue: vec![StreamInfo::new("news", MediaKind::Mjpeg, 25_000)],
+        };
+        n.handle(t0, addr(1), offer(5, &["s", "a"]));
+        n.handle(t0, addr(2), offer(4, &["s", "b"]));
+        assert_eq!(n.parent("s"), Some("a"));
+        let news = ott_proto::stream_id_for("news");
+        let client = SocketAddr::from(([10, 9, 9, 9], 5555));
+        let cookie = cookie_from(&mut n, t0, client, news, 9000);
+        n.handle(
+            t0,
+            client,
+            Message::ViewerJoin {
+                stream: news,
+                data_port: 9000,
+                cookie,
+            },
+        );
+        drain(&mut n);
+        let t1 = t0 + Duration::from_millis(200);
+        n.handle(t1 - Duration::from_millis(1), addr(2), hb("b", 1));
+        n.handle_upstream_silent(t1, "a", news, t0);
+        assert_eq!(n.stats().suspect_parents, 1);
+        assert_eq!(n.parent("s"), Some("a"), "b's way is not feasible yet");
+        let tx = drain(&mut n);
+        assert!(
+            !tx.iter().any(|t| t.to == client),
+            "the viewer is not sent away"
+        );
+        assert_eq!(n.stats().warnings_held, 1);
+        assert!(tx
+            .iter()
+            .any(|t| t.to == addr(2) && matches!(t.msg, Message::RouteRequest { .. })));
+        // The fresh announcement the request brings: the node moves round a.
+        n.handle(t1, addr(2), offer(6, &["s", "b"]));
+        assert_eq!(n.parent("s"), Some("b"));
     }
 
     #[test]
