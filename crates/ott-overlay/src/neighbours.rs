@@ -187,6 +187,9 @@ struct Peer {
     /// Mean deviation of the RTT samples from `srtt` (RFC 6298 RTTVAR, beta 1/4): it
     /// follows a change in the link's jitter within a few heartbeats.
     rttvar: Duration,
+    /// `rttvar` scaled to the wander of `srtt` itself (see
+    /// [`Neighbours::rtt_and_spread_if_alive`]), updated with each sample.
+    spread: Duration,
     incarnation: Option<u64>,
     last_heard: Option<Instant>,
     /// The longest silence it came back from while alive, and when it ended: for
@@ -279,6 +282,7 @@ impl Neighbours {
                 alive: false,
                 srtt: None,
                 rttvar: Duration::ZERO,
+                spread: Duration::ZERO,
                 survived: None,
                 incarnation: None,
                 last_heard: None,
@@ -374,10 +378,7 @@ impl Neighbours {
     /// announced latencies can show it.
     pub fn rtt_and_spread_if_alive(&self, id: &str) -> Option<(Duration, Duration)> {
         let p = self.find(id).filter(|p| p.alive)?;
-        let srtt = p.srtt?;
-        let n = self.smoothing_samples();
-        let root = f64::from(2 * n - 1).sqrt();
-        Some((srtt, p.rttvar.div_f64(root)))
+        Some((p.srtt?, p.spread))
     }
 
     /// How many samples the smoothed RTT averages over, at this heartbeat interval.
@@ -489,6 +490,7 @@ impl Neighbours {
                             if let Some(s) = p.srtt {
                                 let dev = sample.abs_diff(s);
                                 p.rttvar = (p.rttvar * 3 + dev) / 4;
+                                p.spread = p.rttvar.div_f64(f64::from(2 * n - 1).sqrt());
                             }
                             p.srtt = Some(match p.srtt {
                                 None => sample,
@@ -564,6 +566,7 @@ impl Neighbours {
             tracing::info!(peer = %id, old, new = incarnation, "neighbour restarted");
             p.srtt = None;
             p.rttvar = Duration::ZERO;
+            p.spread = Duration::ZERO;
             self.events
                 .push_back(NeighbourEvent::Restarted(p.addrs.id.clone()));
         }

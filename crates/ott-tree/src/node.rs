@@ -510,6 +510,15 @@ fn same_id(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.last() == b.last() && a == b
 }
 
+/// `avg` moved an eighth of the way to `sample` (an EWMA of gain 1/8).
+fn eighth_toward(avg: u64, sample: u64) -> u64 {
+    if sample >= avg {
+        avg + (sample - avg) / 8
+    } else {
+        avg - (avg - sample) / 8
+    }
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -815,12 +824,7 @@ impl Node {
             Some(o) => match (o.last_us, sample) {
                 (Some(last), Some(sample)) => {
                     let diff = sample.abs_diff(last);
-                    let dev = if diff >= o.dev_us {
-                        o.dev_us + (diff - o.dev_us) / 8
-                    } else {
-                        o.dev_us - (o.dev_us - diff) / 8
-                    };
-                    (Some(sample), dev)
+                    (Some(sample), eighth_toward(o.dev_us, diff))
                 }
                 (last, None) => (last, o.dev_us),
                 (None, sample) => (sample, o.dev_us),
@@ -830,13 +834,9 @@ impl Node {
         // The route's level: a slow mean (1/8 per announcement) of the same samples,
         // started over on a new path.
         let avg_us = match (route.offers.get(&n), sample) {
-            (Some(o), Some(sample)) if o.path == path => Some(o.avg_us.map_or(sample, |a| {
-                if sample >= a {
-                    a + (sample - a) / 8
-                } else {
-                    a - (a - sample) / 8
-                }
-            })),
+            (Some(o), Some(sample)) if o.path == path => {
+                Some(o.avg_us.map_or(sample, |a| eighth_toward(a, sample)))
+            }
             (Some(o), None) if o.path == path => o.avg_us,
             _ => sample,
         };
@@ -1632,8 +1632,14 @@ impl Node {
         // neighbour's older offer with them), so the path need not be searched here.
         debug_assert!(!o.through_us);
         let rtt = self.nb.rtt_if_alive(n)?;
+        Some(Self::metric(o, rtt))
+    }
+
+    /// The (effective latency µs, hops) of offer `o` over a link of `rtt`: the
+    /// neighbour's latency plus half the RTT.
+    fn metric(o: &Offer, rtt: Duration) -> Metric {
         let hops = u32::try_from(o.path.len()).unwrap_or(u32::MAX);
-        Some((o.latency_us.saturating_add(micros(rtt) / 2), hops))
+        (o.latency_us.saturating_add(micros(rtt) / 2), hops)
     }
 
     /// Whether `o` may become (or stay) our parent's offer without any risk of a loop:
@@ -1912,9 +1918,11 @@ impl Node {
             .filter_map(|(n, o)| {
                 let (rtt, spread) = self.nb.rtt_and_spread_if_alive(n)?;
                 debug_assert!(!o.through_us);
-                let hops = u32::try_from(o.path.len()).unwrap_or(u32::MAX);
-                let lat = o.latency_us.saturating_add(micros(rtt) / 2);
-                Some(((lat, hops), (o.dev_us, micros(spread) / 2), n.as_str()))
+                Some((
+                    Self::metric(o, rtt),
+                    (o.dev_us, micros(spread) / 2),
+                    n.as_str(),
+                ))
             })
             .collect();
         // A suspected neighbour is no parent while there is another way.
@@ -2906,18 +2914,7 @@ mod tests {
         // and asks around.
         let (mut n, t0) = three_neighbours("p", Role::Pop, &["s", "a"], &["s", "a", "b"]);
         let news = ott_proto::stream_id_for("news");
-        let client = SocketAddr::from(([10, 9, 9, 9], 5555));
-        let cookie = cookie_from(&mut n, t0, client, news, 9000);
-        n.handle(
-            t0,
-            client,
-            Message::ViewerJoin {
-                stream: news,
-                data_port: 9000,
-                cookie,
-            },
-        );
-        drain(&mut n);
+        let client = viewer_joins(&mut n, t0, news);
         let t1 = t0 + Duration::from_millis(100);
         n.handle(t1 - Duration::from_millis(10), addr(1), hb("a", 1));
         n.handle(t1, addr(1), route_request("a", 2));
@@ -2956,18 +2953,7 @@ mod tests {
         n.handle(t0, addr(2), offer(4, &["s", "b"]));
         assert_eq!(n.parent("s"), Some("a"));
         let news = ott_proto::stream_id_for("news");
-        let client = SocketAddr::from(([10, 9, 9, 9], 5555));
-        let cookie = cookie_from(&mut n, t0, client, news, 9000);
-        n.handle(
-            t0,
-            client,
-            Message::ViewerJoin {
-                stream: news,
-                data_port: 9000,
-                cookie,
-            },
-        );
-        drain(&mut n);
+        let client = viewer_joins(&mut n, t0, news);
         let t1 = t0 + Duration::from_millis(200);
         n.handle(t1 - Duration::from_millis(1), addr(2), hb("b", 1));
         n.handle_upstream_silent(t1, "a", news, t0);
@@ -3004,18 +2990,7 @@ mod tests {
         );
         drain(&mut n);
         // A viewer of the stream.
-        let client = SocketAddr::from(([10, 9, 9, 9], 5555));
-        let cookie = cookie_from(&mut n, t0, client, news, 9000);
-        n.handle(
-            t0,
-            client,
-            Message::ViewerJoin {
-                stream: news,
-                data_port: 9000,
-                cookie,
-            },
-        );
-        drain(&mut n);
+        let client = viewer_joins(&mut n, t0, news);
         let t1 = t0 + Duration::from_millis(200);
         n.handle_upstream_silent(t1, "a", news, t0);
         assert_eq!(n.stats().suspect_parents, 1);
@@ -3256,6 +3231,24 @@ mod tests {
 
     /// Send a viewer's first Join from `from` and return the cookie the node sent to
     /// the data address (asserting it went there and nothing was subscribed).
+    /// A viewer (10.9.9.9:5555, data port 9000) joins `stream` at `n` with its cookie;
+    /// what `n` sends is drained. Returns the viewer's control address.
+    fn viewer_joins(n: &mut Node, now: Instant, stream: StreamId) -> SocketAddr {
+        let client = SocketAddr::from(([10, 9, 9, 9], 5555));
+        let cookie = cookie_from(n, now, client, stream, 9000);
+        n.handle(
+            now,
+            client,
+            Message::ViewerJoin {
+                stream,
+                data_port: 9000,
+                cookie,
+            },
+        );
+        drain(n);
+        client
+    }
+
     fn cookie_from(
         n: &mut Node,
         now: Instant,

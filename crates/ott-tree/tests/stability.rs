@@ -45,6 +45,20 @@ fn parent_changes(sim: &Sim) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Run `sim` for `d`; the parent changes each node made meanwhile.
+fn moves_over(sim: &mut Sim, d: Duration) -> BTreeMap<String, u64> {
+    let before = parent_changes(sim);
+    sim.run_for(d);
+    let after = parent_changes(sim);
+    before
+        .into_iter()
+        .map(|(n, b)| {
+            let a = after[&n];
+            (n, a - b)
+        })
+        .collect()
+}
+
 #[test]
 fn jitter_of_20_ms_on_every_link_moves_no_parent_more_than_once_a_minute() {
     for seed in [1, 2] {
@@ -52,15 +66,11 @@ fn jitter_of_20_ms_on_every_link_moves_no_parent_more_than_once_a_minute() {
         sim.start();
         // Let the tree form and the spreads be measured.
         sim.run_for(Duration::from_secs(20));
-        let before = parent_changes(&sim);
-        sim.run_for(Duration::from_secs(300));
-        let after = parent_changes(&sim);
-        for (n, b) in &before {
-            let moves = after[n] - b;
+        for (n, moves) in moves_over(&mut sim, Duration::from_secs(300)) {
             assert!(
                 moves <= 5,
                 "seed {seed}: {n} changed parent {moves} times in 5 minutes of jitter alone ({:?})",
-                sim.node(n).stats()
+                sim.node(&n).stats()
             );
         }
         sim.check_loop_free().expect("loop free");
@@ -77,17 +87,13 @@ fn jitter_starting_after_the_tree_formed_moves_no_parent_more_than_once_a_minute
         sim.start();
         sim.run_for(Duration::from_secs(20));
         add_jitter(&mut sim, 20);
-        let before = parent_changes(&sim);
-        sim.run_for(Duration::from_secs(60));
-        let after = parent_changes(&sim);
-        for (n, b) in &before {
-            let moves = after[n] - b;
+        for (n, moves) in moves_over(&mut sim, Duration::from_secs(60)) {
             // The simulator's jitter is an extra delay of 0 to 2×20 ms: it raises the
             // mean, more on longer paths, so one move is a real change.
             assert!(
                 moves <= 1,
                 "seed {seed}: {n} changed parent {moves} times in the first minute of jitter ({:?})",
-                sim.node(n).stats()
+                sim.node(&n).stats()
             );
         }
         sim.check_loop_free().expect("loop free");
@@ -222,14 +228,14 @@ fn sweep_of_seeds_jitter_and_a_real_change() {
         let mut sim = seed_with(seed, 20, 0.0);
         sim.start();
         sim.run_for(Duration::from_secs(20));
-        let before = parent_changes(&sim);
         let switches_before: Vec<u64> = ["v1", "v2"]
             .iter()
             .map(|c| sim.client(c).pop_switches())
             .collect();
-        sim.run_for(Duration::from_secs(120));
-        let after = parent_changes(&sim);
-        let moves = before.iter().map(|(k, b)| after[k] - b).max().unwrap_or(0);
+        let moves = moves_over(&mut sim, Duration::from_secs(120))
+            .into_values()
+            .max()
+            .unwrap_or(0);
         let switches = ["v1", "v2"]
             .iter()
             .zip(switches_before)
@@ -272,12 +278,8 @@ fn sweep_of_seeds_jitter_onset() {
         sim.start();
         sim.run_for(Duration::from_secs(20));
         add_jitter(&mut sim, 20);
-        let before = parent_changes(&sim);
-        sim.run_for(Duration::from_secs(60));
-        let after = parent_changes(&sim);
-        let (node, moves) = before
-            .iter()
-            .map(|(k, b)| (k.clone(), after[k] - b))
+        let (node, moves) = moves_over(&mut sim, Duration::from_secs(60))
+            .into_iter()
             .max_by_key(|(_, m)| *m)
             .unwrap_or_default();
         worst = worst.max(moves);
