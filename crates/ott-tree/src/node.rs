@@ -66,8 +66,10 @@ pub struct NodeConfig {
     pub better_for: Duration,
     /// Flap damping: for this long after a node left a parent for a route better by
     /// less than twice the margin (default 60 s), going back to that parent needs twice
-    /// the margin, unless the route taken got worse by more than the margin since (a
-    /// real change; measured from the route's slow mean when it was taken). Two routes of about the same latency under jitter would otherwise
+    /// the margin, unless the route taken got worse since (a real change): its level (the
+    /// slow mean of its offers plus the link's half RTT) by more than the margin, or its
+    /// latency of the moment by more than one and a half margins, above where it stood
+    /// when taken. Two routes of about the same latency under jitter would otherwise
     /// trade places every few seconds; a move for a gain of twice the margin or more (a
     /// real change, the tree forming) is no flap and damps nothing.
     pub flap_window: Duration,
@@ -334,9 +336,10 @@ struct Offer {
     /// difference between successive samples: the measured spread.
     last_us: Option<u64>,
     dev_us: u64,
-    /// The slow mean of those samples (1/8 per announcement), µs: the level a route
-    /// taken at a low of its jitter drifts back to.
-    avg_us: Option<u64>,
+    /// The slow mean (1/8 per announcement) of the latency offered, µs: with the link's
+    /// half RTT of the moment (itself smoothed, and quick to show a change of the link),
+    /// the level a route taken at a low of its jitter drifts back to.
+    avg_us: u64,
 }
 
 #[derive(Debug, Default)]
@@ -831,14 +834,11 @@ impl Node {
             },
             None => (sample, 0),
         };
-        // The route's level: a slow mean (1/8 per announcement) of the same samples,
-        // started over on a new path.
-        let avg_us = match (route.offers.get(&n), sample) {
-            (Some(o), Some(sample)) if o.path == path => {
-                Some(o.avg_us.map_or(sample, |a| eighth_toward(a, sample)))
-            }
-            (Some(o), None) if o.path == path => o.avg_us,
-            _ => sample,
+        // The route's level upstream: a slow mean (1/8 per announcement) of the latency
+        // offered, started over on a new path.
+        let avg_us = match route.offers.get(&n) {
+            Some(o) if o.path == path => eighth_toward(o.avg_us, latency_us),
+            _ => latency_us,
         };
         route.offers.insert(
             n.clone(),
@@ -1635,8 +1635,17 @@ impl Node {
         Some(Self::metric(o, rtt))
     }
 
+    /// Where a route of effective latency `lat` stands: the slow mean of its offers,
+    /// plus the link's half RTT of the moment.
+    fn level(o: Option<&Offer>, lat: u64) -> u64 {
+        o.map_or(lat, |o| {
+            lat.saturating_sub(o.latency_us).saturating_add(o.avg_us)
+        })
+    }
+
     /// The (effective latency µs, hops) of offer `o` over a link of `rtt`: the
     /// neighbour's latency plus half the RTT.
+
     fn metric(o: &Offer, rtt: Duration) -> Metric {
         let hops = u32::try_from(o.path.len()).unwrap_or(u32::MAX);
         (o.latency_us.saturating_add(micros(rtt) / 2), hops)
@@ -1966,11 +1975,17 @@ impl Node {
                 // since (by more than the margin): that is a real change. "Since" is
                 // from where the route stood when we took it (see `marginal`), not
                 // from its latency then: the move was made at a low of the jitter, and
-                // the route drifts back up from there.
+                // the route drifts back up from there. "Worse" is the route's level
+                // now against that, since a high of the jitter is no change: the slow
+                // mean of its offers (a change upstream shows there within seconds)
+                // plus the link's half RTT of the moment (a change of the link shows
+                // at once); or its latency of the moment by one and a half margins.
+                let level_now = Self::level(r.offers.get(cur.2), cur_lat);
                 let back = r.left.as_ref().is_some_and(|(n, t, lat)| {
                     same_id(n, best.2)
                         && now.saturating_duration_since(*t) < self.config.flap_window
-                        && cur_lat <= lat.saturating_add(margin)
+                        && level_now <= lat.saturating_add(margin)
+                        && cur_lat <= lat.saturating_add(margin.saturating_mul(3) / 2)
                 });
                 if back {
                     margin = margin.saturating_mul(2);
@@ -1993,12 +2008,14 @@ impl Node {
                     weighed = Some((cur_lat, best.0 .0, margin, margin.max(wide)));
                     let waited = now.saturating_duration_since(since) >= self.config.better_for;
                     if !held && gain && (waited || clear) {
-                        // Where the route taken stands: its slow mean, or while that
-                        // lags (jitter just started) halfway into the gain, where two
-                        // routes of equal mean meet on average.
+                        // Where the route taken stands: its level, or while that lags
+                        // below (jitter just started) halfway into the gain, where two
+                        // routes of equal mean meet on average; a level above the gain
+                        // is the lag of a real change that made the route better.
                         let mid = best.0 .0.saturating_add(margin / 2);
-                        let level = r.offers.get(best.2).and_then(|o| o.avg_us);
-                        marginal = (!clear).then_some(level.unwrap_or(mid).max(mid));
+                        let level = Self::level(r.offers.get(best.2), best.0 .0);
+                        let top = best.0 .0.saturating_add(margin);
+                        marginal = (!clear).then_some(level.min(top).max(mid));
                         Some(best.2)
                     } else {
                         Some(cur.2)

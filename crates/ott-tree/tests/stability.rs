@@ -59,6 +59,41 @@ fn moves_over(sim: &mut Sim, d: Duration) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Run `sim` for `d` in steps of 100 ms: the parent changes each node made meanwhile,
+/// and the shortest time between two changes of one node (`None` if no node changed
+/// twice).
+fn moves_and_closest(sim: &mut Sim, d: Duration) -> (BTreeMap<String, u64>, Option<Duration>) {
+    let start = sim.elapsed();
+    let mut last = parent_changes(sim);
+    let mut moves: BTreeMap<String, u64> = last.keys().map(|n| (n.clone(), 0)).collect();
+    let mut at: BTreeMap<String, Duration> = BTreeMap::new();
+    let mut closest: Option<Duration> = None;
+    while sim.elapsed() < start + d {
+        sim.run_for(Duration::from_millis(100));
+        let now = parent_changes(sim);
+        for (n, c) in &now {
+            let made = c - last.get(n).copied().unwrap_or(0);
+            if made == 0 {
+                continue;
+            }
+            *moves.entry(n.clone()).or_default() += made;
+            let t = sim.elapsed();
+            // Two changes within one step are closer than the step.
+            let gap = if made > 1 {
+                Some(Duration::ZERO)
+            } else {
+                at.get(n).map(|p| t - *p)
+            };
+            if let Some(g) = gap {
+                closest = Some(closest.map_or(g, |c| c.min(g)));
+            }
+            at.insert(n.clone(), t);
+        }
+        last = now;
+    }
+    (moves, closest)
+}
+
 #[test]
 fn jitter_of_20_ms_on_every_link_moves_no_parent_more_than_once_a_minute() {
     for seed in [1, 2] {
@@ -66,13 +101,20 @@ fn jitter_of_20_ms_on_every_link_moves_no_parent_more_than_once_a_minute() {
         sim.start();
         // Let the tree form and the spreads be measured.
         sim.run_for(Duration::from_secs(20));
-        for (n, moves) in moves_over(&mut sim, Duration::from_secs(300)) {
+        let (moves, closest) = moves_and_closest(&mut sim, Duration::from_secs(300));
+        for (n, moves) in moves {
             assert!(
                 moves <= 5,
                 "seed {seed}: {n} changed parent {moves} times in 5 minutes of jitter alone ({:?})",
                 sim.node(&n).stats()
             );
         }
+        // Seed 1 once moved a node twice in 57 s: a high of the jitter was taken for a
+        // real change of the route.
+        assert!(
+            closest.is_none_or(|c| c >= Duration::from_secs(60)),
+            "seed {seed}: a node changed parent twice within {closest:?}"
+        );
         sim.check_loop_free().expect("loop free");
     }
 }
@@ -206,7 +248,7 @@ fn n14_moves_after_a_real_change(sim: &mut Sim, limit: Duration) -> Option<Durat
 /// 20 s after start (limit 10 s); in a second run, the most parent changes of any node
 /// and PoP switches of any viewer in 2 minutes of ±20 ms jitter alone (after 20 s to
 /// form), then the same change.
-/// Seeds 1 to 12, or only seed N with `SEEDS=N` in the environment.
+/// Seeds 1 to 24, or only seed N with `SEEDS=N` in the environment.
 #[test]
 #[ignore = "a measurement, printed; run by hand"]
 fn sweep_of_seeds_jitter_and_a_real_change() {
@@ -215,10 +257,11 @@ fn sweep_of_seeds_jitter_and_a_real_change() {
     let (mut early_within, mut late_within) = (0, 0);
     let (mut early_slowest, mut late_slowest) = (Duration::ZERO, Duration::ZERO);
     let (mut most_moves, mut most_switches) = (0, 0);
+    let mut closest_of_all: Option<Duration> = None;
     let seeds = std::env::var("SEEDS")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
-        .map_or(1..=12, |s| s..=s);
+        .map_or(1..=24, |s| s..=s);
     let n = seeds.clone().count();
     for seed in seeds {
         let mut sim = seed_with(seed, 20, 0.0);
@@ -232,10 +275,11 @@ fn sweep_of_seeds_jitter_and_a_real_change() {
             .iter()
             .map(|c| sim.client(c).pop_switches())
             .collect();
-        let moves = moves_over(&mut sim, Duration::from_secs(120))
-            .into_values()
-            .max()
-            .unwrap_or(0);
+        let (moves, closest) = moves_and_closest(&mut sim, Duration::from_secs(120));
+        let moves = moves.into_values().max().unwrap_or(0);
+        if let Some(c) = closest {
+            closest_of_all = Some(closest_of_all.map_or(c, |a: Duration| a.min(c)));
+        }
         let switches = ["v1", "v2"]
             .iter()
             .zip(switches_before)
@@ -250,11 +294,11 @@ fn sweep_of_seeds_jitter_and_a_real_change() {
         early_slowest = early_slowest.max(early);
         late_slowest = late_slowest.max(late);
         println!(
-            "seed {seed}: n14 moved after {early:?} (at 20 s); most parent changes of a node in 2 min {moves}, PoP switches of a viewer {switches}; n14 moved after {late:?} (at 140 s)"
+            "seed {seed}: n14 moved after {early:?} (at 20 s); most parent changes of a node in 2 min {moves} (closest two {closest:?}), PoP switches of a viewer {switches}; n14 moved after {late:?} (at 140 s)"
         );
     }
     println!(
-        "n14 moved within 2 s: at 20 s on {early_within} of {n} seeds (slowest {early_slowest:?}), at 140 s on {late_within} of {n} (slowest {late_slowest:?}); most in 2 min of jitter: parent changes of a node {most_moves}, PoP switches of a viewer {most_switches}"
+        "n14 moved within 2 s: at 20 s on {early_within} of {n} seeds (slowest {early_slowest:?}), at 140 s on {late_within} of {n} (slowest {late_slowest:?}); most in 2 min of jitter: parent changes of a node {most_moves} (closest two of a node {closest_of_all:?}), PoP switches of a viewer {most_switches}"
     );
 }
 
