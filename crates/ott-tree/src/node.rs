@@ -1645,7 +1645,6 @@ impl Node {
 
     /// The (effective latency µs, hops) of offer `o` over a link of `rtt`: the
     /// neighbour's latency plus half the RTT.
-
     fn metric(o: &Offer, rtt: Duration) -> Metric {
         let hops = u32::try_from(o.path.len()).unwrap_or(u32::MAX);
         (o.latency_us.saturating_add(micros(rtt) / 2), hops)
