@@ -414,3 +414,43 @@ fn numbers_older_than_the_first_seen_are_asked_upstream_for_a_child() {
     assert!(w.want_older(t0, u32::MAX - 1));
     assert_eq!(w.missing(), 5);
 }
+
+/// The retry interval follows the hop: before a recovery is timed NACKs repeat every
+/// `retry_interval`; once the hop answered a first NACK in 4 ms, a lost NACK or
+/// retransmission is asked again after `min_retry_interval` (twice 4 ms is less), the
+/// next retries waiting twice as long each time, up to `retry_interval`.
+#[test]
+fn retries_follow_the_hops_recovery_time_and_back_off() {
+    let t0 = Instant::now();
+    let config = NackConfig::default();
+    let ms = Duration::from_millis;
+    let mut g = GapTracker::new(config);
+    assert_eq!(g.recovery_time(), None);
+    g.on_datagram(t0, 1);
+    g.on_datagram(t0, 3); // 2 missing
+    let first = t0 + config.reorder_delay;
+    assert!(g.poll_nack(first).is_some());
+    assert_eq!(g.poll_timeout(), Some(first + config.retry_interval));
+    // Answered after 4 ms: timed.
+    assert!(g.on_datagram(first + ms(4), 2));
+    assert_eq!(g.recovery_time(), Some(ms(4)));
+    // A datagram recovered only after a retry is not timed (which NACK it answers is
+    // unknown).
+    g.on_datagram(first + ms(10), 5); // 4 missing
+    let mut at = first + ms(10) + config.reorder_delay;
+    let mut gaps = Vec::new();
+    while let Some(_ranges) = g.poll_nack(at) {
+        let Some(next) = g.poll_timeout() else { break };
+        if next >= at + config.give_up_after || gaps.len() == 5 {
+            break;
+        }
+        gaps.push(next - at);
+        at = next;
+    }
+    assert_eq!(
+        gaps,
+        vec![config.min_retry_interval, ms(20), ms(30), ms(30), ms(30)]
+    );
+    assert!(g.on_datagram(at, 4));
+    assert_eq!(g.recovery_time(), Some(ms(4)), "a retried run is no sample");
+}
