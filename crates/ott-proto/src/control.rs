@@ -132,7 +132,9 @@ pub enum Message {
     /// request, RFC 8966 §3.8.1.2). A node with a route answers the sender with its
     /// announcement at once and, when its route is older than `seq`, forwards the
     /// request to its parent with `hops_left` one lower; the server answers with a
-    /// fresh announcement. Rate-limited by every receiver.
+    /// fresh announcement. Rate-limited by every receiver. With `hops_left` 1 it is a
+    /// node asking its parent for the seq it missed (announcements lost on the way):
+    /// answered, not forwarded, no sign of a break.
     RouteRequest {
         /// Sender's node id.
         from: NodeId,

@@ -37,7 +37,10 @@ pub struct NodeConfig {
     /// thus take a server's routes at most that far ahead of its real announcements,
     /// which are then stale for as long.
     pub seq_slack: Duration,
-    /// Servers only: period of announcements (default 1 s).
+    /// Servers: period of announcements (default 1 s). Other nodes expect a new seq from
+    /// their parent this often: when none came for one and a half periods (lost on the
+    /// way), they ask their parent for its announcement (a [`Message::RouteRequest`] of
+    /// one hop), every half period until the route expires.
     pub announce_interval: Duration,
     /// Period of `Join` refreshes sent upstream (default 500 ms: seven refreshes per
     /// [`NodeConfig::join_expiry`]; with one a second, three lost in a row on an
@@ -46,7 +49,9 @@ pub struct NodeConfig {
     pub join_refresh: Duration,
     /// A child whose `Join` is not refreshed for this long is dropped (default 3.5 s).
     pub join_expiry: Duration,
-    /// An offer not refreshed for this long is forgotten (default 3.5 s).
+    /// An offer whose seq has not changed for this long is forgotten (default 3.5 s):
+    /// the same seq again (an answer to a route request, a new path) is no news of the
+    /// server.
     pub route_expiry: Duration,
     /// Relative hysteresis: a better route must gain more than this fraction of the
     /// current latency before the parent changes (default 0.10).
@@ -258,6 +263,10 @@ pub struct NodeStats {
     /// Announcements sent outside the periodic flood: answers to route requests and
     /// the servers' fresh announcements they trigger.
     pub triggered_announces: u64,
+    /// Route requests of one hop sent to the parent because its announcements stopped
+    /// coming for one and a half periods (lost on the way, under loss): its answer
+    /// carries the seq missed, before the route expires.
+    pub route_refreshes: u64,
 }
 
 /// A neighbour in [`NodeStatus`].
@@ -371,6 +380,9 @@ struct Route {
     lost_at: Option<Instant>,
     /// When we last sent a route request for this server (ours or forwarded), and its seq.
     requested: Option<(Instant, u64)>,
+    /// When we last asked the parent for a seq it has not sent us (see
+    /// [`NodeConfig::announce_interval`]).
+    refreshed: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -478,6 +490,10 @@ pub struct Node {
     /// Servers only: when the last fresh announcement triggered by a route request went.
     last_triggered: Option<Instant>,
 }
+
+/// The least difference between two samples of a route's latency taken in full into
+/// its spread, µs (see `Offer::dev_us`).
+const SPREAD_STEP_FLOOR_US: u64 = 1_000;
 
 /// A node without a route repeats its route request this often ...
 const RR_RETRY: Duration = Duration::from_millis(250);
@@ -820,13 +836,17 @@ impl Node {
         // offers settle over seconds), and that lag read as spread kept margins wide
         // for tens of seconds. A sample taken before the link's RTT is measured is no
         // sample, and a new path is a new route (the step to it is no jitter); the
-        // spread measured so far is kept as the link's noise.
+        // spread measured so far is kept as the link's noise. A difference counts for
+        // at most four times the spread so far (and 1 ms): a step is a real change of
+        // the route, not jitter, and widening the margin with it held the node on a
+        // route 20 ms worse (jitter that grows still widens it, by 3/8 per sample).
         let sample = rtt_half.map(|h| latency_us.saturating_add(h));
         let (last_us, dev_us) = match route.offers.get(&n) {
             Some(o) if o.path != path => (sample, o.dev_us),
             Some(o) => match (o.last_us, sample) {
                 (Some(last), Some(sample)) => {
-                    let diff = sample.abs_diff(last);
+                    let cap = o.dev_us.saturating_mul(4).max(SPREAD_STEP_FLOOR_US);
+                    let diff = sample.abs_diff(last).min(cap);
                     (Some(sample), eighth_toward(o.dev_us, diff))
                 }
                 (last, None) => (last, o.dev_us),
@@ -840,6 +860,12 @@ impl Node {
             Some(o) if o.path == path => eighth_toward(o.avg_us, latency_us),
             _ => latency_us,
         };
+        // The offer's age counts from its seq: the same seq again is no news of the
+        // server, and must not keep a dead server's routes alive.
+        let at = match route.offers.get(&n) {
+            Some(o) if o.seq == seq => o.at,
+            _ => now,
+        };
         route.offers.insert(
             n.clone(),
             Offer {
@@ -847,7 +873,7 @@ impl Node {
                 path,
                 latency_us,
                 seq,
-                at: now,
+                at,
                 catalogue,
                 last_us,
                 dev_us,
@@ -857,6 +883,45 @@ impl Node {
         let from_parent = route.parent.as_deref() == Some(n.as_str());
         if from_parent && route.sent_seq.is_none_or(|s| seq > s) {
             self.reannounce(&server);
+        }
+    }
+
+    /// When the parent's last new seq for a server came one and a half announcement
+    /// periods ago (a route taken from it would expire after `route_expiry`), and when
+    /// to ask again after asking at `asked`: the time the parent should next be asked
+    /// for its announcement, if any.
+    fn refresh_due(&self, r: &Route) -> Option<Instant> {
+        let parent = r.parent.as_deref()?;
+        let o = r.offers.get(parent)?;
+        let period = self.config.announce_interval;
+        let late = o.at + period + period / 2;
+        Some(match r.refreshed {
+            Some(t) if t >= late => t + period / 2,
+            _ => late,
+        })
+    }
+
+    /// Ask the parent of each route whose announcements stopped coming (see
+    /// [`NodeConfig::announce_interval`]) for its announcement: a route request of one
+    /// hop, answered at once and not passed on (the parent asks its own parent if it
+    /// is late too).
+    fn refresh_late_routes(&mut self, now: Instant) {
+        let due: Vec<(String, String, u64)> = self
+            .routes
+            .iter()
+            .filter(|(_, r)| self.refresh_due(r).is_some_and(|t| t <= now))
+            .filter_map(|(s, r)| {
+                let p = r.parent.clone()?;
+                let seq = r.offers.get(&p)?.seq;
+                Some((s.clone(), p, seq))
+            })
+            .collect();
+        for (server, parent, seq) in due {
+            self.stats.route_refreshes += 1;
+            self.send_route_request(now, &server, seq.saturating_add(1), 1, Some(&parent));
+            if let Some(r) = self.routes.get_mut(&server) {
+                r.refreshed = Some(now);
+            }
         }
     }
 
@@ -897,7 +962,9 @@ impl Node {
             self.stats.route_requests_limited += 1;
             return;
         }
-        if server != self.config.id && self.suspect_quiet_parent(now, server) {
+        // A request of one hop is a child's refresh (its announcements got lost), not a
+        // lost route: no sign of a break upstream.
+        if server != self.config.id && hops_left > 1 && self.suspect_quiet_parent(now, server) {
             self.stats.suspect_on_request += 1;
         }
         if server == self.config.id {
@@ -1546,6 +1613,9 @@ impl Node {
             for o in r.offers.values() {
                 consider(o.at + self.config.route_expiry);
             }
+            if let Some(t) = self.refresh_due(r) {
+                consider(t);
+            }
         }
         for s in self.streams.values() {
             if let Some(r) = s.next_refresh {
@@ -1893,6 +1963,7 @@ impl Node {
                 r.offers.retain(|_, o| fresh(o));
             }
         }
+        self.refresh_late_routes(now);
         match self.routes.len() {
             0 => {}
             // The usual case, a single server: no copy of the ids.
@@ -2913,6 +2984,123 @@ mod tests {
         assert!(tx
             .iter()
             .any(|t| t.to == addr(2) && matches!(t.msg, Message::RouteRequest { .. })));
+    }
+
+    /// Run `n` from `from` to `to` in 50 ms steps, every neighbour's heartbeat heard at
+    /// each, `answer` called at each step with the route requests sent: what it
+    /// returns is handled then.
+    fn run_alive(
+        n: &mut Node,
+        from: Instant,
+        to: Instant,
+        mut answer: impl FnMut(Instant, &[ControlTransmit]) -> Vec<(SocketAddr, Message)>,
+    ) -> Vec<ControlTransmit> {
+        let mut requests = Vec::new();
+        let mut t = from;
+        while t < to {
+            t += Duration::from_millis(50);
+            for (id, a) in [("a", addr(1)), ("b", addr(2)), ("c", addr(3))] {
+                n.handle(t, a, hb(id, 1));
+            }
+            n.handle_timeout(t);
+            let sent: Vec<ControlTransmit> = drain(n)
+                .into_iter()
+                .filter(|x| matches!(x.msg, Message::RouteRequest { .. }))
+                .collect();
+            for (a, m) in answer(t, &sent) {
+                n.handle(t, a, m);
+            }
+            requests.extend(sent);
+        }
+        requests
+    }
+
+    #[test]
+    fn test_a_parent_late_with_its_announcement_is_asked_for_it() {
+        let offer = |seq: u64| Message::Announce {
+            server: "s".into(),
+            seq,
+            path: vec!["s".into(), "a".into()],
+            latency_us: 1_000,
+            catalogue: vec![StreamInfo::new("news", MediaKind::Mjpeg, 25_000)],
+        };
+        // a's announcements (seq 1 at t0) stop coming: lost on the way.
+        let (mut n, t0) = three_neighbours("r", Role::Relay, &["s", "a"], &["s", "b"]);
+        let early = run_alive(&mut n, t0, t0 + Duration::from_millis(1_450), |_, _| vec![]);
+        assert!(
+            early.is_empty(),
+            "not before one and a half periods: {early:?}"
+        );
+        // Then the parent alone is asked, for a newer seq, one hop only, every half
+        // period; answers at the same seq are no news: the route still expires.
+        let asked = run_alive(
+            &mut n,
+            t0 + Duration::from_millis(1_450),
+            t0 + Duration::from_millis(3_600),
+            |_, sent| {
+                sent.iter()
+                    .filter(|x| {
+                        x.to == addr(1)
+                            && matches!(x.msg, Message::RouteRequest { hops_left: 1, .. })
+                    })
+                    .map(|_| (addr(1), offer(1)))
+                    .collect()
+            },
+        );
+        let (refreshes, lost): (Vec<_>, Vec<_>) = asked
+            .iter()
+            .partition(|x| matches!(x.msg, Message::RouteRequest { hops_left: 1, .. }));
+        assert_eq!(refreshes.len(), 4, "at 1.5, 2, 2.5 and 3 s: {asked:?}");
+        assert!(refreshes
+            .iter()
+            .all(|x| x.to == addr(1) && matches!(x.msg, Message::RouteRequest { seq: 2, .. })));
+        assert_eq!(n.stats().route_refreshes, 4);
+        assert_eq!(n.parent("s"), None, "a dead server's routes expire");
+        assert_eq!(lost.len(), 3, "then the lost route is asked of everyone");
+        // The same, a answering each time with the seq it missed: the route lives on,
+        // a new seq asked for once per one and a half periods.
+        let (mut n, t0) = three_neighbours("r", Role::Relay, &["s", "a"], &["s", "b"]);
+        let mut seq = 1;
+        let asked = run_alive(&mut n, t0, t0 + Duration::from_secs(4), |_, sent| {
+            sent.iter()
+                .map(|_| {
+                    seq += 1;
+                    (addr(1), offer(seq))
+                })
+                .collect()
+        });
+        assert_eq!(asked.len(), 2, "at 1.5 and 3 s: {asked:?}");
+        assert_eq!(n.parent("s"), Some("a"));
+    }
+
+    #[test]
+    fn test_a_request_of_one_hop_is_answered_not_passed_on_nor_suspected() {
+        // c's announcements from r got lost: c asks r, its parent, for a seq r does
+        // not have either. r answers with what it has, does not pass the request on
+        // (its own refresh does that) and, though its parent a is quiet, suspects
+        // nothing: c lost no route.
+        let (mut n, t0) = three_neighbours("r", Role::Relay, &["s", "a"], &["s", "b"]);
+        let t1 = t0 + Duration::from_millis(200);
+        n.handle(t1, addr(2), hb("b", 1));
+        n.handle(
+            t1,
+            addr(3),
+            Message::RouteRequest {
+                from: "c".into(),
+                server: "s".into(),
+                seq: 2,
+                hops_left: 1,
+            },
+        );
+        assert_eq!(n.stats().suspect_parents, 0);
+        assert_eq!(n.parent("s"), Some("a"));
+        let tx = drain(&mut n);
+        assert!(tx
+            .iter()
+            .any(|t| t.to == addr(3) && matches!(t.msg, Message::Announce { seq: 1, .. })));
+        assert!(!tx
+            .iter()
+            .any(|t| matches!(t.msg, Message::RouteRequest { .. })));
     }
 
     #[test]

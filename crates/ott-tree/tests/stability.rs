@@ -59,6 +59,19 @@ fn moves_over(sim: &mut Sim, d: Duration) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// The seeds of a sweep: `default`, or those of `SEEDS=N` or `SEEDS=A-B` in the
+/// environment.
+fn seeds_from_env(default: std::ops::RangeInclusive<u64>) -> std::ops::RangeInclusive<u64> {
+    let Ok(s) = std::env::var("SEEDS") else {
+        return default;
+    };
+    let (a, b) = s.split_once('-').unwrap_or((&s, &s));
+    match (a.parse(), b.parse()) {
+        (Ok(a), Ok(b)) => a..=b,
+        _ => default,
+    }
+}
+
 /// Run `sim` for `d` in steps of 100 ms: the parent changes each node made meanwhile,
 /// and the shortest time between two changes of one node (`None` if no node changed
 /// twice).
@@ -248,7 +261,7 @@ fn n14_moves_after_a_real_change(sim: &mut Sim, limit: Duration) -> Option<Durat
 /// 20 s after start (limit 10 s); in a second run, the most parent changes of any node
 /// and PoP switches of any viewer in 2 minutes of ±20 ms jitter alone (after 20 s to
 /// form), then the same change.
-/// Seeds 1 to 24, or only seed N with `SEEDS=N` in the environment.
+/// Seeds 1 to 24, or those of `SEEDS=N` or `SEEDS=A-B` in the environment.
 #[test]
 #[ignore = "a measurement, printed; run by hand"]
 fn sweep_of_seeds_jitter_and_a_real_change() {
@@ -258,10 +271,7 @@ fn sweep_of_seeds_jitter_and_a_real_change() {
     let (mut early_slowest, mut late_slowest) = (Duration::ZERO, Duration::ZERO);
     let (mut most_moves, mut most_switches) = (0, 0);
     let mut closest_of_all: Option<Duration> = None;
-    let seeds = std::env::var("SEEDS")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .map_or(1..=24, |s| s..=s);
+    let seeds = seeds_from_env(1..=24);
     let n = seeds.clone().count();
     for seed in seeds {
         let mut sim = seed_with(seed, 20, 0.0);
@@ -306,14 +316,11 @@ fn sweep_of_seeds_jitter_and_a_real_change() {
 /// `seed-jitter20` (the spreads measured so far are near zero when it starts): the most
 /// parent changes of any node in the first minute of ±20 ms, for each seed (not a CI
 /// test: `cargo test --release -p ott-tree --test stability -- --ignored --nocapture
-/// jitter_onset`). Seeds 1 to 24, or only seed N with `SEEDS=N`.
+/// jitter_onset`). Seeds 1 to 24, or those of `SEEDS=N` or `SEEDS=A-B`.
 #[test]
 #[ignore = "a measurement, printed; run by hand"]
 fn sweep_of_seeds_jitter_onset() {
-    let seeds = std::env::var("SEEDS")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .map_or(1..=24, |s| s..=s);
+    let seeds = seeds_from_env(1..=24);
     let mut worst = 0;
     let mut over = 0;
     let n = seeds.clone().count();
