@@ -57,6 +57,10 @@ use serde::Serialize;
 /// Probe loss up to this fraction of the window is not held against a PoP.
 pub const LOSS_FREE: f64 = 0.25;
 
+/// The loss of a PoP with fewer probes resolved is counted as a fraction of this many
+/// (see `loss`): until then the probes to come are taken as answered.
+const LOSS_EARLY_PROBES: usize = 8;
+
 /// A second path that is still not disjoint from the first this long after it was
 /// taken (its PoP had the time to move the stream off the first path's nodes, and to
 /// say so in a probe reply) is traded for another PoP not tried yet.
@@ -727,7 +731,7 @@ impl Client {
                 PopStatus {
                     id: p.id.clone(),
                     rtt_ms: p.srtt.map(|d| d.as_secs_f64() * 1e3),
-                    loss: loss(p),
+                    loss: loss(p, self.config.loss_window),
                     path_latency_ms: p.path_latency_us.map(|us| us as f64 / 1e3),
                     score: score.map(|s| s / 1e3),
                     usable: score.is_some(),
@@ -913,7 +917,7 @@ impl Client {
             return None;
         }
         let base = rtt.as_secs_f64() * 1e6 + path as f64;
-        Some(base * (1.0 + 4.0 * (loss(p) - LOSS_FREE).max(0.0)))
+        Some(base * (1.0 + 4.0 * (loss(p, window) - LOSS_FREE).max(0.0)))
     }
 
     /// Choose the current PoP and, over two paths, the second one.
@@ -1363,12 +1367,14 @@ fn push_outcome(history: &mut VecDeque<bool>, window: usize, answered: bool) {
     }
 }
 
-fn loss(p: &Pop) -> f64 {
-    if p.history.is_empty() {
-        return 0.0;
-    }
+/// The loss of a PoP's probes: the fraction lost of the last `loss_window`, but over
+/// [`LOSS_EARLY_PROBES`] (or the window if smaller) at least while fewer were resolved.
+/// One probe lost of the first three is no 33 % loss: under 5 % of random loss it moved
+/// viewers to another PoP a few seconds after their first choice.
+fn loss(p: &Pop, window: usize) -> f64 {
     let lost = p.history.iter().filter(|ok| !**ok).count();
-    lost as f64 / p.history.len() as f64
+    let over = p.history.len().max(LOSS_EARLY_PROBES.min(window)).max(1);
+    lost as f64 / over as f64
 }
 
 /// `t + d`, saturating far in the future instead of panicking on absurd durations.
@@ -1423,6 +1429,77 @@ mod tests {
         // Requests still go to the address it was given to send to.
         let next = c.poll_transmit().expect("ListStreams");
         assert_eq!(next.to, addr("10.0.2.1:7000"));
+    }
+
+    /// Probe rounds: each PoP's probe answered (its path latency from `path_us`) unless
+    /// `lost` says otherwise for (round, PoP), a round every probe interval.
+    fn probe_rounds(
+        c: &mut Client,
+        t0: Instant,
+        rounds: u32,
+        path_us: &[(&str, u64)],
+        lost: impl Fn(u32, &str) -> bool,
+    ) -> Instant {
+        let mut t = t0;
+        for round in 0..rounds {
+            c.handle_timeout(t);
+            let probes: Vec<ControlTransmit> = std::iter::from_fn(|| c.poll_transmit())
+                .filter(|x| matches!(x.msg, Message::Probe { .. }))
+                .collect();
+            for x in probes {
+                let Message::Probe { nonce, sent_us } = x.msg else {
+                    continue;
+                };
+                let Some(&(id, us)) = path_us
+                    .iter()
+                    .find(|(id, _)| addr(&format!("10.0.0.{}:7000", id.len())) == x.to)
+                else {
+                    continue;
+                };
+                if lost(round, id) {
+                    continue;
+                }
+                let reply = Message::ProbeReply {
+                    nonce,
+                    echo_us: sent_us,
+                    pop: id.into(),
+                    path_latency_us: Some(us),
+                    hops: 2,
+                    viewers: 0,
+                    path: Vec::new(),
+                };
+                c.handle(t + Duration::from_millis(2), x.to, reply);
+            }
+            t += c.config.probe_interval;
+        }
+        t
+    }
+
+    #[test]
+    fn one_probe_lost_early_is_not_a_third_of_loss() {
+        // Two PoPs, "a" 10 % better than "bb" (addresses 10.0.0.1 and 10.0.0.2); a's
+        // second probe is lost: over the first three, that was 33 % loss and moved the
+        // client to bb.
+        let t0 = Instant::now();
+        let mut c = Client::new(
+            ClientConfig::default(),
+            vec![
+                ("a".into(), addr("10.0.0.1:7000")),
+                ("bb".into(), addr("10.0.0.2:7000")),
+            ],
+            9000,
+            t0,
+            t0,
+        );
+        let pops = [("a", 18_000), ("bb", 20_000)];
+        let t = probe_rounds(&mut c, t0, 4, &pops, |round, id| round == 1 && id == "a");
+        assert_eq!(c.pop(), Some("a"));
+        assert_eq!(c.pop_switches(), 0);
+        // A PoP that loses half its probes is still left once that shows.
+        probe_rounds(&mut c, t, 12, &pops, |round, id| {
+            id == "a" && round % 2 == 0
+        });
+        assert_eq!(c.pop(), Some("bb"));
     }
 
     #[test]

@@ -491,9 +491,9 @@ pub struct Node {
     last_triggered: Option<Instant>,
 }
 
-/// The least difference between two samples of a route's latency taken in full into
+/// The difference between two samples of a route's latency always taken in full into
 /// its spread, µs (see `Offer::dev_us`).
-const SPREAD_STEP_FLOOR_US: u64 = 1_000;
+const SPREAD_STEP_FLOOR_US: u64 = 5_000;
 
 /// A node without a route repeats its route request this often ...
 const RR_RETRY: Duration = Duration::from_millis(250);
@@ -837,9 +837,10 @@ impl Node {
         // for tens of seconds. A sample taken before the link's RTT is measured is no
         // sample, and a new path is a new route (the step to it is no jitter); the
         // spread measured so far is kept as the link's noise. A difference counts for
-        // at most four times the spread so far (and 1 ms): a step is a real change of
-        // the route, not jitter, and widening the margin with it held the node on a
-        // route 20 ms worse (jitter that grows still widens it, by 3/8 per sample).
+        // at most four times the spread so far, and 5 ms: a step is a real change of
+        // the route, not jitter, and widening the margin with all of it held a node on
+        // a route 20 ms worse; jitter that starts on calm links, whose differences are
+        // a few ms, is measured as fast as before.
         let sample = rtt_half.map(|h| latency_us.saturating_add(h));
         let (last_us, dev_us) = match route.offers.get(&n) {
             Some(o) if o.path != path => (sample, o.dev_us),
