@@ -60,15 +60,8 @@ pub struct NackConfig {
     /// Wait this long after a gap appears before the first NACK, so that mere
     /// reordering does not cause one.
     pub reorder_delay: Duration,
-    /// Longest time between NACKs for the same datagram. The first retry comes after
-    /// twice the hop's measured recovery time (from a first NACK to the datagram's
-    /// arrival, smoothed; this long before any is measured), but not sooner than
-    /// `min_retry_interval`, and each further retry waits twice as long as the one
-    /// before, up to this: a short hop retries a lost NACK or retransmission at once,
-    /// and a hop that is slow to answer is not flooded.
+    /// Time between NACKs for the same datagram (about one RTT of the hop).
     pub retry_interval: Duration,
-    /// Shortest time between NACKs for the same datagram.
-    pub min_retry_interval: Duration,
     /// Most NACKs for one datagram.
     pub max_retries: u32,
     /// A datagram missing for longer than this is given up (the latency budget).
@@ -84,7 +77,6 @@ impl Default for NackConfig {
         Self {
             reorder_delay: Duration::from_millis(5),
             retry_interval: Duration::from_millis(30),
-            min_retry_interval: Duration::from_millis(10),
             max_retries: 8,
             give_up_after: Duration::from_millis(300),
             max_missing: 1024,
@@ -113,9 +105,6 @@ struct Gap {
     since: Instant,
     next: Instant,
     tries: u32,
-    /// When the first NACK went out: a datagram that arrives after only that one times
-    /// the hop's recovery (Karn's rule: after a retry, which NACK it answers is unknown).
-    asked: Option<Instant>,
 }
 
 /// Receiver side of one stream from one upstream: finds gaps in the sequence numbers
@@ -141,8 +130,6 @@ pub struct GapTracker {
     count: u64,
     /// No entry needs attention before this instant: polls before it cost nothing.
     wake: Option<Instant>,
-    /// The hop's smoothed recovery time (first NACK to the datagram), once measured.
-    recovery: Option<Duration>,
     stats: NackStats,
 }
 
@@ -156,7 +143,6 @@ impl GapTracker {
             gaps: BTreeMap::new(),
             count: 0,
             wake: None,
-            recovery: None,
             stats: NackStats::default(),
         }
     }
@@ -209,32 +195,11 @@ impl GapTracker {
             self.oldest = Some(s);
             return false;
         }
-        let Some(gap) = self.fill(s) else {
-            return false;
-        };
-        self.stats.recovered += 1;
-        if let (1, Some(asked)) = (gap.tries, gap.asked) {
-            let sample = now.saturating_duration_since(asked);
-            // An EWMA of gain 1/8, as a TCP's smoothed RTT.
-            self.recovery = Some(self.recovery.map_or(sample, |r| (r * 7 + sample) / 8));
+        let filled = self.fill(s);
+        if filled {
+            self.stats.recovered += 1;
         }
-        true
-    }
-
-    /// The hop's smoothed recovery time (from a first NACK to the datagram's arrival),
-    /// once measured.
-    pub fn recovery_time(&self) -> Option<Duration> {
-        self.recovery
-    }
-
-    /// How long after its `tries`-th NACK a run is asked for again, on a hop whose
-    /// recovery time is `recovery`.
-    fn retry_after(config: &NackConfig, recovery: Option<Duration>, tries: u32) -> Duration {
-        let min = config.min_retry_interval;
-        let max = config.retry_interval.max(min);
-        let first = recovery.map_or(max, |r| (r * 2).clamp(min, max));
-        let doublings = tries.saturating_sub(1).min(16);
-        first.saturating_mul(1 << doublings).min(max)
+        filled
     }
 
     /// A downstream node asked for `seq`, which is older than anything this tracker has
@@ -258,11 +223,13 @@ impl GapTracker {
         true
     }
 
-    /// Remove `s` from the run holding it, if any, splitting the run; the run it was in.
-    fn fill(&mut self, s: u64) -> Option<Gap> {
-        let (&start, &gap) = self.gaps.range(..=s).next_back()?;
+    /// Remove `s` from the run holding it, if any, splitting the run.
+    fn fill(&mut self, s: u64) -> bool {
+        let Some((&start, &gap)) = self.gaps.range(..=s).next_back() else {
+            return false;
+        };
         if s >= start + gap.len {
-            return None;
+            return false;
         }
         self.gaps.remove(&start);
         if s > start {
@@ -284,7 +251,7 @@ impl GapTracker {
             );
         }
         self.count -= 1;
-        Some(gap)
+        true
     }
 
     /// Mark `from..to` missing, within the bounds of the configuration.
@@ -309,7 +276,6 @@ impl GapTracker {
                 since: now,
                 next,
                 tries: 0,
-                asked: None,
             },
         );
         self.count += len;
@@ -344,19 +310,16 @@ impl GapTracker {
         }
         self.expire(now);
         let mut ranges: Vec<NackRange> = Vec::new();
-        let (config, recovery) = (&self.config, self.recovery);
+        let retry = self.config.retry_interval;
         for (&start, gap) in self.gaps.iter_mut() {
             if gap.next > now {
                 continue;
             }
-            if ranges.len() >= config.max_ranges {
+            if ranges.len() >= self.config.max_ranges {
                 break;
             }
             gap.tries += 1;
-            gap.next = now + Self::retry_after(config, recovery, gap.tries);
-            if gap.tries == 1 {
-                gap.asked = Some(now);
-            }
+            gap.next = now + retry;
             self.stats.requested += gap.len;
             let mut first = start;
             let mut left = gap.len;
