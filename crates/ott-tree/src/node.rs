@@ -491,10 +491,6 @@ pub struct Node {
     last_triggered: Option<Instant>,
 }
 
-/// The difference between two samples of a route's latency always taken in full into
-/// its spread, µs (see `Offer::dev_us`).
-const SPREAD_STEP_FLOOR_US: u64 = 5_000;
-
 /// A node without a route repeats its route request this often ...
 const RR_RETRY: Duration = Duration::from_millis(250);
 /// ... for this long after losing the route.
@@ -836,18 +832,16 @@ impl Node {
         // offers settle over seconds), and that lag read as spread kept margins wide
         // for tens of seconds. A sample taken before the link's RTT is measured is no
         // sample, and a new path is a new route (the step to it is no jitter); the
-        // spread measured so far is kept as the link's noise. A difference counts for
-        // at most four times the spread so far, and 5 ms: a step is a real change of
-        // the route, not jitter, and widening the margin with all of it held a node on
-        // a route 20 ms worse; jitter that starts on calm links, whose differences are
-        // a few ms, is measured as fast as before.
+        // spread measured so far is kept as the link's noise. The step of a real change
+        // widens it too (a difference counted at most at a few times the spread held
+        // fewer nodes on a route 20 ms worse, but let the emulated links' jitter move
+        // nodes where it starts, on every link at once).
         let sample = rtt_half.map(|h| latency_us.saturating_add(h));
         let (last_us, dev_us) = match route.offers.get(&n) {
             Some(o) if o.path != path => (sample, o.dev_us),
             Some(o) => match (o.last_us, sample) {
                 (Some(last), Some(sample)) => {
-                    let cap = o.dev_us.saturating_mul(4).max(SPREAD_STEP_FLOOR_US);
-                    let diff = sample.abs_diff(last).min(cap);
+                    let diff = sample.abs_diff(last);
                     (Some(sample), eighth_toward(o.dev_us, diff))
                 }
                 (last, None) => (last, o.dev_us),
