@@ -1431,13 +1431,14 @@ mod tests {
         assert_eq!(next.to, addr("10.0.2.1:7000"));
     }
 
-    /// Probe rounds: each PoP's probe answered (its path latency from `path_us`) unless
-    /// `lost` says otherwise for (round, PoP), a round every probe interval.
+    /// Probe rounds: each PoP's probe (PoPs as (id, address, path latency µs))
+    /// answered unless `lost` says otherwise for (round, PoP), a round every probe
+    /// interval.
     fn probe_rounds(
         c: &mut Client,
         t0: Instant,
         rounds: u32,
-        path_us: &[(&str, u64)],
+        pops: &[(&str, SocketAddr, u64)],
         lost: impl Fn(u32, &str) -> bool,
     ) -> Instant {
         let mut t = t0;
@@ -1450,10 +1451,7 @@ mod tests {
                 let Message::Probe { nonce, sent_us } = x.msg else {
                     continue;
                 };
-                let Some(&(id, us)) = path_us
-                    .iter()
-                    .find(|(id, _)| addr(&format!("10.0.0.{}:7000", id.len())) == x.to)
-                else {
+                let Some(&(id, _, us)) = pops.iter().find(|(_, a, _)| *a == x.to) else {
                     continue;
                 };
                 if lost(round, id) {
@@ -1477,21 +1475,20 @@ mod tests {
 
     #[test]
     fn one_probe_lost_early_is_not_a_third_of_loss() {
-        // Two PoPs, "a" 10 % better than "bb" (addresses 10.0.0.1 and 10.0.0.2); a's
-        // second probe is lost: over the first three, that was 33 % loss and moved the
-        // client to bb.
+        // Two PoPs, "a" 10 % better than "bb"; a's second probe is lost: over the first
+        // three, that was 33 % loss and moved the client to bb.
         let t0 = Instant::now();
+        let pops = [
+            ("a", addr("10.0.0.1:7000"), 18_000),
+            ("bb", addr("10.0.0.2:7000"), 20_000),
+        ];
         let mut c = Client::new(
             ClientConfig::default(),
-            vec![
-                ("a".into(), addr("10.0.0.1:7000")),
-                ("bb".into(), addr("10.0.0.2:7000")),
-            ],
+            pops.iter().map(|&(id, a, _)| (id.into(), a)).collect(),
             9000,
             t0,
             t0,
         );
-        let pops = [("a", 18_000), ("bb", 20_000)];
         let t = probe_rounds(&mut c, t0, 4, &pops, |round, id| round == 1 && id == "a");
         assert_eq!(c.pop(), Some("a"));
         assert_eq!(c.pop_switches(), 0);

@@ -837,7 +837,8 @@ impl Node {
         // fewer nodes on a route 20 ms worse, but let the emulated links' jitter move
         // nodes where it starts, on every link at once).
         let sample = rtt_half.map(|h| latency_us.saturating_add(h));
-        let (last_us, dev_us) = match route.offers.get(&n) {
+        let prev = route.offers.get(&n);
+        let (last_us, dev_us) = match prev {
             Some(o) if o.path != path => (sample, o.dev_us),
             Some(o) => match (o.last_us, sample) {
                 (Some(last), Some(sample)) => {
@@ -851,13 +852,13 @@ impl Node {
         };
         // The route's level upstream: a slow mean (1/8 per announcement) of the latency
         // offered, started over on a new path.
-        let avg_us = match route.offers.get(&n) {
+        let avg_us = match prev {
             Some(o) if o.path == path => eighth_toward(o.avg_us, latency_us),
             _ => latency_us,
         };
         // The offer's age counts from its seq: the same seq again is no news of the
         // server, and must not keep a dead server's routes alive.
-        let at = match route.offers.get(&n) {
+        let at = match prev {
             Some(o) if o.seq == seq => o.at,
             _ => now,
         };
@@ -881,10 +882,9 @@ impl Node {
         }
     }
 
-    /// When the parent's last new seq for a server came one and a half announcement
-    /// periods ago (a route taken from it would expire after `route_expiry`), and when
-    /// to ask again after asking at `asked`: the time the parent should next be asked
-    /// for its announcement, if any.
+    /// When the parent of route `r` should next be asked for its announcement: one and a
+    /// half announcement periods after its last new seq, then every half period after
+    /// the last time it was asked (`None` without a parent's offer).
     fn refresh_due(&self, r: &Route) -> Option<Instant> {
         let parent = r.parent.as_deref()?;
         let o = r.offers.get(parent)?;
@@ -3428,8 +3428,6 @@ mod tests {
         assert_eq!(n.upstream(news.id), None);
     }
 
-    /// Send a viewer's first Join from `from` and return the cookie the node sent to
-    /// the data address (asserting it went there and nothing was subscribed).
     /// A viewer (10.9.9.9:5555, data port 9000) joins `stream` at `n` with its cookie;
     /// what `n` sends is drained. Returns the viewer's control address.
     fn viewer_joins(n: &mut Node, now: Instant, stream: StreamId) -> SocketAddr {
@@ -3448,6 +3446,8 @@ mod tests {
         client
     }
 
+    /// Send a viewer's first Join from `from` and return the cookie the node sent to
+    /// the data address (asserting it went there and nothing was subscribed).
     fn cookie_from(
         n: &mut Node,
         now: Instant,
