@@ -66,11 +66,14 @@ impl Child {
     }
 
     /// Read `seqs` in this order, each once, intact; a new child first gets the start
-    /// cache replayed (flagged as cached), which is skipped.
+    /// cache replayed (flagged as cached) and the recent past the cache lacks (flagged
+    /// as resent), which are counted and skipped.
     fn expect(&self, seqs: std::ops::Range<u32>, new: bool) -> u64 {
         let mut buf = [0u8; 2048];
+        let seqs_start = seqs.start;
         let mut seqs = seqs.peekable();
         let mut replays = 0;
+        let mut past: Option<u32> = None;
         while let Some(&seq) = seqs.peek() {
             let (len, _) = self
                 .sock
@@ -82,6 +85,22 @@ impl Child {
             };
             let h = MediaHeader::parse(body).expect("media");
             if new && h.has(flags::CACHED) && replays < 4 {
+                replays += 1;
+                continue;
+            }
+            // Then the recent past the cache lacks, resent, oldest first.
+            if new && h.has(flags::RETRANSMIT) {
+                assert!(
+                    h.seq < seqs_start,
+                    "{}: only the past is resent",
+                    self.addr()
+                );
+                assert!(
+                    past.is_none_or(|p| p < h.seq),
+                    "{}: the past out of order",
+                    self.addr()
+                );
+                past = Some(h.seq);
                 replays += 1;
                 continue;
             }

@@ -15,7 +15,9 @@
 //! - **Retransmission buffer.** NACKs are answered only for current children, at most
 //!   [`Config::max_resend_per_nack`] datagrams each, within a per-child byte budget.
 //! - **Start cache** ([`start_cache::StartCache`]): each new child first gets the stream
-//!   from its last keyframe.
+//!   from its last keyframe, then the stream's recent past that the cache lacks (what
+//!   came within the NACK budget, from the retransmission buffer): a node or viewer
+//!   that moved here after losing its parent or PoP gets what it missed at once.
 //! - **Per-child delivery.** An overlay member gets the bytes as received; a viewer
 //!   without a session gets them without the overlay tag; a viewer with a session gets
 //!   them sealed with its [`SessionKey`].
@@ -266,6 +268,9 @@ pub struct DataPathCounters {
     pub resend_budget: u64,
     /// Datagrams replayed from start caches.
     pub replayed: u64,
+    /// Datagrams of a stream's recent past sent to a new child
+    /// ([`DataPath::set_route`]).
+    pub caught_up: u64,
     /// Source switches.
     pub source_switches: u64,
 }
@@ -516,7 +521,8 @@ impl DataPath {
     }
 
     /// Replace the children of `stream`. Empty `children` removes the route and frees
-    /// all the stream's state. New children get the start cache first. Returns `false`
+    /// all the stream's state. New children get the start cache first, then the recent
+    /// past it lacks (see the crate documentation). Returns `false`
     /// when the route was refused at the stream cap.
     pub fn set_route(&mut self, now: Instant, stream: u32, mut children: Vec<Child>) -> bool {
         if children.is_empty() {
@@ -564,14 +570,32 @@ impl DataPath {
             .entry(stream)
             .or_insert_with(|| Stream::new(depth, nack));
         let mut old = std::mem::take(&mut st.children);
-        let replay = if children
+        let joined = children
             .iter()
-            .any(|c| !old.iter().any(|o| o.child.addr == c.addr))
-        {
-            st.cache.replay(now)
+            .any(|c| !old.iter().any(|o| o.child.addr == c.addr));
+        let (replay, recent) = if joined {
+            let since = now
+                .checked_sub(self.config.nack_config.give_up_after)
+                .unwrap_or(now);
+            let recent = st.buffer.recent(since, self.config.max_resend_per_nack);
+            (st.cache.replay(now), recent)
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
+        // A new child gets the start cache, then the stream's recent past (the last
+        // latency budget of it, as resent datagrams) that the cache does not hold: a
+        // node or a viewer that moved to us after losing its parent or its PoP gets
+        // what it missed while the old one was dying at once, with the first live
+        // datagrams, instead of a NACK for it a round trip later (through every hop
+        // that took the stream only now); what it already has, it drops as duplicates.
+        let cache_from = replay
+            .first()
+            .and_then(|d| MediaHeader::parse(&d[..d.len().min(HEADER_LEN)]).ok())
+            .map(|h| h.seq);
+        let recent: Vec<u32> = recent
+            .into_iter()
+            .filter(|s| cache_from.is_none_or(|c| (s.wrapping_sub(c) as i32) < 0))
+            .collect();
         for child in children {
             if let Some(i) = old.iter().position(|o| o.child.addr == child.addr) {
                 let mut kept = old.swap_remove(i);
@@ -579,6 +603,7 @@ impl DataPath {
                 st.children.push(kept);
                 continue;
             }
+            let mut budget = Budget::new(now, burst);
             for d in &replay {
                 let payload = Self::owned_for(self.key.is_some(), d, &child.kind);
                 self.transmits.push_back(Transmit {
@@ -588,10 +613,24 @@ impl DataPath {
                 self.counters.replayed += 1;
                 self.counters.datagrams_out += 1;
             }
-            st.children.push(ChildState {
-                child,
-                budget: Budget::new(now, burst),
-            });
+            for seq in &recent {
+                let Some(d) = st.buffer.get(*seq) else {
+                    continue;
+                };
+                if !budget.take(now, d.len() as u64, self.config.resend_bytes_per_sec, burst) {
+                    self.counters.resend_budget += 1;
+                    break;
+                }
+                let resent = start_cache::marked(d, flags::RETRANSMIT);
+                let payload = Self::owned_for(self.key.is_some(), &resent, &child.kind);
+                self.transmits.push_back(Transmit {
+                    to: child.addr,
+                    payload,
+                });
+                self.counters.caught_up += 1;
+                self.counters.datagrams_out += 1;
+            }
+            st.children.push(ChildState { child, budget });
         }
         st.stats.children = st.children.len();
         true
@@ -867,7 +906,7 @@ impl DataPath {
             None => Bytes::copy_from_slice(datagram),
         };
         st.cache.observe(now, &header, &copy);
-        st.buffer.insert(header.seq, copy);
+        st.buffer.insert(header.seq, now, copy);
         for c in st.children.iter() {
             let payload = match &c.child.kind {
                 ChildKind::Member => Payload::Input {

@@ -180,10 +180,11 @@ fn test_start_cache_serves_a_new_child_from_the_last_keyframe() {
         let _ = dp.handle_media(t0, Some(addr(1000)), &media(S, f, f, f % 3 == 1, 50), 0);
     }
     let _ = dp.drain_transmits();
-    // Keyframes at 1, 4, 7: the new child gets frame 7 on.
+    // Keyframes at 1, 4, 7: the new child gets frame 7 on (joining after the latency
+    // budget, it gets no recent past besides).
     assert_eq!(dp.cached(S), 1);
     dp.set_route(
-        t0,
+        t0 + Duration::from_millis(500),
         S,
         vec![Child::member(addr(2001)), Child::member(addr(2002))],
     );
@@ -193,6 +194,72 @@ fn test_start_cache_serves_a_new_child_from_the_last_keyframe() {
     let h = MediaHeader::parse(&out[0].1).expect("media");
     assert!(h.has(flags::CACHED) && h.has(flags::KEYFRAME));
     assert_eq!(h.frame, 7);
+}
+
+#[test]
+fn test_a_new_child_gets_the_recent_past_the_cache_lacks() {
+    let (mut dp, t0) = routed(&[2001]);
+    let ms = Duration::from_millis;
+    // One datagram every 50 ms; keyframes at 1 and 8; seq 6 never came.
+    for i in 0..10u32 {
+        let seq = i + 1;
+        if seq == 6 {
+            continue;
+        }
+        let d = media(S, seq, seq, seq == 1 || seq == 8, 50);
+        let _ = dp.handle_media(t0 + ms(50 * u64::from(i)), Some(addr(1000)), &d, 0);
+    }
+    let _ = dp.drain_transmits();
+    // At 500 ms the budget (300 ms) reaches back to what came at 200 ms: seq 5 on.
+    let now = t0 + ms(500);
+    let viewer = SessionKey::from_bytes([7; 32]);
+    dp.set_route(
+        now,
+        S,
+        vec![
+            Child::member(addr(2001)),
+            Child::member(addr(2002)),
+            Child {
+                addr: addr(2003),
+                kind: ChildKind::Session(viewer.clone()),
+            },
+        ],
+    );
+    let out = sent(&mut dp, &[]);
+    let to = |port: u16| -> Vec<(u32, bool, bool)> {
+        out.iter()
+            .filter(|(a, _)| *a == addr(port))
+            .map(|(_, d)| {
+                let d = if port == 2003 {
+                    viewer.open(d).expect("sealed for the viewer").to_vec()
+                } else {
+                    d.clone()
+                };
+                let h = MediaHeader::parse(&d).expect("media");
+                (h.seq, h.has(flags::CACHED), h.has(flags::RETRANSMIT))
+            })
+            .collect()
+    };
+    assert!(to(2001).is_empty(), "a child kept gets nothing again");
+    // The cache (8 on) first, then the recent past it lacks, oldest first, without
+    // the number never received.
+    let expected = vec![
+        (8, true, false),
+        (9, true, false),
+        (10, true, false),
+        (5, false, true),
+        (7, false, true),
+    ];
+    assert_eq!(to(2002), expected);
+    assert_eq!(to(2003), expected, "a viewer gets the same, sealed");
+    assert_eq!(dp.counters().caught_up, 4);
+    // The same route again: nothing.
+    dp.set_route(
+        now,
+        S,
+        vec![Child::member(addr(2001)), Child::member(addr(2002))],
+    );
+    assert!(sent(&mut dp, &[]).is_empty());
 }
 
 #[test]

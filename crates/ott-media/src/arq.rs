@@ -14,13 +14,24 @@ use ott_proto::NackRange;
 /// How far below the oldest datagram seen a start-up reordering may reach.
 const START_REORDER: u64 = 64;
 
-/// The newest datagrams of one stream, by sequence number, to answer NACKs.
+/// The newest datagrams of one stream, by sequence number, to answer NACKs, each with
+/// when it was kept (so that a new child can be sent the stream's recent past,
+/// [`RetransmitBuffer::recent`]).
 ///
 /// Holds at most `capacity` datagrams; inserting beyond that forgets the oldest. Memory
 /// is bounded by `capacity` × the largest datagram.
 #[derive(Debug)]
 pub struct RetransmitBuffer {
-    slots: Vec<Option<(u32, Bytes)>>,
+    slots: Vec<Option<Slot>>,
+    /// Newest sequence number inserted (serial-number order).
+    newest: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    seq: u32,
+    at: Instant,
+    datagram: Bytes,
 }
 
 impl RetransmitBuffer {
@@ -28,24 +39,55 @@ impl RetransmitBuffer {
     pub fn new(capacity: usize) -> Self {
         Self {
             slots: vec![None; capacity.max(1)],
+            newest: None,
         }
     }
 
-    /// Remember datagram `seq`.
-    pub fn insert(&mut self, seq: u32, datagram: Bytes) {
+    fn slot(&self, seq: u32) -> Option<&Slot> {
+        let n = self.slots.len();
+        match self.slots.get(seq as usize % n) {
+            Some(Some(s)) if s.seq == seq => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Remember datagram `seq`, received (or made) at `at`.
+    pub fn insert(&mut self, seq: u32, at: Instant, datagram: Bytes) {
         let n = self.slots.len();
         if let Some(slot) = self.slots.get_mut(seq as usize % n) {
-            *slot = Some((seq, datagram));
+            *slot = Some(Slot { seq, at, datagram });
+        }
+        if self.newest.is_none_or(|w| (seq.wrapping_sub(w) as i32) > 0) {
+            self.newest = Some(seq);
         }
     }
 
     /// Datagram `seq`, if still held.
     pub fn get(&self, seq: u32) -> Option<&Bytes> {
-        let n = self.slots.len();
-        match self.slots.get(seq as usize % n) {
-            Some(Some((s, d))) if *s == seq => Some(d),
-            _ => None,
+        self.slot(seq).map(|s| &s.datagram)
+    }
+
+    /// The stream's recent past: the sequence numbers held, oldest first, from the
+    /// newest back to the first one kept before `since` (not included), at most `limit`
+    /// of them. Numbers lost on the way in are skipped.
+    pub fn recent(&self, since: Instant, limit: usize) -> Vec<u32> {
+        let Some(newest) = self.newest else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for back in 0..self.slots.len() as u32 {
+            if out.len() >= limit {
+                break;
+            }
+            let seq = newest.wrapping_sub(back);
+            match self.slot(seq) {
+                Some(s) if s.at < since => break,
+                Some(_) => out.push(seq),
+                None => {}
+            }
         }
+        out.reverse();
+        out
     }
 
     /// How many datagrams it can hold.

@@ -175,7 +175,7 @@ fn run_with(
                 sent.push(data);
                 for d in ds {
                     let h = MediaHeader::parse(&d).expect("valid");
-                    nodes[0].buffer.insert(h.seq, d.clone());
+                    nodes[0].buffer.insert(h.seq, now, d.clone());
                     datagrams_sent += 1;
                     net.send(now, What::Media { to: 1, datagram: d });
                 }
@@ -196,7 +196,7 @@ fn run_with(
                 if to == client {
                     playout.push(now, &h, &datagram[HEADER_LEN..]);
                 } else {
-                    node.buffer.insert(h.seq, datagram.clone());
+                    node.buffer.insert(h.seq, now, datagram.clone());
                     datagrams_sent += 1;
                     net.send(
                         now,
