@@ -897,7 +897,8 @@ impl DataPath {
             }
         }
         if self.config.nack {
-            st.gaps.on_datagram(now, header.seq);
+            st.gaps
+                .on_fragment(now, header.seq, header.frag_index, header.frag_count);
         }
         // One copy per datagram (not per child), shared by the retransmission buffer and
         // the start cache.
@@ -1031,17 +1032,23 @@ impl DataPath {
         }
         for (id, st) in &mut self.streams {
             let Some(up) = st.upstream else { continue };
-            while let Some(ranges) = st.gaps.poll_nack(now) {
-                self.transmits.push_back(Transmit {
-                    to: up,
-                    payload: Payload::Nack {
-                        stream: *id,
-                        ranges,
-                    },
-                });
-                st.stats.nacks_sent += 1;
-                self.counters.nacks_sent += 1;
-                self.counters.datagrams_out += 1;
+            while let Some((ranges, again)) = st.gaps.poll_nack_again(now) {
+                // A NACK asking again goes twice (see `GapTracker::poll_nack_again`);
+                // the upstream answers both, and the copy that comes second is dropped
+                // as a duplicate.
+                let copies = if again { 2 } else { 1 };
+                for _ in 0..copies {
+                    self.transmits.push_back(Transmit {
+                        to: up,
+                        payload: Payload::Nack {
+                            stream: *id,
+                            ranges: ranges.clone(),
+                        },
+                    });
+                    st.stats.nacks_sent += 1;
+                    self.counters.nacks_sent += 1;
+                    self.counters.datagrams_out += 1;
+                }
             }
         }
     }

@@ -170,7 +170,20 @@ fn test_gap_is_nacked_upstream() {
         }
         other => panic!("not a NACK: {other:?}"),
     }
+    assert!(dp.poll_transmit().is_none(), "a first NACK goes once");
     assert_eq!(dp.counters().nacks_sent, 1);
+    // Unanswered for a retry interval: asked again, twice, for the same numbers.
+    let again = dp.poll_timeout().expect("a retry is scheduled");
+    assert!(again > due);
+    dp.handle_timeout(again);
+    let retries: Vec<Vec<(u32, u16)>> = std::iter::from_fn(|| dp.poll_transmit())
+        .map(|t| match t.payload {
+            Payload::Nack { ranges, .. } => ranges.iter().map(|r| (r.first, r.count)).collect(),
+            other => panic!("not a NACK: {other:?}"),
+        })
+        .collect();
+    assert_eq!(retries, vec![vec![(2, 2)], vec![(2, 2)]]);
+    assert_eq!(dp.counters().nacks_sent, 3);
 }
 
 #[test]

@@ -188,7 +188,8 @@ fn run_with(
             What::Media { to, datagram } => {
                 let h = MediaHeader::parse(&datagram).expect("valid");
                 let node = &mut nodes[to];
-                node.gaps.on_datagram(now, h.seq);
+                node.gaps
+                    .on_fragment(now, h.seq, h.frag_index, h.frag_count);
                 max_missing = max_missing.max(node.gaps.missing());
                 if !node.seen.insert(h.seq) {
                     continue; // duplicate
@@ -413,4 +414,56 @@ fn numbers_older_than_the_first_seen_are_asked_upstream_for_a_child() {
     w.on_datagram(t0, 3);
     assert!(w.want_older(t0, u32::MAX - 1));
     assert_eq!(w.missing(), 5);
+}
+
+/// A frame whose last fragments are lost is NACKed a reorder delay after its newest
+/// fragment, not when the next frame comes; fragments that keep coming put it off, a
+/// complete frame or a newer datagram cancels it, and absurd fragment counts are not
+/// waited for.
+#[test]
+fn a_lost_tail_of_a_frame_is_nacked_without_waiting_for_the_next_frame() {
+    let t0 = Instant::now();
+    let config = NackConfig::default();
+    let ms = Duration::from_millis;
+    let mut g = GapTracker::new(config);
+    // Frame of 5 fragments, seqs 10..15: 10, 11, 12 come 1 ms apart, 13 and 14 never.
+    for i in 0..3u16 {
+        g.on_fragment(t0 + ms(u64::from(i)), 10 + u32::from(i), i, 5);
+    }
+    assert_eq!(g.missing(), 0, "nothing is missing yet");
+    let due = t0 + ms(2) + config.reorder_delay;
+    // (An earlier wake-up is allowed: it finds nothing due.)
+    assert!(g.poll_timeout().is_some_and(|w| w <= due));
+    assert!(
+        g.poll_nack(due - ms(1)).is_none(),
+        "not before the reorder delay"
+    );
+    assert_eq!(g.poll_timeout(), Some(due));
+    let ranges = g.poll_nack(due).expect("the tail is asked for");
+    assert_eq!(nacked_seqs(&ranges, 100).collect::<Vec<_>>(), [13, 14]);
+    assert_eq!(g.missing(), 2);
+    // The retransmissions fill it; the next frame reveals no gap again.
+    assert!(g.on_fragment(due + ms(5), 13, 3, 5));
+    assert!(g.on_fragment(due + ms(5), 14, 4, 5));
+    g.on_fragment(t0 + ms(40), 15, 0, 1);
+    assert_eq!(g.missing(), 0);
+    assert!(g.poll_nack(t0 + ms(100)).is_none());
+
+    // A complete frame leaves nothing to wait for; a newer frame replaces the wait.
+    let mut h = GapTracker::new(config);
+    h.on_fragment(t0, 100, 0, 2);
+    h.on_fragment(t0, 101, 1, 2);
+    assert!(h.poll_nack(t0 + ms(20)).is_none());
+    assert_eq!(h.missing(), 0);
+    h.on_fragment(t0 + ms(40), 102, 0, 3);
+    h.on_fragment(t0 + ms(40), 104, 2, 3); // 103 lost inside the frame
+    assert!(h.poll_nack(t0 + ms(100)).is_some());
+    assert_eq!(h.missing(), 1, "only 103: the frame's last came");
+
+    // A fragment count past MAX_TAIL is not waited for.
+    let mut f = GapTracker::new(config);
+    f.on_fragment(t0, 7, 0, u16::MAX);
+    assert!(f.poll_nack(t0 + ms(100)).is_none());
+    assert_eq!(f.missing(), 0);
+    assert_eq!(ott_media::arq::MAX_TAIL, 256);
 }
