@@ -16,11 +16,17 @@ use crate::{read_frame_body, write_frame, Assignment, BootstrapError, Request, R
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(200);
 /// Longest single attempt of [`request_until`].
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
-/// First connection timeout of [`request_until`]; it doubles after each failed
-/// attempt up to [`ATTEMPT_TIMEOUT`]. A lost SYN is then sent again by a new attempt
-/// within about a second, instead of by the kernel after 1, 3 and 7 s (on a lossy path
-/// three lost SYNs in a row kept a viewer from starting for over ten seconds).
+/// First connection timeout of [`request_until`]; it doubles after every
+/// [`TIMEOUTS_PER_STEP`] attempts that timed out, up to [`ATTEMPT_TIMEOUT`]. A lost SYN
+/// is then sent again by a new attempt within about 700 ms, instead of by the kernel
+/// after 1, 3 and 7 s (on a lossy path three lost SYNs in a row kept a viewer from
+/// starting for over ten seconds).
 const FIRST_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Connection attempts that time out at one timeout before it doubles: a lost SYN or
+/// SYN-ACK is far likelier than a round trip of over half a second, and with the
+/// timeout doubled at each loss, three losses on a path that loses a fifth of its
+/// packets each way kept a viewer from starting for 8 s (0.5 + 1 + 2 + 4 s).
+const TIMEOUTS_PER_STEP: u32 = 3;
 /// Longest wait between attempts while the bootstrapper says it is busy: the wait
 /// doubles from [`RETRY_INTERVAL`] up to this, so that a crowd of programs started at
 /// once does not keep it busy.
@@ -125,6 +131,14 @@ pub fn request_until_keyed(
     })
 }
 
+/// The connection timeout of [`request_until`] after `timeouts` attempts that timed
+/// out: [`FIRST_CONNECT_TIMEOUT`], doubled every [`TIMEOUTS_PER_STEP`] of them, at most
+/// [`ATTEMPT_TIMEOUT`].
+fn connect_timeout(timeouts: u32) -> Duration {
+    let doublings = (timeouts / TIMEOUTS_PER_STEP).min(8);
+    (FIRST_CONNECT_TIMEOUT * (1u32 << doublings)).min(ATTEMPT_TIMEOUT)
+}
+
 /// When [`request_until_keyed`] first says what to do while nobody answers.
 const HINT_FIRST: Duration = Duration::from_secs(1);
 /// Longest gap between two such hints (the gap doubles up to it).
@@ -140,7 +154,7 @@ fn request_until_with(
 ) -> Result<Assignment, BootstrapError> {
     let mut last: Option<BootstrapError> = None;
     let mut busy_wait = RETRY_INTERVAL;
-    let mut connect_timeout = FIRST_CONNECT_TIMEOUT;
+    let mut timeouts = 0u32;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
@@ -152,11 +166,17 @@ fn request_until_with(
             }));
         }
         let attempt = remaining.min(ATTEMPT_TIMEOUT);
-        let wait = match request_timed(addr, req, key, connect_timeout.min(attempt), attempt) {
+        let wait = match request_timed(
+            addr,
+            req,
+            key,
+            connect_timeout(timeouts).min(attempt),
+            attempt,
+        ) {
             Err(BootstrapError::Io(e)) => {
                 debug!(%addr, error = %e, "bootstrapper not reachable yet, retrying");
                 if e.kind() == ErrorKind::TimedOut || e.kind() == ErrorKind::WouldBlock {
-                    connect_timeout = (connect_timeout * 2).min(ATTEMPT_TIMEOUT);
+                    timeouts = timeouts.saturating_add(1);
                 }
                 last = Some(BootstrapError::Io(e));
                 RETRY_INTERVAL
@@ -267,6 +287,29 @@ ends = ["p1", "c1"]
                 let _ = t.join();
             }
         }
+    }
+
+    #[test]
+    fn a_lost_syn_is_sent_again_soon_and_the_timeout_grows_slowly() {
+        let ms = Duration::from_millis;
+        let got: Vec<Duration> = [0, 1, 2, 3, 5, 6, 9, 12, u32::MAX]
+            .iter()
+            .map(|t| connect_timeout(*t))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ms(500),
+                ms(500),
+                ms(500),
+                ms(1000),
+                ms(1000),
+                ms(2000),
+                ms(4000),
+                ATTEMPT_TIMEOUT,
+                ATTEMPT_TIMEOUT
+            ]
+        );
     }
 
     #[test]
