@@ -406,36 +406,52 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         });
     }
     let mut de = rmp_serde::Deserializer::new(buf);
-    let env: EnvelopeAny = serde::Deserialize::deserialize(&mut de)
-        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let env = match EnvelopeIn::deserialize(&mut de) {
+        Ok(env) => env,
+        Err(e) => {
+            // A future version's body need not parse as ours: read the version alone,
+            // with a fresh deserializer (a failed one is never read on: rmp-serde does
+            // not restore its nesting budget on an error, and reading on after one
+            // underflowed it, a panic the fuzzer found).
+            let mut again = rmp_serde::Deserializer::new(buf);
+            return match VersionOnly::deserialize(&mut again) {
+                Ok(o) if o.v != PROTOCOL_VERSION => Err(DecodeError::Version(o.v)),
+                _ => Err(DecodeError::Malformed(e.to_string())),
+            };
+        }
+    };
     if env.v != PROTOCOL_VERSION {
         return Err(DecodeError::Version(env.v));
     }
-    let msg = env
-        .msg
-        .ok_or_else(|| DecodeError::Malformed("body is not a known message".into()))?;
     let rest = de.get_ref().len();
     if rest != 0 {
         return Err(DecodeError::Trailing(rest));
     }
-    Ok(msg)
+    Ok(env.msg)
 }
 
-/// Envelope whose body is only required when the version matches, so that a future
-/// version's unknown body still yields [`DecodeError::Version`].
+/// The envelope as [`decode`] reads it: the body strictly, the request padding
+/// ([`request_padding`]) skipped.
 #[derive(Deserialize)]
-struct EnvelopeAny {
+struct EnvelopeIn {
     v: u8,
-    #[serde(default, deserialize_with = "lenient")]
-    msg: Option<Message>,
-    /// Padding of a viewer's request ([`request_padding`]): read and ignored.
+    msg: Message,
     #[serde(default)]
     #[allow(dead_code)]
     pad: Option<serde::de::IgnoredAny>,
 }
 
-fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Message>, D::Error> {
-    Ok(Message::deserialize(d).ok())
+/// The version alone, everything else skipped: tells a future version's unknown body
+/// ([`DecodeError::Version`]) from a malformed one.
+#[derive(Deserialize)]
+struct VersionOnly {
+    v: u8,
+    #[serde(default)]
+    #[allow(dead_code)]
+    msg: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    pad: Option<serde::de::IgnoredAny>,
 }
 
 #[cfg(test)]
@@ -583,6 +599,16 @@ mod tests {
             decode(b"\xff\xff\xff"),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    /// Found by the `control` fuzz target (the input is in its corpus): an envelope
+    /// whose `msg` bodies failed to decode, then more keys. The old decoder swallowed
+    /// each body's error and read on, and rmp-serde, which does not restore its nesting
+    /// budget on an error, underflowed it: a panic. It is an error now.
+    #[test]
+    fn test_an_input_that_underflowed_the_nesting_budget_is_an_error() {
+        let found = include_bytes!("../../../fuzz/corpus/control/regression-depth-underflow");
+        assert!(decode(found).is_err());
     }
 
     #[test]
