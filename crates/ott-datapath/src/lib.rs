@@ -11,7 +11,8 @@
 //! - **Duplicate suppression and source lock** ([`dedup::StreamDedup`]): one source per
 //!   stream at a time, another adopted only after the current one fell silent.
 //! - **Upstream binding and gap tracking.** The address live (not resent) data comes
-//!   from is the upstream; gaps are NACKed to it ([`Payload::Nack`]).
+//!   from is the upstream; before any live data, the sender of the first datagram is.
+//!   Gaps are NACKed to it ([`Payload::Nack`]).
 //! - **Retransmission buffer.** NACKs are answered only for current children, at most
 //!   [`Config::max_resend_per_nack`] datagrams each, within a per-child byte budget.
 //! - **Start cache** ([`start_cache::StartCache`]): each new child first gets the stream
@@ -515,7 +516,8 @@ impl DataPath {
         self.streams.get(&stream).map_or(0, |s| s.cache.len())
     }
 
-    /// The upstream of `stream`, if live data arrived.
+    /// The upstream of `stream`: where live data last came from, or before any, the
+    /// sender of the first datagram.
     pub fn upstream(&self, stream: u32) -> Option<SocketAddr> {
         self.streams.get(&stream).and_then(|s| s.upstream)
     }
@@ -887,7 +889,10 @@ impl DataPath {
         if live {
             st.stats.last_live_in = Some(now);
         }
-        if live && from.is_some() && st.upstream != from {
+        // Live data names the upstream; until some comes, the sender of the first
+        // (cached or resent) datagram does, so that gaps in a new child's first burst
+        // are NACKed at once rather than after the first live datagram.
+        if (live || st.upstream.is_none()) && from.is_some() && st.upstream != from {
             st.upstream = from;
             if let Some(from) = from {
                 self.events.push_back(DataPathEvent::Upstream {

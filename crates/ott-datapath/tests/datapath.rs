@@ -186,6 +186,40 @@ fn test_gap_is_nacked_upstream() {
     assert_eq!(dp.counters().nacks_sent, 3);
 }
 
+/// A datagram flagged `flag` (cached or resent).
+fn flagged(seq: u32, flag: u8) -> Vec<u8> {
+    let mut d = media(S, seq, seq, false, 10);
+    let mut h = MediaHeader::parse(&d).expect("a header we made");
+    h.flags |= flag;
+    d[..HEADER_LEN].copy_from_slice(&h.to_bytes());
+    d
+}
+
+#[test]
+fn test_gaps_in_a_first_burst_of_cached_data_are_nacked_to_its_sender() {
+    let (mut dp, t0) = routed(&[2001]);
+    // A new parent's start cache: seq 10, then 13 (11 and 12 lost), before any live data.
+    let _ = dp.handle_media(t0, Some(addr(1000)), &flagged(10, flags::CACHED), 0);
+    let _ = dp.handle_media(t0, Some(addr(1000)), &flagged(13, flags::RETRANSMIT), 0);
+    assert_eq!(dp.upstream(S), Some(addr(1000)));
+    // Another sender's cached datagram does not take the binding.
+    let _ = dp.handle_media(t0, Some(addr(1001)), &flagged(14, flags::CACHED), 0);
+    assert_eq!(dp.upstream(S), Some(addr(1000)));
+    let _ = dp.drain_transmits();
+    let due = dp.poll_timeout().expect("a NACK is scheduled");
+    dp.handle_timeout(due);
+    let nacks: Vec<_> = std::iter::from_fn(|| dp.poll_transmit())
+        .filter_map(|t| match t.payload {
+            Payload::Nack { ranges, .. } => Some((t.to, ranges[0].first, ranges[0].count)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(nacks, vec![(addr(1000), 11, 2)]);
+    // Live data names the upstream, whoever sent the first burst.
+    let _ = dp.handle_media(t0, Some(addr(1001)), &media(S, 15, 15, false, 10), 0);
+    assert_eq!(dp.upstream(S), Some(addr(1001)));
+}
+
 #[test]
 fn test_start_cache_serves_a_new_child_from_the_last_keyframe() {
     let (mut dp, t0) = routed(&[2001]);
