@@ -594,9 +594,12 @@ impl DataPath {
             .first()
             .and_then(|d| MediaHeader::parse(&d[..d.len().min(HEADER_LEN)]).ok())
             .map(|h| h.seq);
-        let recent: Vec<u32> = recent
+        // Marked as resent once, for every new child.
+        let recent: Vec<Bytes> = recent
             .into_iter()
-            .filter(|s| cache_from.is_none_or(|c| (s.wrapping_sub(c) as i32) < 0))
+            .filter(|s| cache_from.is_none_or(|c| ott_proto::older(*s, c)))
+            .filter_map(|s| st.buffer.get(s))
+            .map(|d| start_cache::marked(d, flags::RETRANSMIT))
             .collect();
         for child in children {
             if let Some(i) = old.iter().position(|o| o.child.addr == child.addr) {
@@ -615,16 +618,12 @@ impl DataPath {
                 self.counters.replayed += 1;
                 self.counters.datagrams_out += 1;
             }
-            for seq in &recent {
-                let Some(d) = st.buffer.get(*seq) else {
-                    continue;
-                };
+            for d in &recent {
                 if !budget.take(now, d.len() as u64, self.config.resend_bytes_per_sec, burst) {
                     self.counters.resend_budget += 1;
                     break;
                 }
-                let resent = start_cache::marked(d, flags::RETRANSMIT);
-                let payload = Self::owned_for(self.key.is_some(), &resent, &child.kind);
+                let payload = Self::owned_for(self.key.is_some(), d, &child.kind);
                 self.transmits.push_back(Transmit {
                     to: child.addr,
                     payload,

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ott_proto::{flags, MediaHeader};
+use ott_proto::{flags, older, MediaHeader};
 
 /// Most datagrams kept per stream.
 pub const MAX_DATAGRAMS: usize = 768;
@@ -22,11 +22,6 @@ pub const MAX_DATAGRAMS: usize = 768;
 pub const MAX_BYTES: usize = 1 << 20;
 /// A cache older than this (no datagram of its stream since) is not replayed.
 pub const MAX_AGE: Duration = Duration::from_secs(1);
-
-/// `a` is strictly newer than `b` in serial-number arithmetic.
-fn newer(a: u32, b: u32) -> bool {
-    (b.wrapping_sub(a) as i32) < 0
-}
 
 /// The start cache of one stream.
 #[derive(Debug, Default)]
@@ -50,13 +45,13 @@ impl StartCache {
     /// shared, not copied.
     pub fn observe(&mut self, now: Instant, header: &MediaHeader, datagram: &Bytes) {
         self.last = Some(now);
-        let starts = header.has(flags::KEYFRAME) && self.key.is_none_or(|k| newer(header.frame, k));
+        let starts = header.has(flags::KEYFRAME) && self.key.is_none_or(|k| older(k, header.frame));
         if starts {
             self.key = Some(header.frame);
             self.datagrams.clear();
             self.bytes = 0;
             self.overflow = false;
-        } else if self.overflow || self.key.is_none_or(|k| newer(k, header.frame)) {
+        } else if self.overflow || self.key.is_none_or(|k| older(header.frame, k)) {
             // Nothing before the first keyframe, nor late datagrams of older frames.
             return;
         }

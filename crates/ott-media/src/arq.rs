@@ -61,7 +61,7 @@ impl RetransmitBuffer {
         if let Some(slot) = self.slots.get_mut(seq as usize % n) {
             *slot = Some(Slot { seq, at, datagram });
         }
-        if self.newest.is_none_or(|w| (seq.wrapping_sub(w) as i32) > 0) {
+        if self.newest.is_none_or(|w| ott_proto::older(w, seq)) {
             self.newest = Some(seq);
         }
     }

@@ -1,7 +1,7 @@
 //! Reassembly of frames from the media datagrams of one stream.
 
 use bytes::{Bytes, BytesMut};
-use ott_proto::{flags, MediaHeader, MAX_PAYLOAD_LEN};
+use ott_proto::{flags, older, MediaHeader, MAX_PAYLOAD_LEN};
 
 /// Limits of a [`Reassembler`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,11 +87,6 @@ pub struct Reassembler {
     last_emitted: Option<u32>,
     pending: Vec<Pending>,
     stats: ReassemblyStats,
-}
-
-/// `a` is strictly older than `b` in serial-number arithmetic.
-fn older(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) < 0
 }
 
 impl Reassembler {

@@ -30,6 +30,6 @@ pub use control::{
 };
 pub use error::{DecodeError, EncodeError, HeaderError};
 pub use media::{
-    flags, MediaHeader, HEADER_LEN, MAGIC, MAX_DATAGRAM_LEN, MAX_PAYLOAD_LEN, MEDIA_VERSION,
+    flags, older, MediaHeader, HEADER_LEN, MAGIC, MAX_DATAGRAM_LEN, MAX_PAYLOAD_LEN, MEDIA_VERSION,
 };
 pub use untrusted::{untrusted, Untrusted, MAX_LOGGED_CHARS};

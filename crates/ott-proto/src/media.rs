@@ -30,6 +30,17 @@ pub const MAX_DATAGRAM_LEN: usize = 1472;
 /// datagram still fits [`MAX_DATAGRAM_LEN`].
 pub const MAX_PAYLOAD_LEN: usize = MAX_DATAGRAM_LEN - HEADER_LEN - crate::auth::TAG_LEN;
 
+/// `a` is strictly older than `b` among sequence or frame numbers, which wrap: serial
+/// number arithmetic (RFC 1982) over 32 bits, so 0 comes after `u32::MAX`.
+///
+/// ```
+/// assert!(ott_proto::older(u32::MAX, 0));
+/// assert!(!ott_proto::older(5, 5));
+/// ```
+pub fn older(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
 /// Bits of [`MediaHeader::flags`].
 pub mod flags {
     /// The frame is a decodable start (every JPEG; a TS keyframe with PAT/PMT).
