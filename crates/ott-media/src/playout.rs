@@ -75,6 +75,9 @@ impl Pending {
 /// A complete frame is released at once when every earlier frame was released or given
 /// up; otherwise it waits, at most until the missing frame's budget runs out. A frame
 /// never released incomplete, never released twice, and memory stays bounded.
+/// Until the first frame is played, resent datagrams of frames older than the first one
+/// seen are dropped as late: a new viewer does not start in the recent past its PoP
+/// sends it.
 ///
 /// Drive it with [`PlayoutBuffer::push`], then [`PlayoutBuffer::poll_frame`] until it
 /// returns `None`, and again at [`PlayoutBuffer::poll_timeout`].
@@ -86,6 +89,8 @@ pub struct PlayoutBuffer {
     released: Option<u64>,
     /// Reference for unwrapping frame numbers: the newest frame seen.
     newest: Option<u64>,
+    /// The frame of the first datagram seen (since the last reset).
+    first: Option<u64>,
     pending: BTreeMap<u64, Pending>,
     stats: PlayoutStats,
     /// When the last frame released or given up was first seen, and its timestamp.
@@ -109,6 +114,7 @@ impl PlayoutBuffer {
             stream: None,
             released: None,
             newest: None,
+            first: None,
             pending: BTreeMap::new(),
             stats: PlayoutStats::default(),
             last: None,
@@ -120,6 +126,7 @@ impl PlayoutBuffer {
         self.stream = None;
         self.released = None;
         self.newest = None;
+        self.first = None;
         self.pending.clear();
         self.last = None;
     }
@@ -167,6 +174,16 @@ impl PlayoutBuffer {
             f = self.unwrap_frame(h.frame);
         }
         if self.released.is_some_and(|r| f <= r) {
+            self.stats.late += 1;
+            return;
+        }
+        // Before the first frame is played, resent data of frames older than the first
+        // one seen is not a start: a PoP sends a new viewer its recent past (for one that
+        // moved from another PoP and has a place in the stream), and a new viewer's NACKs
+        // never cover what came before its first datagram, so starting there would wait
+        // out the budget for every datagram of it lost on the way.
+        let first = *self.first.get_or_insert(f);
+        if self.released.is_none() && f < first && h.flags & flags::RETRANSMIT != 0 {
             self.stats.late += 1;
             return;
         }
@@ -409,5 +426,37 @@ mod tests {
         let wait = b.poll_timeout().expect("a wait");
         assert!(wait > t0 && wait < t0 + ms(100), "{wait:?}");
         assert_eq!(b.poll_frame(wait).map(|f| f.number), Some(21));
+    }
+
+    #[test]
+    fn a_new_viewer_starts_at_the_cache_not_in_the_resent_past_before_it() {
+        // A PoP's start cache (frame 10, in two datagrams, the second lost on the way),
+        // then the recent past it sends after (frames 3 to 9, resent, one datagram of
+        // frame 5 lost), then frame 10's second half, NACKed, and live frame 11.
+        let t0 = Instant::now();
+        let mut b = PlayoutBuffer::new(PlayoutConfig::default());
+        let mut cached = half(10, 0);
+        cached.flags = flags::CACHED | flags::KEYFRAME;
+        b.push(t0, &cached, b"x");
+        for n in (3..10).filter(|n| *n != 5) {
+            let mut h = header(n);
+            h.flags = flags::RETRANSMIT | flags::KEYFRAME;
+            b.push(t0 + ms(1), &h, b"x");
+        }
+        assert!(b.poll_frame(t0 + ms(1)).is_none(), "nothing older starts");
+        assert_eq!(b.stats().late, 6);
+        let mut rest = half(10, 1);
+        rest.flags = flags::RETRANSMIT | flags::CACHED | flags::KEYFRAME;
+        b.push(t0 + ms(20), &rest, b"x");
+        assert_eq!(b.poll_frame(t0 + ms(20)).map(|f| f.number), Some(10));
+        b.push(t0 + ms(40), &header(11), b"x");
+        assert_eq!(b.poll_frame(t0 + ms(40)).map(|f| f.number), Some(11));
+        assert_eq!(b.stats().incomplete_dropped, 0);
+        // Once playing, the resent past fills what is missing as before.
+        let mut b = after_gap(t0, 7, ms(240));
+        let mut h = header(5);
+        h.flags = flags::RETRANSMIT;
+        b.push(t0 + ms(241), &h, b"x");
+        assert_eq!(b.poll_frame(t0 + ms(241)).map(|f| f.number), Some(5));
     }
 }
