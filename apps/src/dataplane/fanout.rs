@@ -456,14 +456,26 @@ mod tests {
     fn shares_reach_every_child_in_order_from_one_address() {
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let from = sock.local_addr().expect("addr");
-        let children: Vec<UdpSocket> = (0..10)
-            .map(|_| {
-                let c = crate::net::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
-                c.set_read_timeout(Some(Duration::from_secs(2)))
-                    .expect("timeout");
-                c
-            })
-            .collect();
+        let child = || {
+            let c = crate::net::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
+            c.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            c
+        };
+        let thread_of = |c: &UdpSocket| sender_of(&c.local_addr().expect("addr"), 3);
+        let mut children: Vec<UdpSocket> = (0..10).map(|_| child()).collect();
+        // The ports are the kernel's choice: make sure both the caller (share 0) and a
+        // helper have a child, replacing the first or the last child until they do
+        // (each new port is share 0 with odds 1 in 3).
+        for _ in 0..1000 {
+            if !children.iter().any(|c| thread_of(c) == 0) {
+                children[0] = child();
+            } else if !children.iter().any(|c| thread_of(c) != 0) {
+                children[9] = child();
+            } else {
+                break;
+            }
+        }
         let to: Vec<SocketAddr> = children
             .iter()
             .map(|c| c.local_addr().expect("addr"))
