@@ -155,33 +155,59 @@ pub const LOSS_WINDOW: usize = 50;
 /// The newest heartbeats left out of the loss ratio: their acks may still be on the way.
 const IN_FLIGHT: usize = 2;
 
-/// A cheap fingerprint of a node id (its length and its bytes mixed eight at a time),
-/// so that finding a neighbour by id compares one integer per neighbour and the bytes
-/// of the one that matches only.
-fn fingerprint(id: &str) -> u64 {
-    let mix = |h: u64, w: u64| (h.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    let bytes = id.as_bytes();
-    let mut chunks = bytes.chunks_exact(8);
-    let mut h = bytes.len() as u64;
-    for c in &mut chunks {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(c);
-        h = mix(h, u64::from_le_bytes(w));
+/// A compact key of a node id, so that finding a neighbour by id compares one integer
+/// per neighbour: an id of up to 15 bytes is its own key (its bytes and its length, so
+/// equal keys are equal ids and the neighbour's id, elsewhere in memory, is not read);
+/// a longer one is keyed by a hash of its bytes, and a match is confirmed by comparing
+/// the ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IdKey(u128);
+
+/// Longest id that is its own [`IdKey`].
+const INLINE_ID: usize = 15;
+
+impl IdKey {
+    fn of(id: &str) -> Self {
+        let bytes = id.as_bytes();
+        let mut w = [0u8; 16];
+        if let Some(head) = w
+            .get_mut(..bytes.len())
+            .filter(|_| bytes.len() <= INLINE_ID)
+        {
+            head.copy_from_slice(bytes);
+            // The length in the top byte: "a" and "a\0" differ.
+            w[15] = bytes.len() as u8;
+            return Self(u128::from_le_bytes(w));
+        }
+        let mix = |h: u64, w: u64| (h.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        let mut chunks = bytes.chunks_exact(8);
+        let mut h = bytes.len() as u64;
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            h = mix(h, u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            h = mix(h, u64::from_le_bytes(w));
+        }
+        // Top byte 0xff: never an inline id's (their top byte is a length up to 15).
+        Self(u128::from(h) | (0xff << 120))
     }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut w = [0u8; 8];
-        w[..rest.len()].copy_from_slice(rest);
-        h = mix(h, u64::from_le_bytes(w));
+
+    /// Whether `peer` (with key `self`) is `id` (with key `key`).
+    fn matches(self, peer: &str, key: Self, id: &str) -> bool {
+        self == key && ((self.0 >> 120) as usize <= INLINE_ID || peer == id)
     }
-    h
 }
 
 #[derive(Debug)]
 struct Peer {
     addrs: PeerAddrs,
-    /// [`fingerprint`] of `addrs.id`.
-    fp: u64,
+    /// [`IdKey`] of `addrs.id`.
+    key: IdKey,
     alive: bool,
     srtt: Option<Duration>,
     /// Mean deviation of the RTT samples from `srtt` (RFC 6298 RTTVAR, beta 1/4): it
@@ -277,7 +303,7 @@ impl Neighbours {
         let peers = peers
             .into_iter()
             .map(|addrs| Peer {
-                fp: fingerprint(&addrs.id),
+                key: IdKey::of(&addrs.id),
                 addrs,
                 alive: false,
                 srtt: None,
@@ -328,8 +354,10 @@ impl Neighbours {
     }
 
     fn find(&self, id: &str) -> Option<&Peer> {
-        let fp = fingerprint(id);
-        self.peers.iter().find(|p| p.fp == fp && p.addrs.id == id)
+        let key = IdKey::of(id);
+        self.peers
+            .iter()
+            .find(|p| p.key.matches(&p.addrs.id, key, id))
     }
 
     /// Position of the neighbour owning `addr`: the first whose preferred address it is,
@@ -526,10 +554,10 @@ impl Neighbours {
     /// Position of the neighbour that sent a message claiming to be `id` from `addr`:
     /// `addr` must be one of its addresses.
     fn sender(&self, addr: SocketAddr, id: &str) -> Option<usize> {
-        let fp = fingerprint(id);
+        let key = IdKey::of(id);
         self.peers
             .iter()
-            .position(|p| p.fp == fp && p.addrs.id == id && p.addrs.owns(addr))
+            .position(|p| p.key.matches(&p.addrs.id, key, id) && p.addrs.owns(addr))
     }
 
     /// Record that neighbour `id` was heard from `addr` with `incarnation`; its
@@ -723,6 +751,36 @@ mod tests {
             t0,
         );
         (n, t0)
+    }
+
+    #[test]
+    fn id_keys_match_exactly_the_same_id() {
+        let ids = [
+            "",
+            "a",
+            "a\0",
+            "ab",
+            "ba",
+            "r00650",
+            "r00651",
+            "fifteen-bytes-x",
+            "sixteen-bytes-xy",
+            "sixteen-bytes-yx",
+            "a much longer node id than fits",
+            "a much longer node id than fitz",
+        ];
+        for a in ids {
+            for b in ids {
+                let (ka, kb) = (IdKey::of(a), IdKey::of(b));
+                assert_eq!(ka.matches(a, kb, b), a == b, "{a:?} {b:?}");
+                if a.len() <= INLINE_ID || b.len() <= INLINE_ID {
+                    assert_eq!(ka == kb, a == b, "{a:?} {b:?}");
+                }
+            }
+        }
+        // A long id whose key collided with another's is still told apart by its bytes.
+        let k = IdKey::of("a much longer node id than fits");
+        assert!(!k.matches("a much longer node id than fits", k, "another id"));
     }
 
     fn drain(n: &mut Neighbours) -> (Vec<ControlTransmit>, Vec<NeighbourEvent>) {
