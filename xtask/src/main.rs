@@ -57,6 +57,11 @@ enum Cmd {
     Tree(tree::TreeArgs),
 }
 
+// The simulator allocates and frees a few small buffers per simulated datagram (tens of
+// millions per run): mimalloc's per-thread free lists cost about a third of glibc's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
