@@ -496,6 +496,8 @@ pub struct Node {
     events: VecDeque<Event>,
     stats: NodeStats,
     shut: bool,
+    /// Bumped whenever a parent or an upstream changes (see [`Node::pointer_version`]).
+    pointer_version: u64,
     /// Neighbours suspected of not forwarding media, until when.
     suspects: BTreeMap<String, Instant>,
     /// Token bucket of route requests handled: tokens and when it was last filled.
@@ -610,6 +612,7 @@ impl Node {
             events: VecDeque::new(),
             stats: NodeStats::default(),
             shut: false,
+            pointer_version: 0,
             suspects: BTreeMap::new(),
             rr_tokens: 0.0,
             rr_filled: now,
@@ -1575,6 +1578,7 @@ impl Node {
         }
         for (stream, st) in &mut self.streams {
             if let Some(up) = st.upstream.take() {
+                self.pointer_version += 1;
                 if let Some(addr) = self.nb.addr_of(&up) {
                     self.stats.leaves_out += 1;
                     self.transmits.push_back(ControlTransmit {
@@ -1689,6 +1693,13 @@ impl Node {
         self.streams
             .iter()
             .filter_map(|(id, st)| Some((*id, st.upstream.as_deref()?)))
+    }
+
+    /// A counter that changes whenever [`Node::parents`] or [`Node::upstreams`] may
+    /// have changed: a caller that saw the same value of the same node before sees the
+    /// same pointers (a loop check can skip a node whose pointers it already checked).
+    pub fn pointer_version(&self) -> u64 {
+        self.pointer_version
     }
 
     /// The parent `stream` is joined at, if any.
@@ -2158,6 +2169,7 @@ impl Node {
         }
         if let Some(r) = self.routes.get_mut(server) {
             r.parent = new.clone();
+            self.pointer_version += 1;
             r.sent_seq = None;
             r.changed_at = Some(now);
             if let (Some(o), Some(lat)) = (&old, marginal) {
@@ -2369,6 +2381,7 @@ impl Node {
                     }
                 }
                 st.upstream = desired;
+                self.pointer_version += 1;
             } else if let (Some(up), Some(t)) = (&st.upstream, st.next_refresh) {
                 if now >= t {
                     if let Some(addr) = self.nb.addr_of(up) {

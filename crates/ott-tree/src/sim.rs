@@ -480,18 +480,11 @@ struct Forests {
     parent: FastMap<ForestKey, Vec<Option<usize>>>,
     /// Per host, the keys under which it has a pointer (sorted).
     keys: Vec<Vec<ForestKey>>,
-    /// Per host, its pointers by name as last set, if they were set from a node's
-    /// state (see [`Forests::same_names`]).
-    names: Vec<Option<Named>>,
+    /// Per host, [`Node::pointer_version`] of the node its pointers were last set
+    /// from (see [`Forests::unchanged`]).
+    versions: Vec<Option<u64>>,
     mark: Vec<u64>,
     epoch: u64,
-}
-
-/// A node's pointers by name: (server, parent) and (stream, upstream), in its order.
-#[derive(Debug, Default)]
-struct Named {
-    parents: Vec<(String, String)>,
-    upstreams: Vec<(StreamId, String)>,
 }
 
 impl Forests {
@@ -499,39 +492,22 @@ impl Forests {
         if self.mark.len() < n {
             self.mark.resize(n, 0);
             self.keys.resize_with(n, Vec::new);
-            self.names.resize_with(n, || None);
+            self.versions.resize(n, None);
         }
     }
 
-    /// Whether `host`'s pointers were last set from these names: then setting them
-    /// again changes nothing (ids map to hosts for good), and the walk can be skipped.
-    fn same_names(&self, host: usize, n: &Node) -> bool {
-        let Some(Some(named)) = self.names.get(host) else {
-            return false;
-        };
-        n.parents()
-            .eq(named.parents.iter().map(|(s, p)| (s.as_str(), p.as_str())))
-            && n.upstreams()
-                .eq(named.upstreams.iter().map(|(st, p)| (*st, p.as_str())))
+    /// Whether `host`'s pointers were last set from this node at its current pointer
+    /// version: then setting them again changes nothing (ids map to hosts for good),
+    /// and the walk is skipped.
+    fn unchanged(&self, host: usize, n: &Node) -> bool {
+        self.versions.get(host).copied().flatten() == Some(n.pointer_version())
     }
 
-    /// Remember the names `host`'s pointers were just set from (`None`: not a node's).
-    fn set_names(&mut self, host: usize, n: Option<&Node>) {
+    /// Remember the version `host`'s pointers were just set from (`None`: not a node's,
+    /// or forgotten).
+    fn set_version(&mut self, host: usize, v: Option<u64>) {
         self.grow(host + 1);
-        let slot = &mut self.names[host];
-        let Some(n) = n else {
-            *slot = None;
-            return;
-        };
-        let named = slot.get_or_insert_with(Named::default);
-        named.parents.clear();
-        named
-            .parents
-            .extend(n.parents().map(|(s, p)| (s.to_owned(), p.to_owned())));
-        named.upstreams.clear();
-        named
-            .upstreams
-            .extend(n.upstreams().map(|(st, p)| (st, p.to_owned())));
+        self.versions[host] = v;
     }
 
     /// Set every pointer of `host` (the pairs not given become none); on a cycle, the
@@ -612,8 +588,8 @@ impl Forests {
 
     /// Forget every pointer of `host` (it died or restarts with a fresh state).
     fn clear(&mut self, host: usize) {
-        if let Some(slot) = self.names.get_mut(host) {
-            *slot = None;
+        if let Some(v) = self.versions.get_mut(host) {
+            *v = None;
         }
         if let Some(keys) = self.keys.get_mut(host) {
             for k in std::mem::take(keys) {
@@ -1014,7 +990,7 @@ impl Sim {
         let mut result = Ok(());
         if let Some(Machine::Node(n)) = &self.hosts[i].machine {
             result = n.check_invariants();
-            if self.forests.same_names(i, n) {
+            if self.forests.unchanged(i, n) {
                 // No pointer of this host changed since it was last set: the forests
                 // are as they were, free of cycles.
                 self.pairs_buf = pairs;
@@ -1036,11 +1012,11 @@ impl Sim {
         }
         let set = self.forests.set_all(i, &mut pairs);
         self.pairs_buf = pairs;
-        let node = match &self.hosts[i].machine {
-            Some(Machine::Node(n)) => Some(&**n),
+        let version = match &self.hosts[i].machine {
+            Some(Machine::Node(n)) => Some(n.pointer_version()),
             _ => None,
         };
-        self.forests.set_names(i, node);
+        self.forests.set_version(i, version);
         if let Err((k, cycle)) = set {
             let names: Vec<&str> = cycle.iter().map(|&c| self.hosts[c].id.as_str()).collect();
             let what = match k {
@@ -1270,6 +1246,8 @@ impl Sim {
 
     /// [`Sim::boot`] given host `i`'s rank among the ids in sorted order.
     fn boot_ranked(&mut self, i: usize, rank: u64) {
+        // A fresh node counts its pointer versions from 0 again.
+        self.forests.set_version(i, None);
         let now = self.now;
         let epoch = self.epoch;
         let id = self.hosts[i].id.clone();
@@ -2544,6 +2522,51 @@ ends = ["s1", "r1"]
         assert_eq!(sim.check_loop_free(), Ok(()));
         assert_eq!(sim.first_loop_violation(), None);
         assert!(sim.stats().loop_checks > 10_000, "{:?}", sim.stats());
+    }
+
+    /// What the loop check's skip relies on: the same [`Node::pointer_version`] of the
+    /// same node means the same parents and upstreams.
+    #[test]
+    fn a_nodes_pointer_version_changes_whenever_its_pointers_do() {
+        type Seen = (u64, Vec<(String, String)>, Vec<(StreamId, String)>);
+        let mut p = RandomOverlay::new(40, 3, 9);
+        p.clients = 6;
+        let mut sim = Sim::random(&p);
+        sim.set_media_period(Duration::from_millis(50));
+        sim.start();
+        let seen: Rc<std::cell::RefCell<(BTreeMap<String, Seen>, u64)>> = Rc::default();
+        let log = seen.clone();
+        sim.on_step(move |s| {
+            let (map, changes) = &mut *log.borrow_mut();
+            for id in s.node_ids() {
+                let Some(n) = s.try_node(&id) else {
+                    // Killed: a restart is a new node, whose versions start again.
+                    map.remove(&id);
+                    continue;
+                };
+                let now: Seen = (
+                    n.pointer_version(),
+                    n.parents().map(|(a, b)| (a.into(), b.into())).collect(),
+                    n.upstreams().map(|(a, b)| (a, b.into())).collect(),
+                );
+                if let Some(old) = map.get(&id) {
+                    if old.0 == now.0 {
+                        assert_eq!((&old.1, &old.2), (&now.1, &now.2), "{id}");
+                    } else {
+                        *changes += 1;
+                    }
+                }
+                map.insert(id, now);
+            }
+        });
+        let relays = sim.ids_with_role(Role::Relay);
+        for r in relays.iter().take(3) {
+            sim.run_for(Duration::from_secs(2));
+            sim.kill(r);
+        }
+        sim.run_for(Duration::from_secs(2));
+        // The run moved pointers (joins, failovers): the check was not vacuous.
+        assert!(seen.borrow().1 > 20, "{} changes", seen.borrow().1);
     }
 
     #[test]
