@@ -111,14 +111,22 @@ fn edge_with(mut c: Cluster, name: &str) -> Edge {
 
 /// The PoP's children for `stream` in its `/status` (empty when it is not joined).
 fn children(c: &Cluster, pop: &str, stream: &str) -> Vec<String> {
-    c.status(pop)
-        .ok()
-        .and_then(|s| {
-            s["streams"][stream]["children"].as_array().map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(String::from))
-                    .collect()
-            })
+    // A status request can time out on a loaded machine: that is no answer, not "no
+    // children" (which would end a wait for the PoP to leave at once). Ask again.
+    let mut status = None;
+    let asked = wait_for(Duration::from_secs(15), "the PoP's status", || {
+        status = c.status(pop).ok();
+        status.is_some()
+    });
+    let (Ok(()), Some(s)) = (asked, status) else {
+        panic!("{pop} gave no status within 15 s")
+    };
+    s["streams"][stream]["children"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
         })
         .unwrap_or_default()
 }
