@@ -169,12 +169,9 @@ const INLINE_ID: usize = 15;
 impl IdKey {
     fn of(id: &str) -> Self {
         let bytes = id.as_bytes();
-        let mut w = [0u8; 16];
-        if let Some(head) = w
-            .get_mut(..bytes.len())
-            .filter(|_| bytes.len() <= INLINE_ID)
-        {
-            head.copy_from_slice(bytes);
+        if bytes.len() <= INLINE_ID {
+            let mut w = [0u8; 16];
+            w[..bytes.len()].copy_from_slice(bytes);
             // The length in the top byte: "a" and "a\0" differ.
             w[15] = bytes.len() as u8;
             return Self(u128::from_le_bytes(w));

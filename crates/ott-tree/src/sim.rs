@@ -988,8 +988,10 @@ impl Sim {
         let mut pairs = std::mem::take(&mut self.pairs_buf);
         pairs.clear();
         let mut result = Ok(());
+        let mut version = None;
         if let Some(Machine::Node(n)) = &self.hosts[i].machine {
             result = n.check_invariants();
+            version = Some(n.pointer_version());
             if self.forests.unchanged(i, n) {
                 // No pointer of this host changed since it was last set: the forests
                 // are as they were, free of cycles.
@@ -1012,10 +1014,6 @@ impl Sim {
         }
         let set = self.forests.set_all(i, &mut pairs);
         self.pairs_buf = pairs;
-        let version = match &self.hosts[i].machine {
-            Some(Machine::Node(n)) => Some(n.pointer_version()),
-            _ => None,
-        };
         self.forests.set_version(i, version);
         if let Err((k, cycle)) = set {
             let names: Vec<&str> = cycle.iter().map(|&c| self.hosts[c].id.as_str()).collect();
