@@ -2,6 +2,7 @@
 //! returns `Ok` or `Err`, never panics and never allocates more than the frame limit;
 //! an accepted request gets an answer from a service on the seed topology, and both
 //! round-trip through `write_frame`.
+#![deny(unsafe_code)]
 #![no_main]
 use std::sync::OnceLock;
 

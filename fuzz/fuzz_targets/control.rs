@@ -1,5 +1,6 @@
 //! Control datagrams: `ott_proto::decode` on any bytes returns `Ok` or `Err`, never
 //! panics; what it accepts encodes again and decodes to the same message.
+#![deny(unsafe_code)]
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

@@ -15,6 +15,7 @@
 //! - a NACK is answered with at most `max_resend_per_nack` datagrams, only to its sender,
 //!   and only when the sender is a child of the stream;
 //! - timers make progress: after `handle_timeout(now)`, `poll_timeout()` is later.
+#![deny(unsafe_code)]
 #![no_main]
 
 use std::net::{Ipv4Addr, SocketAddr};

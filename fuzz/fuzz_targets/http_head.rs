@@ -5,6 +5,7 @@
 //! its path starts with `/`; a refusal carries an HTTP error status. The page helpers
 //! that show what came from the network (HTML escaping, URL decoding, same-origin check)
 //! run on what was parsed.
+#![deny(unsafe_code)]
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

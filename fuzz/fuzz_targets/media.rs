@@ -1,5 +1,6 @@
 //! Media datagrams: `MediaHeader::parse` on any bytes returns `Ok` or `Err`, never
 //! panics; an accepted header writes back to the same 24 bytes.
+#![deny(unsafe_code)]
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use ott_proto::{flags, MediaHeader, HEADER_LEN};

@@ -2,6 +2,7 @@
 //! (compiled here as a module: xtask is a binary) on any text, checked against the seed
 //! topology, returns `Ok` or an error, never panics; an accepted scenario holds only
 //! finite, non-negative times.
+#![deny(unsafe_code)]
 #![no_main]
 use std::sync::OnceLock;
 

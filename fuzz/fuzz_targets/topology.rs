@@ -1,6 +1,7 @@
 //! Topology files: `Topology::parse` on any text returns `Ok` or a located error, never
 //! panics; on an accepted topology every query the programs make, and the
 //! bootstrapper's answer to every node, works without panicking.
+#![deny(unsafe_code)]
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use ott_bootstrap::{Request, Service};

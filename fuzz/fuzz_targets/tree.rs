@@ -27,6 +27,7 @@
 //! address that is no node's). Today one forged heartbeat or announcement from any
 //! address breaks it (issue 9); once identity is bound to address it should hold, and
 //! this becomes the default.
+#![deny(unsafe_code)]
 #![no_main]
 
 use std::collections::BTreeSet;

@@ -7,6 +7,7 @@
 //! By default a run makes its own overlay key (32 random bytes in the work directory,
 //! removed when the cluster stops) and gives it to the bootstrapper, every server, relay
 //! and PoP; [`KeyMode::None`] runs without one.
+#![deny(unsafe_code)]
 
 use std::fs::File;
 use std::io::{Read, Write};

@@ -2,6 +2,7 @@
 //! encoding of every control message variant, of media datagrams, of bootstrap frames,
 //! and the project's topology and scenario files. Run by `fuzz/run.sh --seed`; the
 //! output is committed, so a run starts from valid inputs and mutates them.
+#![deny(unsafe_code)]
 
 use std::fs;
 use std::io;
