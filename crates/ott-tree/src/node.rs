@@ -383,9 +383,23 @@ struct Route {
     /// When we last asked the parent for a seq it has not sent us (see
     /// [`NodeConfig::announce_interval`]).
     refreshed: Option<Instant>,
+    /// When the parent's offer was made (`offers[parent].at`), kept by
+    /// [`Route::sync_parent_at`] wherever the parent or the offers change: every input
+    /// asks [`Node::refresh_due`] for it, and finding it in `offers` compared ids.
+    parent_at: Option<Instant>,
 }
 
 impl Route {
+    /// Set `parent_at` from the parent and its offer; called after each change of
+    /// either.
+    fn sync_parent_at(&mut self) {
+        self.parent_at = self
+            .parent
+            .as_deref()
+            .and_then(|p| self.offers.get(p))
+            .map(|o| o.at);
+    }
+
     /// How long to wait for the answer to a route request before asking again: three
     /// times the shortest one-way latency to the server a neighbour offers (the request
     /// goes up and a fresh announcement comes back) plus 20 ms, within
@@ -679,6 +693,7 @@ impl Node {
                     Some(n) if n == claimed => {
                         if let Some(r) = self.routes.get_mut(&server) {
                             r.offers.remove(&n);
+                            r.sync_parent_at();
                         }
                     }
                     _ => self.stats.unknown_sender += 1,
@@ -818,6 +833,7 @@ impl Node {
         if path.iter().any(|x| same_id(x, &self.config.id)) {
             // The neighbour now reaches the server through us: its old offer is void.
             route.offers.remove(&n);
+            route.sync_parent_at();
             self.stats.ignored += 1;
             return;
         }
@@ -898,6 +914,7 @@ impl Node {
                 avg_us,
             },
         );
+        route.sync_parent_at();
         let from_parent = route.parent.as_deref() == Some(n.as_str());
         if from_parent && route.sent_seq.is_none_or(|s| seq > s) {
             self.reannounce(&server);
@@ -908,10 +925,17 @@ impl Node {
     /// half announcement periods after its last new seq, then every half period after
     /// the last time it was asked (`None` without a parent's offer).
     fn refresh_due(&self, r: &Route) -> Option<Instant> {
-        let parent = r.parent.as_deref()?;
-        let o = r.offers.get(parent)?;
+        debug_assert_eq!(
+            r.parent_at,
+            r.parent
+                .as_deref()
+                .and_then(|p| r.offers.get(p))
+                .map(|o| o.at),
+            "Route::parent_at out of step with the parent's offer"
+        );
+        let at = r.parent_at?;
         let period = self.config.announce_interval;
-        let late = o.at + period + period / 2;
+        let late = at + period + period / 2;
         Some(match r.refreshed {
             Some(t) if t >= late => t + period / 2,
             _ => late,
@@ -1896,6 +1920,7 @@ impl Node {
         for r in self.routes.values_mut() {
             r.offers.remove(id);
             r.offers.retain(|_, o| !o.path.iter().any(|x| x == id));
+            r.sync_parent_at();
         }
         for s in self.streams.values_mut() {
             s.children.retain(|_, c| c.node.as_deref() != Some(id));
@@ -1987,6 +2012,7 @@ impl Node {
             // Looking is cheaper than `retain`, and offers rarely expire.
             if !r.offers.values().all(fresh) {
                 r.offers.retain(|_, o| fresh(o));
+                r.sync_parent_at();
             }
         }
         self.refresh_late_routes(now);
@@ -2169,6 +2195,7 @@ impl Node {
         }
         if let Some(r) = self.routes.get_mut(server) {
             r.parent = new.clone();
+            r.sync_parent_at();
             self.pointer_version += 1;
             r.sent_seq = None;
             r.changed_at = Some(now);
