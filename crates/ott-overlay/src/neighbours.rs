@@ -354,12 +354,7 @@ impl Neighbours {
     }
 
     fn find(&self, id: &str) -> Option<&Peer> {
-        let key = IdKey::of(id);
-        self.keys
-            .iter()
-            .zip(&self.peers)
-            .find(|(k, p)| k.matches(&p.addrs.id, key, id))
-            .map(|(_, p)| p)
+        self.peers.get(self.index_of(id)?)
     }
 
     /// Position of the neighbour owning `addr`: the first whose preferred address it is,
@@ -407,7 +402,25 @@ impl Neighbours {
     /// spread rises within a few heartbeats of jitter starting, long before a route's
     /// announced latencies can show it.
     pub fn rtt_and_spread_if_alive(&self, id: &str) -> Option<(Duration, Duration)> {
-        let p = self.find(id).filter(|p| p.alive)?;
+        self.rtt_and_spread_if_alive_at(self.index_of(id)?)
+    }
+
+    /// Position of neighbour `id` in this table (of the first, should an id be given
+    /// twice). The neighbours are fixed when the table is made, so a position stays
+    /// valid for the table's life: a caller that looks a neighbour up after every input
+    /// can keep it and use [`Neighbours::rtt_and_spread_if_alive_at`].
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        let key = IdKey::of(id);
+        self.keys
+            .iter()
+            .zip(&self.peers)
+            .position(|(k, p)| k.matches(&p.addrs.id, key, id))
+    }
+
+    /// [`Neighbours::rtt_and_spread_if_alive`] of the neighbour at `index` (from
+    /// [`Neighbours::index_of`]); `None` past the table's end too.
+    pub fn rtt_and_spread_if_alive_at(&self, index: usize) -> Option<(Duration, Duration)> {
+        let p = self.peers.get(index).filter(|p| p.alive)?;
         Some((p.srtt?, p.spread))
     }
 
@@ -799,6 +812,28 @@ mod tests {
             sent_us,
             incarnation: inc,
         }
+    }
+
+    #[test]
+    fn a_neighbour_found_by_position_is_the_one_found_by_id() {
+        let (mut n, t0) = setup();
+        drain(&mut n);
+        assert_eq!(
+            (n.index_of("b"), n.index_of("c"), n.index_of("x")),
+            (Some(0), Some(1), None)
+        );
+        let ack = Message::HeartbeatAck {
+            from: "b".into(),
+            seq: 1,
+            echo_us: 0,
+            incarnation: 1,
+        };
+        assert!(n.handle(t0 + Duration::from_millis(10), addr(2), &ack));
+        let by_id = n.rtt_and_spread_if_alive("b");
+        assert!(by_id.is_some_and(|(rtt, _)| rtt == Duration::from_millis(10)));
+        assert_eq!(n.rtt_and_spread_if_alive_at(0), by_id);
+        assert_eq!(n.rtt_and_spread_if_alive_at(1), None, "c is not alive");
+        assert_eq!(n.rtt_and_spread_if_alive_at(2), None, "past the end");
     }
 
     #[test]

@@ -331,6 +331,10 @@ pub struct NodeStatus {
 
 #[derive(Debug, Clone)]
 struct Offer {
+    /// Position of the neighbour that made it in the neighbour table
+    /// ([`Neighbours::index_of`]): its RTT is read there after every input without
+    /// reading the neighbour's id.
+    nb: Option<usize>,
     path: Vec<NodeId>,
     /// Whether `path` holds our id, found once when the offer is stored (`path` never
     /// changes after): the loop check reads it after every step, and walking the path
@@ -512,6 +516,10 @@ pub struct Node {
     shut: bool,
     /// Bumped whenever a parent or an upstream changes (see [`Node::pointer_version`]).
     pointer_version: u64,
+    /// A copy of the single server's id for [`Node::update`], kept to be reused: the
+    /// copy is made after every input, and allocating it each time cost more than
+    /// copying its bytes.
+    server_buf: String,
     /// Neighbours suspected of not forwarding media, until when.
     suspects: BTreeMap<String, Instant>,
     /// Token bucket of route requests handled: tokens and when it was last filled.
@@ -627,6 +635,7 @@ impl Node {
             stats: NodeStats::default(),
             shut: false,
             pointer_version: 0,
+            server_buf: String::new(),
             suspects: BTreeMap::new(),
             rr_tokens: 0.0,
             rr_filled: now,
@@ -829,6 +838,7 @@ impl Node {
             return;
         }
         let rtt_half = self.nb.rtt(&n).map(|r| micros(r) / 2);
+        let nb = self.nb.index_of(&n);
         let route = self.routes.entry(server.clone()).or_default();
         if path.iter().any(|x| same_id(x, &self.config.id)) {
             // The neighbour now reaches the server through us: its old offer is void.
@@ -903,6 +913,7 @@ impl Node {
         route.offers.insert(
             n.clone(),
             Offer {
+                nb,
                 through_us: path.iter().any(|x| same_id(x, &self.config.id)),
                 path,
                 latency_us,
@@ -2018,11 +2029,15 @@ impl Node {
         self.refresh_late_routes(now);
         match self.routes.len() {
             0 => {}
-            // The usual case, a single server: no copy of the ids.
+            // The usual case, a single server: no allocation.
             1 => {
-                if let Some(s) = self.routes.keys().next().cloned() {
+                let mut s = std::mem::take(&mut self.server_buf);
+                s.clear();
+                if let Some(k) = self.routes.keys().next() {
+                    s.push_str(k);
                     self.select_parent(&s);
                 }
+                self.server_buf = s;
             }
             _ => {
                 let servers: Vec<String> = self.routes.keys().cloned().collect();
@@ -2047,7 +2062,8 @@ impl Node {
             .iter()
             .filter(|(_, o)| Self::feasible(fd, o))
             .filter_map(|(n, o)| {
-                let (rtt, spread) = self.nb.rtt_and_spread_if_alive(n)?;
+                debug_assert_eq!(o.nb, self.nb.index_of(n), "offer's neighbour index");
+                let (rtt, spread) = self.nb.rtt_and_spread_if_alive_at(o.nb?)?;
                 debug_assert!(!o.through_us);
                 Some((
                     Self::metric(o, rtt),
@@ -2803,6 +2819,7 @@ mod tests {
     #[test]
     fn test_a_route_request_is_repeated_after_a_round_trip_to_the_server() {
         let offer = |latency_us: u64| Offer {
+            nb: None,
             path: vec!["s".into()],
             through_us: false,
             latency_us,
