@@ -255,6 +255,11 @@ pub struct Neighbours {
     /// (several times per input) reads these 16 bytes each, side by side, instead of a
     /// cache line of each neighbour.
     keys: Vec<IdKey>,
+    /// When each peer, alive, would be declared dead if not heard from again
+    /// ([`Neighbours::sync_dead_at`]), at its position in `peers`:
+    /// [`Neighbours::poll_timeout`] runs after every input and reads these instead of
+    /// every neighbour.
+    dead_at: Vec<Option<Instant>>,
     next_heartbeat: Instant,
     hb_seq: u64,
     sent: VecDeque<(u64, u64)>,
@@ -316,6 +321,7 @@ impl Neighbours {
             })
             .collect::<Vec<Peer>>();
         let keys = peers.iter().map(|p| IdKey::of(&p.addrs.id)).collect();
+        let dead_at = vec![None; peers.len()];
         let mut me = Self {
             own_id,
             incarnation,
@@ -323,6 +329,7 @@ impl Neighbours {
             config,
             peers,
             keys,
+            dead_at,
             next_heartbeat: now,
             hb_seq: 0,
             sent: VecDeque::new(),
@@ -554,6 +561,7 @@ impl Neighbours {
                             tracing::debug!(peer = %id, "neighbour said bye");
                             self.events.push_back(NeighbourEvent::Down(id.clone()));
                         }
+                        self.sync_dead_at(i);
                     }
                     None => {
                         self.unknown += 1;
@@ -632,6 +640,7 @@ impl Neighbours {
             self.events
                 .push_back(NeighbourEvent::Up(p.addrs.id.clone()));
         }
+        self.sync_dead_at(i);
         Some(i)
     }
 
@@ -688,18 +697,36 @@ impl Neighbours {
             return;
         }
         let config = self.config;
-        for p in &mut self.peers {
+        for (p, dead_at) in self.peers.iter_mut().zip(&mut self.dead_at) {
             if !p.alive {
                 continue;
             }
             if let Some(t) = p.last_heard {
                 if now.saturating_duration_since(t) >= p.dead_after(&config, now) {
                     p.alive = false;
+                    *dead_at = None;
                     tracing::debug!(peer = %p.addrs.id, "neighbour silent, declared dead");
                     self.events
                         .push_back(NeighbourEvent::Down(p.addrs.id.clone()));
                 }
             }
+        }
+    }
+
+    /// When peer `i` is to be declared dead if not heard from again, as
+    /// [`Neighbours::poll_timeout`] counts it (before any grace): `None` unless alive.
+    fn dead_deadline(&self, i: usize) -> Option<Instant> {
+        let p = self.peers.get(i).filter(|p| p.alive)?;
+        let t = p.last_heard?;
+        Some(t + p.dead_after(&self.config, t))
+    }
+
+    /// Set `dead_at[i]` after a change of peer `i`'s liveness, last-heard time or
+    /// survived silence.
+    fn sync_dead_at(&mut self, i: usize) {
+        let d = self.dead_deadline(i);
+        if let Some(slot) = self.dead_at.get_mut(i) {
+            *slot = d;
         }
     }
 
@@ -733,14 +760,15 @@ impl Neighbours {
         if self.shut {
             return None;
         }
+        debug_assert!(
+            (0..self.peers.len()).all(|i| self.dead_at[i] == self.dead_deadline(i)),
+            "Neighbours::dead_at out of step with the peers"
+        );
         let dead = self
-            .peers
+            .dead_at
             .iter()
-            .filter(|p| p.alive)
-            .filter_map(|p| {
-                let t = p.last_heard?;
-                Some((t + p.dead_after(&self.config, t)).max(self.grace_until.unwrap_or(t)))
-            })
+            .flatten()
+            .map(|&d| self.grace_until.map_or(d, |g| d.max(g)))
             .min();
         Some(dead.map_or(self.next_heartbeat, |d| d.min(self.next_heartbeat)))
     }

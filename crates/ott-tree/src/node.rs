@@ -391,17 +391,32 @@ struct Route {
     /// [`Route::sync_parent_at`] wherever the parent or the offers change: every input
     /// asks [`Node::refresh_due`] for it, and finding it in `offers` compared ids.
     parent_at: Option<Instant>,
+    /// When the oldest offer was made (the least `at` of `offers`), kept with
+    /// `parent_at`: [`Node::poll_timeout`] and [`Node::update`] read it after every
+    /// input instead of every offer.
+    oldest_at: Option<Instant>,
 }
 
 impl Route {
-    /// Set `parent_at` from the parent and its offer; called after each change of
-    /// either.
+    /// Set `parent_at` from the parent and its offer, and `oldest_at` from the offers;
+    /// called after each change of the parent or the offers.
     fn sync_parent_at(&mut self) {
         self.parent_at = self
             .parent
             .as_deref()
             .and_then(|p| self.offers.get(p))
             .map(|o| o.at);
+        self.oldest_at = self.offers.values().map(|o| o.at).min();
+    }
+
+    /// `oldest_at`, checked against the offers in debug builds.
+    fn oldest_at(&self) -> Option<Instant> {
+        debug_assert_eq!(
+            self.oldest_at,
+            self.offers.values().map(|o| o.at).min(),
+            "Route::oldest_at out of step with the offers"
+        );
+        self.oldest_at
     }
 
     /// How long to wait for the answer to a route request before asking again: three
@@ -1664,8 +1679,9 @@ impl Node {
             }
         }
         for r in self.routes.values() {
-            for o in r.offers.values() {
-                consider(o.at + self.config.route_expiry);
+            // The oldest offer expires first.
+            if let Some(at) = r.oldest_at() {
+                consider(at + self.config.route_expiry);
             }
             if let Some(t) = self.refresh_due(r) {
                 consider(t);
@@ -2018,10 +2034,12 @@ impl Node {
     fn update(&mut self, now: Instant) {
         self.suspects.retain(|_, until| *until > now);
         let expiry = self.config.route_expiry;
-        let fresh = |o: &Offer| now.saturating_duration_since(o.at) < expiry;
+        let fresh_at = |at: Instant| now.saturating_duration_since(at) < expiry;
+        let fresh = |o: &Offer| fresh_at(o.at);
         for r in self.routes.values_mut() {
-            // Looking is cheaper than `retain`, and offers rarely expire.
-            if !r.offers.values().all(fresh) {
+            // Offers rarely expire: all are fresh when the oldest is (freshness only
+            // falls with age).
+            if !r.oldest_at().is_none_or(|at| fresh_at(at)) {
                 r.offers.retain(|_, o| fresh(o));
                 r.sync_parent_at();
             }
