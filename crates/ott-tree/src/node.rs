@@ -2206,16 +2206,18 @@ impl Node {
         let lost = new.is_none();
         // Owned copies only when the parent changes.
         let change = (new != old).then(|| (old.map(str::to_owned), new.map(str::to_owned)));
-        if let (Some((seq, hops)), Some(r)) = (taken, self.routes.get_mut(server)) {
-            r.fd = Some(advance_fd(r.fd, seq, hops));
-        }
+        // One lookup of the route for the three updates (this runs after every input).
         if let Some(r) = self.routes.get_mut(server) {
+            if let Some((seq, hops)) = taken {
+                r.fd = Some(advance_fd(r.fd, seq, hops));
+            }
             r.better = better;
+            if !lost {
+                r.lost_at = None;
+            }
         }
         if lost {
             self.request_route(now, server, had_parent);
-        } else if let Some(r) = self.routes.get_mut(server) {
-            r.lost_at = None;
         }
         let Some((old, new)) = change else {
             return;

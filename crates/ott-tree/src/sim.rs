@@ -270,6 +270,8 @@ struct InFlight {
     to: SocketAddr,
     /// Index of the sending host.
     src: usize,
+    /// [`Sim::link_changes`] when it was sent (over a link that was up then).
+    links_at: u64,
     payload: Payload,
 }
 
@@ -622,6 +624,9 @@ pub struct Sim {
     hosts: Vec<Host>,
     index: BTreeMap<String, usize>,
     links: FastMap<(usize, usize), SimLink>,
+    /// Links brought down or up so far: a datagram sent since the last change finds
+    /// its link as it was (up) without looking it up.
+    link_changes: u64,
     /// Per host, the hosts it has a link to (each once): the keys of `links` by end.
     adj: Vec<Vec<usize>>,
     /// Hosts with the server role, in index order (the media tick's makers).
@@ -788,6 +793,7 @@ impl Sim {
             server_hosts: Vec::new(),
             wire: Wire::default(),
             timers: BinaryHeap::new(),
+            link_changes: 0,
             seq: 0,
             started: false,
             media: MediaParams::default(),
@@ -1152,6 +1158,7 @@ impl Sim {
         if let Some(l) = self.link_mut(a, b) {
             l.up = false;
         }
+        self.link_changes += 1;
     }
 
     /// Bring a link back up.
@@ -1159,6 +1166,7 @@ impl Sim {
         if let Some(l) = self.link_mut(a, b) {
             l.up = true;
         }
+        self.link_changes += 1;
     }
 
     /// Whether the link between `a` and `b` exists and is up.
@@ -1941,6 +1949,7 @@ impl Sim {
                 from: from_addr,
                 to,
                 src: from,
+                links_at: self.link_changes,
                 payload: p,
             },
         );
@@ -1953,8 +1962,10 @@ impl Sim {
             self.stats.dead_dest += 1;
             return None;
         };
-        // A datagram in flight when its link went down is lost too.
-        if !self.links.get(&key(f.src, i)).is_some_and(|l| l.up) {
+        // A datagram in flight when its link went down is lost too (its link was up
+        // when it was sent: no need to look while no link went down or up since).
+        if f.links_at != self.link_changes && !self.links.get(&key(f.src, i)).is_some_and(|l| l.up)
+        {
             self.stats.no_route += 1;
             return None;
         }
