@@ -2378,6 +2378,7 @@ mod tests {
                     from: addr,
                     to: addr,
                     src: seq as usize,
+                    links_at: 0,
                     payload: Payload::Media(Bytes::new()),
                 };
                 wire.push(now + delay, seq, f);
