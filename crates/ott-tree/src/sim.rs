@@ -2161,6 +2161,7 @@ impl Sim {
                 return;
             }
         }
+        let routes_changed = !fwd.is_empty();
         for (stream, children, sessions) in fwd {
             h.data_dirty = true;
             if let Some(d) = &mut h.data {
@@ -2175,11 +2176,16 @@ impl Sim {
                 h.forwarding.insert(stream, children);
             }
         }
-        if h.forwarding.is_empty() {
-            self.routed.remove(&i);
-        } else {
-            self.routed.insert(i);
+        // `routed` holds the hosts with a forwarding entry; only a route event changes
+        // that (and a kill or restart, which clear both).
+        if routes_changed {
+            if h.forwarding.is_empty() {
+                self.routed.remove(&i);
+            } else {
+                self.routed.insert(i);
+            }
         }
+        debug_assert_eq!(self.routed.contains(&i), !h.forwarding.is_empty());
         let ip = h.ip;
         h.control_sent += out.len() as u64;
         // Name the PoP of each logged join/leave.
