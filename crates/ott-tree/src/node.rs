@@ -2039,7 +2039,7 @@ impl Node {
         for r in self.routes.values_mut() {
             // Offers rarely expire: all are fresh when the oldest is (freshness only
             // falls with age).
-            if !r.oldest_at().is_none_or(|at| fresh_at(at)) {
+            if !r.oldest_at().is_none_or(fresh_at) {
                 r.offers.retain(|_, o| fresh(o));
                 r.sync_parent_at();
             }
