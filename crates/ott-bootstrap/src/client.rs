@@ -214,10 +214,9 @@ fn request_until_with(
         } else {
             rx.recv_timeout(wait)
         };
-        let result = match result {
-            Ok(r) => r,
-            // Time to start another attempt (or the deadline passed).
-            Err(_) => continue,
+        // Nothing yet: time to start another attempt (or the deadline passed).
+        let Ok(result) = result else {
+            continue;
         };
         pending = pending.saturating_sub(1);
         match result {
