@@ -260,6 +260,10 @@ pub struct Neighbours {
     /// [`Neighbours::poll_timeout`] runs after every input and reads these instead of
     /// every neighbour.
     dead_at: Vec<Option<Instant>>,
+    /// Each peer's (smoothed RTT, spread) while alive and measured, at its position in
+    /// `peers` (kept by [`Neighbours::sync_dead_at`] too): the parent choice reads
+    /// every neighbour's after every input.
+    rtts: Vec<Option<(Duration, Duration)>>,
     next_heartbeat: Instant,
     hb_seq: u64,
     sent: VecDeque<(u64, u64)>,
@@ -322,6 +326,7 @@ impl Neighbours {
             .collect::<Vec<Peer>>();
         let keys = peers.iter().map(|p| IdKey::of(&p.addrs.id)).collect();
         let dead_at = vec![None; peers.len()];
+        let rtts = vec![None; peers.len()];
         let mut me = Self {
             own_id,
             incarnation,
@@ -330,6 +335,7 @@ impl Neighbours {
             peers,
             keys,
             dead_at,
+            rtts,
             next_heartbeat: now,
             hb_seq: 0,
             sent: VecDeque::new(),
@@ -427,8 +433,9 @@ impl Neighbours {
     /// [`Neighbours::rtt_and_spread_if_alive`] of the neighbour at `index` (from
     /// [`Neighbours::index_of`]); `None` past the table's end too.
     pub fn rtt_and_spread_if_alive_at(&self, index: usize) -> Option<(Duration, Duration)> {
-        let p = self.peers.get(index).filter(|p| p.alive)?;
-        Some((p.srtt?, p.spread))
+        let r = self.rtts.get(index).copied().flatten();
+        debug_assert_eq!(r, self.rtt_of(index), "Neighbours::rtts out of step");
+        r
     }
 
     /// How many samples the smoothed RTT averages over, at this heartbeat interval.
@@ -547,6 +554,7 @@ impl Neighbours {
                                 Some(s) => (s * (n - 1) + sample) / n,
                             });
                         }
+                        self.sync_dead_at(i);
                     }
                 }
                 true
@@ -697,7 +705,7 @@ impl Neighbours {
             return;
         }
         let config = self.config;
-        for (p, dead_at) in self.peers.iter_mut().zip(&mut self.dead_at) {
+        for (k, (p, dead_at)) in self.peers.iter_mut().zip(&mut self.dead_at).enumerate() {
             if !p.alive {
                 continue;
             }
@@ -705,6 +713,9 @@ impl Neighbours {
                 if now.saturating_duration_since(t) >= p.dead_after(&config, now) {
                     p.alive = false;
                     *dead_at = None;
+                    if let Some(r) = self.rtts.get_mut(k) {
+                        *r = None;
+                    }
                     tracing::debug!(peer = %p.addrs.id, "neighbour silent, declared dead");
                     self.events
                         .push_back(NeighbourEvent::Down(p.addrs.id.clone()));
@@ -721,12 +732,22 @@ impl Neighbours {
         Some(t + p.dead_after(&self.config, t))
     }
 
-    /// Set `dead_at[i]` after a change of peer `i`'s liveness, last-heard time or
-    /// survived silence.
+    /// Peer `i`'s (smoothed RTT, spread) if alive and measured.
+    fn rtt_of(&self, i: usize) -> Option<(Duration, Duration)> {
+        let p = self.peers.get(i).filter(|p| p.alive)?;
+        Some((p.srtt?, p.spread))
+    }
+
+    /// Set `dead_at[i]` and `rtts[i]` after a change of peer `i`'s liveness,
+    /// last-heard time, survived silence or RTT.
     fn sync_dead_at(&mut self, i: usize) {
         let d = self.dead_deadline(i);
         if let Some(slot) = self.dead_at.get_mut(i) {
             *slot = d;
+        }
+        let r = self.rtt_of(i);
+        if let Some(slot) = self.rtts.get_mut(i) {
+            *slot = r;
         }
     }
 
