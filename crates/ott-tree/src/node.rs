@@ -2074,8 +2074,8 @@ impl Node {
         };
         let fd = r.fd;
         // (effective latency, hops), spreads (route, link), id of every feasible offer
-        // (borrowed: this runs after every input, and allocates one vector).
-        let mut cands: Vec<(Metric, Spreads, &str)> = r
+        // (borrowed, and on the stack for up to 8 offers: this runs after every input).
+        let mut cands: smallvec::SmallVec<[(Metric, Spreads, &str); 8]> = r
             .offers
             .iter()
             .filter(|(_, o)| Self::feasible(fd, o))
@@ -2206,6 +2206,8 @@ impl Node {
         let lost = new.is_none();
         // Owned copies only when the parent changes.
         let change = (new != old).then(|| (old.map(str::to_owned), new.map(str::to_owned)));
+        // The candidates borrow the route's ids: done with them.
+        drop(cands);
         // One lookup of the route for the three updates (this runs after every input).
         if let Some(r) = self.routes.get_mut(server) {
             if let Some((seq, hops)) = taken {
