@@ -50,7 +50,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -266,10 +266,12 @@ impl ControlDatagram {
 
 #[derive(Debug)]
 struct InFlight {
-    from: SocketAddr,
-    to: SocketAddr,
+    /// The sender's address (every host's is IPv4: see [`Sim::add_host`]).
+    from: SocketAddrV4,
     /// Index of the sending host.
-    src: usize,
+    src: u32,
+    /// Index of the receiving host, found from the destination address when sent.
+    dst: u32,
     /// [`Sim::link_changes`] when it was sent (over a link that was up then).
     links_at: u64,
     payload: Payload,
@@ -661,8 +663,14 @@ pub struct Sim {
     out_buf: Vec<(SocketAddr, Message)>,
     /// Reused buffer of a host's pointers (see [`Sim::recheck`]).
     pairs_buf: Vec<(ForestKey, usize)>,
-    /// Most steps a single `run_until` may take before it panics.
+    /// Most steps a single `run_until` may take before it panics, plus
+    /// [`Sim::max_steps_per_host_second`] for each host and simulated second it runs.
     pub max_steps: u64,
+    /// Steps each host may take per simulated second of a `run_until` beyond
+    /// [`Sim::max_steps`] (a node with 15 neighbours takes about 700 with the default
+    /// timings): the bound on a runaway simulation grows with the network, so that
+    /// 100,000 nodes are not stopped for being many.
+    pub max_steps_per_host_second: u64,
     /// Template for node configurations (id, role, data port and seed are overwritten).
     pub node_config: NodeConfig,
     /// Template for client configurations (the seed is overwritten).
@@ -813,6 +821,7 @@ impl Sim {
             out_buf: Vec::new(),
             pairs_buf: Vec::new(),
             max_steps: 50_000_000,
+            max_steps_per_host_second: 5_000,
             node_config: NodeConfig::new("", Role::Relay, DATA_PORT),
             client_config: ClientConfig::default(),
             access_link: LinkParams::new(Duration::from_millis(1)),
@@ -1614,14 +1623,20 @@ impl Sim {
 
     /// Run until virtual time `t` (relative to the start).
     ///
-    /// Panics, naming the step count, if more than [`Sim::max_steps`] steps are needed.
+    /// Panics, naming the step count, if more steps are needed than [`Sim::max_steps`]
+    /// and [`Sim::max_steps_per_host_second`] allow.
     pub fn run_until(&mut self, t: Duration) {
         let end = self.epoch + t;
+        let seconds = end.saturating_duration_since(self.now).as_secs() + 1;
+        let limit = (self.hosts.len() as u64)
+            .saturating_mul(self.max_steps_per_host_second)
+            .saturating_mul(seconds)
+            .saturating_add(self.max_steps);
         let mut steps = 0u64;
         while self.step(end) {
             steps += 1;
             assert!(
-                steps <= self.max_steps,
+                steps <= limit,
                 "simulation did not reach {t:?} after {steps} steps (now {:?})",
                 self.elapsed()
             );
@@ -1822,10 +1837,7 @@ impl Sim {
             }
         }
         self.stats.media_sent += 1;
-        let from_addr = SocketAddr::new(
-            IpAddr::V4(self.hosts[from].ip),
-            data_port_of(&self.hosts[from]),
-        );
+        let from_addr = SocketAddrV4::new(self.hosts[from].ip, data_port_of(&self.hosts[from]));
         self.put_on_wire(from, from_addr, to, Payload::Media(datagram));
     }
 
@@ -1846,7 +1858,7 @@ impl Sim {
             return;
         }
         let port = data_port_of(&self.hosts[i]);
-        let from_addr = SocketAddr::new(IpAddr::V4(self.hosts[i].ip), port);
+        let from_addr = SocketAddrV4::new(self.hosts[i].ip, port);
         for t in out {
             match t.payload {
                 DataPayload::Input { token, len } => {
@@ -1915,7 +1927,7 @@ impl Sim {
             IpAddr::V6(_) => None,
         }
     }
-    fn put_on_wire(&mut self, from: usize, from_addr: SocketAddr, to: SocketAddr, p: Payload) {
+    fn put_on_wire(&mut self, from: usize, from_addr: SocketAddrV4, to: SocketAddr, p: Payload) {
         let Some(dst) = self.dest(to) else {
             self.stats.dead_dest += 1;
             return;
@@ -1947,8 +1959,9 @@ impl Sim {
             self.seq,
             InFlight {
                 from: from_addr,
-                to,
-                src: from,
+                // Host indices fit 32 bits: addresses number at most 2^24 hosts.
+                src: from as u32,
+                dst: dst as u32,
                 links_at: self.link_changes,
                 payload: p,
             },
@@ -1958,13 +1971,15 @@ impl Sim {
     /// Deliver one datagram; returns the host whose tree state machine it changed.
     fn deliver(&mut self, f: InFlight) -> Option<usize> {
         let now = self.now;
-        let Some(i) = self.dest(f.to) else {
-            self.stats.dead_dest += 1;
-            return None;
-        };
+        let i = f.dst as usize;
+        let from = SocketAddr::V4(f.from);
         // A datagram in flight when its link went down is lost too (its link was up
         // when it was sent: no need to look while no link went down or up since).
-        if f.links_at != self.link_changes && !self.links.get(&key(f.src, i)).is_some_and(|l| l.up)
+        if f.links_at != self.link_changes
+            && !self
+                .links
+                .get(&key(f.src as usize, i))
+                .is_some_and(|l| l.up)
         {
             self.stats.no_route += 1;
             return None;
@@ -1985,15 +2000,15 @@ impl Sim {
                     let h = &mut self.hosts[i];
                     h.data_dirty = true;
                     if let Some(d) = &mut h.data {
-                        d.path.handle_nack(now, f.from, *stream, ranges);
+                        d.path.handle_nack(now, from, *stream, ranges);
                     }
                     self.flush_data(i, &[]);
                     self.rearm(i);
                     return None;
                 }
                 match &mut self.hosts[i].machine {
-                    Some(Machine::Node(n)) => n.handle(now, f.from, msg),
-                    Some(Machine::Client(c)) => c.handle(now, f.from, msg),
+                    Some(Machine::Node(n)) => n.handle(now, from, msg),
+                    Some(Machine::Client(c)) => c.handle(now, from, msg),
                     None => {}
                 }
                 self.drain(i);
@@ -2006,7 +2021,7 @@ impl Sim {
                     self.stats.dead_dest += 1;
                     return None;
                 };
-                let accepted = d.path.handle_media(now, Some(f.from), &bytes, 0);
+                let accepted = d.path.handle_media(now, Some(from), &bytes, 0);
                 while let Some(ev) = d.path.poll_event() {
                     if let DataEvent::SourceSwitched { .. } = ev {
                         // Another server's copy: its frame numbers are unrelated.
@@ -2206,7 +2221,7 @@ impl Sim {
         }
         self.flush_data(i, &[]);
         self.rearm(i);
-        let from_addr = SocketAddr::new(IpAddr::V4(ip), CONTROL_PORT);
+        let from_addr = SocketAddrV4::new(ip, CONTROL_PORT);
         // The same message to several neighbours in a row (heartbeats, announcements)
         // is encoded once: encoding is a pure function of the message.
         let mut last: Option<(Message, Option<Rc<ControlDatagram>>)> = None;
@@ -2370,7 +2385,7 @@ mod tests {
         let mut wire = Wire::default();
         let mut reference: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
         let (mut now, mut seq) = (0u64, 0u64);
-        let addr = SocketAddr::from(([10, 0, 0, 1], CONTROL_PORT));
+        let addr = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), CONTROL_PORT);
         for _ in 0..20_000 {
             if rng.u8(..3) > 0 {
                 let delay = match rng.u8(..4) {
@@ -2382,8 +2397,8 @@ mod tests {
                 seq += 1;
                 let f = InFlight {
                     from: addr,
-                    to: addr,
-                    src: seq as usize,
+                    src: seq as u32,
+                    dst: 0,
                     links_at: 0,
                     payload: Payload::Media(Bytes::new()),
                 };
