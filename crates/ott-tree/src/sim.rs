@@ -2376,6 +2376,13 @@ mod tests {
     use super::*;
     use ott_proto::stream_id_for;
 
+    /// A datagram in flight fits one cache line: the calendar queue reads one per step,
+    /// written tens of milliseconds earlier, from memory.
+    #[test]
+    fn a_datagram_in_flight_fits_a_cache_line() {
+        assert!(std::mem::size_of::<Option<InFlight>>() <= 64);
+    }
+
     /// The calendar queue gives the datagrams in the order one heap of (arrival,
     /// sequence number) gives them, whatever the delays (none, within the calendar,
     /// beyond it) and however pushes and pops interleave.
