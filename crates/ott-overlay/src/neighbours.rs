@@ -256,12 +256,12 @@ pub struct Neighbours {
     /// cache line of each neighbour.
     keys: Vec<IdKey>,
     /// When each peer, alive, would be declared dead if not heard from again
-    /// ([`Neighbours::sync_dead_at`]), at its position in `peers`:
+    /// ([`Neighbours::sync_peer`]), at its position in `peers`:
     /// [`Neighbours::poll_timeout`] runs after every input and reads these instead of
     /// every neighbour.
     dead_at: Vec<Option<Instant>>,
     /// Each peer's (smoothed RTT, spread) while alive and measured, at its position in
-    /// `peers` (kept by [`Neighbours::sync_dead_at`] too): the parent choice reads
+    /// `peers` (kept by [`Neighbours::sync_peer`] too): the parent choice reads
     /// every neighbour's after every input.
     rtts: Vec<Option<(Duration, Duration)>>,
     next_heartbeat: Instant,
@@ -554,7 +554,7 @@ impl Neighbours {
                                 Some(s) => (s * (n - 1) + sample) / n,
                             });
                         }
-                        self.sync_dead_at(i);
+                        self.sync_peer(i);
                     }
                 }
                 true
@@ -569,7 +569,7 @@ impl Neighbours {
                             tracing::debug!(peer = %id, "neighbour said bye");
                             self.events.push_back(NeighbourEvent::Down(id.clone()));
                         }
-                        self.sync_dead_at(i);
+                        self.sync_peer(i);
                     }
                     None => {
                         self.unknown += 1;
@@ -648,7 +648,7 @@ impl Neighbours {
             self.events
                 .push_back(NeighbourEvent::Up(p.addrs.id.clone()));
         }
-        self.sync_dead_at(i);
+        self.sync_peer(i);
         Some(i)
     }
 
@@ -705,20 +705,18 @@ impl Neighbours {
             return;
         }
         let config = self.config;
-        for (k, (p, dead_at)) in self.peers.iter_mut().zip(&mut self.dead_at).enumerate() {
+        for k in 0..self.peers.len() {
+            let p = &mut self.peers[k];
             if !p.alive {
                 continue;
             }
             if let Some(t) = p.last_heard {
                 if now.saturating_duration_since(t) >= p.dead_after(&config, now) {
                     p.alive = false;
-                    *dead_at = None;
-                    if let Some(r) = self.rtts.get_mut(k) {
-                        *r = None;
-                    }
                     tracing::debug!(peer = %p.addrs.id, "neighbour silent, declared dead");
                     self.events
                         .push_back(NeighbourEvent::Down(p.addrs.id.clone()));
+                    self.sync_peer(k);
                 }
             }
         }
@@ -738,9 +736,9 @@ impl Neighbours {
         Some((p.srtt?, p.spread))
     }
 
-    /// Set `dead_at[i]` and `rtts[i]` after a change of peer `i`'s liveness,
+    /// Set peer `i`'s copies in `dead_at` and `rtts` after a change of its liveness,
     /// last-heard time, survived silence or RTT.
-    fn sync_dead_at(&mut self, i: usize) {
+    fn sync_peer(&mut self, i: usize) {
         let d = self.dead_deadline(i);
         if let Some(slot) = self.dead_at.get_mut(i) {
             *slot = d;

@@ -388,7 +388,7 @@ struct Route {
     /// [`NodeConfig::announce_interval`]).
     refreshed: Option<Instant>,
     /// When the parent's offer was made (`offers[parent].at`), kept by
-    /// [`Route::sync_parent_at`] wherever the parent or the offers change: every input
+    /// [`Route::sync_offer_times`] wherever the parent or the offers change: every input
     /// asks [`Node::refresh_due`] for it, and finding it in `offers` compared ids.
     parent_at: Option<Instant>,
     /// When the oldest offer was made (the least `at` of `offers`), kept with
@@ -400,13 +400,26 @@ struct Route {
 impl Route {
     /// Set `parent_at` from the parent and its offer, and `oldest_at` from the offers;
     /// called after each change of the parent or the offers.
-    fn sync_parent_at(&mut self) {
+    fn sync_offer_times(&mut self) {
         self.parent_at = self
             .parent
             .as_deref()
             .and_then(|p| self.offers.get(p))
             .map(|o| o.at);
         self.oldest_at = self.offers.values().map(|o| o.at).min();
+    }
+
+    /// `parent_at`, checked against the parent's offer in debug builds.
+    fn parent_at(&self) -> Option<Instant> {
+        debug_assert_eq!(
+            self.parent_at,
+            self.parent
+                .as_deref()
+                .and_then(|p| self.offers.get(p))
+                .map(|o| o.at),
+            "Route::parent_at out of step with the parent's offer"
+        );
+        self.parent_at
     }
 
     /// `oldest_at`, checked against the offers in debug builds.
@@ -717,7 +730,7 @@ impl Node {
                     Some(n) if n == claimed => {
                         if let Some(r) = self.routes.get_mut(&server) {
                             r.offers.remove(&n);
-                            r.sync_parent_at();
+                            r.sync_offer_times();
                         }
                     }
                     _ => self.stats.unknown_sender += 1,
@@ -858,7 +871,7 @@ impl Node {
         if path.iter().any(|x| same_id(x, &self.config.id)) {
             // The neighbour now reaches the server through us: its old offer is void.
             route.offers.remove(&n);
-            route.sync_parent_at();
+            route.sync_offer_times();
             self.stats.ignored += 1;
             return;
         }
@@ -940,7 +953,7 @@ impl Node {
                 avg_us,
             },
         );
-        route.sync_parent_at();
+        route.sync_offer_times();
         let from_parent = route.parent.as_deref() == Some(n.as_str());
         if from_parent && route.sent_seq.is_none_or(|s| seq > s) {
             self.reannounce(&server);
@@ -951,15 +964,7 @@ impl Node {
     /// half announcement periods after its last new seq, then every half period after
     /// the last time it was asked (`None` without a parent's offer).
     fn refresh_due(&self, r: &Route) -> Option<Instant> {
-        debug_assert_eq!(
-            r.parent_at,
-            r.parent
-                .as_deref()
-                .and_then(|p| r.offers.get(p))
-                .map(|o| o.at),
-            "Route::parent_at out of step with the parent's offer"
-        );
-        let at = r.parent_at?;
+        let at = r.parent_at()?;
         let period = self.config.announce_interval;
         let late = at + period + period / 2;
         Some(match r.refreshed {
@@ -1947,7 +1952,7 @@ impl Node {
         for r in self.routes.values_mut() {
             r.offers.remove(id);
             r.offers.retain(|_, o| !o.path.iter().any(|x| x == id));
-            r.sync_parent_at();
+            r.sync_offer_times();
         }
         for s in self.streams.values_mut() {
             s.children.retain(|_, c| c.node.as_deref() != Some(id));
@@ -2041,7 +2046,7 @@ impl Node {
             // falls with age).
             if !r.oldest_at().is_none_or(fresh_at) {
                 r.offers.retain(|_, o| fresh(o));
-                r.sync_parent_at();
+                r.sync_offer_times();
             }
         }
         self.refresh_late_routes(now);
@@ -2233,7 +2238,7 @@ impl Node {
         }
         if let Some(r) = self.routes.get_mut(server) {
             r.parent = new.clone();
-            r.sync_parent_at();
+            r.sync_offer_times();
             self.pointer_version += 1;
             r.sent_seq = None;
             r.changed_at = Some(now);
