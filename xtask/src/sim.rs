@@ -70,6 +70,10 @@ pub(crate) struct SimArgs {
     /// packetizer, data planes and playout buffers); outages are measured to this.
     #[arg(long, value_name = "MS", default_value_t = 20)]
     frame_ms: u64,
+    /// Threads stepping the simulation (0: one per core). The output is the same
+    /// with any number.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    threads: usize,
 }
 
 impl Default for SimArgs {
@@ -86,6 +90,7 @@ impl Default for SimArgs {
             stability_s: 0,
             silence_ms: 100,
             frame_ms: 20,
+            threads: 0,
         }
     }
 }
@@ -361,6 +366,10 @@ fn would_cut_off_a_pop(sim: &Sim, adj: &Adjacency, victim: &str, servers: &[Stri
 pub(crate) fn simulate(args: &SimArgs, out: &mut dyn Write) -> anyhow::Result<SimReport> {
     let wall = Instant::now();
     let (mut sim, what) = build(args)?;
+    sim.threads = match args.threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
     // Fine-grained media, so that outages are measured to a frame (20 ms by default).
     let frame = Duration::from_millis(args.frame_ms.max(1));
     sim.set_media(MediaParams {
@@ -993,7 +1002,11 @@ mod tests {
             ..SimArgs::default()
         };
         // Everything but the wall time of the last line.
-        let run = || {
+        let run = |threads| {
+            let args = SimArgs {
+                threads,
+                ..args.clone()
+            };
             let (r, text) = run_to_text(&args);
             let r = r.unwrap_or_else(|e| panic!("{e:#}\n{text}"));
             let text: Vec<String> = text
@@ -1005,9 +1018,12 @@ mod tests {
                 .collect();
             (r, text.join("\n"))
         };
-        let (r, a) = run();
-        let (_, b) = run();
+        let (r, a) = run(1);
+        // The same again, split in two and in three parts each stepped by its thread.
+        let (_, b) = run(2);
         assert_eq!(a, b);
+        let (_, c) = run(3);
+        assert_eq!(a, c);
         check("--nodes 60 --seed 4", &r, &a);
         let line = a
             .lines()

@@ -19,6 +19,7 @@ mod tests {
         "std::time::SystemTime::now",
         "std::thread::sleep",
         "std::thread::spawn",
+        "std::thread::scope",
         "std::net::UdpSocket",
         "std::net::TcpStream",
         "std::net::TcpListener",

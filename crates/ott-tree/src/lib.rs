@@ -32,7 +32,9 @@
 
 pub mod client;
 mod node;
-// The simulator reads the clock once, for an arbitrary origin of its virtual time.
+// The simulator reads the clock once, for an arbitrary origin of its virtual time, and
+// steps the parts of a run on scoped threads (`Sim::threads`); the state machines it
+// runs do neither.
 #[allow(clippy::disallowed_methods)]
 pub mod sim;
 

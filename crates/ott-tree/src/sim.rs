@@ -2,9 +2,10 @@
 //!
 //! Every host gets a fake address (`10.a.b.c`, control port [`CONTROL_PORT`], data port
 //! [`DATA_PORT`] for nodes, [`CLIENT_DATA_PORT`] for clients). Datagrams travel over
-//! links with latency, jitter, loss and an up/down state, drawn from one seeded
-//! `fastrand::Rng`; in-flight datagrams sit in a heap ordered by (arrival, sequence
-//! number), so a run depends on nothing but the seed and the script. Every control
+//! links with latency, jitter, loss and an up/down state, drawn from the sending host's
+//! own seeded `fastrand::Rng`; in-flight datagrams sit in a calendar queue ordered by
+//! (arrival, sender, the sender's count), so a run depends on nothing but the seed and
+//! the script. Every control
 //! message is encoded with `ott_proto::encode` and decoded again on arrival (failures
 //! are dropped and counted).
 //!
@@ -29,6 +30,20 @@
 //! checks loop freedom after every step by walking the parent and subscription chains
 //! from that host only (a new loop must go through the host that changed).
 //!
+//! A run can use several threads ([`Sim::threads`]): the hosts are split into as many
+//! parts of consecutive indices, each with its own datagrams in flight, timers and
+//! counters, stepped by its own thread through windows of virtual time no longer than
+//! the shortest link between two parts (a conservative parallel simulation: nothing
+//! sent in a window can arrive in it on another part, so the parts only hand datagrams
+//! over at window ends; a window also ends at each media tick, which each part plays
+//! for its own servers). Nothing a step does depends on another part's hosts at the
+//! same instant, and ties are broken by sender, so each host sees the same inputs in
+//! the same order as on one thread. The loop check cannot walk the other parts' pointers
+//! mid-window: each step logs the pointers it changed with its place in the one-thread
+//! order, and at the end of the run the logs, merged in that order, are replayed into
+//! the forests, checking exactly the states a run on one thread checks after each
+//! step. The output is the same with any number of threads (a test holds it so).
+//!
 //! The clock is virtual: [`Sim::now`] only moves when [`Sim::run_until`] or
 //! [`Sim::run_for`] steps the simulation; the wall clock is read once, in [`Sim::new`], to
 //! get an origin `Instant`.
@@ -51,7 +66,8 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -111,8 +127,9 @@ struct Reception {
     count: u64,
     /// Clients: when each frame was played (since the start).
     arrivals: Vec<Duration>,
-    /// Clients: when the server sent each frame played (since the start), in play order.
-    played_sent: Vec<Duration>,
+    /// Clients: the number of each frame played, in play order (when the server made
+    /// it is looked up in [`Sim`]'s record of the frames made, when asked).
+    played: Vec<u32>,
     /// Clients: frames played whose bytes were not the ones the server sent.
     corrupt: u64,
 }
@@ -213,6 +230,15 @@ struct Host {
     /// nodes.
     data_dirty: bool,
     incarnation: u64,
+    /// The host's own random stream (its links' loss and jitter draws for what it
+    /// sends), so that a run does not depend on which thread steps which host.
+    rng: fastrand::Rng,
+    /// Datagrams this host put on the wire: with its index, the tie-break between
+    /// datagrams arriving at the same instant.
+    sent: u64,
+    /// [`Node::pointer_version`] of the node its forest pointers were last logged
+    /// from (see [`Ctx::recheck`]); `None`: not a node's, or forgotten.
+    forest_version: Option<u64>,
     catalogue: Vec<StreamInfo>,
     forwarding: BTreeMap<StreamId, Vec<SocketAddr>>,
     received: BTreeMap<StreamId, Reception>,
@@ -225,7 +251,7 @@ struct Host {
 #[derive(Debug)]
 enum Payload {
     /// An encoded control message (to a control port), or a NACK (to a data port).
-    Control(Rc<ControlDatagram>),
+    Control(Arc<ControlDatagram>),
     /// A media datagram.
     Media(Bytes),
 }
@@ -237,20 +263,20 @@ enum Payload {
 #[derive(Debug)]
 struct ControlDatagram {
     bytes: Vec<u8>,
-    decoded: std::cell::OnceCell<Option<Message>>,
+    decoded: OnceLock<Option<Message>>,
 }
 
 impl ControlDatagram {
-    fn new(bytes: Vec<u8>) -> Rc<Self> {
-        Rc::new(Self {
+    fn new(bytes: Vec<u8>) -> Arc<Self> {
+        Arc::new(Self {
             bytes,
-            decoded: std::cell::OnceCell::new(),
+            decoded: OnceLock::new(),
         })
     }
 
     /// The message, decoded (once for all copies); `None` if it does not decode.
-    fn decode(this: Rc<Self>) -> Option<Message> {
-        match Rc::try_unwrap(this) {
+    fn decode(this: Arc<Self>) -> Option<Message> {
+        match Arc::try_unwrap(this) {
             // The last copy, never decoded: no need to keep the message.
             Ok(d) => match d.decoded.into_inner() {
                 Some(m) => m,
@@ -361,13 +387,33 @@ impl Wire {
         }
     }
 
-    /// The earliest datagram.
-    fn pop(&mut self) -> Option<InFlight> {
+    /// The earliest datagram, with its sequence number.
+    fn pop(&mut self) -> Option<(u64, InFlight)> {
         self.peek()?;
-        let Reverse((_, _, slot)) = self.cur.pop()?;
+        let Reverse((_, seq, slot)) = self.cur.pop()?;
         let f = self.slots.get_mut(slot)?.take();
         self.free.push(slot);
-        f
+        f.map(|f| (seq, f))
+    }
+
+    /// Take every datagram out, in no particular order, with its arrival and sequence
+    /// number (to queue them again elsewhere).
+    fn drain_all(&mut self) -> Vec<(u64, u64, InFlight)> {
+        let keys = std::mem::take(&mut self.cur)
+            .into_iter()
+            .chain(std::mem::take(&mut self.overflow))
+            .map(|Reverse(k)| k)
+            .chain(self.ring.iter_mut().flat_map(std::mem::take));
+        let mut out = Vec::new();
+        for (at, seq, slot) in keys {
+            if let Some(f) = self.slots.get_mut(slot).and_then(Option::take) {
+                out.push((at, seq, f));
+            }
+        }
+        self.in_ring = 0;
+        self.slots.clear();
+        self.free.clear();
+        out
     }
 }
 
@@ -492,9 +538,6 @@ struct Forests {
     parent: FastMap<ForestKey, Vec<Option<usize>>>,
     /// Per host, the keys under which it has a pointer (sorted).
     keys: Vec<Vec<ForestKey>>,
-    /// Per host, [`Node::pointer_version`] of the node its pointers were last set
-    /// from (see [`Forests::unchanged`]).
-    versions: Vec<Option<u64>>,
     mark: Vec<u64>,
     epoch: u64,
 }
@@ -504,22 +547,7 @@ impl Forests {
         if self.mark.len() < n {
             self.mark.resize(n, 0);
             self.keys.resize_with(n, Vec::new);
-            self.versions.resize(n, None);
         }
-    }
-
-    /// Whether `host`'s pointers were last set from this node at its current pointer
-    /// version: then setting them again changes nothing (ids map to hosts for good),
-    /// and the walk is skipped.
-    fn unchanged(&self, host: usize, n: &Node) -> bool {
-        self.versions.get(host).copied().flatten() == Some(n.pointer_version())
-    }
-
-    /// Remember the version `host`'s pointers were just set from (`None`: not a node's,
-    /// or forgotten).
-    fn set_version(&mut self, host: usize, v: Option<u64>) {
-        self.grow(host + 1);
-        self.versions[host] = v;
     }
 
     /// Set every pointer of `host` (the pairs not given become none); on a cycle, the
@@ -600,9 +628,6 @@ impl Forests {
 
     /// Forget every pointer of `host` (it died or restarts with a fresh state).
     fn clear(&mut self, host: usize) {
-        if let Some(v) = self.versions.get_mut(host) {
-            *v = None;
-        }
         if let Some(keys) = self.keys.get_mut(host) {
             for k in std::mem::take(keys) {
                 if let Some(v) = self.parent.get_mut(&k) {
@@ -617,11 +642,208 @@ impl Forests {
 
 type Hook = Box<dyn FnMut(&Sim)>;
 
+/// A datagram on its way to another part's hosts: (arrival in ns since the epoch,
+/// tie-break key, datagram).
+type Crossing = (u64, u64, InFlight);
+
+/// Where an event sits in the order a run on one thread takes them: (media segment,
+/// time in ns since the epoch, kind: 0 a datagram, 1 a timer, 2 the media tick, key:
+/// the datagram's tie-break key or the host). Two parts' logs merged by this order
+/// are the log of the same run on one thread.
+type Order = (u64, u64, u8, u64);
+
+/// One host's pointers as a step left them, for the loop check to replay in order
+/// (see [`Ctx::recheck`]).
+#[derive(Debug)]
+struct Change {
+    order: Order,
+    at: Duration,
+    host: usize,
+    /// The node's own invariants, if broken.
+    broken: Option<String>,
+    /// Every pointer of the host, if they changed since they were last logged.
+    pairs: Option<Vec<(ForestKey, usize)>>,
+}
+
+/// The state of the hosts `lo..hi` that a step changes: their datagrams in flight and
+/// timers, and the counters and records their steps add to. A run on several threads
+/// gives each thread a part; between runs one part holds every host.
+#[derive(Debug, Default)]
+struct Part {
+    /// The first host of the part (its hosts are the [`Ctx`]'s slice).
+    lo: usize,
+    /// Virtual time since the epoch.
+    now: Duration,
+    wire: Wire,
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    stats: SimStats,
+    copies: FastMap<(usize, usize, StreamId), Copies>,
+    /// Hosts of the part with a route (a stream with children): where the silence
+    /// hint looks.
+    routed: std::collections::BTreeSet<usize>,
+    /// Next media tick, since the epoch.
+    next_media: Option<Duration>,
+    /// Media ticks so far: the first field of [`Order`].
+    segment: u64,
+    /// Order of the event being stepped.
+    order: Order,
+    /// Datagrams for other parts' hosts, handed over at the end of each window.
+    outbox: Vec<Crossing>,
+    /// Pointer changes for the loop check, in step order.
+    log: Vec<Change>,
+    /// Frames the part's servers made: (stream, number, when).
+    made: Vec<(StreamId, u32, Duration)>,
+    /// Reused buffer of the control messages a host queued (see [`Ctx::drain`]).
+    out_buf: Vec<(SocketAddr, Message)>,
+    /// Reused buffer of a host's pointers (see [`Ctx::recheck`]).
+    pairs_buf: Vec<(ForestKey, usize)>,
+}
+
+impl Part {
+    fn add(&mut self, other: SimStats) {
+        let s = &mut self.stats;
+        s.control_sent += other.control_sent;
+        s.media_sent += other.media_sent;
+        s.nacks_sent += other.nacks_sent;
+        s.frames_made += other.frames_made;
+        s.lost += other.lost;
+        s.no_route += other.no_route;
+        s.dead_dest += other.dead_dest;
+        s.codec_errors += other.codec_errors;
+        s.steps += other.steps;
+        s.loop_checks += other.loop_checks;
+        s.loop_violations += other.loop_violations;
+    }
+}
+
+/// A barrier for the threads of a run that any of them can break: a thread that stops
+/// (the step bound, or a panic, through [`GateGuard`]) must not leave the others
+/// waiting for it for ever.
+#[derive(Debug)]
+struct Gate {
+    threads: usize,
+    arrived: AtomicUsize,
+    generation: AtomicU64,
+    broken: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Gate {
+    fn new(threads: usize) -> Self {
+        Self {
+            threads,
+            arrived: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            broken: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Wait until every thread arrived; false if the gate is broken.
+    fn wait(&self) -> bool {
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
+            self.arrived.store(0, Ordering::Relaxed);
+            let _g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            self.generation.fetch_add(1, Ordering::Release);
+            self.cv.notify_all();
+        } else {
+            let mut spins = 0u32;
+            while self.generation.load(Ordering::Acquire) == generation {
+                if self.broken.load(Ordering::Acquire) {
+                    return false;
+                }
+                if spins < 4_000 {
+                    spins += 1;
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+                if self.generation.load(Ordering::Acquire) == generation
+                    && !self.broken.load(Ordering::Acquire)
+                {
+                    // A timeout, so that a wake-up lost to a race costs a millisecond.
+                    let _ = self.cv.wait_timeout(g, Duration::from_millis(1));
+                }
+            }
+        }
+        !self.broken.load(Ordering::Acquire)
+    }
+
+    fn break_it(&self) {
+        self.broken.store(true, Ordering::Release);
+        let _g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.cv.notify_all();
+    }
+}
+
+/// Breaks its gate when dropped while its thread unwinds from a panic.
+struct GateGuard<'a>(&'a Gate);
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.break_it();
+        }
+    }
+}
+
+/// What the threads of a run share: the gate and each part's inbox.
+struct Exchange {
+    gate: Gate,
+    inboxes: Vec<Mutex<Vec<Crossing>>>,
+    /// Hosts per part (the last part may have fewer).
+    per_part: usize,
+}
+
+/// What a step reads and never changes: the network's shape and settings.
+#[derive(Clone, Copy)]
+struct Env<'a> {
+    epoch: Instant,
+    seed: u64,
+    hosts: usize,
+    links: &'a FastMap<(usize, usize), SimLink>,
+    link_changes: u64,
+    ids: &'a FastMap<String, usize>,
+    names: &'a [String],
+    servers: &'a [usize],
+    media: MediaParams,
+    silence_hint: Option<Duration>,
+    check_loops: bool,
+}
+
+/// One part's hosts and state, and the network: everything a step needs.
+struct Ctx<'a> {
+    hosts: &'a mut [Host],
+    p: &'a mut Part,
+    env: Env<'a>,
+}
+
+/// The [`Env`] of a [`Sim`], borrowing its fields one by one (so that its hosts and
+/// parts can be borrowed mutably beside it).
+macro_rules! env_of {
+    ($s:ident) => {
+        Env {
+            epoch: $s.epoch,
+            seed: $s.seed,
+            hosts: $s.hosts.len(),
+            links: &$s.links,
+            link_changes: $s.link_changes,
+            ids: &$s.ids,
+            names: &$s.names,
+            servers: &$s.server_hosts,
+            media: $s.media,
+            silence_hint: $s.silence_hint,
+            check_loops: $s.check_loops,
+        }
+    };
+}
+
 /// The simulated network. See the module docs.
 pub struct Sim {
     epoch: Instant,
-    now: Instant,
-    rng: fastrand::Rng,
     seed: u64,
     hosts: Vec<Host>,
     index: BTreeMap<String, usize>,
@@ -633,24 +855,18 @@ pub struct Sim {
     adj: Vec<Vec<usize>>,
     /// Hosts with the server role, in index order (the media tick's makers).
     server_hosts: Vec<usize>,
-    wire: Wire,
-    timers: BinaryHeap<Reverse<(Instant, usize)>>,
-    seq: u64,
+    /// Every host's state between runs (see [`Part`]).
+    main: Part,
     started: bool,
     media: MediaParams,
     /// Hint nodes of an upstream silence this long ([`Sim::set_silence_hint`]).
     silence_hint: Option<Duration>,
-    next_media: Option<Instant>,
-    tick: u64,
-    copies: FastMap<(usize, usize, StreamId), Copies>,
-    /// When each frame was made (since the start), by stream and frame number.
+    /// When each frame was made (since the start), by stream and frame number (the
+    /// earliest, should two servers' numbers meet).
     frame_sent: FastMap<(StreamId, u32), Duration>,
     /// Per stream, when a frame of it was made (once per period, however many servers
     /// offer it).
     frame_times: BTreeMap<StreamId, Vec<Duration>>,
-    /// Nodes with a route (a stream with children): where the silence hint looks.
-    routed: std::collections::BTreeSet<usize>,
-    stats: SimStats,
     hook: Option<Hook>,
     check_loops: bool,
     first_violation: Option<String>,
@@ -659,10 +875,13 @@ pub struct Sim {
     forests: Forests,
     /// Host index by id (the sorted `index` is for ordered walks).
     ids: FastMap<String, usize>,
-    /// Reused buffer of the control messages a host queued (see [`Sim::drain`]).
-    out_buf: Vec<(SocketAddr, Message)>,
-    /// Reused buffer of a host's pointers (see [`Sim::recheck`]).
-    pairs_buf: Vec<(ForestKey, usize)>,
+    /// Host id by index.
+    names: Vec<String>,
+    /// Threads a run may use (at least 1). With more than one, the hosts are split
+    /// into as many parts, each stepped by its own thread through windows of virtual
+    /// time as long as the shortest link between two parts; the output is the same as
+    /// with one thread. A run with an [`Sim::on_step`] hook uses one.
+    pub threads: usize,
     /// Most steps a single `run_until` may take before it panics, plus
     /// [`Sim::max_steps_per_host_second`] for each host and simulated second it runs.
     pub max_steps: u64,
@@ -682,10 +901,10 @@ pub struct Sim {
 impl std::fmt::Debug for Sim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sim")
-            .field("now", &self.now.saturating_duration_since(self.epoch))
+            .field("now", &self.main.now)
             .field("hosts", &self.hosts.len())
             .field("links", &self.links.len())
-            .field("stats", &self.stats)
+            .field("stats", &self.main.stats)
             .finish_non_exhaustive()
     }
 }
@@ -791,35 +1010,26 @@ impl Sim {
         let epoch = Instant::now();
         Self {
             epoch,
-            now: epoch,
-            rng: fastrand::Rng::with_seed(seed),
             seed,
             hosts: Vec::new(),
             index: BTreeMap::new(),
             links: FastMap::default(),
             adj: Vec::new(),
             server_hosts: Vec::new(),
-            wire: Wire::default(),
-            timers: BinaryHeap::new(),
+            main: Part::default(),
             link_changes: 0,
-            seq: 0,
             started: false,
             media: MediaParams::default(),
             silence_hint: None,
-            next_media: None,
-            tick: 0,
-            copies: FastMap::default(),
             frame_sent: FastMap::default(),
             frame_times: BTreeMap::new(),
-            routed: std::collections::BTreeSet::new(),
-            stats: SimStats::default(),
             hook: None,
             check_loops: false,
             first_violation: None,
             forests: Forests::default(),
             ids: FastMap::default(),
-            out_buf: Vec::new(),
-            pairs_buf: Vec::new(),
+            names: Vec::new(),
+            threads: 1,
             max_steps: 50_000_000,
             max_steps_per_host_second: 5_000,
             node_config: NodeConfig::new("", Role::Relay, DATA_PORT),
@@ -943,12 +1153,12 @@ impl Sim {
 
     /// Virtual time elapsed since the start.
     pub fn elapsed(&self) -> Duration {
-        self.now.saturating_duration_since(self.epoch)
+        self.main.now
     }
 
     /// The current virtual instant.
     pub fn now(&self) -> Instant {
-        self.now
+        self.epoch + self.main.now
     }
 
     /// Period of the frames servers make (default 100 ms).
@@ -985,7 +1195,7 @@ impl Sim {
 
     /// Network-wide counters.
     pub fn stats(&self) -> SimStats {
-        self.stats
+        self.main.stats
     }
 
     /// After every step, check loop freedom from the host that step changed (its own
@@ -996,65 +1206,41 @@ impl Sim {
         self.check_loops = on;
         if on {
             // Bring the mirror of every pointer up to date, checking each node.
-            for i in 0..self.hosts.len() {
-                if self.hosts[i].role.is_some() {
-                    self.recheck(i);
+            self.op(|c| {
+                for i in 0..c.hosts.len() {
+                    if c.hosts[i].role.is_some() {
+                        c.recheck(i);
+                    }
                 }
-            }
+            });
         }
     }
 
-    /// Loop freedom after host `i` changed: its own invariants, and a walk from it in
-    /// each forest where one of its pointers changed (see [`Forests`]).
-    fn recheck(&mut self, i: usize) {
-        self.stats.loop_checks += 1;
-        let mut pairs = std::mem::take(&mut self.pairs_buf);
-        pairs.clear();
-        let mut result = Ok(());
-        let mut version = None;
-        if let Some(Machine::Node(n)) = &self.hosts[i].machine {
-            result = n.check_invariants();
-            version = Some(n.pointer_version());
-            if self.forests.unchanged(i, n) {
-                // No pointer of this host changed since it was last set: the forests
-                // are as they were, free of cycles.
-                self.pairs_buf = pairs;
-                if let Err(e) = result {
-                    self.violation(e);
-                }
-                return;
-            }
-            for (s, p) in n.parents() {
-                if let (Some(si), Some(p)) = (self.idx(s), self.idx(p)) {
-                    pairs.push((ForestKey::Server(si), p));
-                }
-            }
-            for (st, p) in n.upstreams() {
-                if let Some(p) = self.idx(p) {
-                    pairs.push((ForestKey::Stream(st), p));
-                }
-            }
-        }
-        let set = self.forests.set_all(i, &mut pairs);
-        self.pairs_buf = pairs;
-        self.forests.set_version(i, version);
-        if let Err((k, cycle)) = set {
-            let names: Vec<&str> = cycle.iter().map(|&c| self.hosts[c].id.as_str()).collect();
-            let what = match k {
-                ForestKey::Server(s) => format!("loop towards {}", self.hosts[s].id),
-                ForestKey::Stream(st) => format!("subscription loop for {st:#x}"),
+    /// Apply the pointer changes the steps logged, in the order given, to the
+    /// forests, checking each (see [`Forests`]): the same checks, in the same order,
+    /// as after each step of a run on one thread.
+    fn replay(&mut self, log: Vec<Change>) {
+        for c in log {
+            let mut result = match c.broken {
+                Some(e) => Err(e),
+                None => Ok(()),
             };
-            result = result.and(Err(format!("{what}: {}", names.join(" -> "))));
-        }
-        if let Err(e) = result {
-            self.violation(e);
-        }
-    }
-
-    fn violation(&mut self, e: String) {
-        self.stats.loop_violations += 1;
-        if self.first_violation.is_none() {
-            self.first_violation = Some(format!("at {:?}: {e}", self.elapsed()));
+            if let Some(mut pairs) = c.pairs {
+                if let Err((k, cycle)) = self.forests.set_all(c.host, &mut pairs) {
+                    let names: Vec<&str> = cycle.iter().map(|&x| self.names[x].as_str()).collect();
+                    let what = match k {
+                        ForestKey::Server(s) => format!("loop towards {}", self.names[s]),
+                        ForestKey::Stream(st) => format!("subscription loop for {st:#x}"),
+                    };
+                    result = result.and(Err(format!("{what}: {}", names.join(" -> "))));
+                }
+            }
+            if let Err(e) = result {
+                self.main.stats.loop_violations += 1;
+                if self.first_violation.is_none() {
+                    self.first_violation = Some(format!("at {:?}: {e}", c.at));
+                }
+            }
         }
     }
 
@@ -1078,6 +1264,7 @@ impl Sim {
         let idx = self.hosts.len();
         self.index.insert(id.to_owned(), idx);
         self.ids.insert(id.to_owned(), idx);
+        self.names.push(id.to_owned());
         self.adj.push(Vec::new());
         if role == Some(Role::Server) {
             self.server_hosts.push(idx);
@@ -1092,6 +1279,9 @@ impl Sim {
             data_timeout: None,
             data_dirty: true,
             incarnation: 1,
+            rng: fastrand::Rng::with_seed(splitmix64(self.seed ^ (idx as u64) << 24)),
+            sent: 0,
+            forest_version: None,
             catalogue: Vec::new(),
             forwarding: BTreeMap::new(),
             received: BTreeMap::new(),
@@ -1220,7 +1410,7 @@ impl Sim {
 
     /// Set a server's catalogue (now, or at start).
     pub fn set_catalogue(&mut self, server: &str, streams: Vec<StreamInfo>) {
-        let now = self.now;
+        let now = self.now();
         let Some(i) = self.idx(server) else {
             return;
         };
@@ -1229,13 +1419,13 @@ impl Sim {
         if let Some(Machine::Node(n)) = &mut h.machine {
             n.set_catalogue(now, streams);
         }
-        self.drain(i);
+        self.op(|c| c.drain(i));
     }
 
     /// Create every state machine at the current time.
     pub fn start(&mut self) {
         self.started = true;
-        self.next_media = Some(self.now + self.media.period);
+        self.main.next_media = Some(self.main.now + self.media.period);
         let order: Vec<usize> = self.index.values().copied().collect();
         for (rank, i) in order.into_iter().enumerate() {
             self.boot_ranked(i, rank as u64);
@@ -1272,8 +1462,8 @@ impl Sim {
     /// [`Sim::boot`] given host `i`'s rank among the ids in sorted order.
     fn boot_ranked(&mut self, i: usize, rank: u64) {
         // A fresh node counts its pointer versions from 0 again.
-        self.forests.set_version(i, None);
-        let now = self.now;
+        self.hosts[i].forest_version = None;
+        let now = self.now();
         let epoch = self.epoch;
         let id = self.hosts[i].id.clone();
         let seed = self.seed ^ rank;
@@ -1313,8 +1503,8 @@ impl Sim {
         };
         h.machine = Some(machine);
         h.forwarding.clear();
-        self.routed.remove(&i);
-        self.drain(i);
+        self.main.routed.remove(&i);
+        self.op(|c| c.drain(i));
     }
 
     /// The data plane of a host starting afresh: a server's (its streams pinned, so the
@@ -1357,7 +1547,8 @@ impl Sim {
             h.data_dirty = true;
             h.next_timeout = None;
             h.forwarding.clear();
-            self.routed.remove(&i);
+            h.forest_version = None;
+            self.main.routed.remove(&i);
             self.forests.clear(i);
         }
     }
@@ -1376,7 +1567,7 @@ impl Sim {
 
     /// Shut a host down cleanly (`Bye`, `Leave`), then stop it.
     pub fn shutdown(&mut self, id: &str) {
-        let now = self.now;
+        let now = self.now();
         let Some(i) = self.idx(id) else {
             return;
         };
@@ -1385,13 +1576,13 @@ impl Sim {
             Some(Machine::Client(c)) => c.shutdown(now),
             None => {}
         }
-        self.drain(i);
+        self.op(|c| c.drain(i));
         self.kill(id);
     }
 
     /// Make a client watch `name`.
     pub fn select_stream(&mut self, client: &str, name: &str) {
-        let now = self.now;
+        let now = self.now();
         let Some(i) = self.idx(client) else {
             return;
         };
@@ -1400,7 +1591,7 @@ impl Sim {
         if let Some(Machine::Client(c)) = &mut h.machine {
             c.select_stream(now, name);
         }
-        self.drain(i);
+        self.op(|c| c.drain(i));
     }
 
     /// A running node. Panics if `id` is not a running node (a test bug).
@@ -1550,7 +1741,7 @@ impl Sim {
     /// Media datagrams of `stream` sent from `from` to `to` so far.
     pub fn media_sent(&self, from: &str, to: &str, stream: StreamId) -> u64 {
         match (self.idx(from), self.idx(to)) {
-            (Some(a), Some(b)) => self.copies.get(&(a, b, stream)).map_or(0, |c| c.total),
+            (Some(a), Some(b)) => self.main.copies.get(&(a, b, stream)).map_or(0, |c| c.total),
             _ => 0,
         }
     }
@@ -1558,7 +1749,8 @@ impl Sim {
     /// The largest number of copies of one live media datagram (not resent, not
     /// replayed from a start cache) any directed link carried.
     pub fn max_copies_per_link(&self) -> u64 {
-        self.copies
+        self.main
+            .copies
             .values()
             .map(|c| c.max_per_datagram)
             .max()
@@ -1580,7 +1772,12 @@ impl Sim {
         let Some(r) = self.host(id).and_then(|h| h.received.get(&stream)) else {
             return (0, 0);
         };
-        let Some(&first) = r.played_sent.first() else {
+        let played: Vec<Duration> = r
+            .played
+            .iter()
+            .filter_map(|&n| self.frame_sent.get(&(stream, n)).copied())
+            .collect();
+        let Some(&first) = played.first() else {
             return (0, 0);
         };
         let from = from.max(first);
@@ -1589,11 +1786,7 @@ impl Sim {
         }
         let made = self.frame_times.get(&stream).map_or(&[][..], Vec::as_slice);
         let expected = made.iter().filter(|t| (from..to).contains(*t)).count() as u64;
-        let intact = r
-            .played_sent
-            .iter()
-            .filter(|t| (from..to).contains(*t))
-            .count() as u64;
+        let intact = played.iter().filter(|t| (from..to).contains(*t)).count() as u64;
         // Two servers' copies of one period both played (a source switch) count once.
         (intact.min(expected), expected)
     }
@@ -1626,22 +1819,16 @@ impl Sim {
     /// Panics, naming the step count, if more steps are needed than [`Sim::max_steps`]
     /// and [`Sim::max_steps_per_host_second`] allow.
     pub fn run_until(&mut self, t: Duration) {
-        let end = self.epoch + t;
-        let seconds = end.saturating_duration_since(self.now).as_secs() + 1;
+        let seconds = t.saturating_sub(self.main.now).as_secs() + 1;
         let limit = (self.hosts.len() as u64)
             .saturating_mul(self.max_steps_per_host_second)
             .saturating_mul(seconds)
             .saturating_add(self.max_steps);
-        let mut steps = 0u64;
-        while self.step(end) {
-            steps += 1;
-            assert!(
-                steps <= limit,
-                "simulation did not reach {t:?} after {steps} steps (now {:?})",
-                self.elapsed()
-            );
+        match self.split_for_run() {
+            Some((parts, per, look)) => self.run_parts(parts, per, look, t, limit),
+            None => self.run_alone(t, limit),
         }
-        self.now = self.now.max(end);
+        self.main.now = self.main.now.max(t);
     }
 
     /// Run for `d` of virtual time.
@@ -1650,45 +1837,310 @@ impl Sim {
         self.run_until(t);
     }
 
+    /// Run `f` on every host as one part (between runs), then check the pointer
+    /// changes it logged.
+    fn op<R>(&mut self, f: impl FnOnce(&mut Ctx<'_>) -> R) -> R {
+        let env = env_of!(self);
+        let r = f(&mut Ctx {
+            hosts: &mut self.hosts,
+            p: &mut self.main,
+            env,
+        });
+        let log = std::mem::take(&mut self.main.log);
+        self.replay(log);
+        r
+    }
+
+    /// One thread steps every host until `t`.
+    fn run_alone(&mut self, t: Duration, limit: u64) {
+        let mut steps = 0u64;
+        loop {
+            let env = env_of!(self);
+            let mut c = Ctx {
+                hosts: &mut self.hosts,
+                p: &mut self.main,
+                env,
+            };
+            let hooked = self.hook.is_some();
+            let mut more = false;
+            while c.step(t, true, true) {
+                steps += 1;
+                assert!(
+                    steps <= limit,
+                    "simulation did not reach {t:?} after {steps} steps (now {:?})",
+                    c.p.now
+                );
+                if hooked {
+                    more = true;
+                    break;
+                }
+            }
+            let log = std::mem::take(&mut self.main.log);
+            self.replay(log);
+            self.record_made();
+            if !more {
+                return;
+            }
+            if let Some(mut hook) = self.hook.take() {
+                hook(self);
+                self.hook = Some(hook);
+            }
+        }
+    }
+
+    /// How to split the hosts for a run on [`Sim::threads`] threads: the parts (each
+    /// with its share of the datagrams in flight and timers), the hosts per part and the
+    /// lookahead (the shortest link between two parts); `None` for one thread.
+    fn split_for_run(&mut self) -> Option<(Vec<Part>, usize, Duration)> {
+        let n = self.hosts.len();
+        let k = self.threads.min(n / 2).max(1);
+        if k < 2 || self.hook.is_some() {
+            return None;
+        }
+        let per = n.div_ceil(k);
+        let look = self
+            .links
+            .iter()
+            .filter(|(&(a, b), _)| a / per != b / per)
+            .map(|(_, l)| l.params.latency)
+            .min()
+            .unwrap_or(Duration::MAX);
+        if look.is_zero() {
+            return None;
+        }
+        let m = &mut self.main;
+        let mut parts: Vec<Part> = (0..k)
+            .map(|q| Part {
+                lo: q * per,
+                now: m.now,
+                next_media: m.next_media,
+                segment: m.segment,
+                ..Part::default()
+            })
+            .collect();
+        for (at, key, f) in m.wire.drain_all() {
+            parts[f.dst as usize / per].wire.push(at, key, f);
+        }
+        for Reverse((t, i)) in std::mem::take(&mut m.timers).into_vec() {
+            parts[i / per].timers.push(Reverse((t, i)));
+        }
+        for i in std::mem::take(&mut m.routed) {
+            parts[i / per].routed.insert(i);
+        }
+        for (k, c) in m.copies.drain() {
+            parts[k.0 / per].copies.insert(k, c);
+        }
+        Some((parts, per, look))
+    }
+
+    /// Step each part on a thread of its own until `t`, then gather the parts again.
+    fn run_parts(
+        &mut self,
+        mut parts: Vec<Part>,
+        per: usize,
+        look: Duration,
+        t: Duration,
+        limit: u64,
+    ) {
+        let x = Exchange {
+            gate: Gate::new(parts.len()),
+            inboxes: parts.iter().map(|_| Mutex::new(Vec::new())).collect(),
+            per_part: per,
+        };
+        let env = env_of!(self);
+        let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .hosts
+                .chunks_mut(per)
+                .zip(parts.iter_mut())
+                .enumerate()
+                .map(|(me, (hosts, p))| {
+                    let x = &x;
+                    s.spawn(move || {
+                        let _guard = GateGuard(&x.gate);
+                        Ctx { hosts, p, env }.run_windows(t, look, x, me, limit)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        // Gather: every part ends its last window at `t`.
+        let m = &mut self.main;
+        let mut log = Vec::new();
+        for (q, mut p) in parts.into_iter().enumerate() {
+            if q == 0 {
+                m.now = p.now;
+                m.next_media = p.next_media;
+                m.segment = p.segment;
+            }
+            m.add(p.stats);
+            for (at, key, f) in p.wire.drain_all() {
+                m.wire.push(at, key, f);
+            }
+            m.timers.extend(p.timers.into_vec());
+            m.routed.extend(p.routed);
+            m.copies.extend(p.copies);
+            m.made.append(&mut p.made);
+            log.append(&mut p.log);
+        }
+        // The order a run on one thread takes (each part's log is in it already).
+        log.sort_by_key(|c| c.order);
+        self.replay(log);
+        self.record_made();
+        if let Some(e) = results.into_iter().find_map(Result::err) {
+            panic!("{e}");
+        }
+    }
+
+    /// Move the frames the servers made into the record [`Sim::frames_intact`] reads.
+    fn record_made(&mut self) {
+        if self.main.made.is_empty() {
+            return;
+        }
+        let mut made = std::mem::take(&mut self.main.made);
+        made.sort_unstable_by_key(|&(s, _, t)| (s, t));
+        for (s, n, t) in made {
+            let e = self.frame_sent.entry((s, n)).or_insert(t);
+            *e = (*e).min(t);
+            let times = self.frame_times.entry(s).or_default();
+            if times.last().is_none_or(|&l| l < t) {
+                times.push(t);
+            }
+        }
+    }
+}
+
+impl Ctx<'_> {
+    /// Host `i` (of this part).
+    fn h(&mut self, i: usize) -> &mut Host {
+        &mut self.hosts[i - self.p.lo]
+    }
+
+    /// Whether host `i` is one of this part's.
+    fn mine(&self, i: usize) -> bool {
+        i >= self.p.lo && i - self.p.lo < self.hosts.len()
+    }
+
+    fn now(&self) -> Instant {
+        self.env.epoch + self.p.now
+    }
+
+    /// Step windows of virtual time until `t`, handing the datagrams for other parts
+    /// over at the end of each; a window is never longer than `look`, the shortest
+    /// link between two parts, so nothing sent in a window arrives in it elsewhere.
+    /// Ends at a media tick (after every event at that instant, as on one thread) or
+    /// at `t` (included).
+    fn run_windows(
+        &mut self,
+        t: Duration,
+        look: Duration,
+        x: &Exchange,
+        me: usize,
+        limit: u64,
+    ) -> Result<(), String> {
+        let mut steps = 0u64;
+        loop {
+            let lim = self.p.now.saturating_add(look);
+            let (hi, inclusive, tick) = match self.p.next_media {
+                Some(m) if m <= t && m < lim => (m, true, true),
+                _ if t < lim => (t, true, false),
+                _ => (lim, false, false),
+            };
+            while self.step(hi, inclusive, false) {
+                steps += 1;
+                if steps > limit {
+                    x.gate.break_it();
+                    return Err(format!(
+                        "simulation did not reach {t:?} after {steps} steps of one part (now {:?})",
+                        self.p.now
+                    ));
+                }
+            }
+            self.p.now = self.p.now.max(hi);
+            if tick {
+                // One step of a run on one thread, counted once.
+                if self.p.lo == 0 {
+                    self.p.stats.steps += 1;
+                }
+                self.media_tick();
+            }
+            let mut out = std::mem::take(&mut self.p.outbox);
+            out.sort_unstable_by_key(|f| f.2.dst);
+            let mut it = out.drain(..).peekable();
+            while let Some(f) = it.next() {
+                let q = f.2.dst as usize / x.per_part;
+                let Some(inbox) = x.inboxes.get(q) else {
+                    continue;
+                };
+                let mut inbox = inbox.lock().unwrap_or_else(PoisonError::into_inner);
+                inbox.push(f);
+                while let Some(g) = it.next_if(|g| g.2.dst as usize / x.per_part == q) {
+                    inbox.push(g);
+                }
+            }
+            drop(it);
+            self.p.outbox = out;
+            if !x.gate.wait() {
+                return Err("another part of the simulation stopped".to_owned());
+            }
+            let inbox = match x.inboxes.get(me) {
+                Some(m) => std::mem::take(&mut *m.lock().unwrap_or_else(PoisonError::into_inner)),
+                None => Vec::new(),
+            };
+            for (at, key, f) in inbox {
+                self.p.wire.push(at, key, f);
+            }
+            if !tick && inclusive && hi == t {
+                return Ok(());
+            }
+        }
+    }
+
     /// The earliest live timer, dropping stale heap entries.
     fn next_timer(&mut self) -> Option<(Instant, usize)> {
-        while let Some(&Reverse((t, i))) = self.timers.peek() {
-            if self.hosts.get(i).and_then(|h| h.next_timeout) == Some(t) {
+        while let Some(&Reverse((t, i))) = self.p.timers.peek() {
+            if self.h(i).next_timeout == Some(t) {
                 return Some((t, i));
             }
-            self.timers.pop();
+            self.p.timers.pop();
         }
         None
     }
 
-    /// One step: deliver the earliest datagram, or fire the earliest timer, or the media
-    /// tick, if it is not after `end`. Returns false when nothing is left before `end`.
-    fn step(&mut self, end: Instant) -> bool {
-        let epoch = self.epoch;
-        let wire = self.wire.peek().map(|ns| epoch + Duration::from_nanos(ns));
+    /// One step: deliver the earliest datagram, or fire the earliest timer, or (if
+    /// `with_media`) the media tick, if it is before `bound` (or at it, if
+    /// `inclusive`). Returns false when nothing is left before it.
+    fn step(&mut self, bound: Duration, inclusive: bool, with_media: bool) -> bool {
+        let epoch = self.env.epoch;
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let wire = self.p.wire.peek();
         let timer = self.next_timer();
-        let media = self.next_media;
-        let next = [wire, timer.map(|(t, _)| t), media]
-            .into_iter()
-            .flatten()
-            .min();
-        let Some(next) = next else {
+        let timer_ns = timer.map(|(t, _)| ns(t.saturating_duration_since(epoch)));
+        let media = self.p.next_media.filter(|_| with_media).map(ns);
+        let Some(next) = [wire, timer_ns, media].into_iter().flatten().min() else {
             return false;
         };
-        if next > end {
+        let b = ns(bound);
+        if next > b || (next == b && !inclusive) {
             return false;
         }
-        self.now = self.now.max(next);
-        self.stats.steps += 1;
+        self.p.now = self.p.now.max(Duration::from_nanos(next));
+        self.p.stats.steps += 1;
+        let segment = self.p.segment;
         if wire == Some(next) {
-            if let Some(f) = self.wire.pop() {
+            if let Some((key, f)) = self.p.wire.pop() {
+                self.p.order = (segment, next, 0, key);
                 self.deliver(f);
             }
-        } else if let Some((t, i)) = timer.filter(|(t, _)| *t == next) {
-            self.timers.pop();
-            let now = self.now.max(t);
+        } else if let Some((t, i)) = timer.filter(|_| timer_ns == Some(next)) {
+            self.p.order = (segment, next, 1, i as u64);
+            self.p.timers.pop();
+            let now = self.now().max(t);
             let due = |x: Option<Instant>| x.is_some_and(|x| x <= now);
-            let h = &mut self.hosts[i];
+            let h = self.h(i);
             // The host's timer is the earliest of its state machines' timers: fire those
             // that are due.
             let mut control = false;
@@ -1707,7 +2159,7 @@ impl Sim {
             }
             h.data_dirty = true;
             self.play(i);
-            if control || self.hosts[i].role.is_none() {
+            if control || self.h(i).role.is_none() {
                 self.drain(i);
             } else {
                 self.flush_data(i, &[]);
@@ -1716,26 +2168,25 @@ impl Sim {
         } else {
             self.media_tick();
         }
-        if let Some(mut hook) = self.hook.take() {
-            hook(self);
-            self.hook = Some(hook);
-        }
         true
     }
 
-    /// Every server makes one frame of each stream of its catalogue (the real
-    /// packetizer cuts it into datagrams, its data path keeps them for retransmission
-    /// and its start cache and queues them to the stream's children); then the silence
-    /// hint, if on.
+    /// Every server of the part makes one frame of each stream of its catalogue (the
+    /// real packetizer cuts it into datagrams, its data path keeps them for
+    /// retransmission and its start cache and queues them to the stream's children);
+    /// then the silence hint, if on. Ends the media segment.
     fn media_tick(&mut self) {
-        self.tick += 1;
-        self.next_media = Some(self.now + self.media.period);
-        let now = self.now;
-        let elapsed = self.elapsed();
-        let m = self.media;
-        for k in 0..self.server_hosts.len() {
-            let i = self.server_hosts[k];
-            let h = &mut self.hosts[i];
+        self.p.next_media = Some(self.p.now + self.env.media.period);
+        let now = self.now();
+        let elapsed = self.p.now;
+        let m = self.env.media;
+        let seed = self.env.seed;
+        let servers = self.env.servers;
+        let at = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let (lo, n) = (self.p.lo, self.hosts.len());
+        for &i in servers.iter().filter(|&&i| i >= lo && i - lo < n) {
+            self.p.order = (self.p.segment, at, 2, i as u64);
+            let h = &mut self.hosts[i - lo];
             if h.role != Some(Role::Server) || h.machine.is_none() {
                 continue;
             }
@@ -1751,9 +2202,8 @@ impl Sim {
                         d.path.pin_stream(s.id);
                         // Another server's copy, or a restarted server's, lives in another
                         // number space (as the programs' random first numbers make it).
-                        let r = splitmix64(
-                            self.seed ^ (i as u64) << 20 ^ h.incarnation ^ u64::from(s.id),
-                        );
+                        let r =
+                            splitmix64(seed ^ (i as u64) << 20 ^ h.incarnation ^ u64::from(s.id));
                         let p = Packetizer::for_kind_at(s.id, s.kind, r as u32, (r >> 40) as u32);
                         d.packetizers.push((s.id, p));
                         let last = d.packetizers.len() - 1;
@@ -1773,12 +2223,8 @@ impl Sim {
                 ) else {
                     continue;
                 };
-                self.frame_sent.insert((s.id, number), elapsed);
-                let times = self.frame_times.entry(s.id).or_default();
-                if times.last() != Some(&elapsed) {
-                    times.push(elapsed);
-                }
-                self.stats.frames_made += 1;
+                self.p.made.push((s.id, number, elapsed));
+                self.p.stats.frames_made += 1;
                 let base = made.len();
                 for (k, dg) in datagrams.iter().enumerate() {
                     let _ = d.path.handle_local(now, dg, base + k);
@@ -1788,43 +2234,44 @@ impl Sim {
             self.flush_data(i, &made);
             self.rearm(i);
         }
-        let Some(after) = self.silence_hint else {
-            return;
-        };
-        let mut hinted = Vec::new();
-        let routed: Vec<usize> = self.routed.iter().copied().collect();
-        for i in routed {
-            let h = &mut self.hosts[i];
-            let (Some(Machine::Node(n)), Some(d)) = (&mut h.machine, &h.data) else {
-                continue;
-            };
-            for stream in n.stream_ids() {
-                let Some(up) = n.upstream(stream).map(str::to_owned) else {
+        if let Some(after) = self.env.silence_hint {
+            let mut hinted = Vec::new();
+            let routed: Vec<usize> = self.p.routed.iter().copied().collect();
+            for i in routed {
+                let h = &mut self.hosts[i - lo];
+                let (Some(Machine::Node(n)), Some(d)) = (&mut h.machine, &h.data) else {
                     continue;
                 };
-                let Some(last) = d.path.stream(stream).and_then(|s| s.last_live_in) else {
-                    continue;
-                };
-                if now.saturating_duration_since(last) >= after {
-                    n.handle_upstream_silent(now, &up, stream, last);
-                    hinted.push(i);
+                for stream in n.stream_ids() {
+                    let Some(up) = n.upstream(stream).map(str::to_owned) else {
+                        continue;
+                    };
+                    let Some(last) = d.path.stream(stream).and_then(|s| s.last_live_in) else {
+                        continue;
+                    };
+                    if now.saturating_duration_since(last) >= after {
+                        n.handle_upstream_silent(now, &up, stream, last);
+                        hinted.push(i);
+                    }
                 }
             }
+            hinted.dedup();
+            for i in hinted {
+                self.p.order = (self.p.segment, at, 2, i as u64);
+                self.drain(i);
+            }
         }
-        hinted.dedup();
-        for i in hinted {
-            self.drain(i);
-        }
+        self.p.segment += 1;
     }
 
     /// Put a media datagram from host `from` on the link to `to`, counting copies.
     fn send_media(&mut self, from: usize, to: SocketAddr, datagram: Bytes) {
         let Some(dst) = self.dest(to) else {
-            self.stats.dead_dest += 1;
+            self.p.stats.dead_dest += 1;
             return;
         };
         if let Ok(h) = MediaHeader::parse(&datagram) {
-            let c = self.copies.entry((from, dst, h.stream)).or_default();
+            let c = self.p.copies.entry((from, dst, h.stream)).or_default();
             c.total += 1;
             if !h.has(flags::RETRANSMIT) && !h.has(flags::CACHED) {
                 if c.last_seq == Some(h.seq) {
@@ -1836,8 +2283,9 @@ impl Sim {
                 c.max_per_datagram = c.max_per_datagram.max(c.in_a_row);
             }
         }
-        self.stats.media_sent += 1;
-        let from_addr = SocketAddrV4::new(self.hosts[from].ip, data_port_of(&self.hosts[from]));
+        self.p.stats.media_sent += 1;
+        let h = self.h(from);
+        let from_addr = SocketAddrV4::new(h.ip, data_port_of(h));
         self.put_on_wire(from, from_addr, to, Payload::Media(datagram));
     }
 
@@ -1845,7 +2293,7 @@ impl Sim {
     /// [`ott_datapath::Payload::Input`] tokens name) and NACKs, encoded as the programs
     /// encode them, from its data address.
     fn flush_data(&mut self, i: usize, inputs: &[Bytes]) {
-        let h = &mut self.hosts[i];
+        let h = self.h(i);
         if !h.data_dirty {
             // Not called since its transmits were last drained: none are queued.
             return;
@@ -1857,8 +2305,8 @@ impl Sim {
         if out.is_empty() {
             return;
         }
-        let port = data_port_of(&self.hosts[i]);
-        let from_addr = SocketAddrV4::new(self.hosts[i].ip, port);
+        let port = data_port_of(h);
+        let from_addr = SocketAddrV4::new(h.ip, port);
         for t in out {
             match t.payload {
                 DataPayload::Input { token, len } => {
@@ -1874,10 +2322,10 @@ impl Sim {
                         ranges,
                     };
                     let Ok(bytes) = ott_proto::encode(&msg) else {
-                        self.stats.codec_errors += 1;
+                        self.p.stats.codec_errors += 1;
                         continue;
                     };
-                    self.stats.nacks_sent += 1;
+                    self.p.stats.nacks_sent += 1;
                     let d = ControlDatagram::new(bytes);
                     self.put_on_wire(i, from_addr, t.to, Payload::Control(d));
                 }
@@ -1887,10 +2335,10 @@ impl Sim {
 
     /// A viewer plays what its playout buffer releases.
     fn play(&mut self, i: usize) {
-        let now = self.now;
-        let elapsed = self.elapsed();
-        let len = self.media.frame_len;
-        let h = &mut self.hosts[i];
+        let now = self.now();
+        let elapsed = self.p.now;
+        let len = self.env.media.frame_len;
+        let h = self.h(i);
         let Some(d) = &mut h.data else {
             return;
         };
@@ -1901,9 +2349,7 @@ impl Sim {
             let r = h.received.entry(stream).or_default();
             r.count += 1;
             r.arrivals.push(elapsed);
-            if let Some(&t) = self.frame_sent.get(&(stream, frame.number)) {
-                r.played_sent.push(t);
-            }
+            r.played.push(frame.number);
             if frame.data[..] != synthetic_frame(frame.number, len)[..] {
                 r.corrupt += 1;
             }
@@ -1918,7 +2364,7 @@ impl Sim {
             return None;
         }
         let k = ((usize::from(a) << 16) | (usize::from(b) << 8) | usize::from(c)).checked_sub(1)?;
-        self.hosts.get(k).filter(|h| h.ip == ip).map(|_| k)
+        (k < self.env.hosts).then_some(k)
     }
 
     fn dest(&self, to: SocketAddr) -> Option<usize> {
@@ -1929,75 +2375,80 @@ impl Sim {
     }
     fn put_on_wire(&mut self, from: usize, from_addr: SocketAddrV4, to: SocketAddr, p: Payload) {
         let Some(dst) = self.dest(to) else {
-            self.stats.dead_dest += 1;
+            self.p.stats.dead_dest += 1;
             return;
         };
-        let Some(link) = self.links.get(&key(from, dst)) else {
-            self.stats.no_route += 1;
+        let Some(link) = self.env.links.get(&key(from, dst)) else {
+            self.p.stats.no_route += 1;
             return;
         };
         if !link.up {
-            self.stats.no_route += 1;
+            self.p.stats.no_route += 1;
             return;
         }
         let params = link.params;
-        if params.loss > 0.0 && self.rng.f64() < params.loss {
-            self.stats.lost += 1;
+        let h = self.h(from);
+        if params.loss > 0.0 && h.rng.f64() < params.loss {
+            self.p.stats.lost += 1;
             return;
         }
         let jitter = if params.jitter.is_zero() {
             Duration::ZERO
         } else {
-            params.jitter.mul_f64(self.rng.f64())
+            params.jitter.mul_f64(h.rng.f64())
         };
-        self.seq += 1;
-        let at = self.now + params.latency + jitter;
-        let at_ns =
-            u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
-        self.wire.push(
-            at_ns,
-            self.seq,
-            InFlight {
-                from: from_addr,
-                // Host indices fit 32 bits: addresses number at most 2^24 hosts.
-                src: from as u32,
-                dst: dst as u32,
-                links_at: self.link_changes,
-                payload: p,
-            },
-        );
+        // The tie-break between datagrams arriving at the same instant: the sender,
+        // then its own count (a run's order does not depend on how hosts are split).
+        h.sent += 1;
+        let seq = (from as u64) << 40 | (h.sent & ((1 << 40) - 1));
+        let at = self.p.now + params.latency + jitter;
+        let at_ns = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX);
+        let f = InFlight {
+            from: from_addr,
+            // Host indices fit 32 bits: addresses number at most 2^24 hosts.
+            src: from as u32,
+            dst: dst as u32,
+            links_at: self.env.link_changes,
+            payload: p,
+        };
+        if self.mine(dst) {
+            self.p.wire.push(at_ns, seq, f);
+        } else {
+            self.p.outbox.push((at_ns, seq, f));
+        }
     }
 
     /// Deliver one datagram; returns the host whose tree state machine it changed.
     fn deliver(&mut self, f: InFlight) -> Option<usize> {
-        let now = self.now;
+        let now = self.now();
         let i = f.dst as usize;
         let from = SocketAddr::V4(f.from);
         // A datagram in flight when its link went down is lost too (its link was up
         // when it was sent: no need to look while no link went down or up since).
-        if f.links_at != self.link_changes
+        if f.links_at != self.env.link_changes
             && !self
+                .env
                 .links
                 .get(&key(f.src as usize, i))
                 .is_some_and(|l| l.up)
         {
-            self.stats.no_route += 1;
+            self.p.stats.no_route += 1;
             return None;
         }
-        if self.hosts[i].machine.is_none() {
-            self.stats.dead_dest += 1;
+        if self.h(i).machine.is_none() {
+            self.p.stats.dead_dest += 1;
             return None;
         }
         match f.payload {
             Payload::Control(d) => {
                 let Some(msg) = ControlDatagram::decode(d) else {
-                    self.stats.codec_errors += 1;
+                    self.p.stats.codec_errors += 1;
                     return None;
                 };
                 if let Message::Nack { stream, ranges, .. } = &msg {
                     // A NACK from a child, for the data path (which answers only its
                     // current children).
-                    let h = &mut self.hosts[i];
+                    let h = self.h(i);
                     h.data_dirty = true;
                     if let Some(d) = &mut h.data {
                         d.path.handle_nack(now, from, *stream, ranges);
@@ -2006,7 +2457,7 @@ impl Sim {
                     self.rearm(i);
                     return None;
                 }
-                match &mut self.hosts[i].machine {
+                match &mut self.h(i).machine {
                     Some(Machine::Node(n)) => n.handle(now, from, msg),
                     Some(Machine::Client(c)) => c.handle(now, from, msg),
                     None => {}
@@ -2015,10 +2466,11 @@ impl Sim {
                 Some(i)
             }
             Payload::Media(bytes) => {
-                let h = &mut self.hosts[i];
+                let lo = self.p.lo;
+                let h = &mut self.hosts[i - lo];
                 h.data_dirty = true;
                 let Some(d) = &mut h.data else {
-                    self.stats.dead_dest += 1;
+                    self.p.stats.dead_dest += 1;
                     return None;
                 };
                 let accepted = d.path.handle_media(now, Some(from), &bytes, 0);
@@ -2061,7 +2513,8 @@ impl Sim {
     /// Re-arm host `i`'s timer: the earliest of its tree state machine's and its data
     /// plane's.
     fn rearm(&mut self, i: usize) {
-        let h = &mut self.hosts[i];
+        let lo = self.p.lo;
+        let h = &mut self.hosts[i - lo];
         let before = h.next_timeout;
         let machine = match &h.machine {
             Some(Machine::Node(n)) => n.poll_timeout(),
@@ -2087,7 +2540,7 @@ impl Sim {
         h.next_timeout = after;
         if let Some(t) = after {
             if before != after {
-                self.timers.push(Reverse((t, i)));
+                self.p.timers.push(Reverse((t, i)));
             }
         }
     }
@@ -2097,8 +2550,9 @@ impl Sim {
     /// forwarder), a viewer's session keys and stream into its data path (as the client
     /// program does); then what the data path queued; then re-arm its timer.
     fn drain(&mut self, i: usize) {
-        let now = self.now;
-        let mut out = std::mem::take(&mut self.out_buf);
+        let now = self.now();
+        let lo = self.p.lo;
+        let mut out = std::mem::take(&mut self.p.out_buf);
         out.clear();
         type Route = (
             StreamId,
@@ -2107,7 +2561,7 @@ impl Sim {
         );
         let mut fwd: Vec<Route> = Vec::new();
         let mut log: Vec<String> = Vec::new();
-        let Some(h) = self.hosts.get_mut(i) else {
+        let Some(h) = self.hosts.get_mut(i - lo) else {
             return;
         };
         let mut pop_targets: Vec<(usize, SocketAddr)> = Vec::new();
@@ -2195,12 +2649,12 @@ impl Sim {
         // that (and a kill or restart, which clear both).
         if routes_changed {
             if h.forwarding.is_empty() {
-                self.routed.remove(&i);
+                self.p.routed.remove(&i);
             } else {
-                self.routed.insert(i);
+                self.p.routed.insert(i);
             }
         }
-        debug_assert_eq!(self.routed.contains(&i), !h.forwarding.is_empty());
+        debug_assert_eq!(self.p.routed.contains(&i), !h.forwarding.is_empty());
         let ip = h.ip;
         h.control_sent += out.len() as u64;
         // Name the PoP of each logged join/leave.
@@ -2208,15 +2662,16 @@ impl Sim {
             let name = match to.ip() {
                 IpAddr::V4(v4) => self
                     .by_ip(v4)
-                    .map_or_else(|| to.to_string(), |j| self.hosts[j].id.clone()),
+                    .map_or_else(|| to.to_string(), |j| self.env.names[j].clone()),
                 IpAddr::V6(_) => to.to_string(),
             };
             if let Some(l) = log.get_mut(k) {
                 *l = format!("{l} {name}");
             }
         }
-        self.hosts[i].log.extend(log);
-        if self.check_loops && self.hosts[i].role.is_some() {
+        let h = &mut self.hosts[i - lo];
+        h.log.extend(log);
+        if self.env.check_loops && h.role.is_some() {
             self.recheck(i);
         }
         self.flush_data(i, &[]);
@@ -2224,7 +2679,7 @@ impl Sim {
         let from_addr = SocketAddrV4::new(ip, CONTROL_PORT);
         // The same message to several neighbours in a row (heartbeats, announcements)
         // is encoded once: encoding is a pure function of the message.
-        let mut last: Option<(Message, Option<Rc<ControlDatagram>>)> = None;
+        let mut last: Option<(Message, Option<Arc<ControlDatagram>>)> = None;
         for (to, msg) in out.drain(..) {
             let bytes = match &last {
                 Some((m, b)) if *m == msg => b.clone(),
@@ -2235,15 +2690,71 @@ impl Sim {
                 }
             };
             let Some(bytes) = bytes else {
-                self.stats.codec_errors += 1;
+                self.p.stats.codec_errors += 1;
                 continue;
             };
-            self.stats.control_sent += 1;
+            self.p.stats.control_sent += 1;
             self.put_on_wire(i, from_addr, to, Payload::Control(bytes));
         }
-        self.out_buf = out;
+        self.p.out_buf = out;
     }
 
+    /// Loop freedom after host `i` changed: its own invariants, and its pointers if
+    /// they changed, logged for [`Sim::replay`] to check in the forests (see
+    /// [`Forests`]) in the order a run on one thread takes the steps.
+    fn recheck(&mut self, i: usize) {
+        self.p.stats.loop_checks += 1;
+        let ids = self.env.ids;
+        let order = self.p.order;
+        let at = self.p.now;
+        let mut pairs = std::mem::take(&mut self.p.pairs_buf);
+        pairs.clear();
+        let mut broken = None;
+        let mut version = None;
+        let lo = self.p.lo;
+        let h = &mut self.hosts[i - lo];
+        if let Some(Machine::Node(n)) = &h.machine {
+            broken = n.check_invariants().err();
+            version = Some(n.pointer_version());
+            if h.forest_version == version {
+                // No pointer of this host changed since they were last logged: the
+                // forests are as they were, free of cycles.
+                self.p.pairs_buf = pairs;
+                if broken.is_some() {
+                    self.p.log.push(Change {
+                        order,
+                        at,
+                        host: i,
+                        broken,
+                        pairs: None,
+                    });
+                }
+                return;
+            }
+            for (s, p) in n.parents() {
+                if let (Some(&si), Some(&p)) = (ids.get(s), ids.get(p)) {
+                    pairs.push((ForestKey::Server(si), p));
+                }
+            }
+            for (st, p) in n.upstreams() {
+                if let Some(&p) = ids.get(p) {
+                    pairs.push((ForestKey::Stream(st), p));
+                }
+            }
+        }
+        h.forest_version = version;
+        self.p.log.push(Change {
+            order,
+            at,
+            host: i,
+            broken,
+            pairs: Some(pairs.clone()),
+        });
+        self.p.pairs_buf = pairs;
+    }
+}
+
+impl Sim {
     fn running_node(&self, id: &str) -> Option<&Node> {
         match self.host(id)?.machine.as_ref()? {
             Machine::Node(n) => Some(n),
@@ -2375,6 +2886,7 @@ impl Sim {
 mod tests {
     use super::*;
     use ott_proto::stream_id_for;
+    use std::rc::Rc;
 
     /// A datagram in flight fits one cache line: the calendar queue reads one per step,
     /// written tens of milliseconds earlier, from memory.
@@ -2414,7 +2926,7 @@ mod tests {
             } else {
                 let want = reference.pop().map(|Reverse(k)| k);
                 assert_eq!(wire.peek(), want.map(|(at, _)| at));
-                let got = wire.pop().map(|f| f.src as u64);
+                let got = wire.pop().map(|(_, f)| f.src as u64);
                 assert_eq!(got, want.map(|(_, s)| s));
                 if let Some((at, _)) = want {
                     now = at;
@@ -2422,7 +2934,7 @@ mod tests {
             }
         }
         while let Some(Reverse((_, s))) = reference.pop() {
-            assert_eq!(wire.pop().map(|f| f.src as u64), Some(s));
+            assert_eq!(wire.pop().map(|(_, f)| f.src as u64), Some(s));
         }
         assert!(wire.pop().is_none());
     }
@@ -2814,5 +3326,96 @@ ends = ["s1", "r1"]
             sim.elapsed() - Duration::from_secs(1),
         );
         assert_eq!(i, e, "every frame after the repair");
+    }
+
+    /// Everything a run shows from outside, as text.
+    fn outcome(sim: &Sim) -> String {
+        let stream = stream_id_for(SIM_STREAM);
+        let end = sim.elapsed().saturating_sub(Duration::from_secs(1));
+        let mut out = format!("{:?}\n{}", sim.stats(), sim.dump_tree());
+        for c in sim.client_ids() {
+            let _ = writeln!(
+                out,
+                "{c}: {:?} {:?} {:?}",
+                sim.frames_intact(&c, stream, Duration::ZERO, end),
+                sim.arrivals(&c, stream).len(),
+                sim.client_log(&c)
+            );
+        }
+        for n in sim.node_ids() {
+            let _ = writeln!(out, "{n}: {}", sim.control_messages_sent(&n));
+        }
+        let _ = writeln!(
+            out,
+            "{} {:?}",
+            sim.max_copies_per_link(),
+            sim.first_loop_violation()
+        );
+        out
+    }
+
+    #[test]
+    fn one_thread_or_several_give_the_same_run() {
+        let run = |threads: usize| {
+            let mut p = RandomOverlay::new(120, 4, 3);
+            p.clients = 10;
+            p.jitter = Duration::from_millis(2);
+            let mut sim = Sim::random(&p);
+            for (a, b) in sim.links() {
+                if let Some(mut l) = sim.link_params(&a, &b) {
+                    l.loss = 0.02;
+                    sim.set_link(&a, &b, l);
+                }
+            }
+            sim.threads = threads;
+            sim.set_media_period(Duration::from_millis(20));
+            sim.set_silence_hint(Some(Duration::from_millis(100)));
+            sim.check_loops_each_step(true);
+            sim.start();
+            sim.run_until(Duration::from_secs(6));
+            // Kill the relays the first viewer's stream comes through, one by one, and
+            // bring the first back.
+            let c = sim.client_ids()[0].clone();
+            let pop = sim.client(&c).pop().map(str::to_owned);
+            let path = pop.map_or(Vec::new(), |p| {
+                sim.stream_path(&p, stream_id_for(SIM_STREAM))
+            });
+            let relays: Vec<String> = path
+                .into_iter()
+                .filter(|n| sim.role(n) == Some(Role::Relay))
+                .take(2)
+                .collect();
+            let mut t = 6;
+            for r in &relays {
+                sim.kill(r);
+                t += 2;
+                sim.run_until(Duration::from_secs(t));
+            }
+            if let Some(r) = relays.first() {
+                sim.restart(r);
+            }
+            sim.run_for(Duration::from_millis(2500));
+            (relays, outcome(&sim))
+        };
+        let (relays, one) = run(1);
+        assert!(!relays.is_empty(), "no relay on the stream path\n{one}");
+        assert!(one.contains("loop_violations: 0"), "{one}");
+        for threads in [2, 3] {
+            let (_, several) = run(threads);
+            assert!(one == several, "{threads} threads:\n{several}\none:\n{one}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "did not reach")]
+    fn a_part_over_the_step_bound_stops_every_thread() {
+        let mut sim = Sim::random(&RandomOverlay::new(40, 3, 1));
+        sim.threads = 2;
+        sim.max_steps = 1_000;
+        sim.max_steps_per_host_second = 0;
+        sim.start();
+        // Far more than 1,000 steps: the part that reaches the bound breaks the gate,
+        // the other stops at it, and the run panics instead of hanging.
+        sim.run_until(Duration::from_secs(5));
     }
 }
