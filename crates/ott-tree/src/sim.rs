@@ -794,8 +794,15 @@ impl Drop for GateGuard<'_> {
 struct Exchange {
     gate: Gate,
     inboxes: Vec<Mutex<Vec<Crossing>>>,
-    /// Hosts per part (the last part may have fewer).
-    per_part: usize,
+    /// The first host of each part.
+    starts: Vec<usize>,
+}
+
+impl Exchange {
+    /// The part host `i` belongs to.
+    fn part_of(&self, i: usize) -> usize {
+        self.starts.partition_point(|&s| s <= i).saturating_sub(1)
+    }
 }
 
 /// What a step reads and never changes: the network's shape and settings.
@@ -1825,7 +1832,7 @@ impl Sim {
             .saturating_mul(seconds)
             .saturating_add(self.max_steps);
         match self.split_for_run() {
-            Some((parts, per, look)) => self.run_parts(parts, per, look, t, limit),
+            Some((parts, look)) => self.run_parts(parts, look, t, limit),
             None => self.run_alone(t, limit),
         }
         self.main.now = self.main.now.max(t);
@@ -1889,29 +1896,44 @@ impl Sim {
     }
 
     /// How to split the hosts for a run on [`Sim::threads`] threads: the parts (each
-    /// with its share of the datagrams in flight and timers), the hosts per part and the
-    /// lookahead (the shortest link between two parts); `None` for one thread.
-    fn split_for_run(&mut self) -> Option<(Vec<Part>, usize, Duration)> {
+    /// with its share of the datagrams in flight and timers) and the lookahead (the
+    /// shortest link between two parts); `None` for one thread.
+    ///
+    /// The parts are ranges of consecutive hosts of about the same work: a host's
+    /// steps grow with its links (heartbeats and acks), and in a random overlay the
+    /// first hosts have the most.
+    fn split_for_run(&mut self) -> Option<(Vec<Part>, Duration)> {
         let n = self.hosts.len();
         let k = self.threads.min(n / 2).max(1);
         if k < 2 || self.hook.is_some() {
             return None;
         }
-        let per = n.div_ceil(k);
+        let weight = |i: usize| self.adj[i].len() as u64 + 1;
+        let total: u64 = (0..n).map(weight).sum();
+        let mut starts = vec![0];
+        let mut acc = 0u64;
+        for i in 0..n {
+            if starts.len() < k && acc * k as u64 >= total * starts.len() as u64 {
+                starts.push(i);
+            }
+            acc += weight(i);
+        }
+        let part_of = |i: usize| starts.partition_point(|&s| s <= i).saturating_sub(1);
         let look = self
             .links
             .iter()
-            .filter(|(&(a, b), _)| a / per != b / per)
+            .filter(|(&(a, b), _)| part_of(a) != part_of(b))
             .map(|(_, l)| l.params.latency)
             .min()
             .unwrap_or(Duration::MAX);
-        if look.is_zero() {
+        if look.is_zero() || starts.len() < 2 {
             return None;
         }
         let m = &mut self.main;
-        let mut parts: Vec<Part> = (0..k)
-            .map(|q| Part {
-                lo: q * per,
+        let mut parts: Vec<Part> = starts
+            .iter()
+            .map(|&lo| Part {
+                lo,
                 now: m.now,
                 next_media: m.next_media,
                 segment: m.segment,
@@ -1919,39 +1941,40 @@ impl Sim {
             })
             .collect();
         for (at, key, f) in m.wire.drain_all() {
-            parts[f.dst as usize / per].wire.push(at, key, f);
+            parts[part_of(f.dst as usize)].wire.push(at, key, f);
         }
         for Reverse((t, i)) in std::mem::take(&mut m.timers).into_vec() {
-            parts[i / per].timers.push(Reverse((t, i)));
+            parts[part_of(i)].timers.push(Reverse((t, i)));
         }
         for i in std::mem::take(&mut m.routed) {
-            parts[i / per].routed.insert(i);
+            parts[part_of(i)].routed.insert(i);
         }
         for (k, c) in m.copies.drain() {
-            parts[k.0 / per].copies.insert(k, c);
+            parts[part_of(k.0)].copies.insert(k, c);
         }
-        Some((parts, per, look))
+        Some((parts, look))
     }
 
     /// Step each part on a thread of its own until `t`, then gather the parts again.
-    fn run_parts(
-        &mut self,
-        mut parts: Vec<Part>,
-        per: usize,
-        look: Duration,
-        t: Duration,
-        limit: u64,
-    ) {
+    fn run_parts(&mut self, mut parts: Vec<Part>, look: Duration, t: Duration, limit: u64) {
         let x = Exchange {
             gate: Gate::new(parts.len()),
             inboxes: parts.iter().map(|_| Mutex::new(Vec::new())).collect(),
-            per_part: per,
+            starts: parts.iter().map(|p| p.lo).collect(),
         };
         let env = env_of!(self);
+        // Each part's hosts, cut from the end.
+        let mut slices = Vec::with_capacity(parts.len());
+        let mut rest: &mut [Host] = &mut self.hosts;
+        for p in parts.iter().rev() {
+            let (a, b) = rest.split_at_mut(p.lo);
+            slices.push(b);
+            rest = a;
+        }
+        slices.reverse();
         let results: Vec<Result<(), String>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .hosts
-                .chunks_mut(per)
+            let handles: Vec<_> = slices
+                .into_iter()
                 .zip(parts.iter_mut())
                 .enumerate()
                 .map(|(me, (hosts, p))| {
@@ -2071,13 +2094,13 @@ impl Ctx<'_> {
             out.sort_unstable_by_key(|f| f.2.dst);
             let mut it = out.drain(..).peekable();
             while let Some(f) = it.next() {
-                let q = f.2.dst as usize / x.per_part;
+                let q = x.part_of(f.2.dst as usize);
                 let Some(inbox) = x.inboxes.get(q) else {
                     continue;
                 };
                 let mut inbox = inbox.lock().unwrap_or_else(PoisonError::into_inner);
                 inbox.push(f);
-                while let Some(g) = it.next_if(|g| g.2.dst as usize / x.per_part == q) {
+                while let Some(g) = it.next_if(|g| x.part_of(g.2.dst as usize) == q) {
                     inbox.push(g);
                 }
             }
