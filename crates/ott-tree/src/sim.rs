@@ -2175,13 +2175,23 @@ impl Ctx<'_> {
                 Some(Machine::Client(c)) if due(c.poll_timeout()) => c.handle_timeout(now),
                 _ => {}
             }
-            if let Some(d) = &mut h.data {
-                if due(d.path.poll_timeout()) {
-                    d.path.handle_timeout(now);
+            // The data plane (its timer and a viewer's playout deadlines) only if its
+            // timer is due: most timers are the tree's (heartbeats), and the data plane
+            // is several cache lines away.
+            let data_timeout = if h.data_dirty {
+                h.data.as_ref().and_then(Data::poll_timeout)
+            } else {
+                h.data_timeout
+            };
+            if due(data_timeout) {
+                if let Some(d) = &mut h.data {
+                    if due(d.path.poll_timeout()) {
+                        d.path.handle_timeout(now);
+                    }
                 }
+                h.data_dirty = true;
+                self.play(i);
             }
-            h.data_dirty = true;
-            self.play(i);
             if control || self.h(i).role.is_none() {
                 self.drain(i);
             } else {
