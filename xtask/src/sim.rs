@@ -12,7 +12,9 @@
 //! the report gives the frames the viewers played intact against those made while they
 //! were attached, the longest gap in played frames and the frames lost per kill. Nodes and viewers a kill cuts off from every
 //! server are counted apart. When no relay is on a viewer's path (a tiny overlay, a
-//! topology without relays or viewers) it says so and kills nothing.
+//! topology without relays or viewers) it says so and kills nothing. `--threads`
+//! (default: one per core) steps the simulation on that many threads, with the same
+//! output.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::Write;

@@ -3451,4 +3451,46 @@ ends = ["s1", "r1"]
         // the other stops at it, and the run panics instead of hanging.
         sim.run_until(Duration::from_secs(5));
     }
+
+    #[test]
+    fn the_gate_holds_every_thread_until_all_arrived() {
+        let gate = Gate::new(3);
+        let arrivals = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    for round in 1..=300u64 {
+                        arrivals.fetch_add(1, Ordering::SeqCst);
+                        assert!(gate.wait());
+                        // Nobody passes before the three arrived for this round.
+                        assert!(arrivals.load(Ordering::SeqCst) >= 3 * round);
+                    }
+                });
+            }
+        });
+        assert_eq!(arrivals.load(Ordering::SeqCst), 900);
+    }
+
+    #[test]
+    fn a_thread_that_panics_releases_the_others_at_the_gate() {
+        let gate = &Gate::new(2);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let failing = s.spawn(|| {
+                let _guard = GateGuard(gate);
+                panic!("a part failed");
+            });
+            let waiting = s.spawn(move || {
+                let _ = tx.send(gate.wait());
+            });
+            assert!(failing.join().is_err());
+            let got = rx.recv_timeout(Duration::from_secs(20));
+            if got.is_err() {
+                // Release the waiter so the assertion below fails instead of hanging.
+                gate.break_it();
+            }
+            assert_eq!(got, Ok(false), "the waiting thread was not released");
+            assert!(waiting.join().is_ok());
+        });
+    }
 }
