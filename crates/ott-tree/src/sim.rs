@@ -790,6 +790,10 @@ impl Drop for GateGuard<'_> {
     }
 }
 
+/// The shortest lookahead worth a thread per part: with shorter links between parts a
+/// run stays on one thread (see [`Sim::threads`]).
+const MIN_LOOKAHEAD: Duration = Duration::from_micros(200);
+
 /// What the threads of a run share: the gate and each part's inbox.
 struct Exchange {
     gate: Gate,
@@ -887,7 +891,9 @@ pub struct Sim {
     /// Threads a run may use (at least 1). With more than one, the hosts are split
     /// into as many parts, each stepped by its own thread through windows of virtual
     /// time as long as the shortest link between two parts; the output is the same as
-    /// with one thread. A run with an [`Sim::on_step`] hook uses one.
+    /// with one thread. A run with an [`Sim::on_step`] hook uses one, and so does a
+    /// network whose parts would be joined by a link shorter than 200 µs (the windows
+    /// would cost more than they gain).
     pub threads: usize,
     /// Most steps a single `run_until` may take before it panics, plus
     /// [`Sim::max_steps_per_host_second`] for each host and simulated second it runs.
@@ -1926,7 +1932,9 @@ impl Sim {
             .map(|(_, l)| l.params.latency)
             .min()
             .unwrap_or(Duration::MAX);
-        if look.is_zero() || starts.len() < 2 {
+        // Windows shorter than this cost more at the barrier than a second thread
+        // gains (links of a few microseconds between parts).
+        if look < MIN_LOOKAHEAD || starts.len() < 2 {
             return None;
         }
         let m = &mut self.main;
