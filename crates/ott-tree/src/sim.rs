@@ -695,13 +695,12 @@ struct Part {
     made: Vec<(StreamId, u32, Duration)>,
     /// Reused buffer of the control messages a host queued (see [`Ctx::drain`]).
     out_buf: Vec<(SocketAddr, Message)>,
-    /// Reused buffer of a host's pointers (see [`Ctx::recheck`]).
-    pairs_buf: Vec<(ForestKey, usize)>,
 }
 
-impl Part {
-    fn add(&mut self, other: SimStats) {
-        let s = &mut self.stats;
+impl std::ops::AddAssign for SimStats {
+    /// Add another part's counters (a run on several threads counts per part).
+    fn add_assign(&mut self, other: SimStats) {
+        let s = self;
         s.control_sent += other.control_sent;
         s.media_sent += other.media_sent;
         s.nacks_sent += other.nacks_sent;
@@ -805,8 +804,18 @@ struct Exchange {
 impl Exchange {
     /// The part host `i` belongs to.
     fn part_of(&self, i: usize) -> usize {
-        self.starts.partition_point(|&s| s <= i).saturating_sub(1)
+        part_of(&self.starts, i)
     }
+}
+
+/// The part host `i` belongs to, given the first host of each part.
+fn part_of(starts: &[usize], i: usize) -> usize {
+    starts.partition_point(|&s| s <= i).saturating_sub(1)
+}
+
+/// A virtual time (since the epoch) in nanoseconds, the calendar queue's unit.
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// What a step reads and never changes: the network's shape and settings.
@@ -1924,7 +1933,7 @@ impl Sim {
             }
             acc += weight(i);
         }
-        let part_of = |i: usize| starts.partition_point(|&s| s <= i).saturating_sub(1);
+        let part_of = |i: usize| part_of(&starts, i);
         let look = self
             .links
             .iter()
@@ -2007,7 +2016,7 @@ impl Sim {
                 m.next_media = p.next_media;
                 m.segment = p.segment;
             }
-            m.add(p.stats);
+            m.stats += p.stats;
             for (at, key, f) in p.wire.drain_all() {
                 m.wire.push(at, key, f);
             }
@@ -2146,7 +2155,6 @@ impl Ctx<'_> {
     /// `inclusive`). Returns false when nothing is left before it.
     fn step(&mut self, bound: Duration, inclusive: bool, with_media: bool) -> bool {
         let epoch = self.env.epoch;
-        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let wire = self.p.wire.peek();
         let timer = self.next_timer();
         let timer_ns = timer.map(|(t, _)| ns(t.saturating_duration_since(epoch)));
@@ -2223,7 +2231,7 @@ impl Ctx<'_> {
         let m = self.env.media;
         let seed = self.env.seed;
         let servers = self.env.servers;
-        let at = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let at = ns(elapsed);
         let (lo, n) = (self.p.lo, self.hosts.len());
         for &i in servers.iter().filter(|&&i| i >= lo && i - lo < n) {
             self.p.order = (self.p.segment, at, 2, i as u64);
@@ -2443,7 +2451,7 @@ impl Ctx<'_> {
         h.sent += 1;
         let seq = (from as u64) << 40 | (h.sent & ((1 << 40) - 1));
         let at = self.p.now + params.latency + jitter;
-        let at_ns = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX);
+        let at_ns = ns(at);
         let f = InFlight {
             from: from_addr,
             // Host indices fit 32 bits: addresses number at most 2^24 hosts.
@@ -2748,8 +2756,7 @@ impl Ctx<'_> {
         let ids = self.env.ids;
         let order = self.p.order;
         let at = self.p.now;
-        let mut pairs = std::mem::take(&mut self.p.pairs_buf);
-        pairs.clear();
+        let mut pairs = Vec::new();
         let mut broken = None;
         let mut version = None;
         let lo = self.p.lo;
@@ -2760,7 +2767,6 @@ impl Ctx<'_> {
             if h.forest_version == version {
                 // No pointer of this host changed since they were last logged: the
                 // forests are as they were, free of cycles.
-                self.p.pairs_buf = pairs;
                 if broken.is_some() {
                     self.p.log.push(Change {
                         order,
@@ -2789,9 +2795,8 @@ impl Ctx<'_> {
             at,
             host: i,
             broken,
-            pairs: Some(pairs.clone()),
+            pairs: Some(pairs),
         });
-        self.p.pairs_buf = pairs;
     }
 }
 
