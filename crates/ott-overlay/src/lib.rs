@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 pub mod addr;
 mod error;
+pub mod hint;
 pub mod neighbours;
 pub mod topology;
 pub use addr::{peer_addrs, AddressPlan, Endpoint, PeerAddrs, CONTROL_PORT, DATA_PORT};

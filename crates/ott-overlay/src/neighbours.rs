@@ -438,6 +438,16 @@ impl Neighbours {
         r
     }
 
+    /// Prefetch what finding a neighbour reads ([`crate::hint::prefetch`]): the table's
+    /// keys and its first neighbours. For a caller that knows this table is next.
+    #[inline]
+    pub fn prefetch(&self) {
+        crate::hint::prefetch(self.keys.as_slice());
+        for p in self.peers.iter().take(4) {
+            crate::hint::prefetch(&p.addrs.preferred);
+        }
+    }
+
     /// How many samples the smoothed RTT averages over, at this heartbeat interval.
     fn smoothing_samples(&self) -> u32 {
         (RTT_SMOOTHING.as_micros() / self.config.heartbeat_interval.as_micros().max(1)).clamp(1, 64)

@@ -1703,6 +1703,19 @@ impl Node {
         t
     }
 
+    /// Prefetch the node's own fields that every input reads (the neighbour table's
+    /// handles, the routes', the queues'), for a caller that knows this node is next
+    /// ([`ott_overlay::hint::prefetch`]).
+    #[inline]
+    pub fn prefetch_self(&self) {
+        use ott_overlay::hint::prefetch;
+        prefetch(&self.nb);
+        prefetch(&self.routes);
+        prefetch(&self.transmits);
+        prefetch(&self.suspects);
+        prefetch(&self.now);
+    }
+
     /// Counters.
     pub fn stats(&self) -> &NodeStats {
         &self.stats
