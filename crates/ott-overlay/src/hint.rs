@@ -6,15 +6,32 @@
 /// it reads nothing, changes nothing and cannot fault; a no-op off x86-64.
 #[inline(always)]
 pub fn prefetch<T: ?Sized>(r: &T) {
+    prefetch_at((r as *const T).cast());
+}
+
+/// [`prefetch`] every cache line of `r` (a value larger than one line).
+#[inline(always)]
+pub fn prefetch_all<T>(r: &T) {
+    let p: *const u8 = (r as *const T).cast();
+    let last = std::mem::size_of::<T>().saturating_sub(1);
+    let mut off = 0;
+    while off <= last {
+        prefetch_at(p.wrapping_add(off));
+        off += 64;
+    }
+    // The last line, when `r` does not start on a line's boundary.
+    prefetch_at(p.wrapping_add(last));
+}
+
+#[inline(always)]
+fn prefetch_at(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
     #[allow(unsafe_code)]
-    // SAFETY: PREFETCHT0 is a hint that never faults, whatever the address (here that
-    // of a live reference); SSE, which it needs, is part of every x86-64 target.
+    // SAFETY: PREFETCHT0 is a hint that never faults, whatever the address (here one
+    // within a live reference); SSE, which it needs, is part of every x86-64 target.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-            (r as *const T).cast(),
-        );
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = r;
+    let _ = p;
 }

@@ -200,7 +200,7 @@ impl IdKey {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Peer {
     addrs: PeerAddrs,
     alive: bool,
@@ -244,7 +244,7 @@ impl Peer {
 const SENT_HISTORY: usize = 16;
 
 /// The neighbour table of one node: liveness and smoothed RTT of each neighbour.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Neighbours {
     own_id: String,
     incarnation: u64,

@@ -24,8 +24,8 @@ pub mod report;
 mod untrusted;
 
 pub use control::{
-    decode, encode, request_padding, stream_id_for, Envelope, MediaKind, Message, NackRange,
-    NodeId, StreamId, StreamInfo, MAX_AVOID, MAX_CONTROL_LEN, MAX_PROBE_PATH_BYTES,
+    decode, encode, encode_into, request_padding, stream_id_for, Envelope, MediaKind, Message,
+    NackRange, NodeId, StreamId, StreamInfo, MAX_AVOID, MAX_CONTROL_LEN, MAX_PROBE_PATH_BYTES,
     PROTOCOL_VERSION,
 };
 pub use error::{DecodeError, EncodeError, HeaderError};

@@ -355,7 +355,7 @@ struct Offer {
     avg_us: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Route {
     /// The latest offer of each neighbour.
     offers: BTreeMap<String, Offer>,
@@ -463,7 +463,7 @@ struct Child {
     avoid_until: Option<Instant>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct StreamState {
     children: BTreeMap<SocketAddr, Child>,
     upstream: Option<String>,
@@ -525,7 +525,7 @@ fn advance_fd(fd: Option<(u64, u32)>, seq: u64, hops: u32) -> (u64, u32) {
 
 /// One overlay node's distribution-tree state machine: announcements, parent choice per
 /// server, soft-state subscriptions and answers to clients. See the crate docs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Node {
     config: NodeConfig,
     nb: Neighbours,
@@ -557,6 +557,19 @@ pub struct Node {
     now: Instant,
     /// Servers only: when the last fresh announcement triggered by a route request went.
     last_triggered: Option<Instant>,
+    /// Until when [`Node::update`] would do nothing new if nothing it reads changed
+    /// ([`Node::next_change`] as of the last update); `None` once anything may have
+    /// changed. A heartbeat from a neighbour already alive changes nothing it reads,
+    /// and about half of all messages are such heartbeats.
+    quiet_until: Option<Instant>,
+    /// [`Node::own_timeout`] as of the last update, valid while `quiet_until` is set.
+    own_timeout: Option<Instant>,
+    /// Calls of `handle`, `handle_timeout`, `handle_upstream_silent`, `set_catalogue`
+    /// and `shutdown`.
+    inputs: u64,
+    /// Updates skipped that way (in debug builds every 16th is checked against a full
+    /// update on a copy).
+    updates_skipped: u64,
 }
 
 /// A node without a route repeats its route request at most this long apart (sooner
@@ -669,6 +682,10 @@ impl Node {
             rr_filled: now,
             now,
             last_triggered: None,
+            quiet_until: None,
+            own_timeout: None,
+            inputs: 0,
+            updates_skipped: 0,
         };
         me.rr_tokens = f64::from(me.config.route_requests_per_s);
         me.pump_neighbours(now);
@@ -693,6 +710,8 @@ impl Node {
     /// Servers only: the streams this node originates, announced from the next
     /// announcement on (which is made at once).
     pub fn set_catalogue(&mut self, now: Instant, streams: Vec<StreamInfo>) {
+        self.quiet_until = None;
+        self.inputs += 1;
         self.own_catalogue = streams;
         if self.config.role == Role::Server && !self.shut {
             self.next_announce = Some(now);
@@ -703,13 +722,28 @@ impl Node {
     /// Feed one decoded control message received from `from`. Never panics: malformed,
     /// stale or unknown input is counted in [`Node::stats`] and dropped.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, msg: Message) {
+        self.inputs += 1;
         if self.shut {
             return;
         }
         self.now = now;
+        let quiet = self.quiet_until.take();
+        let heartbeat = matches!(msg, Message::Heartbeat { .. });
         if self.nb.handle(now, from, &msg) {
-            self.pump_neighbours(now);
-            self.update(now);
+            let events = self.pump_neighbours(now);
+            // A heartbeat that brought no neighbour up, down or back (one from a
+            // neighbour already alive: it moves no RTT) changed nothing the update
+            // reads, and until `quiet` no time condition of it flips.
+            if heartbeat && !events && quiet.is_some_and(|q| now < q) {
+                self.quiet_until = quiet;
+                self.updates_skipped += 1;
+                #[cfg(debug_assertions)]
+                if self.updates_skipped % 16 == 1 {
+                    self.check_skip(now);
+                }
+                return;
+            }
+            self.update_last(now);
             return;
         }
         match msg {
@@ -833,7 +867,7 @@ impl Node {
                 self.stats.ignored += 1;
             }
         }
-        self.update(now);
+        self.update_last(now);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1142,10 +1176,12 @@ impl Node {
         stream: StreamId,
         since: Instant,
     ) {
+        self.inputs += 1;
         if self.shut {
             return;
         }
         self.now = now;
+        self.quiet_until = None;
         self.stats.upstream_silent_hints += 1;
         let relevant = self.streams.get(&stream).is_some_and(|st| {
             st.upstream.as_deref() == Some(parent) && st.joined_at.is_none_or(|j| since >= j)
@@ -1582,16 +1618,18 @@ impl Node {
     /// Drive timers: heartbeats, announcements, join refreshes, expiry of children and
     /// offers. Call it when [`Node::poll_timeout`] is reached (earlier is harmless).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.inputs += 1;
         if self.shut {
             return;
         }
+        self.quiet_until = None;
         self.now = now;
         self.nb.handle_timeout(now);
         self.pump_neighbours(now);
         if self.next_announce.is_some_and(|t| now >= t) {
             self.announce_now(now);
         }
-        self.update(now);
+        self.update_last(now);
     }
 
     /// Servers: announce ourselves to every neighbour now, with a fresh seq, and
@@ -1628,9 +1666,11 @@ impl Node {
     /// Leave upstream for every stream and say `Bye` to every neighbour. The node is inert
     /// afterwards.
     pub fn shutdown(&mut self, _now: Instant) {
+        self.inputs += 1;
         if self.shut {
             return;
         }
+        self.quiet_until = None;
         for (stream, st) in &mut self.streams {
             if let Some(up) = st.upstream.take() {
                 self.pointer_version += 1;
@@ -1667,7 +1707,22 @@ impl Node {
         if self.shut {
             return None;
         }
-        let mut t = self.nb.poll_timeout();
+        let own = if self.quiet_until.is_some() {
+            debug_assert_eq!(
+                self.own_timeout,
+                self.own_timeout(),
+                "Node::own_timeout stale"
+            );
+            self.own_timeout
+        } else {
+            self.own_timeout()
+        };
+        [self.nb.poll_timeout(), own].into_iter().flatten().min()
+    }
+
+    /// [`Node::poll_timeout`] but the neighbour table's.
+    fn own_timeout(&self) -> Option<Instant> {
+        let mut t = None;
         let mut consider = |x: Instant| t = Some(t.map_or(x, |y: Instant| y.min(x)));
         if let Some(a) = self.next_announce {
             consider(a);
@@ -1714,6 +1769,15 @@ impl Node {
         prefetch(&self.transmits);
         prefetch(&self.suspects);
         prefetch(&self.now);
+    }
+
+    /// How many inputs so far may have changed the node's routes, parents,
+    /// subscriptions or invariants: every input but a heartbeat from a neighbour
+    /// already alive that came before any time condition flipped (the node skips its
+    /// update then). While this stays the same, so does whether
+    /// [`Node::check_invariants`] holds.
+    pub fn changing_inputs(&self) -> u64 {
+        self.inputs - self.updates_skipped
     }
 
     /// Counters.
@@ -1938,11 +2002,14 @@ impl Node {
         u32::try_from(clients.len()).unwrap_or(u32::MAX)
     }
 
-    fn pump_neighbours(&mut self, _now: Instant) {
+    /// Take the neighbour table's transmits and events; whether there was an event.
+    fn pump_neighbours(&mut self, _now: Instant) -> bool {
         while let Some(t) = self.nb.poll_transmit() {
             self.transmits.push_back(t);
         }
+        let mut any = false;
         while let Some(ev) = self.nb.poll_event() {
+            any = true;
             match ev {
                 NeighbourEvent::Up(id) => {
                     self.greet(&id);
@@ -1955,6 +2022,7 @@ impl Node {
                 NeighbourEvent::Restarted(id) => self.forget(&id),
             }
         }
+        any
     }
 
     /// Drop every offer and child of neighbour `id`, and every other neighbour's offer
@@ -2083,6 +2151,93 @@ impl Node {
             }
         }
         self.reconcile_streams(now);
+    }
+
+    /// [`Node::update`] as the last thing an input does: until [`Node::next_change`]
+    /// another update would do nothing new unless something changes.
+    fn update_last(&mut self, now: Instant) {
+        self.update(now);
+        self.quiet_until = self.next_change(now);
+        // Kept as long as `quiet_until` is: the heartbeats that skip the update leave
+        // it as it is too.
+        self.own_timeout = self.own_timeout();
+    }
+
+    /// The earliest instant after `now` at which one of the time conditions
+    /// [`Node::update`] reads flips: a suspicion or an offer expiring, a late
+    /// announcement or a join to refresh, the parent hold, `better_for` or the flap
+    /// window ending, a route request to repeat or give up, a child or its avoid set
+    /// expiring. Until then an update with nothing else changed does nothing.
+    fn next_change(&self, now: Instant) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut at = |t: Instant| {
+            if t > now {
+                next = Some(next.map_or(t, |x: Instant| x.min(t)));
+            }
+        };
+        for t in self.suspects.values() {
+            at(*t);
+        }
+        let c = &self.config;
+        for r in self.routes.values() {
+            if let Some(t) = r.oldest_at() {
+                at(t + c.route_expiry);
+            }
+            if let Some(t) = self.refresh_due(r) {
+                at(t);
+            }
+            if let Some(t) = r.changed_at {
+                at(t + c.parent_hold);
+            }
+            if let Some((_, t)) = &r.better {
+                at(*t + c.better_for);
+            }
+            if let Some((_, t, _)) = &r.left {
+                at(*t + c.flap_window);
+            }
+            if let Some(t) = r.lost_at {
+                // Given up strictly after: the instant after is flipped too.
+                at(t + RR_GIVE_UP + Duration::from_nanos(1));
+            }
+            if let Some((t, _)) = r.requested {
+                at(t + r.rr_retry());
+            }
+        }
+        for st in self.streams.values() {
+            if let Some(t) = st.next_refresh {
+                at(t);
+            }
+            for ch in st.children.values() {
+                at(ch.expires);
+                if let Some(t) = ch.avoid_until {
+                    at(t);
+                }
+            }
+        }
+        next
+    }
+
+    /// Debug builds: a skipped update ([`Node::quiet_until`]) would have changed
+    /// nothing; panics if a full update on a copy does.
+    #[cfg(debug_assertions)]
+    fn check_skip(&self, now: Instant) {
+        let mut copy = self.clone();
+        copy.update(now);
+        let (a, b) = (format!("{self:?}"), format!("{copy:?}"));
+        if a != b {
+            let at = a
+                .bytes()
+                .zip(b.bytes())
+                .position(|(x, y)| x != y)
+                .unwrap_or(a.len().min(b.len()));
+            let from = at.saturating_sub(300);
+            panic!(
+                "{}: an update skipped after a heartbeat would have changed the node:\n skipped: …{}\n updated: …{}",
+                self.config.id,
+                a.get(from..(at + 200).min(a.len())).unwrap_or_default(),
+                b.get(from..(at + 200).min(b.len())).unwrap_or_default(),
+            );
+        }
     }
 
     fn select_parent(&mut self, server: &str) {
@@ -3152,6 +3307,56 @@ mod tests {
             requests.extend(sent);
         }
         requests
+    }
+
+    /// Heartbeats from neighbours already alive skip the update, but never past one of
+    /// its deadlines: the late parent is asked for its announcement, and the expired
+    /// offers are dropped, at the first heartbeat at or after their instant, as a full
+    /// update after every heartbeat would do (debug builds also check every 16th
+    /// skipped update against a full one on a copy).
+    #[test]
+    fn test_heartbeats_skip_the_update_but_not_its_deadlines() {
+        let (mut n, t0) = three_neighbours("x", Role::Relay, &["s", "a"], &["s", "b"]);
+        let cfg = n.config().clone();
+        let late = t0 + cfg.announce_interval + cfg.announce_interval / 2;
+        let expired = t0 + cfg.route_expiry;
+        let before = n.changing_inputs();
+        let (mut heartbeats, mut asked, mut lost) = (0u64, None, None);
+        let mut t = t0;
+        while t < expired + Duration::from_millis(100) {
+            t += Duration::from_millis(10);
+            for (id, a) in [("a", addr(1)), ("b", addr(2)), ("c", addr(3))] {
+                n.handle(t, a, hb(id, 1));
+                heartbeats += 1;
+            }
+            let refresh = drain(&mut n)
+                .iter()
+                .any(|x| matches!(x.msg, Message::RouteRequest { .. }));
+            if refresh && asked.is_none() {
+                asked = Some(t);
+            }
+            if n.parent("s").is_none() && lost.is_none() {
+                lost = Some(t);
+            }
+        }
+        let first_at_or_after = |d: Instant| {
+            let steps = d
+                .saturating_duration_since(t0)
+                .as_nanos()
+                .div_ceil(10_000_000);
+            t0 + Duration::from_millis(10 * steps as u64)
+        };
+        assert_eq!(asked, Some(first_at_or_after(late)), "late parent asked");
+        assert_eq!(
+            lost,
+            Some(first_at_or_after(expired)),
+            "expired offers dropped"
+        );
+        let changing = n.changing_inputs() - before;
+        assert!(
+            changing * 10 < heartbeats,
+            "{changing} of {heartbeats} heartbeats ran the update"
+        );
     }
 
     #[test]
