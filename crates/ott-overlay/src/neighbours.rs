@@ -155,6 +155,54 @@ pub const LOSS_WINDOW: usize = 50;
 /// The newest heartbeats left out of the loss ratio: their acks may still be on the way.
 const IN_FLIGHT: usize = 2;
 
+const _: () = assert!(LOSS_WINDOW <= 64 && IN_FLIGHT < LOSS_WINDOW);
+
+/// Neighbours whose entries [`Neighbours::prefetch`] brings in (most nodes of an
+/// overlay have fewer).
+const PREFETCHED_PEERS: usize = 6;
+
+/// The last heartbeats sent to one neighbour (at most [`LOSS_WINDOW`]) and which were
+/// acknowledged. Every heartbeat goes to every neighbour, so each neighbour's window is
+/// consecutive seqs ending at the table's newest: a length and one bit per heartbeat
+/// (bit `k` for the newest seq minus `k`) say it all, inside the neighbour's entry
+/// (an ack then reads no memory of its own).
+#[derive(Debug, Clone, Copy, Default)]
+struct LossWindow {
+    len: u8,
+    acked: u64,
+}
+
+impl LossWindow {
+    /// A new heartbeat was sent (the table's newest seq moved on by one).
+    fn push(&mut self) {
+        self.acked = (self.acked << 1) & ((1u64 << LOSS_WINDOW) - 1);
+        self.len = (self.len + 1).min(LOSS_WINDOW as u8);
+    }
+
+    /// Mark heartbeat `seq` acknowledged, `newest` being the last seq sent; whether it
+    /// was in the window and not acknowledged yet.
+    fn ack(&mut self, newest: u64, seq: u64) -> bool {
+        let Some(k) = newest.checked_sub(seq) else {
+            return false;
+        };
+        if k >= u64::from(self.len) {
+            return false;
+        }
+        let bit = 1u64 << k;
+        let fresh = self.acked & bit == 0;
+        self.acked |= bit;
+        fresh
+    }
+
+    /// Heartbeats that count for the loss ratio (all but the [`IN_FLIGHT`] newest) and,
+    /// of those, how many were not acknowledged.
+    fn counted_and_lost(&self) -> (u32, u32) {
+        let counted = usize::from(self.len).saturating_sub(IN_FLIGHT);
+        let acked = (self.acked >> IN_FLIGHT) & ((1u64 << counted) - 1);
+        (counted as u32, counted as u32 - acked.count_ones())
+    }
+}
+
 /// A compact key of a node id, so that finding a neighbour by id compares one integer
 /// per neighbour: an id of up to 15 bytes is its own key (its bytes and its length, so
 /// equal keys are equal ids and the neighbour's id, elsewhere in memory, is not read);
@@ -217,7 +265,7 @@ struct Peer {
     /// [`GAP_MEMORY`] the neighbour is declared dead only after twice that silence.
     survived: Option<(Duration, Instant)>,
     /// The last heartbeats sent to it (seq, acknowledged), oldest first.
-    window: VecDeque<(u64, bool)>,
+    window: LossWindow,
     hb_sent: u64,
     hb_acked: u64,
 }
@@ -319,7 +367,7 @@ impl Neighbours {
                 survived: None,
                 incarnation: None,
                 last_heard: None,
-                window: VecDeque::with_capacity(LOSS_WINDOW),
+                window: LossWindow::default(),
                 hb_sent: 0,
                 hb_acked: 0,
             })
@@ -438,13 +486,18 @@ impl Neighbours {
         r
     }
 
-    /// Prefetch what finding a neighbour reads ([`crate::hint::prefetch`]): the table's
-    /// keys and its first neighbours. For a caller that knows this table is next.
+    /// Prefetch what a heartbeat or an ack reads ([`crate::hint::prefetch`]): the
+    /// table's keys, deadlines, RTTs and sent heartbeats, and its first neighbours'
+    /// entries. For a caller that knows this table is next.
     #[inline]
     pub fn prefetch(&self) {
-        crate::hint::prefetch(self.keys.as_slice());
-        for p in self.peers.iter().take(4) {
-            crate::hint::prefetch(&p.addrs.preferred);
+        use crate::hint::{prefetch, prefetch_all};
+        prefetch(self.keys.as_slice());
+        prefetch(self.dead_at.as_slice());
+        prefetch(self.rtts.as_slice());
+        prefetch(self.sent.as_slices().0);
+        for p in self.peers.iter().take(PREFETCHED_PEERS) {
+            prefetch_all(p);
         }
     }
 
@@ -470,11 +523,7 @@ impl Neighbours {
             incarnation: p.incarnation,
             heartbeats_sent: p.hb_sent,
             heartbeats_acked: p.hb_acked,
-            window: {
-                let counted = p.window.len().saturating_sub(IN_FLIGHT);
-                let lost = p.window.iter().take(counted).filter(|(_, a)| !a).count();
-                (counted as u32, lost as u32)
-            },
+            window: p.window.counted_and_lost(),
         })
     }
 
@@ -538,10 +587,7 @@ impl Neighbours {
             } => {
                 if let Some(i) = self.heard(now, from, id, *incarnation) {
                     if let Some(p) = self.peers.get_mut(i) {
-                        // Seqs in the window are distinct and the newest is the one
-                        // usually acked: search from the back.
-                        if let Some(e) = p.window.iter_mut().rev().find(|(s, a)| s == seq && !a) {
-                            e.1 = true;
+                        if p.window.ack(self.hb_seq, *seq) {
                             p.hb_acked += 1;
                         }
                     }
@@ -671,10 +717,7 @@ impl Neighbours {
         }
         for p in &mut self.peers {
             p.hb_sent += 1;
-            if p.window.len() == LOSS_WINDOW {
-                p.window.pop_front();
-            }
-            p.window.push_back((self.hb_seq, false));
+            p.window.push();
             self.transmits.push_back(ControlTransmit {
                 to: p.addrs.preferred,
                 msg: Message::Heartbeat {
@@ -808,6 +851,45 @@ impl Neighbours {
 #[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
+
+    /// The bit window answers as a list of (seq, acknowledged) of the last
+    /// [`LOSS_WINDOW`] heartbeats would: acks counted once, stale and future seqs
+    /// ignored, the loss counted over all but the newest [`IN_FLIGHT`].
+    #[test]
+    fn the_loss_window_matches_a_list_of_the_last_heartbeats() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let (mut w, mut list) = (LossWindow::default(), VecDeque::<(u64, bool)>::new());
+        let mut newest = 0u64;
+        for _ in 0..20_000 {
+            if next(3) == 0 {
+                newest += 1;
+                w.push();
+                if list.len() == LOSS_WINDOW {
+                    list.pop_front();
+                }
+                list.push_back((newest, false));
+            } else {
+                let seq = (newest + 3).saturating_sub(next(LOSS_WINDOW as u64 + 10));
+                let want = match list.iter_mut().find(|(s, a)| *s == seq && !*a) {
+                    Some(e) => {
+                        e.1 = true;
+                        true
+                    }
+                    None => false,
+                };
+                assert_eq!(w.ack(newest, seq), want, "ack of {seq} at {newest}");
+            }
+            let counted = list.len().saturating_sub(IN_FLIGHT);
+            let lost = list.iter().take(counted).filter(|(_, a)| !a).count();
+            assert_eq!(w.counted_and_lost(), (counted as u32, lost as u32));
+        }
+    }
 
     fn addr(n: u8) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, n], 7000))
