@@ -496,6 +496,7 @@ impl Neighbours {
         prefetch(self.dead_at.as_slice());
         prefetch(self.rtts.as_slice());
         prefetch(self.sent.as_slices().0);
+        prefetch(self.transmits.as_slices().0);
         for p in self.peers.iter().take(PREFETCHED_PEERS) {
             prefetch_all(p);
         }

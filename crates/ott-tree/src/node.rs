@@ -1780,6 +1780,18 @@ impl Node {
         self.inputs - self.updates_skipped
     }
 
+    /// Prefetch what an input reads behind the node's own fields: the neighbour
+    /// table's ([`Neighbours::prefetch`]) and the places the next transmit and event
+    /// will be queued. Best called a little after [`Node::prefetch_self`], once the
+    /// node's fields are in.
+    #[inline]
+    pub fn prefetch_inner(&self) {
+        use ott_overlay::hint::prefetch;
+        self.nb.prefetch();
+        prefetch(self.transmits.as_slices().0);
+        prefetch(self.events.as_slices().0);
+    }
+
     /// Counters.
     pub fn stats(&self) -> &NodeStats {
         &self.stats

@@ -2314,7 +2314,7 @@ impl Ctx<'_> {
     /// Prefetch what the next datagrams' steps will read first, in stages a step
     /// apart, each reading only what the stage before brought in: three datagrams ahead
     /// the receiving host and the datagram, two ahead the node and the datagram's
-    /// shared bytes, next the node's neighbour table and those bytes. At 10,000 nodes
+    /// shared bytes, next the node's neighbour table, queues and those bytes. At 10,000 nodes
     /// each of these is a cache miss a step would otherwise wait for.
     fn hint_upcoming(&self) {
         use ott_overlay::hint::prefetch;
@@ -2327,8 +2327,18 @@ impl Ctx<'_> {
         if let Some((f, dst)) = w.upcoming(2) {
             ott_overlay::hint::prefetch_all(f);
             if let Some(h) = host(dst) {
+                // The fields a step reads (the rest, the data plane above all, only
+                // when media or its timer come).
                 prefetch(&h.machine);
                 prefetch(&h.sent);
+                prefetch(&h.ip);
+                prefetch(&h.role);
+                prefetch(&h.next_timeout);
+                prefetch(&h.forest_version);
+                prefetch(&h.intact_at);
+                prefetch(&h.control_sent);
+                prefetch(&h.forwarding);
+                prefetch(&h.log);
             }
         }
         if let Some((f, dst)) = w.upcoming(1) {
@@ -2344,7 +2354,7 @@ impl Ctx<'_> {
                 prefetch(d.bytes.as_slice());
             }
             if let Some(n) = node(dst) {
-                n.neighbours().prefetch();
+                n.prefetch_inner();
             }
         }
     }
