@@ -558,7 +558,7 @@ pub struct Node {
     /// Servers only: when the last fresh announcement triggered by a route request went.
     last_triggered: Option<Instant>,
     /// Until when [`Node::update`] would do nothing new if nothing it reads changed
-    /// ([`Node::next_change`] as of the last update); `None` once anything may have
+    /// ([`Node::deadlines`] as of the last update); `None` once anything may have
     /// changed. A heartbeat from a neighbour already alive changes nothing it reads,
     /// and about half of all messages are such heartbeats.
     quiet_until: Option<Instant>,
@@ -710,8 +710,7 @@ impl Node {
     /// Servers only: the streams this node originates, announced from the next
     /// announcement on (which is made at once).
     pub fn set_catalogue(&mut self, now: Instant, streams: Vec<StreamInfo>) {
-        self.quiet_until = None;
-        self.inputs += 1;
+        self.begin_input();
         self.own_catalogue = streams;
         if self.config.role == Role::Server && !self.shut {
             self.next_announce = Some(now);
@@ -722,12 +721,11 @@ impl Node {
     /// Feed one decoded control message received from `from`. Never panics: malformed,
     /// stale or unknown input is counted in [`Node::stats`] and dropped.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, msg: Message) {
-        self.inputs += 1;
+        let quiet = self.begin_input();
         if self.shut {
             return;
         }
         self.now = now;
-        let quiet = self.quiet_until.take();
         let heartbeat = matches!(msg, Message::Heartbeat { .. });
         if self.nb.handle(now, from, &msg) {
             let events = self.pump_neighbours(now);
@@ -1176,12 +1174,11 @@ impl Node {
         stream: StreamId,
         since: Instant,
     ) {
-        self.inputs += 1;
+        self.begin_input();
         if self.shut {
             return;
         }
         self.now = now;
-        self.quiet_until = None;
         self.stats.upstream_silent_hints += 1;
         let relevant = self.streams.get(&stream).is_some_and(|st| {
             st.upstream.as_deref() == Some(parent) && st.joined_at.is_none_or(|j| since >= j)
@@ -1618,11 +1615,10 @@ impl Node {
     /// Drive timers: heartbeats, announcements, join refreshes, expiry of children and
     /// offers. Call it when [`Node::poll_timeout`] is reached (earlier is harmless).
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.inputs += 1;
+        self.begin_input();
         if self.shut {
             return;
         }
-        self.quiet_until = None;
         self.now = now;
         self.nb.handle_timeout(now);
         self.pump_neighbours(now);
@@ -1666,11 +1662,10 @@ impl Node {
     /// Leave upstream for every stream and say `Bye` to every neighbour. The node is inert
     /// afterwards.
     pub fn shutdown(&mut self, _now: Instant) {
-        self.inputs += 1;
+        self.begin_input();
         if self.shut {
             return;
         }
-        self.quiet_until = None;
         for (stream, st) in &mut self.streams {
             if let Some(up) = st.upstream.take() {
                 self.pointer_version += 1;
@@ -1722,40 +1717,7 @@ impl Node {
 
     /// [`Node::poll_timeout`] but the neighbour table's.
     fn own_timeout(&self) -> Option<Instant> {
-        let mut t = None;
-        let mut consider = |x: Instant| t = Some(t.map_or(x, |y: Instant| y.min(x)));
-        if let Some(a) = self.next_announce {
-            consider(a);
-        }
-        for t in self.suspects.values() {
-            consider(*t);
-        }
-        for r in self.routes.values() {
-            if let (Some(lost), Some((t, _))) = (r.lost_at, r.requested) {
-                let retry = r.rr_retry();
-                if t + retry <= lost + RR_GIVE_UP {
-                    consider(t + retry);
-                }
-            }
-        }
-        for r in self.routes.values() {
-            // The oldest offer expires first.
-            if let Some(at) = r.oldest_at() {
-                consider(at + self.config.route_expiry);
-            }
-            if let Some(t) = self.refresh_due(r) {
-                consider(t);
-            }
-        }
-        for s in self.streams.values() {
-            if let Some(r) = s.next_refresh {
-                consider(r);
-            }
-            for c in s.children.values() {
-                consider(c.expires);
-            }
-        }
-        t
+        self.deadlines(self.now).0
     }
 
     /// Prefetch the node's own fields that every input reads (the neighbour table's
@@ -2165,68 +2127,100 @@ impl Node {
         self.reconcile_streams(now);
     }
 
-    /// [`Node::update`] as the last thing an input does: until [`Node::next_change`]
+    /// Every input starts here: it is counted, and it ends the quiet window (only a
+    /// heartbeat that changes nothing reopens it, see [`Node::handle`]); the window as
+    /// it was.
+    fn begin_input(&mut self) -> Option<Instant> {
+        self.inputs += 1;
+        self.quiet_until.take()
+    }
+
+    /// [`Node::update`] as the last thing an input does: until [`Node::deadlines`]
     /// another update would do nothing new unless something changes.
     fn update_last(&mut self, now: Instant) {
         self.update(now);
-        self.quiet_until = self.next_change(now);
-        // Kept as long as `quiet_until` is: the heartbeats that skip the update leave
-        // it as it is too.
-        self.own_timeout = self.own_timeout();
+        // The timer is kept as long as `quiet_until` is: the heartbeats that skip the
+        // update leave it as it is too.
+        (self.own_timeout, self.quiet_until) = self.deadlines(now);
     }
 
-    /// The earliest instant after `now` at which one of the time conditions
-    /// [`Node::update`] reads flips: a suspicion or an offer expiring, a late
-    /// announcement or a join to refresh, the parent hold, `better_for` or the flap
-    /// window ending, a route request to repeat or give up, a child or its avoid set
-    /// expiring. Until then an update with nothing else changed does nothing.
-    fn next_change(&self, now: Instant) -> Option<Instant> {
-        let mut next: Option<Instant> = None;
-        let mut at = |t: Instant| {
+    /// The node's deadlines, in one walk over its suspects, routes and streams: the
+    /// earliest of its own timers ([`Node::own_timeout`]: the next announcement, a
+    /// route request to repeat, a suspicion, an offer or a child expiring, a late
+    /// announcement or a join to refresh), and the earliest instant after `now` at
+    /// which one of the time conditions [`Node::update`] reads flips (those, and the
+    /// parent hold, `better_for` or the flap window ending, a route request given up,
+    /// an avoid set expiring): until then an update with nothing else changed does
+    /// nothing ([`Node::quiet_until`]).
+    fn deadlines(&self, now: Instant) -> (Option<Instant>, Option<Instant>) {
+        let (mut timer, mut change): (Option<Instant>, Option<Instant>) = (None, None);
+        let earliest = |x: &mut Option<Instant>, t: Instant| {
+            *x = Some(x.map_or(t, |y| y.min(t)));
+        };
+        // Both a timer and a condition of the update.
+        let both = |t: Instant, timer: &mut Option<Instant>, change: &mut Option<Instant>| {
+            earliest(timer, t);
             if t > now {
-                next = Some(next.map_or(t, |x: Instant| x.min(t)));
+                earliest(change, t);
             }
         };
+        if let Some(a) = self.next_announce {
+            earliest(&mut timer, a);
+        }
         for t in self.suspects.values() {
-            at(*t);
+            both(*t, &mut timer, &mut change);
         }
         let c = &self.config;
         for r in self.routes.values() {
+            // The oldest offer expires first.
             if let Some(t) = r.oldest_at() {
-                at(t + c.route_expiry);
+                both(t + c.route_expiry, &mut timer, &mut change);
             }
             if let Some(t) = self.refresh_due(r) {
-                at(t);
+                both(t, &mut timer, &mut change);
             }
+            // The update's conditions only (acted on at the next input, not by a timer).
+            let mut condition = |t: Instant| {
+                if t > now {
+                    earliest(&mut change, t);
+                }
+            };
             if let Some(t) = r.changed_at {
-                at(t + c.parent_hold);
+                condition(t + c.parent_hold);
             }
             if let Some((_, t)) = &r.better {
-                at(*t + c.better_for);
+                condition(*t + c.better_for);
             }
             if let Some((_, t, _)) = &r.left {
-                at(*t + c.flap_window);
+                condition(*t + c.flap_window);
             }
             if let Some(t) = r.lost_at {
                 // Given up strictly after: the instant after is flipped too.
-                at(t + RR_GIVE_UP + Duration::from_nanos(1));
+                condition(t + RR_GIVE_UP + Duration::from_nanos(1));
             }
             if let Some((t, _)) = r.requested {
-                at(t + r.rr_retry());
+                let retry = t + r.rr_retry();
+                condition(retry);
+                // Repeated by the timer while the route is lost and not given up.
+                if r.lost_at.is_some_and(|lost| retry <= lost + RR_GIVE_UP) {
+                    earliest(&mut timer, retry);
+                }
             }
         }
         for st in self.streams.values() {
             if let Some(t) = st.next_refresh {
-                at(t);
+                both(t, &mut timer, &mut change);
             }
             for ch in st.children.values() {
-                at(ch.expires);
+                both(ch.expires, &mut timer, &mut change);
                 if let Some(t) = ch.avoid_until {
-                    at(t);
+                    if t > now {
+                        earliest(&mut change, t);
+                    }
                 }
             }
         }
-        next
+        (timer, change)
     }
 
     /// Debug builds: a skipped update ([`Node::quiet_until`]) would have changed
