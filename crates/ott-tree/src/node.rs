@@ -560,7 +560,8 @@ pub struct Node {
     /// Until when [`Node::update`] would do nothing new if nothing it reads changed
     /// ([`Node::deadlines`] as of the last update); `None` once anything may have
     /// changed. A heartbeat from a neighbour already alive changes nothing it reads,
-    /// and about half of all messages are such heartbeats.
+    /// nor does an ack from one that offers no route or a timer that only sends
+    /// heartbeats; about half of all messages are such heartbeats.
     quiet_until: Option<Instant>,
     /// [`Node::own_timeout`] as of the last update, valid while `quiet_until` is set.
     own_timeout: Option<Instant>,
@@ -570,6 +571,9 @@ pub struct Node {
     /// Updates skipped that way (in debug builds every 16th is checked against a full
     /// update on a copy).
     updates_skipped: u64,
+    /// Whether a feasibility distance moved during the running update (see
+    /// [`Node::update_last`]).
+    fd_moved: bool,
 }
 
 /// A node without a route repeats its route request at most this long apart (sooner
@@ -686,6 +690,7 @@ impl Node {
             own_timeout: None,
             inputs: 0,
             updates_skipped: 0,
+            fd_moved: false,
         };
         me.rr_tokens = f64::from(me.config.route_requests_per_s);
         me.pump_neighbours(now);
@@ -726,22 +731,24 @@ impl Node {
             return;
         }
         self.now = now;
-        let heartbeat = matches!(msg, Message::Heartbeat { .. });
+        // Whether a liveness message can change nothing the update reads besides
+        // what makes an event: a heartbeat moves no RTT, and an ack moves only its
+        // sender's, which no candidate parent reads when it offers no route (a
+        // child: its path runs through us).
+        let inert = match &msg {
+            Message::Heartbeat { .. } => true,
+            Message::HeartbeatAck { from: id, .. } => {
+                self.routes.values().all(|r| !r.offers.contains_key(id))
+            }
+            _ => false,
+        };
         if self.nb.handle(now, from, &msg) {
             let events = self.pump_neighbours(now);
-            // A heartbeat that brought no neighbour up, down or back (one from a
-            // neighbour already alive: it moves no RTT) changed nothing the update
-            // reads, and until `quiet` no time condition of it flips.
-            if heartbeat && !events && quiet.is_some_and(|q| now < q) {
-                self.quiet_until = quiet;
-                self.updates_skipped += 1;
-                #[cfg(debug_assertions)]
-                if self.updates_skipped % 16 == 1 {
-                    self.check_skip(now);
-                }
-                return;
+            // Such a message that brought no neighbour up, down or back changed nothing
+            // the update reads, and until `quiet` no time condition of it flips.
+            if !(inert && !events && self.skip_update(now, quiet)) {
+                self.update_last(now);
             }
-            self.update_last(now);
             return;
         }
         match msg {
@@ -1615,15 +1622,19 @@ impl Node {
     /// Drive timers: heartbeats, announcements, join refreshes, expiry of children and
     /// offers. Call it when [`Node::poll_timeout`] is reached (earlier is harmless).
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.begin_input();
+        let quiet = self.begin_input();
         if self.shut {
             return;
         }
         self.now = now;
         self.nb.handle_timeout(now);
-        self.pump_neighbours(now);
+        let events = self.pump_neighbours(now);
         if self.next_announce.is_some_and(|t| now >= t) {
             self.announce_now(now);
+        } else if !events && self.skip_update(now, quiet) {
+            // Only heartbeats were due (the neighbour table's timer): sending them
+            // changes nothing the update reads.
+            return;
         }
         self.update_last(now);
     }
@@ -2067,7 +2078,9 @@ impl Node {
         // one through a child that took the newer advertisement (a loop).
         let hops = u32::try_from(path.len().saturating_sub(1)).unwrap_or(u32::MAX);
         if let Some(r) = self.routes.get_mut(server) {
-            r.fd = Some(advance_fd(r.fd, seq, hops));
+            let fd = Some(advance_fd(r.fd, seq, hops));
+            self.fd_moved |= r.fd != fd;
+            r.fd = fd;
         }
         for info in self.nb.iter() {
             if Some(&info.id) == parent.as_ref() {
@@ -2127,21 +2140,45 @@ impl Node {
         self.reconcile_streams(now);
     }
 
-    /// Every input starts here: it is counted, and it ends the quiet window (only a
-    /// heartbeat that changes nothing reopens it, see [`Node::handle`]); the window as
-    /// it was.
+    /// Every input starts here: it is counted, and it ends the quiet window (only an
+    /// input that changes nothing the update reads reopens it, see
+    /// [`Node::skip_update`]); the window as it was.
     fn begin_input(&mut self) -> Option<Instant> {
         self.inputs += 1;
         self.quiet_until.take()
     }
 
+    /// Skip the update of an input that changed nothing it reads if no time condition
+    /// of it flipped since the last one (`now` before `quiet`, the window
+    /// [`Node::begin_input`] took): the window is kept, and the skip counted (and in
+    /// debug builds every 16th checked against a full update on a copy). Whether it
+    /// was skipped.
+    fn skip_update(&mut self, now: Instant, quiet: Option<Instant>) -> bool {
+        if !quiet.is_some_and(|q| now < q) {
+            return false;
+        }
+        self.quiet_until = quiet;
+        self.updates_skipped += 1;
+        #[cfg(debug_assertions)]
+        if self.updates_skipped % 16 == 1 {
+            self.check_skip(now);
+        }
+        true
+    }
+
     /// [`Node::update`] as the last thing an input does: until [`Node::deadlines`]
     /// another update would do nothing new unless something changes.
     fn update_last(&mut self, now: Instant) {
+        self.fd_moved = false;
         self.update(now);
         // The timer is kept as long as `quiet_until` is: the heartbeats that skip the
         // update leave it as it is too.
-        (self.own_timeout, self.quiet_until) = self.deadlines(now);
+        let quiet;
+        (self.own_timeout, quiet) = self.deadlines(now);
+        // A feasibility distance moved by this update may rule out an offer it still
+        // weighed (the parent's new announcement made the others' older ones
+        // unfeasible): the next update would not be the same, so none is skipped.
+        self.quiet_until = quiet.filter(|_| !self.fd_moved);
     }
 
     /// The node's deadlines, in one walk over its suspects, routes and streams: the
@@ -2238,7 +2275,7 @@ impl Node {
                 .unwrap_or(a.len().min(b.len()));
             let from = at.saturating_sub(300);
             panic!(
-                "{}: an update skipped after a heartbeat would have changed the node:\n skipped: …{}\n updated: …{}",
+                "{}: a skipped update would have changed the node:\n skipped: …{}\n updated: …{}",
                 self.config.id,
                 a.get(from..(at + 200).min(a.len())).unwrap_or_default(),
                 b.get(from..(at + 200).min(b.len())).unwrap_or_default(),
@@ -2390,7 +2427,9 @@ impl Node {
         // One lookup of the route for the three updates (this runs after every input).
         if let Some(r) = self.routes.get_mut(server) {
             if let Some((seq, hops)) = taken {
-                r.fd = Some(advance_fd(r.fd, seq, hops));
+                let fd = Some(advance_fd(r.fd, seq, hops));
+                self.fd_moved |= r.fd != fd;
+                r.fd = fd;
             }
             r.better = better;
             if !lost {
