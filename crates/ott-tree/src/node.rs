@@ -515,6 +515,25 @@ type Spreads = (u64, u64);
 
 /// The feasibility distance after taking or advertising a route of (`seq`, `hops`): it
 /// only ever moves to a newer seq, or to fewer hops at the same seq.
+/// What [`Node::choose_parent`] found for one route, for [`Node::select_parent`] to
+/// apply.
+struct Choice {
+    /// (seq, hops) of the offer taken, kept or new: the feasibility distance moves there.
+    taken: Option<(u64, u32)>,
+    /// A better offer waiting out `better_for`, and since when.
+    better: Option<(String, Instant)>,
+    had_parent: bool,
+    /// No feasible offer left.
+    lost: bool,
+    /// The parent had left the candidates.
+    failed: bool,
+    /// (old, new) parent, when it changes.
+    change: Option<(Option<String>, Option<String>)>,
+    /// For the log: see `select_parent`.
+    marginal: Option<u64>,
+    weighed: Option<(u64, u64, u64, u64)>,
+}
+
 fn advance_fd(fd: Option<(u64, u32)>, seq: u64, hops: u32) -> (u64, u32) {
     match fd {
         Some((s, h)) if s == seq => (s, h.min(hops)),
@@ -745,8 +764,15 @@ impl Node {
         if self.nb.handle(now, from, &msg) {
             let events = self.pump_neighbours(now);
             // Such a message that brought no neighbour up, down or back changed nothing
-            // the update reads, and until `quiet` no time condition of it flips.
-            if !(inert && !events && self.skip_update(now, quiet)) {
+            // the update reads, and until `quiet` no time condition of it flips; nor
+            // did an ack whose RTT sample leaves the parent choice as it was.
+            let skipped = !events
+                && match &msg {
+                    _ if inert => self.skip_update(now, quiet),
+                    Message::HeartbeatAck { from: id, .. } => self.reweigh(now, id, quiet),
+                    _ => false,
+                };
+            if !skipped {
                 self.update_last(now);
             }
             return;
@@ -2154,7 +2180,7 @@ impl Node {
     /// debug builds every 16th checked against a full update on a copy). Whether it
     /// was skipped.
     fn skip_update(&mut self, now: Instant, quiet: Option<Instant>) -> bool {
-        if !quiet.is_some_and(|q| now < q) {
+        if quiet.is_none_or(|q| now >= q) {
             return false;
         }
         self.quiet_until = quiet;
@@ -2283,11 +2309,12 @@ impl Node {
         }
     }
 
-    fn select_parent(&mut self, server: &str) {
+    /// Weigh `server`'s offers for the parent as [`Node::select_parent`] does, without
+    /// changing the route; `None` without a route, or when the choice would draw
+    /// from the random stream (equal offers, no parent among them) and `draw` is off.
+    fn choose_parent(&mut self, server: &str, draw: bool) -> Option<Choice> {
         let now = self.now;
-        let Some(r) = self.routes.get(server) else {
-            return;
-        };
+        let r = self.routes.get(server)?;
         let fd = r.fd;
         // (effective latency, hops), spreads (route, link), id of every feasible offer
         // (borrowed, and on the stack for up to 8 offers: this runs after every input).
@@ -2398,6 +2425,9 @@ impl Node {
             }
             (None, Some(best)) => {
                 let ties = cands.iter().take_while(|(m, _, _)| *m == best.0).count();
+                if ties > 1 && !draw {
+                    return None;
+                }
                 let pick = if ties > 1 {
                     cands
                         .get(self.rng.usize(..ties))
@@ -2422,8 +2452,68 @@ impl Node {
         let lost = new.is_none();
         // Owned copies only when the parent changes.
         let change = (new != old).then(|| (old.map(str::to_owned), new.map(str::to_owned)));
-        // The candidates borrow the route's ids: done with them.
-        drop(cands);
+        Some(Choice {
+            taken,
+            better,
+            had_parent,
+            lost,
+            failed,
+            change,
+            marginal,
+            weighed,
+        })
+    }
+
+    /// Whether `c`, chosen for `server`'s route, leaves it as it is.
+    fn keeps(&self, server: &str, c: &Choice) -> bool {
+        self.routes.get(server).is_some_and(|r| {
+            c.change.is_none()
+                && !c.lost
+                && r.lost_at.is_none()
+                && c.better == r.better
+                && c.taken.map(|(seq, hops)| advance_fd(r.fd, seq, hops)) == r.fd
+        })
+    }
+
+    /// After an ack from neighbour `id`, which offers a route and whose RTT it moved:
+    /// skip the update if weighing the offers again (the one part of it that reads
+    /// that RTT) leaves the route as it is, and nothing else it reads changed (no
+    /// time condition flipped: `quiet`, see [`Node::skip_update`]). Single-server
+    /// nodes only, whose route has a parent; whether it was skipped.
+    fn reweigh(&mut self, now: Instant, id: &str, quiet: Option<Instant>) -> bool {
+        if self.routes.len() != 1 || quiet.is_none_or(|q| now >= q) {
+            return false;
+        }
+        let mut s = std::mem::take(&mut self.server_buf);
+        s.clear();
+        if let Some((k, r)) = self.routes.iter().next() {
+            if r.parent.is_some() && r.offers.contains_key(id) {
+                s.push_str(k);
+            }
+        }
+        let keeps = !s.is_empty()
+            && self
+                .choose_parent(&s, false)
+                .is_some_and(|c| self.keeps(&s, &c));
+        self.server_buf = s;
+        keeps && self.skip_update(now, quiet)
+    }
+
+    fn select_parent(&mut self, server: &str) {
+        let now = self.now;
+        let Some(Choice {
+            taken,
+            better,
+            had_parent,
+            lost,
+            failed,
+            change,
+            marginal,
+            weighed,
+        }) = self.choose_parent(server, true)
+        else {
+            return;
+        };
         // One lookup of the route for the three updates (this runs after every input).
         if let Some(r) = self.routes.get_mut(server) {
             if let Some((seq, hops)) = taken {
@@ -3401,6 +3491,113 @@ mod tests {
         assert!(
             changing * 10 < heartbeats,
             "{changing} of {heartbeats} heartbeats ran the update"
+        );
+    }
+
+    /// Acks and heartbeat timers skip the update too, but never a change: against the
+    /// same run with every update made, the parent moves at the same instant when a's
+    /// RTT grows (an ack sample that makes b's offer better is weighed) and the routes
+    /// end the same; meanwhile acks from c, which offers no route, and timers that only
+    /// send heartbeats ran almost no update.
+    #[test]
+    fn test_acks_and_heartbeat_timers_skip_the_update_but_not_a_parent_change() {
+        let run = |skip: bool| {
+            let (mut n, t0) = three_neighbours("x", Role::Relay, &["s", "a"], &["s", "b"]);
+            let slow_from = t0 + Duration::from_millis(600);
+            // Acks on their way: (arrival, from, ack).
+            let mut acks: Vec<(Instant, SocketAddr, Message)> = Vec::new();
+            // (inputs, of which ran the update) before a slows, and of c's acks.
+            let (mut steady, mut of_c) = ((0u64, 0u64), (0u64, 0u64));
+            let mut moved = None;
+            let mut t = t0;
+            while t < t0 + Duration::from_millis(1_400) {
+                t += Duration::from_millis(1);
+                let mut inputs: Vec<(Option<SocketAddr>, Option<Message>)> = Vec::new();
+                if n.poll_timeout().is_some_and(|d| d <= t) {
+                    inputs.push((None, None));
+                }
+                while acks.first().is_some_and(|(at, ..)| *at <= t) {
+                    let (_, from, ack) = acks.remove(0);
+                    inputs.push((Some(from), Some(ack)));
+                }
+                for (from, msg) in inputs {
+                    if !skip {
+                        n.quiet_until = None;
+                    }
+                    let before = n.changing_inputs();
+                    match (from, msg) {
+                        (Some(from), Some(msg)) => n.handle(t, from, msg),
+                        _ => n.handle_timeout(t),
+                    }
+                    let ran = n.changing_inputs() - before;
+                    if t < slow_from {
+                        steady = (steady.0 + 1, steady.1 + ran);
+                    }
+                    if from == Some(addr(3)) {
+                        of_c = (of_c.0 + 1, of_c.1 + ran);
+                    }
+                }
+                for x in drain(&mut n) {
+                    let Message::Heartbeat { seq, sent_us, .. } = x.msg else {
+                        continue;
+                    };
+                    let (id, rtt_ms) = match x.to {
+                        a if a == addr(1) && t >= slow_from => ("a", 40),
+                        a if a == addr(1) => ("a", 2),
+                        a if a == addr(2) => ("b", 2),
+                        _ => ("c", 2),
+                    };
+                    let ack = Message::HeartbeatAck {
+                        from: id.into(),
+                        seq,
+                        echo_us: sent_us,
+                        incarnation: 1,
+                    };
+                    acks.push((t + Duration::from_millis(rtt_ms), x.to, ack));
+                }
+                acks.sort_by_key(|(at, ..)| *at);
+                if moved.is_none() && n.parent("s") == Some("b") {
+                    moved = Some(t.saturating_duration_since(t0));
+                }
+            }
+            // The route as it ends, its instants counted from the start.
+            let since = |t: Instant| t.saturating_duration_since(t0);
+            let route = n.routes.get("s").map(|r| {
+                (
+                    r.parent.clone(),
+                    r.fd,
+                    r.changed_at.map(since),
+                    r.better.as_ref().map(|(b, t)| (b.clone(), since(*t))),
+                    r.left
+                        .as_ref()
+                        .map(|(l, t, lat)| (l.clone(), since(*t), *lat)),
+                )
+            });
+            (route, moved, steady, of_c)
+        };
+        let (routes, moved, steady, of_c) = run(true);
+        let (full_routes, full_moved, full_steady, _) = run(false);
+        assert_eq!(
+            full_steady.0, full_steady.1,
+            "the reference updates after every input"
+        );
+        assert!(moved.is_some(), "a's slow link moves the parent to b");
+        assert_eq!(
+            moved, full_moved,
+            "the parent moves when it would with every update"
+        );
+        assert_eq!(routes, full_routes);
+        assert!(
+            steady.1 * 10 < steady.0 && steady.0 >= 40,
+            "{} of {} acks and timers ran the update",
+            steady.1,
+            steady.0
+        );
+        assert!(
+            of_c.0 >= 20 && of_c.1 * 20 < of_c.0,
+            "{} of c's {} acks ran the update",
+            of_c.1,
+            of_c.0
         );
     }
 
