@@ -1,5 +1,6 @@
 //! One overlay node's part of the distribution tree (SPEC §5).
 
+use litemap::LiteMap;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -358,7 +359,7 @@ struct Offer {
 #[derive(Debug, Default, Clone)]
 struct Route {
     /// The latest offer of each neighbour.
-    offers: BTreeMap<String, Offer>,
+    offers: LiteMap<String, Offer>,
     parent: Option<String>,
     /// Seq of the last announcement we passed on (with the current parent).
     sent_seq: Option<u64>,
@@ -555,7 +556,7 @@ pub struct Node {
     /// When the node started: its announcement seq is `incarnation` plus the µs since.
     started: Instant,
     next_announce: Option<Instant>,
-    routes: BTreeMap<String, Route>,
+    routes: LiteMap<String, Route>,
     streams: BTreeMap<StreamId, StreamState>,
     transmits: VecDeque<ControlTransmit>,
     events: VecDeque<Event>,
@@ -692,7 +693,7 @@ impl Node {
             own_seq: 0,
             started: now,
             next_announce,
-            routes: BTreeMap::new(),
+            routes: LiteMap::new(),
             streams: BTreeMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -749,6 +750,7 @@ impl Node {
         if self.shut {
             return;
         }
+        self.prefetch_offers();
         self.now = now;
         // Whether a liveness message can change nothing the update reads besides
         // what makes an event: a heartbeat moves no RTT, and an ack moves only its
@@ -1789,6 +1791,22 @@ impl Node {
         self.nb.prefetch();
         prefetch(self.transmits.as_slices().0);
         prefetch(self.events.as_slices().0);
+        // The first route (a node of a single server has no other), whose offers
+        // `handle` prefetches in turn.
+        if let Some((_, r)) = self.routes.first() {
+            ott_overlay::hint::prefetch_all(r);
+        }
+    }
+
+    /// Prefetch the first route's offers (what the parent choice weighs), once the
+    /// route is in: from there to the update, the input's own work hides the wait.
+    #[inline]
+    fn prefetch_offers(&self) {
+        if let Some((_, r)) = self.routes.first() {
+            for o in r.offers.as_slice() {
+                ott_overlay::hint::prefetch_all(o);
+            }
+        }
     }
 
     /// Counters.
@@ -2041,7 +2059,7 @@ impl Node {
     /// they say so their offers are stale. Taking one of them could close a loop with a
     /// node of the dead neighbour's subtree doing the same at the same moment.
     fn forget(&mut self, id: &str) {
-        for r in self.routes.values_mut() {
+        for (_, r) in self.routes.iter_mut() {
             r.offers.remove(id);
             r.offers.retain(|_, o| !o.path.iter().any(|x| x == id));
             r.sync_offer_times();
@@ -2135,7 +2153,7 @@ impl Node {
         let expiry = self.config.route_expiry;
         let fresh_at = |at: Instant| now.saturating_duration_since(at) < expiry;
         let fresh = |o: &Offer| fresh_at(o.at);
-        for r in self.routes.values_mut() {
+        for (_, r) in self.routes.iter_mut() {
             // Offers rarely expire: all are fresh when the oldest is (freshness only
             // falls with age).
             if !r.oldest_at().is_none_or(fresh_at) {
