@@ -107,7 +107,7 @@ impl LinkParams {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct SimLink {
     params: LinkParams,
     up: bool,
@@ -236,6 +236,11 @@ struct Host {
     /// Datagrams this host put on the wire: with its index, the tie-break between
     /// datagrams arriving at the same instant.
     sent: u64,
+    /// This host's links, by the host at their other end: a copy of [`Sim::links`]
+    /// (kept in step by [`Sim::connect`] and [`Sim::change_link`]) that a send finds
+    /// among a few entries, prefetched with the host, rather than in the map of
+    /// every link.
+    out: Vec<(u32, SimLink)>,
     /// [`Node::pointer_version`] of the node its forest pointers were last logged
     /// from (see [`Ctx::recheck`]); `None`: not a node's, or forgotten.
     forest_version: Option<u64>,
@@ -1390,6 +1395,7 @@ impl Sim {
             incarnation: 1,
             rng: fastrand::Rng::with_seed(splitmix64(self.seed ^ (idx as u64) << 24)),
             sent: 0,
+            out: Vec::new(),
             forest_version: None,
             intact_at: None,
             catalogue: Vec::new(),
@@ -1436,6 +1442,7 @@ impl Sim {
 
     /// Put `link` between hosts `a` and `b` (replacing the one there was, if any).
     fn connect(&mut self, a: usize, b: usize, link: SimLink) {
+        self.mirror(a, b, link);
         if self.links.insert(key(a, b), link).is_none() {
             self.adj[a].push(b);
             if a != b {
@@ -1444,16 +1451,36 @@ impl Sim {
         }
     }
 
-    fn link_mut(&mut self, a: &str, b: &str) -> Option<&mut SimLink> {
-        let k = key(self.idx(a)?, self.idx(b)?);
-        self.links.get_mut(&k)
+    /// Change the link between `a` and `b`, if there is one, in the map and in both
+    /// hosts' copies.
+    fn change_link(&mut self, a: &str, b: &str, change: impl FnOnce(&mut SimLink)) {
+        let (Some(ia), Some(ib)) = (self.idx(a), self.idx(b)) else {
+            return;
+        };
+        let Some(l) = self.links.get_mut(&key(ia, ib)) else {
+            return;
+        };
+        change(l);
+        let l = *l;
+        self.mirror(ia, ib, l);
+    }
+
+    /// Write `link` into hosts `a`'s and `b`'s copies ([`Host::out`]).
+    fn mirror(&mut self, a: usize, b: usize, link: SimLink) {
+        for (x, y) in [(a, b), (b, a)] {
+            // Host indices fit 32 bits (see `put_on_wire`).
+            let y = y as u32;
+            let out = &mut self.hosts[x].out;
+            match out.iter_mut().find(|(d, _)| *d == y) {
+                Some((_, l)) => *l = link,
+                None => out.push((y, link)),
+            }
+        }
     }
 
     /// Change a link's parameters.
     pub fn set_link(&mut self, a: &str, b: &str, params: LinkParams) {
-        if let Some(l) = self.link_mut(a, b) {
-            l.params = params;
-        }
+        self.change_link(a, b, |l| l.params = params);
     }
 
     /// The parameters of the link between `a` and `b`, if there is one.
@@ -1464,17 +1491,13 @@ impl Sim {
 
     /// Take a link down: everything sent over it is dropped.
     pub fn link_down(&mut self, a: &str, b: &str) {
-        if let Some(l) = self.link_mut(a, b) {
-            l.up = false;
-        }
+        self.change_link(a, b, |l| l.up = false);
         self.link_changes += 1;
     }
 
     /// Bring a link back up.
     pub fn link_up(&mut self, a: &str, b: &str) {
-        if let Some(l) = self.link_mut(a, b) {
-            l.up = true;
-        }
+        self.change_link(a, b, |l| l.up = true);
         self.link_changes += 1;
     }
 
@@ -2331,6 +2354,7 @@ impl Ctx<'_> {
                 // when media or its timer come).
                 prefetch(&h.machine);
                 prefetch(&h.sent);
+                prefetch(&h.out);
                 prefetch(&h.ip);
                 prefetch(&h.role);
                 prefetch(&h.next_timeout);
@@ -2355,6 +2379,10 @@ impl Ctx<'_> {
             }
             if let Some(n) = node(dst) {
                 n.prefetch_inner();
+            }
+            // The links its answers will go out on.
+            if let Some(h) = host(dst) {
+                prefetch(h.out.as_slice());
             }
         }
     }
@@ -2565,15 +2593,24 @@ impl Ctx<'_> {
             self.p.stats.dead_dest += 1;
             return;
         };
-        let Some(link) = self.env.links.get(&key(from, dst)) else {
+        let h = self.h(from);
+        let link = h
+            .out
+            .iter()
+            .find(|(d, _)| *d as usize == dst)
+            .map(|(_, l)| *l);
+        debug_assert_eq!(
+            link.map(|l| (l.up, l.params)),
+            self.env
+                .links
+                .get(&key(from, dst))
+                .map(|l| (l.up, l.params)),
+            "a host's copy of its links out of step"
+        );
+        let Some(SimLink { params, up: true }) = link else {
             self.p.stats.no_route += 1;
             return;
         };
-        if !link.up {
-            self.p.stats.no_route += 1;
-            return;
-        }
-        let params = link.params;
         let h = self.h(from);
         if params.loss > 0.0 && h.rng.f64() < params.loss {
             self.p.stats.lost += 1;
