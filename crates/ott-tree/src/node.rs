@@ -758,9 +758,7 @@ impl Node {
         // child: its path runs through us).
         let inert = match &msg {
             Message::Heartbeat { .. } => true,
-            Message::HeartbeatAck { from: id, .. } => {
-                self.routes.values().all(|r| !r.offers.contains_key(id))
-            }
+            Message::HeartbeatAck { from: id, .. } => !self.offers_from(id),
             _ => false,
         };
         if self.nb.handle(now, from, &msg) {
@@ -771,7 +769,7 @@ impl Node {
             let skipped = !events
                 && match &msg {
                     _ if inert => self.skip_update(now, quiet),
-                    Message::HeartbeatAck { from: id, .. } => self.reweigh(now, id, quiet),
+                    Message::HeartbeatAck { .. } => self.reweigh(now, quiet),
                     _ => false,
                 };
             if !skipped {
@@ -1773,9 +1771,10 @@ impl Node {
     }
 
     /// How many inputs so far may have changed the node's routes, parents,
-    /// subscriptions or invariants: every input but a heartbeat from a neighbour
-    /// already alive that came before any time condition flipped (the node skips its
-    /// update then). While this stays the same, so does whether
+    /// subscriptions or invariants: every input but those that skipped the update
+    /// (see `Node::skip_update`: a heartbeat from a neighbour already alive, an ack
+    /// that leaves the parent choice as it is, a timer that only sent heartbeats,
+    /// each before any time condition flipped). While this stays the same, so does whether
     /// [`Node::check_invariants`] holds.
     pub fn changing_inputs(&self) -> u64 {
         self.inputs - self.updates_skipped
@@ -1802,7 +1801,13 @@ impl Node {
     /// route is in: from there to the update, the input's own work hides the wait.
     #[inline]
     fn prefetch_offers(&self) {
-        if let Some((_, r)) = self.routes.first() {
+        use ott_overlay::hint::prefetch;
+        if let Some((server, r)) = self.routes.first() {
+            // The ids the update reads: the server's and the parent's.
+            prefetch(server.as_bytes());
+            if let Some(p) = &r.parent {
+                prefetch(p.as_bytes());
+            }
             for o in r.offers.as_slice() {
                 ott_overlay::hint::prefetch_all(o);
             }
@@ -2493,19 +2498,30 @@ impl Node {
         })
     }
 
-    /// After an ack from neighbour `id`, which offers a route and whose RTT it moved:
-    /// skip the update if weighing the offers again (the one part of it that reads
-    /// that RTT) leaves the route as it is, and nothing else it reads changed (no
-    /// time condition flipped: `quiet`, see [`Node::skip_update`]). Single-server
-    /// nodes only, whose route has a parent; whether it was skipped.
-    fn reweigh(&mut self, now: Instant, id: &str, quiet: Option<Instant>) -> bool {
+    /// Whether neighbour `id` offers a route to any server. By its index
+    /// ([`Offer::nb`]): no id's bytes to compare, each one more cache miss.
+    fn offers_from(&self, id: &str) -> bool {
+        let Some(i) = self.nb.index_of(id) else {
+            return false;
+        };
+        self.routes
+            .values()
+            .any(|r| r.offers.values().any(|o| o.nb == Some(i)))
+    }
+
+    /// After an ack from a neighbour that offers a route, whose RTT it moved: skip
+    /// the update if weighing the offers again (the one part of it that reads that
+    /// RTT) leaves the route as it is, and nothing else it reads changed (no time
+    /// condition flipped: `quiet`, see [`Node::skip_update`]). Single-server nodes
+    /// only, whose route has a parent; whether it was skipped.
+    fn reweigh(&mut self, now: Instant, quiet: Option<Instant>) -> bool {
         if self.routes.len() != 1 || quiet.is_none_or(|q| now >= q) {
             return false;
         }
         let mut s = std::mem::take(&mut self.server_buf);
         s.clear();
-        if let Some((k, r)) = self.routes.iter().next() {
-            if r.parent.is_some() && r.offers.contains_key(id) {
+        if let Some((k, r)) = self.routes.first() {
+            if r.parent.is_some() {
                 s.push_str(k);
             }
         }
