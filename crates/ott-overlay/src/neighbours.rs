@@ -487,11 +487,13 @@ impl Neighbours {
     }
 
     /// Prefetch what a heartbeat or an ack reads ([`crate::hint::prefetch`]): the
-    /// table's keys, deadlines, RTTs and sent heartbeats, and its first neighbours'
-    /// entries. For a caller that knows this table is next.
+    /// table's keys, deadlines, RTTs and sent heartbeats, its first neighbours'
+    /// entries, and our own id (an ack carries a copy). For a caller that knows this
+    /// table is next.
     #[inline]
     pub fn prefetch(&self) {
         use crate::hint::{prefetch, prefetch_all};
+        prefetch(self.own_id.as_bytes());
         prefetch(self.keys.as_slice());
         prefetch(self.dead_at.as_slice());
         prefetch(self.rtts.as_slice());

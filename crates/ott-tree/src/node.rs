@@ -564,10 +564,6 @@ pub struct Node {
     shut: bool,
     /// Bumped whenever a parent or an upstream changes (see [`Node::pointer_version`]).
     pointer_version: u64,
-    /// A copy of the single server's id for [`Node::update`], kept to be reused: the
-    /// copy is made after every input, and allocating it each time cost more than
-    /// copying its bytes.
-    server_buf: String,
     /// Neighbours suspected of not forwarding media, until when.
     suspects: BTreeMap<String, Instant>,
     /// Token bucket of route requests handled: tokens and when it was last filled.
@@ -700,7 +696,6 @@ impl Node {
             stats: NodeStats::default(),
             shut: false,
             pointer_version: 0,
-            server_buf: String::new(),
             suspects: BTreeMap::new(),
             rr_tokens: 0.0,
             rr_filled: now,
@@ -2167,24 +2162,10 @@ impl Node {
             }
         }
         self.refresh_late_routes(now);
-        match self.routes.len() {
-            0 => {}
-            // The usual case, a single server: no allocation.
-            1 => {
-                let mut s = std::mem::take(&mut self.server_buf);
-                s.clear();
-                if let Some(k) = self.routes.keys().next() {
-                    s.push_str(k);
-                    self.select_parent(&s);
-                }
-                self.server_buf = s;
-            }
-            _ => {
-                let servers: Vec<String> = self.routes.keys().cloned().collect();
-                for s in servers {
-                    self.select_parent(&s);
-                }
-            }
+        // By position, in the order of the servers' ids: choosing parents adds or
+        // removes no route, and the server's id is read only when the parent changes.
+        for at in 0..self.routes.len() {
+            self.select_parent(at);
         }
         self.reconcile_streams(now);
     }
@@ -2332,12 +2313,13 @@ impl Node {
         }
     }
 
-    /// Weigh `server`'s offers for the parent as [`Node::select_parent`] does, without
-    /// changing the route; `None` without a route, or when the choice would draw
-    /// from the random stream (equal offers, no parent among them) and `draw` is off.
-    fn choose_parent(&mut self, server: &str, draw: bool) -> Option<Choice> {
+    /// Weigh the offers of the route at position `at` for the parent as
+    /// [`Node::select_parent`] does, without changing the route; `None` without a
+    /// route there, or when the choice would draw from the random stream (equal
+    /// offers, no parent among them) and `draw` is off.
+    fn choose_parent(&mut self, at: usize, draw: bool) -> Option<Choice> {
         let now = self.now;
-        let r = self.routes.get(server)?;
+        let (_, r) = self.routes.get_indexed(at)?;
         let fd = r.fd;
         // (effective latency, hops), spreads (route, link), id of every feasible offer
         // (borrowed, and on the stack for up to 8 offers: this runs after every input).
@@ -2487,9 +2469,9 @@ impl Node {
         })
     }
 
-    /// Whether `c`, chosen for `server`'s route, leaves it as it is.
-    fn keeps(&self, server: &str, c: &Choice) -> bool {
-        self.routes.get(server).is_some_and(|r| {
+    /// Whether `c`, chosen for the route at position `at`, leaves it as it is.
+    fn keeps(&self, at: usize, c: &Choice) -> bool {
+        self.routes.get_indexed(at).is_some_and(|(_, r)| {
             c.change.is_none()
                 && !c.lost
                 && r.lost_at.is_none()
@@ -2518,22 +2500,16 @@ impl Node {
         if self.routes.len() != 1 || quiet.is_none_or(|q| now >= q) {
             return false;
         }
-        let mut s = std::mem::take(&mut self.server_buf);
-        s.clear();
-        if let Some((k, r)) = self.routes.first() {
-            if r.parent.is_some() {
-                s.push_str(k);
-            }
-        }
-        let keeps = !s.is_empty()
+        let keeps = self.routes.first().is_some_and(|(_, r)| r.parent.is_some())
             && self
-                .choose_parent(&s, false)
-                .is_some_and(|c| self.keeps(&s, &c));
-        self.server_buf = s;
+                .choose_parent(0, false)
+                .is_some_and(|c| self.keeps(0, &c));
         keeps && self.skip_update(now, quiet)
     }
 
-    fn select_parent(&mut self, server: &str) {
+    /// Choose the parent of the route at position `at` ([`Node::choose_parent`]) and
+    /// act on the choice.
+    fn select_parent(&mut self, at: usize) {
         let now = self.now;
         let Some(Choice {
             taken,
@@ -2544,12 +2520,12 @@ impl Node {
             change,
             marginal,
             weighed,
-        }) = self.choose_parent(server, true)
+        }) = self.choose_parent(at, true)
         else {
             return;
         };
         // One lookup of the route for the three updates (this runs after every input).
-        if let Some(r) = self.routes.get_mut(server) {
+        if let Some((_, r)) = self.routes.iter_mut().nth(at) {
             if let Some((seq, hops)) = taken {
                 let fd = Some(advance_fd(r.fd, seq, hops));
                 self.fd_moved |= r.fd != fd;
@@ -2560,6 +2536,14 @@ impl Node {
                 r.lost_at = None;
             }
         }
+        if !lost && change.is_none() {
+            return;
+        }
+        // The server's id, only now (it is one more cache miss).
+        let Some(server) = self.routes.get_indexed(at).map(|(k, _)| k.clone()) else {
+            return;
+        };
+        let server = server.as_str();
         if lost {
             self.request_route(now, server, had_parent);
         }
