@@ -236,7 +236,8 @@ struct Host {
     /// Datagrams this host put on the wire: with its index, the tie-break between
     /// datagrams arriving at the same instant.
     sent: u64,
-    /// This host's links, by the host at their other end: a copy of [`Sim::links`]
+    /// This host's links, by the host at their other end (each once, in the order
+    /// they were made): a copy of [`Sim::links`]
     /// (kept in step by [`Sim::connect`] and [`Sim::change_link`]) that a send finds
     /// among a few entries, prefetched with the host, rather than in the map of
     /// every link.
@@ -963,8 +964,6 @@ pub struct Sim {
     /// Links brought down or up so far: a datagram sent since the last change finds
     /// its link as it was (up) without looking it up.
     link_changes: u64,
-    /// Per host, the hosts it has a link to (each once): the keys of `links` by end.
-    adj: Vec<Vec<usize>>,
     /// Hosts with the server role, in index order (the media tick's makers).
     server_hosts: Vec<usize>,
     /// Every host's state between runs (see [`Part`]).
@@ -1128,7 +1127,6 @@ impl Sim {
             hosts: Vec::new(),
             index: BTreeMap::new(),
             links: FastMap::default(),
-            adj: Vec::new(),
             server_hosts: Vec::new(),
             main: Part::default(),
             link_changes: 0,
@@ -1379,7 +1377,6 @@ impl Sim {
         self.index.insert(id.to_owned(), idx);
         self.ids.insert(id.to_owned(), idx);
         self.names.push(id.to_owned());
-        self.adj.push(Vec::new());
         if role == Some(Role::Server) {
             self.server_hosts.push(idx);
         }
@@ -1443,12 +1440,7 @@ impl Sim {
     /// Put `link` between hosts `a` and `b` (replacing the one there was, if any).
     fn connect(&mut self, a: usize, b: usize, link: SimLink) {
         self.mirror(a, b, link);
-        if self.links.insert(key(a, b), link).is_none() {
-            self.adj[a].push(b);
-            if a != b {
-                self.adj[b].push(a);
-            }
-        }
+        self.links.insert(key(a, b), link);
     }
 
     /// Change the link between `a` and `b`, if there is one, in the map and in both
@@ -1569,10 +1561,11 @@ impl Sim {
         let Some(me) = self.idx(id) else {
             return Vec::new();
         };
-        let mut v: Vec<(String, SocketAddr)> = self.adj[me]
+        let mut v: Vec<(String, SocketAddr)> = self.hosts[me]
+            .out
             .iter()
-            .filter_map(|&other| {
-                let h = &self.hosts[other];
+            .filter_map(|&(other, _)| {
+                let h = &self.hosts[other as usize];
                 h.role?;
                 Some((
                     h.id.clone(),
@@ -2036,7 +2029,7 @@ impl Sim {
         if k < 2 || self.hook.is_some() {
             return None;
         }
-        let weight = |i: usize| self.adj[i].len() as u64 + 1;
+        let weight = |i: usize| self.hosts[i].out.len() as u64 + 1;
         let total: u64 = (0..n).map(weight).sum();
         let mut starts = vec![0];
         let mut acc = 0u64;
