@@ -23,6 +23,33 @@ pub fn prefetch_all<T>(r: &T) {
     prefetch_at(p.wrapping_add(last));
 }
 
+/// [`prefetch`] every cache line of the slot the next value pushed to the back of
+/// `q` goes to, if `q` is empty and its front at the start of its buffer (as a queue
+/// drained by [`pop_front_reset`] keeps it): a queue that one value at a time goes
+/// through writes the same lines each time, those this brings in.
+#[inline(always)]
+pub fn prefetch_front<T>(q: &std::collections::VecDeque<T>) {
+    let p: *const u8 = q.as_slices().0.as_ptr().cast();
+    let last = std::mem::size_of::<T>().saturating_sub(1);
+    let mut off = 0;
+    while off <= last {
+        prefetch_at(p.wrapping_add(off));
+        off += 64;
+    }
+}
+
+/// [`std::collections::VecDeque::pop_front`], and once the queue is empty its front
+/// moved back to the start of its buffer (what `clear` does): the next value pushed
+/// goes where [`prefetch_front`] looks, not one slot further round the ring each time.
+#[inline]
+pub fn pop_front_reset<T>(q: &mut std::collections::VecDeque<T>) -> Option<T> {
+    let v = q.pop_front();
+    if q.is_empty() {
+        q.clear();
+    }
+    v
+}
+
 #[inline(always)]
 fn prefetch_at(p: *const u8) {
     #[cfg(target_arch = "x86_64")]

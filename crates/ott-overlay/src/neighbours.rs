@@ -498,7 +498,7 @@ impl Neighbours {
         prefetch(self.dead_at.as_slice());
         prefetch(self.rtts.as_slice());
         prefetch(self.sent.as_slices().0);
-        prefetch(self.transmits.as_slices().0);
+        crate::hint::prefetch_front(&self.transmits);
         for p in self.peers.iter().take(PREFETCHED_PEERS) {
             prefetch_all(p);
         }
@@ -820,12 +820,12 @@ impl Neighbours {
 
     /// The next message to send. Changed by every `handle*`, `shutdown` and `new`.
     pub fn poll_transmit(&mut self) -> Option<ControlTransmit> {
-        self.transmits.pop_front()
+        crate::hint::pop_front_reset(&mut self.transmits)
     }
 
     /// The next neighbour event. Changed by `handle` and `handle_timeout`.
     pub fn poll_event(&mut self) -> Option<NeighbourEvent> {
-        self.events.pop_front()
+        crate::hint::pop_front_reset(&mut self.events)
     }
 
     /// When [`Neighbours::handle_timeout`] must next be called: the next heartbeat or the
