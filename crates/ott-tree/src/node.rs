@@ -401,6 +401,10 @@ struct Route {
     /// `parent_at`: whether an ack's sender offers a route is then read from the route
     /// itself, not from its offers (each a cache miss at 10,000 nodes).
     offered_by: u64,
+    /// The position of the parent's offer in `offers` (none without one), kept with
+    /// `parent_at`: the parent choice finds the parent among its candidates by it,
+    /// without comparing ids.
+    parent_pos: Option<usize>,
 }
 
 /// [`Route::offered_by`]'s bits for these offers.
@@ -421,6 +425,23 @@ impl Route {
             .map(|o| o.at);
         self.oldest_at = self.offers.values().map(|o| o.at).min();
         self.offered_by = offer_mask(self.offers.values());
+        self.parent_pos = self.find_parent();
+    }
+
+    /// The position of the parent's offer, found by its id.
+    fn find_parent(&self) -> Option<usize> {
+        let p = self.parent.as_deref()?;
+        self.offers.find_index(p).ok()
+    }
+
+    /// `parent_pos`, checked against the parent and the offers in debug builds.
+    fn parent_pos(&self) -> Option<usize> {
+        debug_assert_eq!(
+            self.parent_pos,
+            self.find_parent(),
+            "Route::parent_pos out of step with the parent's offer"
+        );
+        self.parent_pos
     }
 
     /// Whether neighbour `i` (its position in the neighbour table) has an offer here.
@@ -1751,12 +1772,12 @@ impl Node {
 
     /// The next control message to send. Changed by every `handle*`, command and `new`.
     pub fn poll_transmit(&mut self) -> Option<ControlTransmit> {
-        self.transmits.pop_front()
+        ott_overlay::hint::pop_front_reset(&mut self.transmits)
     }
 
     /// The next event. Changed by every `handle*` and command.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        ott_overlay::hint::pop_front_reset(&mut self.events)
     }
 
     /// When [`Node::handle_timeout`] must next be called. Changed by every `handle*` and
@@ -1789,7 +1810,7 @@ impl Node {
     #[inline]
     pub fn prefetch_self(&self) {
         use ott_overlay::hint::prefetch;
-        prefetch(&self.nb);
+        ott_overlay::hint::prefetch_all(&self.nb);
         prefetch(&self.routes);
         prefetch(&self.transmits);
         prefetch(&self.suspects);
@@ -1816,10 +1837,9 @@ impl Node {
     /// node's fields are in.
     #[inline]
     pub fn prefetch_inner(&self) {
-        use ott_overlay::hint::prefetch;
         self.nb.prefetch();
-        prefetch(self.transmits.as_slices().0);
-        prefetch(self.events.as_slices().0);
+        ott_overlay::hint::prefetch_front(&self.transmits);
+        ott_overlay::hint::prefetch_front(&self.events);
         // The first route (a node of a single server has no other), whose offers
         // `handle` prefetches in turn.
         if let Some((_, r)) = self.routes.first() {
@@ -2356,47 +2376,50 @@ impl Node {
         let now = self.now;
         let (_, r) = self.routes.get_indexed(at)?;
         let fd = r.fd;
-        // (effective latency, hops), spreads (route, link), id of every feasible offer
-        // (borrowed, and on the stack for up to 8 offers: this runs after every input).
-        let mut cands: smallvec::SmallVec<[(Metric, Spreads, &str); 8]> = r
+        // The id of the offer at position `k` (read only where ids must be compared or
+        // kept: each is one more cache miss at 10,000 nodes).
+        let id = |k: usize| r.offers.get_indexed(k).map_or("", |(n, _)| n.as_str());
+        // (effective latency, hops), spreads (route, link), position of every feasible
+        // offer (on the stack for up to 8 offers: this runs after every input).
+        let mut cands: smallvec::SmallVec<[(Metric, Spreads, usize); 8]> = r
             .offers
             .iter()
-            .filter(|(_, o)| Self::feasible(fd, o))
-            .filter_map(|(n, o)| {
+            .enumerate()
+            .filter(|(_, (_, o))| Self::feasible(fd, o))
+            .filter_map(|(k, (n, o))| {
                 debug_assert_eq!(o.nb, self.nb.index_of(n), "offer's neighbour index");
                 let (rtt, spread) = self.nb.rtt_and_spread_if_alive_at(o.nb?)?;
                 debug_assert!(!o.through_us);
-                Some((
-                    Self::metric(o, rtt),
-                    (o.dev_us, micros(spread) / 2),
-                    n.as_str(),
-                ))
+                Some((Self::metric(o, rtt), (o.dev_us, micros(spread) / 2), k))
             })
             .collect();
         // A suspected neighbour is no parent while there is another way.
         if !self.suspects.is_empty()
             && cands
                 .iter()
-                .any(|(_, _, n)| !self.suspects.contains_key(*n))
+                .any(|(_, _, k)| !self.suspects.contains_key(id(*k)))
         {
-            cands.retain(|(_, _, n)| !self.suspects.contains_key(*n));
+            cands.retain(|(_, _, k)| !self.suspects.contains_key(id(*k)));
         }
         // Equal metrics are broken at random (seeded), then by id.
-        cands.sort_unstable();
+        cands.sort_unstable_by(|a, b| {
+            (a.0, a.1)
+                .cmp(&(b.0, b.1))
+                .then_with(|| id(a.2).cmp(id(b.2)))
+        });
         let best = cands.first().copied();
-        let current = r
-            .parent
-            .as_deref()
-            .and_then(|p| cands.iter().find(|(_, _, n)| same_id(n, p)).copied());
+        // The parent's offer, by position ([`Route::parent_pos`]).
+        let parent_pos = r.parent_pos();
+        let current = parent_pos.and_then(|p| cands.iter().find(|c| c.2 == p).copied());
         let held = r
             .changed_at
             .is_some_and(|t| now.saturating_duration_since(t) < self.config.parent_hold);
-        let mut better: Option<(&str, Instant)> = None;
+        let mut better: Option<(usize, Instant)> = None;
         // For the log: (current latency, best latency, margin, clear margin), µs.
         let mut weighed: Option<(u64, u64, u64, u64)> = None;
         // A move for a gain under twice the margin (it had to last `better_for`).
         let mut marginal: Option<u64> = None;
-        let new: Option<&str> = match (current, best) {
+        let new: Option<usize> = match (current, best) {
             (Some(cur), Some(best)) => {
                 let cur_lat = cur.0 .0;
                 // The smaller of the two spreads, of the routes (measured from their
@@ -2419,9 +2442,9 @@ impl Node {
                 // mean of its offers (a change upstream shows there within seconds)
                 // plus the link's half RTT of the moment (a change of the link shows
                 // at once); or its latency of the moment by one and a half margins.
-                let level_now = Self::level(r.offers.get(cur.2), cur_lat);
+                let level_now = Self::level(r.offers.get_indexed(cur.2).map(|x| x.1), cur_lat);
                 let back = r.left.as_ref().is_some_and(|(n, t, lat)| {
-                    same_id(n, best.2)
+                    same_id(n, id(best.2))
                         && now.saturating_duration_since(*t) < self.config.flap_window
                         && level_now <= lat.saturating_add(margin)
                         && cur_lat <= lat.saturating_add(margin.saturating_mul(3) / 2)
@@ -2434,7 +2457,7 @@ impl Node {
                 // average follows it, through the jitter of both routes.
                 if best.0 .0.saturating_add(margin / 2) < cur_lat {
                     let since = match &r.better {
-                        Some((n, t)) if n.as_str() == best.2 => *t,
+                        Some((n, t)) if n.as_str() == id(best.2) => *t,
                         _ => now,
                     };
                     better = Some((best.2, since));
@@ -2452,7 +2475,8 @@ impl Node {
                         // routes of equal mean meet on average; a level above the gain
                         // is the lag of a real change that made the route better.
                         let mid = best.0 .0.saturating_add(margin / 2);
-                        let level = Self::level(r.offers.get(best.2), best.0 .0);
+                        let level =
+                            Self::level(r.offers.get_indexed(best.2).map(|x| x.1), best.0 .0);
                         let top = best.0 .0.saturating_add(margin);
                         marginal = (!clear).then_some(level.min(top).max(mid));
                         Some(best.2)
@@ -2471,7 +2495,7 @@ impl Node {
                 let pick = if ties > 1 {
                     cands
                         .get(self.rng.usize(..ties))
-                        .map_or(best.2, |(_, _, n)| *n)
+                        .map_or(best.2, |(_, _, k)| *k)
                 } else {
                     best.2
                 };
@@ -2480,18 +2504,23 @@ impl Node {
             (_, None) => None,
         };
         let old = r.parent.as_deref();
-        let failed = old.is_some_and(|p| !cands.iter().any(|(_, _, n)| same_id(n, p)));
+        let failed = old.is_some() && current.is_none();
         // Record the feasibility distance of the route taken (kept or new).
         let taken = new
-            .and_then(|p| r.offers.get(p))
-            .map(|o| (o.seq, u32::try_from(o.path.len()).unwrap_or(u32::MAX)));
+            .and_then(|k| r.offers.get_indexed(k))
+            .map(|(_, o)| (o.seq, u32::try_from(o.path.len()).unwrap_or(u32::MAX)));
         let better = better
-            .filter(|(n, _)| new != Some(*n))
-            .map(|(n, t)| (n.to_owned(), t));
+            .filter(|(k, _)| new != Some(*k))
+            .map(|(k, t)| (id(k).to_owned(), t));
         let had_parent = old.is_some();
         let lost = new.is_none();
-        // Owned copies only when the parent changes.
-        let change = (new != old).then(|| (old.map(str::to_owned), new.map(str::to_owned)));
+        // The parent stays when the offer taken is its (same position, same id); owned
+        // copies only when it changes.
+        let kept = match (new, parent_pos) {
+            (Some(k), Some(p)) => k == p,
+            (new, _) => new.map(id) == old,
+        };
+        let change = (!kept).then(|| (old.map(str::to_owned), new.map(|k| id(k).to_owned())));
         Some(Choice {
             taken,
             better,
