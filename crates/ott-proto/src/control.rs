@@ -418,6 +418,14 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
             max: MAX_CONTROL_LEN,
         });
     }
+    if let Some(m) = decode_liveness(buf) {
+        return Ok(m);
+    }
+    decode_with_serde(buf)
+}
+
+/// [`decode`] by serde alone: what [`decode_liveness`] does not take.
+fn decode_with_serde(buf: &[u8]) -> Result<Message, DecodeError> {
     let mut de = rmp_serde::Deserializer::new(buf);
     let env = match EnvelopeIn::deserialize(&mut de) {
         Ok(env) => env,
@@ -441,6 +449,98 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         return Err(DecodeError::Trailing(rest));
     }
     Ok(env.msg)
+}
+
+/// The two liveness messages ([`Message::Heartbeat`], [`Message::HeartbeatAck`]), most
+/// of the control traffic (every neighbour, 20 of each per second), decoded without
+/// serde's generic walk, when their datagram is laid out exactly as [`encode`] lays it
+/// out: `[1, {name: [from, seq, µs, incarnation]}]`, the id a MessagePack str and the
+/// numbers unsigned ints, nothing after. Anything else, `None`: [`decode`] then reads
+/// it with serde, which decodes these same bytes to the same message (the tests
+/// compare the two on ids and numbers of every width, and on damaged copies).
+fn decode_liveness(buf: &[u8]) -> Option<Message> {
+    let mut r = MsgpackReader(buf);
+    // An array of two, the version as a positive fixint, a map of one.
+    if PROTOCOL_VERSION >= 0x80 || r.byte()? != 0x92 || r.byte()? != PROTOCOL_VERSION {
+        return None;
+    }
+    if r.byte()? != 0x81 {
+        return None;
+    }
+    let heartbeat = match r.str()? {
+        "Heartbeat" => true,
+        "HeartbeatAck" => false,
+        _ => return None,
+    };
+    // The variant's four fields, as an array.
+    if r.byte()? != 0x94 {
+        return None;
+    }
+    let from = r.str()?.to_owned();
+    let (seq, us, incarnation) = (r.uint()?, r.uint()?, r.uint()?);
+    if !r.0.is_empty() {
+        return None;
+    }
+    Some(if heartbeat {
+        Message::Heartbeat {
+            from,
+            seq,
+            sent_us: us,
+            incarnation,
+        }
+    } else {
+        Message::HeartbeatAck {
+            from,
+            seq,
+            echo_us: us,
+            incarnation,
+        }
+    })
+}
+
+/// The MessagePack items [`decode_liveness`] reads, from the front of a datagram.
+struct MsgpackReader<'a>(&'a [u8]);
+
+impl<'a> MsgpackReader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        Some(*self.take(1)?.first()?)
+    }
+
+    /// A big-endian unsigned number of `N` bytes.
+    fn be<const N: usize>(&mut self) -> Option<u64> {
+        let b: [u8; N] = self.take(N)?.try_into().ok()?;
+        Some(b.iter().fold(0, |v, &x| v << 8 | u64::from(x)))
+    }
+
+    /// A str (fixstr, str 8, 16 or 32) of valid UTF-8.
+    fn str(&mut self) -> Option<&'a str> {
+        let len = match self.byte()? {
+            m @ 0xa0..=0xbf => u64::from(m & 0x1f),
+            0xd9 => self.be::<1>()?,
+            0xda => self.be::<2>()?,
+            0xdb => self.be::<4>()?,
+            _ => return None,
+        };
+        std::str::from_utf8(self.take(usize::try_from(len).ok()?)?).ok()
+    }
+
+    /// An unsigned int (positive fixint, uint 8, 16, 32 or 64).
+    fn uint(&mut self) -> Option<u64> {
+        match self.byte()? {
+            v @ 0x00..=0x7f => Some(u64::from(v)),
+            0xcc => self.be::<1>(),
+            0xcd => self.be::<2>(),
+            0xce => self.be::<4>(),
+            0xcf => self.be::<8>(),
+            _ => None,
+        }
+    }
 }
 
 /// The envelope as [`decode`] reads it: the body strictly, the request padding
@@ -474,6 +574,101 @@ mod tests {
 
     /// `encode_into` gives `encode`'s bytes, padded requests included, whatever the
     /// buffer held before.
+    /// Heartbeats and acks of every width of id and number, as [`encode`] writes them.
+    fn liveness_samples() -> Vec<Message> {
+        let ids = [
+            "",
+            "n1",
+            "r0412",
+            &"x".repeat(31),
+            &"y".repeat(32),
+            &"z".repeat(300),
+        ];
+        let nums = [
+            0,
+            1,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX),
+            1 << 32,
+            u64::MAX,
+        ];
+        let mut out = Vec::new();
+        for (k, id) in ids.iter().enumerate() {
+            for (j, &n) in nums.iter().enumerate() {
+                let (a, b) = (nums[(j + k) % nums.len()], nums[(j * 7 + k) % nums.len()]);
+                out.push(Message::Heartbeat {
+                    from: (*id).to_owned(),
+                    seq: n,
+                    sent_us: a,
+                    incarnation: b,
+                });
+                out.push(Message::HeartbeatAck {
+                    from: (*id).to_owned(),
+                    seq: b,
+                    echo_us: n,
+                    incarnation: a,
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn heartbeats_and_acks_take_the_fast_path_to_the_same_message_as_serde() {
+        for m in liveness_samples() {
+            let b = encode(&m).expect("encodes");
+            assert_eq!(decode_liveness(&b).as_ref(), Some(&m), "{m:?}");
+            assert_eq!(decode_with_serde(&b).expect("serde decodes"), m);
+        }
+        // Other messages are left to serde.
+        let join = encode(&Message::Join {
+            stream: 3,
+            data_port: 7000,
+            from: None,
+        })
+        .expect("encodes");
+        assert_eq!(decode_liveness(&join), None);
+    }
+
+    #[test]
+    fn what_the_fast_path_takes_from_damaged_bytes_serde_decodes_the_same() {
+        // Every byte of every sample changed to a few values, and every truncation:
+        // whatever the fast path still accepts, serde must decode to the same message.
+        let mut taken = 0;
+        let mut left = 0;
+        for m in liveness_samples().iter().take(40) {
+            let b = encode(m).expect("encodes");
+            let mut variants: Vec<Vec<u8>> = (0..b.len()).map(|n| b[..n].to_vec()).collect();
+            for k in 0..b.len() {
+                for x in [
+                    0x00, 0x01, 0x7f, 0x80, 0x92, 0xa5, 0xcc, 0xcf, 0xd0, 0xd9, 0xff,
+                ] {
+                    let mut v = b.clone();
+                    v[k] = x;
+                    variants.push(v);
+                }
+            }
+            let mut longer = b.clone();
+            longer.push(0);
+            variants.push(longer);
+            for v in variants {
+                match decode_liveness(&v) {
+                    Some(fast) => {
+                        taken += 1;
+                        assert_eq!(decode_with_serde(&v).ok(), Some(fast), "{v:02x?}");
+                    }
+                    None => left += 1,
+                }
+            }
+        }
+        assert!(taken > 100 && left > 100, "{taken} taken, {left} left");
+    }
+
     #[test]
     fn encode_into_a_used_buffer_gives_the_same_bytes() {
         let msgs = [
