@@ -572,8 +572,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// `encode_into` gives `encode`'s bytes, padded requests included, whatever the
-    /// buffer held before.
     /// Heartbeats and acks of every width of id and number, as [`encode`] writes them.
     fn liveness_samples() -> Vec<Message> {
         let ids = [
@@ -669,6 +667,8 @@ mod tests {
         assert!(taken > 100 && left > 100, "{taken} taken, {left} left");
     }
 
+    /// `encode_into` gives `encode`'s bytes, padded requests included, whatever the
+    /// buffer held before.
     #[test]
     fn encode_into_a_used_buffer_gives_the_same_bytes() {
         let msgs = [
