@@ -450,7 +450,7 @@ impl DataPath {
             key,
             sessions: None,
             streams: HashMap::new(),
-            transmits: VecDeque::with_capacity(256),
+            transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: DataPathCounters::default(),
             pending: None,
