@@ -12,15 +12,7 @@ pub fn prefetch<T: ?Sized>(r: &T) {
 /// [`prefetch`] every cache line of `r` (a value larger than one line).
 #[inline(always)]
 pub fn prefetch_all<T>(r: &T) {
-    let p: *const u8 = (r as *const T).cast();
-    let last = std::mem::size_of::<T>().saturating_sub(1);
-    let mut off = 0;
-    while off <= last {
-        prefetch_at(p.wrapping_add(off));
-        off += 64;
-    }
-    // The last line, when `r` does not start on a line's boundary.
-    prefetch_at(p.wrapping_add(last));
+    prefetch_lines((r as *const T).cast(), std::mem::size_of::<T>());
 }
 
 /// [`prefetch`] every cache line of the slot the next value pushed to the back of
@@ -29,13 +21,7 @@ pub fn prefetch_all<T>(r: &T) {
 /// through writes the same lines each time, those this brings in.
 #[inline(always)]
 pub fn prefetch_front<T>(q: &std::collections::VecDeque<T>) {
-    let p: *const u8 = q.as_slices().0.as_ptr().cast();
-    let last = std::mem::size_of::<T>().saturating_sub(1);
-    let mut off = 0;
-    while off <= last {
-        prefetch_at(p.wrapping_add(off));
-        off += 64;
-    }
+    prefetch_lines(q.as_slices().0.as_ptr().cast(), std::mem::size_of::<T>());
 }
 
 /// [`std::collections::VecDeque::pop_front`], and once the queue is empty its front
@@ -48,6 +34,19 @@ pub fn pop_front_reset<T>(q: &mut std::collections::VecDeque<T>) -> Option<T> {
         q.clear();
     }
     v
+}
+
+/// Every cache line of the `len` bytes from `p`, the last one included when `p` does
+/// not start on a line's boundary.
+#[inline(always)]
+fn prefetch_lines(p: *const u8, len: usize) {
+    let last = len.saturating_sub(1);
+    let mut off = 0;
+    while off <= last {
+        prefetch_at(p.wrapping_add(off));
+        off += 64;
+    }
+    prefetch_at(p.wrapping_add(last));
 }
 
 #[inline(always)]

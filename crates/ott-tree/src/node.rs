@@ -1809,16 +1809,16 @@ impl Node {
     /// ([`ott_overlay::hint::prefetch`]).
     #[inline]
     pub fn prefetch_self(&self) {
-        use ott_overlay::hint::prefetch;
-        ott_overlay::hint::prefetch_all(&self.nb);
+        use ott_overlay::hint::{prefetch, prefetch_all};
+        prefetch_all(&self.nb);
         prefetch(&self.routes);
         prefetch(&self.transmits);
         prefetch(&self.suspects);
         prefetch(&self.now);
         // The input's count and quiet window, and the node's timer.
         prefetch(&self.inputs);
-        ott_overlay::hint::prefetch_all(&self.quiet_until);
-        ott_overlay::hint::prefetch_all(&self.own_timeout);
+        prefetch_all(&self.quiet_until);
+        prefetch_all(&self.own_timeout);
     }
 
     /// How many inputs so far may have changed the node's routes, parents,
@@ -1851,13 +1851,9 @@ impl Node {
     /// route is in: from there to the update, the input's own work hides the wait.
     #[inline]
     fn prefetch_offers(&self) {
-        use ott_overlay::hint::prefetch;
-        if let Some((server, r)) = self.routes.first() {
-            // The ids the update reads: the server's and the parent's.
-            prefetch(server.as_bytes());
-            if let Some(p) = &r.parent {
-                prefetch(p.as_bytes());
-            }
+        // Not the server's or the parent's id: the parent choice reads them only when
+        // the parent changes (it finds the parent by position, `Route::parent_pos`).
+        if let Some((_, r)) = self.routes.first() {
             for o in r.offers.as_slice() {
                 ott_overlay::hint::prefetch_all(o);
             }
