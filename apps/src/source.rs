@@ -310,7 +310,7 @@ fn source_loop(
                     }
                     let lag = now - at;
                     if lag > MAX_LAG {
-                        tracing::debug!(stream = %f.name, lag_ms = lag.as_millis() as u64, "clip schedule restarts after a stall");
+                        tracing::warn!(stream = %f.name, lag_ms = lag.as_millis() as u64, "the clip fell behind its schedule (an overloaded machine?): its schedule restarts, viewers are that much further behind live");
                         p.start += lag;
                     }
                     let frame = std::mem::replace(&mut p.next, p.source.next_timed());

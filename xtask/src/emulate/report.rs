@@ -44,10 +44,15 @@ pub(crate) struct ClientReport {
     /// From the client's start to its first frame (the `first frame` line of its log),
     /// ms: bootstrap, PoP choice and join.
     pub(crate) first_frame_after_ms: Option<u64>,
-    /// From its last frame to its stop, ms, reckoned from the frames the source sent
-    /// after its first frame: a stream that died before the end shows here, as it is
-    /// no gap between two frames.
+    /// From the last frame it wrote to its stop, ms (by when its output file was last
+    /// written): a stream that died before the end shows here, as it is no gap between
+    /// two frames.
     pub(crate) silent_at_end_ms: Option<u64>,
+    /// How far its last frame was behind the source at its stop, ms, reckoned from the
+    /// frames the source sent after its first frame: the end-to-end delay at the end,
+    /// plus any silence. Grows with the queues of a starved machine while frames keep
+    /// coming, so it is reported, not judged.
+    pub(crate) behind_at_end_ms: Option<u64>,
 }
 
 /// When a client ran, by the wall clock its log is stamped with.
@@ -487,11 +492,21 @@ pub(crate) fn client_report(
         .find(|c| c.name == stream)
         .map_or(25.0, |c| c.fps)
         .max(1.0);
-    let silent_at_end_ms = match (first_frame, times.stopped) {
+    let behind_at_end_ms = match (first_frame, times.stopped) {
         (Some(first), Some(stopped)) if expected > 0 => {
             let last = first + Duration::from_secs_f64((expected - 1) as f64 / fps);
             Some(ms_between(stopped, last))
         }
+        _ => None,
+    };
+    // The viewer flushes every frame as it writes it, so the file's modification time
+    // is when the last one came.
+    let last_written = std::fs::metadata(output)
+        .and_then(|m| m.modified())
+        .ok()
+        .filter(|_| received > 0);
+    let silent_at_end_ms = match (last_written, times.stopped) {
+        (Some(last), Some(stopped)) => Some(ms_between(stopped, last)),
         _ => None,
     };
     let s = summary.as_deref().unwrap_or("");
@@ -523,6 +538,7 @@ pub(crate) fn client_report(
         last_warning: last_warning(&log_text),
         first_frame_after_ms: first_frame.map(|at| ms_between(at, times.started)),
         silent_at_end_ms,
+        behind_at_end_ms,
     }
 }
 
@@ -588,7 +604,7 @@ mod tests {
     }
 
     #[test]
-    fn the_start_and_the_silent_end_are_read_from_the_log_and_the_frames() {
+    fn the_start_is_read_from_the_log_the_silent_end_from_the_output_and_the_lag_from_the_frames() {
         let dir = std::env::temp_dir().join(format!("ott-report-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         // The first 50 frames of a shipped clip (2 s at 25 fps), one after the other.
@@ -602,6 +618,13 @@ mod tests {
         assert_eq!(a.fps, 25.0);
         let out: Vec<u8> = a.frames.iter().take(50).flat_map(|f| f.to_vec()).collect();
         std::fs::write(dir.join("c.mjpeg"), &out).expect("output");
+        let at = |s: &str| log_time(&format!("{s}Z")).expect("time");
+        // Written up to 5.5 s: the 50 frames came late, not at 25 fps from 1.5 s.
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join("c.mjpeg"))
+            .and_then(|f| f.set_modified(at("2026-12-02T10:00:05.500000")))
+            .expect("output's time");
         std::fs::write(
             dir.join("c.log"),
             "2026-12-02T10:00:01.000000Z  INFO client starting\n\
@@ -609,10 +632,10 @@ mod tests {
         )
         .expect("log");
         std::fs::write(dir.join("c.stdout"), "summary: frames=50\n").expect("stdout");
-        let at = |s: &str| log_time(&format!("{s}Z")).expect("time");
         let times = ClientTimes {
             started: at("2026-12-02T10:00:00.000000"),
-            // The last frame came at 1.5 + 49/25 = 3.46 s; stopped at 6 s.
+            // At 25 fps from 1.5 s the last frame would have come at 1.5 + 49/25 =
+            // 3.46 s; stopped at 6 s.
             stopped: Some(at("2026-12-02T10:00:06.000000")),
         };
         let r = client_report(
@@ -630,7 +653,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!((r.frames_received, r.frames_expected), (50, 50), "{r:?}");
         assert_eq!(r.first_frame_after_ms, Some(1500));
-        assert_eq!(r.silent_at_end_ms, Some(2540));
+        assert_eq!(r.behind_at_end_ms, Some(2540));
+        assert_eq!(r.silent_at_end_ms, Some(500));
     }
 
     #[test]
@@ -679,6 +703,7 @@ mod tests {
                 last_warning: None,
                 first_frame_after_ms: Some(40),
                 silent_at_end_ms: Some(30),
+                behind_at_end_ms: Some(30),
             }],
             parent_changes: vec![ParentChange {
                 t_ms: 5,

@@ -461,6 +461,7 @@ mod tests {
             last_warning: None,
             first_frame_after_ms: Some(100),
             silent_at_end_ms: Some(40),
+            behind_at_end_ms: Some(40),
         }
     }
 
