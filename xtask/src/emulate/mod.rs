@@ -148,6 +148,15 @@ pub(crate) fn run(args: EmulateArgs) -> anyhow::Result<()> {
             bail!("--loss {loss}: a percentage from 0 to 100");
         }
     }
+    if let Some(d) = args.duration {
+        // A day at most, so that the run's end is a time the clock can hold.
+        if !(d.is_finite() && d > 0.0 && d <= 86_400.0) {
+            bail!("--duration {d}: a positive number of seconds, at most 86400 (a day)");
+        }
+    }
+    if args.random_sweep == Some(0) {
+        bail!("--random-sweep 0: sweep at least one seed");
+    }
     check_root()?;
     let root = crate::project_root();
     eprintln!("building the programs…");

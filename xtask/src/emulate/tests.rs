@@ -421,3 +421,48 @@ fn random_topologies_with_client_facing_pops_survive_loss_and_a_killed_relay() {
         }
     }
 }
+
+/// Flags out of range are refused before anything is built or any namespace made (no
+/// root needed to see it): a negative, infinite or NaN `--duration` panicked in
+/// `Duration::from_secs_f64` after the tree had formed.
+#[test]
+fn senseless_flags_are_refused_before_anything_starts() {
+    #[derive(clap::Parser)]
+    struct Line {
+        #[command(flatten)]
+        emulate: EmulateArgs,
+    }
+    for (flags, said) in [
+        (
+            &["--random", "1", "--duration=-1"][..],
+            "--duration -1: a positive number of seconds",
+        ),
+        (
+            &["--random", "1", "--duration", "nan"],
+            "--duration NaN: a positive number of seconds",
+        ),
+        (
+            &["--random", "1", "--duration", "inf"],
+            "--duration inf: a positive number of seconds",
+        ),
+        (
+            &["--random", "1", "--duration", "0"],
+            "--duration 0: a positive number of seconds",
+        ),
+        (
+            &["--random", "1", "--loss", "150"],
+            "--loss 150: a percentage from 0 to 100",
+        ),
+        (
+            &["--random-sweep", "0"],
+            "--random-sweep 0: sweep at least one seed",
+        ),
+    ] {
+        let line = <Line as clap::Parser>::try_parse_from(
+            std::iter::once("emulate").chain(flags.iter().copied()),
+        )
+        .unwrap_or_else(|e| panic!("{flags:?} parses: {e}"));
+        let e = super::run(line.emulate).expect_err(said);
+        assert!(e.to_string().contains(said), "{flags:?}: {e:#}");
+    }
+}
