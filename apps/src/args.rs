@@ -1,4 +1,4 @@
-//! Command-line values shared by the four programs: network addresses.
+//! Command-line values shared by the four programs: network addresses and times.
 //!
 //! Every address flag (`--bootstrap`, `--listen`, `--status`, `--http`, `--report-to`)
 //! takes `IP:PORT`, `HOST:PORT` (resolved once, at start, IPv4 preferred) or a bare
@@ -8,6 +8,7 @@
 //! `invalid value 'nohost:1' for '--bootstrap <ADDR>': cannot resolve host "nohost"`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
 
 /// The host a bare port means.
 pub const DEFAULT_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -61,6 +62,26 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("host {host:?} has no address"))
 }
 
+/// Longest time any time flag takes: a day. Beyond it a value is a slip of the keyboard,
+/// and far beyond it the clock cannot hold the deadline it makes.
+pub const MAX_FLAG_SECS: u64 = 86_400;
+
+/// Parse a time flag in seconds that may have a fraction (`--duration-secs 2.5`): more
+/// than 0, at most [`MAX_FLAG_SECS`]. A negative, NaN or infinite value is an error
+/// here, not a panic where it becomes a `Duration`.
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v > 0.0 && v <= MAX_FLAG_SECS as f64) {
+        return Err(format!(
+            "{s} seconds: expected more than 0 and at most {MAX_FLAG_SECS} (a day)"
+        ));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
 /// An error and its causes on one line, each cause once: `a: b: c`, leaving out a cause
 /// whose text the line already holds (many errors print their source themselves and
 /// also give it as their source, which `{:#}` would print twice).
@@ -82,6 +103,16 @@ pub fn error_line(e: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_seconds_are_positive_finite_and_at_most_a_day() {
+        assert_eq!(parse_secs("2.5"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_secs("86400"), Ok(Duration::from_secs(86_400)));
+        for bad in ["-1", "0", "nan", "inf", "1e300", "86401", "", "soon"] {
+            let e = parse_secs(bad).expect_err(bad);
+            assert!(e.contains("seconds"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn test_error_line_prints_each_cause_once() {

@@ -55,11 +55,14 @@ pub type DataPlane =
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct Tuning {
     /// Heartbeat period to each neighbour, ms.
-    #[arg(long, default_value_t = Tuning::default().heartbeat_ms, value_name = "MS")]
+    #[arg(long, default_value_t = Tuning::default().heartbeat_ms, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub heartbeat_ms: u64,
-    /// A neighbour silent for this long is declared dead and routed around, ms.
-    /// Failover takes about this long; raise it on lossy or slow links.
-    #[arg(long, default_value_t = Tuning::default().dead_after_ms, value_name = "MS")]
+    /// A neighbour silent for this long is declared dead and routed around, ms: at
+    /// least two heartbeat periods. Failover takes about this long; raise it on lossy
+    /// or slow links.
+    #[arg(long, default_value_t = Tuning::default().dead_after_ms, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub dead_after_ms: u64,
     /// State reports to the bootstrapper's dashboard.
     #[command(flatten)]
@@ -78,6 +81,22 @@ impl Default for Tuning {
 }
 
 impl Tuning {
+    /// Refuses timings that cannot work together: a dead-after shorter than two
+    /// heartbeat periods declares a neighbour dead between two of its heartbeats, or
+    /// after one lost datagram.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.dead_after_ms < 2 * self.heartbeat_ms {
+            anyhow::bail!(
+                "--dead-after-ms {} is shorter than two heartbeat periods (--heartbeat-ms {}): \
+                 neighbours would be declared dead between their heartbeats; give at least {}",
+                self.dead_after_ms,
+                self.heartbeat_ms,
+                2 * self.heartbeat_ms
+            );
+        }
+        Ok(())
+    }
+
     /// The liveness configuration these flags give (clamped to sane values).
     pub fn liveness(&self) -> LivenessConfig {
         LivenessConfig::new(

@@ -35,7 +35,8 @@ const VIEWER_PREFIX: &str = "client@";
 pub struct ReportArgs {
     /// Period of the state reports sent to the bootstrapper for its dashboard, ms
     /// (0: send none).
-    #[arg(long, default_value_t = DEFAULT_REPORT_MS, value_name = "MS")]
+    #[arg(long, default_value_t = DEFAULT_REPORT_MS, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub report_ms: u64,
     /// Where state reports go (UDP). Default: the bootstrapper's address (--bootstrap),
     /// on the same port number.

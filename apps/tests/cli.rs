@@ -146,6 +146,95 @@ fn test_bad_addresses_are_refused_naming_the_flag() {
     }
 }
 
+/// Time flags out of range: each used to panic (a negative, NaN or infinite
+/// `--duration-secs` in `Duration::from_secs_f64`, a huge `--bootstrap-wait-secs` adding
+/// to the clock) or be bent in silence (`--heartbeat-ms 0`, a dead-after shorter than a
+/// heartbeat). Each is refused at once, before the bootstrapper is asked, naming the flag.
+#[test]
+fn test_senseless_times_are_refused_naming_the_flag() {
+    let cases: [(&str, &[&str], &str, &str); 9] = [
+        (
+            "ott-client",
+            &["--stream", "x", "--duration-secs=-1"],
+            "--duration-secs",
+            "more than 0",
+        ),
+        (
+            "ott-client",
+            &["--stream", "x", "--duration-secs", "nan"],
+            "--duration-secs",
+            "more than 0",
+        ),
+        (
+            "ott-client",
+            &["--stream", "x", "--duration-secs", "inf"],
+            "--duration-secs",
+            "at most 86400",
+        ),
+        (
+            "ott-client",
+            &[
+                "--stream",
+                "x",
+                "--bootstrap-wait-secs",
+                "18446744073709551615",
+            ],
+            "--bootstrap-wait-secs",
+            "0..=86400",
+        ),
+        (
+            "ott-client",
+            &["--stream", "x", "--latency-ms", "99999999"],
+            "--latency-ms",
+            "0..=60000",
+        ),
+        (
+            "ott-node",
+            &["--id", "n5", "--heartbeat-ms", "0"],
+            "--heartbeat-ms",
+            "1..=60000",
+        ),
+        (
+            "ott-node",
+            &["--id", "n5", "--dead-after-ms", "60"],
+            "--dead-after-ms 60",
+            "two heartbeat periods",
+        ),
+        (
+            "ott-server",
+            &[
+                "--id",
+                "s1",
+                "--videos",
+                ".",
+                "--heartbeat-ms",
+                "100",
+                "--dead-after-ms",
+                "150",
+            ],
+            "--dead-after-ms 150",
+            "give at least 200",
+        ),
+        (
+            "ott-node",
+            &["--id", "n5", "--report-ms", "99999999999"],
+            "--report-ms",
+            "0..=3600000",
+        ),
+    ];
+    for (name, args, flag, why) in cases {
+        let out = run(name, args, Duration::from_secs(10));
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name} {args:?}: {err}");
+        assert!(
+            err.contains(flag) && err.contains(why),
+            "{name} {args:?}: the error should name {flag} and say {why:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{name} {args:?}: {err}");
+        assert!(!err.contains("no bootstrapper"), "{name} {args:?}: {err}");
+    }
+}
+
 #[test]
 fn test_client_waiting_for_no_bootstrapper_says_so_and_fails() {
     let out = run(

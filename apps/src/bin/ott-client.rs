@@ -40,8 +40,8 @@ struct Args {
     http: Option<SocketAddr>,
     /// Exit cleanly after this many seconds and print a one-line summary (exit status 2
     /// when no frame arrived).
-    #[arg(long, value_name = "SECS", alias = "duration")]
-    duration_secs: Option<f64>,
+    #[arg(long, value_name = "SECS", alias = "duration", value_parser = ott_apps::args::parse_secs)]
+    duration_secs: Option<Duration>,
     /// Serve GET /status (JSON) and /metrics (Prometheus) on this address.
     #[arg(long, value_parser = ott_apps::args::parse_addr, value_name = "ADDR")]
     status: Option<SocketAddr>,
@@ -51,12 +51,13 @@ struct Args {
         long,
         default_value_t = 30,
         value_name = "SECS",
-        alias = "bootstrap-wait"
+        alias = "bootstrap-wait",
+        value_parser = clap::value_parser!(u64).range(0..=ott_apps::args::MAX_FLAG_SECS)
     )]
     bootstrap_wait_secs: u64,
     /// Playout latency budget in milliseconds: how long a frame may wait for lost
     /// datagrams to be resent before it is given up.
-    #[arg(long, default_value_t = 300, value_name = "MS", alias = "latency")]
+    #[arg(long, default_value_t = 300, value_name = "MS", alias = "latency", value_parser = clap::value_parser!(u64).range(0..=60_000))]
     latency_ms: u64,
     /// Do not ask the PoP to resend lost datagrams (loss recovery off; for comparisons).
     #[arg(long)]
@@ -80,7 +81,7 @@ fn main() -> std::process::ExitCode {
         output: args.output,
         play: args.play,
         http: args.http,
-        duration: args.duration_secs.map(Duration::from_secs_f64),
+        duration: args.duration_secs,
         status: args.status,
         bootstrap_wait: Duration::from_secs(args.bootstrap_wait_secs),
         latency: Duration::from_millis(args.latency_ms),

@@ -49,7 +49,8 @@ struct Args {
         long,
         default_value_t = 30,
         value_name = "SECS",
-        alias = "bootstrap-wait"
+        alias = "bootstrap-wait",
+        value_parser = clap::value_parser!(u64).range(0..=ott_apps::args::MAX_FLAG_SECS)
     )]
     bootstrap_wait_secs: u64,
     #[command(flatten)]
@@ -68,6 +69,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    args.tuning.check()?;
     let req = Request::Node {
         id: args.id.clone(),
     };

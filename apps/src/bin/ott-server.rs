@@ -42,7 +42,8 @@ struct Args {
         long,
         default_value_t = 30,
         value_name = "SECS",
-        alias = "bootstrap-wait"
+        alias = "bootstrap-wait",
+        value_parser = clap::value_parser!(u64).range(0..=ott_apps::args::MAX_FLAG_SECS)
     )]
     bootstrap_wait_secs: u64,
     #[command(flatten)]
@@ -67,6 +68,7 @@ const LIVE_HELP: &str = "Live input examples:
 
 fn run(args: Args) -> anyhow::Result<()> {
     use ott_apps::source::Input;
+    args.tuning.check()?;
     // Check the clips before anything else: a bad directory is the user's first mistake.
     let clips = match &args.videos {
         Some(dir) => ott_media::load_dir(dir)?,
