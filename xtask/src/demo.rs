@@ -15,7 +15,8 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value = "videos")]
     videos: PathBuf,
     /// How long each client watches, in seconds.
-    #[arg(long, default_value_t = 10, value_name = "SECS", alias = "duration")]
+    #[arg(long, default_value_t = 10, value_name = "SECS", alias = "duration",
+          value_parser = clap::value_parser!(u64).range(1..=ott_apps::args::MAX_FLAG_SECS))]
     duration_secs: u64,
     /// Second octet of the loopback addresses used (127.N.x.y).
     #[arg(long, default_value_t = 77)]

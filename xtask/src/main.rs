@@ -77,7 +77,8 @@ fn main() -> std::process::ExitCode {
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xtask: error: {e:#}");
+            // Each cause once, as the programs print theirs.
+            eprintln!("xtask: error: {}", ott_apps::args::error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }
