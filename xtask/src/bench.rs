@@ -28,10 +28,20 @@ use ott_proto::{flags, MediaHeader, MediaKind, Message, StreamInfo};
 use ott_testkit::{http_get, wait_for};
 use ott_tree::{Event, Node, NodeConfig, Role};
 
+/// `--seconds`: a positive time of at most a day, and long enough to count packets in
+/// (`--seconds 0` printed a ratio of 0.00 and succeeded).
+fn parse_measure_secs(s: &str) -> Result<f64, String> {
+    let d = ott_apps::args::parse_secs(s)?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s} seconds: too short to measure, give at least 0.1"));
+    }
+    Ok(d.as_secs_f64())
+}
+
 #[derive(clap::Args)]
 pub(crate) struct BenchArgs {
-    /// Seconds of each throughput measurement.
-    #[arg(long, default_value_t = 3.0)]
+    /// Seconds of each throughput measurement (0.1 to 86400).
+    #[arg(long, default_value_t = 3.0, value_parser = parse_measure_secs)]
     seconds: f64,
     /// Use the debug build of the programs (faster to build, slower to run).
     #[arg(long)]
@@ -898,4 +908,18 @@ fn print_latency(out: &mut impl Write, lat: &Latency) {
         lat.base.0 - lat.direct.0,
         lat.base.1 - lat.direct.1
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_measurement_is_long_enough_and_at_most_a_day() {
+        assert_eq!(parse_measure_secs("3"), Ok(3.0));
+        assert_eq!(parse_measure_secs("0.1"), Ok(0.1));
+        for bad in ["0", "0.05", "-1", "nan", "inf", "1e9"] {
+            assert!(parse_measure_secs(bad).is_err(), "{bad}");
+        }
+    }
 }
