@@ -33,7 +33,9 @@ use ott_tree::{Event, Node, NodeConfig, Role};
 fn parse_measure_secs(s: &str) -> Result<f64, String> {
     let d = ott_apps::args::parse_secs(s)?;
     if d < Duration::from_millis(100) {
-        return Err(format!("{s} seconds: too short to measure, give at least 0.1"));
+        return Err(format!(
+            "{s} seconds: too short to measure, give at least 0.1"
+        ));
     }
     Ok(d.as_secs_f64())
 }
