@@ -889,7 +889,12 @@ fn fastrand_like(seed: u64) -> impl FnMut() -> u64 {
 mod tests {
     use super::*;
 
+    /// Runs `args` as the command does, never beside a timing-sensitive test (the runs
+    /// keep both cores busy).
     fn run_to_text(args: &SimArgs) -> (anyhow::Result<SimReport>, String) {
+        let _cpu = crate::emulate::ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         let r = simulate(args, &mut out);
         (r, String::from_utf8_lossy(&out).into_owned())
