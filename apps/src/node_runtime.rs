@@ -85,13 +85,14 @@ impl Tuning {
     /// heartbeat periods declares a neighbour dead between two of its heartbeats, or
     /// after one lost datagram.
     pub fn check(&self) -> anyhow::Result<()> {
-        if self.dead_after_ms < 2 * self.heartbeat_ms {
+        let least = self.heartbeat_ms.saturating_mul(2);
+        if self.dead_after_ms < least {
             anyhow::bail!(
                 "--dead-after-ms {} is shorter than two heartbeat periods (--heartbeat-ms {}): \
                  neighbours would be declared dead between their heartbeats; give at least {}",
                 self.dead_after_ms,
                 self.heartbeat_ms,
-                2 * self.heartbeat_ms
+                least
             );
         }
         Ok(())
