@@ -35,8 +35,8 @@ mod tests;
 
 /// Timing-sensitive tests (emulations, link measurements) run one at a time: they share
 /// two cores with everything else. The simulator's tests, which keep both cores busy
-/// for seconds, take it too: in CI a debug server starved by them fell behind its clips'
-/// schedule while an emulation ran.
+/// for seconds, take it too: in a failed CI run an emulation ran beside them and both of
+/// its viewers ended over a second behind the source.
 #[cfg(test)]
 pub(crate) static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
