@@ -136,14 +136,21 @@ fn test_bad_addresses_are_refused_naming_the_flag() {
         ),
     ];
     for (name, args, flag, why) in cases {
-        let out = run(name, args, Duration::from_secs(10));
-        let err = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{name} {args:?}: {err}");
-        assert!(
-            err.contains(flag) && err.contains(why),
-            "{name} {args:?}: the error should name {flag} and say {why:?}: {err}"
-        );
+        refused(name, args, flag, why);
     }
+}
+
+/// Runs `name` with `args`, checks that it exits 2 with an error naming `flag` and saying
+/// `why`, and returns that error.
+fn refused(name: &str, args: &[&str], flag: &str, why: &str) -> String {
+    let out = run(name, args, Duration::from_secs(10));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{name} {args:?}: {err}");
+    assert!(
+        err.contains(flag) && err.contains(why),
+        "{name} {args:?}: the error should name {flag} and say {why:?}: {err}"
+    );
+    err
 }
 
 /// Time flags out of range: each used to panic (a negative, NaN or infinite
@@ -223,13 +230,7 @@ fn test_senseless_times_are_refused_naming_the_flag() {
         ),
     ];
     for (name, args, flag, why) in cases {
-        let out = run(name, args, Duration::from_secs(10));
-        let err = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{name} {args:?}: {err}");
-        assert!(
-            err.contains(flag) && err.contains(why),
-            "{name} {args:?}: the error should name {flag} and say {why:?}: {err}"
-        );
+        let err = refused(name, args, flag, why);
         assert!(!err.contains("panicked"), "{name} {args:?}: {err}");
         assert!(!err.contains("no bootstrapper"), "{name} {args:?}: {err}");
     }

@@ -979,77 +979,47 @@ mod tests {
 
     #[test]
     fn senseless_flags_are_refused_naming_the_flag() {
+        // The defaults with one field changed.
+        let with = |change: fn(&mut SimArgs)| {
+            let mut a = SimArgs::default();
+            change(&mut a);
+            a
+        };
         let cases: [(SimArgs, &str); 10] = [
             (
-                SimArgs {
-                    loss_pct: 150.0,
-                    ..SimArgs::default()
-                },
+                with(|a| a.loss_pct = 150.0),
                 "--loss-pct must be a percentage from 0 to 100, got 150",
             ),
             (
-                SimArgs {
-                    loss_pct: -5.0,
-                    ..SimArgs::default()
-                },
+                with(|a| a.loss_pct = -5.0),
                 "--loss-pct must be a percentage from 0 to 100, got -5",
             ),
             (
-                SimArgs {
-                    loss_pct: f64::NAN,
-                    ..SimArgs::default()
-                },
+                with(|a| a.loss_pct = f64::NAN),
                 "--loss-pct must be a percentage from 0 to 100, got NaN",
             ),
             (
-                SimArgs {
-                    jitter_ms: f64::INFINITY,
-                    ..SimArgs::default()
-                },
+                with(|a| a.jitter_ms = f64::INFINITY),
                 "--jitter-ms must be from 0 to 60000 ms, got inf",
             ),
             (
-                SimArgs {
-                    jitter_ms: -3.0,
-                    ..SimArgs::default()
-                },
+                with(|a| a.jitter_ms = -3.0),
                 "--jitter-ms must be from 0 to 60000 ms, got -3",
             ),
             (
-                SimArgs {
-                    frame_ms: 0,
-                    ..SimArgs::default()
-                },
+                with(|a| a.frame_ms = 0),
                 "--frame-ms must be from 1 to 60000 ms, got 0",
             ),
             (
-                SimArgs {
-                    silence_ms: 60_001,
-                    ..SimArgs::default()
-                },
+                with(|a| a.silence_ms = 60_001),
                 "--silence-ms must be from 0 (off) to 60000 ms, got 60001",
             ),
             (
-                SimArgs {
-                    stability_s: u64::MAX,
-                    ..SimArgs::default()
-                },
+                with(|a| a.stability_s = u64::MAX),
                 "--stability-s must be at most 86400",
             ),
-            (
-                SimArgs {
-                    degree: 1,
-                    ..SimArgs::default()
-                },
-                "--degree must be at least 2",
-            ),
-            (
-                SimArgs {
-                    nodes: 0,
-                    ..SimArgs::default()
-                },
-                "--nodes must be at least 2",
-            ),
+            (with(|a| a.degree = 1), "--degree must be at least 2"),
+            (with(|a| a.nodes = 0), "--nodes must be at least 2"),
         ];
         for (args, said) in cases {
             let (r, text) = run_to_text(&args);
