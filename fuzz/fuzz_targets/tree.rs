@@ -224,8 +224,14 @@ impl Net {
     fn start(&mut self, i: usize) {
         let (id, role) = NODES[i];
         let mut config = NodeConfig::new(id, role, DATA_PORT);
-        // Grows by more than the announcements made before each restart.
-        config.incarnation = 1 + self.restarts[i] * 1_000_000;
+        // As the programs do: the clock's µs at the start (a server numbers its
+        // announcements from it), plus the restarts so that two at one instant differ.
+        // A jump of a second per restart (what this was) ran the seq ahead of the clock
+        // like a forged announcement: four restarts at one instant put a server's
+        // routes 4 s ahead, refused as too far ahead for 16 s, longer than a settle.
+        let started =
+            u64::try_from(self.now.duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX);
+        config.incarnation = started.saturating_add(1).saturating_add(self.restarts[i]);
         config.seed = i as u64;
         let neighbours = EDGES
             .iter()
